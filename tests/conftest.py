@@ -1,0 +1,29 @@
+"""Shared paths and helpers for the pytest suite (run from the repository root by `make test`)."""
+import pathlib
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RUN = ROOT / "run"            # optimized build
+RUN_SAN = ROOT / "run_san"    # the same program under ASan + UBSan
+MODEL = ROOT / "model.bin"    # SmolLM2-135M-Instruct, made by `make model`
+WIKI = ROOT.parent / "shared" / "data" / "wiki.test.raw"
+
+
+def run_cmd(args, binary=RUN, timeout=600, check=True, input=None):
+    """Run ./run with args (list of str); returns CompletedProcess with bytes stdout/stderr."""
+    p = subprocess.run([str(binary)] + [str(a) for a in args], capture_output=True,
+                       timeout=timeout, input=input)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{binary.name} {' '.join(map(str, args))} exited {p.returncode}:\n"
+                             f"{p.stderr.decode(errors='replace')[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Path of the real model.bin; tests that need it are skipped when it is absent."""
+    if not MODEL.exists():
+        pytest.skip("model.bin missing: run `make model`")
+    return MODEL
