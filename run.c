@@ -1,0 +1,888 @@
+/* run.c - inference of a Llama-architecture model whose whole KV cache lives in
+ * TurboQuant form (or another format chosen with -k), in one C file.
+ *
+ * Structure follows karpathy/llama2.c: Config / TransformerWeights / RunState /
+ * Transformer, the tokenizer, the sampler, then the generate / chat / eval
+ * loops and main(). What is new is the KV cache: keys and values are encoded by
+ * tq.c as they are produced, and attention scores keys and accumulates values
+ * straight from their codes (see attention()).
+ *
+ * Build: make run    Usage: ./run model.bin -h
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tq.h"
+
+/* Every bad input ends here: one line that names the problem, exit status 1. */
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("run: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+static void *xcalloc(size_t n, size_t size, const char *what) {
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p) die("out of memory: %s needs %.1f MiB", what, (double)n * size / 1048576.0);
+    return p;
+}
+
+/* ---------------------------------------------------------------------------
+ * The model: header, weights (mmap'd from model.bin; format in README.md)
+ */
+
+#define MODEL_MAGIC "TQLM"
+#define MODEL_VERSION 1
+#define HEADER_BYTES 256
+
+typedef struct {
+    int dim;               /* transformer width                               */
+    int hidden_dim;        /* FFN width                                       */
+    int n_layers;
+    int n_heads;           /* query heads                                     */
+    int n_kv_heads;        /* key/value heads (< n_heads: grouped-query attention) */
+    int head_dim;
+    int vocab_size;
+    int seq_len;           /* the model's trained context                     */
+    int shared_classifier; /* 1: logits = token_embedding . x                 */
+    int tokenizer_kind;    /* 1 SentencePiece, 2 GPT-2 byte-level BPE         */
+    int bos_id, eos_id;    /* -1: none                                        */
+    int chat_start_id, chat_end_id; /* <|im_start|>, <|im_end|>; -1: none      */
+    float rope_theta;
+    float norm_eps;
+    size_t tokenizer_offset, tokenizer_bytes;
+    size_t weights_offset, weights_bytes;
+    int add_bos;           /* 1: prompts start with bos                       */
+    int pretok;            /* pre-tokenizer: 0 none, 1 smollm, 2 gpt2         */
+} Config;
+
+typedef struct {
+    float *token_embedding; /* (vocab_size, dim)                              */
+    float *rms_att;         /* (n_layers, dim)                                */
+    float *wq;              /* (n_layers, n_heads*head_dim, dim)              */
+    float *wk;              /* (n_layers, n_kv_heads*head_dim, dim)           */
+    float *wv;              /* (n_layers, n_kv_heads*head_dim, dim)           */
+    float *wo;              /* (n_layers, dim, n_heads*head_dim)              */
+    float *rms_ffn;         /* (n_layers, dim)                                */
+    float *w1;              /* (n_layers, hidden_dim, dim)   gate             */
+    float *w2;              /* (n_layers, dim, hidden_dim)   down             */
+    float *w3;              /* (n_layers, hidden_dim, dim)   up               */
+    float *rms_final;       /* (dim)                                          */
+    float *wcls;            /* (vocab_size, dim); = token_embedding when shared */
+} TransformerWeights;
+
+/* The KV cache, head-major so that attention streams one head's codes from
+ * contiguous memory. A position's key for (layer l, kv head g) sits at
+ * key + ((l*n_kv_heads + g)*ctx + pos) * kc.bytes; the same for values. */
+typedef struct {
+    tq_codec kc, vc; /* key and value formats (-k KFMT:VFMT)                  */
+    uint8_t *key;    /* (n_layers, n_kv_heads, ctx, kc.bytes)                 */
+    uint8_t *value;  /* (n_layers, n_kv_heads, ctx, vc.bytes)                 */
+    int ctx;         /* positions allocated                                   */
+} KVCache;
+
+/* Activations for up to `batch` tokens processed together (prompts are run in
+ * batches so that every weight row read from memory serves many tokens). */
+typedef struct {
+    int batch;
+    float *x;      /* (batch, dim) residual stream                            */
+    float *xb;     /* (batch, max(dim, q_dim)) normed input / attention output */
+    float *xb2;    /* (batch, dim)                                            */
+    float *hb;     /* (batch, hidden_dim)                                     */
+    float *hb2;    /* (batch, hidden_dim)                                     */
+    float *q;      /* (batch, q_dim)   q_dim = n_heads*head_dim               */
+    float *k;      /* (batch, kv_dim)  kv_dim = n_kv_heads*head_dim           */
+    float *v;      /* (batch, kv_dim)                                         */
+    float *att;    /* (batch*n_heads, ctx) attention scores                   */
+    float *qp;     /* (batch*n_heads, tq_query_floats) prepared queries       */
+    float *acc;    /* (batch*n_heads, tq_acc_floats) value accumulators       */
+    float *logits; /* (batch, vocab_size)                                     */
+} RunState;
+
+typedef struct {
+    Config config;
+    TransformerWeights weights;
+    KVCache cache;
+    RunState state;
+    uint8_t *data;     /* the mmap'd file                                      */
+    size_t file_size;
+} Transformer;
+
+static int32_t rd_i32(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static float rd_f32(const uint8_t *p) { float v; memcpy(&v, p, 4); return v; }
+static uint64_t rd_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* Read the header and refuse anything absurd before a single weight is touched. */
+static void read_config(Config *c, const uint8_t *h, size_t file_size, const char *path) {
+    if (memcmp(h, MODEL_MAGIC, 4) != 0)
+        die("%s is not a model.bin (magic is not " MODEL_MAGIC "); convert it with export.py", path);
+    int version = rd_i32(h + 4);
+    if (version != MODEL_VERSION) die("%s has format version %d, this run reads version %d", path, version, MODEL_VERSION);
+    int *f[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->head_dim,
+                &c->vocab_size, &c->seq_len, &c->shared_classifier, &c->tokenizer_kind, &c->bos_id,
+                &c->eos_id, &c->chat_start_id, &c->chat_end_id};
+    for (int i = 0; i < 14; i++) *f[i] = rd_i32(h + 8 + 4 * i);
+    c->rope_theta = rd_f32(h + 64);
+    c->norm_eps = rd_f32(h + 68);
+    c->tokenizer_offset = rd_u64(h + 72);
+    c->tokenizer_bytes = rd_u64(h + 80);
+    c->weights_offset = rd_u64(h + 88);
+    c->weights_bytes = rd_u64(h + 96);
+    c->add_bos = rd_i32(h + 104);
+    c->pretok = rd_i32(h + 108);
+
+    const char *names[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "seq_len"};
+    for (int i = 0; i < 8; i++)
+        if (*f[i] <= 0 || *f[i] > (1 << 24)) die("%s: config %s = %d is out of range", path, names[i], *f[i]);
+    if (c->dim % c->n_heads) die("%s: n_heads = %d does not divide dim = %d", path, c->n_heads, c->dim);
+    if (c->n_heads % c->n_kv_heads) die("%s: n_kv_heads = %d does not divide n_heads = %d", path, c->n_kv_heads, c->n_heads);
+    if (c->head_dim % 2) die("%s: head_dim = %d is odd; RoPE rotates pairs", path, c->head_dim);
+    if (c->shared_classifier != 0 && c->shared_classifier != 1) die("%s: shared_classifier flag = %d", path, c->shared_classifier);
+    if (c->tokenizer_kind != 1 && c->tokenizer_kind != 2) die("%s: unknown tokenizer kind %d", path, c->tokenizer_kind);
+    if (c->pretok < 0 || c->pretok > 2) die("%s: unknown pre-tokenizer %d", path, c->pretok);
+    int *ids[] = {&c->bos_id, &c->eos_id, &c->chat_start_id, &c->chat_end_id};
+    for (int i = 0; i < 4; i++)
+        if (*ids[i] < -1 || *ids[i] >= c->vocab_size) die("%s: special token id %d is outside the vocabulary", path, *ids[i]);
+    if (!(c->rope_theta > 0 && isfinite(c->rope_theta))) die("%s: rope_theta = %g", path, c->rope_theta);
+    if (!(c->norm_eps > 0 && c->norm_eps < 1)) die("%s: norm_eps = %g", path, c->norm_eps);
+    if (c->tokenizer_offset != HEADER_BYTES || c->tokenizer_bytes > file_size ||
+        c->tokenizer_offset + c->tokenizer_bytes > c->weights_offset || c->weights_offset % 64)
+        die("%s: tokenizer section [%zu, +%zu) or weights offset %zu is out of bounds", path,
+            c->tokenizer_offset, c->tokenizer_bytes, c->weights_offset);
+}
+
+/* Weight count in floats, in the order of README.md; all products in size_t. */
+static size_t weights_floats(const Config *c) {
+    size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim;
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t n = (size_t)c->vocab_size * dim                       /* token_embedding */
+             + L * (dim + qd * dim + 2 * kvd * dim + dim * qd)  /* rms_att wq wk wv wo */
+             + L * (dim + 3 * hid * dim)                         /* rms_ffn w1 w2 w3 */
+             + dim;                                              /* rms_final */
+    if (!c->shared_classifier) n += (size_t)c->vocab_size * dim;
+    return n;
+}
+
+static void map_weights(TransformerWeights *w, const Config *c, float *p) {
+    size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim;
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    w->token_embedding = p; p += (size_t)c->vocab_size * dim;
+    w->rms_att = p;         p += L * dim;
+    w->wq = p;              p += L * qd * dim;
+    w->wk = p;              p += L * kvd * dim;
+    w->wv = p;              p += L * kvd * dim;
+    w->wo = p;              p += L * dim * qd;
+    w->rms_ffn = p;         p += L * dim;
+    w->w1 = p;              p += L * hid * dim;
+    w->w2 = p;              p += L * dim * hid;
+    w->w3 = p;              p += L * hid * dim;
+    w->rms_final = p;       p += dim;
+    w->wcls = c->shared_classifier ? w->token_embedding : p;
+}
+
+static void load_model(Transformer *t, const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open model %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s is not a regular file", path);
+    t->file_size = (size_t)st.st_size;
+    if (t->file_size < HEADER_BYTES) die("%s is %zu bytes: too short for a model header (%d bytes)", path, t->file_size, HEADER_BYTES);
+    t->data = mmap(NULL, t->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (t->data == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
+    Config *c = &t->config;
+    read_config(c, t->data, t->file_size, path);
+    size_t need = weights_floats(c) * sizeof(float);
+    if (c->weights_bytes != need)
+        die("%s: header says %zu weight bytes, the config needs %zu", path, c->weights_bytes, need);
+    if (c->weights_offset > t->file_size || t->file_size - c->weights_offset < need)
+        die("%s is truncated: %zu bytes, the weights need %zu from offset %zu", path, t->file_size, need, c->weights_offset);
+    map_weights(&t->weights, c, (float *)(t->data + c->weights_offset));
+}
+
+/* ---------------------------------------------------------------------------
+ * KV cache and activations
+ */
+
+static void build_cache(KVCache *kv, const Config *c, tq_fmt kf, tq_fmt vf, tq_scale scale, int ctx) {
+    tq_fmt fmts[2] = {kf, vf};
+    tq_codec *codecs[2] = {&kv->kc, &kv->vc};
+    for (int i = 0; i < 2; i++)
+        if (tq_init(codecs[i], fmts[i], c->head_dim, scale, TQ_DEFAULT_SEED) != 0)
+            die("format %s cannot hold head_dim %d (tq formats need a multiple of 8, q4 of 32)",
+                tq_fmt_name(fmts[i]), c->head_dim);
+    kv->ctx = ctx;
+    size_t rows = (size_t)c->n_layers * c->n_kv_heads * ctx;
+    kv->key = xcalloc(rows, kv->kc.bytes, "the key cache");
+    kv->value = xcalloc(rows, kv->vc.bytes, "the value cache");
+}
+
+static void free_cache(KVCache *kv) {
+    free(kv->key); free(kv->value);
+    tq_free(&kv->kc); tq_free(&kv->vc);
+}
+
+static uint8_t *cache_row(const KVCache *kv, uint8_t *base, size_t bytes, const Config *c, int l, int g, int pos) {
+    return base + (((size_t)l * c->n_kv_heads + g) * kv->ctx + pos) * bytes;
+}
+
+/* KV bytes held for n positions: what the memory line reports. */
+static size_t cache_bytes(const KVCache *kv, const Config *c, int n) {
+    return (size_t)n * c->n_layers * c->n_kv_heads * (kv->kc.bytes + kv->vc.bytes);
+}
+
+static void build_state(RunState *s, const Config *c, const KVCache *kv, int batch) {
+    size_t B = (size_t)batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t wide = qd > (size_t)c->dim ? qd : (size_t)c->dim;
+    s->batch = batch;
+    s->x = xcalloc(B * c->dim, sizeof(float), "activations");
+    s->xb = xcalloc(B * wide, sizeof(float), "activations");
+    s->xb2 = xcalloc(B * c->dim, sizeof(float), "activations");
+    s->hb = xcalloc(B * c->hidden_dim, sizeof(float), "activations");
+    s->hb2 = xcalloc(B * c->hidden_dim, sizeof(float), "activations");
+    s->q = xcalloc(B * qd, sizeof(float), "activations");
+    s->k = xcalloc(B * kvd, sizeof(float), "activations");
+    s->v = xcalloc(B * kvd, sizeof(float), "activations");
+    s->att = xcalloc(B * c->n_heads * (size_t)kv->ctx, sizeof(float), "attention scores");
+    s->qp = xcalloc(B * c->n_heads * tq_query_floats(&kv->kc), sizeof(float), "queries");
+    s->acc = xcalloc(B * c->n_heads * tq_acc_floats(&kv->vc), sizeof(float), "accumulators");
+    s->logits = xcalloc(B * c->vocab_size, sizeof(float), "logits");
+}
+
+static void free_state(RunState *s) {
+    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->qp, s->acc, s->logits};
+    for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
+}
+
+static void build_transformer(Transformer *t, const char *path, tq_fmt kf, tq_fmt vf, tq_scale scale, int ctx, int batch) {
+    load_model(t, path);
+    if (ctx <= 0) ctx = t->config.seq_len;
+    if (ctx > t->config.seq_len) die("-c %d exceeds the model's context of %d tokens", ctx, t->config.seq_len);
+    build_cache(&t->cache, &t->config, kf, vf, scale, ctx);
+    build_state(&t->state, &t->config, &t->cache, batch);
+}
+
+static void free_transformer(Transformer *t) {
+    free_state(&t->state);
+    free_cache(&t->cache);
+    munmap(t->data, t->file_size);
+}
+
+/* ---------------------------------------------------------------------------
+ * The forward pass
+ */
+
+/* RMSNorm: o = w * x / sqrt(mean(x^2) + eps) */
+static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = (float)(1.0 / sqrt(ss / n + eps));
+    for (int i = 0; i < n; i++) o[i] = w[i] * (r * x[i]);
+}
+
+/* out (B, d) = x (B, n) . W^T with W (d, n). Rows of W are split over threads;
+ * each row is read from memory once and used for all B tokens. */
+static void matmul(float *out, const float *x, const float *w, int B, int n, int d) {
+    int i;
+#pragma omp parallel for schedule(static)
+    for (i = 0; i < d; i++) {
+        const float *wi = w + (size_t)i * n;
+        for (int b = 0; b < B; b++) {
+            const float *xb = x + (size_t)b * n;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int j = 0; j < n; j++) s += wi[j] * xb[j];
+            out[(size_t)b * d + i] = s;
+        }
+    }
+}
+
+/* RoPE on one head vector (interleaved pairs, the layout of model.bin):
+ * (v[2i], v[2i+1]) is rotated by the angle pos * theta^(-2i/head_dim). */
+static void rope(float *v, int head_dim, int pos, float theta) {
+    for (int i = 0; i < head_dim; i += 2) {
+        double ang = pos * pow(theta, -(double)i / head_dim);
+        float c = (float)cos(ang), s = (float)sin(ang);
+        float a = v[i], b = v[i + 1];
+        v[i] = a * c - b * s;
+        v[i + 1] = a * s + b * c;
+    }
+}
+
+static void softmax(float *x, int n) {
+    float mx = x[0];
+    for (int i = 1; i < n; i++) if (x[i] > mx) mx = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+/* One query head attending over positions 0..T-1 of its KV head, straight from
+ * the codes: the query is prepared (rotated, lookup tables built) once, every
+ * key is scored with tq_dot, the softmax weights accumulate the value codes in
+ * the rotated domain, and the sum is rotated back once (tq_finish). */
+static void attention(const KVCache *kv, const Config *c, int l, int g, int T, const float *q,
+                      float *qp, float *att, float *acc, float *out) {
+    tq_prepare_query(&kv->kc, q, qp);
+    float scale = 1.0f / sqrtf((float)c->head_dim);
+    for (int t = 0; t < T; t++)
+        att[t] = scale * tq_dot(&kv->kc, qp, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t));
+    softmax(att, T);
+    memset(acc, 0, tq_acc_floats(&kv->vc) * sizeof(float));
+    for (int t = 0; t < T; t++)
+        tq_axpy(&kv->vc, att[t], cache_row(kv, kv->value, kv->vc.bytes, c, l, g, t), acc);
+    tq_finish(&kv->vc, acc, out);
+}
+
+/* Runs n tokens (n <= batch) at positions pos..pos+n-1, storing their keys and
+ * values in the cache. Returns the logits: of the last token (vocab_size), or
+ * of all n tokens (n, vocab_size) when all_logits is set. */
+static float *forward(Transformer *t, const int *tokens, int n, int pos, int all_logits) {
+    Config *c = &t->config;
+    TransformerWeights *w = &t->weights;
+    RunState *s = &t->state;
+    KVCache *kv = &t->cache;
+    int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim;
+    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, group = c->n_heads / c->n_kv_heads;
+    size_t qf = tq_query_floats(&kv->kc), af = tq_acc_floats(&kv->vc);
+
+    for (int b = 0; b < n; b++)
+        memcpy(s->x + (size_t)b * dim, w->token_embedding + (size_t)tokens[b] * dim, dim * sizeof(float));
+
+    for (int l = 0; l < c->n_layers; l++) {
+        /* attention block: x += Wo . attn(RoPE(Wq xn), RoPE(Wk xn), Wv xn) */
+        for (int b = 0; b < n; b++)
+            rmsnorm(s->xb + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_att + (size_t)l * dim, dim, c->norm_eps);
+        matmul(s->q, s->xb, w->wq + (size_t)l * qd * dim, n, dim, qd);
+        matmul(s->k, s->xb, w->wk + (size_t)l * kvd * dim, n, dim, kvd);
+        matmul(s->v, s->xb, w->wv + (size_t)l * kvd * dim, n, dim, kvd);
+        int i;
+#pragma omp parallel for schedule(static)
+        for (i = 0; i < n * c->n_kv_heads; i++) {   /* RoPE, then encode into the cache */
+            int b = i / c->n_kv_heads, g = i % c->n_kv_heads;
+            float *k = s->k + (size_t)b * kvd + (size_t)g * hd;
+            rope(k, hd, pos + b, c->rope_theta);
+            for (int h = g * group; h < (g + 1) * group; h++)
+                rope(s->q + (size_t)b * qd + (size_t)h * hd, hd, pos + b, c->rope_theta);
+            tq_encode(&kv->kc, k, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, pos + b));
+            tq_encode(&kv->vc, s->v + (size_t)b * kvd + (size_t)g * hd,
+                      cache_row(kv, kv->value, kv->vc.bytes, c, l, g, pos + b));
+        }
+#pragma omp parallel for schedule(dynamic)
+        for (i = 0; i < n * c->n_heads; i++) {      /* token b attends to positions 0..pos+b */
+            int b = i / c->n_heads, h = i % c->n_heads;
+            attention(kv, c, l, h / group, pos + b + 1, s->q + (size_t)b * qd + (size_t)h * hd,
+                      s->qp + (size_t)i * qf, s->att + (size_t)i * kv->ctx, s->acc + (size_t)i * af,
+                      s->xb + (size_t)b * qd + (size_t)h * hd);
+        }
+        matmul(s->xb2, s->xb, w->wo + (size_t)l * dim * qd, n, qd, dim);
+        for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
+
+        /* feed-forward block: x += W2 . (silu(W1 xn) * W3 xn)   (SwiGLU) */
+        for (int b = 0; b < n; b++)
+            rmsnorm(s->xb + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
+        matmul(s->hb, s->xb, w->w1 + (size_t)l * hid * dim, n, dim, hid);
+        matmul(s->hb2, s->xb, w->w3 + (size_t)l * hid * dim, n, dim, hid);
+        for (size_t j = 0; j < (size_t)n * hid; j++) {
+            float g = s->hb[j];
+            s->hb[j] = g / (1.0f + expf(-g)) * s->hb2[j];
+        }
+        matmul(s->xb2, s->hb, w->w2 + (size_t)l * dim * hid, n, hid, dim);
+        for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
+    }
+
+    /* final norm and classifier, for the tokens whose logits are wanted */
+    int first = all_logits ? 0 : n - 1;
+    for (int b = first; b < n; b++)
+        rmsnorm(s->x + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_final, dim, c->norm_eps);
+    matmul(s->logits, s->x + (size_t)first * dim, w->wcls, n - first, dim, c->vocab_size);
+    return s->logits;
+}
+
+/* Feeds n tokens at positions pos.. in batches; returns the last token's logits.
+ * With all (n, vocab) != NULL, every position's logits are copied there. */
+static float *prefill(Transformer *t, const int *tokens, int n, int pos, float *all) {
+    float *logits = NULL;
+    for (int i = 0; i < n; i += t->state.batch) {
+        int m = n - i < t->state.batch ? n - i : t->state.batch;
+        logits = forward(t, tokens + i, m, pos + i, all != NULL);
+        if (all) memcpy(all + (size_t)i * t->config.vocab_size, logits, (size_t)m * t->config.vocab_size * sizeof(float));
+        if (all) logits += (size_t)(m - 1) * t->config.vocab_size;
+    }
+    return logits;
+}
+
+/* TOKENIZER_BEGIN */
+typedef struct {
+    int vocab_size;
+    const uint8_t **piece; /* (vocab_size) token bytes, pointing into the file */
+    int *len;              /* (vocab_size)                                     */
+} Tokenizer;
+
+int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
+                    int kind, int pretok, char *err, size_t errlen) {
+    (void)kind; (void)pretok;
+    t->vocab_size = vocab_size;
+    t->piece = calloc(vocab_size, sizeof(*t->piece));
+    t->len = calloc(vocab_size, sizeof(int));
+    size_t off = 8;
+    for (int i = 0; i < vocab_size; i++) {
+        if (off + 12 > size) { snprintf(err, errlen, "tokenizer truncated"); return -1; }
+        int n = rd_i32(data + off + 8);
+        off += 12;
+        if (n < 0 || off + n > size) { snprintf(err, errlen, "tokenizer truncated"); return -1; }
+        t->piece[i] = data + off; t->len[i] = n; off += n;
+    }
+    return 0;
+}
+void free_tokenizer(Tokenizer *t) { free(t->piece); free(t->len); }
+int encode(const Tokenizer *t, const char *text, size_t len, int bos_id, int *tokens, int max_tokens) {
+    (void)t; (void)text; (void)len; (void)bos_id; (void)tokens; (void)max_tokens;
+    return -1;
+}
+const char *decode_piece(const Tokenizer *t, int prev_token, int bos_id, int token, size_t *len) {
+    (void)prev_token; (void)bos_id;
+    *len = t->len[token];
+    return (const char *)t->piece[token];
+}
+/* TOKENIZER_END */
+
+/* ---------------------------------------------------------------------------
+ * The sampler: greedy, temperature, top-p (nucleus)
+ */
+
+typedef struct { float prob; int index; } ProbIndex;
+
+typedef struct {
+    int vocab_size;
+    ProbIndex *probindex; /* (vocab_size) scratch for top-p                    */
+    float temperature;
+    float topp;
+    unsigned long long rng_state;
+} Sampler;
+
+static unsigned int random_u32(unsigned long long *state) { /* xorshift* */
+    *state ^= *state >> 12; *state ^= *state << 25; *state ^= *state >> 27;
+    return (unsigned int)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static float random_f32(unsigned long long *state) { return (random_u32(state) >> 8) / 16777216.0f; }
+
+static int sample_argmax(const float *p, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (p[i] > p[best]) best = i;
+    return best;
+}
+
+static int sample_mult(const float *p, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) { cdf += p[i]; if (coin < cdf) return i; }
+    return n - 1;
+}
+
+static int compare_prob(const void *a, const void *b) {
+    float pa = ((const ProbIndex *)a)->prob, pb = ((const ProbIndex *)b)->prob;
+    return (pa < pb) - (pa > pb);
+}
+
+/* top-p: sample from the smallest set of tokens whose probabilities sum past topp.
+ * Tokens below (1-topp)/(n-1) cannot be in that set and are dropped before sorting. */
+static int sample_topp(const float *p, int n, float topp, ProbIndex *pi, float coin) {
+    int m = 0;
+    const float cutoff = (1.0f - topp) / (n - 1);
+    for (int i = 0; i < n; i++) if (p[i] >= cutoff) { pi[m].index = i; pi[m].prob = p[i]; m++; }
+    qsort(pi, m, sizeof(ProbIndex), compare_prob);
+    float cum = 0.0f;
+    int last = m - 1;
+    for (int i = 0; i < m; i++) { cum += pi[i].prob; if (cum > topp) { last = i; break; } }
+    float r = coin * cum, cdf = 0.0f;
+    for (int i = 0; i <= last; i++) { cdf += pi[i].prob; if (r < cdf) return pi[i].index; }
+    return pi[last].index;
+}
+
+static int sample(Sampler *s, float *logits) {
+    if (s->temperature == 0.0f) return sample_argmax(logits, s->vocab_size);
+    for (int i = 0; i < s->vocab_size; i++) logits[i] /= s->temperature;
+    softmax(logits, s->vocab_size);
+    float coin = random_f32(&s->rng_state);
+    if (s->topp <= 0 || s->topp >= 1) return sample_mult(logits, s->vocab_size, coin);
+    return sample_topp(logits, s->vocab_size, s->topp, s->probindex, coin);
+}
+
+/* ---------------------------------------------------------------------------
+ * Generation loops
+ */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+typedef struct {                 /* what the trade-off line reports          */
+    int prefill_tokens, decode_tokens;
+    double prefill_s, decode_s;
+} Stats;
+
+/* The memory / speed line on stderr, e.g.
+ * kv: tq3/tq3 3.25 bits/elem, 4.6 MiB for 1024 tokens (fp16 22.5 MiB, 4.9x smaller; fp32 45.0 MiB) */
+static void report(const Transformer *t, int n_pos, const Stats *st) {
+    const Config *c = &t->config;
+    const KVCache *kv = &t->cache;
+    double bits = 0.5 * (tq_bits_per_elem(kv->kc.fmt, c->head_dim) + tq_bits_per_elem(kv->vc.fmt, c->head_dim));
+    double mib = cache_bytes(kv, c, n_pos) / 1048576.0;
+    double fp16 = (double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2 * 2 / 1048576.0;
+    double ratio = mib > 0 ? fp16 / mib : 1.0;
+    fprintf(stderr, "kv: %s/%s %.2f bits/elem, %.2f MiB for %d tokens (fp16 %.2f MiB, %.1fx %s; fp32 %.2f MiB)\n",
+            tq_fmt_name(kv->kc.fmt), tq_fmt_name(kv->vc.fmt), bits, mib, n_pos, fp16,
+            ratio >= 1 ? ratio : 1 / ratio, ratio >= 1 ? "smaller" : "larger", 2 * fp16);
+    if (st)
+        fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens)\n",
+                st->prefill_s > 0 ? st->prefill_tokens / st->prefill_s : 0.0, st->prefill_tokens,
+                st->decode_s > 0 ? st->decode_tokens / st->decode_s : 0.0, st->decode_tokens);
+}
+
+/* Prints a token's bytes; control bytes other than whitespace are not printed raw. */
+static void print_piece(const Tokenizer *tok, int prev, int bos, int token) {
+    size_t n;
+    const char *p = decode_piece(tok, prev, bos, token, &n);
+    if (n == 1 && !isprint((unsigned char)p[0]) && !isspace((unsigned char)p[0])) return;
+    fwrite(p, 1, n, stdout);
+    fflush(stdout);
+}
+
+static int *encode_or_die(const Tokenizer *tok, const char *text, int bos, int *n_out) {
+    size_t len = strlen(text);
+    int max = (int)(len + 3 > (size_t)1 << 30 ? (size_t)1 << 30 : len + 3);
+    int *tokens = xcalloc((size_t)max, sizeof(int), "prompt tokens");
+    int n = encode(tok, text, len, bos, tokens, max);
+    if (n == -1) die("the prompt is not valid UTF-8");
+    if (n < 0) die("the prompt could not be tokenized");
+    *n_out = n;
+    return tokens;
+}
+
+static int is_stop(const Config *c, int token) { return token == c->eos_id || token == c->chat_end_id; }
+
+/* Runs the prompt, then samples up to steps new tokens (stops at eos or at the end of the context). */
+static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, const char *prompt, int steps) {
+    const Config *c = &t->config;
+    int n;
+    int *tokens = encode_or_die(tok, prompt, c->add_bos ? c->bos_id : -1, &n);
+    if (n == 0) die("empty prompt: give one with -i or -f");
+    if (n >= t->cache.ctx) die("the prompt is %d tokens; the context is %d (raise it with -c, up to %d)", n, t->cache.ctx, c->seq_len);
+    Stats st = {0};
+    double t0 = now_s();
+    for (int i = 0; i < n; i++) if (i > 0 || tokens[0] != c->bos_id) print_piece(tok, i ? tokens[i - 1] : -1, c->bos_id, tokens[i]);
+    float *logits = prefill(t, tokens, n, 0, NULL);
+    st.prefill_tokens = n; st.prefill_s = now_s() - t0;
+    int pos = n, prev = tokens[n - 1];
+    t0 = now_s();
+    for (int i = 0; i < steps; i++) {
+        int next = sample(sampler, logits);
+        if (is_stop(c, next)) break;
+        print_piece(tok, prev, c->bos_id, next);
+        if (pos >= t->cache.ctx) { fprintf(stderr, "\n[stopped: reached the end of the context, %d tokens]", t->cache.ctx); break; }
+        logits = forward(t, &next, 1, pos, 0);
+        pos++; prev = next; st.decode_tokens++;
+    }
+    st.decode_s = now_s() - t0;
+    printf("\n");
+    report(t, pos, &st);
+    free(tokens);
+}
+
+/* Reads one line from stdin into buf (without the newline); 0 at end of input. */
+static int read_line(const char *prompt, char *buf, size_t size) {
+    printf("%s", prompt);
+    fflush(stdout);
+    if (!fgets(buf, (int)size, stdin)) return 0;
+    buf[strcspn(buf, "\n")] = 0;
+    return 1;
+}
+
+/* Chat with the model's template: ChatML when the vocabulary has <|im_start|>
+ * (SmolLM2), else Llama-2's [INST]. The first user turn may come from -i/-f;
+ * later turns are read from stdin until it ends. */
+static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const char *user0, const char *system, int steps) {
+    const Config *c = &t->config;
+    static char user[8192], turn[16384 + 8192];
+    int pos = 0, first = 1;
+    Stats st = {0};
+    for (;;) {
+        if (first && user0) snprintf(user, sizeof user, "%s", user0);
+        else if (!read_line("User: ", user, sizeof user)) break;
+        if (c->chat_start_id >= 0) {
+            char sys[8192] = "";
+            if (first && system) snprintf(sys, sizeof sys, "<|im_start|>system\n%s<|im_end|>\n", system);
+            snprintf(turn, sizeof turn, "%s<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys, user);
+        } else if (first && system) {
+            snprintf(turn, sizeof turn, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", system, user);
+        } else {
+            snprintf(turn, sizeof turn, "[INST] %s [/INST]", user);
+        }
+        int n;
+        int *tokens = encode_or_die(tok, turn, (first && c->add_bos) ? c->bos_id : -1, &n);
+        if (pos + n >= t->cache.ctx) { free(tokens); fprintf(stderr, "[stopped: the conversation reached the end of the context, %d tokens]\n", t->cache.ctx); break; }
+        double t0 = now_s();
+        float *logits = prefill(t, tokens, n, pos, NULL);
+        st.prefill_tokens += n; st.prefill_s += now_s() - t0;
+        pos += n;
+        int prev = tokens[n - 1];
+        free(tokens);
+        printf("Assistant: ");
+        t0 = now_s();
+        for (int i = 0; i < steps && pos < t->cache.ctx; i++) {
+            int next = sample(sampler, logits);
+            if (is_stop(c, next)) {  /* the end-of-turn token goes into the cache too */
+                logits = forward(t, &next, 1, pos++, 0);
+                break;
+            }
+            print_piece(tok, prev, c->bos_id, next);
+            logits = forward(t, &next, 1, pos++, 0);
+            prev = next; st.decode_tokens++;
+        }
+        st.decode_s += now_s() - t0;
+        printf("\n");
+        if (c->chat_start_id >= 0 && pos < t->cache.ctx) { int nl; int *t2 = encode_or_die(tok, "\n", -1, &nl); prefill(t, t2, nl, pos, NULL); pos += nl; free(t2); }
+        first = 0;
+        if (pos >= t->cache.ctx) { fprintf(stderr, "[stopped: reached the end of the context, %d tokens]\n", t->cache.ctx); break; }
+    }
+    report(t, pos, &st);
+}
+
+/* ---------------------------------------------------------------------------
+ * Test and tool modes: logits dump, tokenize, detokenize
+ */
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot read %s: %s", path, strerror(errno));
+    size_t cap = 1 << 16, n = 0;
+    char *buf = xcalloc(cap, 1, "the input file");
+    size_t got;
+    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
+        n += got;
+        if (n + 1 == cap) { cap *= 2; buf = realloc(buf, cap); if (!buf) die("out of memory reading %s", path); }
+    }
+    if (ferror(f)) die("error reading %s", path);
+    fclose(f);
+    buf[n] = 0;
+    if (len) *len = n;
+    return buf;
+}
+
+/* Parses whitespace-separated token ids; every id must be in the vocabulary. */
+static int *parse_ids(const char *text, int vocab, int *n_out) {
+    size_t cap = 256;
+    int n = 0, *ids = xcalloc(cap, sizeof(int), "token ids");
+    const char *p = text;
+    for (;;) {
+        while (isspace((unsigned char)*p)) p++;
+        if (!*p) break;
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v >= vocab || (*end && !isspace((unsigned char)*end)))
+            die("bad token id near \"%.20s\" (ids are integers in [0, %d))", p, vocab);
+        if ((size_t)n == cap) { cap *= 2; ids = realloc(ids, cap * sizeof(int)); if (!ids) die("out of memory"); }
+        ids[n++] = (int)v;
+        p = end;
+    }
+    *n_out = n;
+    return ids;
+}
+
+/* -m logits: feeds the given token ids (no bos added) and writes every
+ * position's logits as float32 (n, vocab) to out. For the reference tests. */
+static void dump_logits(Transformer *t, const char *ids_text, const char *out) {
+    int n;
+    int *ids = parse_ids(ids_text, t->config.vocab_size, &n);
+    if (n == 0) die("no token ids given");
+    if (n > t->cache.ctx) die("%d tokens exceed the context of %d", n, t->cache.ctx);
+    float *all = xcalloc((size_t)n * t->config.vocab_size, sizeof(float), "logits");
+    prefill(t, ids, n, 0, all);
+    FILE *f = fopen(out, "wb");
+    if (!f) die("cannot write %s: %s", out, strerror(errno));
+    if (fwrite(all, sizeof(float), (size_t)n * t->config.vocab_size, f) != (size_t)n * t->config.vocab_size || fclose(f) != 0)
+        die("error writing %s", out);
+    report(t, n, NULL);
+    free(all); free(ids);
+}
+
+/* ---------------------------------------------------------------------------
+ * CLI
+ */
+
+static void usage(void) {
+    fprintf(stderr,
+        "Usage:   run <model.bin> [options]\n"
+        "Example: run model.bin -k tq3 -n 256 -i \"Once upon a time\"\n"
+        "Options:\n"
+        "  -t <float>  temperature in [0, inf), default 1.0 (0 = greedy)\n"
+        "  -p <float>  top-p in [0, 1], default 0.9 (0 or 1 = off)\n"
+        "  -s <int>    random seed, default time(NULL)\n"
+        "  -n <int>    new tokens to generate, default 256 (per turn in chat)\n"
+        "  -i <string> input prompt (chat: the first user message)\n"
+        "  -f <file>   read the prompt (or the token ids / text of the other modes) from a file\n"
+        "  -z <file>   take the tokenizer from another model.bin\n"
+        "  -m <mode>   generate | chat | logits | tokenize | detokenize, default generate\n"
+        "  -y <string> system prompt in chat mode\n"
+        "  -k <fmt>    KV cache format, or KFMT:VFMT for keys and values apart; default tq3\n"
+        "  -c <int>    context length in tokens, default the model's\n"
+        "  -o <file>   output file of -m logits (float32, n x vocab)\n"
+        "  --scale <r> scale rule of the tq formats: norm (paper) | nc (norm correction) | eden; default nc\n"
+        "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n");
+    for (int f = 0; f < TQ_NFMT; f++) {
+        static const char *what[TQ_NFMT] = {
+            "float32, uncompressed", "float16, uncompressed", "int8 absmax, one fp16 scale (q8_0-like)",
+            "int4 absmax, fp16 scale per 32 (q4_0-like)", "TurboQuant mse, 2 bits + fp16 norm",
+            "TurboQuant mse, 3 bits + fp16 norm", "TurboQuant mse, 4 bits + fp16 norm",
+            "TurboQuant prod, 1-bit mse + 1-bit QJL", "TurboQuant prod, 2-bit mse + 1-bit QJL",
+            "TurboQuant prod, 3-bit mse + 1-bit QJL"};
+        fprintf(stderr, "  %-5s %6.3f / %6.3f  %s\n", tq_fmt_name((tq_fmt)f),
+                tq_bits_per_elem((tq_fmt)f, 64), tq_bits_per_elem((tq_fmt)f, 128), what[f]);
+    }
+    exit(1);
+}
+
+static double parse_num(const char *flag, const char *s, double lo, double hi) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end || errno || !isfinite(v)) die("%s wants a number, got \"%s\"", flag, s);
+    if (v < lo || v > hi) die("%s %s is out of range [%g, %g]", flag, s, lo, hi);
+    return v;
+}
+
+static int parse_int(const char *flag, const char *s, long lo, long hi) {
+    double v = parse_num(flag, s, (double)lo, (double)hi);
+    if (v != floor(v)) die("%s wants an integer, got \"%s\"", flag, s);
+    return (int)v;
+}
+
+static void parse_kv(const char *arg, tq_fmt *kf, tq_fmt *vf) {
+    char k[32], v[32];
+    const char *colon = strchr(arg, ':');
+    size_t kl = colon ? (size_t)(colon - arg) : strlen(arg);
+    if (kl == 0 || kl >= sizeof k || (colon && (!colon[1] || strlen(colon + 1) >= sizeof v || strchr(colon + 1, ':'))))
+        die("bad -k \"%s\": give FMT or KFMT:VFMT (run -h lists the formats)", arg);
+    memcpy(k, arg, kl); k[kl] = 0;
+    snprintf(v, sizeof v, "%s", colon ? colon + 1 : k);
+    if (tq_parse_fmt(k, kf) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", k);
+    if (tq_parse_fmt(v, vf) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", v);
+}
+
+#ifndef RUN_NO_MAIN
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *prompt = NULL, *prompt_file = NULL, *tok_path = NULL;
+    const char *mode = "generate", *system = NULL, *out = NULL;
+    float temperature = 1.0f, topp = 0.9f;
+    unsigned long long seed = 0;
+    int steps = 256, ctx = 0;
+    tq_fmt kf = TQ_TQ3, vf = TQ_TQ3;
+    tq_scale scale = TQ_SCALE_NC;
+
+    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage();
+    model_path = argv[1];
+    for (int i = 2; i < argc; i += 2) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) usage();
+        if (a[0] != '-' || !a[1]) die("expected an option, got \"%s\" (run -h)", a);
+        if (i + 1 >= argc) die("option %s needs a value (run -h)", a);
+        const char *v = argv[i + 1];
+        if (!strcmp(a, "-t")) temperature = (float)parse_num(a, v, 0, 1e6);
+        else if (!strcmp(a, "-p")) topp = (float)parse_num(a, v, 0, 1);
+        else if (!strcmp(a, "-s")) seed = (unsigned long long)parse_num(a, v, 0, 1.8e19);
+        else if (!strcmp(a, "-n")) steps = parse_int(a, v, 0, 1 << 30);
+        else if (!strcmp(a, "-i")) prompt = v;
+        else if (!strcmp(a, "-f")) prompt_file = v;
+        else if (!strcmp(a, "-z")) tok_path = v;
+        else if (!strcmp(a, "-m")) mode = v;
+        else if (!strcmp(a, "-y")) system = v;
+        else if (!strcmp(a, "-k")) parse_kv(v, &kf, &vf);
+        else if (!strcmp(a, "-c")) ctx = parse_int(a, v, 1, 1 << 24);
+        else if (!strcmp(a, "-o")) out = v;
+        else if (!strcmp(a, "--scale")) { if (tq_parse_scale(v, &scale) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", v); }
+        else die("unknown option %s (run -h)", a);
+    }
+    const char *modes[] = {"generate", "chat", "logits", "tokenize", "detokenize"};
+    int m = -1;
+    for (int i = 0; i < 5; i++) if (!strcmp(mode, modes[i])) m = i;
+    if (m < 0) die("unknown mode \"%s\" (generate, chat, logits, tokenize, detokenize)", mode);
+    if (prompt && prompt_file) die("give the prompt with -i or -f, not both");
+    char *file_text = prompt_file ? read_file(prompt_file, NULL) : NULL;
+    if (file_text) prompt = file_text;
+    if (seed == 0) seed = (unsigned long long)time(NULL);
+
+    Transformer t;
+    int batch = (m == 2) ? 32 : 16;
+    if (m >= 3) ctx = 1;  /* tokenizer modes need no cache */
+    build_transformer(&t, model_path, kf, vf, scale, ctx, batch);
+    Config *c = &t.config;
+
+    /* the tokenizer: from model.bin, or from another exported file with -z */
+    Transformer tt;
+    const Config *tc = c;
+    const uint8_t *tdata = t.data;
+    if (tok_path) {
+        load_model(&tt, tok_path);
+        tc = &tt.config; tdata = tt.data;
+        if (tc->vocab_size != c->vocab_size) die("-z %s has a vocabulary of %d, the model %d", tok_path, tc->vocab_size, c->vocab_size);
+    }
+    Tokenizer tok;
+    char err[256];
+    if (build_tokenizer(&tok, tdata + tc->tokenizer_offset, tc->tokenizer_bytes, tc->vocab_size,
+                        tc->tokenizer_kind, tc->pretok, err, sizeof err) != 0)
+        die("%s: bad tokenizer section: %s", tok_path ? tok_path : model_path, err);
+
+    Sampler sampler = {c->vocab_size, xcalloc(c->vocab_size, sizeof(ProbIndex), "sampler"), temperature, topp, seed};
+
+    if (m == 0) {
+        if (!prompt) die("no prompt: give one with -i or -f");
+        generate(&t, &tok, &sampler, prompt, steps);
+    } else if (m == 1) {
+        chat(&t, &tok, &sampler, prompt, system, steps);
+    } else if (m == 2) {
+        if (!prompt || !out) die("-m logits needs token ids (-i or -f) and an output file (-o)");
+        dump_logits(&t, prompt, out);
+    } else if (m == 3) {
+        if (!prompt) die("-m tokenize needs text (-i or -f)");
+        int n;
+        int *ids = encode_or_die(&tok, prompt, -1, &n);
+        for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+        printf("\n");
+        free(ids);
+    } else {
+        if (!prompt) die("-m detokenize needs token ids (-i or -f)");
+        int n;
+        int *ids = parse_ids(prompt, c->vocab_size, &n);
+        for (int i = 0; i < n; i++) {
+            size_t len;
+            const char *p = decode_piece(&tok, i ? ids[i - 1] : -1, c->bos_id, ids[i], &len);
+            fwrite(p, 1, len, stdout);
+        }
+        free(ids);
+    }
+    free(sampler.probindex);
+    free_tokenizer(&tok);
+    if (tok_path) munmap(tt.data, tt.file_size);
+    free_transformer(&t);
+    free(file_text);
+    return 0;
+}
+#endif
