@@ -1,0 +1,80 @@
+"""The real model: SmolLM2-135M-Instruct exported from its GGUF (`make model`)."""
+import re
+
+from conftest import RUN_SAN, run_cmd
+
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+STOPWORDS = {"the", "a", "an", "and", "of", "to", "in", "is", "was", "it", "that", "for", "on", "with", "as"}
+
+
+def generate(model, fmt, n, prompt=PROMPT, binary=None, extra=()):
+    args = [model, "-k", fmt, "-t", "0", "-n", str(n), "-i", prompt, *extra]
+    p = run_cmd(args, binary=binary) if binary else run_cmd(args)
+    return p.stdout.decode("utf-8", errors="replace"), p.stderr.decode()
+
+
+def looks_like_english(text):
+    """At least 15 words, 80 % of them plain alphabetic, and several distinct stop words:
+    garbage from a broken forward pass or cache fails this."""
+    words = re.findall(r"\S+", text)
+    alpha = [w for w in words if re.fullmatch(r"[A-Za-z][A-Za-z'’-]*[.,;:!?\"]*", w)]
+    stops = {w.lower().strip(".,;:!?\"") for w in words} & STOPWORDS
+    return len(words) >= 15 and len(alpha) >= 0.8 * len(words) and len(stops) >= 3, (len(words), len(alpha), stops)
+
+
+def test_greedy_fp32_is_coherent(smollm2):
+    out, err = generate(smollm2, "fp32", 60)
+    assert out.startswith(PROMPT)
+    ok, why = looks_like_english(out[len(PROMPT):])
+    assert ok, f"not a coherent continuation {why}: {out!r}"
+    assert "Berlin" in out, out
+
+
+def test_greedy_tq3_is_coherent(smollm2):
+    out, err = generate(smollm2, "tq3", 60)
+    ok, why = looks_like_english(out[len(PROMPT):])
+    assert ok, f"not a coherent continuation {why}: {out!r}"
+
+
+def test_fp32_and_q8_agree_on_first_20_tokens(smollm2):
+    a, _ = generate(smollm2, "fp32", 20)
+    b, _ = generate(smollm2, "q8", 20)
+    assert a == b, f"fp32: {a!r}\nq8:   {b!r}"
+
+
+def test_memory_line(smollm2):
+    """The memory line's bytes equal 30 layers x 3 KV heads x (26 B key + 26 B value) per token for tq3
+    (3-bit codes of 64 numbers = 24 B, plus a 2 B fp16 norm), and fp16 is 64 x 2 B per vector."""
+    out, err = generate(smollm2, "tq3", 10)
+    m = re.search(r"kv: tq3/tq3 ([\d.]+) bits/elem, ([\d.]+) MiB for (\d+) tokens \(fp16 ([\d.]+) MiB, ([\d.]+)x smaller", err)
+    assert m, err
+    bits, mib, n, fp16, ratio = float(m[1]), float(m[2]), int(m[3]), float(m[4]), float(m[5])
+    assert bits == 3.25
+    assert abs(mib - n * 30 * 3 * 2 * 26 / 2**20) < 0.01
+    assert abs(fp16 - n * 30 * 3 * 2 * 64 * 2 / 2**20) < 0.01
+    assert abs(ratio - 128 / 26) < 0.05
+    assert re.search(r"speed: prefill [\d.]+ tok/s \(\d+ tokens\), decode [\d.]+ tok/s \(\d+ tokens\)", err), err
+
+
+def test_chat_answers_and_stops_at_im_end(smollm2):
+    p = run_cmd([smollm2, "-m", "chat", "-t", "0", "-n", "200", "-k", "tq3", "-i", "What is the capital of France?"],
+                input=b"")
+    out, err = p.stdout.decode(), p.stderr.decode()
+    assert "Paris" in out, out
+    m = re.search(r"decode [\d.]+ tok/s \((\d+) tokens\)", err)
+    assert m and int(m[1]) < 200, f"did not stop at <|im_end|>: {err}"
+    assert "<|im_end|>" not in out
+
+
+def test_mixed_kv_formats(smollm2):
+    out, err = generate(smollm2, "tq4:tq3", 60)
+    assert "kv: tq4/tq3 3.75 bits/elem" in err, err
+    ok, why = looks_like_english(out[len(PROMPT):])
+    assert ok, f"not a coherent continuation {why}: {out!r}"
+
+
+def test_short_generation_under_sanitizers(smollm2):
+    """A few tokens through the ASan + UBSan build: any memory error or UB aborts with nonzero status."""
+    for fmt in ("tq3", "tq3p:q4"):
+        out, err = generate(smollm2, fmt, 4, prompt="Hello", binary=RUN_SAN)
+        assert "ERROR" not in err and "runtime error" not in err, err
