@@ -235,7 +235,8 @@ class GGUFSource:
         try:
             self.r = gguf.GGUFReader(path, "r")
         except Exception as e:
-            raise ExportError(f"cannot parse GGUF file {path}: {type(e).__name__}: {e}")
+            raise ExportError(f"cannot parse GGUF file {path} (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}")
         self.path = path
         self.tensors = {t.name: t for t in self.r.tensors}
         arch = self.kv("general.architecture")

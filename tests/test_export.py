@@ -291,6 +291,12 @@ def write_gguf(path, *, arch="llama", dim=64, hidden=96, L=2, nh=4, nkv=2, hd=16
             wr.add_tensor(n, arr)
         elif qt == Q.F16:
             wr.add_tensor(n, arr.astype(np.float16))
+        elif qt.name.endswith("_K"):
+            # no numpy quantizer for K-quants: random blocks, all bytes < 0x7C so that every
+            # fp16 scale in them is finite
+            blk, size = gguf.GGML_QUANT_SIZES[qt]
+            raw = rng.integers(0, 0x7C, (arr.shape[0], arr.shape[1] // blk * size), np.uint8)
+            wr.add_tensor(n, raw, raw_dtype=qt)
         else:
             wr.add_tensor(n, gguf.quants.quantize(arr, qt), raw_dtype=qt)
     wr.write_header_to_file()
@@ -349,6 +355,20 @@ def test_gguf_quantized(tmp_path, bpe):
     # and close to the float weights it was quantized from
     np.testing.assert_allclose(ow["w1"][1], w[("w1", 1)], atol=0.02)
     np.testing.assert_allclose(ow["wcls"], w["wcls"], atol=0.05)
+
+
+def test_gguf_kquants_bf16(tmp_path, bpe):
+    src, out = tmp_path / "m.gguf", tmp_path / "model.bin"
+    qt = {"tok_emb": Q.BF16, "wq": Q.Q4_K, "wk": Q.Q2_K, "wv": Q.Q3_K, "wo": Q.Q5_K,
+          "w1": Q.Q6_K, "w2": Q.Q4_K, "w3": Q.BF16}
+    w, tokens = write_gguf(src, bpe=bpe, qtypes=qt, dim=256, hidden=256, hd=64, seed=5)
+    p = run_export(src, out)
+    assert "warning" not in p.stderr
+    h, tok, ow = read_model(out)
+    assert (h["dim"], h["hidden_dim"], h["head_dim"]) == (256, 256, 64)
+    compare_weights(ow, gguf_expect(src), 2)
+    assert np.abs(ow["wq"]).max() > 0 and np.abs(ow["w1"]).max() > 0
+    np.testing.assert_allclose(ow["tok_emb"], w["tok_emb"], rtol=1e-2)
 
 
 def test_gguf_sentencepiece_f16(tmp_path):
