@@ -785,3 +785,45 @@ def test_real_smollm2(tmp_path):
     t = ts["token_embd.weight"]
     np.testing.assert_array_equal(ow["tok_emb"][1000:1010], gguf.quants.dequantize(
         t.data[1000:1010], t.tensor_type))
+
+    # the file works: a float64 numpy forward pass over model.bin (interleaved RoPE, as
+    # the format says) answers the ChatML question with " Paris"
+    words = [b"<|im_start|>", b"user", b"\n", b"What", b" is", b" the", b" capital", b" of",
+             b" France", b"?", b"<|im_end|>", b"\n", b"<|im_start|>", b"ass", b"istant", b"\n",
+             b"The", b" capital", b" of", b" France", b" is"]
+    logits = forward_last(h, ow, [ids[x] for x in words])
+    assert T[int(np.argmax(logits))] == b" Paris"
+
+
+def forward_last(h, w, tokens):
+    """Logits after the last of tokens: a plain float64 Llama forward pass over model.bin."""
+    L, nh, nkv, hd = h["n_layers"], h["n_heads"], h["n_kv_heads"], h["head_dim"]
+    n, eps, theta = len(tokens), h["norm_eps"], h["rope_theta"]
+    pos = np.arange(n)[:, None] * theta ** (-np.arange(0, hd, 2) / hd)   # (n, hd/2)
+    cos, sin = np.cos(pos)[:, None], np.sin(pos)[:, None]
+
+    def rms(x, g):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    def rope(x):      # x (n, heads, hd), pairs (2i, 2i+1)
+        y = np.empty_like(x)
+        y[..., 0::2] = x[..., 0::2] * cos - x[..., 1::2] * sin
+        y[..., 1::2] = x[..., 0::2] * sin + x[..., 1::2] * cos
+        return y
+    mask = np.triu(np.full((n, n), -np.inf), 1)
+    x = w["tok_emb"][tokens].astype(np.float64)
+    for l in range(L):
+        xb = rms(x, w["rms_att"][l])
+        q = rope((xb @ w["wq"][l].T).reshape(n, nh, hd))
+        k = rope((xb @ w["wk"][l].T).reshape(n, nkv, hd))
+        v = (xb @ w["wv"][l].T).reshape(n, nkv, hd)
+        k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)
+        a = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + mask
+        a = np.exp(a - a.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        x = x + np.einsum("hqk,khd->qhd", a, v).reshape(n, nh * hd) @ w["wo"][l].T
+        xb = rms(x, w["rms_ffn"][l])
+        g, u = xb @ w["w1"][l].T, xb @ w["w3"][l].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ w["w2"][l].T
+    wcls = w["tok_emb"] if h["shared_classifier"] else w["wcls"]
+    return wcls @ rms(x[-1], w["rms_final"])
