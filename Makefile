@@ -23,7 +23,7 @@ run: run.c tq.c tq.h
 
 # the same program under AddressSanitizer + UndefinedBehaviorSanitizer
 run_san: run.c tq.c tq.h
-	$(CC) $(SAN) $(WARN) -o $@ run.c tq.c -lm
+	$(CC) $(SAN) $(OMP) $(WARN) -o $@ run.c tq.c -lm
 
 tests/test_tq: tests/test_tq.c tq.c tq.h
 	$(CC) $(CFLAGS) $(WARN) -o $@ tests/test_tq.c tq.c -lm

@@ -458,40 +458,493 @@ static float *prefill(Transformer *t, const int *tokens, int n, int pos, float *
     return logits;
 }
 
-/* TOKENIZER_BEGIN */
+/* ---------------------------------------------------------------------------
+ * The Tokenizer: text <-> token ids, read from the tokenizer section of model.bin.
+ * Two kinds: SentencePiece (llama2.c's algorithm: per-character lookup, then greedy merges
+ * by the score of the merged token) and GPT-2 byte-level BPE (special tokens split out,
+ * a hand-coded pre-tokenizer regex, then merges by rank inside each piece).
+ * The token bytes are not copied: they point into the mmap'd file.
+ */
+
+typedef struct { int left, right, result, rank; } MergeSlot; /* a merge rule (left = -1: empty slot) */
+typedef struct { uint32_t lo, hi; int cls; } CodeRange; /* code points lo..hi have class cls */
+
+enum { CLS_OTHER = 0, CLS_LETTER = 1, CLS_NUMBER = 2, CLS_SPACE = 3 };
+
 typedef struct {
+    int kind;                      /* 1 SentencePiece, 2 GPT-2 byte-level BPE */
+    int pretok;                    /* 0 none, 1 smollm (each \p{N} alone, then the GPT-2 regex), 2 GPT-2 regex */
     int vocab_size;
-    const uint8_t **piece; /* (vocab_size) token bytes, pointing into the file */
-    int *len;              /* (vocab_size)                                     */
+    int max_token_len;             /* longest token in bytes (measured, not trusted from the file) */
+    const unsigned char **vocab;   /* (vocab_size) each token's bytes, pointing into the mmap'd section */
+    int *vocab_len;                /* (vocab_size) each token's byte count */
+    float *scores;                 /* (vocab_size) SentencePiece merge scores (higher merges first) */
+    int *byte_val;                 /* (vocab_size) SentencePiece: 0..255 for "<0xXX>" tokens, else -1 */
+    int *vocab_hash;               /* (hash_size) open addressing: id+1 of a non-special token, 0 = empty */
+    int hash_size;                 /* power of two */
+    MergeSlot *merges;             /* (merge_size) hash table of the GPT-2 merges, keyed by (left, right) */
+    int merge_size;                /* power of two (0 when there are no merges) */
+    CodeRange *ranges;             /* (n_ranges) Unicode classes for the pre-tokenizer, sorted by lo */
+    int n_ranges;
+    int *special;                  /* (n_special) ids of special tokens (flags bit 0), matched in raw text */
+    int n_special;
+    unsigned char special_first[256]; /* 1 where some special token starts with this byte */
+    unsigned char ascii_cls[128];  /* the class of each ASCII code point, to skip the binary search */
+    int byte_id[256];              /* GPT-2: the single-byte token of each byte; SentencePiece: <0xXX>, or -1 */
+    unsigned char byte_pieces[256]; /* byte_pieces[b] == b: what decode returns for <0xXX> */
 } Tokenizer;
+
+/* little-endian reads that never look past the end of the section */
+typedef struct { const unsigned char *p; size_t left; } Cursor;
+
+static int cur_u32(Cursor *c, uint32_t *v) {
+    if (c->left < 4) return -1;
+    *v = (uint32_t)c->p[0] | (uint32_t)c->p[1] << 8 | (uint32_t)c->p[2] << 16 | (uint32_t)c->p[3] << 24;
+    c->p += 4; c->left -= 4;
+    return 0;
+}
+static int cur_i32(Cursor *c, int *v) {
+    uint32_t u;
+    if (cur_u32(c, &u)) return -1;
+    memcpy(v, &u, 4); /* two's complement reinterpretation without implementation-defined casts */
+    return 0;
+}
+
+static uint32_t hash_bytes(const unsigned char *s, size_t n) { /* FNV-1a */
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) { h ^= s[i]; h *= 16777619u; }
+    return h;
+}
+static uint32_t hash_pair(int a, int b) {
+    uint32_t h = (uint32_t)a * 0x9E3779B1u ^ (uint32_t)b * 0x85EBCA77u;
+    return h ^ (h >> 15);
+}
+
+/* id of the non-special token with exactly these bytes, or -1 */
+static int vocab_lookup(const Tokenizer *t, const unsigned char *s, size_t n) {
+    uint32_t mask = (uint32_t)t->hash_size - 1;
+    for (uint32_t h = hash_bytes(s, n) & mask;; h = (h + 1) & mask) {
+        int id = t->vocab_hash[h] - 1;
+        if (id < 0) return -1;
+        if ((size_t)t->vocab_len[id] == n && memcmp(t->vocab[id], s, n) == 0) return id;
+    }
+}
+
+/* slot of the merge rule (a, b) in t->merges, or -1 */
+static int merge_lookup(const Tokenizer *t, int a, int b) {
+    if (t->merge_size == 0) return -1;
+    uint32_t mask = (uint32_t)t->merge_size - 1;
+    for (uint32_t h = hash_pair(a, b) & mask;; h = (h + 1) & mask) {
+        if (t->merges[h].left < 0) return -1;
+        if (t->merges[h].left == a && t->merges[h].right == b) return (int)h;
+    }
+}
+
+static int pow2_at_least(int n) { int p = 1; while (p < n) p *= 2; return p; }
+static int hex_val(unsigned char ch) {
+    return ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10 : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
+}
+
+void free_tokenizer(Tokenizer *t) {
+    free(t->vocab); free(t->vocab_len); free(t->scores); free(t->byte_val); free(t->vocab_hash);
+    free(t->merges); free(t->ranges); free(t->special);
+    memset(t, 0, sizeof(*t));
+}
 
 int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
                     int kind, int pretok, char *err, size_t errlen) {
-    (void)kind; (void)pretok;
-    t->vocab_size = vocab_size;
-    t->piece = calloc(vocab_size, sizeof(*t->piece));
-    t->len = calloc(vocab_size, sizeof(int));
-    size_t off = 8;
-    for (int i = 0; i < vocab_size; i++) {
-        if (off + 12 > size) { snprintf(err, errlen, "tokenizer truncated"); return -1; }
-        int n = rd_i32(data + off + 8);
-        off += 12;
-        if (n < 0 || off + n > size) { snprintf(err, errlen, "tokenizer truncated"); return -1; }
-        t->piece[i] = data + off; t->len[i] = n; off += n;
+    memset(t, 0, sizeof(*t));
+    Cursor c = { data, size };
+    int n, n_merges, n_ranges, file_max_len; /* our own max_token_len is measured below */
+    #define TOK_FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); free_tokenizer(t); return -1; } while (0)
+    if (kind != 1 && kind != 2) TOK_FAIL("unknown tokenizer kind %d", kind);
+    if (pretok < 0 || pretok > 2) TOK_FAIL("unknown pre-tokenizer %d", pretok);
+    if (cur_i32(&c, &n) || cur_i32(&c, &file_max_len)) TOK_FAIL("tokenizer section truncated in its header");
+    if (n <= 0 || n != vocab_size || n > (1 << 28))
+        TOK_FAIL("tokenizer has %d tokens, the header says vocab_size %d", n, vocab_size);
+    t->kind = kind; t->pretok = pretok; t->vocab_size = n;
+    t->vocab = malloc((size_t)n * sizeof(*t->vocab));
+    t->vocab_len = malloc((size_t)n * sizeof(int));
+    t->scores = malloc((size_t)n * sizeof(float));
+    t->byte_val = malloc((size_t)n * sizeof(int));
+    t->hash_size = pow2_at_least(2 * n);
+    t->vocab_hash = calloc((size_t)t->hash_size, sizeof(int));
+    t->special = malloc((size_t)n * sizeof(int));
+    if (!t->vocab || !t->vocab_len || !t->scores || !t->byte_val || !t->vocab_hash || !t->special)
+        TOK_FAIL("out of memory for the tokenizer");
+    for (int b = 0; b < 256; b++) { t->byte_id[b] = -1; t->byte_pieces[b] = (unsigned char)b; }
+
+    /* the vocabulary: { float32 score; int32 flags; int32 len; bytes[len] } */
+    for (int i = 0; i < n; i++) {
+        uint32_t score_bits; int flags, len;
+        if (cur_u32(&c, &score_bits) || cur_i32(&c, &flags) || cur_i32(&c, &len))
+            TOK_FAIL("tokenizer section truncated at token %d", i);
+        if (len < 0 || (size_t)len > c.left) TOK_FAIL("token %d has a bad length %d", i, len);
+        memcpy(&t->scores[i], &score_bits, 4);
+        t->vocab[i] = c.p; t->vocab_len[i] = len;
+        c.p += len; c.left -= (size_t)len;
+        if (len > t->max_token_len) t->max_token_len = len;
+        /* SentencePiece byte tokens are the text "<0xXX>"; decode turns them into the raw byte */
+        t->byte_val[i] = -1;
+        const unsigned char *p = t->vocab[i];
+        if (kind == 1 && len == 6 && memcmp(p, "<0x", 3) == 0 && p[5] == '>' && hex_val(p[3]) >= 0 && hex_val(p[4]) >= 0) {
+            int v = hex_val(p[3]) * 16 + hex_val(p[4]);
+            t->byte_val[i] = v;
+            if (t->byte_id[v] < 0) t->byte_id[v] = i;
+        }
+        if (flags & 1) {
+            /* special tokens are matched in the raw text only; BPE never produces them */
+            if (len > 0) { t->special[t->n_special++] = i; t->special_first[t->vocab[i][0]] = 1; }
+            continue;
+        }
+        if (kind == 2 && len == 1 && t->byte_id[p[0]] < 0) t->byte_id[p[0]] = i;
+        if (vocab_lookup(t, p, (size_t)len) >= 0) continue; /* a duplicate keeps the lowest id */
+        uint32_t mask = (uint32_t)t->hash_size - 1, h = hash_bytes(p, (size_t)len) & mask;
+        while (t->vocab_hash[h]) h = (h + 1) & mask;
+        t->vocab_hash[h] = i + 1;
+    }
+
+    /* merges: { int32 left; int32 right }, rank = position; the result is the token whose
+     * bytes are left's + right's, found once here so that encode needs one hash probe per pair */
+    if (cur_i32(&c, &n_merges) || n_merges < 0 || n_merges > (1 << 28) || (size_t)n_merges > c.left / 8)
+        TOK_FAIL("tokenizer section: bad or truncated merges list");
+    if (n_merges > 0) {
+        t->merge_size = pow2_at_least(2 * n_merges);
+        t->merges = malloc((size_t)t->merge_size * sizeof(MergeSlot));
+        unsigned char *cat = malloc(2 * (size_t)t->max_token_len + 1);
+        if (!t->merges || !cat) { free(cat); TOK_FAIL("out of memory for the merges"); }
+        for (int s = 0; s < t->merge_size; s++) t->merges[s].left = -1;
+        for (int r = 0; r < n_merges; r++) {
+            int a = -1, b = -1;
+            cur_i32(&c, &a); cur_i32(&c, &b); /* cannot fail: the size was checked above */
+            if (a < 0 || a >= n || b < 0 || b >= n) { free(cat); TOK_FAIL("merge %d refers to a token out of range", r); }
+            memcpy(cat, t->vocab[a], (size_t)t->vocab_len[a]);
+            memcpy(cat + t->vocab_len[a], t->vocab[b], (size_t)t->vocab_len[b]);
+            int res = vocab_lookup(t, cat, (size_t)t->vocab_len[a] + (size_t)t->vocab_len[b]);
+            if (res < 0) continue; /* merging into a token that is not in the vocabulary: never applies */
+            if (merge_lookup(t, a, b) >= 0) continue; /* a repeated rule keeps its first (lowest) rank */
+            uint32_t mask = (uint32_t)t->merge_size - 1, h = hash_pair(a, b) & mask;
+            while (t->merges[h].left >= 0) h = (h + 1) & mask;
+            t->merges[h] = (MergeSlot){ a, b, res, r };
+        }
+        free(cat);
+    }
+
+    /* Unicode classes: { uint32 lo; uint32 hi; int32 cls }, sorted, not overlapping */
+    if (cur_i32(&c, &n_ranges) || n_ranges < 0 || (size_t)n_ranges > c.left / 12)
+        TOK_FAIL("tokenizer section: bad or truncated Unicode ranges");
+    t->ranges = malloc((size_t)n_ranges * sizeof(CodeRange) + 1);
+    if (!t->ranges) TOK_FAIL("out of memory for the Unicode ranges");
+    t->n_ranges = n_ranges;
+    for (int i = 0; i < n_ranges; i++) {
+        CodeRange *r = &t->ranges[i];
+        cur_u32(&c, &r->lo); cur_u32(&c, &r->hi); cur_i32(&c, &r->cls);
+        if (r->lo > r->hi || r->hi > 0x10FFFF || r->cls < 0 || r->cls > 3 || (i > 0 && r->lo <= r[-1].hi))
+            TOK_FAIL("Unicode range %d is malformed or out of order", i);
+    }
+    for (uint32_t cp = 0; cp < 128; cp++) {
+        t->ascii_cls[cp] = CLS_OTHER;
+        for (int i = 0; i < n_ranges && t->ranges[i].lo <= cp; i++)
+            if (cp <= t->ranges[i].hi) t->ascii_cls[cp] = (unsigned char)t->ranges[i].cls;
+    }
+    #undef TOK_FAIL
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------
+ * UTF-8 and Unicode classes */
+
+/* length of the valid UTF-8 character at s (n bytes available) with its code point, or 0
+ * when invalid: overlong forms, surrogates and values past U+10FFFF are invalid too */
+static int utf8_decode(const unsigned char *s, size_t n, uint32_t *cp) {
+    int len; uint32_t v, min;
+    if (s[0] < 0x80) { *cp = s[0]; return 1; }
+    else if ((s[0] & 0xE0) == 0xC0) { len = 2; v = s[0] & 0x1F; min = 0x80; }
+    else if ((s[0] & 0xF0) == 0xE0) { len = 3; v = s[0] & 0x0F; min = 0x800; }
+    else if ((s[0] & 0xF8) == 0xF0) { len = 4; v = s[0] & 0x07; min = 0x10000; }
+    else return 0;
+    if ((size_t)len > n) return 0;
+    for (int k = 1; k < len; k++) {
+        if ((s[k] & 0xC0) != 0x80) return 0;
+        v = v << 6 | (s[k] & 0x3F);
+    }
+    if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) return 0;
+    *cp = v;
+    return len;
+}
+
+static int code_class(const Tokenizer *t, uint32_t cp) {
+    if (cp < 128) return t->ascii_cls[cp];
+    int lo = 0, hi = t->n_ranges - 1; /* binary search for the last range with lo <= cp */
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (t->ranges[mid].lo <= cp) lo = mid + 1; else hi = mid - 1;
+    }
+    return (hi >= 0 && cp <= t->ranges[hi].hi) ? t->ranges[hi].cls : CLS_OTHER;
+}
+
+/* ---------------------------------------------------------------------------
+ * BPE merging, shared by both kinds. The symbols of one piece form a linked list; a binary
+ * heap holds every adjacent pair that could merge, keyed by (priority, position): GPT-2
+ * priority = merge rank, SentencePiece priority = -score of the merged token; lower first,
+ * the leftmost pair on ties. Pairs whose symbols changed since they were pushed are skipped
+ * when popped. This is the same result as llama2.c's "merge the best pair, rescan" loop,
+ * in O(n log n) instead of O(n^2), so that a long piece (a run of spaces) stays cheap. */
+
+typedef struct { float key; int pos; } HeapItem;
+typedef struct {
+    int *tok, *prev, *next;        /* (cap) per symbol: token id (-1: merged away), list links */
+    HeapItem *heap;                /* (3*cap) candidate pairs: n-1 at first, at most 2 more per merge */
+    int cap, n_heap;
+    unsigned char *cat;            /* (2*max_token_len+1) SentencePiece: left's + right's bytes */
+    int *out; int n_out, max_out;  /* the caller's token array */
+    int full;                      /* set once max_out would be exceeded */
+} Encoder;
+
+static int enc_reserve(Encoder *e, int n) {
+    if (n <= e->cap) return 0;
+    int cap = n < 64 ? 64 : n;
+    int *a = realloc(e->tok, (size_t)cap * sizeof(int)); if (!a) return -1; e->tok = a;
+    a = realloc(e->prev, (size_t)cap * sizeof(int)); if (!a) return -1; e->prev = a;
+    a = realloc(e->next, (size_t)cap * sizeof(int)); if (!a) return -1; e->next = a;
+    HeapItem *h = realloc(e->heap, 3 * (size_t)cap * sizeof(HeapItem)); if (!h) return -1; e->heap = h;
+    e->cap = cap;
+    return 0;
+}
+
+static void emit(Encoder *e, int id) {
+    if (e->n_out >= e->max_out) { e->full = 1; return; }
+    e->out[e->n_out++] = id;
+}
+
+static int heap_less(HeapItem a, HeapItem b) { return a.key < b.key || (a.key == b.key && a.pos < b.pos); }
+
+static void heap_push(Encoder *e, float key, int pos) {
+    int i = e->n_heap++;
+    HeapItem it = { key, pos };
+    while (i > 0 && heap_less(it, e->heap[(i - 1) / 2])) { e->heap[i] = e->heap[(i - 1) / 2]; i = (i - 1) / 2; }
+    e->heap[i] = it;
+}
+
+static HeapItem heap_pop(Encoder *e) {
+    HeapItem top = e->heap[0], last = e->heap[--e->n_heap];
+    int i = 0;
+    for (;;) {
+        int k = 2 * i + 1;
+        if (k >= e->n_heap) break;
+        if (k + 1 < e->n_heap && heap_less(e->heap[k + 1], e->heap[k])) k++;
+        if (!heap_less(e->heap[k], last)) break;
+        e->heap[i] = e->heap[k]; i = k;
+    }
+    if (e->n_heap > 0) e->heap[i] = last;
+    return top;
+}
+
+/* can tokens a and b merge? Returns 1 with the merged token and its priority */
+static int pair_merge(const Tokenizer *t, Encoder *e, int a, int b, int *res, float *key) {
+    if (t->kind == 2) {
+        int s = merge_lookup(t, a, b);
+        if (s < 0) return 0;
+        *res = t->merges[s].result; *key = (float)t->merges[s].rank;
+        return 1;
+    }
+    memcpy(e->cat, t->vocab[a], (size_t)t->vocab_len[a]);
+    memcpy(e->cat + t->vocab_len[a], t->vocab[b], (size_t)t->vocab_len[b]);
+    int id = vocab_lookup(t, e->cat, (size_t)t->vocab_len[a] + (size_t)t->vocab_len[b]);
+    if (id < 0) return 0;
+    *res = id; *key = -t->scores[id];
+    return 1;
+}
+
+static void push_pair(const Tokenizer *t, Encoder *e, int i) {
+    int res; float key;
+    if (i >= 0 && e->next[i] >= 0 && pair_merge(t, e, e->tok[i], e->tok[e->next[i]], &res, &key))
+        heap_push(e, key, i);
+}
+
+/* merge the n symbols in e->tok, then append the result to the output */
+static void bpe_merge(const Tokenizer *t, Encoder *e, int n) {
+    e->n_heap = 0;
+    for (int i = 0; i < n; i++) { e->prev[i] = i - 1; e->next[i] = i + 1 < n ? i + 1 : -1; }
+    for (int i = 0; i + 1 < n; i++) push_pair(t, e, i);
+    while (e->n_heap > 0) {
+        HeapItem it = heap_pop(e);
+        int i = it.pos, j = e->next[i], res; float key;
+        /* stale entry: i was merged away, or i's pair changed since it was pushed */
+        if (e->tok[i] < 0 || j < 0 || !pair_merge(t, e, e->tok[i], e->tok[j], &res, &key) || key != it.key) continue;
+        e->tok[i] = res; e->tok[j] = -1;
+        e->next[i] = e->next[j];
+        if (e->next[j] >= 0) e->prev[e->next[j]] = i;
+        push_pair(t, e, e->prev[i]);
+        push_pair(t, e, i);
+    }
+    for (int i = 0; i >= 0 && n > 0; i = e->next[i]) emit(e, e->tok[i]);
+}
+
+/* ---------------------------------------------------------------------------
+ * GPT-2: pre-tokenizer and byte-level BPE */
+
+/* byte-level BPE of one pre-tokenized piece: start from one token per byte */
+static int bpe_piece(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n) {
+    if (n == 0) return 0;
+    if (n > (size_t)(INT32_MAX / 3) || enc_reserve(e, (int)n)) return -1;
+    int m = 0;
+    /* a byte without a token is dropped, as Hugging Face's BPE without an unk token does
+     * (SmolLM2 has none for a few control bytes and for bytes that UTF-8 never uses) */
+    for (size_t i = 0; i < n; i++) if (t->byte_id[s[i]] >= 0) e->tok[m++] = t->byte_id[s[i]];
+    bpe_merge(t, e, m);
+    return 0;
+}
+
+/* end of the GPT-2 regex match that starts at s[i], within s[0..n):
+ *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+ * alternatives are tried in this order, as the regex engine does */
+static size_t gpt2_match(const Tokenizer *t, const unsigned char *s, size_t i, size_t n) {
+    uint32_t c, c2;
+    size_t j = i + (size_t)utf8_decode(s + i, n - i, &c); /* the text was validated before */
+    if (c == '\'' && j < n) { /* contractions, case-sensitive ("I'LL" is not one) */
+        unsigned char a = s[j], b = j + 1 < n ? s[j + 1] : 0;
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') return j + 1;
+        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return j + 2;
+    }
+    int k = code_class(t, c);
+    if (c == ' ' && j < n) { /* an optional leading ' ', then a run of one class */
+        size_t j2 = j + (size_t)utf8_decode(s + j, n - j, &c2);
+        int k2 = code_class(t, c2);
+        if (k2 != CLS_SPACE) { k = k2; j = j2; }
+    }
+    if (k != CLS_SPACE) { /* " ?\p{L}+", " ?\p{N}+", " ?[^\s\p{L}\p{N}]+" */
+        while (j < n) {
+            size_t l = (size_t)utf8_decode(s + j, n - j, &c2);
+            if (code_class(t, c2) != k) break;
+            j += l;
+        }
+        return j;
+    }
+    /* "\s+(?!\S)|\s+": a run of blanks that is followed by a non-blank gives up its last
+     * blank, which then prefixes the next word (" word"); a single blank stands alone */
+    size_t last = i;
+    while (j < n) {
+        size_t l = (size_t)utf8_decode(s + j, n - j, &c2);
+        if (code_class(t, c2) != CLS_SPACE) break;
+        last = j; j += l;
+    }
+    return (j == n || last == i) ? j : last;
+}
+
+static int gpt2_regex_pieces(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n) {
+    for (size_t i = 0; i < n && !e->full;) {
+        size_t end = gpt2_match(t, s, i, n);
+        if (bpe_piece(t, e, s + i, end - i)) return -1;
+        i = end;
     }
     return 0;
 }
-void free_tokenizer(Tokenizer *t) { free(t->piece); free(t->len); }
+
+/* one stretch of text without special tokens, GPT-2 kind */
+static int encode_gpt2(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n) {
+    if (t->pretok == 0) return bpe_piece(t, e, s, n);
+    if (t->pretok == 2) return gpt2_regex_pieces(t, e, s, n);
+    /* smollm: every \p{N} code point is a piece of its own (HF Digits(individual_digits)),
+     * and the regex runs on the stretches between them (its lookahead stops at their ends) */
+    size_t start = 0;
+    for (size_t i = 0; i < n;) {
+        uint32_t c;
+        int l = utf8_decode(s + i, n - i, &c);
+        if (code_class(t, c) == CLS_NUMBER) {
+            if (gpt2_regex_pieces(t, e, s + start, i - start) || bpe_piece(t, e, s + i, (size_t)l)) return -1;
+            start = i + (size_t)l;
+        }
+        i += (size_t)l;
+    }
+    return gpt2_regex_pieces(t, e, s + start, n - start);
+}
+
+/* ---------------------------------------------------------------------------
+ * SentencePiece, as llama2.c: a dummy " " in front, each UTF-8 character its own token if it
+ * is in the vocabulary, else its bytes as <0xXX> tokens; then greedy merges by score */
+
+static int encode_sp(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n, int dummy_prefix) {
+    if (n == 0) return 0;
+    if (n > (size_t)(INT32_MAX / 3) - 1 || enc_reserve(e, (int)n + 1)) return -1;
+    int m = 0;
+    if (dummy_prefix) {
+        int id = vocab_lookup(t, (const unsigned char *)" ", 1);
+        if (id < 0) id = t->byte_id[' '];
+        if (id >= 0) e->tok[m++] = id;
+    }
+    for (size_t i = 0; i < n;) {
+        size_t l = 1; /* a lead byte and up to 3 continuation bytes, as llama2.c groups them */
+        while (l < 4 && i + l < n && (s[i + l] & 0xC0) == 0x80) l++;
+        int id = vocab_lookup(t, s + i, l);
+        if (id >= 0) e->tok[m++] = id;
+        else for (size_t k = 0; k < l; k++) /* byte fallback; a byte with no <0xXX> token is dropped */
+            if (t->byte_id[s[i + k]] >= 0) e->tok[m++] = t->byte_id[s[i + k]];
+        i += l;
+    }
+    bpe_merge(t, e, m);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------- */
+
+/* the longest special token that starts at s (n bytes left), or -1 */
+static int match_special(const Tokenizer *t, const unsigned char *s, size_t n) {
+    if (!t->special_first[s[0]]) return -1;
+    int best = -1;
+    for (int k = 0; k < t->n_special; k++) {
+        int id = t->special[k];
+        size_t l = (size_t)t->vocab_len[id];
+        if (l <= n && memcmp(s, t->vocab[id], l) == 0 && (best < 0 || l > (size_t)t->vocab_len[best])) best = id;
+    }
+    return best;
+}
+
+/* Returns the number of tokens, -1: invalid UTF-8 (GPT-2 kind), -2: more than max_tokens,
+ * -3: out of memory */
 int encode(const Tokenizer *t, const char *text, size_t len, int bos_id, int *tokens, int max_tokens) {
-    (void)t; (void)text; (void)len; (void)bos_id; (void)tokens; (void)max_tokens;
-    return -1;
+    const unsigned char *s = (const unsigned char *)text;
+    uint32_t cp;
+    if (t->kind == 2) /* byte-level BPE would encode any bytes, but the pre-tokenizer needs characters */
+        for (size_t i = 0; i < len;) {
+            int l = utf8_decode(s + i, len - i, &cp);
+            if (l == 0) return -1;
+            i += (size_t)l;
+        }
+    Encoder e = { 0 };
+    e.out = tokens; e.max_out = max_tokens < 0 ? 0 : max_tokens;
+    if (!(e.cat = malloc(2 * (size_t)t->max_token_len + 1))) return -3;
+    if (bos_id >= 0) emit(&e, bos_id);
+    int rc = 0;
+    /* split out special tokens (leftmost, then longest); the stretches between are plain text */
+    size_t seg = 0;
+    for (size_t i = 0; i <= len && !e.full && rc == 0;) {
+        int sp = i < len ? match_special(t, s + i, len - i) : -1;
+        if (sp < 0 && i < len) { i++; continue; }
+        if (i > seg) rc = t->kind == 2 ? encode_gpt2(t, &e, s + seg, i - seg)
+                                       : encode_sp(t, &e, s + seg, i - seg, seg == 0);
+        if (sp < 0) break;
+        emit(&e, sp);
+        i += (size_t)t->vocab_len[sp];
+        seg = i;
+    }
+    free(e.tok); free(e.prev); free(e.next); free(e.heap); free(e.cat);
+    return rc ? -3 : e.full ? -2 : e.n_out;
 }
+
 const char *decode_piece(const Tokenizer *t, int prev_token, int bos_id, int token, size_t *len) {
-    (void)prev_token; (void)bos_id;
-    *len = t->len[token];
-    return (const char *)t->piece[token];
+    if (token < 0 || token >= t->vocab_size) { *len = 0; return ""; }
+    const unsigned char *p = t->vocab[token];
+    size_t n = (size_t)t->vocab_len[token];
+    if (t->kind == 1) {
+        /* after bos, SentencePiece drops the dummy prefix space (llama2.c PR #89) */
+        if (bos_id >= 0 && prev_token == bos_id && n > 0 && p[0] == ' ') { p++; n--; }
+        /* byte tokens such as <0x0A> stand for that raw byte */
+        if (t->byte_val[token] >= 0) { *len = 1; return (const char *)&t->byte_pieces[t->byte_val[token]]; }
+    }
+    *len = n;
+    return (const char *)p;
 }
-/* TOKENIZER_END */
 
 /* ---------------------------------------------------------------------------
  * The sampler: greedy, temperature, top-p (nucleus)
@@ -596,8 +1049,7 @@ static void print_piece(const Tokenizer *tok, int prev, int bos, int token) {
     fflush(stdout);
 }
 
-static int *encode_or_die(const Tokenizer *tok, const char *text, int bos, int *n_out) {
-    size_t len = strlen(text);
+static int *encode_or_die(const Tokenizer *tok, const char *text, size_t len, int bos, int *n_out) {
     int max = (int)(len + 3 > (size_t)1 << 30 ? (size_t)1 << 30 : len + 3);
     int *tokens = xcalloc((size_t)max, sizeof(int), "prompt tokens");
     int n = encode(tok, text, len, bos, tokens, max);
@@ -613,7 +1065,7 @@ static int is_stop(const Config *c, int token) { return token == c->eos_id || to
 static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, const char *prompt, int steps) {
     const Config *c = &t->config;
     int n;
-    int *tokens = encode_or_die(tok, prompt, c->add_bos ? c->bos_id : -1, &n);
+    int *tokens = encode_or_die(tok, prompt, strlen(prompt), c->add_bos ? c->bos_id : -1, &n);
     if (n == 0) die("empty prompt: give one with -i or -f");
     if (n >= t->cache.ctx) die("the prompt is %d tokens; the context is %d (raise it with -c, up to %d)", n, t->cache.ctx, c->seq_len);
     Stats st = {0};
@@ -667,7 +1119,7 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
             snprintf(turn, sizeof turn, "[INST] %s [/INST]", user);
         }
         int n;
-        int *tokens = encode_or_die(tok, turn, (first && c->add_bos) ? c->bos_id : -1, &n);
+        int *tokens = encode_or_die(tok, turn, strlen(turn), (first && c->add_bos) ? c->bos_id : -1, &n);
         if (pos + n >= t->cache.ctx) { free(tokens); fprintf(stderr, "[stopped: the conversation reached the end of the context, %d tokens]\n", t->cache.ctx); break; }
         double t0 = now_s();
         float *logits = prefill(t, tokens, n, pos, NULL);
@@ -689,7 +1141,7 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
         }
         st.decode_s += now_s() - t0;
         printf("\n");
-        if (c->chat_start_id >= 0 && pos < t->cache.ctx) { int nl; int *t2 = encode_or_die(tok, "\n", -1, &nl); prefill(t, t2, nl, pos, NULL); pos += nl; free(t2); }
+        if (c->chat_start_id >= 0 && pos < t->cache.ctx) { int nl; int *t2 = encode_or_die(tok, "\n", 1, -1, &nl); prefill(t, t2, nl, pos, NULL); pos += nl; free(t2); }
         first = 0;
         if (pos >= t->cache.ctx) { fprintf(stderr, "[stopped: reached the end of the context, %d tokens]\n", t->cache.ctx); break; }
     }
@@ -791,7 +1243,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
     const Config *c = &t->config;
     int ctx = t->cache.ctx, n, vocab = c->vocab_size;
     double t0 = now_s();
-    int *tokens = encode_or_die(tok, text, -1, &n);
+    int *tokens = encode_or_die(tok, text, strlen(text), -1, &n);
     fprintf(stderr, "eval: %d tokens in %.1f s; ", n, now_s() - t0);
     int chunks = n / ctx;
     if (max_chunks > 0 && chunks > max_chunks) chunks = max_chunks;
@@ -929,7 +1381,8 @@ int main(int argc, char **argv) {
     for (int i = 0; i < NMODES; i++) if (!strcmp(mode, modes[i])) m = i;
     if (m < 0) die("unknown mode \"%s\" (generate, chat, eval, logits, tokenize, detokenize)", mode);
     if (prompt && prompt_file) die("give the prompt with -i or -f, not both");
-    char *file_text = prompt_file ? read_file(prompt_file, NULL) : NULL;
+    size_t file_len = 0;
+    char *file_text = prompt_file ? read_file(prompt_file, &file_len) : NULL;
     if (file_text) prompt = file_text;
     if (seed == 0) seed = (unsigned long long)time(NULL);
 
@@ -975,7 +1428,7 @@ int main(int argc, char **argv) {
     } else if (m == TOKENIZE) {
         if (!prompt) die("-m tokenize needs text (-i or -f)");
         int n;
-        int *ids = encode_or_die(&tok, prompt, -1, &n);
+        int *ids = encode_or_die(&tok, prompt, file_text ? file_len : strlen(prompt), -1, &n);
         for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
         printf("\n");
         free(ids);
