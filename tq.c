@@ -79,27 +79,51 @@ uint16_t tq_f32_to_f16(float f) {
 }
 
 /* Put the 15 exponent+fraction bits where a float keeps them and multiply by
- * 2^(127-15): exact for normal and subnormal halves alike. */
-float tq_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, bits = (uint32_t)(h & 0x7fff) << 13;
+ * 2^(127-15): exact for normal and subnormal halves alike. An all-ones half
+ * exponent (inf, NaN) becomes an all-ones float exponent. No branches, so the
+ * fp16 loops below vectorize. */
+static inline float half_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)(h & 0x7fff) << 13;
     float f;
-    if ((h & 0x7c00) == 0x7c00) bits |= 0x7f800000u;         /* inf, NaN */
     memcpy(&f, &bits, 4);
-    if ((h & 0x7c00) != 0x7c00) f *= 0x1p112f;
+    f *= 0x1p112f;
     memcpy(&bits, &f, 4);
-    bits |= sign;
+    bits |= ((h & 0x7c00) == 0x7c00) * 0x7f800000u | (uint32_t)(h & 0x8000) << 16;
     memcpy(&f, &bits, 4);
     return f;
 }
+float tq_f16_to_f32(uint16_t h) { return half_to_float(h); }
 
 /* A stored scale: non-negative, saturated at the largest finite fp16. */
+static float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
+
 static uint16_t scale_f16(double s) {
     return tq_f32_to_f16((float)(s < F16_MAX ? s : F16_MAX));
 }
 
 static float get_f32(const uint8_t *p) { float f; memcpy(&f, p, 4); return f; }  /* any alignment */
-static float get_f16(const uint8_t *p) { return tq_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
+static float get_f16(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | p[1] << 8)); }
 static void put_f16(uint8_t *p, uint16_t h) { p[0] = (uint8_t)h; p[1] = (uint8_t)(h >> 8); }
+
+/* ---- sums ------------------------------------------------------------------------
+ * Vector lengths are multiples of 8, so sums run as 8 interleaved partial sums
+ * added pairwise at the end: the compiler may use SIMD without reordering any
+ * float addition, and every machine gets the same bits. */
+static float sum8(const float *a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+
+static float dot8(const float *a, const float *b, int n) {
+    float acc[8] = {0};
+    for (int i = 0; i < n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    return sum8(acc);
+}
+
+static double norm_f64(const float *x, int n) {              /* |x| in double: no overflow */
+    double acc[4] = {0};
+    for (int i = 0; i < n; i += 4)
+        for (int j = 0; j < 4; j++) acc[j] += (double)x[i + j] * x[i + j];
+    return sqrt((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
 
 /* ---- random numbers ----------------------------------------------------------*/
 
@@ -225,7 +249,14 @@ static void lloyd_max(int d, int b, float *centroids /* (2^b) */, float *bounds 
  * Pi^T = D_1 H D_2 H ... D_R H. Other d: a dense Haar-random orthogonal matrix. */
 
 static void fwht(float *x /* (d) */, int d) {               /* x <- H x, O(d log d) */
-    for (int len = 1; len < d; len *= 2)
+    for (int i = 0; i < d; i += 8)               /* butterflies of span 1, 2, 4 within blocks */
+        for (int len = 1; len < 8; len *= 2)     /* of 8 (constant loops: unrolled to registers) */
+            for (int j = 0; j < 8; j++)
+                if (!(j & len)) {
+                    float a = x[i + j], b = x[i + j + len];
+                    x[i + j] = a + b; x[i + j + len] = a - b;
+                }
+    for (int len = 8; len < d; len *= 2)         /* span 8, 16, ...: SIMD-friendly */
         for (int i = 0; i < d; i += 2 * len)
             for (int j = i; j < i + len; j++) {
                 float a = x[j], b = x[j + len];
@@ -262,12 +293,7 @@ static int random_orthogonal(float *pi /* (d, d) */, int d, uint64_t seed) {
 void tq_rotate(const tq_codec *c, const float *x, float *y) {   /* y = Pi x; x, y must not overlap */
     int d = c->d;
     if (c->dense) {
-        for (int i = 0; i < d; i++) {
-            const float *row = c->dense + (size_t)i * d;
-            double acc = 0;
-            for (int j = 0; j < d; j++) acc += (double)row[j] * x[j];
-            y[i] = (float)acc;
-        }
+        for (int i = 0; i < d; i++) y[i] = dot8(c->dense + (size_t)i * d, x, d);
         return;
     }
     memcpy(y, x, (size_t)d * sizeof(float));
@@ -280,14 +306,12 @@ void tq_rotate(const tq_codec *c, const float *x, float *y) {   /* y = Pi x; x, 
 
 void tq_unrotate(const tq_codec *c, const float *y, float *x) { /* x = Pi^T y; no overlap */
     int d = c->d;
-    if (c->dense) {
-        double acc[d];                                       /* acc = sum_i y_i Pi[i][:] */
-        for (int j = 0; j < d; j++) acc[j] = 0;
+    if (c->dense) {                                          /* x = sum_i y_i Pi[i][:] */
+        memset(x, 0, (size_t)d * sizeof(float));
         for (int i = 0; i < d; i++) {
             const float *row = c->dense + (size_t)i * d;
-            for (int j = 0; j < d; j++) acc[j] += (double)y[i] * row[j];
+            for (int j = 0; j < d; j++) x[j] += y[i] * row[j];
         }
-        for (int j = 0; j < d; j++) x[j] = (float)acc[j];
         return;
     }
     memcpy(x, y, (size_t)d * sizeof(float));
@@ -372,17 +396,17 @@ static void encode_plain(const tq_codec *c, const float *x, uint8_t *code) {
     if (c->fmt == TQ_FP32) { memcpy(code, x, (size_t)d * 4); return; }   /* little-endian host */
     if (c->fmt == TQ_FP16) {                                 /* saturate instead of inf */
         for (int i = 0; i < d; i++)
-            put_f16(code + 2 * i, tq_f32_to_f16(fmaxf(-(float)F16_MAX, fminf((float)F16_MAX, x[i]))));
+            put_f16(code + 2 * i, tq_f32_to_f16(clampf(x[i], -(float)F16_MAX, (float)F16_MAX)));
         return;
     }
     if (c->fmt == TQ_Q8) {                                   /* s = absmax/127, q = round(x/s) */
         float amax = 0;
-        for (int i = 0; i < d; i++) amax = fmaxf(amax, fabsf(x[i]));
+        for (int i = 0; i < d; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
         uint16_t h = scale_f16(amax / 127.0);
         float s = tq_f16_to_f32(h);                          /* quantize with the stored scale */
         for (int i = 0; i < d; i++) {
             float q = s > 0 ? roundf(x[i] / s) : 0.0f;
-            code[i] = (uint8_t)(int8_t)fmaxf(-127.0f, fminf(127.0f, q));
+            code[i] = (uint8_t)(int8_t)clampf(q, -127.0f, 127.0f);
         }
         put_f16(code + d, h);
         return;
@@ -397,14 +421,14 @@ static void encode_plain(const tq_codec *c, const float *x, uint8_t *code) {
         float s = tq_f16_to_f32(h);
         for (int j = 0; j < 32; j++) {                       /* q = min(15, floor(x/s + 8.5)) */
             float q = s != 0 ? floorf(xb[j] / s + 8.5f) : 8.0f;
-            int qi = (int)fmaxf(0.0f, fminf(15.0f, q));
+            int qi = (int)clampf(q, 0.0f, 15.0f);
             if (j % 2 == 0) cb[j / 2] = (uint8_t)qi; else cb[j / 2] |= (uint8_t)(qi << 4);
         }
         put_f16(cb + 16, h);
     }
 }
 
-static float q4_value(const uint8_t *blk, int j) { return (float)(((blk[j / 2] >> (4 * (j % 2))) & 15) - 8); }
+static float q4_value(const uint8_t *blk, int j) { return (float)(((blk[j / 2] >> (4 * (j % 2))) & 15) - 8); }  /* q - 8 */
 
 static void decode_plain(const tq_codec *c, const uint8_t *code, float *x) {
     int d = c->d;
@@ -426,59 +450,53 @@ static void decode_plain(const tq_codec *c, const uint8_t *code, float *x) {
 
 /* ---- encode / decode: TurboQuant -------------------------------------------------------*/
 
-/* Nearest centroid = number of decision bounds below y (the bounds are sorted
- * midpoints; a tie y == bound goes to the lower cell). */
-static uint8_t nearest(const tq_codec *c, float y) {
-    int idx = 0;
-    for (int k = 0; k + 1 < (1 << c->bits); k++) idx += y > c->bounds[k];
-    return (uint8_t)idx;
+/* Algorithm 1's idx_i = argmin_k |y_i - c_k|: the number of decision bounds
+ * (sorted midpoints) below y_i; a tie y_i == bound goes to the lower cell. */
+static void quantize(const tq_codec *c, const float *y /* (d) */, uint8_t *idx /* (d) */) {
+    for (int i = 0; i < c->d; i++) idx[i] = y[i] > c->bounds[0];
+    for (int k = 1; k + 1 < (1 << c->bits); k++)
+        for (int i = 0; i < c->d; i++) idx[i] += y[i] > c->bounds[k];
 }
 
-/* The stored scale s of x~ = s Pi^T c (tq.h): the paper's |x|, norm correction
- * |x|/|c|, or EDEN's |x|/<y,c>, which makes <x, x~> = |x|^2 exactly. */
-static double scale_rule(const tq_codec *c, double norm, const float *y, const uint8_t *idx) {
-    double cc = 0, yc = 0;
-    for (int i = 0; i < c->d; i++) {
-        double ci = c->centroids[idx[i]];
-        cc += ci * ci; yc += y[i] * ci;
-    }
-    if (c->scale == TQ_SCALE_NC) return norm / sqrt(cc);    /* cc > 0: no centroid is 0 */
+/* The stored scale s of x~ = s Pi^T c (tq.h), c = c[idx]: the paper's |x|, norm
+ * correction |x|/|c|, or EDEN's |x|/<y,c>, which makes <x, x~> = |x|^2 exactly. */
+static double scale_rule(const tq_codec *c, double norm, const float *y, const float *cy) {
+    if (c->scale == TQ_SCALE_NC) return norm / sqrt(dot8(cy, cy, c->d));   /* no centroid is 0 */
+    double yc = dot8(y, cy, c->d);
     if (c->scale == TQ_SCALE_EDEN && yc > 0) return norm / yc;
     return norm;
 }
 
+/* Algorithm 2's sketch, in the rotated domain and divided by |x| (so that huge
+ * inputs cannot overflow): r = y - (s/|x|) c, bit k = [<S_k, r> > 0] with the
+ * sums of dot8, gamma = |x| |r|. Writes the d/8 sign bytes, returns gamma. */
+static double qjl_signs(const tq_codec *c, double norm, float s, const float *y, const float *cy, uint8_t *out) {
+    int d = c->d;
+    float r[d], ratio = (float)(s / norm);
+    uint8_t sg[d];
+    for (int i = 0; i < d; i++) r[i] = y[i] - ratio * cy[i];
+    for (int k = 0; k < d; k++) sg[k] = dot8(c->qjl + (size_t)k * d, r, d) > 0;
+    pack(sg, d, 1, out);
+    return norm * sqrt(dot8(r, r, d));
+}
+
 static void encode_tq(const tq_codec *c, const float *x, uint8_t *code) {
     int d = c->d, b = c->bits;
-    float u[d], y[d];
-    uint8_t idx[d];
-    double norm = 0;
-    for (int i = 0; i < d; i++) norm += (double)x[i] * x[i];  /* double: no overflow */
-    norm = sqrt(norm);
-    memset(u, 0, sizeof u);
-    for (int i = 0; i < d && norm > 0; i++) u[i] = (float)(x[i] / norm);
-    tq_rotate(c, u, y);                                      /* Algorithm 1: y = Pi u */
-    for (int i = 0; i < d; i++) idx[i] = nearest(c, y[i]);   /* idx_i = argmin |y_i - c_k| */
-    uint16_t h = scale_f16(norm > 0 ? scale_rule(c, norm, y, idx) : 0.0);
-    uint8_t *p = code + (size_t)d * b / 8;
+    float u[d], y[d], cy[d];
+    uint8_t idx[d], *p = code + (size_t)d * b / 8;
+    double norm = norm_f64(x, d), inv = norm > 0 ? 1.0 / norm : 0.0;
+    memset(u, 0, sizeof u);                                  /* (only for gcc's -Wmaybe-uninitialized) */
+    for (int i = 0; i < d; i++) u[i] = (float)(x[i] * inv);   /* u = x / |x| */
+    tq_rotate(c, u, y);                                      /* y = Pi u */
+    quantize(c, y, idx);
     pack(idx, d, b, code);
+    for (int i = 0; i < d; i++) cy[i] = c->centroids[idx[i]];
+    uint16_t h = scale_f16(norm > 0 ? scale_rule(c, norm, y, cy) : 0.0);
     if (!is_prod(c->fmt)) { put_f16(p, h); return; }
-    /* Algorithm 2 in the rotated domain: Pi r = |x| y - s c[idx], signs of S Pi r. */
-    double r[d], gamma = 0;
-    float s = tq_f16_to_f32(h);
-    uint8_t sg[d];
-    for (int i = 0; i < d; i++) {
-        r[i] = norm * y[i] - (double)s * c->centroids[idx[i]];
-        gamma += r[i] * r[i];
-    }
-    for (int k = 0; k < d; k++) {                            /* bit k = [ (S Pi r)_k > 0 ] */
-        const float *row = c->qjl + (size_t)k * d;
-        double z = 0;
-        for (int i = 0; i < d; i++) z += row[i] * r[i];
-        sg[k] = z > 0;
-    }
-    pack(sg, d, 1, p);
+    double gamma = norm > 0 ? qjl_signs(c, norm, tq_f16_to_f32(h), y, cy, p) : 0.0;
+    if (norm == 0) memset(p, 0, (size_t)d / 8);
     put_f16(p + d / 8, h);
-    put_f16(p + d / 8 + 2, scale_f16(sqrt(gamma)));
+    put_f16(p + d / 8 + 2, scale_f16(gamma));
 }
 
 /* Rotated-domain reconstruction Pi x~ = s c[idx] (+ sqrt(pi/2)/d gamma S^T qjl). */
@@ -538,32 +556,40 @@ void tq_prepare_query(const tq_codec *c, const float *q, float *qp) {
         for (int k = 0; k < K; k++) lut[(size_t)i * K + k] = qp[i] * c->centroids[k];
     if (!is_prod(c->fmt)) return;
     float *sq = lut + (size_t)d * K;
-    for (int k = 0; k < d; k++) {                            /* S (Pi q) */
-        const float *row = c->qjl + (size_t)k * d;
-        double z = 0;
-        for (int i = 0; i < d; i++) z += row[i] * qp[i];
-        sq[k] = (float)z;
-    }
+    for (int k = 0; k < d; k++) sq[k] = dot8(c->qjl + (size_t)k * d, qp, d);   /* S (Pi q) */
 }
 
-static float sum8(const float *a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+/* Table lookups: GCC's vectorizer turns 8 independent lookups into gather
+ * instructions, which are 2x slower than plain loads on the x86 CPUs we measured
+ * (bench/tqbench.c). The lookup loops below are therefore written with two
+ * accumulators fed by pairs (nothing for the vectorizer to take), and tq_axpy
+ * asks GCC for scalar code. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define SCALAR_CODE __attribute__((optimize("no-tree-vectorize", "no-tree-slp-vectorize")))
+#else
+#define SCALAR_CODE
+#endif
 
 /* sum_i lut[i][idx_i], reading 8 b-bit indices from b bytes at a time. */
 static inline float lut_sum(const float *lut /* (d, 2^b) */, const uint8_t *p, int d, int b) {
     const int K = 1 << b;
-    float acc[8] = {0};
+    const uint32_t m = (uint32_t)K - 1;
+    float a0 = 0, a1 = 0;
     for (int g = 0; g < d / 8; g++, p += b, lut += 8 * K) {
         uint32_t w = load_group(p, b);
-        for (int j = 0; j < 8; j++) acc[j] += lut[j * K + ((w >> (b * j)) & (K - 1))];
+        for (int j = 0; j < 8; j += 4) {
+            a0 += lut[j * K + ((w >> (b * j)) & m)] + lut[(j + 1) * K + ((w >> (b * j + b)) & m)];
+            a1 += lut[(j + 2) * K + ((w >> (b * j + 2 * b)) & m)] + lut[(j + 3) * K + ((w >> (b * j + 3 * b)) & m)];
+        }
     }
-    return sum8(acc);
+    return a0 + a1;
 }
 
 /* sum_k v_k qjl_k with qjl_k = +1 if bit k is set, else -1. */
 static float sign_sum(const float *v /* (d) */, const uint8_t *bits, int d) {
     float acc[8] = {0};
     for (int g = 0; g < d / 8; g++)
-        for (int j = 0; j < 8; j++) acc[j] += ((bits[g] >> j) & 1) ? v[8 * g + j] : -v[8 * g + j];
+        for (int j = 0; j < 8; j++) acc[j] += v[8 * g + j] * (float)(2 * ((bits[g] >> j) & 1) - 1);
     return sum8(acc);
 }
 
@@ -582,10 +608,14 @@ static float dot_plain(const tq_codec *c, const float *q, const uint8_t *code) {
         for (int i = 0; i < d; i += 8) for (int j = 0; j < 8; j++) acc[j] += q[i + j] * (float)(int8_t)code[i + j];
         return get_f16(code + d) * sum8(acc);
     }
-    float sum = 0;                                           /* q4: one scale per block */
+    float sum = 0;                                           /* q4: byte j holds elements 2j, 2j+1 */
     for (int blk = 0; blk < d / 32; blk++, code += 18, q += 32) {
         for (int j = 0; j < 8; j++) acc[j] = 0;
-        for (int i = 0; i < 32; i += 8) for (int j = 0; j < 8; j++) acc[j] += q[i + j] * q4_value(code, i + j);
+        for (int i = 0; i < 16; i += 4)
+            for (int j = 0; j < 4; j++) {
+                acc[2 * j] += q[2 * (i + j)] * (float)((code[i + j] & 15) - 8);
+                acc[2 * j + 1] += q[2 * (i + j) + 1] * (float)((code[i + j] >> 4) - 8);
+            }
         sum += get_f16(code + 16) * sum8(acc);
     }
     return sum;
@@ -610,7 +640,7 @@ float tq_dot(const tq_codec *c, const float *qp, const uint8_t *code) {
 }
 
 /* acc[i] += table[idx_i], 8 b-bit indices at a time. */
-static inline void lut_axpy(const float *table /* (2^b) */, const uint8_t *p, int d, int b, float *acc) {
+static inline void lut_axpy(const float *table /* (2^b) */, const uint8_t *p, int d, int b, float *restrict acc) {
     const uint32_t mask = (1u << b) - 1;
     for (int g = 0; g < d / 8; g++, p += b, acc += 8) {
         uint32_t w = load_group(p, b);
@@ -618,7 +648,7 @@ static inline void lut_axpy(const float *table /* (2^b) */, const uint8_t *p, in
     }
 }
 
-static void axpy_plain(const tq_codec *c, float w, const uint8_t *code, float *acc) {
+static void axpy_plain(const tq_codec *c, float w, const uint8_t *restrict code, float *restrict acc) {
     int d = c->d;
     if (c->fmt == TQ_FP32) {
         for (int i = 0; i < d; i++) acc[i] += w * get_f32(code + 4 * i);
@@ -630,14 +660,16 @@ static void axpy_plain(const tq_codec *c, float w, const uint8_t *code, float *a
     } else {
         for (int blk = 0; blk < d / 32; blk++, code += 18, acc += 32) {
             float ws = w * get_f16(code + 16);
-            for (int j = 0; j < 32; j++) acc[j] += ws * q4_value(code, j);
+            for (int j = 0; j < 16; j++) {
+                acc[2 * j] += ws * (float)((code[j] & 15) - 8);
+                acc[2 * j + 1] += ws * (float)((code[j] >> 4) - 8);
+            }
         }
     }
 }
 
-void tq_axpy(const tq_codec *c, float w, const uint8_t *code, float *acc) {
+SCALAR_CODE static void axpy_tq(const tq_codec *c, float w, const uint8_t *code, float *acc) {
     int d = c->d, b = c->bits;
-    if (!is_tq(c->fmt)) { axpy_plain(c, w, code, acc); return; }
     const uint8_t *p = code + (size_t)d * b / 8;
     float ws = w * get_f16(p + (is_prod(c->fmt) ? d / 8 : 0)), table[16];
     for (int k = 0; k < (1 << b); k++) table[k] = ws * c->centroids[k];   /* w s c_k */
@@ -651,6 +683,10 @@ void tq_axpy(const tq_codec *c, float w, const uint8_t *code, float *acc) {
     float amp = w * sqrtf((float)(PI / 2)) / d * get_f16(p + d / 8 + 2);
     float pm[2] = {-amp, amp};                               /* w sqrt(pi/2)/d gamma qjl_k */
     lut_axpy(pm, p, d, 1, acc + d);
+}
+
+void tq_axpy(const tq_codec *c, float w, const uint8_t *code, float *acc) {
+    if (is_tq(c->fmt)) axpy_tq(c, w, code, acc); else axpy_plain(c, w, code, acc);
 }
 
 void tq_finish(const tq_codec *c, const float *acc, float *out) {
