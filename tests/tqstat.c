@@ -39,21 +39,29 @@ static double dotd(const float *a, const float *b, int d) { double s = 0; for (i
 
 typedef struct { double mse, ip_bias, ip_var_d; } stats;
 
-/* The same N vectors (the same seed) for every format and rule. */
-static stats measure(tq_fmt f, int d, tq_scale scale) {
-    tq_codec c;
-    stats st = {0, 0, 0};
-    if (tq_init(&c, f, d, scale, TQ_DEFAULT_SEED) != 0) return st;
-    uint8_t code[1024];
-    float x[MAXD], w[MAXD], q[MAXD], y[MAXD];
-    double s1 = 0, s2 = 0;
+/* N random unit vectors x (N, d) and unit q (N, d) at 60 degrees from each x. */
+static void make_vectors(int d, float *X, float *Q) {
+    float w[MAXD];
     rs = 0x7153746174ULL;
     for (int v = 0; v < N; v++) {
+        float *x = X + (size_t)v * d, *q = Q + (size_t)v * d;
         random_unit(x, d);
         random_unit(w, d);
         double xw = dotd(x, w, d), wn = 0;
         for (int i = 0; i < d; i++) { w[i] -= (float)(xw * x[i]); wn += (double)w[i] * w[i]; }
         for (int i = 0; i < d; i++) q[i] = (float)(0.5 * x[i] + sqrt(0.75 / wn) * w[i]);
+    }
+}
+
+static stats measure(tq_fmt f, int d, tq_scale scale, const float *X, const float *Q) {
+    tq_codec c;
+    stats st = {0, 0, 0};
+    if (tq_init(&c, f, d, scale, TQ_DEFAULT_SEED) != 0) return st;
+    uint8_t code[1024];
+    float y[MAXD];
+    double s1 = 0, s2 = 0;
+    for (int v = 0; v < N; v++) {
+        const float *x = X + (size_t)v * d, *q = Q + (size_t)v * d;
         tq_encode(&c, x, code);
         tq_decode(&c, code, y);
         for (int i = 0; i < d; i++) st.mse += ((double)x[i] - y[i]) * ((double)x[i] - y[i]);
@@ -68,15 +76,20 @@ static stats measure(tq_fmt f, int d, tq_scale scale) {
 }
 
 int main(void) {
-    for (int d = 64; d <= 128; d *= 2)
+    float *X = malloc(sizeof(float) * N * MAXD), *Q = malloc(sizeof(float) * N * MAXD);
+    if (!X || !Q) return 1;
+    for (int d = 64; d <= 128; d *= 2) {
+        make_vectors(d, X, Q);                        /* the same vectors for every format */
         for (int f = 0; f < TQ_NFMT; f++) {
-            stats p = measure(f, d, TQ_SCALE_NORM);
+            stats p = measure(f, d, TQ_SCALE_NORM, X, Q);
             int has_rule = f >= TQ_TQ2;
-            double nc = has_rule ? measure(f, d, TQ_SCALE_NC).mse : p.mse;
-            double eden = has_rule ? measure(f, d, TQ_SCALE_EDEN).mse : p.mse;
+            double nc = has_rule ? measure(f, d, TQ_SCALE_NC, X, Q).mse : p.mse;
+            double eden = has_rule ? measure(f, d, TQ_SCALE_EDEN, X, Q).mse : p.mse;
             double bits = tq_bits_per_elem(f, d);
             printf("tqstat fmt=%s d=%d bits=%.2f ratio_fp16=%.2f mse=%.3g ip_bias=%.3g ip_var_d=%.3g mse_nc=%.3g mse_eden=%.3g\n",
                    tq_fmt_name(f), d, bits, 16.0 / bits, p.mse, p.ip_bias, p.ip_var_d, nc, eden);
         }
+    }
+    free(X); free(Q);
     return 0;
 }
