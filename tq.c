@@ -63,18 +63,12 @@ uint16_t tq_f32_to_f16(float f) {
     if (ax > 0x7f800000u) return sign | 0x7e00;              /* NaN */
     if (ax >= 0x477ff000u) return sign | 0x7c00;             /* >= 65520: inf */
     int e = (int)(ax >> 23);                                 /* biased exponent */
-    uint32_t m = (ax & 0x7fffff) | 0x800000;                 /* 24-bit significand */
-    uint32_t h, rem, half;
-    if (e >= 113) {                   /* normal half: keep 10 of 23 fraction bits */
-        h = ((uint32_t)(e - 112) << 10) | ((ax >> 13) & 0x3ff);
-        rem = ax & 0x1fff; half = 0x1000;
-    } else {                          /* subnormal half: units of 2^-24 */
-        int shift = 126 - e;          /* value / 2^-24 = m >> shift */
-        if (shift > 24) return sign;  /* below 2^-25: rounds to zero */
-        h = m >> shift;
-        rem = m & ((1u << shift) - 1); half = 1u << (shift - 1);
+    if (e < 113) {                    /* subnormal half: a multiple of 2^-24, scaled exactly */
+        memcpy(&f, &ax, 4);
+        return (uint16_t)(sign | lrintf(f * 0x1p24f));      /* lrintf rounds to nearest even */
     }
-    if (rem > half || (rem == half && (h & 1))) h++;         /* carry may bump the exponent: right */
+    uint32_t h = ((uint32_t)(e - 112) << 10) | ((ax >> 13) & 0x3ff), rem = ax & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;    /* carry may bump the exponent: right */
     return (uint16_t)(sign | h);
 }
 
@@ -94,9 +88,11 @@ static inline float half_to_float(uint16_t h) {
 }
 float tq_f16_to_f32(uint16_t h) { return half_to_float(h); }
 
-/* A stored scale: non-negative, saturated at the largest finite fp16. */
 static float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
 
+/* A stored scale: non-negative, saturated at the largest finite fp16 (so any
+ * finite input encodes to finite numbers; norms above 65504 are clipped), and
+ * rounded double -> float -> fp16. */
 static uint16_t scale_f16(double s) {
     return tq_f32_to_f16((float)(s < F16_MAX ? s : F16_MAX));
 }
@@ -108,7 +104,8 @@ static void put_f16(uint8_t *p, uint16_t h) { p[0] = (uint8_t)h; p[1] = (uint8_t
 /* ---- sums ------------------------------------------------------------------------
  * Vector lengths are multiples of 8, so sums run as 8 interleaved partial sums
  * added pairwise at the end: the compiler may use SIMD without reordering any
- * float addition, and every machine gets the same bits. */
+ * float addition, so SIMD width does not change a result (FMA contraction,
+ * which -march=native allows, may still change the last bit). */
 static float sum8(const float *a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
 
 static float dot8(const float *a, const float *b, int n) {
@@ -301,13 +298,15 @@ static int random_orthogonal(float *pi /* (d, d) */, int d, uint64_t seed) {
     return 0;
 }
 
-void tq_rotate(const tq_codec *c, const float *x, float *y) {   /* y = Pi x; x, y must not overlap */
+void tq_rotate(const tq_codec *c, const float *x, float *y) {   /* y = Pi x (y may be x) */
     int d = c->d;
     if (c->dense) {
-        for (int i = 0; i < d; i++) y[i] = dot8(c->dense + (size_t)i * d, x, d);
+        float t[d];
+        for (int i = 0; i < d; i++) t[i] = dot8(c->dense + (size_t)i * d, x, d);
+        memcpy(y, t, sizeof t);
         return;
     }
-    memcpy(y, x, (size_t)d * sizeof(float));
+    memmove(y, x, (size_t)d * sizeof(float));
     for (int r = 0; r < c->rounds; r++) {
         const float *sg = c->signs + (size_t)r * d;
         for (int i = 0; i < d; i++) y[i] *= sg[i];
@@ -315,17 +314,19 @@ void tq_rotate(const tq_codec *c, const float *x, float *y) {   /* y = Pi x; x, 
     }
 }
 
-void tq_unrotate(const tq_codec *c, const float *y, float *x) { /* x = Pi^T y; no overlap */
+void tq_unrotate(const tq_codec *c, const float *y, float *x) { /* x = Pi^T y (x may be y) */
     int d = c->d;
     if (c->dense) {                                          /* x = sum_i y_i Pi[i][:] */
-        memset(x, 0, (size_t)d * sizeof(float));
+        float t[d];
+        memset(t, 0, sizeof t);
         for (int i = 0; i < d; i++) {
             const float *row = c->dense + (size_t)i * d;
-            for (int j = 0; j < d; j++) x[j] += y[i] * row[j];
+            for (int j = 0; j < d; j++) t[j] += y[i] * row[j];
         }
+        memcpy(x, t, sizeof t);
         return;
     }
-    memcpy(x, y, (size_t)d * sizeof(float));
+    memmove(x, y, (size_t)d * sizeof(float));
     for (int r = c->rounds - 1; r >= 0; r--) {
         const float *sg = c->signs + (size_t)r * d;
         fwht(x, d);
@@ -510,6 +511,14 @@ static void encode_tq(const tq_codec *c, const float *x, uint8_t *code) {
     put_f16(p + d / 8 + 2, scale_f16(gamma));
 }
 
+/* yt += S^T a, i.e. yt[i] += sum_k a_k S[k][i]: the QJL dequantization. */
+static void add_qjl_transpose(const tq_codec *c, const float *a /* (d) */, float *yt /* (d) */) {
+    for (int k = 0; k < c->d; k++) {
+        const float *row = c->qjl + (size_t)k * c->d;
+        for (int i = 0; i < c->d; i++) yt[i] += a[k] * row[i];
+    }
+}
+
 /* Rotated-domain reconstruction Pi x~ = s c[idx] (+ sqrt(pi/2)/d gamma S^T qjl). */
 static void decode_rotated(const tq_codec *c, const uint8_t *code, float *yt /* (d) */) {
     int d = c->d, b = c->bits;
@@ -520,13 +529,10 @@ static void decode_rotated(const tq_codec *c, const uint8_t *code, float *yt /* 
     for (int i = 0; i < d; i++) yt[i] = s * c->centroids[idx[i]];
     if (!is_prod(c->fmt)) return;
     uint8_t sg[d];
+    float a[d], amp = sqrtf((float)(PI / 2)) / d * get_f16(p + d / 8 + 2);
     unpack(p, d, 1, sg);
-    float amp = sqrtf((float)(PI / 2)) / d * get_f16(p + d / 8 + 2);
-    for (int k = 0; k < d; k++) {                            /* += amp * S^T qjl */
-        const float *row = c->qjl + (size_t)k * d;
-        float a = sg[k] ? amp : -amp;
-        for (int i = 0; i < d; i++) yt[i] += a * row[i];
-    }
+    for (int k = 0; k < d; k++) a[k] = sg[k] ? amp : -amp;
+    add_qjl_transpose(c, a, yt);
 }
 
 void tq_encode(const tq_codec *c, const float *x, uint8_t *code) {
@@ -546,9 +552,7 @@ void tq_decode(const tq_codec *c, const uint8_t *code, float *x) {
  * so <q, x~> = s sum_i lut[i][idx_i] + sqrt(pi/2)/d gamma sum_k (S Pi q)_k qjl_k.
  * Accumulator, tq formats: [ sum_t w_t s_t c[idx_t] (d) | prod: sum_t w_t
  * sqrt(pi/2)/d gamma_t qjl_t (d) ]; tq_finish applies S^T to the second half once,
- * adds, and unrotates once. fp/q formats: qp = q and acc = the plain sum.
- * Inner loops run over groups of 8 coordinates with 8 independent partial sums,
- * which the compiler turns into SIMD without reordering any float addition. */
+ * adds, and unrotates once. fp/q formats: qp = q and acc = the plain sum. */
 
 size_t tq_query_floats(const tq_codec *c) {
     size_t d = (size_t)c->d;
@@ -705,10 +709,6 @@ void tq_finish(const tq_codec *c, const float *acc, float *out) {
     if (!is_tq(c->fmt)) { memcpy(out, acc, (size_t)d * sizeof(float)); return; }
     float yt[d];
     memcpy(yt, acc, (size_t)d * sizeof(float));
-    if (is_prod(c->fmt))
-        for (int k = 0; k < d; k++) {                        /* yt += S^T acc[d:2d] */
-            const float *row = c->qjl + (size_t)k * d;
-            for (int i = 0; i < d; i++) yt[i] += acc[d + k] * row[i];
-        }
+    if (is_prod(c->fmt)) add_qjl_transpose(c, acc + d, yt);
     tq_unrotate(c, yt, out);
 }
