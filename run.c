@@ -94,7 +94,28 @@ typedef struct {
     uint8_t *key;    /* (n_layers, n_kv_heads, ctx, kc.bytes)                 */
     uint8_t *value;  /* (n_layers, n_kv_heads, ctx, vc.bytes)                 */
     int ctx;         /* positions allocated                                   */
+    int koffsets, voffsets; /* 1: subtract per-head offsets before encoding (below) */
+    int kweights;    /* 1: weight key channels by the queries' energy (below)  */
+    float *koff;     /* (n_layers, n_kv_heads, head_dim) key offset mu_k      */
+    float *voff;     /* (n_layers, n_kv_heads, head_dim) value offset mu_v    */
+    float *kw;       /* (n_layers, n_kv_heads, head_dim) key channel weights w */
+    int sink;        /* the first `sink` positions are also kept in fp32      */
+    float *sink_k;   /* (n_layers, n_kv_heads, sink, head_dim) transformed keys */
+    float *sink_v;   /* (n_layers, n_kv_heads, sink, head_dim) values - mu_v  */
 } KVCache;
+
+/* Offsets. The keys of this model share a large common part: averaged over
+ * positions, a head's key is ~80% of a key's length (it survives RoPE in the
+ * slow-rotating channels). Quantizing k spends the bits on that common part.
+ * Instead the cache stores k - mu_k, and the scores lose only q.mu_k, the same
+ * constant for every key of a query, which softmax ignores:
+ *     softmax_t(q.(k_t - mu_k)) = softmax_t(q.k_t - q.mu_k) = softmax_t(q.k_t).
+ * Values likewise store v - mu_v, and since the weights p_t sum to one,
+ *     sum_t p_t v_t = mu_v + sum_t p_t (v_t - mu_v).
+ * mu is the mean over the first forward pass of a sequence (its first batch of
+ * tokens, the attention-sink token at position 0 left out), rounded to fp16:
+ * statistics of the sequence itself, nothing fitted offline. They cost
+ * 2 x 16 bits per head dimension per layer and head, once per sequence. */
 
 /* Activations for up to `batch` tokens processed together (prompts are run in
  * batches so that every weight row read from memory serves many tokens). */
@@ -127,12 +148,31 @@ static int32_t rd_i32(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v;
 static float rd_f32(const uint8_t *p) { float v; memcpy(&v, p, 4); return v; }
 static uint64_t rd_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
-/* Read the header and refuse anything absurd before a single weight is touched. */
-static void read_config(Config *c, const uint8_t *h, size_t file_size, const char *path) {
-    if (memcmp(h, MODEL_MAGIC, 4) != 0)
-        die("%s is not a model.bin (magic is not " MODEL_MAGIC "); convert it with export.py", path);
+/* a*b and a+b that stick at SIZE_MAX instead of wrapping: no file is that large */
+static size_t mul_sz(size_t a, size_t b) { size_t r; return __builtin_mul_overflow(a, b, &r) ? SIZE_MAX : r; }
+static size_t add_sz(size_t a, size_t b) { size_t r; return __builtin_add_overflow(a, b, &r) ? SIZE_MAX : r; }
+
+/* Weight count in floats, in the order of README.md; SIZE_MAX when a header's sizes overflow. */
+static size_t weights_floats(const Config *c) {
+    size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim;
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t emb = mul_sz((size_t)c->vocab_size, dim);
+    size_t att = add_sz(mul_sz(2 * qd + 2 * kvd, dim), dim);         /* wq wo wk wv, rms_att */
+    size_t ffn = add_sz(mul_sz(3 * hid, dim), dim);                   /* w1 w2 w3, rms_ffn */
+    size_t n = add_sz(add_sz(emb, mul_sz(L, add_sz(att, ffn))), dim); /* + rms_final */
+    return c->shared_classifier ? n : add_sz(n, emb);                 /* + wcls */
+}
+
+/* Reads the header of a model file (data: all file_size bytes of it) into c and refuses
+ * anything absurd before a single weight is touched. Returns NULL when the file is usable,
+ * else err holding one line that names the problem. It never exits, so that
+ * tests/fuzz_load.c can call it on arbitrary bytes. */
+static const char *read_config(Config *c, const uint8_t *h, size_t file_size, char *err, size_t errlen) {
+#define BAD(...) do { snprintf(err, errlen, __VA_ARGS__); return err; } while (0)
+    if (file_size < HEADER_BYTES) BAD("%zu bytes: too short for a model header (%d bytes)", file_size, HEADER_BYTES);
+    if (memcmp(h, MODEL_MAGIC, 4) != 0) BAD("not a model.bin (magic is not " MODEL_MAGIC "); convert it with export.py");
     int version = rd_i32(h + 4);
-    if (version != MODEL_VERSION) die("%s has format version %d, this run reads version %d", path, version, MODEL_VERSION);
+    if (version != MODEL_VERSION) BAD("format version %d, this run reads version %d", version, MODEL_VERSION);
     int *f[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->head_dim,
                 &c->vocab_size, &c->seq_len, &c->shared_classifier, &c->tokenizer_kind, &c->bos_id,
                 &c->eos_id, &c->chat_start_id, &c->chat_end_id};
@@ -148,34 +188,38 @@ static void read_config(Config *c, const uint8_t *h, size_t file_size, const cha
 
     const char *names[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "seq_len"};
     for (int i = 0; i < 8; i++)
-        if (*f[i] <= 0 || *f[i] > (1 << 24)) die("%s: config %s = %d is out of range", path, names[i], *f[i]);
-    if (c->dim % c->n_heads) die("%s: n_heads = %d does not divide dim = %d", path, c->n_heads, c->dim);
-    if (c->n_heads % c->n_kv_heads) die("%s: n_kv_heads = %d does not divide n_heads = %d", path, c->n_kv_heads, c->n_heads);
-    if (c->head_dim % 2) die("%s: head_dim = %d is odd; RoPE rotates pairs", path, c->head_dim);
-    if (c->shared_classifier != 0 && c->shared_classifier != 1) die("%s: shared_classifier flag = %d", path, c->shared_classifier);
-    if (c->tokenizer_kind != 1 && c->tokenizer_kind != 2) die("%s: unknown tokenizer kind %d", path, c->tokenizer_kind);
-    if (c->pretok < 0 || c->pretok > 2) die("%s: unknown pre-tokenizer %d", path, c->pretok);
-    int *ids[] = {&c->bos_id, &c->eos_id, &c->chat_start_id, &c->chat_end_id};
+        if (*f[i] <= 0 || *f[i] > (1 << 24)) BAD("config %s = %d is out of range [1, %d]", names[i], *f[i], 1 << 24);
+    if (c->dim % c->n_heads) BAD("n_heads = %d does not divide dim = %d", c->n_heads, c->dim);
+    if (c->n_heads % c->n_kv_heads) BAD("n_kv_heads = %d does not divide n_heads = %d", c->n_kv_heads, c->n_heads);
+    if (c->head_dim % 2) BAD("head_dim = %d is odd; RoPE rotates pairs", c->head_dim);
+    if ((long long)c->n_heads * c->head_dim > (1 << 24)) /* the forward pass indexes q in int */
+        BAD("n_heads x head_dim = %lld is out of range [1, %d]", (long long)c->n_heads * c->head_dim, 1 << 24);
+    if (c->shared_classifier != 0 && c->shared_classifier != 1) BAD("shared_classifier flag = %d (0 or 1)", c->shared_classifier);
+    if (c->tokenizer_kind != 1 && c->tokenizer_kind != 2) BAD("unknown tokenizer kind %d", c->tokenizer_kind);
+    if (c->pretok < 0 || c->pretok > 2) BAD("unknown pre-tokenizer %d", c->pretok);
+    const char *id_names[] = {"bos_id", "eos_id", "chat_start_id", "chat_end_id"};
     for (int i = 0; i < 4; i++)
-        if (*ids[i] < -1 || *ids[i] >= c->vocab_size) die("%s: special token id %d is outside the vocabulary", path, *ids[i]);
-    if (!(c->rope_theta > 0 && isfinite(c->rope_theta))) die("%s: rope_theta = %g", path, c->rope_theta);
-    if (!(c->norm_eps > 0 && c->norm_eps < 1)) die("%s: norm_eps = %g", path, c->norm_eps);
-    if (c->tokenizer_offset != HEADER_BYTES || c->tokenizer_bytes > file_size ||
-        c->tokenizer_offset + c->tokenizer_bytes > c->weights_offset || c->weights_offset % 64)
-        die("%s: tokenizer section [%zu, +%zu) or weights offset %zu is out of bounds", path,
-            c->tokenizer_offset, c->tokenizer_bytes, c->weights_offset);
-}
-
-/* Weight count in floats, in the order of README.md; all products in size_t. */
-static size_t weights_floats(const Config *c) {
-    size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim;
-    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
-    size_t n = (size_t)c->vocab_size * dim                       /* token_embedding */
-             + L * (dim + qd * dim + 2 * kvd * dim + dim * qd)  /* rms_att wq wk wv wo */
-             + L * (dim + 3 * hid * dim)                         /* rms_ffn w1 w2 w3 */
-             + dim;                                              /* rms_final */
-    if (!c->shared_classifier) n += (size_t)c->vocab_size * dim;
-    return n;
+        if (*f[10 + i] < -1 || *f[10 + i] >= c->vocab_size)
+            BAD("special token %s = %d is outside the vocabulary of %d", id_names[i], *f[10 + i], c->vocab_size);
+    if (c->add_bos != 0 && c->add_bos != 1) BAD("add_bos flag = %d (0 or 1)", c->add_bos);
+    if (c->add_bos && c->bos_id < 0) BAD("add_bos is set but there is no bos token (bos_id = -1)");
+    if (!(c->rope_theta > 0 && isfinite(c->rope_theta))) BAD("rope_theta = %g is not a positive number", c->rope_theta);
+    if (!(c->norm_eps > 0 && c->norm_eps < 1)) BAD("norm_eps = %g is not in (0, 1)", c->norm_eps);
+    if (c->tokenizer_offset != HEADER_BYTES) BAD("tokenizer offset %zu is not %d", c->tokenizer_offset, HEADER_BYTES);
+    if (c->tokenizer_bytes > file_size || c->weights_offset > file_size || c->weights_offset % 64 ||
+        c->tokenizer_offset + c->tokenizer_bytes > c->weights_offset)
+        BAD("tokenizer section [%zu, +%zu) or weights offset %zu is out of bounds (file of %zu bytes)",
+            c->tokenizer_offset, c->tokenizer_bytes, c->weights_offset, file_size);
+    size_t need = mul_sz(weights_floats(c), sizeof(float));
+    if (need == SIZE_MAX) BAD("the config's weights overflow 64 bits");
+    if (c->weights_bytes != need) BAD("header says %zu weight bytes, the config needs %zu", c->weights_bytes, need);
+    if (file_size - c->weights_offset < need)
+        BAD("truncated: %zu bytes, the weights need %zu from offset %zu", file_size, need, c->weights_offset);
+    if (file_size - c->weights_offset > need)
+        BAD("%zu bytes past the end of the weights: the header does not describe this file",
+            file_size - c->weights_offset - need);
+    return NULL;
+#undef BAD
 }
 
 static void map_weights(TransformerWeights *w, const Config *c, float *p) {
@@ -206,12 +250,8 @@ static void load_model(Transformer *t, const char *path) {
     close(fd);
     if (t->data == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
     Config *c = &t->config;
-    read_config(c, t->data, t->file_size, path);
-    size_t need = weights_floats(c) * sizeof(float);
-    if (c->weights_bytes != need)
-        die("%s: header says %zu weight bytes, the config needs %zu", path, c->weights_bytes, need);
-    if (c->weights_offset > t->file_size || t->file_size - c->weights_offset < need)
-        die("%s is truncated: %zu bytes, the weights need %zu from offset %zu", path, t->file_size, need, c->weights_offset);
+    char err[256];
+    if (read_config(c, t->data, t->file_size, err, sizeof err)) die("%s: %s", path, err);
     map_weights(&t->weights, c, (float *)(t->data + c->weights_offset));
 }
 
@@ -219,7 +259,7 @@ static void load_model(Transformer *t, const char *path) {
  * KV cache and activations
  */
 
-static void build_cache(KVCache *kv, const Config *c, tq_fmt kf, tq_fmt vf, tq_scale scale, int ctx) {
+static void build_cache(KVCache *kv, const Config *c, tq_fmt kf, tq_fmt vf, tq_scale scale, int offsets, int kweights, int sink, int ctx) {
     tq_fmt fmts[2] = {kf, vf};
     tq_codec *codecs[2] = {&kv->kc, &kv->vc};
     for (int i = 0; i < 2; i++)
@@ -227,13 +267,24 @@ static void build_cache(KVCache *kv, const Config *c, tq_fmt kf, tq_fmt vf, tq_s
             die("format %s cannot hold head_dim %d (tq formats need a multiple of 8, q4 of 32)",
                 tq_fmt_name(fmts[i]), c->head_dim);
     kv->ctx = ctx;
-    size_t rows = (size_t)c->n_layers * c->n_kv_heads * ctx;
+    kv->koffsets = offsets && kf >= TQ_Q8;   /* never for the fp32/fp16 references */
+    kv->voffsets = offsets && vf >= TQ_Q8;
+    kv->kweights = kweights && kf >= TQ_Q8;
+    size_t heads = (size_t)c->n_layers * c->n_kv_heads;
+    kv->koff = xcalloc(heads * c->head_dim, sizeof(float), "key offsets");
+    kv->voff = xcalloc(heads * c->head_dim, sizeof(float), "value offsets");
+    kv->kw = xcalloc(heads * c->head_dim, sizeof(float), "key weights");
+    for (size_t i = 0; i < heads * c->head_dim; i++) kv->kw[i] = 1.0f;
+    kv->sink = sink < ctx ? sink : ctx;
+    kv->sink_k = xcalloc(heads * kv->sink * c->head_dim, sizeof(float), "sink keys");
+    kv->sink_v = xcalloc(heads * kv->sink * c->head_dim, sizeof(float), "sink values");
+    size_t rows = heads * ctx;
     kv->key = xcalloc(rows, kv->kc.bytes, "the key cache");
     kv->value = xcalloc(rows, kv->vc.bytes, "the value cache");
 }
 
 static void free_cache(KVCache *kv) {
-    free(kv->key); free(kv->value);
+    free(kv->key); free(kv->value); free(kv->koff); free(kv->voff); free(kv->kw); free(kv->sink_k); free(kv->sink_v);
     tq_free(&kv->kc); tq_free(&kv->vc);
 }
 
@@ -269,11 +320,43 @@ static void free_state(RunState *s) {
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
 }
 
-static void build_transformer(Transformer *t, const char *path, tq_fmt kf, tq_fmt vf, tq_scale scale, int ctx, int batch) {
+/* Bytes that build_cache and build_state allocate for ctx positions and batch tokens, in
+ * double so that no header can overflow it; the prepared query (at most 18 head_dim floats)
+ * and the accumulator (at most 2) are counted at their largest. */
+static double run_bytes(const Config *c, tq_fmt kf, tq_fmt vf, int ctx, int batch) {
+    double hd = c->head_dim, heads = (double)c->n_layers * c->n_kv_heads;
+    double qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, wide = qd > c->dim ? qd : c->dim;
+    double cache = heads * ctx * (double)(tq_bytes(kf, c->head_dim) + tq_bytes(vf, c->head_dim))
+                 + 3 * 4 * heads * hd;                                  /* offsets, key weights */
+    double per_token = 3.0 * c->dim + wide + 2.0 * c->hidden_dim + qd + 2 * kvd + c->vocab_size
+                     + (double)c->n_heads * ((double)ctx + 20 * hd);   /* scores, queries, acc */
+    return cache + 4.0 * batch * per_token;
+}
+
+static void build_transformer(Transformer *t, const char *path, tq_fmt kf, tq_fmt vf, tq_scale scale, int offsets, int kweights, int sink, int ctx, int batch) {
     load_model(t, path);
-    if (ctx <= 0) ctx = t->config.seq_len;
-    if (ctx > t->config.seq_len) die("-c %d exceeds the model's context of %d tokens", ctx, t->config.seq_len);
-    build_cache(&t->cache, &t->config, kf, vf, scale, ctx);
+    const Config *c = &t->config;
+    int asked = ctx > 0;
+    if (!asked) ctx = c->seq_len;
+    if (ctx > c->seq_len) die("-c %d exceeds the model's context of %d tokens", ctx, c->seq_len);
+    tq_fmt fmts[2] = {kf, vf};
+    for (int i = 0; i < 2; i++) {
+        if (tq_bytes(fmts[i], c->head_dim) == 0)
+            die("format %s cannot hold head_dim %d (every format needs a multiple of 8, q4 of 32)",
+                tq_fmt_name(fmts[i]), c->head_dim);
+        if (fmts[i] >= TQ_TQ2 && c->head_dim > 1024)  /* a head_dim^2 rotation or QJL matrix */
+            die("format %s handles head_dim up to 1024, the model's is %d (use fp32, fp16, q8 or q4)",
+                tq_fmt_name(fmts[i]), c->head_dim);
+    }
+    /* Linux overcommits, so calloc would succeed and the process die later: compare with
+     * the physical memory first (the weights are mmap'd and not counted) */
+    double need = run_bytes(c, kf, vf, ctx, batch);
+    double phys = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (phys > 0 && need > phys)
+        die("%s%d tokens need %.0f bytes (%.1f GiB) of KV cache and activations, more than the %.1f GiB "
+            "of memory here: give a smaller -c", asked ? "-c " : "the model's context of ", ctx,
+            need, need / 1073741824.0, phys / 1073741824.0);
+    build_cache(&t->cache, &t->config, kf, vf, scale, offsets, kweights, sink, ctx);
     build_state(&t->state, &t->config, &t->cache, batch);
 }
 
@@ -369,15 +452,66 @@ static void softmax(float *x, int n) {
  * the rotated domain, and the sum is rotated back once (tq_finish). */
 static void attention(const KVCache *kv, const Config *c, int l, int g, int T, const float *q,
                       float *qp, float *att, float *acc, float *out) {
+    const float *voff = kv->voff + ((size_t)l * c->n_kv_heads + g) * c->head_dim;
+    int hd = c->head_dim, S = T < kv->sink ? T : kv->sink;
+    const float *sk = kv->sink_k + ((size_t)l * c->n_kv_heads + g) * kv->sink * hd;
+    const float *sv = kv->sink_v + ((size_t)l * c->n_kv_heads + g) * kv->sink * hd;
     tq_prepare_query(&kv->kc, q, qp);
-    float scale = 1.0f / sqrtf((float)c->head_dim);
-    for (int t = 0; t < T; t++)
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int t = 0; t < S; t++) att[t] = scale * dot(q, sk + (size_t)t * hd, hd);
+    for (int t = S; t < T; t++)
         att[t] = scale * tq_dot(&kv->kc, qp, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t));
     softmax(att, T);
     memset(acc, 0, tq_acc_floats(&kv->vc) * sizeof(float));
-    for (int t = 0; t < T; t++)
+    for (int t = S; t < T; t++)
         tq_axpy(&kv->vc, att[t], cache_row(kv, kv->value, kv->vc.bytes, c, l, g, t), acc);
     tq_finish(&kv->vc, acc, out);
+    for (int t = 0; t < S; t++)
+        for (int i = 0; i < hd; i++) out[i] += att[t] * sv[(size_t)t * hd + i];
+    for (int i = 0; i < hd; i++) out[i] += voff[i];   /* zero when offsets are off */
+}
+
+/* mu (kvd) = mean of the rows x[b] (n, kvd), leaving out row 0 (the attention
+ * sink) when there are others; rounded to fp16, the precision it is kept in. */
+static void set_offset(float *mu, const float *x, int n, int kvd) {
+    int first = n > 1 ? 1 : 0;
+    for (int j = 0; j < kvd; j++) {
+        double sum = 0;
+        for (int b = first; b < n; b++) sum += x[(size_t)b * kvd + j];
+        mu[j] = tq_f16_to_f32(tq_f32_to_f16((float)(sum / (n - first))));
+    }
+}
+
+/* Key channel weights. A key's quantization error e is spread evenly over the
+ * channels by the rotation, but the score error q.e is dominated by the few
+ * channels where queries are large. Scaling key channel i by w_i before
+ * encoding and the query by 1/w_i keeps q.k exact and moves the error to where
+ * queries are small: with E_i the queries' mean energy in channel i and V_i the
+ * keys' variance, the score error ~ (sum E_i/w_i^2)(sum w_i^2 V_i) is smallest
+ * at w_i = (E_i/V_i)^(1/4) (Cauchy-Schwarz). E and V are averaged over each
+ * RoPE pair, since RoPE mixes its two channels; measured on the sequence's
+ * first batch (sink token left out) like the offsets; kept in fp16. */
+static void set_key_weights(float *w, const float *q, const float *k, int n, const Config *c) {
+    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, first = n > 1 ? 1 : 0;
+    size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
+    for (int g = 0; g < c->n_kv_heads; g++)
+        for (int i = 0; i < hd; i += 2) {
+            double e = 0, v = 0, m[2] = {0, 0};
+            for (int b = first; b < n; b++)
+                for (int j = 0; j < 2; j++) {
+                    double kj = k[b * kvd + (size_t)g * hd + i + j];
+                    m[j] += kj; v += kj * kj;
+                    for (int h = g * group; h < (g + 1) * group; h++) {
+                        double qj = q[b * qd + (size_t)h * hd + i + j];
+                        e += qj * qj;
+                    }
+                }
+            int cnt = n - first;
+            v = v / cnt - (m[0] * m[0] + m[1] * m[1]) / ((double)cnt * cnt);
+            float wi = (v > 0 && e > 0) ? (float)pow(e / group / v, 0.25) : 1.0f;
+            wi = tq_f16_to_f32(tq_f32_to_f16(wi));
+            w[(size_t)g * hd + i] = w[(size_t)g * hd + i + 1] = wi > 0 && isfinite(wi) ? wi : 1.0f;
+        }
 }
 
 /* Runs n tokens (n <= batch) at positions pos..pos+n-1, storing their keys and
@@ -404,19 +538,38 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         matmul(s->v, s->xb, w->wv + (size_t)l * kvd * dim, n, dim, kvd);
         int i;
 #pragma omp parallel for schedule(static)
-        for (i = 0; i < n * c->n_kv_heads; i++) {   /* RoPE, then encode into the cache */
+        for (i = 0; i < n * c->n_kv_heads; i++) {   /* RoPE on keys and queries */
             int b = i / c->n_kv_heads, g = i % c->n_kv_heads;
-            float *k = s->k + (size_t)b * kvd + (size_t)g * hd;
-            rope(k, hd, pos + b, c->rope_theta);
+            rope(s->k + (size_t)b * kvd + (size_t)g * hd, hd, pos + b, c->rope_theta);
             for (int h = g * group; h < (g + 1) * group; h++)
                 rope(s->q + (size_t)b * qd + (size_t)h * hd, hd, pos + b, c->rope_theta);
+        }
+        if (pos == 0) {                             /* a new sequence: measure its statistics */
+            if (kv->koffsets) set_offset(kv->koff + (size_t)l * kvd, s->k, n, kvd);
+            if (kv->voffsets) set_offset(kv->voff + (size_t)l * kvd, s->v, n, kvd);
+            if (kv->kweights) set_key_weights(kv->kw + (size_t)l * kvd, s->q, s->k, n, c);
+        }
+#pragma omp parallel for schedule(static)
+        for (i = 0; i < n * c->n_kv_heads; i++) {   /* encode k - mu_k, v - mu_v into the cache */
+            int b = i / c->n_kv_heads, g = i % c->n_kv_heads;
+            float *k = s->k + (size_t)b * kvd + (size_t)g * hd, *v = s->v + (size_t)b * kvd + (size_t)g * hd;
+            const float *ko = kv->koff + (size_t)l * kvd + (size_t)g * hd, *vo = kv->voff + (size_t)l * kvd + (size_t)g * hd;
+            const float *kw = kv->kw + (size_t)l * kvd + (size_t)g * hd;
+            for (int j = 0; j < hd; j++) { k[j] = kw[j] * (k[j] - ko[j]); v[j] -= vo[j]; }
             tq_encode(&kv->kc, k, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, pos + b));
-            tq_encode(&kv->vc, s->v + (size_t)b * kvd + (size_t)g * hd,
-                      cache_row(kv, kv->value, kv->vc.bytes, c, l, g, pos + b));
+            tq_encode(&kv->vc, v, cache_row(kv, kv->value, kv->vc.bytes, c, l, g, pos + b));
+            if (pos + b < kv->sink) {
+                size_t o = (((size_t)l * c->n_kv_heads + g) * kv->sink + pos + b) * hd;
+                memcpy(kv->sink_k + o, k, hd * sizeof(float));
+                memcpy(kv->sink_v + o, v, hd * sizeof(float));
+            }
         }
 #pragma omp parallel for schedule(dynamic)
         for (i = 0; i < n * c->n_heads; i++) {      /* token b attends to positions 0..pos+b */
             int b = i / c->n_heads, h = i % c->n_heads;
+            float *q = s->q + (size_t)b * qd + (size_t)h * hd;
+            const float *kw = kv->kw + (size_t)l * kvd + (size_t)(h / group) * hd;
+            for (int j = 0; j < hd; j++) q[j] /= kw[j];    /* (q/w).(w*k) = q.k */
             attention(kv, c, l, h / group, pos + b + 1, s->q + (size_t)b * qd + (size_t)h * hd,
                       s->qp + (size_t)i * qf, s->att + (size_t)i * kv->ctx, s->acc + (size_t)i * af,
                       s->xb + (size_t)b * qd + (size_t)h * hd);
@@ -989,6 +1142,8 @@ static int sample_topp(const float *p, int n, float topp, ProbIndex *pi, float c
     int m = 0;
     const float cutoff = (1.0f - topp) / (n - 1);
     for (int i = 0; i < n; i++) if (p[i] >= cutoff) { pi[m].index = i; pi[m].prob = p[i]; m++; }
+    /* nothing passes the cutoff when topp < 1/n and p is nearly flat, or p holds NaN */
+    if (m == 0) return sample_argmax(p, n);
     qsort(pi, m, sizeof(ProbIndex), compare_prob);
     float cum = 0.0f;
     int last = m - 1;
@@ -1162,7 +1317,7 @@ static char *read_file(const char *path, size_t *len) {
         n += got;
         if (n + 1 == cap) { cap *= 2; buf = realloc(buf, cap); if (!buf) die("out of memory reading %s", path); }
     }
-    if (ferror(f)) die("error reading %s", path);
+    if (ferror(f)) die("cannot read %s: %s", path, strerror(errno));
     fclose(f);
     buf[n] = 0;
     if (len) *len = n;
@@ -1299,6 +1454,8 @@ static void usage(void) {
         "  -c <int>    context length in tokens, default the model's (eval: the chunk length, default 512)\n"
         "  --chunks <int> eval: score at most this many chunks, default all\n"
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
+        "  --offsets <0|1> subtract per-head key/value offsets before quantizing, default 1\n"
+        "              (q8, q4 and tq formats; measured from the sequence's first tokens)\n"
         "  --scale <r> scale rule of the tq formats: norm (paper) | nc (norm correction) | eden; default nc\n"
         "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n");
     for (int f = 0; f < TQ_NFMT; f++) {
@@ -1350,6 +1507,7 @@ int main(int argc, char **argv) {
     int steps = 256, ctx = 0, chunks = 0;
     tq_fmt kf = TQ_TQ3, vf = TQ_TQ3;
     tq_scale scale = TQ_SCALE_NC;
+    int offsets = 1, kweights = 1, sink = 0;
 
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage();
     model_path = argv[1];
@@ -1359,7 +1517,10 @@ int main(int argc, char **argv) {
         if (a[0] != '-' || !a[1]) die("expected an option, got \"%s\" (run -h)", a);
         if (i + 1 >= argc) die("option %s needs a value (run -h)", a);
         const char *v = argv[i + 1];
-        if (!strcmp(a, "-t")) temperature = (float)parse_num(a, v, 0, 1e6);
+        if (!strcmp(a, "-t")) {
+            temperature = (float)parse_num(a, v, 0, 1e6);  /* logits / t must stay finite */
+            if (temperature > 0 && temperature < 1e-3f) die("-t %s is too small: 0 (greedy) or at least 0.001", v);
+        }
         else if (!strcmp(a, "-p")) topp = (float)parse_num(a, v, 0, 1);
         else if (!strcmp(a, "-s")) seed = (unsigned long long)parse_num(a, v, 0, 1.8e19);
         else if (!strcmp(a, "-n")) steps = parse_int(a, v, 0, 1 << 30);
@@ -1372,6 +1533,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-c")) ctx = parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "-o")) out = v;
         else if (!strcmp(a, "--chunks")) chunks = parse_int(a, v, 1, 1 << 30);
+        else if (!strcmp(a, "--offsets")) offsets = parse_int(a, v, 0, 1);
+        else if (!strcmp(a, "--kweights")) kweights = parse_int(a, v, 0, 1);
+        else if (!strcmp(a, "--sink")) sink = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--scale")) { if (tq_parse_scale(v, &scale) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", v); }
         else die("unknown option %s (run -h)", a);
     }
@@ -1381,8 +1545,11 @@ int main(int argc, char **argv) {
     for (int i = 0; i < NMODES; i++) if (!strcmp(mode, modes[i])) m = i;
     if (m < 0) die("unknown mode \"%s\" (generate, chat, eval, logits, tokenize, detokenize)", mode);
     if (prompt && prompt_file) die("give the prompt with -i or -f, not both");
+    if (m == EVAL && ctx == 1) die("-c 1 is too short for -m eval: it scores the second half of each chunk");
     size_t file_len = 0;
     char *file_text = prompt_file ? read_file(prompt_file, &file_len) : NULL;
+    if (file_text && m != TOKENIZE && strlen(file_text) != file_len)
+        die("%s has a NUL byte at offset %zu (only -m tokenize reads NUL bytes)", prompt_file, strlen(file_text));
     if (file_text) prompt = file_text;
     if (seed == 0) seed = (unsigned long long)time(NULL);
 
@@ -1390,7 +1557,7 @@ int main(int argc, char **argv) {
     int batch = (m == EVAL || m == LOGITS) ? 48 : 24;
     if (m == EVAL && ctx == 0) ctx = 512;
     if (m == TOKENIZE || m == DETOKENIZE) ctx = 1;  /* no cache needed */
-    build_transformer(&t, model_path, kf, vf, scale, ctx, batch);
+    build_transformer(&t, model_path, kf, vf, scale, offsets, kweights, sink, ctx, batch);
     Config *c = &t.config;
 
     /* the tokenizer: from model.bin, or from another exported file with -z */
@@ -1419,7 +1586,7 @@ int main(int argc, char **argv) {
         if (!prompt) die("-m eval needs a text: -f FILE");
         int same = kf == TQ_FP32 && vf == TQ_FP32;  /* the reference would be identical */
         Transformer ref;
-        if (!same) build_transformer(&ref, model_path, TQ_FP32, TQ_FP32, scale, ctx, batch);
+        if (!same) build_transformer(&ref, model_path, TQ_FP32, TQ_FP32, scale, 0, 0, 0, ctx, batch);
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);
         if (!same) free_transformer(&ref);
     } else if (m == LOGITS) {
