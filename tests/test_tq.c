@@ -280,8 +280,11 @@ static int check_tq_code(const tq_codec *c, const float *x, const uint8_t *code)
     tq_rotate(c, u, y);
     for (int i = 0; i < d; i++)                               /* Algorithm 1: nearest centroid */
         for (int k = 0; k < K; k++) ok &= fabsf(y[i] - c->centroids[idx[i]]) <= fabsf(y[i] - c->centroids[k]) + 1e-6f;
+    double cc = 0, yc = 0;                                        /* the scale rules of tq.h, in fp16 */
+    for (int i = 0; i < d; i++) { cc += c->centroids[idx[i]] * c->centroids[idx[i]]; yc += y[i] * c->centroids[idx[i]]; }
+    double want = c->scale == TQ_SCALE_NORM ? nx : c->scale == TQ_SCALE_NC ? nx / sqrt(cc) : nx / yc;
     float s = f16_at(code + sbyte);
-    ok &= fabs(s - nx) <= 0x1p-11 * nx + 1e-7;                   /* the paper's scale |x|, in fp16 */
+    ok &= fabs(s - want) <= 0x1p-11 * want * 1.01 + 1e-7;
     for (int i = 0; i < d; i++) yt[i] = s * c->centroids[idx[i]];
     if (is_prod(c->fmt)) {                                        /* Algorithm 2 on Pi r = |x| y - s c */
         double r[MAXD], gamma = 0;
@@ -348,7 +351,7 @@ static void test_roundtrip(void) {
         for (int t = 0; t < 6; t++) {
             int d = DIMS[t], ok = 1;
             tq_codec c;
-            if (tq_init(&c, f, d, TQ_SCALE_NORM, TQ_DEFAULT_SEED) != 0) {
+            if (tq_init(&c, f, d, (tq_scale)(t % TQ_NSCALE), TQ_DEFAULT_SEED) != 0) {
                 CHECK(f == TQ_Q4 && d % 32, "%s d=%d: tq_init failed", tq_fmt_name(f), d);
                 continue;
             }
