@@ -316,7 +316,7 @@ def _apply_per_vector(fn, x, kind, layer):
 
 
 def forward(m: RefModel, tokens, kv_fn=None, k_fn=None, v_fn=None, rope_style=None,
-            kv_order="interleaved", return_kv=False):
+            kv_order="interleaved", layer_fn=None, return_kv=False):
     """Full-sequence causal forward; row t of the result = logits after tokens[0..t].
 
     k_fn / v_fn (default kv_fn) map one cached key / value vector (head_dim,) to what the cache
@@ -325,12 +325,16 @@ def forward(m: RefModel, tokens, kv_fn=None, k_fn=None, v_fn=None, rope_style=No
     source's own order: rotate_half pairs (i, i+hd/2) for HF weights).
     A function with attribute wants_where = True is called as fn(vec, where=(kind, layer, t,
     kv_head)), kind "k" or "v", e.g. to pick among codes that float32 noise could select.
+    layer_fn(layer, q (T, n_heads, hd), k (T, n_kv_heads, hd), v) -> (q, k, v), if given, sees
+    every layer's queries and keys after RoPE (in kv_order) and values before k_fn / v_fn, and
+    what it returns is what attention uses (e.g. to model a cache that stores transformed
+    vectors: per-head offsets, channel weights).
     rope_style overrides the model's RoPE pairing (for sensitivity tests only)."""
     with _one_blas_thread():
-        return _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, return_kv)
+        return _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, return_kv)
 
 
-def _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, return_kv):
+def _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, return_kv):
     tokens = np.asarray(tokens, dtype=np.int64)
     T = len(tokens)
     H, KV, hd = m.n_heads, m.n_kv_heads, m.head_dim
@@ -348,10 +352,17 @@ def _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, return_kv):
         v = (xn @ L["wv"].T).reshape(T, KV, hd)
         q = rope(q, m.rope_theta, style)
         k = rope(k, m.rope_theta, style)
-        if k_fn is not None and style == "half" and kv_order == "interleaved":
-            # the cache sees keys in model.bin's interleaved order (pairs (2i, 2i+1)); a codec
-            # with a rotation is not permutation-equivariant, so reorder around it
-            perm = np.arange(hd).reshape(2, hd // 2).T.reshape(-1)   # 0, hd/2, 1, hd/2+1, ...
+        # the cache sees q, k in model.bin's interleaved order (pairs (2i, 2i+1)); a codec with
+        # a rotation is not permutation-equivariant, so reorder around it for HF weights
+        reorder = style == "half" and kv_order == "interleaved"
+        perm = np.arange(hd).reshape(2, hd // 2).T.reshape(-1)   # 0, hd/2, 1, hd/2+1, ...
+        if layer_fn is not None:
+            if reorder:
+                q, k = q[..., perm], k[..., perm]
+            q, k, v = layer_fn(li, q, k, v)
+            if reorder:
+                q[..., perm], k[..., perm] = q.copy(), k.copy()
+        if reorder and k_fn is not None:
             k[..., perm] = _apply_per_vector(k_fn, k[..., perm], "k", li)
         else:
             k = _apply_per_vector(k_fn, k, "k", li)     # what the cache would hand back

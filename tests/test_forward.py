@@ -6,12 +6,22 @@ with `python3 export.py SRC out.bin`, run with `./run out.bin -m logits -k FMT -
 (float32 logits, (n_tokens, vocab), no bos) and compared with ref_llama.forward on the *source*
 weights. The reference never reads model.bin, so export.py's conversion (q/k permutation for HF,
 dequantization for GGUF, tied/untied classifier, hyper-parameters) is checked along with run.c.
+
+    test_reference_*                 the reference itself: GGUF (interleaved) == HF (rotate_half)
+                                     for the same weights; sensitivity to RoPE, theta, GQA
+    test_logits_fp32                 every model, -k fp32: max |diff| < 1e-4
+    test_logits_fp16                 fp16 and mixed fp32/fp16 caches: < 1e-2 (fp16 rounding flips)
+    test_logits_cache_libtq          q8 q4 tq*: reference over tq_encode+tq_decode of libtq.so
+                                     (checks run's attention straight from the codes), < 1e-4
+    test_logits_cache_tq_ref         tq*: reference over the numpy oracle tests/tq_ref.py, < 1e-4
+    test_logits_cache_default_transforms  run's default per-head offsets + key channel weights
+Cache tests run with --scale given and the extra cache transforms off (--offsets 0
+--kweights 0, where run has them); float32-vs-float64 near-ties are matched (NearTies).
 """
 import ctypes
 import functools
 import importlib
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -453,9 +463,9 @@ def tq_ref_roundtrip(fmt, d, scale):
 @functools.lru_cache(maxsize=None)
 def _run_accepts(model_bin, option, value):
     """Whether run knows `option value` (run.c's cache options are still evolving)."""
-    p = run_cmd([model_bin, "-m", "tokenize", "-i", "a", option, value], binary=RUN, check=False,
-                timeout=30)
-    return p.returncode == 0
+    base = [model_bin, "-m", "tokenize", "-i", "a"]
+    run_cmd(base, binary=RUN, timeout=30)          # the probe itself must work
+    return run_cmd(base + [option, value], binary=RUN, check=False, timeout=30).returncode == 0
 
 
 def _plain_cache_opts(model_bin):
@@ -483,7 +493,7 @@ class NearTies:
     """
     wants_where = True
 
-    def __init__(self, fn, d, rel=3e-6, J=6):
+    def __init__(self, fn, d, rel=3e-6, J=4):
         self.fn, self.rel = fn, rel
         self.noise = np.random.default_rng(12345).standard_normal((J, d))
         self.memo, self.alts, self.choice = {}, {}, {}
@@ -509,11 +519,15 @@ def match_near_ties(m, ids, k_fn, v_fn, got, tol):
     """Reference logits with the near-tie choices that best match run's logits `got`.
     Returns (logits, number of near-tie vectors, number of them switched)."""
     wrappers = [w for w in dict.fromkeys((k_fn, v_fn)) if isinstance(w, NearTies)]
+    return _match_with(lambda: ref_llama.forward(m, ids, k_fn=k_fn, v_fn=v_fn), wrappers, got,
+                       tol)
 
+
+def _match_with(forward, wrappers, got, tol):
     def ref():
         for w in wrappers:
             w.alts.clear()
-        return ref_llama.forward(m, ids, k_fn=k_fn, v_fn=v_fn)
+        return forward()
     best = ref()
     err = ((got - best) ** 2).sum()
     n_ties = sum(len(w.alts) for w in wrappers)
@@ -597,3 +611,85 @@ def test_logits_cache_tq_ref(workdir, kspec, scale):
     """run's TurboQuant cache = reference attention over vectors from the numpy oracle
     tq_ref.py (independent of tq.c except for the rotation / QJL matrices it is handed)."""
     _check_cache(workdir, "hf", kspec, scale, tq_ref_roundtrip, "tq_ref")
+
+
+# ----------------------------------------------------------------------------- run's cache transforms
+
+# run's default cache (run.c, "Offsets" and "Key channel weights"): for q8/q4/tq formats it
+# stores w * (k - mu_k) and v - mu_v, with mu the fp16-rounded per-head mean of the sequence's
+# first forward batch (position 0 left out) and w per RoPE pair fp16((E / group / V)^(1/4)),
+# E the summed energy of the group's queries in that pair, V the keys' variance; queries are
+# divided by w. This test models exactly that; FIRST_BATCH is run's batch in -m logits.
+FIRST_BATCH = 48
+
+
+def _f16(x):
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
+
+
+def cache_transform_layer_fn(kfn, vfn, group, n_first=FIRST_BATCH):
+    """layer_fn for ref_llama.forward: encode/decode through kfn / vfn (None: fp32/fp16 kept
+    as is) with run's offsets and key channel weights for the quantized formats."""
+    def f(li, q, k, v):
+        T, KV, hd = k.shape
+        n = min(T, n_first)
+        first = 1 if n > 1 else 0
+        cnt = n - first
+        q, k, v = q.copy(), k.copy(), v.copy()
+        if kfn is not None:
+            mu = _f16(k[first:n].mean(axis=0))                          # (KV, hd)
+            e = (q[first:n] ** 2).sum(axis=0).reshape(KV, group, hd).sum(axis=1)
+            e = e.reshape(KV, hd // 2, 2).sum(axis=2)                    # per RoPE pair
+            kk = k[first:n]
+            var = ((kk ** 2).sum(axis=0) / cnt - (kk.sum(axis=0) / cnt) ** 2)
+            var = var.reshape(KV, hd // 2, 2).sum(axis=2)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                w = np.where((var > 0) & (e > 0), (e / group / var) ** 0.25, 1.0)
+            w = _f16(w)
+            w = np.where((w > 0) & np.isfinite(w), w, 1.0).repeat(2, axis=1)   # (KV, hd)
+            for t in range(T):
+                for g in range(KV):
+                    k[t, g] = kfn(w[g] * (k[t, g] - mu[g]), where=("k", li, t, g))
+            q = q / np.repeat(w, group, axis=0)[None]
+        if vfn is not None:
+            mu = _f16(v[first:n].mean(axis=0))
+            for t in range(T):
+                for g in range(KV):
+                    v[t, g] = mu[g] + vfn(v[t, g] - mu[g], where=("v", li, t, g))
+        return q, k, v
+    return f
+
+
+@pytest.mark.parametrize("name,kspec,scale", [("gguf", "tq3", "nc"), ("hf", "tq4p", "nc"),
+                                              ("gguf", "q8", "nc"), ("hf", "tq2:q4", "eden"),
+                                              ("gguf_tied", "fp16:tq3", "nc")])
+def test_logits_cache_default_transforms(workdir, name, kspec, scale):
+    """run with its default cache options (offsets and key weights on) against the reference
+    with those transforms modelled around the C codec (libtq)."""
+    _need_run()
+    _, out, m = _exported(name, str(workdir))
+    if not (_run_accepts(out, "--offsets", "1") and _run_accepts(out, "--kweights", "1")):
+        pytest.skip("this run has no --offsets/--kweights cache transforms to model")
+    kf, vf = (kspec.split(":") + [kspec])[:2]
+    hd, group = m.head_dim, m.n_heads // m.n_kv_heads
+    fns = {f: None if f in ("fp32", "fp16") else NearTies(libtq_roundtrip(f, hd, scale), hd)
+           for f in {kf, vf}}
+    layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], group)
+    got = run_logits(out, workdir, kspec, ("--scale", scale))
+    fp16 = {"fp16": ref_llama.fp16_roundtrip}
+    kw = dict(layer_fn=layer_fn, k_fn=fp16.get(kf), v_fn=fp16.get(vf))
+    wrappers = [w for w in fns.values() if w is not None]
+    # (near-ties matched as in _check_cache, through the same NearTies objects)
+    ref, n_ties, switched = _match_with(lambda: ref_llama.forward(m, token_ids(), **kw),
+                                        wrappers, got, 1e-4)
+    diff = np.abs(got - ref)
+    moved = np.abs(got - _ref_logits(name, str(workdir)))
+    # the fp16-rounded statistics (mu, w) can sit on a rounding midpoint too, which moves every
+    # code of a head a little and is not matched: measured up to ~1.2e-4, hence 1e-3
+    tol = FP16_TOL if "fp16" in (kf, vf) else 1e-3
+    what = f"{name} -k {kspec} --scale {scale} (default offsets + key weights)"
+    assert diff.max() < tol, \
+        (f"{what}: max |run - ref| = {diff.max():.3g} (tol {tol}; {_where(diff)}; cache "
+         f"effect {moved.max():.3g}; near-tie vectors {n_ties}, {switched} switched)")
+    print(f"{what}: max|diff| {diff.max():.3g} mean {diff.mean():.3g} (cache effect max "
+          f"{moved.max():.3g}; near-tie vectors {n_ties}, {switched} switched)")
