@@ -15,8 +15,9 @@ dequantization for GGUF, tied/untied classifier, hyper-parameters) is checked al
                                      (checks run's attention straight from the codes), < 1e-4
     test_logits_cache_tq_ref         tq*: reference over the numpy oracle tests/tq_ref.py, < 1e-4
     test_logits_cache_default_transforms  run's default per-head offsets + key channel weights
+                                     (and --sink), modelled in the reference
 Cache tests run with --scale given and the extra cache transforms off (--offsets 0
---kweights 0, where run has them); float32-vs-float64 near-ties are matched (NearTies).
+--kweights 0 --sink 0, where run has them); float32-vs-float64 near-ties are matched (NearTies).
 """
 import ctypes
 import functools
@@ -470,9 +471,9 @@ def _run_accepts(model_bin, option, value):
 
 def _plain_cache_opts(model_bin):
     """Options that turn off run's extra cache transforms (per-head offsets, key channel
-    weights) where this run has them, so that the cache is exactly encode/decode per vector."""
+    weights, fp32 sink positions) where this run has them, so that the cache is exactly encode/decode per vector."""
     opts = []
-    for o in ("--offsets", "--kweights"):
+    for o in ("--offsets", "--kweights", "--sink"):
         if _run_accepts(model_bin, o, "0"):
             opts += [o, "0"]
     return tuple(opts)
@@ -619,7 +620,9 @@ def test_logits_cache_tq_ref(workdir, kspec, scale):
 # stores w * (k - mu_k) and v - mu_v, with mu the fp16-rounded per-head mean of the sequence's
 # first forward batch (position 0 left out) and w per RoPE pair fp16((E / group / V)^(1/4)),
 # E the summed energy of the group's queries in that pair, V the keys' variance; queries are
-# divided by w. This test models exactly that; FIRST_BATCH is run's batch in -m logits.
+# divided by w. With --sink S the first S positions' (transformed) keys and values are also
+# kept in fp32 and attention uses those. This test models exactly that; FIRST_BATCH is run's
+# batch in -m logits.
 FIRST_BATCH = 48
 
 
@@ -627,17 +630,25 @@ def _f16(x):
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
 
 
-def cache_transform_layer_fn(kfn, vfn, group, n_first=FIRST_BATCH):
-    """layer_fn for ref_llama.forward: encode/decode through kfn / vfn (None: fp32/fp16 kept
-    as is) with run's offsets and key channel weights for the quantized formats."""
+def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FIRST_BATCH):
+    """layer_fn for ref_llama.forward: keys / values through kfn / vfn (None: kept in fp32),
+    with run's offsets and key channel weights where ktrans / vtrans (quantized formats), and
+    the first `sink` positions kept exact."""
+    def code(fn, x, where):
+        if fn is None or where[2] < sink:
+            return x
+        return fn(x, where=where) if getattr(fn, "wants_where", False) else fn(x)
+
     def f(li, q, k, v):
         T, KV, hd = k.shape
         n = min(T, n_first)
         first = 1 if n > 1 else 0
         cnt = n - first
         q, k, v = q.copy(), k.copy(), v.copy()
-        if kfn is not None:
-            mu = _f16(k[first:n].mean(axis=0))                          # (KV, hd)
+        kmu, vmu = np.zeros((KV, hd)), np.zeros((KV, hd))
+        w = np.ones((KV, hd))
+        if ktrans:
+            kmu = _f16(k[first:n].mean(axis=0))                         # (KV, hd)
             e = (q[first:n] ** 2).sum(axis=0).reshape(KV, group, hd).sum(axis=1)
             e = e.reshape(KV, hd // 2, 2).sum(axis=2)                    # per RoPE pair
             kk = k[first:n]
@@ -647,47 +658,51 @@ def cache_transform_layer_fn(kfn, vfn, group, n_first=FIRST_BATCH):
                 w = np.where((var > 0) & (e > 0), (e / group / var) ** 0.25, 1.0)
             w = _f16(w)
             w = np.where((w > 0) & np.isfinite(w), w, 1.0).repeat(2, axis=1)   # (KV, hd)
-            for t in range(T):
-                for g in range(KV):
-                    k[t, g] = kfn(w[g] * (k[t, g] - mu[g]), where=("k", li, t, g))
             q = q / np.repeat(w, group, axis=0)[None]
-        if vfn is not None:
-            mu = _f16(v[first:n].mean(axis=0))
-            for t in range(T):
-                for g in range(KV):
-                    v[t, g] = mu[g] + vfn(v[t, g] - mu[g], where=("v", li, t, g))
+        if vtrans:
+            vmu = _f16(v[first:n].mean(axis=0))
+        for t in range(T):
+            for g in range(KV):
+                k[t, g] = code(kfn, w[g] * (k[t, g] - kmu[g]), ("k", li, t, g))
+                v[t, g] = vmu[g] + code(vfn, v[t, g] - vmu[g], ("v", li, t, g))
         return q, k, v
     return f
 
 
-@pytest.mark.parametrize("name,kspec,scale", [("gguf", "tq3", "nc"), ("hf", "tq4p", "nc"),
-                                              ("gguf", "q8", "nc"), ("hf", "tq2:q4", "eden"),
-                                              ("gguf_tied", "fp16:tq3", "nc")])
-def test_logits_cache_default_transforms(workdir, name, kspec, scale):
-    """run with its default cache options (offsets and key weights on) against the reference
-    with those transforms modelled around the C codec (libtq)."""
+@pytest.mark.parametrize("name,kspec,scale,sink", [
+    ("gguf", "tq3", "nc", 0), ("hf", "tq4p", "nc", 0), ("gguf", "q8", "nc", 0),
+    ("hf", "tq2:q4", "eden", 0), ("gguf_tied", "fp16:tq3", "nc", 0), ("gguf", "tq3", "nc", 4),
+    ("hf", "fp16:tq2p", "norm", 3)])
+def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink):
+    """run with its default cache transforms (offsets and key weights on; --sink as given)
+    against the reference with those transforms modelled around the C codec (libtq)."""
     _need_run()
     _, out, m = _exported(name, str(workdir))
     if not (_run_accepts(out, "--offsets", "1") and _run_accepts(out, "--kweights", "1")):
         pytest.skip("this run has no --offsets/--kweights cache transforms to model")
+    if not _run_accepts(out, "--sink", str(sink)):
+        if sink:
+            pytest.skip("this run has no --sink option")
+        sink_opt = ()
+    else:
+        sink_opt = ("--sink", str(sink))
     kf, vf = (kspec.split(":") + [kspec])[:2]
     hd, group = m.head_dim, m.n_heads // m.n_kv_heads
-    fns = {f: None if f in ("fp32", "fp16") else NearTies(libtq_roundtrip(f, hd, scale), hd)
-           for f in {kf, vf}}
-    layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], group)
-    got = run_logits(out, workdir, kspec, ("--scale", scale))
-    fp16 = {"fp16": ref_llama.fp16_roundtrip}
-    kw = dict(layer_fn=layer_fn, k_fn=fp16.get(kf), v_fn=fp16.get(vf))
-    wrappers = [w for w in fns.values() if w is not None]
-    # (near-ties matched as in _check_cache, through the same NearTies objects)
-    ref, n_ties, switched = _match_with(lambda: ref_llama.forward(m, token_ids(), **kw),
-                                        wrappers, got, 1e-4)
+    fns = {f: None if f == "fp32" else ref_llama.fp16_roundtrip if f == "fp16" else
+           NearTies(libtq_roundtrip(f, hd, scale), hd) for f in {kf, vf}}
+    quantized = {f: f not in ("fp32", "fp16") for f in {kf, vf}}
+    layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], quantized[kf], quantized[vf], group,
+                                        sink)
+    got = run_logits(out, workdir, kspec, ("--scale", scale) + sink_opt)
+    wrappers = [w for w in fns.values() if isinstance(w, NearTies)]
+    ref, n_ties, switched = _match_with(
+        lambda: ref_llama.forward(m, token_ids(), layer_fn=layer_fn), wrappers, got, 1e-4)
     diff = np.abs(got - ref)
     moved = np.abs(got - _ref_logits(name, str(workdir)))
     # the fp16-rounded statistics (mu, w) can sit on a rounding midpoint too, which moves every
     # code of a head a little and is not matched: measured up to ~1.2e-4, hence 1e-3
     tol = FP16_TOL if "fp16" in (kf, vf) else 1e-3
-    what = f"{name} -k {kspec} --scale {scale} (default offsets + key weights)"
+    what = f"{name} -k {kspec} --scale {scale} --sink {sink} (default offsets + key weights)"
     assert diff.max() < tol, \
         (f"{what}: max |run - ref| = {diff.max():.3g} (tol {tol}; {_where(diff)}; cache "
          f"effect {moved.max():.3g}; near-tie vectors {n_ties}, {switched} switched)")
