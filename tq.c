@@ -512,10 +512,11 @@ static void encode_tq(const tq_codec *c, const float *x, uint8_t *code) {
 }
 
 /* yt += S^T a, i.e. yt[i] += sum_k a_k S[k][i]: the QJL dequantization. */
-static void add_qjl_transpose(const tq_codec *c, const float *a /* (d) */, float *yt /* (d) */) {
+static void add_qjl_transpose(const tq_codec *c, const float *a /* (d) */, float *restrict yt /* (d) */) {
     for (int k = 0; k < c->d; k++) {
         const float *row = c->qjl + (size_t)k * c->d;
-        for (int i = 0; i < c->d; i++) yt[i] += a[k] * row[i];
+        for (int i = 0; i < c->d; i += 8)
+            for (int j = 0; j < 8; j++) yt[i + j] += a[k] * row[i + j];
     }
 }
 
