@@ -74,3 +74,26 @@ test: ctest pytest
 
 clean:
 	rm -f run run_san tests/test_tq tests/test_tq_san tests/libtq.so tests/tqstat bench/tqbench
+
+# ---- fuzzing (not part of `make test`) ------------------------------------------------
+# libFuzzer with ASan + UBSan, FUZZ_SECONDS per harness: tests/fuzz_load (the model-file
+# loader on whole files) and tests/fuzz_tok (the tokenizer of $(MODEL): UTF-8 checks and
+# decode(encode(s)) == s). Corpora grow under fuzz/; crashes are saved as fuzz/crash-*.
+FUZZ_SECONDS ?= 60
+FUZZ_CC      ?= clang
+FUZZ_FLAGS    = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Wno-unknown-pragmas -I.
+
+.PHONY: fuzz
+
+tests/fuzz_load: tests/fuzz_load.c run.c tq.c tq.h
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ tests/fuzz_load.c tq.c -lm
+
+tests/fuzz_tok: tests/fuzz_tok.c run.c tq.c tq.h
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ tests/fuzz_tok.c tq.c -lm
+
+fuzz: tests/fuzz_load tests/fuzz_tok $(MODEL)
+	$(PYTHON) tests/fuzz_seeds.py fuzz/load fuzz/tok
+	./tests/fuzz_load -max_total_time=$(FUZZ_SECONDS) -timeout=10 -max_len=65536 -print_final_stats=1 \
+	    -artifact_prefix=fuzz/crash-load- fuzz/load
+	FUZZ_MODEL=$(MODEL) ./tests/fuzz_tok -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 \
+	    -artifact_prefix=fuzz/crash-tok- fuzz/tok

@@ -93,8 +93,12 @@ def check_config(cfg):
     for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
               "vocab_size", "seq_len"):
         v = cfg.get(k)
-        if not isinstance(v, int) or v <= 0 or v >= 2 ** 31:
-            raise ExportError(f"bad config value {k} = {v!r}")
+        if not isinstance(v, int) or v <= 0 or v > 2 ** 24:    # run.c's range
+            raise ExportError(f"bad config value {k} = {v!r} (must be in [1, 2^24])")
+    if cfg["dim"] % cfg["n_heads"]:
+        raise ExportError(f"n_heads {cfg['n_heads']} does not divide dim {cfg['dim']}")
+    if cfg["n_heads"] * cfg["head_dim"] > 2 ** 24:
+        raise ExportError(f"n_heads x head_dim = {cfg['n_heads'] * cfg['head_dim']} is too large")
     if cfg["n_heads"] % cfg["n_kv_heads"]:
         raise ExportError(f"n_heads {cfg['n_heads']} is not a multiple of "
                           f"n_kv_heads {cfg['n_kv_heads']}")
@@ -259,17 +263,26 @@ class GGUFSource:
             raise ExportError(f"GGUF metadata key {key} missing")
         return v
 
+    def num(self, key, default=None, typ=int):
+        """A numeric metadata value (required when default is None), checked for its type."""
+        v = self.req(key) if default is None else self.kv(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or (typ is int and v != int(v)):
+            kind = "an integer" if typ is int else "a number"
+            raise ExportError(f"GGUF metadata {key} = {str(v)[:40]!r} is not {kind}")
+        return typ(v)
+
     def _config(self):
-        dim = int(self.req("llama.embedding_length"))
-        n_heads = int(self.req("llama.attention.head_count"))
-        n_kv = int(self.kv("llama.attention.head_count_kv", n_heads))
-        head_dim = int(self.kv("llama.attention.key_length", dim // n_heads if n_heads else 0))
-        vlen = self.kv("llama.attention.value_length")
-        if vlen is not None and int(vlen) != head_dim:
+        dim = self.num("llama.embedding_length")
+        n_heads = self.num("llama.attention.head_count")
+        n_kv = self.num("llama.attention.head_count_kv", n_heads)
+        head_dim = self.num("llama.attention.key_length", dim // n_heads if n_heads else 0)
+        vlen = self.num("llama.attention.value_length", head_dim)
+        if vlen != head_dim:
             raise ExportError(f"attention value_length {vlen} != key_length {head_dim} "
                               "is not supported")
-        rot = self.kv("llama.rope.dimension_count")
-        if rot is not None and int(rot) != head_dim:
+        rot = self.num("llama.rope.dimension_count", head_dim)
+        if rot != head_dim:
             raise ExportError(f"partial RoPE (rope.dimension_count {rot} != head_dim "
                               f"{head_dim}) is not supported")
         scaling = self.kv("llama.rope.scaling.type")
@@ -283,13 +296,15 @@ class GGUFSource:
             raise ExportError(f"mixture of experts (llama.expert_count {experts}) is not "
                               "supported")
         tokens = self.req("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise ExportError("GGUF metadata tokenizer.ggml.tokens is not a list of strings")
         self.cfg = dict(
-            dim=dim, hidden_dim=int(self.req("llama.feed_forward_length")),
-            n_layers=int(self.req("llama.block_count")), n_heads=n_heads, n_kv_heads=n_kv,
+            dim=dim, hidden_dim=self.num("llama.feed_forward_length"),
+            n_layers=self.num("llama.block_count"), n_heads=n_heads, n_kv_heads=n_kv,
             head_dim=head_dim, vocab_size=len(tokens),
-            seq_len=int(self.req("llama.context_length")),
-            rope_theta=float(self.kv("llama.rope.freq_base", 10000.0)),
-            norm_eps=float(self.req("llama.attention.layer_norm_rms_epsilon")),
+            seq_len=self.num("llama.context_length"),
+            rope_theta=self.num("llama.rope.freq_base", 10000.0, typ=float),
+            norm_eps=self.num("llama.attention.layer_norm_rms_epsilon", typ=float),
             shared_classifier=0 if "output.weight" in self.tensors else 1,
         )
         self._tokens = tokens
@@ -338,8 +353,8 @@ class GGUFSource:
                                     tb, "GGUF")
             tok = dict(kind=KIND_GPT2, pretok=pretok, tokens=tb, scores=[0.0] * n,
                        flags=flags, merges=merges, ranges=unicode_ranges(),
-                       bos=int(self.kv("tokenizer.ggml.bos_token_id", -1)),
-                       eos=int(self.kv("tokenizer.ggml.eos_token_id", -1)),
+                       bos=self.num("tokenizer.ggml.bos_token_id", -1),
+                       eos=self.num("tokenizer.ggml.eos_token_id", -1),
                        add_bos=int(bool(self.kv("tokenizer.ggml.add_bos_token", False))))
         elif model == "llama":
             scores = self.kv("tokenizer.ggml.scores")
@@ -348,8 +363,8 @@ class GGUFSource:
             tb = [t.replace("\u2581", " ").encode("utf-8") for t in tokens]
             tok = dict(kind=KIND_SPM, pretok=PRETOK_NONE, tokens=tb,
                        scores=[float(s) for s in scores], flags=flags, merges=[], ranges=[],
-                       bos=int(self.kv("tokenizer.ggml.bos_token_id", 1)),
-                       eos=int(self.kv("tokenizer.ggml.eos_token_id", 2)),
+                       bos=self.num("tokenizer.ggml.bos_token_id", 1),
+                       eos=self.num("tokenizer.ggml.eos_token_id", 2),
                        add_bos=int(bool(self.kv("tokenizer.ggml.add_bos_token", True))))
         else:
             raise ExportError(f"unsupported tokenizer model tokenizer.ggml.model = {model!r} "
@@ -426,21 +441,45 @@ class HFSource:
         for fn in files:
             p = os.path.join(self.folder, fn)
             try:
+                size = os.path.getsize(p)
                 with open(p, "rb") as f:
                     (hlen,) = struct.unpack("<Q", f.read(8))
-                    if hlen > 100_000_000:
-                        raise ValueError("header too large")
+                    if hlen > min(100_000_000, size - 8):
+                        raise ValueError(f"header length {hlen} is larger than the file")
                     hdr = json.loads(f.read(hlen))
-                size = os.path.getsize(p)
+                if not isinstance(hdr, dict):
+                    raise ValueError("the header is not a JSON object")
             except (ValueError, struct.error, OSError) as e:
                 raise ExportError(f"cannot read safetensors file {p}: {e}")
             for name, info in hdr.items():
                 if name == "__metadata__":
                     continue
+                self._check_entry(p, name, info)
                 b, e = info["data_offsets"]
                 if 8 + hlen + e > size:
                     raise ExportError(f"safetensors file {p} is truncated (tensor {name})")
                 self.index[name] = (p, 8 + hlen, info)
+
+    ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1}
+
+    def _check_entry(self, path, name, info):
+        """A header entry must be {dtype, shape, data_offsets} with a size that matches."""
+        def ints(v, n=None):
+            return (isinstance(v, list) and (n is None or len(v) == n)
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+              and ints(info.get("shape")) and ints(info.get("data_offsets"), 2)
+              and info["data_offsets"][0] <= info["data_offsets"][1])
+        if not ok:
+            raise ExportError(f"safetensors file {path}: bad header entry for tensor {name}: "
+                              f"{json.dumps(info)[:100]}")
+        size = self.ITEMSIZE.get(info["dtype"])
+        b, e = info["data_offsets"]
+        if size is not None and e - b != size * int(np.prod(info["shape"], dtype=np.int64)):
+            raise ExportError(f"safetensors file {path}: tensor {name} has {e - b} bytes, its "
+                              f"shape {info['shape']} and dtype {info['dtype']} need "
+                              f"{size * int(np.prod(info['shape'], dtype=np.int64))}")
 
     def _config(self, c):
         mt = c.get("model_type")
@@ -461,7 +500,7 @@ class HFSource:
                 dim=dim, hidden_dim=int(c["intermediate_size"]),
                 n_layers=int(c["num_hidden_layers"]), n_heads=n_heads,
                 n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
-                head_dim=int(c.get("head_dim") or dim // n_heads),
+                head_dim=int(c.get("head_dim") or (dim // n_heads if n_heads > 0 else 0)),
                 vocab_size=int(c["vocab_size"]),
                 seq_len=int(c.get("max_position_embeddings", 2048)),
                 rope_theta=float(c.get("rope_theta", 10000.0)),
@@ -472,6 +511,8 @@ class HFSource:
         except (TypeError, ValueError, ZeroDivisionError) as e:
             raise ExportError(f"bad config.json: {e}")
         rs = c.get("rope_scaling")
+        if rs is not None and not isinstance(rs, dict):
+            raise ExportError(f"bad config.json: rope_scaling = {str(rs)[:40]!r} is not an object")
         if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "default"):
             raise ExportError(f"RoPE scaling {rs} is not supported")
         if c.get("attention_bias") or c.get("mlp_bias"):
@@ -503,17 +544,36 @@ class HFSource:
                     tc = json.load(f)
             except ValueError:
                 tc = {}
-        model = tj.get("model") or {}
+            if not isinstance(tc, dict):
+                tc = {}
+        if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
+            raise ExportError("bad tokenizer.json: not an object with a \"model\" object")
+        model = tj["model"]
         if model.get("type") != "BPE":
             raise ExportError(f"unsupported tokenizer.json model type {model.get('type')!r} "
                               "(only byte-level BPE)")
         if tj.get("normalizer") is not None:
+            nt = tj["normalizer"]
             raise ExportError(f"unsupported tokenizer.json normalizer "
-                              f"{tj['normalizer'].get('type')!r}")
+                              f"{nt.get('type') if isinstance(nt, dict) else nt!r}")
+        if tj.get("pre_tokenizer") is not None and not isinstance(tj["pre_tokenizer"], dict):
+            raise ExportError("bad tokenizer.json: pre_tokenizer is not an object")
         pretok = self._pretok(tj.get("pre_tokenizer"))
 
         vocab = model.get("vocab") or {}
         added = tj.get("added_tokens") or []
+
+        def good_id(i):
+            return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+        if not isinstance(vocab, dict) or not all(good_id(i) for i in vocab.values()):
+            bad = next((f"{k!r}: {v!r}" for k, v in vocab.items() if not good_id(v)), "") \
+                if isinstance(vocab, dict) else "not an object"
+            raise ExportError(f"bad tokenizer.json: model.vocab needs ids >= 0 ({bad[:60]})")
+        if not isinstance(added, list) or not all(
+                isinstance(a, dict) and good_id(a.get("id")) and isinstance(a.get("content"), str)
+                for a in added):
+            raise ExportError("bad tokenizer.json: added_tokens needs {id >= 0, content} "
+                              "entries")
         n = max([i for i in vocab.values()] + [a["id"] for a in added], default=-1) + 1
         V = self.cfg["vocab_size"]
         if n > V:
@@ -783,6 +843,10 @@ def export(src, out, tokenizer_path=None):
     t0 = time.time()
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
         raise ExportError("output path is the same file as the input")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise ExportError(f"output folder {os.path.dirname(os.path.abspath(out))} does not exist")
+    if os.path.isdir(out):
+        raise ExportError(f"output {out} is a folder")
     s = open_source(src, tokenizer_path)
     cfg, tok = s.cfg, s.tok
     check_config(cfg)

@@ -323,11 +323,12 @@ static void free_state(RunState *s) {
 /* Bytes that build_cache and build_state allocate for ctx positions and batch tokens, in
  * double so that no header can overflow it; the prepared query (at most 18 head_dim floats)
  * and the accumulator (at most 2) are counted at their largest. */
-static double run_bytes(const Config *c, tq_fmt kf, tq_fmt vf, int ctx, int batch) {
+static double run_bytes(const Config *c, tq_fmt kf, tq_fmt vf, int sink, int ctx, int batch) {
     double hd = c->head_dim, heads = (double)c->n_layers * c->n_kv_heads;
     double qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, wide = qd > c->dim ? qd : c->dim;
     double cache = heads * ctx * (double)(tq_bytes(kf, c->head_dim) + tq_bytes(vf, c->head_dim))
-                 + 3 * 4 * heads * hd;                                  /* offsets, key weights */
+                 + 3 * 4 * heads * hd                                   /* offsets, key weights */
+                 + 2 * 4 * heads * (sink < ctx ? sink : ctx) * hd;      /* fp32 sink keys, values */
     double per_token = 3.0 * c->dim + wide + 2.0 * c->hidden_dim + qd + 2 * kvd + c->vocab_size
                      + (double)c->n_heads * ((double)ctx + 20 * hd);   /* scores, queries, acc */
     return cache + 4.0 * batch * per_token;
@@ -350,7 +351,7 @@ static void build_transformer(Transformer *t, const char *path, tq_fmt kf, tq_fm
     }
     /* Linux overcommits, so calloc would succeed and the process die later: compare with
      * the physical memory first (the weights are mmap'd and not counted) */
-    double need = run_bytes(c, kf, vf, ctx, batch);
+    double need = run_bytes(c, kf, vf, sink, ctx, batch);
     double phys = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (phys > 0 && need > phys)
         die("%s%d tokens need %.0f bytes (%.1f GiB) of KV cache and activations, more than the %.1f GiB "
@@ -704,6 +705,8 @@ void free_tokenizer(Tokenizer *t) {
     memset(t, 0, sizeof(*t));
 }
 
+static int utf8_decode(const unsigned char *s, size_t n, uint32_t *cp);
+
 int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
                     int kind, int pretok, char *err, size_t errlen) {
     memset(t, 0, sizeof(*t));
@@ -746,7 +749,12 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
             if (t->byte_id[v] < 0) t->byte_id[v] = i;
         }
         if (flags & 1) {
-            /* special tokens are matched in the raw text only; BPE never produces them */
+            /* special tokens are matched in the raw text only; BPE never produces them.
+             * GPT-2 kind: one that is not whole UTF-8 characters could match inside a
+             * character and leave the pre-tokenizer a stray continuation byte */
+            uint32_t cp;
+            for (int k = 0, l; kind == 2 && k < len; k += l)
+                if ((l = utf8_decode(p + k, (size_t)(len - k), &cp)) == 0) TOK_FAIL("special token %d is not valid UTF-8", i);
             if (len > 0) { t->special[t->n_special++] = i; t->special_first[t->vocab[i][0]] = 1; }
             continue;
         }
