@@ -1203,11 +1203,13 @@ static void report(const Transformer *t, int n_pos, const Stats *st) {
                 st->decode_s > 0 ? st->decode_tokens / st->decode_s : 0.0, st->decode_tokens);
 }
 
-/* Prints a token's bytes; control bytes other than whitespace are not printed raw. */
+/* Prints a token's bytes; ASCII control bytes other than whitespace are not
+ * printed raw (bytes >= 0x80 are parts of UTF-8 characters and are kept). */
 static void print_piece(const Tokenizer *tok, int prev, int bos, int token) {
     size_t n;
     const char *p = decode_piece(tok, prev, bos, token, &n);
-    if (n == 1 && !isprint((unsigned char)p[0]) && !isspace((unsigned char)p[0])) return;
+    unsigned char b = (unsigned char)p[0];
+    if (n == 1 && b < 0x80 && !isprint(b) && !isspace(b)) return;
     fwrite(p, 1, n, stdout);
     fflush(stdout);
 }
@@ -1283,7 +1285,12 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
         }
         int n;
         int *tokens = encode_or_die(tok, turn, strlen(turn), (first && c->add_bos) ? c->bos_id : -1, &n);
-        if (pos + n >= t->cache.ctx) { free(tokens); fprintf(stderr, "[stopped: the conversation reached the end of the context, %d tokens]\n", t->cache.ctx); break; }
+        if (pos + n >= t->cache.ctx) {
+            if (first) die("the first message is %d tokens; the context is %d (raise it with -c, up to %d)", n, t->cache.ctx, c->seq_len);
+            free(tokens);
+            fprintf(stderr, "[stopped: the conversation reached the end of the context, %d tokens]\n", t->cache.ctx);
+            break;
+        }
         double t0 = now_s();
         float *logits = prefill(t, tokens, n, pos, NULL);
         st.prefill_tokens += n; st.prefill_s += now_s() - t0;
