@@ -51,17 +51,32 @@ def test_fp32_and_q8_agree_on_first_20_tokens(smollm2):
 
 
 def test_memory_line(smollm2):
-    """The memory line's bytes equal 30 layers x 3 KV heads x (26 B key + 26 B value) per token for tq3
-    (3-bit codes of 64 numbers = 24 B, plus a 2 B fp16 norm), and fp16 is 64 x 2 B per vector."""
+    """The codes take 30 layers x 3 KV heads x (26 B key + 26 B value) per token for tq3 (3-bit codes
+    of 64 numbers = 24 B, plus a 2 B fp16 norm); fp16 would take 64 x 2 B per vector. The fixed cost
+    is 1 sink + up to 8 recent positions kept in fp16 (64 x 2 B per key and value) plus the per-head
+    key offsets, value offsets and key weights (64 fp16 each)."""
     out, err = generate(smollm2, "tq3", 10)
     m = re.search(r"kv: tq3/tq3 ([\d.]+) bits/elem, ([\d.]+) MiB for (\d+) tokens \(fp16 ([\d.]+) MiB, ([\d.]+)x smaller", err)
     assert m, err
     bits, mib, n, fp16, ratio = float(m[1]), float(m[2]), int(m[3]), float(m[4]), float(m[5])
     assert bits == 3.25
-    assert abs(mib - n * 30 * 3 * 2 * 26 / 2**20) < 0.01
+    codes = n * 30 * 3 * 2 * 26
+    exact = (1 + min(8, n - 1)) * 30 * 3 * 2 * 64 * 2
+    stats = 3 * 30 * 3 * 64 * 2
+    assert abs(mib - (codes + exact + stats) / 2**20) < 0.01, (mib, codes, exact, stats)
+    f = re.search(r"of which ([\d.]+) MiB codes, ([\d.]+) MiB fixed cost", err)
+    assert f and abs(float(f[1]) - codes / 2**20) < 0.001, err
     assert abs(fp16 - n * 30 * 3 * 2 * 64 * 2 / 2**20) < 0.01
-    assert abs(ratio - 128 / 26) < 0.05
+    assert abs(ratio - fp16 / mib) < 0.06
     assert re.search(r"speed: prefill [\d.]+ tok/s \(\d+ tokens\), decode [\d.]+ tok/s \(\d+ tokens\)", err), err
+
+
+def test_memory_line_plain_tq3_is_4_9x_smaller(smollm2):
+    """Without the fixes the cache is the codes alone: 128 B of fp16 against 26 B per vector."""
+    out, err = generate(smollm2, "tq3", 10, extra=("--offsets", "0", "--kweights", "0", "--sink", "0", "--window", "0"))
+    m = re.search(r"MiB for (\d+) tokens \(fp16 [\d.]+ MiB, ([\d.]+)x smaller", err)
+    assert m and abs(float(m[2]) - 128 / 26) < 0.05, err
+    assert "fixed cost" not in err
 
 
 def test_chat_answers_and_stops_at_im_end(smollm2):
