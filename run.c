@@ -1314,6 +1314,19 @@ static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, con
     free(tokens);
 }
 
+/* printf into a malloc'd string of the right length */
+static char *format_alloc(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    char *s = xcalloc((size_t)n + 1, 1, "a chat turn");
+    va_start(ap, fmt);
+    vsnprintf(s, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
 /* Reads one line from stdin into buf (without the newline); 0 at end of input. */
 static int read_line(const char *prompt, char *buf, size_t size) {
     printf("%s", prompt);
@@ -1328,23 +1341,25 @@ static int read_line(const char *prompt, char *buf, size_t size) {
  * later turns are read from stdin until it ends. */
 static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const char *user0, const char *system, int steps) {
     const Config *c = &t->config;
-    static char user[8192], turn[16384 + 8192];
+    static char line[8192];           /* one typed line; -i / -f messages may be any length */
     int pos = 0, first = 1;
     Stats st = {0};
     for (;;) {
-        if (first && user0) snprintf(user, sizeof user, "%s", user0);
-        else if (!read_line("User: ", user, sizeof user)) break;
-        if (c->chat_start_id >= 0) {
-            char sys[8192] = "";
-            if (first && system) snprintf(sys, sizeof sys, "<|im_start|>system\n%s<|im_end|>\n", system);
-            snprintf(turn, sizeof turn, "%s<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys, user);
-        } else if (first && system) {
-            snprintf(turn, sizeof turn, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", system, user);
-        } else {
-            snprintf(turn, sizeof turn, "[INST] %s [/INST]", user);
-        }
+        const char *user = line;
+        if (first && user0) user = user0;
+        else if (!read_line("User: ", line, sizeof line)) break;
+        const char *sys = first && system ? system : NULL;
+        char *turn;
+        if (c->chat_start_id >= 0)
+            turn = format_alloc("%s%s%s<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys ? "<|im_start|>system\n" : "",
+                                sys ? sys : "", sys ? "<|im_end|>\n" : "", user);
+        else if (sys)
+            turn = format_alloc("[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);
+        else
+            turn = format_alloc("[INST] %s [/INST]", user);
         int n;
         int *tokens = encode_or_die(tok, turn, strlen(turn), (first && c->add_bos) ? c->bos_id : -1, &n);
+        free(turn);
         if (pos + n >= t->cache.ctx) {
             if (first) die("the first message is %d tokens; the context is %d (raise it with -c, up to %d)", n, t->cache.ctx, c->seq_len);
             free(tokens);

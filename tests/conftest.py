@@ -11,6 +11,20 @@ MODEL = ROOT / "model.bin"    # SmolLM2-135M-Instruct, made by `make model`
 WIKI = ROOT.parent / "shared" / "data" / "wiki.test.raw"
 
 
+def bytes_to_unicode():
+    """GPT-2's byte -> printable unicode character table (the tests' own copy, independent of export.py)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
 def run_cmd(args, binary=RUN, timeout=600, check=True, input=None):
     """Run ./run with args (list of str); returns CompletedProcess with bytes stdout/stderr."""
     p = subprocess.run([str(binary)] + [str(a) for a in args], capture_output=True,

@@ -10,6 +10,8 @@ import time
 import unicodedata
 
 import numpy as np
+
+from conftest import bytes_to_unicode  # noqa: E402
 import pytest
 
 gguf = pytest.importorskip("gguf")
@@ -100,20 +102,9 @@ def run_export(*args, check=True):
     return p
 
 
-def gpt2_bytes_to_unicode():
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-B2U = gpt2_bytes_to_unicode()
+B2U = bytes_to_unicode()
 U2B = {c: b for b, c in B2U.items()}
 
 

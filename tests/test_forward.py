@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from conftest import ROOT, RUN, run_cmd  # noqa: E402
+from conftest import bytes_to_unicode, ROOT, RUN, run_cmd  # noqa: E402
 import ref_llama  # noqa: E402
 
 EXPORT = ROOT / "export.py"
@@ -44,18 +44,6 @@ CFG = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden=192
 
 # ----------------------------------------------------------------------------- model builders
 
-def bytes_to_unicode():
-    """GPT-2's byte -> printable unicode character table."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def make_weights(seed, tied):

