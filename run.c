@@ -112,7 +112,7 @@ typedef struct {
     float *voff;     /* (n_layers, n_kv_heads, head_dim) value offset mu_v    */
     float *kw;       /* (n_layers, n_kv_heads, head_dim) key channel weights w */
     int sink, window; /* exact positions: the first `sink` and the last `window` */
-    int slots;       /* rows per head of the exact store: sink + a ring of window+batch-1 */
+    int slots;       /* rows per head of the exact store: sink + a ring of window */
     uint16_t *exact_k; /* (n_layers, n_kv_heads, slots, head_dim) fp16 keys as encoded */
     uint16_t *exact_v; /* (n_layers, n_kv_heads, slots, head_dim) fp16 values as encoded */
 } KVCache;
@@ -124,9 +124,10 @@ typedef struct {
  * most of the error for a fixed cost: with 1 sink and 8 recent positions,
  * tq3's KL divergence from the fp32 cache fell from 0.107 to 0.035 on the
  * first 512 tokens of wiki.test.raw. The recent positions live in a ring of
- * window+batch-1 rows (a batch writes all its positions before attending),
- * so the cost does not grow with the context; it is counted in the memory line
- * and in kv_bits. */
+ * `window` rows, so the cost does not grow with the context; it is counted in
+ * the memory line and in kv_bits. The positions of the batch being processed
+ * are read from the batch itself (rounded to fp16 the same way) and enter the
+ * ring after attention. */
 
 /* Offsets. The keys of this model share a large common part: averaged over
  * positions, a head's key is ~80% of a key's length (it survives RoPE in the
@@ -284,13 +285,12 @@ static void load_model(Transformer *t, const char *path) {
  */
 
 /* rows of the exact store per (layer, kv head) */
-static int exact_slots(const CacheOpts *o, int ctx, int batch) {
+static int exact_slots(const CacheOpts *o, int ctx) {
     int sink = o->sink < ctx ? o->sink : ctx;
-    int ring = o->window > 0 ? o->window + batch - 1 : 0;
-    return sink + (ring < ctx - sink ? ring : ctx - sink);
+    return sink + (o->window < ctx - sink ? o->window : ctx - sink);
 }
 
-static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ctx, int batch) {
+static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ctx) {
     tq_fmt kf = o->kf, vf = o->vf, fmts[2] = {kf, vf};
     tq_codec *codecs[2] = {&kv->kc, &kv->vc};
     for (int i = 0; i < 2; i++)
@@ -311,7 +311,7 @@ static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ct
     kv->window = lossy ? o->window : 0;
     CacheOpts eff = *o;
     eff.sink = kv->sink; eff.window = kv->window;
-    kv->slots = exact_slots(&eff, ctx, batch);
+    kv->slots = exact_slots(&eff, ctx);
     kv->exact_k = xcalloc(heads * kv->slots * c->head_dim, sizeof(uint16_t), "exact keys");
     kv->exact_v = xcalloc(heads * kv->slots * c->head_dim, sizeof(uint16_t), "exact values");
     size_t rows = heads * ctx;
@@ -377,7 +377,7 @@ static double run_bytes(const Config *c, const CacheOpts *o, int ctx, int batch)
     double qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, wide = qd > c->dim ? qd : c->dim;
     double cache = heads * ctx * (double)(tq_bytes(o->kf, c->head_dim) + tq_bytes(o->vf, c->head_dim))
                  + 3 * 4 * heads * hd                                   /* offsets, key weights */
-                 + 2 * 2 * heads * (double)exact_slots(o, ctx, batch) * hd;  /* fp16 exact store */
+                 + 2 * 2 * heads * (double)exact_slots(o, ctx) * hd;  /* fp16 exact store */
     double per_token = 3.0 * c->dim + wide + 2.0 * c->hidden_dim + qd + 2 * kvd + c->vocab_size
                      + (double)c->n_heads * ((double)ctx + 20 * hd);   /* scores, queries, acc */
     return cache + 4.0 * batch * per_token;
@@ -406,7 +406,7 @@ static void build_transformer(Transformer *t, const char *path, const CacheOpts 
         die("%s%d tokens need %.0f bytes (%.1f GiB) of KV cache and activations, more than the %.1f GiB "
             "of memory here: give a smaller -c", asked ? "-c " : "the model's context of ", ctx,
             need, need / 1073741824.0, phys / 1073741824.0);
-    build_cache(&t->cache, &t->config, o, ctx, batch);
+    build_cache(&t->cache, &t->config, o, ctx);
     build_state(&t->state, &t->config, &t->cache, batch);
 }
 
@@ -502,26 +502,39 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
+/* The batch being processed: its keys and values as stored (offsets and
+ * weights applied, rounded to fp16), read for exact positions >= pos. */
+typedef struct {
+    int pos;          /* position of the batch's first token                  */
+    const float *k;   /* (n, kv_dim) transformed keys                         */
+    const float *v;   /* (n, kv_dim) values - mu_v                            */
+} Batch;
+
 /* One query head attending over positions 0..T-1 of its KV head, straight from
  * the codes: the query is prepared (rotated, lookup tables built) once, every
  * key is scored with tq_dot, the softmax weights accumulate the value codes in
  * the rotated domain, and the sum is rotated back once (tq_finish). */
 static void attention(const KVCache *kv, const Config *c, int l, int g, int T, const float *q,
-                      float *qp, float *att, float *acc, float *out) {
+                      const Batch *bt, float *qp, float *att, float *acc, float *out) {
     const float *voff = kv->voff + ((size_t)l * c->n_kv_heads + g) * c->head_dim;
     int hd = c->head_dim;
+    size_t kvd = (size_t)c->n_kv_heads * hd;
     tq_prepare_query(&kv->kc, q, qp);
     float scale = 1.0f / sqrtf((float)hd);
     for (int t = 0; t < T; t++)
-        att[t] = scale * (is_exact(kv, t, T) ? dot_f16(q, kv->exact_k + exact_row(kv, c, l, g, t), hd)
-                                             : tq_dot(&kv->kc, qp, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t)));
+        att[t] = scale * (!is_exact(kv, t, T) ? tq_dot(&kv->kc, qp, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t))
+                          : t >= bt->pos ? dot(q, bt->k + (t - bt->pos) * kvd + (size_t)g * hd, hd)
+                          : dot_f16(q, kv->exact_k + exact_row(kv, c, l, g, t), hd));
     softmax(att, T);
     memset(acc, 0, tq_acc_floats(&kv->vc) * sizeof(float));
     for (int t = 0; t < T; t++)
         if (!is_exact(kv, t, T)) tq_axpy(&kv->vc, att[t], cache_row(kv, kv->value, kv->vc.bytes, c, l, g, t), acc);
     tq_finish(&kv->vc, acc, out);
     for (int t = 0; t < T; t++)
-        if (is_exact(kv, t, T)) {
+        if (is_exact(kv, t, T) && t >= bt->pos) {
+            const float *v = bt->v + (t - bt->pos) * kvd + (size_t)g * hd;
+            for (int i = 0; i < hd; i++) out[i] += att[t] * v[i];
+        } else if (is_exact(kv, t, T)) {
             const uint16_t *v = kv->exact_v + exact_row(kv, c, l, g, t);
             for (int i = 0; i < hd; i++) out[i] += att[t] * tq_f16_to_f32(v[i]);
         }
@@ -615,21 +628,25 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
             for (int j = 0; j < hd; j++) { k[j] = kw[j] * (k[j] - ko[j]); v[j] -= vo[j]; }
             tq_encode(&kv->kc, k, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, pos + b));
             tq_encode(&kv->vc, v, cache_row(kv, kv->value, kv->vc.bytes, c, l, g, pos + b));
-            if (pos + b < kv->sink || kv->window > 0) {
-                size_t r = exact_row(kv, c, l, g, pos + b);
-                for (int j = 0; j < hd; j++) { kv->exact_k[r + j] = tq_f32_to_f16(k[j]); kv->exact_v[r + j] = tq_f32_to_f16(v[j]); }
-            }
+            for (int j = 0; j < hd; j++) { k[j] = tq_f16_to_f32(tq_f32_to_f16(k[j])); v[j] = tq_f16_to_f32(tq_f32_to_f16(v[j])); }
         }
+        Batch bt = {pos, s->k, s->v};
 #pragma omp parallel for schedule(dynamic)
         for (i = 0; i < n * c->n_heads; i++) {      /* token b attends to positions 0..pos+b */
             int b = i / c->n_heads, h = i % c->n_heads;
             float *q = s->q + (size_t)b * qd + (size_t)h * hd;
             const float *kw = kv->kw + (size_t)l * kvd + (size_t)(h / group) * hd;
             for (int j = 0; j < hd; j++) q[j] /= kw[j];    /* (q/w).(w*k) = q.k */
-            attention(kv, c, l, h / group, pos + b + 1, s->q + (size_t)b * qd + (size_t)h * hd,
+            attention(kv, c, l, h / group, pos + b + 1, s->q + (size_t)b * qd + (size_t)h * hd, &bt,
                       s->qp + (size_t)i * qf, s->att + (size_t)i * kv->ctx, s->acc + (size_t)i * af,
                       s->xb + (size_t)b * qd + (size_t)h * hd);
         }
+        for (int b = 0; b < n; b++)                  /* sinks and the last `window` enter the exact store */
+            if (pos + b < kv->sink || (kv->window > 0 && b >= n - kv->window))
+                for (int g = 0; g < c->n_kv_heads; g++) {
+                    size_t r = exact_row(kv, c, l, g, pos + b), o = (size_t)b * kvd + (size_t)g * hd;
+                    for (int j = 0; j < hd; j++) { kv->exact_k[r + j] = tq_f32_to_f16(s->k[o + j]); kv->exact_v[r + j] = tq_f32_to_f16(s->v[o + j]); }
+                }
         matmul(s->xb2, s->xb, w->wo + (size_t)l * dim * qd, n, qd, dim);
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
 
