@@ -1564,7 +1564,7 @@ static void usage(void) {
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
         "Fixes for lossy caches (q8, q4, tq*), measured on the sequence itself, costs counted:\n"
         "  --offsets <0|1>  subtract per-head key/value means of the first batch, default 1\n"
-        "  --kweights <0|1> weight key channels by the queries' energy, default 1\n"
+        "  --kweights <0|1> weight key channels by the queries' energy, default 0\n"
         "  --sink <int>     keep the first N positions also in fp16, default 1\n"
         "  --window <int>   keep the last N positions also in fp16, default 8\n"
         "  --scale <r> scale rule of the tq formats: norm (paper) | nc (norm correction) | eden; default nc\n"
@@ -1616,7 +1616,7 @@ int main(int argc, char **argv) {
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
     int steps = 256, ctx = 0, chunks = 0;
-    CacheOpts co = {TQ_TQ3, TQ_TQ3, TQ_SCALE_NC, 1, 1, 1, 8};
+    CacheOpts co = {TQ_TQ3, TQ_TQ3, TQ_SCALE_NC, 1, 0, 1, 8};   /* defaults chosen by bench/quality */
 
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage();
     model_path = argv[1];

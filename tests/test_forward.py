@@ -686,7 +686,7 @@ def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink):
     quantized = {f: f not in ("fp32", "fp16") for f in {kf, vf}}
     layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], quantized[kf], quantized[vf], group,
                                         sink)
-    got = run_logits(out, workdir, kspec, ("--scale", scale) + sink_opt)
+    got = run_logits(out, workdir, kspec, ("--scale", scale, "--offsets", "1", "--kweights", "1") + sink_opt)
     wrappers = [w for w in fns.values() if isinstance(w, NearTies)]
     ref, n_ties, switched = _match_with(
         lambda: ref_llama.forward(m, token_ids(), layer_fn=layer_fn), wrappers, got, 1e-4)
