@@ -1544,8 +1544,10 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
  * CLI
  */
 
-static void usage(void) {
-    fprintf(stderr,
+/* -h prints this to stdout and exits 0; a missing model path prints it to stderr, exit 1 */
+static void usage(int status) {
+    FILE *out = status ? stderr : stdout;
+    fprintf(out,
         "Usage:   run <model.bin> [options]\n"
         "Example: run model.bin -k tq3 -n 256 -i \"Once upon a time\"\n"
         "Options:\n"
@@ -1562,12 +1564,12 @@ static void usage(void) {
         "  -c <int>    context length in tokens, default the model's (eval: the chunk length, default 512)\n"
         "  --chunks <int> eval: score at most this many chunks, default all\n"
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
+        "  --scale <r> scale rule of the tq formats: norm (paper) | nc (norm correction) | eden; default nc\n"
         "Fixes for lossy caches (q8, q4, tq*), measured on the sequence itself, costs counted:\n"
         "  --offsets <0|1>  subtract per-head key/value means of the first batch, default 1\n"
         "  --kweights <0|1> weight key channels by the queries' energy, default 0\n"
         "  --sink <int>     keep the first N positions also in fp16, default 1\n"
         "  --window <int>   keep the last N positions also in fp16, default 8\n"
-        "  --scale <r> scale rule of the tq formats: norm (paper) | nc (norm correction) | eden; default nc\n"
         "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n");
     for (int f = 0; f < TQ_NFMT; f++) {
         static const char *what[TQ_NFMT] = {
@@ -1576,10 +1578,10 @@ static void usage(void) {
             "TurboQuant mse, 3 bits + fp16 norm", "TurboQuant mse, 4 bits + fp16 norm",
             "TurboQuant prod, 1-bit mse + 1-bit QJL", "TurboQuant prod, 2-bit mse + 1-bit QJL",
             "TurboQuant prod, 3-bit mse + 1-bit QJL"};
-        fprintf(stderr, "  %-5s %6.3f / %6.3f  %s\n", tq_fmt_name((tq_fmt)f),
+        fprintf(out, "  %-5s %6.3f / %6.3f  %s\n", tq_fmt_name((tq_fmt)f),
                 tq_bits_per_elem((tq_fmt)f, 64), tq_bits_per_elem((tq_fmt)f, 128), what[f]);
     }
-    exit(1);
+    exit(status);
 }
 
 static double parse_num(const char *flag, const char *s, double lo, double hi) {
@@ -1618,11 +1620,12 @@ int main(int argc, char **argv) {
     int steps = 256, ctx = 0, chunks = 0;
     CacheOpts co = {TQ_TQ3, TQ_TQ3, TQ_SCALE_NC, 1, 0, 1, 8};   /* defaults chosen by bench/quality */
 
-    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage();
+    if (argc < 2) usage(1);
+    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
     model_path = argv[1];
     for (int i = 2; i < argc; i += 2) {
         const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) usage();
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) usage(0);
         if (a[0] != '-' || !a[1]) die("expected an option, got \"%s\" (run -h)", a);
         if (i + 1 >= argc) die("option %s needs a value (run -h)", a);
         const char *v = argv[i + 1];
