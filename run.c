@@ -578,7 +578,7 @@ static void set_key_weights(float *w, const float *q, const float *k, int n, con
                 }
             int cnt = n - first;
             v = v / cnt - (m[0] * m[0] + m[1] * m[1]) / ((double)cnt * cnt);
-            float wi = (v > 0 && e > 0) ? (float)pow(e / group / v, 0.25) : 1.0f;
+            float wi = (v > 0 && e > 0) ? (float)pow(e / ((double)group * cnt) / v, 0.25) : 1.0f;
             wi = tq_f16_to_f32(tq_f32_to_f16(wi));
             w[(size_t)g * hd + i] = w[(size_t)g * hd + i + 1] = wi > 0 && isfinite(wi) ? wi : 1.0f;
         }

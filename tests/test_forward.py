@@ -525,9 +525,9 @@ def _match_with(forward, wrappers, got, tol):
             break
         improved = False
         # earliest positions first: a flip at position t moves the logits of rows >= t only
-        todo = sorted((where[2], where[1], i, where, n) for i, w in enumerate(wrappers)
+        pending = sorted((where[2], where[1], i, where, n) for i, w in enumerate(wrappers)
                       for where, n in w.alts.items())
-        for _, _, i, where, n in todo:
+        for _, _, i, where, n in pending:
             w = wrappers[i]
             cur = w.choice.get(where, 0)
             for alt in range(n):
@@ -606,8 +606,8 @@ def test_logits_cache_tq_ref(workdir, kspec, scale):
 
 # run's default cache (run.c, "Offsets" and "Key channel weights"): for q8/q4/tq formats it
 # stores w * (k - mu_k) and v - mu_v, with mu the fp16-rounded per-head mean of the sequence's
-# first forward batch (position 0 left out) and w per RoPE pair fp16((E / group / V)^(1/4)),
-# E the summed energy of the group's queries in that pair, V the keys' variance; queries are
+# first forward batch (position 0 left out) and w per RoPE pair fp16((E / (group * tokens) / V)^(1/4)),
+# E the summed energy of the group's queries over the tokens in that pair, V the keys' variance; queries are
 # divided by w. With --sink S the first S positions' (transformed) keys and values are also
 # kept in fp16 and attention uses those. (--window, the recent positions, depends on the query
 # position, which this per-position model cannot express: it is off here and tested below.) This test models exactly that; FIRST_BATCH is run's
@@ -646,7 +646,7 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
             var = ((kk ** 2).sum(axis=0) / cnt - (kk.sum(axis=0) / cnt) ** 2)
             var = var.reshape(KV, hd // 2, 2).sum(axis=2)
             with np.errstate(divide="ignore", invalid="ignore"):
-                w = np.where((var > 0) & (e > 0), (e / group / var) ** 0.25, 1.0)
+                w = np.where((var > 0) & (e > 0), (e / (group * cnt) / var) ** 0.25, 1.0)
             w = _f16(w)
             w = np.where((w > 0) & np.isfinite(w), w, 1.0).repeat(2, axis=1)   # (KV, hd)
             q = q / np.repeat(w, group, axis=0)[None]
