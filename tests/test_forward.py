@@ -461,7 +461,7 @@ def _plain_cache_opts(model_bin):
     """Options that turn off run's extra cache transforms (per-head offsets, key channel
     weights, fp32 sink positions) where this run has them, so that the cache is exactly encode/decode per vector."""
     opts = []
-    for o in ("--offsets", "--kweights", "--sink", "--window"):
+    for o in ("--offsets", "--kweights", "--kproj", "--sink", "--window"):
         if _run_accepts(model_bin, o, "0"):
             opts += [o, "0"]
     return tuple(opts)
@@ -619,10 +619,13 @@ def _f16(x):
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
 
 
-def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FIRST_BATCH):
+def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FIRST_BATCH, kproj=False):
     """layer_fn for ref_llama.forward: keys / values through kfn / vfn (None: kept in fp32),
     with run's offsets and key channel weights where ktrans / vtrans (quantized formats), and
-    the first `sink` positions kept exact."""
+    the first `sink` positions kept exact. kproj: run's key projection (run.c, "Key
+    projection"): u = the fp16-rounded, renormalized mean of the group's queries (as divided by
+    w) over the first batch; a key k' keeps beta = fp16(u.k') and the codes hold k' - beta u,
+    so what a query sees is beta u + (I - u u^T) decode(k' - beta u)."""
     def code(fn, x, where):
         if where[2] < sink:
             return _f16(x)
@@ -652,9 +655,20 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
             q = q / np.repeat(w, group, axis=0)[None]
         if vtrans:
             vmu = _f16(v[first:n].mean(axis=0))
+        u = None
+        if ktrans and kproj:
+            u = q[first:n].sum(axis=0).reshape(KV, group, hd).sum(axis=1)   # (KV, hd), q / w
+            u = _f16(u / np.linalg.norm(u, axis=1, keepdims=True))
+            u = u / np.linalg.norm(u, axis=1, keepdims=True)
         for t in range(T):
             for g in range(KV):
-                k[t, g] = code(kfn, w[g] * (k[t, g] - kmu[g]), ("k", li, t, g))
+                kt = w[g] * (k[t, g] - kmu[g])
+                if u is None or t < sink:
+                    k[t, g] = code(kfn, kt, ("k", li, t, g))
+                else:
+                    beta = _f16(u[g] @ kt)
+                    kd = code(kfn, kt - beta * u[g], ("k", li, t, g))
+                    k[t, g] = beta * u[g] + kd - (u[g] @ kd) * u[g]
                 v[t, g] = vmu[g] + code(vfn, v[t, g] - vmu[g], ("v", li, t, g))
         return q, k, v
     return f
@@ -664,7 +678,8 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
     ("gguf", "tq3", "nc", 0), ("hf", "tq4p", "nc", 0), ("gguf", "q8", "nc", 0),
     ("hf", "tq2:q4", "eden", 0), ("gguf_tied", "fp16:tq3", "nc", 0), ("gguf", "tq3", "nc", 4),
     ("hf", "fp16:tq2p", "norm", 3)])
-def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink):
+@pytest.mark.parametrize("kproj", [0, 1])
+def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, kproj):
     """run with its default cache transforms (offsets and key weights on; --sink as given)
     against the reference with those transforms modelled around the C codec (libtq)."""
     _need_run()
@@ -679,13 +694,17 @@ def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink):
         sink_opt = ("--sink", str(sink))
     if _run_accepts(out, "--window", "0"):
         sink_opt += ("--window", "0")
+    if _run_accepts(out, "--kproj", "0"):
+        sink_opt += ("--kproj", str(kproj))
+    elif kproj:
+        pytest.skip("this run has no --kproj option")
     kf, vf = (kspec.split(":") + [kspec])[:2]
     hd, group = m.head_dim, m.n_heads // m.n_kv_heads
     fns = {f: None if f == "fp32" else ref_llama.fp16_roundtrip if f == "fp16" else
            NearTies(libtq_roundtrip(f, hd, scale), hd) for f in {kf, vf}}
     quantized = {f: f not in ("fp32", "fp16") for f in {kf, vf}}
     layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], quantized[kf], quantized[vf], group,
-                                        sink)
+                                        sink, kproj=bool(kproj))
     got = run_logits(out, workdir, kspec, ("--scale", scale, "--offsets", "1", "--kweights", "1") + sink_opt)
     wrappers = [w for w in fns.values() if isinstance(w, NearTies)]
     ref, n_ties, switched = _match_with(
@@ -695,7 +714,7 @@ def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink):
     # the fp16-rounded statistics (mu, w) can sit on a rounding midpoint too, which moves every
     # code of a head a little and is not matched: measured up to ~1.2e-4, hence 1e-3
     tol = FP16_TOL if "fp16" in (kf, vf) else 1e-3
-    what = f"{name} -k {kspec} --scale {scale} --sink {sink} (default offsets + key weights)"
+    what = f"{name} -k {kspec} --scale {scale} --sink {sink} --kproj {kproj} (offsets + key weights)"
     assert diff.max() < tol, \
         (f"{what}: max |run - ref| = {diff.max():.3g} (tol {tol}; {_where(diff)}; cache "
          f"effect {moved.max():.3g}; near-tie vectors {n_ties}, {switched} switched)")

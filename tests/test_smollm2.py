@@ -54,7 +54,8 @@ def test_memory_line(smollm2):
     """The codes take 30 layers x 3 KV heads x (26 B key + 26 B value) per token for tq3 (3-bit codes
     of 64 numbers = 24 B, plus a 2 B fp16 norm); fp16 would take 64 x 2 B per vector. The fixed cost
     is 1 sink + up to 8 recent positions kept in fp16 (64 x 2 B per key and value) plus the per-head
-    key and value offsets (64 fp16 each)."""
+    key and value offsets and the query direction of the key projection (64 fp16 each); each key
+    also keeps its projection on that direction (one fp16, 2 B)."""
     out, err = generate(smollm2, "tq3", 10)
     m = re.search(r"kv: tq3/tq3 ([\d.]+) bits/elem, ([\d.]+) MiB for (\d+) tokens \(fp16 ([\d.]+) MiB, ([\d.]+)x smaller", err)
     assert m, err
@@ -62,10 +63,12 @@ def test_memory_line(smollm2):
     assert bits == 3.25
     codes = n * 30 * 3 * 2 * 26
     exact = (1 + min(8, n - 1)) * 30 * 3 * 2 * 64 * 2
-    stats = 2 * 30 * 3 * 64 * 2          # key and value offsets (key weights are off by default)
-    assert abs(mib - (codes + exact + stats) / 2**20) < 0.01, (mib, codes, exact, stats)
-    f = re.search(r"of which ([\d.]+) MiB codes, ([\d.]+) MiB fixed cost", err)
+    proj = n * 30 * 3 * 2                 # beta = u.k of every key, fp16
+    stats = 3 * 30 * 3 * 64 * 2          # key and value offsets, query directions (no key weights by default)
+    assert abs(mib - (codes + proj + exact + stats) / 2**20) < 0.01, (mib, codes, proj, exact, stats)
+    f = re.search(r"of which ([\d.]+) MiB codes, ([\d.]+) MiB key projections \(fp16 per key\), ([\d.]+) MiB fixed cost", err)
     assert f and abs(float(f[1]) - codes / 2**20) < 0.001, err
+    assert abs(float(f[2]) - proj / 2**20) < 0.001 and abs(float(f[3]) - (exact + stats) / 2**20) < 0.001, err
     assert abs(fp16 - n * 30 * 3 * 2 * 64 * 2 / 2**20) < 0.01
     assert abs(ratio - fp16 / mib) < 0.06
     assert re.search(r"speed: prefill [\d.]+ tok/s \(\d+ tokens\), decode [\d.]+ tok/s \(\d+ tokens\)", err), err
@@ -73,7 +76,7 @@ def test_memory_line(smollm2):
 
 def test_memory_line_plain_tq3_is_4_9x_smaller(smollm2):
     """Without the fixes the cache is the codes alone: 128 B of fp16 against 26 B per vector."""
-    out, err = generate(smollm2, "tq3", 10, extra=("--offsets", "0", "--kweights", "0", "--sink", "0", "--window", "0"))
+    out, err = generate(smollm2, "tq3", 10, extra=("--offsets", "0", "--kweights", "0", "--kproj", "0", "--sink", "0", "--window", "0"))
     m = re.search(r"MiB for (\d+) tokens \(fp16 [\d.]+ MiB, ([\d.]+)x smaller", err)
     assert m and abs(float(m[2]) - 128 / 26) < 0.05, err
     assert "fixed cost" not in err
