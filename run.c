@@ -91,7 +91,7 @@ typedef struct {
  * positions below). */
 typedef struct {
     tq_fmt kf, vf;   /* key and value formats                                 */
-    tq_scale scale;  /* scale rule of the tq formats                          */
+    tq_scale kscale, vscale; /* scale rules of the tq formats for keys, values  */
     int offsets;     /* subtract per-head key/value offsets                   */
     int kweights;    /* weight key channels by the queries' energy            */
     int kproj;       /* keep each key's part along the mean query exactly     */
@@ -312,9 +312,10 @@ static int exact_slots(const CacheOpts *o, int ctx) {
 
 static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ctx) {
     tq_fmt kf = o->kf, vf = o->vf, fmts[2] = {kf, vf};
+    tq_scale scales[2] = {o->kscale, o->vscale};
     tq_codec *codecs[2] = {&kv->kc, &kv->vc};
     for (int i = 0; i < 2; i++)
-        if (tq_init(codecs[i], fmts[i], c->head_dim, o->scale, TQ_DEFAULT_SEED) != 0)
+        if (tq_init(codecs[i], fmts[i], c->head_dim, scales[i], TQ_DEFAULT_SEED) != 0)
             die("format %s cannot hold head_dim %d (tq formats need a multiple of 8, q4 of 32)",
                 tq_fmt_name(fmts[i]), c->head_dim);
     kv->ctx = ctx;
@@ -1635,7 +1636,7 @@ static void usage(int status) {
         "  -c <int>    context length in tokens, default the model's (eval: the chunk length, default 512)\n"
         "  --chunks <int> eval: score at most this many chunks, default all\n"
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
-        "  --scale <r> scale rule of the tq formats: norm (paper) | nc (norm correction) | eden; default nc\n"
+        "  --scale <r> tq scale rule: norm (paper) | nc (norm correction) | eden, or KEYS:VALUES; default eden\n"
         "Fixes for lossy caches (q8, q4, tq*), measured on the sequence itself, costs counted:\n"
         "  --offsets <0|1>  subtract per-head key/value means of the first batch, default 1\n"
         "  --kweights <0|1> weight key channels by the queries' energy, default 0\n"
@@ -1671,16 +1672,28 @@ static int parse_int(const char *flag, const char *s, long lo, long hi) {
     return (int)v;
 }
 
-static void parse_kv(const char *arg, tq_fmt *kf, tq_fmt *vf) {
-    char k[32], v[32];
+/* "A" or "A:B" (keys:values) -> k = A, v = B (or A); k and v hold 32 bytes */
+static void split_kv(const char *flag, const char *arg, char *k, char *v) {
     const char *colon = strchr(arg, ':');
     size_t kl = colon ? (size_t)(colon - arg) : strlen(arg);
-    if (kl == 0 || kl >= sizeof k || (colon && (!colon[1] || strlen(colon + 1) >= sizeof v || strchr(colon + 1, ':'))))
-        die("bad -k \"%s\": give FMT or KFMT:VFMT (run -h lists the formats)", arg);
+    if (kl == 0 || kl >= 32 || (colon && (!colon[1] || strlen(colon + 1) >= 32 || strchr(colon + 1, ':'))))
+        die("bad %s \"%s\": give X or KEYS:VALUES (run -h)", flag, arg);
     memcpy(k, arg, kl); k[kl] = 0;
-    snprintf(v, sizeof v, "%s", colon ? colon + 1 : k);
+    snprintf(v, 32, "%s", colon ? colon + 1 : k);
+}
+
+static void parse_kv(const char *arg, tq_fmt *kf, tq_fmt *vf) {
+    char k[32], v[32];
+    split_kv("-k", arg, k, v);
     if (tq_parse_fmt(k, kf) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", k);
     if (tq_parse_fmt(v, vf) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", v);
+}
+
+static void parse_scales(const char *arg, tq_scale *ks, tq_scale *vs) {
+    char k[32], v[32];
+    split_kv("--scale", arg, k, v);
+    if (tq_parse_scale(k, ks) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", k);
+    if (tq_parse_scale(v, vs) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", v);
 }
 
 #ifndef RUN_NO_MAIN
@@ -1690,7 +1703,7 @@ int main(int argc, char **argv) {
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
     int steps = 256, ctx = 0, chunks = 0;
-    CacheOpts co = {TQ_TQ3, TQ_TQ3, TQ_SCALE_NC, 1, 0, 1, 1, 8};   /* defaults chosen by bench/quality */
+    CacheOpts co = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 1, 0, 1, 1, 8};   /* defaults chosen by bench/quality */
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
@@ -1722,7 +1735,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, 1);
         else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--window")) co.window = parse_int(a, v, 0, 1 << 20);
-        else if (!strcmp(a, "--scale")) { if (tq_parse_scale(v, &co.scale) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", v); }
+        else if (!strcmp(a, "--scale")) parse_scales(v, &co.kscale, &co.vscale);
         else die("unknown option %s (run -h)", a);
     }
     enum { GENERATE, CHAT, EVAL, LOGITS, TOKENIZE, DETOKENIZE, NMODES };
@@ -1771,7 +1784,7 @@ int main(int argc, char **argv) {
     } else if (m == EVAL) {
         if (!prompt) die("-m eval needs a text: -f FILE");
         int same = co.kf == TQ_FP32 && co.vf == TQ_FP32;  /* the reference would be identical */
-        CacheOpts fp32 = {TQ_FP32, TQ_FP32, TQ_SCALE_NC, 0, 0, 0, 0, 0};
+        CacheOpts fp32 = {TQ_FP32, TQ_FP32, TQ_SCALE_NC, TQ_SCALE_NC, 0, 0, 0, 0, 0};
         Transformer ref;
         if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch);
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);
