@@ -1343,8 +1343,9 @@ static void report(const Transformer *t, int n_pos, const Stats *st) {
     double proj = (double)n_pos * c->n_layers * c->n_kv_heads * 2 * kv->kproj / 1048576.0;
     if (mib > codes)
         fprintf(stderr, "kv: of which %.3f MiB codes, %.3f MiB key projections (fp16 per key), %.3f MiB fixed cost "
-                "(%d sink + %d recent positions in fp16, offsets, key weights, query directions): %.2f bits/elem in all\n",
-                codes, proj, mib - codes - proj, kv->sink, kv->window,
+                "(%d sink + %d recent positions in fp16%s%s%s): %.2f bits/elem in all\n",
+                codes, proj, mib - codes - proj, kv->sink, kv->window, kv->koffsets || kv->voffsets ? ", offsets" : "",
+                kv->kweights ? ", key weights" : "", kv->kproj ? ", query directions" : "",
                 8.0 * cache_bytes(kv, c, n_pos) / ((double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2));
     if (st)
         fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens)\n",
