@@ -159,7 +159,8 @@ typedef struct {
  * of the sequence's first batch (the sink token left out), rounded to fp16 and
  * normalized again; it costs 16 bits per head dimension once per sequence.
  * Measured in a numpy model of attention alone (keys tq3, sink + 8 recent exact):
- * the attention KL divergence falls from 0.029 to 0.011. */
+ * the attention KL divergence falls from 0.029 to 0.011; in run's eval (tq3,
+ * 6 chunks of wiki.test.raw) the model's KLD from fp32 falls from 0.032 to 0.022. */
 
 /* Activations for up to `batch` tokens processed together (prompts are run in
  * batches so that every weight row read from memory serves many tokens). */
