@@ -305,10 +305,10 @@ static void load_model(Transformer *t, const char *path) {
  * KV cache and activations
  */
 
-/* rows of the exact store per (layer, kv head) */
-static int exact_slots(const CacheOpts *o, int ctx) {
-    int sink = o->sink < ctx ? o->sink : ctx;
-    return sink + (o->window < ctx - sink ? o->window : ctx - sink);
+/* rows of the exact store per (layer, kv head): the sinks and the ring of recent positions */
+static int exact_slots(int sink, int window, int ctx) {
+    sink = sink < ctx ? sink : ctx;
+    return sink + (window < ctx - sink ? window : ctx - sink);
 }
 
 static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ctx) {
@@ -330,13 +330,11 @@ static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ct
     kv->kw = xcalloc(heads * c->head_dim, sizeof(float), "key weights");
     for (size_t i = 0; i < heads * c->head_dim; i++) kv->kw[i] = 1.0f;
     kv->kdir = xcalloc(heads * c->head_dim, sizeof(float), "key directions");
-    kv->kbeta = xcalloc(heads * (kv->kproj ? (size_t)ctx : 1), sizeof(uint16_t), "key projections");
+    kv->kbeta = kv->kproj ? xcalloc(heads * ctx, sizeof(uint16_t), "key projections") : NULL;
     int lossy = kf >= TQ_Q8 || vf >= TQ_Q8;     /* exact copies only help a lossy cache */
     kv->sink = lossy ? (o->sink < ctx ? o->sink : ctx) : 0;
     kv->window = lossy ? o->window : 0;
-    CacheOpts eff = *o;
-    eff.sink = kv->sink; eff.window = kv->window;
-    kv->slots = exact_slots(&eff, ctx);
+    kv->slots = exact_slots(kv->sink, kv->window, ctx);
     kv->exact_k = xcalloc(heads * kv->slots * c->head_dim, sizeof(uint16_t), "exact keys");
     kv->exact_v = xcalloc(heads * kv->slots * c->head_dim, sizeof(uint16_t), "exact values");
     size_t rows = heads * ctx;
@@ -367,7 +365,8 @@ static int is_exact(const KVCache *kv, int t, int T) { return t < kv->sink || t 
  * offsets, key weights and query directions. */
 static size_t cache_bytes(const KVCache *kv, const Config *c, int n) {
     size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = (size_t)c->head_dim;
-    size_t exact = (size_t)(n < kv->sink ? n : kv->sink) + (size_t)(n - kv->sink > kv->window ? kv->window : (n > kv->sink ? n - kv->sink : 0));
+    size_t sink = (size_t)(n < kv->sink ? n : kv->sink), rest = (size_t)n - sink;
+    size_t exact = sink + (rest < (size_t)kv->window ? rest : (size_t)kv->window);   /* fp16 rows in use */
     size_t stats = (size_t)(kv->koffsets + kv->voffsets + kv->kweights + kv->kproj) * hd * 2;
     size_t per_pos = kv->kc.bytes + kv->vc.bytes + (size_t)kv->kproj * 2;
     return heads * ((size_t)n * per_pos + exact * hd * 2 * 2 + stats);
@@ -405,7 +404,7 @@ static double run_bytes(const Config *c, const CacheOpts *o, int ctx, int batch)
     double qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, wide = qd > c->dim ? qd : c->dim;
     double cache = heads * ctx * (double)(tq_bytes(o->kf, c->head_dim) + tq_bytes(o->vf, c->head_dim) + 2)
                  + 4 * 4 * heads * hd                       /* offsets, key weights, directions */
-                 + 2 * 2 * heads * (double)exact_slots(o, ctx) * hd;  /* fp16 exact store */
+                 + 2 * 2 * heads * (double)exact_slots(o->sink, o->window, ctx) * hd;  /* fp16 exact store */
     double per_token = 3.0 * c->dim + wide + 2.0 * c->hidden_dim + 2 * qd + 2 * kvd + c->vocab_size
                      + (double)c->n_heads * ((double)ctx + 20 * hd);   /* scores, queries, acc */
     return cache + 4.0 * batch * per_token;
@@ -555,7 +554,7 @@ static void attention(const KVCache *kv, const Config *c, int l, int g, int T, c
         for (int i = 0; i < hd; i++) qperp[i] = q[i] - qu * u[i];
     }
     tq_prepare_query(&kv->kc, kv->kproj ? qperp : q, qp);
-    const uint16_t *beta = kv->kbeta + (kv->kproj ? head * kv->ctx : 0);
+    const uint16_t *beta = kv->kproj ? kv->kbeta + head * kv->ctx : NULL;
     float scale = 1.0f / sqrtf((float)hd);
     for (int t = 0; t < T; t++)
         att[t] = scale * (!is_exact(kv, t, T) ? tq_dot(&kv->kc, qp, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t))
