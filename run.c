@@ -22,8 +22,20 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "tq.h"
+
+/* threads of the parallel loops (1 without OpenMP) and the one running this */
+#ifdef _OPENMP
+static int n_threads(void) { return omp_get_max_threads(); }
+static int thread_id(void) { return omp_get_thread_num(); }
+#else
+static int n_threads(void) { return 1; }
+static int thread_id(void) { return 0; }
+#endif
 
 /* Every bad input ends here: one line that names the problem, exit status 1. */
 static void die(const char *fmt, ...) {
@@ -163,9 +175,11 @@ typedef struct {
  * 6 chunks of wiki.test.raw) the model's KLD from fp32 falls from 0.032 to 0.022. */
 
 /* Activations for up to `batch` tokens processed together (prompts are run in
- * batches so that every weight row read from memory serves many tokens). */
+ * batches so that every weight row read from memory serves many tokens; the
+ * first batch of a sequence is also where the cache's statistics come from). */
 typedef struct {
     int batch;
+    int logit_rows; /* rows of logits: batch for eval / logits, else 1         */
     float *x;      /* (batch, dim) residual stream                            */
     float *xb;     /* (batch, max(dim, q_dim)) normed input / attention output */
     float *xb2;    /* (batch, dim)                                            */
@@ -174,11 +188,11 @@ typedef struct {
     float *q;      /* (batch, q_dim)   q_dim = n_heads*head_dim               */
     float *k;      /* (batch, kv_dim)  kv_dim = n_kv_heads*head_dim           */
     float *v;      /* (batch, kv_dim)                                         */
-    float *att;    /* (batch*n_heads, ctx) attention scores                   */
+    float *att;    /* (n_threads, ctx) attention scores, one row per thread   */
     float *qp;     /* (batch*n_heads, tq_query_floats) prepared queries       */
     float *qperp;  /* (batch*n_heads, head_dim) queries less their part along u */
     float *acc;    /* (batch*n_heads, tq_acc_floats) value accumulators       */
-    float *logits; /* (batch, vocab_size)                                     */
+    float *logits; /* (logit_rows, vocab_size)                                */
 } RunState;
 
 typedef struct {
@@ -372,10 +386,11 @@ static size_t cache_bytes(const KVCache *kv, const Config *c, int n) {
     return heads * ((size_t)n * per_pos + exact * hd * 2 * 2 + stats);
 }
 
-static void build_state(RunState *s, const Config *c, const KVCache *kv, int batch) {
+static void build_state(RunState *s, const Config *c, const KVCache *kv, int batch, int all_logits) {
     size_t B = (size_t)batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     size_t wide = qd > (size_t)c->dim ? qd : (size_t)c->dim;
     s->batch = batch;
+    s->logit_rows = all_logits ? batch : 1;
     s->x = xcalloc(B * c->dim, sizeof(float), "activations");
     s->xb = xcalloc(B * wide, sizeof(float), "activations");
     s->xb2 = xcalloc(B * c->dim, sizeof(float), "activations");
@@ -384,11 +399,11 @@ static void build_state(RunState *s, const Config *c, const KVCache *kv, int bat
     s->q = xcalloc(B * qd, sizeof(float), "activations");
     s->k = xcalloc(B * kvd, sizeof(float), "activations");
     s->v = xcalloc(B * kvd, sizeof(float), "activations");
-    s->att = xcalloc(B * c->n_heads * (size_t)kv->ctx, sizeof(float), "attention scores");
+    s->att = xcalloc((size_t)n_threads() * kv->ctx, sizeof(float), "attention scores");
     s->qp = xcalloc(B * c->n_heads * tq_query_floats(&kv->kc), sizeof(float), "queries");
     s->qperp = xcalloc(B * qd, sizeof(float), "queries");
     s->acc = xcalloc(B * c->n_heads * tq_acc_floats(&kv->vc), sizeof(float), "accumulators");
-    s->logits = xcalloc(B * c->vocab_size, sizeof(float), "logits");
+    s->logits = xcalloc((size_t)s->logit_rows * c->vocab_size, sizeof(float), "logits");
 }
 
 static void free_state(RunState *s) {
@@ -399,18 +414,18 @@ static void free_state(RunState *s) {
 /* Bytes that build_cache and build_state allocate for ctx positions and batch tokens, in
  * double so that no header can overflow it; the prepared query (at most 18 head_dim floats)
  * and the accumulator (at most 2) are counted at their largest. */
-static double run_bytes(const Config *c, const CacheOpts *o, int ctx, int batch) {
+static double run_bytes(const Config *c, const CacheOpts *o, int ctx, int batch, int all_logits) {
     double hd = c->head_dim, heads = (double)c->n_layers * c->n_kv_heads;
     double qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, wide = qd > c->dim ? qd : c->dim;
     double cache = heads * ctx * (double)(tq_bytes(o->kf, c->head_dim) + tq_bytes(o->vf, c->head_dim) + 2)
                  + 4 * 4 * heads * hd                       /* offsets, key weights, directions */
                  + 2 * 2 * heads * (double)exact_slots(o->sink, o->window, ctx) * hd;  /* fp16 exact store */
-    double per_token = 3.0 * c->dim + wide + 2.0 * c->hidden_dim + 2 * qd + 2 * kvd + c->vocab_size
-                     + (double)c->n_heads * ((double)ctx + 20 * hd);   /* scores, queries, acc */
-    return cache + 4.0 * batch * per_token;
+    double per_token = 3.0 * c->dim + wide + 2.0 * c->hidden_dim + 2 * qd + 2 * kvd
+                     + (all_logits ? c->vocab_size : 0) + (double)c->n_heads * 20 * hd;   /* queries, acc */
+    return cache + 4.0 * (batch * per_token + (double)n_threads() * ctx + c->vocab_size);   /* scores, logits */
 }
 
-static void build_transformer(Transformer *t, const char *path, const CacheOpts *o, int ctx, int batch) {
+static void build_transformer(Transformer *t, const char *path, const CacheOpts *o, int ctx, int batch, int all_logits) {
     load_model(t, path);
     const Config *c = &t->config;
     int asked = ctx > 0;
@@ -427,14 +442,14 @@ static void build_transformer(Transformer *t, const char *path, const CacheOpts 
     }
     /* Linux overcommits, so calloc would succeed and the process die later: compare with
      * the physical memory first (the weights are mmap'd and not counted) */
-    double need = run_bytes(c, o, ctx, batch);
+    double need = run_bytes(c, o, ctx, batch, all_logits);
     double phys = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (phys > 0 && need > phys)
         die("%s%d tokens need %.0f bytes (%.1f GiB) of KV cache and activations, more than the %.1f GiB "
             "of memory here: give a smaller -c", asked ? "-c " : "the model's context of ", ctx,
             need, need / 1073741824.0, phys / 1073741824.0);
     build_cache(&t->cache, &t->config, o, ctx);
-    build_state(&t->state, &t->config, &t->cache, batch);
+    build_state(&t->state, &t->config, &t->cache, batch, all_logits);
 }
 
 static void free_transformer(Transformer *t) {
@@ -708,7 +723,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
             const float *kw = kv->kw + (size_t)l * kvd + (size_t)(h / group) * hd;
             for (int j = 0; j < hd; j++) q[j] /= kw[j];    /* (q/w).(w*k) = q.k */
             attention(kv, c, l, h / group, pos + b + 1, s->q + (size_t)b * qd + (size_t)h * hd, &bt,
-                      s->qperp + (size_t)i * hd, s->qp + (size_t)i * qf, s->att + (size_t)i * kv->ctx, s->acc + (size_t)i * af,
+                      s->qperp + (size_t)i * hd, s->qp + (size_t)i * qf, s->att + (size_t)thread_id() * kv->ctx, s->acc + (size_t)i * af,
                       s->xb + (size_t)b * qd + (size_t)h * hd);
         }
         for (int b = 0; b < n; b++)                  /* sinks and the last `window` enter the exact store */
@@ -1636,6 +1651,8 @@ static void usage(int status) {
         "  -k <fmt>    KV cache format, or KFMT:VFMT for keys and values apart; default tq3\n"
         "  -c <int>    context length in tokens, default the model's (eval: the chunk length, default 512)\n"
         "  --chunks <int> eval: score at most this many chunks, default all\n"
+        "  --batch <int> prompt tokens per forward pass; the cache's statistics (below) come\n"
+        "              from a sequence's first batch, default 256\n"
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
         "  --scale <r> tq scale rule: norm (paper) | nc (norm correction) | eden, or KEYS:VALUES; default eden\n"
         "Fixes for lossy caches (q8, q4, tq*), measured on the sequence itself, costs counted:\n"
@@ -1703,7 +1720,7 @@ int main(int argc, char **argv) {
     const char *mode = "generate", *system = NULL, *out = NULL;
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
-    int steps = 256, ctx = 0, chunks = 0;
+    int steps = 256, ctx = 0, chunks = 0, batch = 256;
     CacheOpts co = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 1, 0, 1, 1, 8};   /* defaults chosen by bench/quality */
 
     if (argc < 2) usage(1);
@@ -1731,6 +1748,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-c")) ctx = parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "-o")) out = v;
         else if (!strcmp(a, "--chunks")) chunks = parse_int(a, v, 1, 1 << 30);
+        else if (!strcmp(a, "--batch")) batch = parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--offsets")) co.offsets = parse_int(a, v, 0, 1);
         else if (!strcmp(a, "--kweights")) co.kweights = parse_int(a, v, 0, 1);
         else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, 1);
@@ -1754,10 +1772,10 @@ int main(int argc, char **argv) {
     if (seed == 0) seed = (unsigned long long)time(NULL);
 
     Transformer t;
-    int batch = (m == EVAL || m == LOGITS) ? 48 : 24;
+    int all_logits = m == EVAL || m == LOGITS;
     if (m == EVAL && ctx == 0) ctx = 512;
     if (m == TOKENIZE || m == DETOKENIZE) ctx = 1;  /* no cache needed */
-    build_transformer(&t, model_path, &co, ctx, batch);
+    build_transformer(&t, model_path, &co, ctx, batch, all_logits);
     Config *c = &t.config;
 
     /* the tokenizer: from model.bin, or from another exported file with -z */
@@ -1787,7 +1805,7 @@ int main(int argc, char **argv) {
         int same = co.kf == TQ_FP32 && co.vf == TQ_FP32;  /* the reference would be identical */
         CacheOpts fp32 = {TQ_FP32, TQ_FP32, TQ_SCALE_NC, TQ_SCALE_NC, 0, 0, 0, 0, 0};
         Transformer ref;
-        if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch);
+        if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1);
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);
         if (!same) free_transformer(&ref);
     } else if (m == LOGITS) {

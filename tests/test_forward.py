@@ -610,8 +610,9 @@ def test_logits_cache_tq_ref(workdir, kspec, scale):
 # E the summed energy of the group's queries over the tokens in that pair, V the keys' variance; queries are
 # divided by w. With --sink S the first S positions' (transformed) keys and values are also
 # kept in fp16 and attention uses those. (--window, the recent positions, depends on the query
-# position, which this per-position model cannot express: it is off here and tested below.) This test models exactly that; FIRST_BATCH is run's
-# batch in -m logits.
+# position, which this per-position model cannot express: it is off here and tested below.) This test models exactly that, with
+# the statistics from the first --batch tokens; FIRST_BATCH is the batch most cases use (fewer than N_TOK, so the later
+# batches are encoded with statistics they did not contribute to).
 FIRST_BATCH = 48
 
 
@@ -674,14 +675,16 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
     return f
 
 
-@pytest.mark.parametrize("name,kspec,scale,sink", [
-    ("gguf", "tq3", "nc", 0), ("hf", "tq4p", "nc", 0), ("gguf", "q8", "nc", 0),
-    ("hf", "tq2:q4", "eden", 0), ("gguf_tied", "fp16:tq3", "nc", 0), ("gguf", "tq3", "nc", 4),
-    ("hf", "fp16:tq2p", "norm", 3)])
+@pytest.mark.parametrize("name,kspec,scale,sink,batch", [
+    ("gguf", "tq3", "nc", 0, FIRST_BATCH), ("hf", "tq4p", "nc", 0, FIRST_BATCH),
+    ("gguf", "q8", "nc", 0, FIRST_BATCH), ("hf", "tq2:q4", "eden", 0, 20),
+    ("gguf_tied", "fp16:tq3", "nc", 0, FIRST_BATCH), ("gguf", "tq3", "nc", 4, 50), ("gguf", "tq3", "nc", 0, 256),
+    ("hf", "fp16:tq2p", "norm", 3, 7)])
 @pytest.mark.parametrize("kproj", [0, 1])
-def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, kproj):
+def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, batch, kproj):
     """run with its default cache transforms (offsets and key weights on; --sink as given)
-    against the reference with those transforms modelled around the C codec (libtq)."""
+    against the reference with those transforms modelled around the C codec (libtq), the
+    statistics taken from the first `--batch` tokens (256: all of the N_TOK here)."""
     _need_run()
     _, out, m = _exported(name, str(workdir))
     if not (_run_accepts(out, "--offsets", "1") and _run_accepts(out, "--kweights", "1")):
@@ -698,13 +701,17 @@ def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, kpro
         sink_opt += ("--kproj", str(kproj))
     elif kproj:
         pytest.skip("this run has no --kproj option")
+    if _run_accepts(out, "--batch", str(FIRST_BATCH)):
+        sink_opt += ("--batch", str(batch))
+    elif batch != FIRST_BATCH:
+        pytest.skip("this run has no --batch option")
     kf, vf = (kspec.split(":") + [kspec])[:2]
     hd, group = m.head_dim, m.n_heads // m.n_kv_heads
     fns = {f: None if f == "fp32" else ref_llama.fp16_roundtrip if f == "fp16" else
            NearTies(libtq_roundtrip(f, hd, scale), hd) for f in {kf, vf}}
     quantized = {f: f not in ("fp32", "fp16") for f in {kf, vf}}
     layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], quantized[kf], quantized[vf], group,
-                                        sink, kproj=bool(kproj))
+                                        sink, n_first=batch, kproj=bool(kproj))
     got = run_logits(out, workdir, kspec, ("--scale", scale, "--offsets", "1", "--kweights", "1") + sink_opt)
     wrappers = [w for w in fns.values() if isinstance(w, NearTies)]
     ref, n_ties, switched = _match_with(
@@ -714,7 +721,7 @@ def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, kpro
     # the fp16-rounded statistics (mu, w) can sit on a rounding midpoint too, which moves every
     # code of a head a little and is not matched: measured up to ~1.2e-4, hence 1e-3
     tol = FP16_TOL if "fp16" in (kf, vf) else 1e-3
-    what = f"{name} -k {kspec} --scale {scale} --sink {sink} --kproj {kproj} (offsets + key weights)"
+    what = f"{name} -k {kspec} --scale {scale} --sink {sink} --kproj {kproj} --batch {batch} (offsets + key weights)"
     assert diff.max() < tol, \
         (f"{what}: max |run - ref| = {diff.max():.3g} (tol {tol}; {_where(diff)}; cache "
          f"effect {moved.max():.3g}; near-tie vectors {n_ties}, {switched} switched)")
