@@ -106,7 +106,7 @@ typedef struct {
     tq_scale kscale, vscale; /* scale rules of the tq formats for keys, values  */
     int offsets;     /* subtract per-head key/value offsets                   */
     int kweights;    /* weight key channels by the queries' energy            */
-    int kproj;       /* keep each key's part along the mean query exactly     */
+    int kproj;       /* directions along which keys are kept exactly (0, 1, 2) */
     int sink;        /* the first `sink` positions also kept in fp16          */
     int window;      /* the last `window` positions also kept in fp16         */
 } CacheOpts;
@@ -124,9 +124,9 @@ typedef struct {
     float *koff;     /* (n_layers, n_kv_heads, head_dim) key offset mu_k      */
     float *voff;     /* (n_layers, n_kv_heads, head_dim) value offset mu_v    */
     float *kw;       /* (n_layers, n_kv_heads, head_dim) key channel weights w */
-    int kproj;       /* 1: keys' component along the mean query kept exactly (below) */
-    float *kdir;     /* (n_layers, n_kv_heads, head_dim) unit mean query direction u */
-    uint16_t *kbeta; /* (n_layers, n_kv_heads, ctx) fp16 beta_t = u.k_t of every key */
+    int kproj;       /* R: keys' components along R directions kept exactly (below) */
+    float *kdir;     /* (n_layers, n_kv_heads, R, head_dim) orthonormal directions u_j */
+    uint16_t *kbeta; /* (n_layers, n_kv_heads, ctx, R) fp16 beta_tj = u_j.k_t of every key */
     int sink, window; /* exact positions: the first `sink` and the last `window` */
     int slots;       /* rows per head of the exact store: sink + a ring of window */
     uint16_t *exact_k; /* (n_layers, n_kv_heads, slots, head_dim) fp16 keys as encoded */
@@ -337,14 +337,14 @@ static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ct
     kv->koffsets = o->offsets && kf >= TQ_Q8;   /* never for the fp32/fp16 references */
     kv->voffsets = o->offsets && vf >= TQ_Q8;
     kv->kweights = o->kweights && kf >= TQ_Q8;
-    kv->kproj = o->kproj && kf >= TQ_Q8;
+    kv->kproj = kf >= TQ_Q8 ? o->kproj : 0;
     size_t heads = (size_t)c->n_layers * c->n_kv_heads;
     kv->koff = xcalloc(heads * c->head_dim, sizeof(float), "key offsets");
     kv->voff = xcalloc(heads * c->head_dim, sizeof(float), "value offsets");
     kv->kw = xcalloc(heads * c->head_dim, sizeof(float), "key weights");
     for (size_t i = 0; i < heads * c->head_dim; i++) kv->kw[i] = 1.0f;
-    kv->kdir = xcalloc(heads * c->head_dim, sizeof(float), "key directions");
-    kv->kbeta = kv->kproj ? xcalloc(heads * ctx, sizeof(uint16_t), "key projections") : NULL;
+    kv->kdir = xcalloc(heads * (kv->kproj ? kv->kproj : 1) * c->head_dim, sizeof(float), "key directions");
+    kv->kbeta = kv->kproj ? xcalloc(heads * ctx * kv->kproj, sizeof(uint16_t), "key projections") : NULL;
     int lossy = kf >= TQ_Q8 || vf >= TQ_Q8;     /* exact copies only help a lossy cache */
     kv->sink = lossy ? (o->sink < ctx ? o->sink : ctx) : 0;
     kv->window = lossy ? o->window : 0;
@@ -382,7 +382,7 @@ static size_t cache_bytes(const KVCache *kv, const Config *c, int n) {
     size_t sink = (size_t)(n < kv->sink ? n : kv->sink), rest = (size_t)n - sink;
     size_t exact = sink + (rest < (size_t)kv->window ? rest : (size_t)kv->window);   /* fp16 rows in use */
     size_t stats = (size_t)(kv->koffsets + kv->voffsets + kv->kweights + kv->kproj) * hd * 2;
-    size_t per_pos = kv->kc.bytes + kv->vc.bytes + (size_t)kv->kproj * 2;
+    size_t per_pos = kv->kc.bytes + kv->vc.bytes + (size_t)kv->kproj * 2;   /* codes, betas */
     return heads * ((size_t)n * per_pos + exact * hd * 2 * 2 + stats);
 }
 
@@ -562,18 +562,20 @@ static void attention(const KVCache *kv, const Config *c, int l, int g, int T, c
     const float *voff = kv->voff + head * c->head_dim;
     int hd = c->head_dim;
     size_t kvd = (size_t)c->n_kv_heads * hd;
-    float qu = 0;                                   /* q.u, and q_perp = q - (q.u) u (key projection) */
-    if (kv->kproj) {
-        const float *u = kv->kdir + head * hd;
-        qu = dot(q, u, hd);
-        for (int i = 0; i < hd; i++) qperp[i] = q[i] - qu * u[i];
+    int R = kv->kproj;
+    float qu[2] = {0, 0};                           /* q.u_j, and q_perp = q - sum_j (q.u_j) u_j (key projection) */
+    if (R) {
+        const float *u = kv->kdir + head * R * hd;
+        for (int j = 0; j < R; j++) qu[j] = dot(q, u + (size_t)j * hd, hd);
+        for (int i = 0; i < hd; i++) qperp[i] = q[i] - qu[0] * u[i] - (R > 1 ? qu[1] * u[hd + i] : 0.0f);
     }
-    tq_prepare_query(&kv->kc, kv->kproj ? qperp : q, qp);
-    const uint16_t *beta = kv->kproj ? kv->kbeta + head * kv->ctx : NULL;
+    tq_prepare_query(&kv->kc, R ? qperp : q, qp);
+    const uint16_t *beta = R ? kv->kbeta + head * kv->ctx * R : NULL;
     float scale = 1.0f / sqrtf((float)hd);
     for (int t = 0; t < T; t++)
         att[t] = scale * (!is_exact(kv, t, T) ? tq_dot(&kv->kc, qp, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t))
-                                                + (kv->kproj ? qu * tq_f16_to_f32(beta[t]) : 0.0f)
+                                                + (R ? qu[0] * tq_f16_to_f32(beta[(size_t)t * R]) : 0.0f)
+                                                + (R > 1 ? qu[1] * tq_f16_to_f32(beta[(size_t)t * R + 1]) : 0.0f)
                           : t >= bt->pos ? dot(q, bt->k + (t - bt->pos) * kvd + (size_t)g * hd, hd)
                           : dot_f16(q, kv->exact_k + exact_row(kv, c, l, g, t), hd));
     softmax(att, T);
@@ -635,28 +637,74 @@ static void set_key_weights(float *w, const float *q, const float *k, int n, con
         }
 }
 
-/* Key projection direction: u (kvd) = the mean over the rows b >= 1 of q (n, qd)
- * and the heads of each group, as attention sees them (divided by the key
- * weights w), rounded to fp16 and normalized again (so that |u| = 1 exactly
- * as far as float goes). */
-static void set_query_dir(float *u, const float *q, const float *w, int n, const Config *c) {
+/* fp16-rounds u (n) as it is stored, then makes it a unit vector orthogonal to the
+ * unit vector prev (if given) again, in float, the way every reader recomputes it. */
+static void store_direction(float *u, const float *prev, int n) {
+    for (int i = 0; i < n; i++) u[i] = tq_f16_to_f32(tq_f32_to_f16(u[i]));
+    if (prev) {
+        float p = dot(u, prev, n);
+        for (int i = 0; i < n; i++) u[i] -= p * prev[i];
+    }
+    double norm = 0;
+    for (int i = 0; i < n; i++) norm += (double)u[i] * u[i];
+    for (int i = 0; i < n; i++) u[i] = norm > 0 ? (float)(u[i] / sqrt(norm)) : 0.0f;
+}
+
+/* Key projection directions, per KV head g, from rows b >= 1 of the first batch:
+ * u_1 = the mean of the group's queries q (n, qd) as attention sees them (divided
+ *       by the key weights w), normalized;
+ * u_2 (R = 2) = the top principal direction of the keys as encoded, w * (k - mu)
+ *       from k (n, kvd), less their part along u_1: the direction that holds most
+ *       of what the codes would otherwise carry. Power iteration on the 64 x 64
+ *       second-moment matrix, started from the longest of those keys.
+ * Each is rounded to fp16 (what is stored) and made orthonormal again. */
+static void set_key_dirs(float *u, int R, const float *q, const float *k, const float *mu, const float *w,
+                         int n, const Config *c) {
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, first = n > 1 ? 1 : 0;
-    size_t qd = (size_t)c->n_heads * hd;
+    size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
+    double *m = xcalloc((size_t)hd * hd + 3 * (size_t)hd, sizeof(double), "key directions");
+    double *r = m + (size_t)hd * hd, *v = r + hd, *mv = v + hd;
     for (int g = 0; g < c->n_kv_heads; g++) {
-        float *ug = u + (size_t)g * hd;
+        float *u1 = u + (size_t)g * R * hd;
+        const float *wg = w + (size_t)g * hd, *mug = mu + (size_t)g * hd;
         double norm = 0;
         for (int i = 0; i < hd; i++) {
             double sum = 0;
             for (int b = first; b < n; b++)
                 for (int h = g * group; h < (g + 1) * group; h++) sum += q[b * qd + (size_t)h * hd + i];
-            ug[i] = (float)(sum / w[(size_t)g * hd + i]);
-            norm += (double)ug[i] * ug[i];
+            u1[i] = (float)(sum / wg[i]);
+            norm += (double)u1[i] * u1[i];
         }
-        for (int i = 0; i < hd; i++) ug[i] = tq_f16_to_f32(tq_f32_to_f16(norm > 0 ? (float)(ug[i] / sqrt(norm)) : 0.0f));
-        norm = 0;
-        for (int i = 0; i < hd; i++) norm += (double)ug[i] * ug[i];
-        for (int i = 0; i < hd; i++) ug[i] = norm > 0 ? (float)(ug[i] / sqrt(norm)) : 0.0f;
+        for (int i = 0; i < hd; i++) u1[i] = norm > 0 ? (float)(u1[i] / sqrt(norm)) : 0.0f;
+        store_direction(u1, NULL, hd);
+        if (R < 2) continue;
+        memset(m, 0, ((size_t)hd * hd + hd) * sizeof(double));
+        double longest = -1;
+        for (int b = first; b < n; b++) {           /* m = sum_b r_b r_b^T, r_b = x_b - (u_1.x_b) u_1 */
+            double p = 0, len = 0;
+            for (int i = 0; i < hd; i++) {
+                r[i] = wg[i] * (k[b * kvd + (size_t)g * hd + i] - mug[i]);
+                p += r[i] * u1[i];
+            }
+            for (int i = 0; i < hd; i++) { r[i] -= p * u1[i]; len += r[i] * r[i]; }
+            for (int i = 0; i < hd; i++)
+                for (int j = 0; j < hd; j++) m[(size_t)i * hd + j] += r[i] * r[j];
+            if (len > longest) { longest = len; memcpy(v, r, hd * sizeof(double)); }
+        }
+        for (int it = 0; it < 200; it++) {          /* v <- m v / |m v| */
+            double len = 0;
+            for (int i = 0; i < hd; i++) {
+                mv[i] = 0;
+                for (int j = 0; j < hd; j++) mv[i] += m[(size_t)i * hd + j] * v[j];
+                len += mv[i] * mv[i];
+            }
+            for (int i = 0; i < hd; i++) v[i] = len > 0 ? mv[i] / sqrt(len) : 0.0;
+        }
+        float *u2 = u1 + hd;
+        for (int i = 0; i < hd; i++) u2[i] = (float)v[i];
+        store_direction(u2, u1, hd);
     }
+    free(m);
 }
 
 /* Runs n tokens (n <= batch) at positions pos..pos+n-1, storing their keys and
@@ -693,7 +741,8 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
             if (kv->koffsets) set_offset(kv->koff + (size_t)l * kvd, s->k, n, kvd);
             if (kv->voffsets) set_offset(kv->voff + (size_t)l * kvd, s->v, n, kvd);
             if (kv->kweights) set_key_weights(kv->kw + (size_t)l * kvd, s->q, s->k, n, c);
-            if (kv->kproj) set_query_dir(kv->kdir + (size_t)l * kvd, s->q, kv->kw + (size_t)l * kvd, n, c);
+            if (kv->kproj) set_key_dirs(kv->kdir + (size_t)l * kv->kproj * kvd, kv->kproj, s->q, s->k,
+                                        kv->koff + (size_t)l * kvd, kv->kw + (size_t)l * kvd, n, c);
         }
 #pragma omp parallel for schedule(static)
         for (i = 0; i < n * c->n_kv_heads; i++) {   /* encode k - mu_k, v - mu_v into the cache */
@@ -703,12 +752,16 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
             const float *kw = kv->kw + (size_t)l * kvd + (size_t)g * hd;
             for (int j = 0; j < hd; j++) { k[j] = kw[j] * (k[j] - ko[j]); v[j] -= vo[j]; }
             const float *kenc = k;
-            if (kv->kproj) {                        /* keep beta = u.k, encode k - beta u */
-                const float *u = kv->kdir + (size_t)l * kvd + (size_t)g * hd;
+            if (kv->kproj) {                        /* keep beta_j = u_j.k, encode k - sum_j beta_j u_j */
+                int R = kv->kproj;
+                const float *u = kv->kdir + ((size_t)l * c->n_kv_heads + g) * R * hd;
                 float *kp = s->qperp + (size_t)i * hd; /* scratch until attention uses it */
-                uint16_t beta = tq_f32_to_f16(dot(u, k, hd));
-                kv->kbeta[((size_t)l * c->n_kv_heads + g) * kv->ctx + pos + b] = beta;
-                for (int j = 0; j < hd; j++) kp[j] = k[j] - tq_f16_to_f32(beta) * u[j];
+                uint16_t *beta = kv->kbeta + (((size_t)l * c->n_kv_heads + g) * kv->ctx + pos + b) * R;
+                memcpy(kp, k, hd * sizeof(float));
+                for (int r = 0; r < R; r++) {
+                    beta[r] = tq_f32_to_f16(dot(u + (size_t)r * hd, k, hd));
+                    for (int j = 0; j < hd; j++) kp[j] -= tq_f16_to_f32(beta[r]) * u[(size_t)r * hd + j];
+                }
                 kenc = kp;
             }
             tq_encode(&kv->kc, kenc, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, pos + b));
@@ -1357,9 +1410,9 @@ static void report(const Transformer *t, int n_pos, const Stats *st) {
             ratio >= 1 ? ratio : 1 / ratio, ratio >= 1 ? "smaller" : "larger", 2 * fp16);
     double proj = (double)n_pos * c->n_layers * c->n_kv_heads * 2 * kv->kproj / 1048576.0;
     if (mib > codes)
-        fprintf(stderr, "kv: of which %.3f MiB codes, %.3f MiB key projections (fp16 per key), %.3f MiB fixed cost "
+        fprintf(stderr, "kv: of which %.3f MiB codes, %.3f MiB key projections (%d fp16 per key), %.3f MiB fixed cost "
                 "(%d sink + %d recent positions in fp16%s%s%s): %.2f bits/elem in all\n",
-                codes, proj, mib - codes - proj, kv->sink, kv->window, kv->koffsets || kv->voffsets ? ", offsets" : "",
+                codes, proj, kv->kproj, mib - codes - proj, kv->sink, kv->window, kv->koffsets || kv->voffsets ? ", offsets" : "",
                 kv->kweights ? ", key weights" : "", kv->kproj ? ", query directions" : "",
                 8.0 * cache_bytes(kv, c, n_pos) / ((double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2));
     if (st)
@@ -1651,14 +1704,13 @@ static void usage(int status) {
         "  -k <fmt>    KV cache format, or KFMT:VFMT for keys and values apart; default tq3\n"
         "  -c <int>    context length in tokens, default the model's (eval: the chunk length, default 512)\n"
         "  --chunks <int> eval: score at most this many chunks, default all\n"
-        "  --batch <int> prompt tokens per forward pass; the cache's statistics (below) come\n"
-        "              from a sequence's first batch, default 256\n"
+        "  --batch <int> prompt tokens per forward pass (the first gives the statistics below), default 256\n"
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
         "  --scale <r> tq scale rule: norm (paper) | nc (norm correction) | eden, or KEYS:VALUES; default eden\n"
         "Fixes for lossy caches (q8, q4, tq*), measured on the sequence itself, costs counted:\n"
         "  --offsets <0|1>  subtract per-head key/value means of the first batch, default 1\n"
         "  --kweights <0|1> weight key channels by the queries' energy, default 0\n"
-        "  --kproj <0|1>    keep each key's part along the mean query in fp16, default 1\n"
+        "  --kproj <0|1|2>  keep keys' parts along the mean query (1), the keys' main direction (2) in fp16, default 2\n"
         "  --sink <int>     keep the first N positions also in fp16, default 1\n"
         "  --window <int>   keep the last N positions also in fp16, default 8\n"
         "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n");
@@ -1721,7 +1773,7 @@ int main(int argc, char **argv) {
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
     int steps = 256, ctx = 0, chunks = 0, batch = 256;
-    CacheOpts co = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 1, 0, 1, 1, 8};   /* defaults chosen by bench/quality */
+    CacheOpts co = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 1, 0, 2, 1, 8};   /* defaults chosen by bench/quality */
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
@@ -1751,7 +1803,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--batch")) batch = parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--offsets")) co.offsets = parse_int(a, v, 0, 1);
         else if (!strcmp(a, "--kweights")) co.kweights = parse_int(a, v, 0, 1);
-        else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, 1);
+        else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, 2);
         else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--window")) co.window = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--scale")) parse_scales(v, &co.kscale, &co.vscale);

@@ -624,9 +624,12 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
     """layer_fn for ref_llama.forward: keys / values through kfn / vfn (None: kept in fp32),
     with run's offsets and key channel weights where ktrans / vtrans (quantized formats), and
     the first `sink` positions kept exact. kproj: run's key projection (run.c, "Key
-    projection"): u = the fp16-rounded, renormalized mean of the group's queries (as divided by
-    w) over the first batch; a key k' keeps beta = fp16(u.k') and the codes hold k' - beta u,
-    so what a query sees is beta u + (I - u u^T) decode(k' - beta u)."""
+    projection") on that many directions: u_1 = the fp16-rounded, renormalized mean of the
+    group's queries (as divided by w) over the first batch; u_2 = the top eigenvector of
+    sum r r^T over the first batch's keys k' = w (k - mu) less their part along u_1 (by power
+    iteration from the longest r, as run finds it), fp16-rounded and made orthonormal to u_1.
+    A key k' keeps beta_j = fp16(u_j.k') and the codes hold k' - sum_j beta_j u_j, so what a
+    query sees is sum_j beta_j u_j + (I - U^T U) decode(k' - sum_j beta_j u_j)."""
     def code(fn, x, where):
         if where[2] < sink:
             return _f16(x)
@@ -656,20 +659,34 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
             q = q / np.repeat(w, group, axis=0)[None]
         if vtrans:
             vmu = _f16(v[first:n].mean(axis=0))
-        u = None
+        U = None
         if ktrans and kproj:
             u = q[first:n].sum(axis=0).reshape(KV, group, hd).sum(axis=1)   # (KV, hd), q / w
             u = _f16(u / np.linalg.norm(u, axis=1, keepdims=True))
-            u = u / np.linalg.norm(u, axis=1, keepdims=True)
+            U = (u / np.linalg.norm(u, axis=1, keepdims=True))[:, None, :]    # (KV, R, hd)
+        if U is not None and kproj > 1:
+            dirs = []
+            for g in range(KV):
+                u1 = U[g, 0]
+                r = w[g] * (k[first:n, g] - kmu[g])
+                r = r - np.outer(r @ u1, u1)
+                e = r[np.argmax((r ** 2).sum(axis=1))]
+                for _ in range(200):
+                    e = (r.T @ (r @ e))
+                    e = e / np.linalg.norm(e)
+                u2 = _f16(e)
+                u2 = u2 - (u2 @ u1) * u1
+                dirs.append(u2 / np.linalg.norm(u2))
+            U = np.concatenate([U, np.array(dirs)[:, None, :]], axis=1)
         for t in range(T):
             for g in range(KV):
                 kt = w[g] * (k[t, g] - kmu[g])
-                if u is None or t < sink:
+                if U is None or t < sink:
                     k[t, g] = code(kfn, kt, ("k", li, t, g))
                 else:
-                    beta = _f16(u[g] @ kt)
-                    kd = code(kfn, kt - beta * u[g], ("k", li, t, g))
-                    k[t, g] = beta * u[g] + kd - (u[g] @ kd) * u[g]
+                    beta = _f16(U[g] @ kt)                                   # (R,)
+                    kd = code(kfn, kt - beta @ U[g], ("k", li, t, g))
+                    k[t, g] = beta @ U[g] + kd - (U[g] @ kd) @ U[g]
                 v[t, g] = vmu[g] + code(vfn, v[t, g] - vmu[g], ("v", li, t, g))
         return q, k, v
     return f
@@ -680,7 +697,7 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
     ("gguf", "q8", "nc", 0, FIRST_BATCH), ("hf", "tq2:q4", "eden", 0, 20),
     ("gguf_tied", "fp16:tq3", "nc", 0, FIRST_BATCH), ("gguf", "tq3", "nc", 4, 50), ("gguf", "tq3", "nc", 0, 256),
     ("hf", "fp16:tq2p", "norm", 3, 7)])
-@pytest.mark.parametrize("kproj", [0, 1])
+@pytest.mark.parametrize("kproj", [0, 1, 2])
 def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, batch, kproj):
     """run with its default cache transforms (offsets and key weights on; --sink as given)
     against the reference with those transforms modelled around the C codec (libtq), the
@@ -711,7 +728,7 @@ def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, batc
            NearTies(libtq_roundtrip(f, hd, scale), hd) for f in {kf, vf}}
     quantized = {f: f not in ("fp32", "fp16") for f in {kf, vf}}
     layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], quantized[kf], quantized[vf], group,
-                                        sink, n_first=batch, kproj=bool(kproj))
+                                        sink, n_first=batch, kproj=kproj)
     got = run_logits(out, workdir, kspec, ("--scale", scale, "--offsets", "1", "--kweights", "1") + sink_opt)
     wrappers = [w for w in fns.values() if isinstance(w, NearTies)]
     ref, n_ties, switched = _match_with(

@@ -199,7 +199,7 @@ OPTION_CASES = {        # name: (arguments after the model, phrases)
     "scale_unknown_values": (["--scale", "eden:max"], ['unknown --scale "max"']),
     "scale_empty_values": (["--scale", "eden:"], ['bad --scale "eden:"']),
     "scale_three": (["--scale", "nc:nc:nc"], ["bad --scale"]),
-    "kproj_two": (["--kproj", "2"], ["--kproj 2 is out of range [0, 1]"]),
+    "kproj_three": (["--kproj", "3"], ["--kproj 3 is out of range [0, 2]"]),
     "batch_zero": (["--batch", "0"], ["--batch 0 is out of range"]),
     "batch_huge": (["--batch", "100000"], ["--batch 100000 is out of range"]),
     "mode_unknown": (["-m", "train"], ['unknown mode "train"']),

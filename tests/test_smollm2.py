@@ -1,6 +1,8 @@
 """The real model: SmolLM2-135M-Instruct exported from its GGUF (`make model`)."""
 import re
 
+import pytest
+
 from conftest import RUN_SAN, run_cmd
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -50,23 +52,24 @@ def test_fp32_and_q8_agree_on_first_20_tokens(smollm2):
     assert a == b, f"fp32: {a!r}\nq8:   {b!r}"
 
 
-def test_memory_line(smollm2):
+@pytest.mark.parametrize("R", [1, 2])
+def test_memory_line(smollm2, R):
     """The codes take 30 layers x 3 KV heads x (26 B key + 26 B value) per token for tq3 (3-bit codes
     of 64 numbers = 24 B, plus a 2 B fp16 norm); fp16 would take 64 x 2 B per vector. The fixed cost
     is 1 sink + up to 8 recent positions kept in fp16 (64 x 2 B per key and value) plus the per-head
-    key and value offsets and the query direction of the key projection (64 fp16 each); each key
-    also keeps its projection on that direction (one fp16, 2 B)."""
-    out, err = generate(smollm2, "tq3", 10)
+    key and value offsets and the R directions of the key projection (64 fp16 each); each key
+    also keeps its projections on those directions (R fp16, 2 B each)."""
+    out, err = generate(smollm2, "tq3", 10, extra=("--kproj", str(R)))
     m = re.search(r"kv: tq3/tq3 ([\d.]+) bits/elem, ([\d.]+) MiB for (\d+) tokens \(fp16 ([\d.]+) MiB, ([\d.]+)x smaller", err)
     assert m, err
     bits, mib, n, fp16, ratio = float(m[1]), float(m[2]), int(m[3]), float(m[4]), float(m[5])
     assert bits == 3.25
     codes = n * 30 * 3 * 2 * 26
     exact = (1 + min(8, n - 1)) * 30 * 3 * 2 * 64 * 2
-    proj = n * 30 * 3 * 2                 # beta = u.k of every key, fp16
-    stats = 3 * 30 * 3 * 64 * 2          # key and value offsets, query directions (no key weights by default)
+    proj = n * 30 * 3 * 2 * R             # beta_j = u_j.k of every key, fp16
+    stats = (2 + R) * 30 * 3 * 64 * 2    # key and value offsets, directions (no key weights by default)
     assert abs(mib - (codes + proj + exact + stats) / 2**20) < 0.01, (mib, codes, proj, exact, stats)
-    f = re.search(r"of which ([\d.]+) MiB codes, ([\d.]+) MiB key projections \(fp16 per key\), ([\d.]+) MiB fixed cost", err)
+    f = re.search(rf"of which ([\d.]+) MiB codes, ([\d.]+) MiB key projections \({R} fp16 per key\), ([\d.]+) MiB fixed cost", err)
     assert f and abs(float(f[1]) - codes / 2**20) < 0.001, err
     assert abs(float(f[2]) - proj / 2**20) < 0.001 and abs(float(f[3]) - (exact + stats) / 2**20) < 0.001, err
     assert abs(fp16 - n * 30 * 3 * 2 * 64 * 2 / 2**20) < 0.01
