@@ -104,7 +104,7 @@ typedef struct {
 typedef struct {
     tq_fmt kf, vf;   /* key and value formats                                 */
     tq_scale kscale, vscale; /* scale rules of the tq formats for keys, values  */
-    int offsets;     /* subtract per-head key/value offsets                   */
+    int koffsets, voffsets; /* subtract per-head key / value offsets          */
     int kweights;    /* weight key channels by the queries' energy            */
     int kproj;       /* directions along which keys are kept exactly (0, 1, 2) */
     int sink;        /* the first `sink` positions also kept in fp16          */
@@ -154,9 +154,12 @@ typedef struct {
  * Values likewise store v - mu_v, and since the weights p_t sum to one,
  *     sum_t p_t v_t = mu_v + sum_t p_t (v_t - mu_v).
  * mu is the mean over the first forward pass of a sequence (its first batch of
- * tokens, the attention-sink token at position 0 left out), rounded to fp16:
- * statistics of the sequence itself, nothing fitted offline. They cost
- * 2 x 16 bits per head dimension per layer and head, once per sequence. */
+ * up to --batch tokens, the attention-sink token at position 0 left out),
+ * rounded to fp16: statistics of the sequence itself, nothing fitted offline.
+ * They cost 2 x 16 bits per head dimension per layer and head, once per
+ * sequence. More tokens measure them better: tq3's KLD on 2 chunks of
+ * wiki.test.raw is 0.0227 / 0.0208 / 0.0172 / 0.0161 with batches of 24 / 48 /
+ * 128 / 256 tokens, hence the default of 256. */
 
 /* Key projection. The queries of a head share a large common direction too:
  * on the first 512 tokens of wiki.test.raw the mean query's direction u holds
@@ -172,7 +175,14 @@ typedef struct {
  * normalized again; it costs 16 bits per head dimension once per sequence.
  * Measured in a numpy model of attention alone (keys tq3, sink + 8 recent exact):
  * the attention KL divergence falls from 0.029 to 0.011; in run's eval (tq3,
- * 6 chunks of wiki.test.raw) the model's KLD from fp32 falls from 0.032 to 0.022. */
+ * 6 chunks of wiki.test.raw) the model's KLD from fp32 falls from 0.032 to 0.022.
+ * --kproj 2 adds a second direction u_2, orthogonal to u: the keys' own main
+ * direction (their top principal direction in the first batch, less the part
+ * along u), so the codes no longer carry the largest remaining part of a key.
+ * With R directions, k - sum_j beta_j u_j is encoded and
+ *     q.k ~= sum_j (q.u_j) beta_j + q_perp.k~,   q_perp = q - sum_j (q.u_j) u_j.
+ * tq3, 6 chunks, statistics from 256 tokens: KLD 0.0161 -> 0.0140 for one more
+ * fp16 per key (+0.125 bits/elem averaged over K and V). */
 
 /* Activations for up to `batch` tokens processed together (prompts are run in
  * batches so that every weight row read from memory serves many tokens; the
@@ -334,8 +344,8 @@ static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ct
             die("format %s cannot hold head_dim %d (tq formats need a multiple of 8, q4 of 32)",
                 tq_fmt_name(fmts[i]), c->head_dim);
     kv->ctx = ctx;
-    kv->koffsets = o->offsets && kf >= TQ_Q8;   /* never for the fp32/fp16 references */
-    kv->voffsets = o->offsets && vf >= TQ_Q8;
+    kv->koffsets = o->koffsets && kf >= TQ_Q8;   /* never for the fp32/fp16 references */
+    kv->voffsets = o->voffsets && vf >= TQ_Q8;
     kv->kweights = o->kweights && kf >= TQ_Q8;
     kv->kproj = kf >= TQ_Q8 ? o->kproj : 0;
     size_t heads = (size_t)c->n_layers * c->n_kv_heads;
@@ -1413,7 +1423,7 @@ static void report(const Transformer *t, int n_pos, const Stats *st) {
         fprintf(stderr, "kv: of which %.3f MiB codes, %.3f MiB key projections (%d fp16 per key), %.3f MiB fixed cost "
                 "(%d sink + %d recent positions in fp16%s%s%s): %.2f bits/elem in all\n",
                 codes, proj, kv->kproj, mib - codes - proj, kv->sink, kv->window, kv->koffsets || kv->voffsets ? ", offsets" : "",
-                kv->kweights ? ", key weights" : "", kv->kproj ? ", query directions" : "",
+                kv->kweights ? ", key weights" : "", kv->kproj ? ", projection directions" : "",
                 8.0 * cache_bytes(kv, c, n_pos) / ((double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2));
     if (st)
         fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens)\n",
@@ -1655,7 +1665,10 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
     double *lp = xcalloc(vocab, sizeof(double), "eval"), *lq = xcalloc(vocab, sizeof(double), "eval");
     EvalSums e = {0};
     t0 = now_s();
+    double dsum = 0, dsq = 0;  /* per-chunk mean NLL difference d_c: its sum and sum of squares */
     for (int ch = 0; ch < chunks; ch++) {
+        double nll0 = e.nll - e.nll_ref;
+        long n0 = e.n;
         int *tk = tokens + (size_t)ch * ctx;
         if (c->add_bos) tk[0] = c->bos_id;
         for (int i = 0; i < ctx; i += t->state.batch) {
@@ -1668,11 +1681,19 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
                     eval_position(&e, lg + (size_t)b * vocab, lr + (size_t)b * vocab, vocab, tk[j + 1], lp, lq);
             }
         }
+        double d = (e.nll - e.nll_ref - nll0) / (double)(e.n - n0);
+        dsum += d; dsq += d * d;
         double el = now_s() - t0;
         fprintf(stderr, "[chunk %d/%d] ppl %.4f (fp32 %.4f) kld %.5f top1 %.4f  %.0f s, %.0f s left\n", ch + 1, chunks,
                 exp(e.nll / e.n), exp(e.nll_ref / e.n), e.kld / e.n, (double)e.top1 / e.n, el, el / (ch + 1) * (chunks - ch - 1));
     }
     double ppl = exp(e.nll / e.n), ppl_ref = exp(e.nll_ref / e.n);
+    if (chunks > 1) {   /* chunks are equally long, so dPPL = exp(mean d_c) - 1; its spread gives the noise */
+        double mean = dsum / chunks, var = (dsq - chunks * mean * mean) / (chunks - 1);
+        double se = sqrt(var > 0 ? var / chunks : 0);
+        fprintf(stderr, "eval: dPPL %+.2f %%, 95 %% interval from the spread over the %d chunks: %+.2f .. %+.2f %%\n",
+                100.0 * (ppl / ppl_ref - 1.0), chunks, 100.0 * expm1(mean - 2 * se), 100.0 * expm1(mean + 2 * se));
+    }
     /* every byte the cache holds for a full chunk, per cached number */
     double bits = 8.0 * cache_bytes(&t->cache, c, ctx) / ((double)ctx * c->n_layers * c->n_kv_heads * c->head_dim * 2);
     printf("eval fmt=%s/%s ctx=%d chunks=%d tokens=%ld ppl=%.4f ppl_fp32=%.4f dppl_pct=%.3f kld=%.6f top1=%.4f kv_bits=%.3f\n",
@@ -1708,7 +1729,7 @@ static void usage(int status) {
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
         "  --scale <r> tq scale rule: norm (paper) | nc (norm correction) | eden, or KEYS:VALUES; default eden\n"
         "Fixes for lossy caches (q8, q4, tq*), measured on the sequence itself, costs counted:\n"
-        "  --offsets <0|1>  subtract per-head key/value means of the first batch, default 1\n"
+        "  --offsets <0|1>  subtract per-head key/value means of the first batch (K:V apart), default 0\n"
         "  --kweights <0|1> weight key channels by the queries' energy, default 0\n"
         "  --kproj <0|1|2>  keep keys' parts along the mean query (1), the keys' main direction (2) in fp16, default 2\n"
         "  --sink <int>     keep the first N positions also in fp16, default 1\n"
@@ -1773,7 +1794,8 @@ int main(int argc, char **argv) {
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
     int steps = 256, ctx = 0, chunks = 0, batch = 256;
-    CacheOpts co = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 1, 0, 2, 1, 8};   /* defaults chosen by bench/quality */
+    CacheOpts co = {.kf = TQ_TQ3, .vf = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN, .koffsets = 0,
+                    .voffsets = 0, .kweights = 0, .kproj = 2, .sink = 1, .window = 8};   /* chosen by bench/quality */
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
@@ -1801,7 +1823,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-o")) out = v;
         else if (!strcmp(a, "--chunks")) chunks = parse_int(a, v, 1, 1 << 30);
         else if (!strcmp(a, "--batch")) batch = parse_int(a, v, 1, 4096);
-        else if (!strcmp(a, "--offsets")) co.offsets = parse_int(a, v, 0, 1);
+        else if (!strcmp(a, "--offsets")) {
+            char k[32], vv[32];
+            split_kv(a, v, k, vv);
+            co.koffsets = parse_int(a, k, 0, 1);
+            co.voffsets = parse_int(a, vv, 0, 1);
+        }
         else if (!strcmp(a, "--kweights")) co.kweights = parse_int(a, v, 0, 1);
         else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, 2);
         else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
@@ -1855,7 +1882,7 @@ int main(int argc, char **argv) {
     } else if (m == EVAL) {
         if (!prompt) die("-m eval needs a text: -f FILE");
         int same = co.kf == TQ_FP32 && co.vf == TQ_FP32;  /* the reference would be identical */
-        CacheOpts fp32 = {TQ_FP32, TQ_FP32, TQ_SCALE_NC, TQ_SCALE_NC, 0, 0, 0, 0, 0};
+        CacheOpts fp32 = {.kf = TQ_FP32, .vf = TQ_FP32, .kscale = TQ_SCALE_NC, .vscale = TQ_SCALE_NC};
         Transformer ref;
         if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1);
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);

@@ -620,7 +620,8 @@ def _f16(x):
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
 
 
-def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FIRST_BATCH, kproj=False):
+def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FIRST_BATCH, kproj=False,
+                             koff=True, voff=True, kweights=True):
     """layer_fn for ref_llama.forward: keys / values through kfn / vfn (None: kept in fp32),
     with run's offsets and key channel weights where ktrans / vtrans (quantized formats), and
     the first `sink` positions kept exact. kproj: run's key projection (run.c, "Key
@@ -645,8 +646,9 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
         q, k, v = q.copy(), k.copy(), v.copy()
         kmu, vmu = np.zeros((KV, hd)), np.zeros((KV, hd))
         w = np.ones((KV, hd))
-        if ktrans:
+        if ktrans and koff:
             kmu = _f16(k[first:n].mean(axis=0))                         # (KV, hd)
+        if ktrans and kweights:
             e = (q[first:n] ** 2).sum(axis=0).reshape(KV, group, hd).sum(axis=1)
             e = e.reshape(KV, hd // 2, 2).sum(axis=2)                    # per RoPE pair
             kk = k[first:n]
@@ -657,7 +659,7 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
             w = _f16(w)
             w = np.where((w > 0) & np.isfinite(w), w, 1.0).repeat(2, axis=1)   # (KV, hd)
             q = q / np.repeat(w, group, axis=0)[None]
-        if vtrans:
+        if vtrans and voff:
             vmu = _f16(v[first:n].mean(axis=0))
         U = None
         if ktrans and kproj:
@@ -744,6 +746,33 @@ def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, batc
          f"effect {moved.max():.3g}; near-tie vectors {n_ties}, {switched} switched)")
     print(f"{what}: max|diff| {diff.max():.3g} mean {diff.mean():.3g} (cache effect max "
           f"{moved.max():.3g}; near-tie vectors {n_ties}, {switched} switched)")
+
+
+@pytest.mark.parametrize("name,kspec,offsets,kproj", [
+    ("gguf", "tq3", "0", 2), ("hf", "tq4", "1:0", 2), ("gguf", "tq2:tq3", "0:1", 1), ("gguf_tied", "q4", "0", 2)])
+def test_logits_cache_run_defaults(workdir, name, kspec, offsets, kproj):
+    """run's default cache (no offsets, no key weights, --kproj 2, 1 fp16 sink) and its variants
+    with key or value offsets alone (--offsets K:V) against the reference modelling exactly those
+    transforms around the C codec."""
+    _need_run()
+    _, out, m = _exported(name, str(workdir))
+    if not _run_accepts(out, "--offsets", "1:0"):
+        pytest.skip("this run has no --offsets KEYS:VALUES")
+    koff, _, voff = offsets.partition(":")
+    koff, voff = koff == "1", (voff or koff) == "1"
+    kf, vf = (kspec.split(":") + [kspec])[:2]
+    hd, group = m.head_dim, m.n_heads // m.n_kv_heads
+    fns = {f: NearTies(libtq_roundtrip(f, hd, "eden"), hd) for f in {kf, vf}}
+    layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], True, True, group, sink=1, kproj=kproj,
+                                        koff=koff, voff=voff, kweights=False)
+    got = run_logits(out, workdir, kspec, ("--scale", "eden", "--offsets", offsets, "--kweights", "0",
+                                           "--kproj", str(kproj), "--sink", "1", "--window", "0",
+                                           "--batch", str(FIRST_BATCH)))
+    ref, n_ties, switched = _match_with(
+        lambda: ref_llama.forward(m, token_ids(), layer_fn=layer_fn), list(fns.values()), got, 1e-4)
+    diff = np.abs(got - ref)
+    assert diff.max() < 1e-3, (f"{name} -k {kspec} --offsets {offsets} --kproj {kproj}: max |run - ref| = "
+                               f"{diff.max():.3g} ({_where(diff)}; near-tie vectors {n_ties}, {switched} switched)")
 
 
 @pytest.mark.parametrize("kspec", ["tq2", "tq3:q4"])

@@ -200,6 +200,8 @@ OPTION_CASES = {        # name: (arguments after the model, phrases)
     "scale_empty_values": (["--scale", "eden:"], ['bad --scale "eden:"']),
     "scale_three": (["--scale", "nc:nc:nc"], ["bad --scale"]),
     "kproj_three": (["--kproj", "3"], ["--kproj 3 is out of range [0, 2]"]),
+    "offsets_two": (["--offsets", "1:2"], ["--offsets 2 is out of range [0, 1]"]),
+    "offsets_empty_values": (["--offsets", "1:"], ['bad --offsets "1:"']),
     "batch_zero": (["--batch", "0"], ["--batch 0 is out of range"]),
     "batch_huge": (["--batch", "100000"], ["--batch 100000 is out of range"]),
     "mode_unknown": (["-m", "train"], ['unknown mode "train"']),

@@ -1,9 +1,10 @@
 """The real model: SmolLM2-135M-Instruct exported from its GGUF (`make model`)."""
 import re
 
+import numpy as np
 import pytest
 
-from conftest import RUN_SAN, run_cmd
+from conftest import ROOT, RUN_SAN, run_cmd
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 STORY = "Once upon a time, there was a little girl named Lily. She"
@@ -56,9 +57,9 @@ def test_fp32_and_q8_agree_on_first_20_tokens(smollm2):
 def test_memory_line(smollm2, R):
     """The codes take 30 layers x 3 KV heads x (26 B key + 26 B value) per token for tq3 (3-bit codes
     of 64 numbers = 24 B, plus a 2 B fp16 norm); fp16 would take 64 x 2 B per vector. The fixed cost
-    is 1 sink + up to 8 recent positions kept in fp16 (64 x 2 B per key and value) plus the per-head
-    key and value offsets and the R directions of the key projection (64 fp16 each); each key
-    also keeps its projections on those directions (R fp16, 2 B each)."""
+    is 1 sink + up to 8 recent positions kept in fp16 (64 x 2 B per key and value) plus the R
+    directions of the key projection per head (64 fp16 each; no offsets or key weights by
+    default); each key also keeps its projections on those directions (R fp16, 2 B each)."""
     out, err = generate(smollm2, "tq3", 10, extra=("--kproj", str(R)))
     m = re.search(r"kv: tq3/tq3 ([\d.]+) bits/elem, ([\d.]+) MiB for (\d+) tokens \(fp16 ([\d.]+) MiB, ([\d.]+)x smaller", err)
     assert m, err
@@ -67,7 +68,7 @@ def test_memory_line(smollm2, R):
     codes = n * 30 * 3 * 2 * 26
     exact = (1 + min(8, n - 1)) * 30 * 3 * 2 * 64 * 2
     proj = n * 30 * 3 * 2 * R             # beta_j = u_j.k of every key, fp16
-    stats = (2 + R) * 30 * 3 * 64 * 2    # key and value offsets, directions (no key weights by default)
+    stats = R * 30 * 3 * 64 * 2          # projection directions
     assert abs(mib - (codes + proj + exact + stats) / 2**20) < 0.01, (mib, codes, proj, exact, stats)
     f = re.search(rf"of which ([\d.]+) MiB codes, ([\d.]+) MiB key projections \({R} fp16 per key\), ([\d.]+) MiB fixed cost", err)
     assert f and abs(float(f[1]) - codes / 2**20) < 0.001, err
@@ -107,3 +108,66 @@ def test_short_generation_under_sanitizers(smollm2):
     for fmt in ("tq3", "tq3p:q4"):
         out, err = generate(smollm2, fmt, 4, prompt="Hello", binary=RUN_SAN)
         assert "ERROR" not in err and "runtime error" not in err, err
+
+
+def _log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize("kspec", ["tq3", "q4:tq2"])
+def test_eval_matches_its_definition(smollm2, tmp_path, kspec):
+    """-m eval against the same numbers computed here from -m logits of each chunk (whose logits
+    tests/test_forward.py checks against the numpy reference): chunks of -c tokens from the
+    tokenized text, the second half of each chunk scored, PPL of both caches, KL(fp32 || cache),
+    top-1 agreement, kv_bits from the cache's byte count, and the 95 % interval of dPPL from the
+    spread of the per-chunk mean NLL difference."""
+    ctx, chunks = 64, 3
+    text = tmp_path / "text.txt"
+    text.write_text((ROOT / "README.md").read_text()[:4000])
+    ids = [int(t) for t in run_cmd([smollm2, "-m", "tokenize", "-f", text]).stdout.split()]
+    assert len(ids) >= ctx * chunks
+    p = run_cmd([smollm2, "-m", "eval", "-f", text, "-k", kspec, "-c", ctx, "--chunks", chunks])
+    err = p.stderr.decode()
+    line = p.stdout.decode().strip().splitlines()[-1]
+    got = dict(kv.split("=", 1) for kv in line.split()[1:])
+    assert set(got) == {"fmt", "ctx", "chunks", "tokens", "ppl", "ppl_fp32", "dppl_pct", "kld", "top1", "kv_bits"}, line
+    nll = nll_ref = kld = 0.0
+    top1 = n = 0
+    d = []
+    for c in range(chunks):
+        chunk = tmp_path / f"ids{c}.txt"
+        chunk.write_text(" ".join(map(str, ids[c * ctx:(c + 1) * ctx])))
+        lg = {}
+        for fmt in (kspec, "fp32"):
+            out = tmp_path / f"logits{c}_{fmt.replace(':', '_')}.f32"
+            run_cmd([smollm2, "-m", "logits", "-k", fmt, "-f", chunk, "-o", out, "-c", ctx])
+            lg[fmt] = np.fromfile(out, dtype=np.float32).reshape(ctx, -1).astype(np.float64)
+        lq, lp = _log_softmax(lg[kspec]), _log_softmax(lg["fp32"])
+        dc = 0.0
+        for j in range(ctx // 2 - 1, ctx - 1):          # logits at j predict token j+1
+            nxt = ids[c * ctx + j + 1]
+            nll -= lq[j, nxt]
+            nll_ref -= lp[j, nxt]
+            dc += lp[j, nxt] - lq[j, nxt]
+            kld += float(np.sum(np.exp(lp[j]) * (lp[j] - lq[j])))
+            top1 += int(np.argmax(lg[kspec][j]) == np.argmax(lg["fp32"][j]))
+            n += 1
+        d.append(dc / (ctx // 2))
+    kf, _, vf = kspec.partition(":")
+    assert got["fmt"] == f"{kf}/{vf or kf}" and int(got["ctx"]) == ctx and int(got["chunks"]) == chunks
+    assert int(got["tokens"]) == n == chunks * ctx // 2
+    assert abs(float(got["ppl"]) - np.exp(nll / n)) < 2e-4 * np.exp(nll / n)
+    assert abs(float(got["ppl_fp32"]) - np.exp(nll_ref / n)) < 2e-4 * np.exp(nll_ref / n)
+    assert abs(float(got["dppl_pct"]) - 100 * (np.exp((nll - nll_ref) / n) - 1)) < 0.01
+    assert abs(float(got["kld"]) - kld / n) < 1e-5 + 1e-3 * kld / n and kld > 0
+    assert abs(float(got["top1"]) - top1 / n) < 1e-4
+    # kv_bits: every byte held for a full chunk (codes, 2 fp16 projections per key, 1 + 8 fp16 rows,
+    # 2 fp16 directions per head), per cached number; SmolLM2: 30 layers x 3 KV heads x head_dim 64
+    code = {"tq3": 26, "tq2": 18, "q4": 36}
+    per_head = ctx * (code[kf] + code[vf or kf] + 2 * 2) + 9 * 64 * 2 * 2 + 2 * 64 * 2
+    assert abs(float(got["kv_bits"]) - 8 * per_head / (ctx * 64 * 2)) < 1e-3, line
+    m = re.search(r"95 % interval from the spread over the 3 chunks: ([+-][\d.]+) \.\. ([+-][\d.]+) %", err)
+    se = np.std(d, ddof=1) / np.sqrt(chunks)
+    assert m and abs(float(m[1]) - 100 * np.expm1(np.mean(d) - 2 * se)) < 0.01 \
+        and abs(float(m[2]) - 100 * np.expm1(np.mean(d) + 2 * se)) < 0.01, err
