@@ -98,6 +98,8 @@ typedef struct {
     float *wcls;            /* (vocab_size, dim); = token_embedding when shared */
 } TransformerWeights;
 
+#define KPROJ_MAX 2  /* --kproj: the mean query direction, then the keys' main direction */
+
 /* How the KV cache is held: the -k formats and the fixes of issue 4, each
  * behind its own flag (see the comments on offsets, key weights and exact
  * positions below). */
@@ -106,7 +108,7 @@ typedef struct {
     tq_scale kscale, vscale; /* scale rules of the tq formats for keys, values  */
     int koffsets, voffsets; /* subtract per-head key / value offsets          */
     int kweights;    /* weight key channels by the queries' energy            */
-    int kproj;       /* directions along which keys are kept exactly (0, 1, 2) */
+    int kproj;       /* directions along which keys are kept exactly, 0..KPROJ_MAX */
     int sink;        /* the first `sink` positions also kept in fp16          */
     int window;      /* the last `window` positions also kept in fp16         */
 } CacheOpts;
@@ -189,7 +191,6 @@ typedef struct {
  * first batch of a sequence is also where the cache's statistics come from). */
 typedef struct {
     int batch;
-    int logit_rows; /* rows of logits: batch for eval / logits, else 1         */
     float *x;      /* (batch, dim) residual stream                            */
     float *xb;     /* (batch, max(dim, q_dim)) normed input / attention output */
     float *xb2;    /* (batch, dim)                                            */
@@ -202,7 +203,7 @@ typedef struct {
     float *qp;     /* (batch*n_heads, tq_query_floats) prepared queries       */
     float *qperp;  /* (batch*n_heads, head_dim) queries less their part along u */
     float *acc;    /* (batch*n_heads, tq_acc_floats) value accumulators       */
-    float *logits; /* (logit_rows, vocab_size)                                */
+    float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
 } RunState;
 
 typedef struct {
@@ -353,7 +354,7 @@ static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ct
     kv->voff = xcalloc(heads * c->head_dim, sizeof(float), "value offsets");
     kv->kw = xcalloc(heads * c->head_dim, sizeof(float), "key weights");
     for (size_t i = 0; i < heads * c->head_dim; i++) kv->kw[i] = 1.0f;
-    kv->kdir = xcalloc(heads * (kv->kproj ? kv->kproj : 1) * c->head_dim, sizeof(float), "key directions");
+    kv->kdir = kv->kproj ? xcalloc(heads * kv->kproj * c->head_dim, sizeof(float), "key directions") : NULL;
     kv->kbeta = kv->kproj ? xcalloc(heads * ctx * kv->kproj, sizeof(uint16_t), "key projections") : NULL;
     int lossy = kf >= TQ_Q8 || vf >= TQ_Q8;     /* exact copies only help a lossy cache */
     kv->sink = lossy ? (o->sink < ctx ? o->sink : ctx) : 0;
@@ -386,7 +387,7 @@ static int is_exact(const KVCache *kv, int t, int T) { return t < kv->sink || t 
 
 /* KV bytes held for n positions, everything counted: the codes, the fp16
  * exact copies in use, the keys' fp16 projections beta, and the per-head
- * offsets, key weights and query directions. */
+ * offsets, key weights and projection directions. */
 static size_t cache_bytes(const KVCache *kv, const Config *c, int n) {
     size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = (size_t)c->head_dim;
     size_t sink = (size_t)(n < kv->sink ? n : kv->sink), rest = (size_t)n - sink;
@@ -400,7 +401,6 @@ static void build_state(RunState *s, const Config *c, const KVCache *kv, int bat
     size_t B = (size_t)batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     size_t wide = qd > (size_t)c->dim ? qd : (size_t)c->dim;
     s->batch = batch;
-    s->logit_rows = all_logits ? batch : 1;
     s->x = xcalloc(B * c->dim, sizeof(float), "activations");
     s->xb = xcalloc(B * wide, sizeof(float), "activations");
     s->xb2 = xcalloc(B * c->dim, sizeof(float), "activations");
@@ -413,7 +413,7 @@ static void build_state(RunState *s, const Config *c, const KVCache *kv, int bat
     s->qp = xcalloc(B * c->n_heads * tq_query_floats(&kv->kc), sizeof(float), "queries");
     s->qperp = xcalloc(B * qd, sizeof(float), "queries");
     s->acc = xcalloc(B * c->n_heads * tq_acc_floats(&kv->vc), sizeof(float), "accumulators");
-    s->logits = xcalloc((size_t)s->logit_rows * c->vocab_size, sizeof(float), "logits");
+    s->logits = xcalloc((all_logits ? B : 1) * c->vocab_size, sizeof(float), "logits");
 }
 
 static void free_state(RunState *s) {
@@ -427,8 +427,8 @@ static void free_state(RunState *s) {
 static double run_bytes(const Config *c, const CacheOpts *o, int ctx, int batch, int all_logits) {
     double hd = c->head_dim, heads = (double)c->n_layers * c->n_kv_heads;
     double qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, wide = qd > c->dim ? qd : c->dim;
-    double cache = heads * ctx * (double)(tq_bytes(o->kf, c->head_dim) + tq_bytes(o->vf, c->head_dim) + 2)
-                 + 4 * 4 * heads * hd                       /* offsets, key weights, directions */
+    double cache = heads * ctx * (double)(tq_bytes(o->kf, c->head_dim) + tq_bytes(o->vf, c->head_dim) + 2 * o->kproj)
+                 + 4 * (3.0 + o->kproj) * heads * hd        /* offsets, key weights, directions */
                  + 2 * 2 * heads * (double)exact_slots(o->sink, o->window, ctx) * hd;  /* fp16 exact store */
     double per_token = 3.0 * c->dim + wide + 2.0 * c->hidden_dim + 2 * qd + 2 * kvd
                      + (all_logits ? c->vocab_size : 0) + (double)c->n_heads * 20 * hd;   /* queries, acc */
@@ -573,21 +573,26 @@ static void attention(const KVCache *kv, const Config *c, int l, int g, int T, c
     int hd = c->head_dim;
     size_t kvd = (size_t)c->n_kv_heads * hd;
     int R = kv->kproj;
-    float qu[2] = {0, 0};                           /* q.u_j, and q_perp = q - sum_j (q.u_j) u_j (key projection) */
+    float qu[KPROJ_MAX];                            /* q.u_j, and q_perp = q - sum_j (q.u_j) u_j (key projection) */
     if (R) {
         const float *u = kv->kdir + head * R * hd;
         for (int j = 0; j < R; j++) qu[j] = dot(q, u + (size_t)j * hd, hd);
-        for (int i = 0; i < hd; i++) qperp[i] = q[i] - qu[0] * u[i] - (R > 1 ? qu[1] * u[hd + i] : 0.0f);
+        memcpy(qperp, q, hd * sizeof(float));
+        for (int j = 0; j < R; j++)
+            for (int i = 0; i < hd; i++) qperp[i] -= qu[j] * u[(size_t)j * hd + i];
     }
     tq_prepare_query(&kv->kc, R ? qperp : q, qp);
     const uint16_t *beta = R ? kv->kbeta + head * kv->ctx * R : NULL;
     float scale = 1.0f / sqrtf((float)hd);
-    for (int t = 0; t < T; t++)
-        att[t] = scale * (!is_exact(kv, t, T) ? tq_dot(&kv->kc, qp, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t))
-                                                + (R ? qu[0] * tq_f16_to_f32(beta[(size_t)t * R]) : 0.0f)
-                                                + (R > 1 ? qu[1] * tq_f16_to_f32(beta[(size_t)t * R + 1]) : 0.0f)
-                          : t >= bt->pos ? dot(q, bt->k + (t - bt->pos) * kvd + (size_t)g * hd, hd)
-                          : dot_f16(q, kv->exact_k + exact_row(kv, c, l, g, t), hd));
+    for (int t = 0; t < T; t++) {
+        float s;
+        if (!is_exact(kv, t, T)) {                  /* codes, plus the exact parts along the u_j */
+            s = tq_dot(&kv->kc, qp, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t));
+            for (int j = 0; j < R; j++) s += qu[j] * tq_f16_to_f32(beta[(size_t)t * R + j]);
+        } else s = t >= bt->pos ? dot(q, bt->k + (t - bt->pos) * kvd + (size_t)g * hd, hd)
+                                : dot_f16(q, kv->exact_k + exact_row(kv, c, l, g, t), hd);
+        att[t] = scale * s;
+    }
     softmax(att, T);
     memset(acc, 0, tq_acc_floats(&kv->vc) * sizeof(float));
     for (int t = 0; t < T; t++)
@@ -1830,7 +1835,7 @@ int main(int argc, char **argv) {
             co.voffsets = parse_int(a, vv, 0, 1);
         }
         else if (!strcmp(a, "--kweights")) co.kweights = parse_int(a, v, 0, 1);
-        else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, 2);
+        else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, KPROJ_MAX);
         else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--window")) co.window = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--scale")) parse_scales(v, &co.kscale, &co.vscale);
