@@ -2,6 +2,7 @@
 #   make            build ./run
 #   make demo       fetch SmolLM2-135M-Instruct, export it, generate with -k tq3
 #   make test       every test: C codec tests (plain and ASan/UBSan), then pytest
+#   make run_cuda   the GPU build (needs nvcc; tests/test_cuda.py runs it when a GPU is present)
 CC      ?= gcc
 PYTHON  ?= python3
 CFLAGS  ?= -O3 -march=native
@@ -20,6 +21,13 @@ all: run
 
 run: run.c tq.c tq.h
 	$(CC) $(CFLAGS) $(OMP) $(WARN) -o $@ run.c tq.c -lm
+
+# the same program with its forward pass on an NVIDIA GPU: CUDA Toolkit (nvcc, cuBLAS);
+# CUDA_ARCH sm_90 = Hopper (H100, H200), e.g. sm_80 for A100, sm_89 for RTX 40xx
+NVCC      ?= nvcc
+CUDA_ARCH ?= sm_90
+run_cuda: run_cuda.cu run.c tq.c tq.h
+	$(NVCC) -O3 -arch=$(CUDA_ARCH) -Xcompiler "$(WARN) $(OMP)" -o $@ run_cuda.cu -lcublas -lm
 
 # the same program under AddressSanitizer + UndefinedBehaviorSanitizer
 run_san: run.c tq.c tq.h
@@ -73,7 +81,7 @@ pytest: run run_san tests/libtq.so tests/tqstat $(MODEL)
 test: ctest pytest
 
 clean:
-	rm -f run run_san tests/test_tq tests/test_tq_san tests/libtq.so tests/tqstat bench/tqbench
+	rm -f run run_san run_cuda tests/test_tq tests/test_tq_san tests/libtq.so tests/tqstat bench/tqbench
 
 # ---- fuzzing (not part of `make test`) ------------------------------------------------
 # libFuzzer with ASan + UBSan, FUZZ_SECONDS per harness: tests/fuzz_load (the model-file

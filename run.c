@@ -28,6 +28,10 @@
 
 #include "tq.h"
 
+#ifndef PROG
+#define PROG "run"   /* run_cuda.cu includes this file with its own name */
+#endif
+
 /* threads of the parallel loops (1 without OpenMP) and the one running this */
 #ifdef _OPENMP
 static int n_threads(void) { return omp_get_max_threads(); }
@@ -41,7 +45,7 @@ static int thread_id(void) { return 0; }
 static void die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fputs("run: error: ", stderr);
+    fputs(PROG ": error: ", stderr);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
@@ -213,7 +217,13 @@ typedef struct {
     RunState state;
     uint8_t *data;     /* the mmap'd file                                      */
     size_t file_size;
+    struct Gpu *gpu;   /* run_cuda.cu: weights, cache and activations in GPU memory */
 } Transformer;
+
+#ifdef RUN_CUDA  /* run_cuda.cu includes this file and defines these, and its own forward() */
+static void gpu_build(Transformer *t, int all_logits);
+static void gpu_free(Transformer *t);
+#endif
 
 static int32_t rd_i32(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 static float rd_f32(const uint8_t *p) { float v; memcpy(&v, p, 4); return v; }
@@ -317,7 +327,7 @@ static void load_model(Transformer *t, const char *path) {
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s is not a regular file", path);
     t->file_size = (size_t)st.st_size;
     if (t->file_size < HEADER_BYTES) die("%s is %zu bytes: too short for a model header (%d bytes)", path, t->file_size, HEADER_BYTES);
-    t->data = mmap(NULL, t->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    t->data = (uint8_t *)mmap(NULL, t->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (t->data == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
     Config *c = &t->config;
@@ -350,21 +360,21 @@ static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ct
     kv->kweights = o->kweights && kf >= TQ_Q8;
     kv->kproj = kf >= TQ_Q8 ? o->kproj : 0;
     size_t heads = (size_t)c->n_layers * c->n_kv_heads;
-    kv->koff = xcalloc(heads * c->head_dim, sizeof(float), "key offsets");
-    kv->voff = xcalloc(heads * c->head_dim, sizeof(float), "value offsets");
-    kv->kw = xcalloc(heads * c->head_dim, sizeof(float), "key weights");
+    kv->koff = (float *)xcalloc(heads * c->head_dim, sizeof(float), "key offsets");
+    kv->voff = (float *)xcalloc(heads * c->head_dim, sizeof(float), "value offsets");
+    kv->kw = (float *)xcalloc(heads * c->head_dim, sizeof(float), "key weights");
     for (size_t i = 0; i < heads * c->head_dim; i++) kv->kw[i] = 1.0f;
-    kv->kdir = kv->kproj ? xcalloc(heads * kv->kproj * c->head_dim, sizeof(float), "key directions") : NULL;
-    kv->kbeta = kv->kproj ? xcalloc(heads * ctx * kv->kproj, sizeof(uint16_t), "key projections") : NULL;
+    kv->kdir = kv->kproj ? (float *)xcalloc(heads * kv->kproj * c->head_dim, sizeof(float), "key directions") : NULL;
+    kv->kbeta = kv->kproj ? (uint16_t *)xcalloc(heads * ctx * kv->kproj, sizeof(uint16_t), "key projections") : NULL;
     int lossy = kf >= TQ_Q8 || vf >= TQ_Q8;     /* exact copies only help a lossy cache */
     kv->sink = lossy ? (o->sink < ctx ? o->sink : ctx) : 0;
     kv->window = lossy ? o->window : 0;
     kv->slots = exact_slots(kv->sink, kv->window, ctx);
-    kv->exact_k = xcalloc(heads * kv->slots * c->head_dim, sizeof(uint16_t), "exact keys");
-    kv->exact_v = xcalloc(heads * kv->slots * c->head_dim, sizeof(uint16_t), "exact values");
+    kv->exact_k = (uint16_t *)xcalloc(heads * kv->slots * c->head_dim, sizeof(uint16_t), "exact keys");
+    kv->exact_v = (uint16_t *)xcalloc(heads * kv->slots * c->head_dim, sizeof(uint16_t), "exact values");
     size_t rows = heads * ctx;
-    kv->key = xcalloc(rows, kv->kc.bytes, "the key cache");
-    kv->value = xcalloc(rows, kv->vc.bytes, "the value cache");
+    kv->key = (uint8_t *)xcalloc(rows, kv->kc.bytes, "the key cache");
+    kv->value = (uint8_t *)xcalloc(rows, kv->vc.bytes, "the value cache");
 }
 
 static void free_cache(KVCache *kv) {
@@ -372,18 +382,18 @@ static void free_cache(KVCache *kv) {
     tq_free(&kv->kc); tq_free(&kv->vc);
 }
 
-static uint8_t *cache_row(const KVCache *kv, uint8_t *base, size_t bytes, const Config *c, int l, int g, int pos) {
+TQ_HD static uint8_t *cache_row(const KVCache *kv, uint8_t *base, size_t bytes, const Config *c, int l, int g, int pos) {
     return base + (((size_t)l * c->n_kv_heads + g) * kv->ctx + pos) * bytes;
 }
 
 /* Row of position pos in the exact store: the sinks first, then the ring. */
-static size_t exact_row(const KVCache *kv, const Config *c, int l, int g, int pos) {
+TQ_HD static size_t exact_row(const KVCache *kv, const Config *c, int l, int g, int pos) {
     int r = pos < kv->sink ? pos : kv->sink + (pos - kv->sink) % (kv->slots - kv->sink);
     return (((size_t)l * c->n_kv_heads + g) * kv->slots + r) * c->head_dim;
 }
 
 /* 1 if position t is read from the exact store by a query at position T-1 */
-static int is_exact(const KVCache *kv, int t, int T) { return t < kv->sink || t >= T - kv->window; }
+TQ_HD static int is_exact(const KVCache *kv, int t, int T) { return t < kv->sink || t >= T - kv->window; }
 
 /* KV bytes held for n positions, everything counted: the codes, the fp16
  * exact copies in use, the keys' fp16 projections beta, and the per-head
@@ -401,19 +411,19 @@ static void build_state(RunState *s, const Config *c, const KVCache *kv, int bat
     size_t B = (size_t)batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     size_t wide = qd > (size_t)c->dim ? qd : (size_t)c->dim;
     s->batch = batch;
-    s->x = xcalloc(B * c->dim, sizeof(float), "activations");
-    s->xb = xcalloc(B * wide, sizeof(float), "activations");
-    s->xb2 = xcalloc(B * c->dim, sizeof(float), "activations");
-    s->hb = xcalloc(B * c->hidden_dim, sizeof(float), "activations");
-    s->hb2 = xcalloc(B * c->hidden_dim, sizeof(float), "activations");
-    s->q = xcalloc(B * qd, sizeof(float), "activations");
-    s->k = xcalloc(B * kvd, sizeof(float), "activations");
-    s->v = xcalloc(B * kvd, sizeof(float), "activations");
-    s->att = xcalloc((size_t)n_threads() * kv->ctx, sizeof(float), "attention scores");
-    s->qp = xcalloc(B * c->n_heads * tq_query_floats(&kv->kc), sizeof(float), "queries");
-    s->qperp = xcalloc(B * qd, sizeof(float), "queries");
-    s->acc = xcalloc(B * c->n_heads * tq_acc_floats(&kv->vc), sizeof(float), "accumulators");
-    s->logits = xcalloc((all_logits ? B : 1) * c->vocab_size, sizeof(float), "logits");
+    s->x = (float *)xcalloc(B * c->dim, sizeof(float), "activations");
+    s->xb = (float *)xcalloc(B * wide, sizeof(float), "activations");
+    s->xb2 = (float *)xcalloc(B * c->dim, sizeof(float), "activations");
+    s->hb = (float *)xcalloc(B * c->hidden_dim, sizeof(float), "activations");
+    s->hb2 = (float *)xcalloc(B * c->hidden_dim, sizeof(float), "activations");
+    s->q = (float *)xcalloc(B * qd, sizeof(float), "activations");
+    s->k = (float *)xcalloc(B * kvd, sizeof(float), "activations");
+    s->v = (float *)xcalloc(B * kvd, sizeof(float), "activations");
+    s->att = (float *)xcalloc((size_t)n_threads() * kv->ctx, sizeof(float), "attention scores");
+    s->qp = (float *)xcalloc(B * c->n_heads * tq_query_floats(&kv->kc), sizeof(float), "queries");
+    s->qperp = (float *)xcalloc(B * qd, sizeof(float), "queries");
+    s->acc = (float *)xcalloc(B * c->n_heads * tq_acc_floats(&kv->vc), sizeof(float), "accumulators");
+    s->logits = (float *)xcalloc((all_logits ? B : 1) * c->vocab_size, sizeof(float), "logits");
 }
 
 static void free_state(RunState *s) {
@@ -460,9 +470,15 @@ static void build_transformer(Transformer *t, const char *path, const CacheOpts 
             need, need / 1073741824.0, phys / 1073741824.0);
     build_cache(&t->cache, &t->config, o, ctx);
     build_state(&t->state, &t->config, &t->cache, batch, all_logits);
+#ifdef RUN_CUDA
+    gpu_build(t, all_logits);
+#endif
 }
 
 static void free_transformer(Transformer *t) {
+#ifdef RUN_CUDA
+    gpu_free(t);
+#endif
     free_state(&t->state);
     free_cache(&t->cache);
     munmap(t->data, t->file_size);
@@ -473,26 +489,27 @@ static void free_transformer(Transformer *t) {
  */
 
 /* RMSNorm: o = w * x / sqrt(mean(x^2) + eps) */
-static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
+TQ_HD static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
     double ss = 0;
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
     float r = (float)(1.0 / sqrt(ss / n + eps));
     for (int i = 0; i < n; i++) o[i] = w[i] * (r * x[i]);
 }
 
-static float dot(const float *a, const float *b, int n) {
+TQ_HD static float dot(const float *a, const float *b, int n) {
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
     for (int j = 0; j < n; j++) s += a[j] * b[j];
     return s;
 }
 
-static float dot_f16(const float *a, const uint16_t *b, int n) {
+TQ_HD static float dot_f16(const float *a, const uint16_t *b, int n) {
     float s = 0.0f;
     for (int j = 0; j < n; j++) s += a[j] * tq_f16_to_f32(b[j]);
     return s;
 }
 
+#ifndef RUN_CUDA   /* run_cuda.cu multiplies with cuBLAS */
 /* A 2-row x 6-token tile of the product, 8 floats at a time: 12 accumulators
  * and 2 weight vectors fit the 16 AVX registers, so every weight load serves
  * 6 tokens and every activation load 2 rows (3x the speed of one dot at a time
@@ -533,10 +550,11 @@ static void matmul(float *out, const float *x, const float *w, int B, int n, int
             for (int t = b; t < B; t++) out[(size_t)t * d + r] = dot(w + (size_t)r * n, x + (size_t)t * n, n);
     }
 }
+#endif
 
 /* RoPE on one head vector (interleaved pairs, the layout of model.bin):
  * (v[2i], v[2i+1]) is rotated by the angle pos * theta^(-2i/head_dim). */
-static void rope(float *v, int head_dim, int pos, float theta) {
+TQ_HD static void rope(float *v, int head_dim, int pos, float theta) {
     for (int i = 0; i < head_dim; i += 2) {
         double ang = pos * pow(theta, -(double)i / head_dim);
         float c = (float)cos(ang), s = (float)sin(ang);
@@ -544,6 +562,14 @@ static void rope(float *v, int head_dim, int pos, float theta) {
         v[i] = a * c - b * s;
         v[i + 1] = a * s + b * c;
     }
+}
+
+/* RoPE on token b's key head g, and the query heads of its group, at position
+ * pos + b: q (batch, n_heads*head_dim), k (batch, n_kv_heads*head_dim). */
+TQ_HD static void rope_group(const Config *c, float *q, float *k, int b, int g, int pos) {
+    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
+    rope(k + ((size_t)b * c->n_kv_heads + g) * hd, hd, pos + b, c->rope_theta);
+    for (int h = g * group; h < (g + 1) * group; h++) rope(q + ((size_t)b * c->n_heads + h) * hd, hd, pos + b, c->rope_theta);
 }
 
 static void softmax(float *x, int n) {
@@ -562,52 +588,85 @@ typedef struct {
     const float *v;   /* (n, kv_dim) values - mu_v                            */
 } Batch;
 
+/* ---- Attention, in pieces that run_cuda.cu's kernels call too (TQ_HD) ---- */
+
+/* Readies query head q (head_dim) of KV head g for scoring: q is divided by
+ * the key weights in place ((q/w).(w*k) = q.k), its parts qu[j] = q.u_j along
+ * the key directions are taken and the rest q_perp = q - sum_j qu[j] u_j is
+ * prepared by the codec (rotated, lookup tables built) into qp. */
+TQ_HD static void prepare_query(const KVCache *kv, const Config *c, int l, int g, float *q,
+                                float *qperp, float *qu, float *qp) {
+    size_t head = (size_t)l * c->n_kv_heads + g;
+    int hd = c->head_dim, R = kv->kproj;
+    const float *kw = kv->kw + head * hd, *u = R ? kv->kdir + head * R * hd : NULL;
+    for (int i = 0; i < hd; i++) q[i] /= kw[i];
+    for (int j = 0; j < R; j++) qu[j] = dot(q, u + (size_t)j * hd, hd);
+    memcpy(qperp, q, hd * sizeof(float));
+    for (int j = 0; j < R; j++)
+        for (int i = 0; i < hd; i++) qperp[i] -= qu[j] * u[(size_t)j * hd + i];
+    tq_prepare_query(&kv->kc, R ? qperp : q, qp);
+}
+
+/* The attention logit of query q (prepared as above) for key t, the query
+ * sitting at position T-1: from the key's codes plus its exact parts along the
+ * u_j, or for an exact position from its fp16 copy (or the batch itself). */
+TQ_HD static float key_score(const KVCache *kv, const Config *c, int l, int g, int t, int T, const float *q,
+                             const float *qp, const float *qu, const Batch *bt) {
+    int hd = c->head_dim, R = kv->kproj;
+    float s;
+    if (!is_exact(kv, t, T)) {
+        s = tq_dot(&kv->kc, qp, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t));
+        size_t beta = (((size_t)l * c->n_kv_heads + g) * kv->ctx + t) * R;
+        for (int j = 0; j < R; j++) s += qu[j] * tq_f16_to_f32(kv->kbeta[beta + j]);
+    } else if (t >= bt->pos) {
+        s = dot(q, bt->k + (size_t)(t - bt->pos) * c->n_kv_heads * hd + (size_t)g * hd, hd);
+    } else {
+        s = dot_f16(q, kv->exact_k + exact_row(kv, c, l, g, t), hd);
+    }
+    return (1.0f / sqrtf((float)hd)) * s;
+}
+
+/* The first position >= t that a query at T-1 reads from the exact store (T: none). */
+TQ_HD static int next_exact(const KVCache *kv, int t, int T) {
+    return is_exact(kv, t, T) ? t : T - kv->window;
+}
+
+/* Completes a head's output out (head_dim), which holds the coded positions'
+ * part sum_t p_t v~_t: adds the exact positions' p_t v_t and the offset mu_v
+ * (sum_t p_t = 1; zero when offsets are off). */
+TQ_HD static void add_exact_values(const KVCache *kv, const Config *c, int l, int g, int T, const float *p,
+                                   const Batch *bt, float *out) {
+    int hd = c->head_dim;
+    for (int t = next_exact(kv, 0, T); t < T; t = next_exact(kv, t + 1, T))
+        if (t >= bt->pos) {
+            const float *v = bt->v + (size_t)(t - bt->pos) * c->n_kv_heads * hd + (size_t)g * hd;
+            for (int i = 0; i < hd; i++) out[i] += p[t] * v[i];
+        } else {
+            const uint16_t *v = kv->exact_v + exact_row(kv, c, l, g, t);
+            for (int i = 0; i < hd; i++) out[i] += p[t] * tq_f16_to_f32(v[i]);
+        }
+    const float *voff = kv->voff + ((size_t)l * c->n_kv_heads + g) * hd;
+    for (int i = 0; i < hd; i++) out[i] += voff[i];
+}
+
+#ifndef RUN_CUDA
 /* One query head attending over positions 0..T-1 of its KV head, straight from
  * the codes: the query is prepared (rotated, lookup tables built) once, every
  * key is scored with tq_dot, the softmax weights accumulate the value codes in
  * the rotated domain, and the sum is rotated back once (tq_finish). */
-static void attention(const KVCache *kv, const Config *c, int l, int g, int T, const float *q,
-                      const Batch *bt, float *qperp, float *qp, float *att, float *acc, float *out) {
-    size_t head = (size_t)l * c->n_kv_heads + g;
-    const float *voff = kv->voff + head * c->head_dim;
-    int hd = c->head_dim;
-    size_t kvd = (size_t)c->n_kv_heads * hd;
-    int R = kv->kproj;
-    float qu[KPROJ_MAX];                            /* q.u_j, and q_perp = q - sum_j (q.u_j) u_j (key projection) */
-    if (R) {
-        const float *u = kv->kdir + head * R * hd;
-        for (int j = 0; j < R; j++) qu[j] = dot(q, u + (size_t)j * hd, hd);
-        memcpy(qperp, q, hd * sizeof(float));
-        for (int j = 0; j < R; j++)
-            for (int i = 0; i < hd; i++) qperp[i] -= qu[j] * u[(size_t)j * hd + i];
-    }
-    tq_prepare_query(&kv->kc, R ? qperp : q, qp);
-    const uint16_t *beta = R ? kv->kbeta + head * kv->ctx * R : NULL;
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int t = 0; t < T; t++) {
-        float s;
-        if (!is_exact(kv, t, T)) {                  /* codes, plus the exact parts along the u_j */
-            s = tq_dot(&kv->kc, qp, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t));
-            for (int j = 0; j < R; j++) s += qu[j] * tq_f16_to_f32(beta[(size_t)t * R + j]);
-        } else s = t >= bt->pos ? dot(q, bt->k + (t - bt->pos) * kvd + (size_t)g * hd, hd)
-                                : dot_f16(q, kv->exact_k + exact_row(kv, c, l, g, t), hd);
-        att[t] = scale * s;
-    }
+static void attention(const KVCache *kv, const Config *c, int l, int g, int T, float *q, const Batch *bt,
+                      float *qperp, float *qp, float *att, float *acc, float *out) {
+    float qu[KPROJ_MAX];
+    prepare_query(kv, c, l, g, q, qperp, qu, qp);
+    for (int t = 0; t < T; t++) att[t] = key_score(kv, c, l, g, t, T, q, qp, qu, bt);
     softmax(att, T);
     memset(acc, 0, tq_acc_floats(&kv->vc) * sizeof(float));
     for (int t = 0; t < T; t++)
         if (!is_exact(kv, t, T)) tq_axpy(&kv->vc, att[t], cache_row(kv, kv->value, kv->vc.bytes, c, l, g, t), acc);
     tq_finish(&kv->vc, acc, out);
-    for (int t = 0; t < T; t++)
-        if (is_exact(kv, t, T) && t >= bt->pos) {
-            const float *v = bt->v + (t - bt->pos) * kvd + (size_t)g * hd;
-            for (int i = 0; i < hd; i++) out[i] += att[t] * v[i];
-        } else if (is_exact(kv, t, T)) {
-            const uint16_t *v = kv->exact_v + exact_row(kv, c, l, g, t);
-            for (int i = 0; i < hd; i++) out[i] += att[t] * tq_f16_to_f32(v[i]);
-        }
-    for (int i = 0; i < hd; i++) out[i] += voff[i];   /* zero when offsets are off */
+    add_exact_values(kv, c, l, g, T, att, bt, out);
 }
+#endif
 
 /* mu (kvd) = mean of the rows x[b] (n, kvd), leaving out row 0 (the attention
  * sink) when there are others; rounded to fp16, the precision it is kept in. */
@@ -677,7 +736,7 @@ static void set_key_dirs(float *u, int R, const float *q, const float *k, const 
                          int n, const Config *c) {
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, first = n > 1 ? 1 : 0;
     size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
-    double *m = xcalloc((size_t)hd * hd + 3 * (size_t)hd, sizeof(double), "key directions");
+    double *m = (double *)xcalloc((size_t)hd * hd + 3 * (size_t)hd, sizeof(double), "key directions");
     double *r = m + (size_t)hd * hd, *v = r + hd, *mv = v + hd;
     for (int g = 0; g < c->n_kv_heads; g++) {
         float *u1 = u + (size_t)g * R * hd;
@@ -722,9 +781,53 @@ static void set_key_dirs(float *u, int R, const float *q, const float *k, const 
     free(m);
 }
 
+/* A new sequence's statistics, from layer l's first batch: q (n, qd), k and
+ * v (n, kvd) after RoPE. Host code in both builds (run_cuda.cu copies them back). */
+static void measure_stats(KVCache *kv, const Config *c, int l, const float *q, const float *k, const float *v, int n) {
+    size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
+    if (kv->koffsets) set_offset(kv->koff + l * kvd, k, n, (int)kvd);
+    if (kv->voffsets) set_offset(kv->voff + l * kvd, v, n, (int)kvd);
+    if (kv->kweights) set_key_weights(kv->kw + l * kvd, q, k, n, c);
+    if (kv->kproj) set_key_dirs(kv->kdir + l * kv->kproj * kvd, kv->kproj, q, k, kv->koff + l * kvd, kv->kw + l * kvd, n, c);
+}
+
+/* Stores position pos's key k and value v (head_dim each) of KV head g in the
+ * cache: k <- w * (k - mu_k) and v <- v - mu_v in place; the key's parts
+ * beta_j = u_j.k kept in fp16 and k - sum_j beta_j u_j encoded (kp: head_dim
+ * scratch); then k and v are rounded to fp16, as the exact store keeps them. */
+TQ_HD static void encode_kv(const KVCache *kv, const Config *c, int l, int g, int pos, float *k, float *v, float *kp) {
+    int hd = c->head_dim, R = kv->kproj;
+    size_t head = (size_t)l * c->n_kv_heads + g;
+    const float *ko = kv->koff + head * hd, *vo = kv->voff + head * hd, *kw = kv->kw + head * hd;
+    for (int j = 0; j < hd; j++) { k[j] = kw[j] * (k[j] - ko[j]); v[j] -= vo[j]; }
+    if (R) {
+        const float *u = kv->kdir + head * R * hd;
+        uint16_t *beta = kv->kbeta + (head * kv->ctx + pos) * R;
+        memcpy(kp, k, hd * sizeof(float));
+        for (int r = 0; r < R; r++) {
+            beta[r] = tq_f32_to_f16(dot(u + (size_t)r * hd, k, hd));
+            for (int j = 0; j < hd; j++) kp[j] -= tq_f16_to_f32(beta[r]) * u[(size_t)r * hd + j];
+        }
+    }
+    tq_encode(&kv->kc, R ? kp : k, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, pos));
+    tq_encode(&kv->vc, v, cache_row(kv, kv->value, kv->vc.bytes, c, l, g, pos));
+    for (int j = 0; j < hd; j++) { k[j] = tq_f16_to_f32(tq_f32_to_f16(k[j])); v[j] = tq_f16_to_f32(tq_f32_to_f16(v[j])); }
+}
+
+/* After attention, token b of a batch of n at pos enters the exact store if it
+ * is a sink or among the batch's last `window` (the ring keeps only those). */
+TQ_HD static void store_exact(const KVCache *kv, const Config *c, int l, int g, int pos, int b, int n,
+                              const float *k, const float *v) {
+    if (!(pos + b < kv->sink || (kv->window > 0 && b >= n - kv->window))) return;
+    size_t r = exact_row(kv, c, l, g, pos + b);
+    for (int j = 0; j < c->head_dim; j++) { kv->exact_k[r + j] = tq_f32_to_f16(k[j]); kv->exact_v[r + j] = tq_f32_to_f16(v[j]); }
+}
+
 /* Runs n tokens (n <= batch) at positions pos..pos+n-1, storing their keys and
  * values in the cache. Returns the logits: of the last token (vocab_size), or
- * of all n tokens (n, vocab_size) when all_logits is set. */
+ * of all n tokens (n, vocab_size) when all_logits is set. (run_cuda.cu has its own.) */
+static float *forward(Transformer *t, const int *tokens, int n, int pos, int all_logits);
+#ifndef RUN_CUDA
 static float *forward(Transformer *t, const int *tokens, int n, int pos, int all_logits) {
     Config *c = &t->config;
     TransformerWeights *w = &t->weights;
@@ -746,60 +849,25 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         matmul(s->v, s->xb, w->wv + (size_t)l * kvd * dim, n, dim, kvd);
         int i;
 #pragma omp parallel for schedule(static)
-        for (i = 0; i < n * c->n_kv_heads; i++) {   /* RoPE on keys and queries */
-            int b = i / c->n_kv_heads, g = i % c->n_kv_heads;
-            rope(s->k + (size_t)b * kvd + (size_t)g * hd, hd, pos + b, c->rope_theta);
-            for (int h = g * group; h < (g + 1) * group; h++)
-                rope(s->q + (size_t)b * qd + (size_t)h * hd, hd, pos + b, c->rope_theta);
-        }
-        if (pos == 0) {                             /* a new sequence: measure its statistics */
-            if (kv->koffsets) set_offset(kv->koff + (size_t)l * kvd, s->k, n, kvd);
-            if (kv->voffsets) set_offset(kv->voff + (size_t)l * kvd, s->v, n, kvd);
-            if (kv->kweights) set_key_weights(kv->kw + (size_t)l * kvd, s->q, s->k, n, c);
-            if (kv->kproj) set_key_dirs(kv->kdir + (size_t)l * kv->kproj * kvd, kv->kproj, s->q, s->k,
-                                        kv->koff + (size_t)l * kvd, kv->kw + (size_t)l * kvd, n, c);
-        }
+        for (i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
+        if (pos == 0) measure_stats(kv, c, l, s->q, s->k, s->v, n);   /* a new sequence */
 #pragma omp parallel for schedule(static)
         for (i = 0; i < n * c->n_kv_heads; i++) {   /* encode k - mu_k, v - mu_v into the cache */
             int b = i / c->n_kv_heads, g = i % c->n_kv_heads;
-            float *k = s->k + (size_t)b * kvd + (size_t)g * hd, *v = s->v + (size_t)b * kvd + (size_t)g * hd;
-            const float *ko = kv->koff + (size_t)l * kvd + (size_t)g * hd, *vo = kv->voff + (size_t)l * kvd + (size_t)g * hd;
-            const float *kw = kv->kw + (size_t)l * kvd + (size_t)g * hd;
-            for (int j = 0; j < hd; j++) { k[j] = kw[j] * (k[j] - ko[j]); v[j] -= vo[j]; }
-            const float *kenc = k;
-            if (kv->kproj) {                        /* keep beta_j = u_j.k, encode k - sum_j beta_j u_j */
-                int R = kv->kproj;
-                const float *u = kv->kdir + ((size_t)l * c->n_kv_heads + g) * R * hd;
-                float *kp = s->qperp + (size_t)i * hd; /* scratch until attention uses it */
-                uint16_t *beta = kv->kbeta + (((size_t)l * c->n_kv_heads + g) * kv->ctx + pos + b) * R;
-                memcpy(kp, k, hd * sizeof(float));
-                for (int r = 0; r < R; r++) {
-                    beta[r] = tq_f32_to_f16(dot(u + (size_t)r * hd, k, hd));
-                    for (int j = 0; j < hd; j++) kp[j] -= tq_f16_to_f32(beta[r]) * u[(size_t)r * hd + j];
-                }
-                kenc = kp;
-            }
-            tq_encode(&kv->kc, kenc, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, pos + b));
-            tq_encode(&kv->vc, v, cache_row(kv, kv->value, kv->vc.bytes, c, l, g, pos + b));
-            for (int j = 0; j < hd; j++) { k[j] = tq_f16_to_f32(tq_f32_to_f16(k[j])); v[j] = tq_f16_to_f32(tq_f32_to_f16(v[j])); }
+            encode_kv(kv, c, l, g, pos + b, s->k + (size_t)b * kvd + (size_t)g * hd, s->v + (size_t)b * kvd + (size_t)g * hd,
+                      s->qperp + (size_t)i * hd);   /* qperp: scratch until attention uses it */
         }
         Batch bt = {pos, s->k, s->v};
 #pragma omp parallel for schedule(dynamic)
         for (i = 0; i < n * c->n_heads; i++) {      /* token b attends to positions 0..pos+b */
             int b = i / c->n_heads, h = i % c->n_heads;
-            float *q = s->q + (size_t)b * qd + (size_t)h * hd;
-            const float *kw = kv->kw + (size_t)l * kvd + (size_t)(h / group) * hd;
-            for (int j = 0; j < hd; j++) q[j] /= kw[j];    /* (q/w).(w*k) = q.k */
             attention(kv, c, l, h / group, pos + b + 1, s->q + (size_t)b * qd + (size_t)h * hd, &bt,
                       s->qperp + (size_t)i * hd, s->qp + (size_t)i * qf, s->att + (size_t)thread_id() * kv->ctx, s->acc + (size_t)i * af,
                       s->xb + (size_t)b * qd + (size_t)h * hd);
         }
-        for (int b = 0; b < n; b++)                  /* sinks and the last `window` enter the exact store */
-            if (pos + b < kv->sink || (kv->window > 0 && b >= n - kv->window))
-                for (int g = 0; g < c->n_kv_heads; g++) {
-                    size_t r = exact_row(kv, c, l, g, pos + b), o = (size_t)b * kvd + (size_t)g * hd;
-                    for (int j = 0; j < hd; j++) { kv->exact_k[r + j] = tq_f32_to_f16(s->k[o + j]); kv->exact_v[r + j] = tq_f32_to_f16(s->v[o + j]); }
-                }
+        for (int b = 0; b < n; b++)
+            for (int g = 0; g < c->n_kv_heads; g++)
+                store_exact(kv, c, l, g, pos, b, n, s->k + (size_t)b * kvd + (size_t)g * hd, s->v + (size_t)b * kvd + (size_t)g * hd);
         matmul(s->xb2, s->xb, w->wo + (size_t)l * dim * qd, n, qd, dim);
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
 
@@ -823,6 +891,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     matmul(s->logits, s->x + (size_t)first * dim, w->wcls, n - first, dim, c->vocab_size);
     return s->logits;
 }
+#endif
 
 /* Feeds n tokens at positions pos.. in batches; returns the last token's logits.
  * With all (n, vocab) != NULL, every position's logits are copied there. */
@@ -944,13 +1013,13 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
     if (n <= 0 || n != vocab_size || n > (1 << 28))
         TOK_FAIL("tokenizer has %d tokens, the header says vocab_size %d", n, vocab_size);
     t->kind = kind; t->pretok = pretok; t->vocab_size = n;
-    t->vocab = malloc((size_t)n * sizeof(*t->vocab));
-    t->vocab_len = malloc((size_t)n * sizeof(int));
-    t->scores = malloc((size_t)n * sizeof(float));
-    t->byte_val = malloc((size_t)n * sizeof(int));
+    t->vocab = (const unsigned char **)malloc((size_t)n * sizeof(*t->vocab));
+    t->vocab_len = (int *)malloc((size_t)n * sizeof(int));
+    t->scores = (float *)malloc((size_t)n * sizeof(float));
+    t->byte_val = (int *)malloc((size_t)n * sizeof(int));
     t->hash_size = pow2_at_least(2 * n);
-    t->vocab_hash = calloc((size_t)t->hash_size, sizeof(int));
-    t->special = malloc((size_t)n * sizeof(int));
+    t->vocab_hash = (int *)calloc((size_t)t->hash_size, sizeof(int));
+    t->special = (int *)malloc((size_t)n * sizeof(int));
     if (!t->vocab || !t->vocab_len || !t->scores || !t->byte_val || !t->vocab_hash || !t->special)
         TOK_FAIL("out of memory for the tokenizer");
     for (int b = 0; b < 256; b++) { t->byte_id[b] = -1; t->byte_pieces[b] = (unsigned char)b; }
@@ -996,8 +1065,8 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
         TOK_FAIL("tokenizer section: bad or truncated merges list");
     if (n_merges > 0) {
         t->merge_size = pow2_at_least(2 * n_merges);
-        t->merges = malloc((size_t)t->merge_size * sizeof(MergeSlot));
-        unsigned char *cat = malloc(2 * (size_t)t->max_token_len + 1);
+        t->merges = (MergeSlot *)malloc((size_t)t->merge_size * sizeof(MergeSlot));
+        unsigned char *cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1);
         if (!t->merges || !cat) { free(cat); TOK_FAIL("out of memory for the merges"); }
         for (int s = 0; s < t->merge_size; s++) t->merges[s].left = -1;
         for (int r = 0; r < n_merges; r++) {
@@ -1019,7 +1088,7 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
     /* Unicode classes: { uint32 lo; uint32 hi; int32 cls }, sorted, not overlapping */
     if (cur_i32(&c, &n_ranges) || n_ranges < 0 || (size_t)n_ranges > c.left / 12)
         TOK_FAIL("tokenizer section: bad or truncated Unicode ranges");
-    t->ranges = malloc((size_t)n_ranges * sizeof(CodeRange) + 1);
+    t->ranges = (CodeRange *)malloc((size_t)n_ranges * sizeof(CodeRange) + 1);
     if (!t->ranges) TOK_FAIL("out of memory for the Unicode ranges");
     t->n_ranges = n_ranges;
     for (int i = 0; i < n_ranges; i++) {
@@ -1090,10 +1159,10 @@ typedef struct {
 static int enc_reserve(Encoder *e, int n) {
     if (n <= e->cap) return 0;
     int cap = n < 64 ? 64 : n;
-    int *a = realloc(e->tok, (size_t)cap * sizeof(int)); if (!a) return -1; e->tok = a;
-    a = realloc(e->prev, (size_t)cap * sizeof(int)); if (!a) return -1; e->prev = a;
-    a = realloc(e->next, (size_t)cap * sizeof(int)); if (!a) return -1; e->next = a;
-    HeapItem *h = realloc(e->heap, 3 * (size_t)cap * sizeof(HeapItem)); if (!h) return -1; e->heap = h;
+    int *a = (int *)realloc(e->tok, (size_t)cap * sizeof(int)); if (!a) return -1; e->tok = a;
+    a = (int *)realloc(e->prev, (size_t)cap * sizeof(int)); if (!a) return -1; e->prev = a;
+    a = (int *)realloc(e->next, (size_t)cap * sizeof(int)); if (!a) return -1; e->next = a;
+    HeapItem *h = (HeapItem *)realloc(e->heap, 3 * (size_t)cap * sizeof(HeapItem)); if (!h) return -1; e->heap = h;
     e->cap = cap;
     return 0;
 }
@@ -1297,9 +1366,10 @@ int encode(const Tokenizer *t, const char *text, size_t len, int bos_id, int *to
             if (l == 0) return -1;
             i += (size_t)l;
         }
-    Encoder e = { 0 };
+    Encoder e;
+    memset(&e, 0, sizeof e);
     e.out = tokens; e.max_out = max_tokens < 0 ? 0 : max_tokens;
-    if (!(e.cat = malloc(2 * (size_t)t->max_token_len + 1))) return -3;
+    if (!(e.cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1))) return -3;
     if (bos_id >= 0) emit(&e, bos_id);
     int rc = 0;
     /* split out special tokens (leftmost, then longest); the stretches between are plain text */
@@ -1449,7 +1519,7 @@ static void print_piece(const Tokenizer *tok, int prev, int bos, int token) {
 
 static int *encode_or_die(const Tokenizer *tok, const char *text, size_t len, int bos, int *n_out) {
     int max = (int)(len + 3 > (size_t)1 << 30 ? (size_t)1 << 30 : len + 3);
-    int *tokens = xcalloc((size_t)max, sizeof(int), "prompt tokens");
+    int *tokens = (int *)xcalloc((size_t)max, sizeof(int), "prompt tokens");
     int n = encode(tok, text, len, bos, tokens, max);
     if (n == -1) die("the prompt is not valid UTF-8");
     if (n < 0) die("the prompt could not be tokenized");
@@ -1466,7 +1536,8 @@ static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, con
     int *tokens = encode_or_die(tok, prompt, strlen(prompt), c->add_bos ? c->bos_id : -1, &n);
     if (n == 0) die("empty prompt: give one with -i or -f");
     if (n >= t->cache.ctx) die("the prompt is %d tokens; the context is %d (raise it with -c, up to %d)", n, t->cache.ctx, c->seq_len);
-    Stats st = {0};
+    Stats st;
+    memset(&st, 0, sizeof st);
     double t0 = now_s();
     for (int i = 0; i < n; i++) if (i > 0 || tokens[0] != c->bos_id) print_piece(tok, i ? tokens[i - 1] : -1, c->bos_id, tokens[i]);
     float *logits = prefill(t, tokens, n, 0, NULL);
@@ -1493,7 +1564,7 @@ static char *format_alloc(const char *fmt, ...) {
     va_start(ap, fmt);
     int n = vsnprintf(NULL, 0, fmt, ap);
     va_end(ap);
-    char *s = xcalloc((size_t)n + 1, 1, "a chat turn");
+    char *s = (char *)xcalloc((size_t)n + 1, 1, "a chat turn");
     va_start(ap, fmt);
     vsnprintf(s, (size_t)n + 1, fmt, ap);
     va_end(ap);
@@ -1516,7 +1587,8 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
     const Config *c = &t->config;
     static char line[8192];           /* one typed line; -i / -f messages may be any length */
     int pos = 0, first = 1;
-    Stats st = {0};
+    Stats st;
+    memset(&st, 0, sizeof st);
     for (;;) {
         const char *user = line;
         if (first && user0) user = user0;
@@ -1574,11 +1646,11 @@ static char *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot read %s: %s", path, strerror(errno));
     size_t cap = 1 << 16, n = 0;
-    char *buf = xcalloc(cap, 1, "the input file");
+    char *buf = (char *)xcalloc(cap, 1, "the input file");
     size_t got;
     while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
         n += got;
-        if (n + 1 == cap) { cap *= 2; buf = realloc(buf, cap); if (!buf) die("out of memory reading %s", path); }
+        if (n + 1 == cap) { cap *= 2; buf = (char *)realloc(buf, cap); if (!buf) die("out of memory reading %s", path); }
     }
     if (ferror(f)) die("cannot read %s: %s", path, strerror(errno));
     fclose(f);
@@ -1590,7 +1662,7 @@ static char *read_file(const char *path, size_t *len) {
 /* Parses whitespace-separated token ids; every id must be in the vocabulary. */
 static int *parse_ids(const char *text, int vocab, int *n_out) {
     size_t cap = 256;
-    int n = 0, *ids = xcalloc(cap, sizeof(int), "token ids");
+    int n = 0, *ids = (int *)xcalloc(cap, sizeof(int), "token ids");
     const char *p = text;
     for (;;) {
         while (isspace((unsigned char)*p)) p++;
@@ -1600,7 +1672,7 @@ static int *parse_ids(const char *text, int vocab, int *n_out) {
         long v = strtol(p, &end, 10);
         if (end == p || errno || v < 0 || v >= vocab || (*end && !isspace((unsigned char)*end)))
             die("bad token id near \"%.20s\" (ids are integers in [0, %d))", p, vocab);
-        if ((size_t)n == cap) { cap *= 2; ids = realloc(ids, cap * sizeof(int)); if (!ids) die("out of memory"); }
+        if ((size_t)n == cap) { cap *= 2; ids = (int *)realloc(ids, cap * sizeof(int)); if (!ids) die("out of memory"); }
         ids[n++] = (int)v;
         p = end;
     }
@@ -1615,7 +1687,7 @@ static void dump_logits(Transformer *t, const char *ids_text, const char *out) {
     int *ids = parse_ids(ids_text, t->config.vocab_size, &n);
     if (n == 0) die("no token ids given");
     if (n > t->cache.ctx) die("%d tokens exceed the context of %d", n, t->cache.ctx);
-    float *all = xcalloc((size_t)n * t->config.vocab_size, sizeof(float), "logits");
+    float *all = (float *)xcalloc((size_t)n * t->config.vocab_size, sizeof(float), "logits");
     prefill(t, ids, n, 0, all);
     FILE *f = fopen(out, "wb");
     if (!f) die("cannot write %s: %s", out, strerror(errno));
@@ -1667,8 +1739,9 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
     if (max_chunks > 0 && chunks > max_chunks) chunks = max_chunks;
     if (chunks == 0) die("the text is %d tokens, fewer than one chunk of %d", n, ctx);
     fprintf(stderr, "%d chunks of %d tokens, scoring the second half of each\n", chunks, ctx);
-    double *lp = xcalloc(vocab, sizeof(double), "eval"), *lq = xcalloc(vocab, sizeof(double), "eval");
-    EvalSums e = {0};
+    double *lp = (double *)xcalloc(vocab, sizeof(double), "eval"), *lq = (double *)xcalloc(vocab, sizeof(double), "eval");
+    EvalSums e;
+    memset(&e, 0, sizeof e);
     t0 = now_s();
     double dsum = 0, dsq = 0;  /* per-chunk mean NLL difference d_c: its sum and sum of squares */
     for (int ch = 0; ch < chunks; ch++) {
@@ -1715,8 +1788,8 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
 static void usage(int status) {
     FILE *out = status ? stderr : stdout;
     fprintf(out,
-        "Usage:   run <model.bin> [options]\n"
-        "Example: run model.bin -k tq3 -n 256 -i \"Once upon a time\"\n"
+        "Usage:   " PROG " <model.bin> [options]\n"
+        "Example: " PROG " model.bin -k tq3 -n 256 -i \"Once upon a time\"\n"
         "Options:\n"
         "  -t <float>  temperature in [0, inf), default 1.0 (0 = greedy)\n"
         "  -p <float>  top-p in [0, 1], default 0.9 (0 or 1 = off)\n"
@@ -1877,7 +1950,7 @@ int main(int argc, char **argv) {
                         tc->tokenizer_kind, tc->pretok, err, sizeof err) != 0)
         die("%s: bad tokenizer section: %s", tok_path ? tok_path : model_path, err);
 
-    Sampler sampler = {c->vocab_size, xcalloc(c->vocab_size, sizeof(ProbIndex), "sampler"), temperature, topp, seed};
+    Sampler sampler = {c->vocab_size, (ProbIndex *)xcalloc(c->vocab_size, sizeof(ProbIndex), "sampler"), temperature, topp, seed};
 
     if (m == GENERATE) {
         if (!prompt) die("no prompt: give one with -i or -f");
@@ -1887,7 +1960,8 @@ int main(int argc, char **argv) {
     } else if (m == EVAL) {
         if (!prompt) die("-m eval needs a text: -f FILE");
         int same = co.kf == TQ_FP32 && co.vf == TQ_FP32;  /* the reference would be identical */
-        CacheOpts fp32 = {.kf = TQ_FP32, .vf = TQ_FP32, .kscale = TQ_SCALE_NC, .vscale = TQ_SCALE_NC};
+        CacheOpts fp32 = co;   /* offsets, projections, exact positions: none apply to fp32 */
+        fp32.kf = fp32.vf = TQ_FP32;
         Transformer ref;
         if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1);
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);

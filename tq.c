@@ -41,7 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const double PI = 3.14159265358979323846;
+#define PI 3.14159265358979323846
 #define F16_MAX 65504.0     /* largest finite fp16: stored scales saturate there */
 
 /* Rounds of random signs + Walsh-Hadamard. One round maps a basis vector to a
@@ -55,7 +55,7 @@ static const double PI = 3.14159265358979323846;
 /* ---- fp16 ------------------------------------------------------------------*/
 
 /* IEEE binary16, round to nearest even. Overflow gives +-inf, NaN stays NaN. */
-uint16_t tq_f32_to_f16(float f) {
+TQ_HD uint16_t tq_f32_to_f16(float f) {
     uint32_t x;
     memcpy(&x, &f, 4);
     uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
@@ -76,7 +76,7 @@ uint16_t tq_f32_to_f16(float f) {
  * 2^(127-15): exact for normal and subnormal halves alike. An all-ones half
  * exponent (inf, NaN) becomes an all-ones float exponent. No branches, so the
  * fp16 loops below vectorize. */
-static inline float half_to_float(uint16_t h) {
+TQ_HD static inline float half_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)(h & 0x7fff) << 13;
     float f;
     memcpy(&f, &bits, 4);
@@ -86,36 +86,36 @@ static inline float half_to_float(uint16_t h) {
     memcpy(&f, &bits, 4);
     return f;
 }
-float tq_f16_to_f32(uint16_t h) { return half_to_float(h); }
+TQ_HD float tq_f16_to_f32(uint16_t h) { return half_to_float(h); }
 
-static float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
+TQ_HD static float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 /* A stored scale: non-negative, saturated at the largest finite fp16 (so any
  * finite input encodes to finite numbers; norms above 65504 are clipped), and
  * rounded double -> float -> fp16. */
-static uint16_t scale_f16(double s) {
+TQ_HD static uint16_t scale_f16(double s) {
     return tq_f32_to_f16((float)(s < F16_MAX ? s : F16_MAX));
 }
 
-static float get_f32(const uint8_t *p) { float f; memcpy(&f, p, 4); return f; }  /* any alignment */
-static float get_f16(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | p[1] << 8)); }
-static void put_f16(uint8_t *p, uint16_t h) { p[0] = (uint8_t)h; p[1] = (uint8_t)(h >> 8); }
+TQ_HD static float get_f32(const uint8_t *p) { float f; memcpy(&f, p, 4); return f; }  /* any alignment */
+TQ_HD static float get_f16(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | p[1] << 8)); }
+TQ_HD static void put_f16(uint8_t *p, uint16_t h) { p[0] = (uint8_t)h; p[1] = (uint8_t)(h >> 8); }
 
 /* ---- sums ------------------------------------------------------------------------
  * Vector lengths are multiples of 8, so sums run as 8 interleaved partial sums
  * added pairwise at the end: the compiler may use SIMD without reordering any
  * float addition, so SIMD width does not change a result (FMA contraction,
  * which -march=native allows, may still change the last bit). */
-static float sum8(const float *a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+TQ_HD static float sum8(const float *a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
 
-static float dot8(const float *a, const float *b, int n) {
+TQ_HD static float dot8(const float *a, const float *b, int n) {
     float acc[8] = {0};
     for (int i = 0; i < n; i += 8)
         for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
     return sum8(acc);
 }
 
-static double norm_f64(const float *x, int n) {              /* |x| in double: no overflow */
+TQ_HD static double norm_f64(const float *x, int n) {              /* |x| in double: no overflow */
     double acc[4] = {0};
     for (int i = 0; i < n; i += 4)
         for (int j = 0; j < 4; j++) acc[j] += (double)x[i + j] * x[i + j];
@@ -162,8 +162,8 @@ int tq_parse_scale(const char *name, tq_scale *out) {
 }
 const char *tq_scale_name(tq_scale s) { return (unsigned)s < TQ_NSCALE ? SCALE_NAME[s] : "?"; }
 
-static int is_tq(tq_fmt f) { return f >= TQ_TQ2; }
-static int is_prod(tq_fmt f) { return f >= TQ_TQ2P; }
+TQ_HD static int is_tq(tq_fmt f) { return f >= TQ_TQ2; }
+TQ_HD static int is_prod(tq_fmt f) { return f >= TQ_TQ2P; }
 
 size_t tq_bytes(tq_fmt f, int d) {
     if ((unsigned)f >= TQ_NFMT || d <= 0 || d % 8 != 0 || (f == TQ_Q4 && d % 32 != 0)) return 0;
@@ -215,7 +215,7 @@ static void lloyd_max(int d, int b, float *centroids /* (2^b) */, float *bounds 
     const int K = 1 << b;
     const double T = fmin(1.0, 12.0 / sqrt((double)d)), h = 2.0 * T / GRID;
     const double logZ = lgamma(d / 2.0) - 0.5 * log(PI) - lgamma((d - 1) / 2.0);
-    double *mem = malloc(4 * (GRID + 1) * sizeof(double)), c[16], cb[17];
+    double *mem = (double *)malloc(4 * (GRID + 1) * sizeof(double)), c[16], cb[17];
     if (!mem) { memset(centroids, 0, (size_t)K * sizeof(float)); return; }
     table F = {mem, mem + GRID + 1}, M = {mem + 2 * (GRID + 1), mem + 3 * (GRID + 1)};
     for (int j = 0; j <= GRID; j++) {                        /* Simpson on [t - h, t] */
@@ -256,7 +256,7 @@ static void lloyd_max(int d, int b, float *centroids /* (2^b) */, float *bounds 
  * (-1)^popcount(i & j) / sqrt(d). H is symmetric and orthogonal, so
  * Pi^T = D_1 H D_2 H ... D_R H. Other d: a dense Haar-random orthogonal matrix. */
 
-static void fwht(float *x /* (d) */, int d) {               /* x <- H x, O(d log d) */
+TQ_HD static void fwht(float *x /* (d) */, int d) {               /* x <- H x, O(d log d) */
     for (int i = 0; i < d; i += 8)               /* butterflies of span 1, 2, 4 within blocks */
         for (int len = 1; len < 8; len *= 2)     /* of 8 (constant loops: unrolled to registers) */
             for (int j = 0; j < 8; j++)
@@ -277,7 +277,7 @@ static void fwht(float *x /* (d) */, int d) {               /* x <- H x, O(d log
 /* Rows of a seeded Gaussian matrix, orthonormalized by modified Gram-Schmidt (the
  * QR of the paper); R's diagonal comes out positive, so Pi is Haar distributed. */
 static int random_orthogonal(float *pi /* (d, d) */, int d, uint64_t seed) {
-    double *a = malloc((size_t)d * d * sizeof(double));
+    double *a = (double *)malloc((size_t)d * d * sizeof(double));
     if (!a) return -1;
     uint64_t s = rng_stream(seed, 2);
     for (size_t i = 0; i < (size_t)d * d; i++) a[i] = rng_normal(&s);
@@ -298,15 +298,15 @@ static int random_orthogonal(float *pi /* (d, d) */, int d, uint64_t seed) {
     return 0;
 }
 
-void tq_rotate(const tq_codec *c, const float *x, float *y) {   /* y = Pi x (y may be x) */
+TQ_HD void tq_rotate(const tq_codec *c, const float *x, float *y) {   /* y = Pi x (y may be x) */
     int d = c->d;
     if (c->dense) {
-        float t[d];
+        float t[TQ_STACK(d)];
         for (int i = 0; i < d; i++) t[i] = dot8(c->dense + (size_t)i * d, x, d);
-        memcpy(y, t, sizeof t);
+        memcpy(y, t, (size_t)d * sizeof(float));
         return;
     }
-    memmove(y, x, (size_t)d * sizeof(float));
+    if (y != x) memcpy(y, x, (size_t)d * sizeof(float));
     for (int r = 0; r < c->rounds; r++) {
         const float *sg = c->signs + (size_t)r * d;
         for (int i = 0; i < d; i++) y[i] *= sg[i];
@@ -314,19 +314,19 @@ void tq_rotate(const tq_codec *c, const float *x, float *y) {   /* y = Pi x (y m
     }
 }
 
-void tq_unrotate(const tq_codec *c, const float *y, float *x) { /* x = Pi^T y (x may be y) */
+TQ_HD void tq_unrotate(const tq_codec *c, const float *y, float *x) { /* x = Pi^T y (x may be y) */
     int d = c->d;
     if (c->dense) {                                          /* x = sum_i y_i Pi[i][:] */
-        float t[d];
-        memset(t, 0, sizeof t);
+        float t[TQ_STACK(d)];
+        memset(t, 0, (size_t)d * sizeof(float));
         for (int i = 0; i < d; i++) {
             const float *row = c->dense + (size_t)i * d;
             for (int j = 0; j < d; j++) t[j] += y[i] * row[j];
         }
-        memcpy(x, t, sizeof t);
+        memcpy(x, t, (size_t)d * sizeof(float));
         return;
     }
-    memmove(x, y, (size_t)d * sizeof(float));
+    if (x != y) memcpy(x, y, (size_t)d * sizeof(float));
     for (int r = c->rounds - 1; r >= 0; r--) {
         const float *sg = c->signs + (size_t)r * d;
         fwht(x, d);
@@ -343,23 +343,23 @@ int tq_init(tq_codec *c, tq_fmt f, int d, tq_scale scale, uint64_t seed) {
     if (!is_tq(f)) return 0;                                 /* fp/q: identity rotation */
     int K = 1 << c->bits;
     size_t dd = (size_t)d * d;
-    c->centroids = malloc((size_t)K * sizeof(float));
-    c->bounds = malloc((size_t)(K - 1) * sizeof(float));
+    c->centroids = (float *)malloc((size_t)K * sizeof(float));
+    c->bounds = (float *)malloc((size_t)(K - 1) * sizeof(float));
     if (!c->centroids || !c->bounds) goto fail;
     lloyd_max(d, c->bits, c->centroids, c->bounds);
     if ((d & (d - 1)) == 0) {                                /* power of two: Hadamard */
         uint64_t s = rng_stream(seed, 1);
         c->rounds = HADAMARD_ROUNDS;
-        c->signs = malloc((size_t)c->rounds * d * sizeof(float));
+        c->signs = (float *)malloc((size_t)c->rounds * d * sizeof(float));
         if (!c->signs) goto fail;
         for (size_t i = 0; i < (size_t)c->rounds * d; i++) c->signs[i] = (rng_next(&s) >> 63) ? -1.0f : 1.0f;
     } else {
-        c->dense = malloc(dd * sizeof(float));
+        c->dense = (float *)malloc(dd * sizeof(float));
         if (!c->dense || random_orthogonal(c->dense, d, seed)) goto fail;
     }
     if (is_prod(f)) {                                        /* QJL: S with N(0,1) entries */
         uint64_t s = rng_stream(seed, 3);
-        c->qjl = malloc(dd * sizeof(float));
+        c->qjl = (float *)malloc(dd * sizeof(float));
         if (!c->qjl) goto fail;
         for (size_t i = 0; i < dd; i++) c->qjl[i] = (float)rng_normal(&s);
     }
@@ -380,13 +380,13 @@ void tq_free(tq_codec *c) {
  * [b*j, b*j + b) of the group's b bytes read as a little-endian integer.
  * The QJL signs are the same stream with b = 1. */
 
-static uint32_t load_group(const uint8_t *p, int b) {       /* b bytes, little-endian */
+TQ_HD static uint32_t load_group(const uint8_t *p, int b) {       /* b bytes, little-endian */
     uint32_t w = 0;
     for (int k = 0; k < b; k++) w |= (uint32_t)p[k] << (8 * k);
     return w;
 }
 
-static void pack(const uint8_t *idx /* (d) */, int d, int b, uint8_t *out /* (d*b/8) */) {
+TQ_HD static void pack(const uint8_t *idx /* (d) */, int d, int b, uint8_t *out /* (d*b/8) */) {
     for (int g = 0; g < d / 8; g++) {
         uint32_t w = 0;
         for (int j = 0; j < 8; j++) w |= (uint32_t)idx[8 * g + j] << (b * j);
@@ -394,7 +394,7 @@ static void pack(const uint8_t *idx /* (d) */, int d, int b, uint8_t *out /* (d*
     }
 }
 
-static void unpack(const uint8_t *in, int d, int b, uint8_t *idx /* (d) */) {
+TQ_HD static void unpack(const uint8_t *in, int d, int b, uint8_t *idx /* (d) */) {
     for (int g = 0; g < d / 8; g++) {
         uint32_t w = load_group(in + b * g, b);
         for (int j = 0; j < 8; j++) idx[8 * g + j] = (uint8_t)((w >> (b * j)) & ((1u << b) - 1));
@@ -403,7 +403,7 @@ static void unpack(const uint8_t *in, int d, int b, uint8_t *idx /* (d) */) {
 
 /* ---- encode / decode: fp and absmax formats ----------------------------------------*/
 
-static void encode_plain(const tq_codec *c, const float *x, uint8_t *code) {
+TQ_HD static void encode_plain(const tq_codec *c, const float *x, uint8_t *code) {
     int d = c->d;
     if (c->fmt == TQ_FP32) { memcpy(code, x, (size_t)d * 4); return; }   /* little-endian host */
     if (c->fmt == TQ_FP16) {                                 /* saturate instead of inf */
@@ -440,9 +440,9 @@ static void encode_plain(const tq_codec *c, const float *x, uint8_t *code) {
     }
 }
 
-static float q4_value(const uint8_t *blk, int j) { return (float)(((blk[j / 2] >> (4 * (j % 2))) & 15) - 8); }  /* q - 8 */
+TQ_HD static float q4_value(const uint8_t *blk, int j) { return (float)(((blk[j / 2] >> (4 * (j % 2))) & 15) - 8); }  /* q - 8 */
 
-static void decode_plain(const tq_codec *c, const uint8_t *code, float *x) {
+TQ_HD static void decode_plain(const tq_codec *c, const uint8_t *code, float *x) {
     int d = c->d;
     switch (c->fmt) {
     case TQ_FP32: memcpy(x, code, (size_t)d * 4); break;
@@ -464,7 +464,7 @@ static void decode_plain(const tq_codec *c, const uint8_t *code, float *x) {
 
 /* Algorithm 1's idx_i = argmin_k |y_i - c_k|: the number of decision bounds
  * (sorted midpoints) below y_i; a tie y_i == bound goes to the lower cell. */
-static void quantize(const tq_codec *c, const float *y /* (d) */, uint8_t *idx /* (d) */) {
+TQ_HD static void quantize(const tq_codec *c, const float *y /* (d) */, uint8_t *idx /* (d) */) {
     for (int i = 0; i < c->d; i++) idx[i] = y[i] > c->bounds[0];
     for (int k = 1; k + 1 < (1 << c->bits); k++)
         for (int i = 0; i < c->d; i++) idx[i] += y[i] > c->bounds[k];
@@ -472,7 +472,7 @@ static void quantize(const tq_codec *c, const float *y /* (d) */, uint8_t *idx /
 
 /* The stored scale s of x~ = s Pi^T c (tq.h), c = c[idx]: the paper's |x|, norm
  * correction |x|/|c|, or EDEN's |x|/<y,c>, which makes <x, x~> = |x|^2 exactly. */
-static double scale_rule(const tq_codec *c, double norm, const float *y, const float *cy) {
+TQ_HD static double scale_rule(const tq_codec *c, double norm, const float *y, const float *cy) {
     if (c->scale == TQ_SCALE_NC) return norm / sqrt(dot8(cy, cy, c->d));   /* no centroid is 0 */
     double yc = dot8(y, cy, c->d);
     if (c->scale == TQ_SCALE_EDEN && yc > 0) return norm / yc;
@@ -482,22 +482,22 @@ static double scale_rule(const tq_codec *c, double norm, const float *y, const f
 /* Algorithm 2's sketch, in the rotated domain and divided by |x| (so that huge
  * inputs cannot overflow): r = y - (s/|x|) c, bit k = [<S_k, r> > 0] with the
  * sums of dot8, gamma = |x| |r|. Writes the d/8 sign bytes, returns gamma. */
-static double qjl_signs(const tq_codec *c, double norm, float s, const float *y, const float *cy, uint8_t *out) {
+TQ_HD static double qjl_signs(const tq_codec *c, double norm, float s, const float *y, const float *cy, uint8_t *out) {
     int d = c->d;
-    float r[d], ratio = (float)(s / norm);
-    uint8_t sg[d];
+    float r[TQ_STACK(d)], ratio = (float)(s / norm);
+    uint8_t sg[TQ_STACK(d)];
     for (int i = 0; i < d; i++) r[i] = y[i] - ratio * cy[i];
     for (int k = 0; k < d; k++) sg[k] = dot8(c->qjl + (size_t)k * d, r, d) > 0;
     pack(sg, d, 1, out);
     return norm * sqrt(dot8(r, r, d));
 }
 
-static void encode_tq(const tq_codec *c, const float *x, uint8_t *code) {
+TQ_HD static void encode_tq(const tq_codec *c, const float *x, uint8_t *code) {
     int d = c->d, b = c->bits;
-    float u[d], y[d], cy[d];
-    uint8_t idx[d], *p = code + (size_t)d * b / 8;
+    float u[TQ_STACK(d)], y[TQ_STACK(d)], cy[TQ_STACK(d)];
+    uint8_t idx[TQ_STACK(d)], *p = code + (size_t)d * b / 8;
     double norm = norm_f64(x, d), inv = norm > 0 ? 1.0 / norm : 0.0;
-    memset(u, 0, sizeof u);                                  /* (only for gcc's -Wmaybe-uninitialized) */
+    memset(u, 0, (size_t)d * sizeof(float));                 /* (only for gcc's -Wmaybe-uninitialized) */
     for (int i = 0; i < d; i++) u[i] = (float)(x[i] * inv);   /* u = x / |x| */
     tq_rotate(c, u, y);                                      /* y = Pi u */
     quantize(c, y, idx);
@@ -512,7 +512,7 @@ static void encode_tq(const tq_codec *c, const float *x, uint8_t *code) {
 }
 
 /* yt += S^T a, i.e. yt[i] += sum_k a_k S[k][i]: the QJL dequantization. */
-static void add_qjl_transpose(const tq_codec *c, const float *a /* (d) */, float *restrict yt /* (d) */) {
+TQ_HD static void add_qjl_transpose(const tq_codec *c, const float *a /* (d) */, float *restrict yt /* (d) */) {
     for (int k = 0; k < c->d; k++) {
         const float *row = c->qjl + (size_t)k * c->d;
         for (int i = 0; i < c->d; i += 8)
@@ -521,28 +521,28 @@ static void add_qjl_transpose(const tq_codec *c, const float *a /* (d) */, float
 }
 
 /* Rotated-domain reconstruction Pi x~ = s c[idx] (+ sqrt(pi/2)/d gamma S^T qjl). */
-static void decode_rotated(const tq_codec *c, const uint8_t *code, float *yt /* (d) */) {
+TQ_HD static void decode_rotated(const tq_codec *c, const uint8_t *code, float *yt /* (d) */) {
     int d = c->d, b = c->bits;
-    uint8_t idx[d];
+    uint8_t idx[TQ_STACK(d)];
     const uint8_t *p = code + (size_t)d * b / 8;
     unpack(code, d, b, idx);
     float s = get_f16(p + (is_prod(c->fmt) ? d / 8 : 0));
     for (int i = 0; i < d; i++) yt[i] = s * c->centroids[idx[i]];
     if (!is_prod(c->fmt)) return;
-    uint8_t sg[d];
-    float a[d], amp = sqrtf((float)(PI / 2)) / d * get_f16(p + d / 8 + 2);
+    uint8_t sg[TQ_STACK(d)];
+    float a[TQ_STACK(d)], amp = sqrtf((float)(PI / 2)) / d * get_f16(p + d / 8 + 2);
     unpack(p, d, 1, sg);
     for (int k = 0; k < d; k++) a[k] = sg[k] ? amp : -amp;
     add_qjl_transpose(c, a, yt);
 }
 
-void tq_encode(const tq_codec *c, const float *x, uint8_t *code) {
+TQ_HD void tq_encode(const tq_codec *c, const float *x, uint8_t *code) {
     if (is_tq(c->fmt)) encode_tq(c, x, code); else encode_plain(c, x, code);
 }
 
-void tq_decode(const tq_codec *c, const uint8_t *code, float *x) {
+TQ_HD void tq_decode(const tq_codec *c, const uint8_t *code, float *x) {
     if (!is_tq(c->fmt)) { decode_plain(c, code, x); return; }
-    float yt[c->d];
+    float yt[TQ_STACK(c->d)];
     decode_rotated(c, code, yt);
     tq_unrotate(c, yt, x);                                   /* x~ = Pi^T (Pi x~) */
 }
@@ -555,15 +555,15 @@ void tq_decode(const tq_codec *c, const uint8_t *code, float *x) {
  * sqrt(pi/2)/d gamma_t qjl_t (d) ]; tq_finish applies S^T to the second half once,
  * adds, and unrotates once. fp/q formats: qp = q and acc = the plain sum. */
 
-size_t tq_query_floats(const tq_codec *c) {
+TQ_HD size_t tq_query_floats(const tq_codec *c) {
     size_t d = (size_t)c->d;
     if (!is_tq(c->fmt)) return d;
     return d + d * ((size_t)1 << c->bits) + (is_prod(c->fmt) ? d : 0);
 }
 
-size_t tq_acc_floats(const tq_codec *c) { return is_prod(c->fmt) ? 2 * (size_t)c->d : (size_t)c->d; }
+TQ_HD size_t tq_acc_floats(const tq_codec *c) { return is_prod(c->fmt) ? 2 * (size_t)c->d : (size_t)c->d; }
 
-void tq_prepare_query(const tq_codec *c, const float *q, float *qp) {
+TQ_HD void tq_prepare_query(const tq_codec *c, const float *q, float *qp) {
     int d = c->d, K = 1 << c->bits;
     if (!is_tq(c->fmt)) { memcpy(qp, q, (size_t)d * sizeof(float)); return; }
     float *lut = qp + d;
@@ -580,14 +580,14 @@ void tq_prepare_query(const tq_codec *c, const float *q, float *qp) {
  * (bench/tqbench.c). The lookup loops below are therefore written with two
  * accumulators fed by pairs (nothing for the vectorizer to take), and tq_axpy
  * asks GCC for scalar code. */
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #define SCALAR_CODE __attribute__((optimize("no-tree-vectorize", "no-tree-slp-vectorize")))
 #else
 #define SCALAR_CODE
 #endif
 
 /* sum_i lut[i][idx_i], reading 8 b-bit indices from b bytes at a time. */
-static inline float lut_sum(const float *lut /* (d, 2^b) */, const uint8_t *p, int d, int b) {
+TQ_HD static inline float lut_sum(const float *lut /* (d, 2^b) */, const uint8_t *p, int d, int b) {
     const int K = 1 << b;
     const uint32_t m = (uint32_t)K - 1;
     float a0 = 0, a1 = 0;
@@ -602,14 +602,14 @@ static inline float lut_sum(const float *lut /* (d, 2^b) */, const uint8_t *p, i
 }
 
 /* sum_k v_k qjl_k with qjl_k = +1 if bit k is set, else -1. */
-static float sign_sum(const float *v /* (d) */, const uint8_t *bits, int d) {
+TQ_HD static float sign_sum(const float *v /* (d) */, const uint8_t *bits, int d) {
     float acc[8] = {0};
     for (int g = 0; g < d / 8; g++)
         for (int j = 0; j < 8; j++) acc[j] += v[8 * g + j] * (float)(2 * ((bits[g] >> j) & 1) - 1);
     return sum8(acc);
 }
 
-static float dot_plain(const tq_codec *c, const float *q, const uint8_t *code) {
+TQ_HD static float dot_plain(const tq_codec *c, const float *q, const uint8_t *code) {
     int d = c->d;
     float acc[8] = {0};
     if (c->fmt == TQ_FP32) {
@@ -637,7 +637,7 @@ static float dot_plain(const tq_codec *c, const float *q, const uint8_t *code) {
     return sum;
 }
 
-float tq_dot(const tq_codec *c, const float *qp, const uint8_t *code) {
+TQ_HD float tq_dot(const tq_codec *c, const float *qp, const uint8_t *code) {
     int d = c->d, b = c->bits;
     if (!is_tq(c->fmt)) return dot_plain(c, qp, code);
     const float *lut = qp + d;
@@ -656,7 +656,7 @@ float tq_dot(const tq_codec *c, const float *qp, const uint8_t *code) {
 }
 
 /* acc[i] += table[idx_i], 8 b-bit indices at a time. */
-static inline void lut_axpy(const float *table /* (2^b) */, const uint8_t *p, int d, int b, float *restrict acc) {
+TQ_HD static inline void lut_axpy(const float *table /* (2^b) */, const uint8_t *p, int d, int b, float *restrict acc) {
     const uint32_t mask = (1u << b) - 1;
     for (int g = 0; g < d / 8; g++, p += b, acc += 8) {
         uint32_t w = load_group(p, b);
@@ -664,7 +664,7 @@ static inline void lut_axpy(const float *table /* (2^b) */, const uint8_t *p, in
     }
 }
 
-static void axpy_plain(const tq_codec *c, float w, const uint8_t *restrict code, float *restrict acc) {
+TQ_HD static void axpy_plain(const tq_codec *c, float w, const uint8_t *restrict code, float *restrict acc) {
     int d = c->d;
     if (c->fmt == TQ_FP32) {
         for (int i = 0; i < d; i++) acc[i] += w * get_f32(code + 4 * i);
@@ -684,7 +684,7 @@ static void axpy_plain(const tq_codec *c, float w, const uint8_t *restrict code,
     }
 }
 
-SCALAR_CODE static void axpy_tq(const tq_codec *c, float w, const uint8_t *code, float *acc) {
+SCALAR_CODE TQ_HD static void axpy_tq(const tq_codec *c, float w, const uint8_t *code, float *acc) {
     int d = c->d, b = c->bits;
     const uint8_t *p = code + (size_t)d * b / 8;
     float ws = w * get_f16(p + (is_prod(c->fmt) ? d / 8 : 0)), table[16];
@@ -701,14 +701,14 @@ SCALAR_CODE static void axpy_tq(const tq_codec *c, float w, const uint8_t *code,
     lut_axpy(pm, p, d, 1, acc + d);
 }
 
-void tq_axpy(const tq_codec *c, float w, const uint8_t *code, float *acc) {
+TQ_HD void tq_axpy(const tq_codec *c, float w, const uint8_t *code, float *acc) {
     if (is_tq(c->fmt)) axpy_tq(c, w, code, acc); else axpy_plain(c, w, code, acc);
 }
 
-void tq_finish(const tq_codec *c, const float *acc, float *out) {
+TQ_HD void tq_finish(const tq_codec *c, const float *acc, float *out) {
     int d = c->d;
     if (!is_tq(c->fmt)) { memcpy(out, acc, (size_t)d * sizeof(float)); return; }
-    float yt[d];
+    float yt[TQ_STACK(d)];
     memcpy(yt, acc, (size_t)d * sizeof(float));
     if (is_prod(c->fmt)) add_qjl_transpose(c, acc + d, yt);
     tq_unrotate(c, yt, out);

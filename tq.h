@@ -41,6 +41,21 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* run_cuda.cu compiles this codec a second time, as CUDA C++, so that the GPU
+ * kernels encode, score and accumulate with these very functions: TQ_HD marks
+ * what runs on both, and TQ_STACK(d) sizes a function's scratch vectors (a C99
+ * variable-length array on the CPU; a fixed TQ_GPU_MAX_D on the GPU, which has
+ * none, so the CUDA build takes tq formats up to that head_dim). */
+#define TQ_GPU_MAX_D 256
+#ifdef __CUDACC__
+#define TQ_HD __host__ __device__
+#define TQ_STACK(d) TQ_GPU_MAX_D
+#define restrict __restrict__
+#else
+#define TQ_HD
+#define TQ_STACK(d) (d)
+#endif
+
 typedef enum {
     TQ_FP32, TQ_FP16, TQ_Q8, TQ_Q4,
     TQ_TQ2, TQ_TQ3, TQ_TQ4,
@@ -90,12 +105,12 @@ int tq_init(tq_codec *c, tq_fmt f, int d, tq_scale scale, uint64_t seed);
 void tq_free(tq_codec *c);
 
 /* ---- encode / decode -------------------------------------------------------*/
-void tq_encode(const tq_codec *c, const float *x /* (d) */, uint8_t *code /* (bytes) */);
-void tq_decode(const tq_codec *c, const uint8_t *code /* (bytes) */, float *x /* (d) */);
+TQ_HD void tq_encode(const tq_codec *c, const float *x /* (d) */, uint8_t *code /* (bytes) */);
+TQ_HD void tq_decode(const tq_codec *c, const uint8_t *code /* (bytes) */, float *x /* (d) */);
 
 /* ---- rotation ---------------------------------------------------------------*/
-void tq_rotate(const tq_codec *c, const float *x /* (d) */, float *y /* (d) */);   /* y = Pi x   */
-void tq_unrotate(const tq_codec *c, const float *y /* (d) */, float *x /* (d) */); /* x = Pi^T y */
+TQ_HD void tq_rotate(const tq_codec *c, const float *x /* (d) */, float *y /* (d) */);   /* y = Pi x   */
+TQ_HD void tq_unrotate(const tq_codec *c, const float *y /* (d) */, float *x /* (d) */); /* x = Pi^T y */
 
 /* ---- attention straight from the codes ------------------------------------
  * score:      qp = tq_prepare_query(q) once per query head, then
@@ -104,15 +119,15 @@ void tq_unrotate(const tq_codec *c, const float *y /* (d) */, float *x /* (d) */
  *             every cached value, then tq_finish(acc, out) gives
  *             out = sum_t w_t decode(code_t).
  */
-size_t tq_query_floats(const tq_codec *c);  /* floats in a prepared query    */
-size_t tq_acc_floats(const tq_codec *c);    /* floats in an accumulator      */
-void tq_prepare_query(const tq_codec *c, const float *q /* (d) */, float *qp /* (query_floats) */);
-float tq_dot(const tq_codec *c, const float *qp /* (query_floats) */, const uint8_t *code);
-void tq_axpy(const tq_codec *c, float w, const uint8_t *code, float *acc /* (acc_floats) */);
-void tq_finish(const tq_codec *c, const float *acc /* (acc_floats) */, float *out /* (d) */);
+TQ_HD size_t tq_query_floats(const tq_codec *c);  /* floats in a prepared query    */
+TQ_HD size_t tq_acc_floats(const tq_codec *c);    /* floats in an accumulator      */
+TQ_HD void tq_prepare_query(const tq_codec *c, const float *q /* (d) */, float *qp /* (query_floats) */);
+TQ_HD float tq_dot(const tq_codec *c, const float *qp /* (query_floats) */, const uint8_t *code);
+TQ_HD void tq_axpy(const tq_codec *c, float w, const uint8_t *code, float *acc /* (acc_floats) */);
+TQ_HD void tq_finish(const tq_codec *c, const float *acc /* (acc_floats) */, float *out /* (d) */);
 
 /* fp16 helpers (round to nearest even), shared with run.c */
-uint16_t tq_f32_to_f16(float f);
-float tq_f16_to_f32(uint16_t h);
+TQ_HD uint16_t tq_f32_to_f16(float f);
+TQ_HD float tq_f16_to_f32(uint16_t h);
 
 #endif
