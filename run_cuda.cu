@@ -85,9 +85,9 @@ static void gpu_build(Transformer *t, int all_logits) {
     const RunState *hs = &t->state;
     tq_fmt fmts[2] = {kv->kc.fmt, kv->vc.fmt};
     for (int i = 0; i < 2; i++)
-        if (fmts[i] >= TQ_TQ2 && c->head_dim > TQ_GPU_MAX_D)
-            die("format %s on the GPU handles head_dim up to %d, the model's is %d (use run, or fp32, fp16, q8 or q4)",
-                tq_fmt_name(fmts[i]), TQ_GPU_MAX_D, c->head_dim);
+        if (fmts[i] >= TQ_TQ2 && (c->head_dim > TQ_GPU_MAX_D || c->head_dim % 16))   /* even-sized rows: tq.c */
+            die("format %s on the GPU handles head_dim up to %d in multiples of 16, the model's is %d "
+                "(use run, or fp32, fp16, q8 or q4)", tq_fmt_name(fmts[i]), TQ_GPU_MAX_D, c->head_dim);
     int dev;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaFree(0) != cudaSuccess) die("no usable CUDA GPU (use run, the CPU build)");
     size_t B = (size_t)hs->batch, hd = (size_t)c->head_dim, heads = (size_t)c->n_layers * c->n_kv_heads;
@@ -139,8 +139,13 @@ static void gpu_build(Transformer *t, int all_logits) {
 
     BLAS(cublasCreate(&g->blas));
     BLAS(cublasSetMathMode(g->blas, CUBLAS_DEFAULT_MATH));
+    int shared_max;   /* the attribute is the kernel's, not this model's: set it to the device's limit */
+    CUDA(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     g->att_shared = att_shared_bytes(kv, c);
-    CUDA(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)g->att_shared));
+    if (g->att_shared > (size_t)shared_max)
+        die("attention needs %zu bytes of shared memory per block for %s/%s at head_dim %d, the GPU has %d",
+            g->att_shared, tq_fmt_name(kv->kc.fmt), tq_fmt_name(kv->vc.fmt), c->head_dim, shared_max);
+    CUDA(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
     t->gpu = g;
 }
 

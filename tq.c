@@ -97,8 +97,15 @@ TQ_HD static uint16_t scale_f16(double s) {
     return tq_f32_to_f16((float)(s < F16_MAX ? s : F16_MAX));
 }
 
+#ifdef __CUDA_ARCH__  /* run_cuda.cu keeps every field aligned (fp32 rows are 4d bytes; it takes tq
+                        formats only at head_dim % 16 == 0, where all rows and scales sit at even
+                        offsets): one load instead of one per byte */
+TQ_HD static float get_f32(const uint8_t *p) { return *(const float *)p; }
+TQ_HD static float get_f16(const uint8_t *p) { return half_to_float(*(const uint16_t *)p); }
+#else
 TQ_HD static float get_f32(const uint8_t *p) { float f; memcpy(&f, p, 4); return f; }  /* any alignment */
 TQ_HD static float get_f16(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | p[1] << 8)); }
+#endif
 TQ_HD static void put_f16(uint8_t *p, uint16_t h) { p[0] = (uint8_t)h; p[1] = (uint8_t)(h >> 8); }
 
 /* ---- sums ------------------------------------------------------------------------

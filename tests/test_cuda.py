@@ -2,10 +2,11 @@
 
 Skipped where there is no NVIDIA GPU (CI has none); run on a GPU machine with
 `python3 -m pytest -q tests/test_cuda.py`. The GPU rounds differently (fused multiply-adds,
-sums in another order), and a quantized cache turns a last-bit difference in a key into a
-different code now and then, so the builds are compared by how far apart their next-token
-distributions are, against how far each format is from the fp32 cache: the GPU must add far
-less than the format itself costs."""
+sums in another order), and a quantized cache turns a last-bit difference in a key into another
+code now and then (the QJL signs of tq3p/tq4p most of all), so the two builds are not compared
+bit for bit. The yardstick is the CPU build itself, compiled a second time with
+-ffp-contract=off: the same arithmetic, rounded differently. The GPU must stay as close to the
+CPU as that second CPU build does."""
 import re
 import shutil
 import subprocess
@@ -41,7 +42,7 @@ def run_cuda():
 def ids_file(smollm2, tmp_path_factory):
     """300 tokens of wiki.test.raw (README.md where it is missing)."""
     text = WIKI.read_text()[:4000] if WIKI.exists() else (ROOT / "README.md").read_text()[:4000]
-    ids = run_cmd([smollm2, "-m", "tokenize", "-i", text]).stdout.split()[:300]
+    ids = run_cmd([smollm2, "-m", "tokenize", "-i", text]).stdout.decode().split()[:300]
     assert len(ids) == 300
     path = tmp_path_factory.mktemp("cuda") / "ids.txt"
     path.write_text(" ".join(ids))
@@ -63,24 +64,31 @@ def kl(p_logits, q_logits):
 
 
 @pytest.fixture(scope="module")
-def cpu_fp32(smollm2, ids_file, tmp_path_factory):
-    return logits(RUN, smollm2, ids_file, tmp_path_factory.mktemp("ref") / "fp32.f32", "fp32", "--batch", 64)
+def run_other_rounding(tmp_path_factory):
+    """run.c built without fused multiply-adds: the CPU's own rounding sensitivity"""
+    out = tmp_path_factory.mktemp("nofma") / "run"
+    subprocess.run(["gcc", "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-o", str(out),
+                    str(ROOT / "run.c"), str(ROOT / "tq.c"), "-lm"], check=True)
+    return out
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_logits_match_cpu(smollm2, run_cuda, ids_file, cpu_fp32, tmp_path, fmt):
+def test_logits_match_cpu(smollm2, run_cuda, run_other_rounding, ids_file, tmp_path, fmt):
     """300 tokens in batches of 64 (statistics from the first, later batches reading earlier
-    ones from the cache and the exact ring): the GPU's distributions against the CPU's."""
+    ones from the cache and the exact ring): KL(CPU || GPU) of the next-token distributions
+    against KL(CPU || CPU rounded differently). Measured on an H200, 2026-11-28: the two are
+    within a factor 1.4 of each other for every format (tq3 4.9e-4 vs 8.0e-4, tq3p 0.039 vs
+    0.048, q4 3.0e-4 vs 2.2e-4); fp32 differs by at most 7e-5 in a logit."""
     cpu = logits(RUN, smollm2, ids_file, tmp_path / "cpu.f32", fmt, "--batch", 64)
     gpu = logits(run_cuda, smollm2, ids_file, tmp_path / "gpu.f32", fmt, "--batch", 64)
-    own, apart = kl(cpu_fp32, cpu), kl(cpu, gpu)
-    top1 = float(np.mean(cpu.argmax(1) == gpu.argmax(1)))
-    print(f"{fmt}: KL(cpu fp32 || cpu {fmt}) {own:.3g}, KL(cpu || gpu) {apart:.3g}, "
-          f"top-1 agreement {top1:.4f}, max |logit diff| {np.abs(cpu - gpu).max():.3g}")
-    if fmt in ("fp32", "fp16"):
-        assert np.abs(cpu - gpu).max() < 1e-2 and apart < 1e-6 and top1 == 1.0
-    else:
-        assert apart < 0.1 * own and top1 >= 0.97
+    if fmt == "fp32":                  # nothing quantized: rounding alone, no code flips
+        assert np.abs(cpu - gpu).max() < 1e-3 and np.all(cpu.argmax(1) == gpu.argmax(1))
+        return
+    other = logits(run_other_rounding, smollm2, ids_file, tmp_path / "other.f32", fmt, "--batch", 64)
+    apart, yardstick = kl(cpu, gpu), kl(cpu, other)
+    print(f"{fmt}: KL(cpu || gpu) {apart:.3g}, KL(cpu || cpu without FMA) {yardstick:.3g}, top-1 agreement "
+          f"{np.mean(cpu.argmax(1) == gpu.argmax(1)):.4f}")
+    assert apart <= 3 * yardstick + 1e-9, (apart, yardstick)
 
 
 def eval_line(binary, model, text, fmt):
