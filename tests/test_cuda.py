@@ -1,7 +1,7 @@
 """run_cuda (the GPU build) against run (the CPU build), on the real model.
 
-Skipped where there is no NVIDIA GPU (CI has none); run on a GPU machine with
-`python3 -m pytest -q tests/test_cuda.py`. The GPU rounds differently (fused multiply-adds,
+The build is checked wherever nvcc exists; the rest is skipped where there is no NVIDIA GPU (CI
+has none): run it on a GPU machine with `python3 -m pytest -q tests/test_cuda.py`. The GPU rounds differently (fused multiply-adds,
 sums in another order), and a quantized cache turns a last-bit difference in a key into another
 code now and then (the QJL signs of tq3p/tq4p most of all), so the two builds are not compared
 bit for bit. The yardstick is the CPU build itself, compiled a second time with
@@ -26,16 +26,25 @@ def have_gpu():
     return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not have_gpu(), reason="no NVIDIA GPU and nvcc here (CI has none)")
+needs_gpu = pytest.mark.skipif(not have_gpu(), reason="no NVIDIA GPU and nvcc here (CI has none)")
 
 
-@pytest.fixture(scope="module")
-def run_cuda():
-    """A fresh build, which must be free of warnings."""
+def build():
+    """A fresh build, which must be free of warnings (nvcc compiles without a GPU)."""
     p = subprocess.run(["make", "-B", "run_cuda"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "warning" not in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
     return GPU
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="no nvcc here")
+def test_builds_without_warnings():
+    build()
+
+
+@pytest.fixture(scope="module")
+def run_cuda():
+    return build()
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +81,7 @@ def run_other_rounding(tmp_path_factory):
     return out
 
 
+@needs_gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_logits_match_cpu(smollm2, run_cuda, run_other_rounding, ids_file, tmp_path, fmt):
     """300 tokens in batches of 64 (statistics from the first, later batches reading earlier
@@ -97,6 +107,7 @@ def eval_line(binary, model, text, fmt):
     return dict(kv.split("=", 1) for kv in line.split()[1:])
 
 
+@needs_gpu
 @pytest.mark.skipif(not WIKI.exists(), reason="wiki.test.raw missing")
 def test_eval_matches_cpu(smollm2, run_cuda):
     """-m eval, 4 chunks of 256 tokens of wiki.test.raw, tq3: the same fp32 perplexity (the
@@ -109,6 +120,7 @@ def test_eval_matches_cpu(smollm2, run_cuda):
     assert abs(float(cpu["kld"]) - float(gpu["kld"])) < 0.2 * float(cpu["kld"])
 
 
+@needs_gpu
 def test_generate_and_memory_line(smollm2, run_cuda):
     """Greedy generation with the default cache: the memory line (bytes of the same layout) is
     the CPU's, and the text is the CPU's for the first 8 tokens."""
@@ -120,6 +132,7 @@ def test_generate_and_memory_line(smollm2, run_cuda):
     assert b"Berlin" in gpu.stdout
 
 
+@needs_gpu
 def test_help_and_errors_are_runs(smollm2, run_cuda):
     """One CLI: the same -h (but the name) and the same error messages."""
     a, b = run_cmd(["-h"]).stdout.decode(), run_cmd(["-h"], binary=run_cuda).stdout.decode()
