@@ -142,3 +142,11 @@ def test_help_and_errors_are_runs(smollm2, run_cuda):
         pb = run_cmd([smollm2, *bad, "-i", "x"], binary=run_cuda, check=False)
         assert pa.returncode == pb.returncode == 1
         assert re.sub(r"^run: ", "", pa.stderr.decode()) == re.sub(r"^run_cuda: ", "", pb.stderr.decode())
+
+
+@pytest.mark.skipif(have_gpu() or not shutil.which("nvcc"), reason="needs nvcc and no GPU")
+def test_no_gpu_is_a_clear_error(smollm2):
+    """On a machine without a GPU (CI's), run_cuda says so and points to run; no crash."""
+    p = run_cmd([smollm2, "-i", "x", "-n", 2], binary=build(), check=False)
+    assert p.returncode == 1
+    assert p.stderr.decode() == "run_cuda: error: no usable CUDA GPU (use run, the CPU build)\n"
