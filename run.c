@@ -221,7 +221,7 @@ typedef struct {
 } Transformer;
 
 #ifdef RUN_CUDA  /* run_cuda.cu includes this file and defines these, and its own forward() */
-static void gpu_build(Transformer *t, int all_logits);
+static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits);
 static void gpu_free(Transformer *t);
 #endif
 
@@ -471,7 +471,7 @@ static void build_transformer(Transformer *t, const char *path, const CacheOpts 
     build_cache(&t->cache, &t->config, o, ctx);
     build_state(&t->state, &t->config, &t->cache, batch, all_logits);
 #ifdef RUN_CUDA
-    gpu_build(t, all_logits);
+    gpu_build(t, o, all_logits);
 #endif
 }
 

@@ -79,7 +79,7 @@ __global__ void attention_kernel(const __grid_constant__ KVCache kv, const __gri
 
 /* Copies the model into GPU memory and allocates the cache and activations
  * there (called by build_transformer once the host side is built). */
-static void gpu_build(Transformer *t, int all_logits) {
+static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     const Config *c = &t->config;
     KVCache *kv = &t->cache;
     const RunState *hs = &t->state;
@@ -93,13 +93,12 @@ static void gpu_build(Transformer *t, int all_logits) {
     size_t B = (size_t)hs->batch, hd = (size_t)c->head_dim, heads = (size_t)c->n_layers * c->n_kv_heads;
     size_t qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, wide = qd > (size_t)c->dim ? qd : (size_t)c->dim;
     size_t logit_rows = all_logits ? B : 1, f = sizeof(float), R = kv->kproj;
-    size_t cache = heads * ((size_t)kv->ctx * (kv->kc.bytes + kv->vc.bytes + 2 * R) + 4 * (3 + R) * hd
-                            + 2 * 2 * (size_t)kv->slots * hd);
-    size_t acts = f * (B * (3 * c->dim + wide + 2 * c->hidden_dim + 2 * qd + 2 * kvd)
-                       + B * c->n_heads * (size_t)kv->ctx + logit_rows * c->vocab_size);
-    size_t free_b, total_b, need = c->weights_bytes + cache + acts;
+    /* what the host allocates (run_bytes), plus attention weights per (token, head) rather than per thread */
+    double need = (double)c->weights_bytes + run_bytes(c, o, kv->ctx, hs->batch, all_logits)
+                + 4.0 * B * c->n_heads * kv->ctx;
+    size_t free_b, total_b;
     CUDA(cudaMemGetInfo(&free_b, &total_b));
-    if (need > free_b)
+    if (need > (double)free_b)
         die("the model, a %d-token KV cache and activations need %.2f GiB of GPU memory, %.2f GiB are free: "
             "give a smaller -c or --batch", kv->ctx, need / 1073741824.0, free_b / 1073741824.0);
 
