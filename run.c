@@ -607,9 +607,10 @@ TQ_HD static void prepare_query(const KVCache *kv, const Config *c, int l, int g
     tq_prepare_query(&kv->kc, R ? qperp : q, qp);
 }
 
-/* The attention logit of query q (prepared as above) for key t, the query
- * sitting at position T-1: from the key's codes plus its exact parts along the
- * u_j, or for an exact position from its fp16 copy (or the batch itself). */
+/* q.k for key t, q prepared as above and sitting at position T-1 (the caller
+ * scales it by 1/sqrt(head_dim) into a logit): from the key's codes plus its
+ * exact parts along the u_j, or for an exact position from its fp16 copy (or
+ * the batch itself). */
 TQ_HD static float key_score(const KVCache *kv, const Config *c, int l, int g, int t, int T, const float *q,
                              const float *qp, const float *qu, const Batch *bt) {
     int hd = c->head_dim, R = kv->kproj;
@@ -623,7 +624,7 @@ TQ_HD static float key_score(const KVCache *kv, const Config *c, int l, int g, i
     } else {
         s = dot_f16(q, kv->exact_k + exact_row(kv, c, l, g, t), hd);
     }
-    return (1.0f / sqrtf((float)hd)) * s;
+    return s;
 }
 
 /* The first position >= t that a query at T-1 reads from the exact store (T: none). */
@@ -656,9 +657,9 @@ TQ_HD static void add_exact_values(const KVCache *kv, const Config *c, int l, in
  * the rotated domain, and the sum is rotated back once (tq_finish). */
 static void attention(const KVCache *kv, const Config *c, int l, int g, int T, float *q, const Batch *bt,
                       float *qperp, float *qp, float *att, float *acc, float *out) {
-    float qu[KPROJ_MAX];
+    float qu[KPROJ_MAX], scale = 1.0f / sqrtf((float)c->head_dim);
     prepare_query(kv, c, l, g, q, qperp, qu, qp);
-    for (int t = 0; t < T; t++) att[t] = key_score(kv, c, l, g, t, T, q, qp, qu, bt);
+    for (int t = 0; t < T; t++) att[t] = scale * key_score(kv, c, l, g, t, T, q, qp, qu, bt);
     softmax(att, T);
     memset(acc, 0, tq_acc_floats(&kv->vc) * sizeof(float));
     for (int t = 0; t < T; t++)

@@ -242,9 +242,9 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_kernel(const __grid_con
 
     if (tid == 0) prepare_query(&kv, &c, l, g, qh, qperp, qu, qp);
     __syncthreads();
-    float mx = -INFINITY;
+    float mx = -INFINITY, scale = 1.0f / sqrtf((float)hd);
     for (int t = tid; t < T; t += ATT_THREADS) {
-        p[t] = key_score(&kv, &c, l, g, t, T, qh, qp, qu, &bt);
+        p[t] = scale * key_score(&kv, &c, l, g, t, T, qh, qp, qu, &bt);
         mx = fmaxf(mx, p[t]);
     }
     mx = block_reduce(mx, red, 1);
