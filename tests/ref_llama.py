@@ -316,8 +316,10 @@ def _apply_per_vector(fn, x, kind, layer):
 
 
 def forward(m: RefModel, tokens, kv_fn=None, k_fn=None, v_fn=None, rope_style=None,
-            kv_order="interleaved", layer_fn=None, return_kv=False):
-    """Full-sequence causal forward; row t of the result = logits after tokens[0..t].
+            kv_order="interleaved", layer_fn=None, return_kv=False, last=None):
+    """Full-sequence causal forward; row t of the result = logits after tokens[0..t]
+    (only the last `last` rows when given: the classifier of every row of a long prompt
+    would be a (T, vocab) float64 array).
 
     k_fn / v_fn (default kv_fn) map one cached key / value vector (head_dim,) to what the cache
     returns. Keys reach k_fn in kv_order: "interleaved" (default; model.bin's and llama.cpp's
@@ -331,10 +333,10 @@ def forward(m: RefModel, tokens, kv_fn=None, k_fn=None, v_fn=None, rope_style=No
     vectors: per-head offsets, channel weights).
     rope_style overrides the model's RoPE pairing (for sensitivity tests only)."""
     with _one_blas_thread():
-        return _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, return_kv)
+        return _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, return_kv, last)
 
 
-def _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, return_kv):
+def _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, return_kv, last):
     tokens = np.asarray(tokens, dtype=np.int64)
     T = len(tokens)
     H, KV, hd = m.n_heads, m.n_kv_heads, m.head_dim
@@ -380,6 +382,7 @@ def _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, retur
         x = x + att_out.reshape(T, H * hd) @ L["wo"].T
         xn = rmsnorm(x, L["ffn_norm"], m.norm_eps)
         x = x + (silu(xn @ L["w1"].T) * (xn @ L["w3"].T)) @ L["w2"].T
+    x = x[-last:] if last else x
     logits = rmsnorm(x, m.final_norm, m.norm_eps) @ m.wcls.T
     return (logits, kv) if return_kv else logits
 

