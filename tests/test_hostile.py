@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from conftest import ROOT, RUN, RUN_SAN  # noqa: E402
+from conftest import ROOT, RUN, RUN_SAN, RUN_VG  # noqa: E402
 import fuzz_seeds as fs  # noqa: E402
 
 BINARIES = [pytest.param(RUN, id="run"), pytest.param(RUN_SAN, id="run_san")]
@@ -365,11 +365,10 @@ def test_top_p_with_nothing_above_the_cutoff(binary, tmp_path):
 def test_valgrind_short_generation(tiny, tmp_path):
     if shutil.which("valgrind") is None:
         pytest.skip("valgrind is not installed")
-    if not RUN.exists():
-        pytest.skip("./run is not built")
+    assert RUN_VG.exists(), "./run_vg is not built (make run_vg)"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for fmt in ("tq3", "tq3p:q8"):
-        p = subprocess.run(["valgrind", "--error-exitcode=99", "--leak-check=full", str(RUN),
+        p = subprocess.run(["valgrind", "--error-exitcode=99", "--leak-check=full", str(RUN_VG),
                             str(tiny), "-n", "3", "-i", "Hi", "-k", fmt],
                            capture_output=True, timeout=120, env=env)
         err = p.stderr.decode(errors="replace")
