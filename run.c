@@ -1683,17 +1683,46 @@ static int *parse_ids(const char *text, int vocab, int *n_out) {
 
 /* -m logits: feeds the given token ids (no bos added) and writes every
  * position's logits as float32 (n, vocab) to out. For the reference tests. */
-static void dump_logits(Transformer *t, const char *ids_text, const char *out) {
+static void write_floats(const char *path, const float *x, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) die("cannot write %s: %s", path, strerror(errno));
+    if (fwrite(x, sizeof(float), n, f) != n || fclose(f) != 0) die("error writing %s", path);
+}
+
+/* --stats: the cache statistics this sequence measured and stored, as float32, layer by
+ * layer: key offsets, value offsets, key weights (n_kv_heads, head_dim) each, key
+ * directions (n_kv_heads, R, head_dim), then every position's projections beta
+ * (n_kv_heads, n, R). A reference model of the cache can take these instead of computing
+ * them again, so that a statistic on an fp16 rounding boundary cannot differ between the
+ * two (tests/test_forward.py). */
+static void dump_stats(const Transformer *t, int n, const char *path) {
+    const Config *c = &t->config;
+    const KVCache *kv = &t->cache;
+    size_t kvd = (size_t)c->n_kv_heads * c->head_dim, R = (size_t)kv->kproj;
+    size_t per_layer = 3 * kvd + R * kvd + (size_t)c->n_kv_heads * n * R;
+    float *x = (float *)xcalloc(c->n_layers * per_layer, sizeof(float), "statistics"), *p = x;
+    for (int l = 0; l < c->n_layers; l++) {
+        const float *from[3] = {kv->koff + l * kvd, kv->voff + l * kvd, kv->kw + l * kvd};
+        for (int i = 0; i < 3; i++, p += kvd) memcpy(p, from[i], kvd * sizeof(float));
+        if (R) memcpy(p, kv->kdir + l * R * kvd, R * kvd * sizeof(float));
+        p += R * kvd;
+        for (int g = 0; g < c->n_kv_heads; g++)
+            for (size_t j = 0; j < (size_t)n * R; j++)
+                *p++ = tq_f16_to_f32(kv->kbeta[((size_t)l * c->n_kv_heads + g) * kv->ctx * R + j]);
+    }
+    write_floats(path, x, c->n_layers * per_layer);
+    free(x);
+}
+
+static void dump_logits(Transformer *t, const char *ids_text, const char *out, const char *stats) {
     int n;
     int *ids = parse_ids(ids_text, t->config.vocab_size, &n);
     if (n == 0) die("no token ids given");
     if (n > t->cache.ctx) die("%d tokens exceed the context of %d", n, t->cache.ctx);
     float *all = (float *)xcalloc((size_t)n * t->config.vocab_size, sizeof(float), "logits");
     prefill(t, ids, n, 0, all);
-    FILE *f = fopen(out, "wb");
-    if (!f) die("cannot write %s: %s", out, strerror(errno));
-    if (fwrite(all, sizeof(float), (size_t)n * t->config.vocab_size, f) != (size_t)n * t->config.vocab_size || fclose(f) != 0)
-        die("error writing %s", out);
+    write_floats(out, all, (size_t)n * t->config.vocab_size);
+    if (stats) dump_stats(t, n, stats);
     report(t, n, NULL);
     free(all); free(ids);
 }
@@ -1806,6 +1835,7 @@ static void usage(int status) {
         "  --chunks <int> eval: score at most this many chunks, default all\n"
         "  --batch <int> prompt tokens per forward pass (the first gives the statistics below), default 256\n"
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
+        "  --stats <file> -m logits: also write the cache statistics measured (float32; README.md)\n"
         "  --scale <r> tq scale rule: norm (paper) | nc (norm correction) | eden, or KEYS:VALUES; default eden\n"
         "Fixes for lossy caches (q8, q4, tq*), measured on the sequence itself, costs counted:\n"
         "  --offsets <0|1>  subtract per-head key/value means of the first batch (K:V apart), default 0\n"
@@ -1869,7 +1899,7 @@ static void parse_scales(const char *arg, tq_scale *ks, tq_scale *vs) {
 #ifndef RUN_NO_MAIN
 int main(int argc, char **argv) {
     const char *model_path = NULL, *prompt = NULL, *prompt_file = NULL, *tok_path = NULL;
-    const char *mode = "generate", *system = NULL, *out = NULL;
+    const char *mode = "generate", *system = NULL, *out = NULL, *stats = NULL;
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
     int steps = 256, ctx = 0, chunks = 0, batch = 256;
@@ -1900,6 +1930,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-k")) parse_kv(v, &co.kf, &co.vf);
         else if (!strcmp(a, "-c")) ctx = parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "-o")) out = v;
+        else if (!strcmp(a, "--stats")) stats = v;
         else if (!strcmp(a, "--chunks")) chunks = parse_int(a, v, 1, 1 << 30);
         else if (!strcmp(a, "--batch")) batch = parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--offsets")) {
@@ -1921,6 +1952,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < NMODES; i++) if (!strcmp(mode, modes[i])) m = i;
     if (m < 0) die("unknown mode \"%s\" (generate, chat, eval, logits, tokenize, detokenize)", mode);
     if (prompt && prompt_file) die("give the prompt with -i or -f, not both");
+    if (stats && m != LOGITS) die("--stats goes with -m logits");
     if (m == EVAL && ctx == 1) die("-c 1 is too short for -m eval: it scores the second half of each chunk");
     size_t file_len = 0;
     char *file_text = prompt_file ? read_file(prompt_file, &file_len) : NULL;
@@ -1969,7 +2001,10 @@ int main(int argc, char **argv) {
         if (!same) free_transformer(&ref);
     } else if (m == LOGITS) {
         if (!prompt || !out) die("-m logits needs token ids (-i or -f) and an output file (-o)");
-        dump_logits(&t, prompt, out);
+#ifdef RUN_CUDA
+        if (stats) die("--stats: the GPU build keeps the key projections on the GPU; use ./run");
+#endif
+        dump_logits(&t, prompt, out, stats);
     } else if (m == TOKENIZE) {
         if (!prompt) die("-m tokenize needs text (-i or -f)");
         int n;

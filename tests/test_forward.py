@@ -300,17 +300,21 @@ def _ref_logits(name, d, kfmt="fp32", vfmt="fp32"):
     return ref_llama.forward(m, token_ids(), k_fn=fns[kfmt], v_fn=fns[vfmt])
 
 
-def run_logits(model_bin, d, kspec, extra=()):
+def run_logits(model_bin, d, kspec, extra=(), stats=False):
+    """run -m logits on token_ids(): the (N_TOK, vocab) logits, and with stats=True also the
+    path of the --stats file it wrote."""
     d = pathlib.Path(d)
     ids = d / "ids.txt"
     if not ids.exists():
         ids.write_text(" ".join(str(int(t)) for t in token_ids()) + "\n")
     out = d / f"logits_{model_bin.stem}_{kspec.replace(':', '_')}_{'_'.join(extra)}.f32"
-    run_cmd([model_bin, "-m", "logits", "-k", kspec, "-f", ids, "-o", out, *extra], binary=RUN,
+    more = ("--stats", out.with_suffix(".stats")) if stats else ()
+    run_cmd([model_bin, "-m", "logits", "-k", kspec, "-f", ids, "-o", out, *extra, *more], binary=RUN,
             timeout=60)
     a = np.fromfile(out, dtype=np.float32)
     assert a.size == N_TOK * CFG["vocab"], f"logits file has {a.size} floats, want {N_TOK}x256"
-    return a.reshape(N_TOK, CFG["vocab"]).astype(np.float64)
+    a = a.reshape(N_TOK, CFG["vocab"]).astype(np.float64)
+    return (a, out.with_suffix(".stats")) if stats else a
 
 
 def _where(diff):
@@ -620,17 +624,90 @@ def _f16(x):
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
 
 
+def reference_stats(q, k, v, group, n_first, ktrans, vtrans, kproj, koff=True, voff=True, kweights=True):
+    """The cache statistics of run.c ("Offsets", "Key channel weights", "Key projection"),
+    computed again in float64 from one layer's q (T, H, hd), k and v (T, KV, hd) of the
+    reference: key / value offsets mu (KV, hd), key channel weights w (KV, hd) and key
+    directions U (KV, R, hd) or None. u_1 = the fp16-rounded, renormalized mean of the
+    group's queries (as divided by w) over the first batch; u_2 = the top eigenvector of
+    sum r r^T over the first batch's keys k' = w (k - mu) less their part along u_1 (by
+    power iteration from the longest r, as run finds it), fp16-rounded and made orthonormal
+    to u_1."""
+    T, KV, hd = k.shape
+    n = min(T, n_first)
+    first = 1 if n > 1 else 0
+    cnt = n - first
+    kmu, vmu = np.zeros((KV, hd)), np.zeros((KV, hd))
+    w = np.ones((KV, hd))
+    if ktrans and koff:
+        kmu = _f16(k[first:n].mean(axis=0))                         # (KV, hd)
+    if ktrans and kweights:
+        e = (q[first:n] ** 2).sum(axis=0).reshape(KV, group, hd).sum(axis=1)
+        e = e.reshape(KV, hd // 2, 2).sum(axis=2)                    # per RoPE pair
+        kk = k[first:n]
+        var = ((kk ** 2).sum(axis=0) / cnt - (kk.sum(axis=0) / cnt) ** 2)
+        var = var.reshape(KV, hd // 2, 2).sum(axis=2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w = np.where((var > 0) & (e > 0), (e / (group * cnt) / var) ** 0.25, 1.0)
+        w = _f16(w)
+        w = np.where((w > 0) & np.isfinite(w), w, 1.0).repeat(2, axis=1)   # (KV, hd)
+    if vtrans and voff:
+        vmu = _f16(v[first:n].mean(axis=0))
+    if not (ktrans and kproj):
+        return kmu, vmu, w, None
+    qw = q / np.repeat(w, group, axis=0)[None]
+    u = qw[first:n].sum(axis=0).reshape(KV, group, hd).sum(axis=1)   # (KV, hd), q / w
+    u = _f16(u / np.linalg.norm(u, axis=1, keepdims=True))
+    U = (u / np.linalg.norm(u, axis=1, keepdims=True))[:, None, :]    # (KV, R, hd)
+    if kproj > 1:
+        dirs = []
+        for g in range(KV):
+            u1 = U[g, 0]
+            r = w[g] * (k[first:n, g] - kmu[g])
+            r = r - np.outer(r @ u1, u1)
+            e = r[np.argmax((r ** 2).sum(axis=1))]
+            for _ in range(200):
+                e = (r.T @ (r @ e))
+                e = e / np.linalg.norm(e)
+            u2 = _f16(e)
+            u2 = u2 - (u2 @ u1) * u1
+            dirs.append(u2 / np.linalg.norm(u2))
+        U = np.concatenate([U, np.array(dirs)[:, None, :]], axis=1)
+    return kmu, vmu, w, U
+
+
+def read_run_stats(path, m, n_tok, kproj):
+    """run's --stats file (run.c, dump_stats): per layer (kmu, vmu, w, U or None, beta) with
+    beta (KV, n_tok, R) the fp16 projections every key stored."""
+    KV, hd, R = m.n_kv_heads, m.head_dim, kproj
+    a = np.fromfile(path, dtype=np.float32).astype(np.float64)
+    per_layer = 3 * KV * hd + R * KV * hd + KV * n_tok * R
+    assert a.size == m.n_layers * per_layer, f"--stats file has {a.size} floats, want {m.n_layers}x{per_layer}"
+    out = []
+    for x in a.reshape(m.n_layers, per_layer):
+        kmu, vmu, w = (x[i * KV * hd:(i + 1) * KV * hd].reshape(KV, hd) for i in range(3))
+        o = 3 * KV * hd
+        U = x[o:o + R * KV * hd].reshape(KV, R, hd) if R else None
+        beta = x[o + R * KV * hd:].reshape(KV, n_tok, R)
+        out.append((kmu, vmu, w, U, beta))
+    return out
+
+
 def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FIRST_BATCH, kproj=False,
-                             koff=True, voff=True, kweights=True):
+                             koff=True, voff=True, kweights=True, stats=None, seen=None):
     """layer_fn for ref_llama.forward: keys / values through kfn / vfn (None: kept in fp32),
     with run's offsets and key channel weights where ktrans / vtrans (quantized formats), and
     the first `sink` positions kept exact. kproj: run's key projection (run.c, "Key
-    projection") on that many directions: u_1 = the fp16-rounded, renormalized mean of the
-    group's queries (as divided by w) over the first batch; u_2 = the top eigenvector of
-    sum r r^T over the first batch's keys k' = w (k - mu) less their part along u_1 (by power
-    iteration from the longest r, as run finds it), fp16-rounded and made orthonormal to u_1.
-    A key k' keeps beta_j = fp16(u_j.k') and the codes hold k' - sum_j beta_j u_j, so what a
-    query sees is sum_j beta_j u_j + (I - U^T U) decode(k' - sum_j beta_j u_j)."""
+    projection") on that many directions: a key k' = w (k - mu) keeps beta_j = fp16(u_j.k')
+    and the codes hold k' - sum_j beta_j u_j, so what a query sees is
+    sum_j beta_j u_j + (I - U^T U) decode(k' - sum_j beta_j u_j).
+
+    stats: run's own statistics (read_run_stats), used instead of computing them again: a
+    statistic rounded to fp16 can sit on a rounding boundary, and float32 arithmetic with
+    or without FMA / AVX-512 then lands on either side of it, which moves every code of a
+    head (a different computation, not a wrong one). reference_stats() recomputes them and
+    test_run_stats_match_the_reference checks run's against it. seen: a list that receives,
+    per layer, (the recomputed statistics, the recomputed betas)."""
     def code(fn, x, where):
         if where[2] < sink:
             return _f16(x)
@@ -640,56 +717,25 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
 
     def f(li, q, k, v):
         T, KV, hd = k.shape
-        n = min(T, n_first)
-        first = 1 if n > 1 else 0
-        cnt = n - first
         q, k, v = q.copy(), k.copy(), v.copy()
-        kmu, vmu = np.zeros((KV, hd)), np.zeros((KV, hd))
-        w = np.ones((KV, hd))
-        if ktrans and koff:
-            kmu = _f16(k[first:n].mean(axis=0))                         # (KV, hd)
-        if ktrans and kweights:
-            e = (q[first:n] ** 2).sum(axis=0).reshape(KV, group, hd).sum(axis=1)
-            e = e.reshape(KV, hd // 2, 2).sum(axis=2)                    # per RoPE pair
-            kk = k[first:n]
-            var = ((kk ** 2).sum(axis=0) / cnt - (kk.sum(axis=0) / cnt) ** 2)
-            var = var.reshape(KV, hd // 2, 2).sum(axis=2)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                w = np.where((var > 0) & (e > 0), (e / (group * cnt) / var) ** 0.25, 1.0)
-            w = _f16(w)
-            w = np.where((w > 0) & np.isfinite(w), w, 1.0).repeat(2, axis=1)   # (KV, hd)
-            q = q / np.repeat(w, group, axis=0)[None]
-        if vtrans and voff:
-            vmu = _f16(v[first:n].mean(axis=0))
-        U = None
-        if ktrans and kproj:
-            u = q[first:n].sum(axis=0).reshape(KV, group, hd).sum(axis=1)   # (KV, hd), q / w
-            u = _f16(u / np.linalg.norm(u, axis=1, keepdims=True))
-            U = (u / np.linalg.norm(u, axis=1, keepdims=True))[:, None, :]    # (KV, R, hd)
-        if U is not None and kproj > 1:
-            dirs = []
-            for g in range(KV):
-                u1 = U[g, 0]
-                r = w[g] * (k[first:n, g] - kmu[g])
-                r = r - np.outer(r @ u1, u1)
-                e = r[np.argmax((r ** 2).sum(axis=1))]
-                for _ in range(200):
-                    e = (r.T @ (r @ e))
-                    e = e / np.linalg.norm(e)
-                u2 = _f16(e)
-                u2 = u2 - (u2 @ u1) * u1
-                dirs.append(u2 / np.linalg.norm(u2))
-            U = np.concatenate([U, np.array(dirs)[:, None, :]], axis=1)
+        mine = reference_stats(q, k, v, group, n_first, ktrans, vtrans, kproj, koff, voff, kweights)
+        kmu, vmu, w, U = stats[li][:4] if stats is not None else mine
+        q = q / np.repeat(w, group, axis=0)[None]
+        betas = np.zeros((KV, T, U.shape[1] if U is not None else 0))
         for t in range(T):
             for g in range(KV):
                 kt = w[g] * (k[t, g] - kmu[g])
+                if U is not None:
+                    betas[g, t] = _f16(U[g] @ kt)                            # (R,)
                 if U is None or t < sink:
                     k[t, g] = code(kfn, kt, ("k", li, t, g))
                 else:
-                    beta = _f16(U[g] @ kt)                                   # (R,)
+                    beta = stats[li][4][g, t] if stats is not None else betas[g, t]
                     kd = code(kfn, kt - beta @ U[g], ("k", li, t, g))
                     k[t, g] = beta @ U[g] + kd - (U[g] @ kd) @ U[g]
                 v[t, g] = vmu[g] + code(vfn, v[t, g] - vmu[g], ("v", li, t, g))
+        if seen is not None:
+            seen.append((mine, betas))
         return q, k, v
     return f
 
@@ -729,16 +775,16 @@ def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, batc
     fns = {f: None if f == "fp32" else ref_llama.fp16_roundtrip if f == "fp16" else
            NearTies(libtq_roundtrip(f, hd, scale), hd) for f in {kf, vf}}
     quantized = {f: f not in ("fp32", "fp16") for f in {kf, vf}}
+    got, stats = run_logits(out, workdir, kspec, ("--scale", scale, "--offsets", "1", "--kweights", "1") + sink_opt,
+                            stats=True)
     layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], quantized[kf], quantized[vf], group,
-                                        sink, n_first=batch, kproj=kproj)
-    got = run_logits(out, workdir, kspec, ("--scale", scale, "--offsets", "1", "--kweights", "1") + sink_opt)
+                                        sink, n_first=batch, kproj=kproj,
+                                        stats=read_run_stats(stats, m, N_TOK, kproj if quantized[kf] else 0))
     wrappers = [w for w in fns.values() if isinstance(w, NearTies)]
     ref, n_ties, switched = _match_with(
         lambda: ref_llama.forward(m, token_ids(), layer_fn=layer_fn), wrappers, got, 1e-4)
     diff = np.abs(got - ref)
     moved = np.abs(got - _ref_logits(name, str(workdir)))
-    # the fp16-rounded statistics (mu, w) can sit on a rounding midpoint too, which moves every
-    # code of a head a little and is not matched: measured up to ~1.2e-4, hence 1e-3
     tol = FP16_TOL if "fp16" in (kf, vf) else 1e-3
     what = f"{name} -k {kspec} --scale {scale} --sink {sink} --kproj {kproj} --batch {batch} (offsets + key weights)"
     assert diff.max() < tol, \
@@ -746,6 +792,48 @@ def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, batc
          f"effect {moved.max():.3g}; near-tie vectors {n_ties}, {switched} switched)")
     print(f"{what}: max|diff| {diff.max():.3g} mean {diff.mean():.3g} (cache effect max "
           f"{moved.max():.3g}; near-tie vectors {n_ties}, {switched} switched)")
+
+
+def _f16_ulp(x):
+    """The spacing of fp16 numbers at |x| (subnormal spacing near zero)."""
+    e = np.floor(np.log2(np.maximum(np.abs(x), 2.0 ** -14)))
+    return 2.0 ** (e - 10)
+
+
+@pytest.mark.parametrize("name,kspec,batch,kproj", [("gguf", "tq3", FIRST_BATCH, 2), ("hf", "tq2:q4", 20, 2),
+                                                    ("gguf_tied", "q8", FIRST_BATCH, 1)])
+def test_run_stats_match_the_reference(workdir, name, kspec, batch, kproj):
+    """The statistics run measures and stores (--stats: offsets, key weights, key directions,
+    every key's projections beta) against the reference's float64 computation of them from
+    its own q, k, v (reference_stats): each within one fp16 step of the reference's value,
+    the most that float32 rounding can move a number that is stored in fp16. The reference
+    is advanced with run's statistics, so both see the same activations at every layer."""
+    _need_run()
+    _, out, m = _exported(name, str(workdir))
+    kf, vf = (kspec.split(":") + [kspec])[:2]
+    hd, group = m.head_dim, m.n_heads // m.n_kv_heads
+    fns = {f: NearTies(libtq_roundtrip(f, hd, "eden"), hd) for f in {kf, vf}}
+    got, path = run_logits(out, workdir, kspec, ("--offsets", "1", "--kweights", "1", "--kproj", str(kproj),
+                                                 "--sink", "1", "--window", "0", "--batch", str(batch)), stats=True)
+    stats = read_run_stats(path, m, N_TOK, kproj)
+    seen = []
+    layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], True, True, group, sink=1, n_first=batch,
+                                        kproj=kproj, stats=stats, seen=seen)
+    _match_with(lambda: (seen.clear(), ref_llama.forward(m, token_ids(), layer_fn=layer_fn))[1],
+                list(fns.values()), got, 1e-4)
+    assert len(seen) == m.n_layers
+    for li, ((kmu, vmu, w, U), betas) in enumerate(seen):
+        r_kmu, r_vmu, r_w, r_U, r_beta = stats[li]
+        for what, a, b in (("key offset", r_kmu, kmu), ("value offset", r_vmu, vmu), ("key weight", r_w, w),
+                           ("beta", r_beta, betas)):
+            off = np.abs(a - b) / _f16_ulp(b)
+            assert off.max() <= 1.0 + 1e-6, f"layer {li}: {what} differs by {off.max():.3g} fp16 steps"
+        assert np.abs(r_w - 1).max() > 1e-3 and np.abs(r_kmu).max() > 1e-3, "statistics not measured"
+        # directions: fp16-rounded, then renormalized (and u_2 made orthogonal to u_1) in float
+        for j in range(kproj):
+            d = np.abs(r_U[:, j] - U[:, j]).max() / _f16_ulp(np.abs(U[:, j]).max())
+            assert d <= 2.0, f"layer {li}: key direction {j + 1} differs by {d:.3g} fp16 steps"
+        assert np.abs(np.einsum("grd,gsd->grs", r_U, r_U) - np.eye(kproj)).max() < 1e-5
 
 
 @pytest.mark.parametrize("name,kspec,offsets,kproj", [
@@ -763,11 +851,12 @@ def test_logits_cache_run_defaults(workdir, name, kspec, offsets, kproj):
     kf, vf = (kspec.split(":") + [kspec])[:2]
     hd, group = m.head_dim, m.n_heads // m.n_kv_heads
     fns = {f: NearTies(libtq_roundtrip(f, hd, "eden"), hd) for f in {kf, vf}}
+    got, stats = run_logits(out, workdir, kspec, ("--scale", "eden", "--offsets", offsets, "--kweights", "0",
+                                                  "--kproj", str(kproj), "--sink", "1", "--window", "0",
+                                                  "--batch", str(FIRST_BATCH)), stats=True)
     layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], True, True, group, sink=1, kproj=kproj,
-                                        koff=koff, voff=voff, kweights=False)
-    got = run_logits(out, workdir, kspec, ("--scale", "eden", "--offsets", offsets, "--kweights", "0",
-                                           "--kproj", str(kproj), "--sink", "1", "--window", "0",
-                                           "--batch", str(FIRST_BATCH)))
+                                        koff=koff, voff=voff, kweights=False,
+                                        stats=read_run_stats(stats, m, N_TOK, kproj))
     ref, n_ties, switched = _match_with(
         lambda: ref_llama.forward(m, token_ids(), layer_fn=layer_fn), list(fns.values()), got, 1e-4)
     diff = np.abs(got - ref)
