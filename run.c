@@ -1555,6 +1555,7 @@ static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, con
     }
     st.decode_s = now_s() - t0;
     printf("\n");
+    fflush(stdout);   /* the text before the report, also where stdout is a pipe */
     report(t, pos, &st);
     free(tokens);
 }

@@ -176,19 +176,16 @@ def test_eval_matches_its_definition(smollm2, tmp_path, kspec):
 
 def test_fp32_logits_match_the_reference_at_2k_positions(smollm2, tmp_path):
     """Long positions on the real weights, where the tiny random models of test_forward never go:
-    run's fp32 logits at the last 8 of 2048 tokens of text (wiki.test.raw, or README.md where
-    that is absent) against tests/ref_llama.py (float64, weights dequantized straight from the
+    run's fp32 logits at the last 8 of 2048 tokens of wiki.test.raw against tests/ref_llama.py (float64, weights dequantized straight from the
     GGUF, never from model.bin). This is what says that the model's own weakness, not the
     forward pass, is why it rarely finds a pass key at 2K. Measured: largest difference 3.7e-5
-    on wiki (logits span -25..30), 4.4e-5 on README.md; RoPE theta 10^4 instead of the model's
-    10^5 moves them by 7.4 and 5.2."""
+    (logits span -25..30); RoPE theta 10^4 instead of the model's 10^5 moves them by 7.4."""
     src = next((p for p in SMOL_GGUF_PATHS if p.exists()), None)
     if src is None:
         pytest.skip("the SmolLM2 GGUF is missing: run `make model`")
     n, last = 2048, 8
     text = tmp_path / "text.txt"
-    text.write_text((WIKI if WIKI.exists() else ROOT / "README.md").read_text(encoding="utf-8")[:6 * n],
-                    encoding="utf-8")
+    text.write_text(WIKI.read_text(encoding="utf-8")[:6 * n], encoding="utf-8")
     ids = run_cmd([smollm2, "-m", "tokenize", "-f", text]).stdout.decode().split()[:n]
     assert len(ids) == n
     (tmp_path / "ids.txt").write_text(" ".join(ids))
