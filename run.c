@@ -1756,6 +1756,29 @@ static void eval_position(EvalSums *e, const float *logits, const float *ref, in
     e->n++;
 }
 
+/* -m score: token ids in; for every position j >= 1 one line "j token logprob argmax": the
+ * log-probability the model gave token j after tokens 0..j-1, and its most likely token
+ * there. A part of a sequence can then be scored alone (bench/quality's copy test scores
+ * only a repeated passage), with teacher forcing, which is far steadier than greedy text. */
+static void score_tokens(Transformer *t, const char *ids_text) {
+    int n, vocab = t->config.vocab_size;
+    int *ids = parse_ids(ids_text, vocab, &n);
+    if (n < 2) die("-m score needs at least 2 token ids, got %d", n);
+    if (n > t->cache.ctx) die("%d tokens exceed the context of %d (raise -c)", n, t->cache.ctx);
+    double *lp = (double *)xcalloc(vocab, sizeof(double), "score");
+    for (int i = 0; i < n - 1; i += t->state.batch) {
+        int m = n - 1 - i < t->state.batch ? n - 1 - i : t->state.batch;
+        float *lg = forward(t, ids + i, m, i, 1);
+        for (int b = 0; b < m; b++) {
+            int j = i + b + 1;   /* logits at j-1 predict token j */
+            log_softmax(lg + (size_t)b * vocab, vocab, lp);
+            printf("%d %d %.6f %d\n", j, ids[j], lp[ids[j]], sample_argmax(lg + (size_t)b * vocab, vocab));
+        }
+    }
+    report(t, n - 1, NULL);
+    free(lp); free(ids);
+}
+
 /* Cuts the tokenized text into chunks of ctx tokens; each chunk starts from an
  * empty cache and its second half is scored: the token at position j is
  * predicted from the logits at j-1. The same tokens run through a second model
@@ -1829,7 +1852,7 @@ static void usage(int status) {
         "  -i <string> input prompt (chat: the first user message)\n"
         "  -f <file>   read the prompt (or the token ids / text of the other modes) from a file\n"
         "  -z <file>   take the tokenizer from another model.bin\n"
-        "  -m <mode>   generate | chat | eval | logits | tokenize | detokenize, default generate\n"
+        "  -m <mode>   generate | chat | eval | logits | score | tokenize | detokenize, default generate\n"
         "  -y <string> system prompt in chat mode\n"
         "  -k <fmt>    KV cache format, or KFMT:VFMT for keys and values apart; default tq3\n"
         "  -c <int>    context length in tokens, default the model's (eval: the chunk length, default 512)\n"
@@ -1947,11 +1970,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--scale")) parse_scales(v, &co.kscale, &co.vscale);
         else die("unknown option %s (run -h)", a);
     }
-    enum { GENERATE, CHAT, EVAL, LOGITS, TOKENIZE, DETOKENIZE, NMODES };
-    const char *modes[NMODES] = {"generate", "chat", "eval", "logits", "tokenize", "detokenize"};
+    enum { GENERATE, CHAT, EVAL, LOGITS, SCORE, TOKENIZE, DETOKENIZE, NMODES };
+    const char *modes[NMODES] = {"generate", "chat", "eval", "logits", "score", "tokenize", "detokenize"};
     int m = -1;
     for (int i = 0; i < NMODES; i++) if (!strcmp(mode, modes[i])) m = i;
-    if (m < 0) die("unknown mode \"%s\" (generate, chat, eval, logits, tokenize, detokenize)", mode);
+    if (m < 0) die("unknown mode \"%s\" (generate, chat, eval, logits, score, tokenize, detokenize)", mode);
     if (prompt && prompt_file) die("give the prompt with -i or -f, not both");
     if (stats && m != LOGITS) die("--stats goes with -m logits");
     if (m == EVAL && ctx == 1) die("-c 1 is too short for -m eval: it scores the second half of each chunk");
@@ -1963,7 +1986,7 @@ int main(int argc, char **argv) {
     if (seed == 0) seed = (unsigned long long)time(NULL);
 
     Transformer t;
-    int all_logits = m == EVAL || m == LOGITS;
+    int all_logits = m == EVAL || m == LOGITS || m == SCORE;
     if (m == EVAL && ctx == 0) ctx = 512;
     if (m == TOKENIZE || m == DETOKENIZE) ctx = 1;  /* no cache needed */
     build_transformer(&t, model_path, &co, ctx, batch, all_logits);
@@ -2006,6 +2029,9 @@ int main(int argc, char **argv) {
         if (stats) die("--stats: the GPU build keeps the key projections on the GPU; use ./run");
 #endif
         dump_logits(&t, prompt, out, stats);
+    } else if (m == SCORE) {
+        if (!prompt) die("-m score needs token ids (-i or -f)");
+        score_tokens(&t, prompt);
     } else if (m == TOKENIZE) {
         if (!prompt) die("-m tokenize needs text (-i or -f)");
         int n;

@@ -335,6 +335,31 @@ def test_logits_fp32(workdir, name):
     print(f"{name} fp32 max|diff| {diff.max():.3g}")
 
 
+def test_score_mode_gives_the_reference_log_probabilities(workdir):
+    """-m score prints, for every position j >= 1, token j's log-probability after tokens
+    0..j-1 and the most likely token there: against the float64 reference's log-softmax."""
+    _need_run()
+    _, out, _ = _exported("gguf", str(workdir))
+    ref = _ref_logits("gguf", str(workdir))
+    ids = token_ids()
+    path = pathlib.Path(workdir) / "score_ids.txt"
+    path.write_text(" ".join(str(int(t)) for t in ids))
+    p = run_cmd([out, "-m", "score", "-k", "fp32", "-f", path, "--batch", "7"], binary=RUN)
+    rows = np.array([[float(x) for x in ln.split()] for ln in p.stdout.decode().splitlines()])
+    assert rows.shape == (N_TOK - 1, 4)
+    assert (rows[:, 0] == np.arange(1, N_TOK)).all() and (rows[:, 1] == ids[1:]).all()
+    lse = ref.max(axis=1) + np.log(np.exp(ref - ref.max(axis=1, keepdims=True)).sum(axis=1))
+    want = ref[np.arange(N_TOK - 1), ids[1:]] - lse[:-1]
+    assert np.abs(rows[:, 2] - want).max() < 1e-4
+    top2 = np.sort(ref[:-1], axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-3          # positions without a near-tie for first place
+    assert clear.sum() > N_TOK // 2
+    assert (rows[clear, 3] == ref[:-1].argmax(axis=1)[clear]).all()
+    bad = run_cmd([out, "-m", "score", "-k", "fp32", "-i", "5"], binary=RUN, check=False)
+    assert bad.returncode == 1 and b"at least 2 token ids" in bad.stderr
+
+
+FP16_TOL = 1e-2
 FP16_TOL = 1e-2
 
 
