@@ -2,23 +2,46 @@
  *
  * Everything but the forward pass is run.c's, included below: the loader, the
  * tokenizer, the sampler, the modes, the CLI, the cache's layout and the
- * statistics of a new sequence. tq.c is included as well, so the kernels
- * encode, score and accumulate the cache with the very codec functions the CPU
- * build uses (marked TQ_HD), and the cache holds the same bytes. What is new:
- *   - the weights, the KV cache and the activations live in GPU memory;
- *   - matrix products are cuBLAS SGEMMs (fp32; TF32 is never enabled);
- *   - one kernel per step of run.c's forward(); attention is one thread block
- *     per (token, query head) whose threads split the keys between them;
- *   - a sequence's statistics (offsets, key weights, key directions) come from
+ * statistics of a new sequence. tq.c is included as well: the GPU writes the
+ * cache in tq.h's byte layout, and the serial pieces of the codec (bit
+ * packing, fp16 rounding, the scale rule, the plain formats' encoders) are
+ * tq.c's own TQ_HD functions. What is new:
+ *
+ *   - The weights live on the GPU in fp16, converted once at load (model.bin
+ *     stays fp32); every product accumulates in fp32. A decoded token (one
+ *     row) multiplies with a GEMV kernel that streams each weight row once
+ *     with 16-byte loads, the RMSNorm of its input and the residual add or the
+ *     SwiGLU of its output fused in. A batch (prefill) widens each matrix to
+ *     fp32 once and multiplies with cuBLAS SGEMM (TF32 is never enabled).
+ *     wq|wk|wv and w1|w3 are stored as one matrix each: one launch apiece.
+ *   - One token's whole forward pass (7 kernels a layer) is captured once as
+ *     a CUDA graph and replayed: the position and the token are read from
+ *     device memory, so the graph never changes.
+ *   - RoPE, the cache encode and the query preparation of a (token, KV head)
+ *     are one thread block (rope_encode_kernel); the TurboQuant encode runs
+ *     in parallel over the coordinates (the rotation's butterflies in the
+ *     order tq.c uses, so the codes are the CPU's).
+ *   - Attention is split over the sequence (flash-decoding): a block scores
+ *     and accumulates one chunk of coded keys for up to ATT_ROWS query rows of
+ *     a KV head (all its query heads at decode: each code is read and decoded
+ *     once for the whole group), with an online softmax; merge_kernel then
+ *     combines the chunks, adds the exact positions (sink and window, outside
+ *     the hot loop) and applies the value codec's inverse rotation once.
+ *   - A sequence's statistics (offsets, key weights, key directions) come from
  *     its first batch, copied to the host and measured by run.c's functions.
+ *
  * The GPU rounds differently (fused multiply-adds, sums in another order), so
- * its logits match the CPU build's closely, not bit for bit: tests/test_cuda.py.
+ * its logits match the CPU build's on the same (fp16-representable) weights
+ * closely, not bit for bit: tests/test_cuda.py.
  *
  * Build: make run_cuda    Usage: ./run_cuda model.bin -h (run's options)
  */
 #define RUN_CUDA
+#ifndef PROG
 #define PROG "run_cuda"
+#endif
 #include <cublas_v2.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "tq.c"
@@ -29,19 +52,69 @@
 #define BLAS(call) do { cublasStatus_t e_ = (call); \
     if (e_ != CUBLAS_STATUS_SUCCESS) die("cuBLAS: status %d (%s line %d)", (int)e_, __FILE__, __LINE__); } while (0)
 
-#define ATT_THREADS 128   /* threads per attention block: they split a query's keys */
+#define FULL_MASK 0xffffffffu
+#define GEMV_WARPS 8      /* output rows per GEMV block, one warp each                    */
+#define ENC_THREADS 128   /* threads of a (token, KV head) block of rope_encode_kernel      */
+#define ATT_WARPS 4       /* warps of an attention block: they split the block's keys       */
+#define ATT_ROWS 4        /* query rows (token, head) of an attention block                 */
+#define ATT_IT 8          /* keys a lane group scores per batch                             */
+#define CHUNK_GRAIN 128   /* keys per attention block: a multiple of this                   */
+#define MAX_PARTS 64      /* attention blocks per (row, KV head): partial results to merge  */
+#define MERGE_THREADS 128
 #define MAX_ALLOCS 64
+#define NO_SCORE -1e30f   /* running max before any key: finite, so exp(m - m) = 1, not NaN */
 
-/* The model on the GPU: run.c's structs, their pointers into GPU memory. */
+/* The weights on the GPU, fp16 (norms fp32). Row-major like run.c's. */
+typedef struct {
+    __half *emb;      /* (vocab_size, dim) token embedding                            */
+    __half *wcls;     /* (vocab_size, dim) classifier; = emb when shared               */
+    __half *wqkv;     /* (n_layers, q_dim + 2 kv_dim, dim): rows of wq, then wk, then wv */
+    __half *wo;       /* (n_layers, dim, q_dim)                                        */
+    __half *w13;      /* (n_layers, 2 hidden_dim, dim): rows of w1 (gate), then w3 (up) */
+    __half *w2;       /* (n_layers, dim, hidden_dim)                                   */
+    float *rms_att;   /* (n_layers, dim)                                               */
+    float *rms_ffn;   /* (n_layers, dim)                                               */
+    float *rms_final; /* (dim)                                                         */
+} GpuWeights;
+
+/* What the attention kernels read and write besides the cache. */
+typedef struct {
+    const int *step;     /* (1 + batch) the position of the batch's first token, then its token ids */
+    int n;               /* tokens in the batch                                              */
+    int chunk;           /* coded keys per attention block; 0 (decode): ceil(len / units) rounded up to CHUNK_GRAIN */
+    int units;           /* attention blocks per KV head at decode                           */
+    int layer;
+    int dk, dv;          /* floats of a prepared query and of a value accumulator (head_dim, or 2 head_dim for tq*p) */
+    int emax;            /* exact positions a query reads at most                           */
+    float *qkv;          /* (n, q_dim + 2 kv_dim) q (prepared: divided by the key weights) | k | v as stored */
+    float *qext;         /* (n * n_heads, dk) queries as the key codec scores them           */
+    float *qu;           /* (n * n_heads, KPROJ_MAX) queries' parts along the key directions */
+    float *part;         /* (n * n_heads, MAX_PARTS, 2 + dv) per block: running max, sum, accumulator */
+    float *escore;       /* (n * n_heads, emax) scores of the exact positions, then their weights */
+} AttArgs;
+
+/* The model on the GPU. */
 struct Gpu {
-    TransformerWeights w; /* the weights, copied once                            */
-    KVCache kv;           /* the cache: same fields as the host's; the codecs' tables on the GPU too */
-    RunState s;           /* activations for `batch` tokens; att is (batch*n_heads, ctx),
-                             qperp is encode_kv's scratch, qp and acc are unused (shared memory) */
-    int *tokens;          /* (batch) token ids of the forward pass                 */
+    GpuWeights w;
+    KVCache kv;           /* the cache: the host's flags and codecs, every array in GPU memory */
+    AttArgs att;          /* the attention buffers below, for the kernels                    */
+    int batch;
+    float *x;             /* (batch, dim) residual stream                                  */
+    float *xb;            /* (batch, max(dim, q_dim)) normed input (batches), attention output */
+    float *qkv;           /* (batch, q_dim + 2 kv_dim)                                     */
+    float *hb;            /* (batch, 2 hidden_dim) gate | up (batches)                     */
+    float *hh;            /* (batch, hidden_dim) silu(gate) * up                           */
+    float *logits;        /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
+    float *wide;          /* (wide_floats) one weight matrix widened to fp32 for cuBLAS     */
+    size_t wide_floats;
+    int *step;            /* (1 + batch) device copy of host_step                          */
+    int *host_step;       /* (1 + batch) pinned: position, token ids                       */
+    float *host_logits;   /* pinned copy of logits                                         */
+    size_t enc_shared, att_shared, merge_shared; /* dynamic shared memory per block        */
+    cudaStream_t stream;
     cublasHandle_t blas;
-    size_t att_shared;    /* bytes of shared memory per attention block            */
-    void *allocs[MAX_ALLOCS]; /* everything cudaMalloc'd, for gpu_free             */
+    cudaGraphExec_t decode; /* one token's forward pass at pos > 0, captured on first use  */
+    void *allocs[MAX_ALLOCS]; /* everything cudaMalloc'd, for gpu_free                   */
     int n_allocs;
 };
 
@@ -56,6 +129,695 @@ static void *gpu_alloc(Gpu *g, const void *host, size_t bytes) {
     return g->allocs[g->n_allocs++] = p;
 }
 
+static unsigned blocks(size_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
+__host__ __device__ static int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+/* ---------------------------------------------------------------------------
+ * Small device helpers
+ */
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+/* Sum of v over the block (blockDim.x a multiple of 32); red: 32 T of shared memory.
+ * Every thread gets the sum; red may be reused right after. */
+template <typename T>
+__device__ T block_sum(T v, T *red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    __syncthreads();                       /* a previous call's readers are done with red */
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    T s = 0;
+    for (int i = 0; i < (int)(blockDim.x >> 5); i++) s += red[i];
+    return s;
+}
+
+template <typename T>
+__device__ T block_max(T v, T *red) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    T s = red[0];
+    for (int i = 1; i < (int)(blockDim.x >> 5); i++) s = fmaxf(s, red[i]);
+    return s;
+}
+
+__device__ __forceinline__ float ld_f16(const uint8_t *p) { return __half2float(__ldg((const __half *)p)); }
+
+/* 8 consecutive floats of fp16 weights, streamed (read once: evict first) */
+__device__ __forceinline__ void load8_half(const __half *p, float v[8]) {
+    uint4 u = __ldcs((const uint4 *)p);
+    const __half2 *h = (const __half2 *)&u;
+    for (int k = 0; k < 4; k++) {
+        float2 f = __half22float2(h[k]);
+        v[2 * k] = f.x; v[2 * k + 1] = f.y;
+    }
+}
+
+__device__ __forceinline__ void load8(const float *p, float v[8]) {
+    float4 a = *(const float4 *)p, b = *(const float4 *)(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+/* ---------------------------------------------------------------------------
+ * Weights: fp32 (model.bin) -> fp16 on the GPU, and back to fp32 for cuBLAS
+ */
+
+__global__ void to_half_kernel(__half *dst, const float *src, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __float2half_rn(fminf(fmaxf(src[i], -65504.0f), 65504.0f));  /* saturate, as tq.c's fp16 */
+}
+
+__global__ void to_float_kernel(float *dst, const __half *src, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __half2float(src[i]);
+}
+
+/* dst (n fp16) = host (n fp32), through the fp32 scratch g->wide in pieces */
+static void upload_half(Gpu *g, __half *dst, const float *host, size_t n) {
+    for (size_t off = 0; off < n; off += g->wide_floats) {
+        size_t m = n - off < g->wide_floats ? n - off : g->wide_floats;
+        CUDA(cudaMemcpy(g->wide, host + off, m * sizeof(float), cudaMemcpyHostToDevice));
+        to_half_kernel<<<blocks(m, 256), 256>>>(dst + off, g->wide, m);
+        CUDA(cudaGetLastError());
+    }
+    CUDA(cudaDeviceSynchronize());
+}
+
+/* ---------------------------------------------------------------------------
+ * Element-wise steps
+ */
+
+__global__ void embed_kernel(float *x, const __half *emb, const int *step, int n, int dim) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n * dim) x[i] = __half2float(emb[(size_t)step[1 + i / dim] * dim + i % dim]);
+}
+
+/* run.c's rmsnorm for row blockIdx.x: o = w * (r x), r = 1/sqrt(mean(x^2) + eps), the sum in double */
+__global__ void rmsnorm_kernel(float *o, const float *x, const float *w, int dim, float eps) {
+    __shared__ double red[32];
+    const float *xr = x + (size_t)blockIdx.x * dim;
+    double ss = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xr[i] * xr[i];
+    ss = block_sum(ss, red);
+    float r = (float)(1.0 / sqrt(ss / dim + eps));
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[(size_t)blockIdx.x * dim + i] = w[i] * (r * xr[i]);
+}
+
+/* h (n, hid) = silu(gate) * up, from hb (n, 2 hid) = gate | up (run.c's formula) */
+__global__ void swiglu_kernel(float *h, const float *hb, int n, int hid) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * hid) return;
+    size_t b = i / hid, j = i % hid;
+    float gt = hb[b * 2 * hid + j], up = hb[b * 2 * hid + hid + j];
+    h[i] = gt / (1.0f + expf(-gt)) * up;
+}
+
+/* ---------------------------------------------------------------------------
+ * GEMV: one token's out (n_out) = W (n_out, n_in) . xn, W fp16, fp32 sums.
+ * A warp per output row; each lane streams 16 bytes (8 weights) at a time, so a
+ * row is read once at full width. NORM: xn = run.c's rmsnorm of x with weights
+ * norm_w, computed by every block (x is a few KiB, read from L2). Epilogues:
+ * store; add into out (the residual stream); SwiGLU, out[i] = silu(W_i xn) *
+ * (W_{n_out+i} xn) with the up rows right after the gate rows.
+ */
+enum { EPI_STORE, EPI_ADD, EPI_SWIGLU };
+
+template <int EPI, bool NORM>
+__global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const __half *W, const float *x,
+        const float *norm_w, int n_in, int n_out, float eps) {
+    __shared__ double red[32];
+    float r = 1.0f;
+    if (NORM) {
+        double ss = 0;
+        for (int j = threadIdx.x; j < n_in; j += blockDim.x) ss += (double)x[j] * x[j];
+        ss = block_sum(ss, red);
+        r = (float)(1.0 / sqrt(ss / n_in + eps));
+    }
+    int lane = threadIdx.x & 31, row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (row >= n_out) return;
+    const __half *w0 = W + (size_t)row * n_in, *w1 = w0 + (size_t)n_out * n_in;
+    float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll 4
+    for (int j = lane * 8; j < n_in; j += 256) {
+        float xv[8], wv[8];
+        load8(x + j, xv);
+        if (NORM) {
+            float nw[8];
+            load8(norm_w + j, nw);
+            for (int k = 0; k < 8; k++) xv[k] = nw[k] * (r * xv[k]);
+        }
+        load8_half(w0 + j, wv);
+        for (int k = 0; k < 8; k++) a0 += wv[k] * xv[k];
+        if (EPI == EPI_SWIGLU) {
+            load8_half(w1 + j, wv);
+            for (int k = 0; k < 8; k++) a1 += wv[k] * xv[k];
+        }
+    }
+    a0 = warp_sum(a0);
+    if (EPI == EPI_SWIGLU) a1 = warp_sum(a1);
+    if (lane) return;
+    if (EPI == EPI_STORE) out[row] = a0;
+    if (EPI == EPI_ADD) out[row] += a0;
+    if (EPI == EPI_SWIGLU) out[row] = a0 / (1.0f + expf(-a0)) * a1;
+}
+
+/* ---------------------------------------------------------------------------
+ * The codec on a thread block: nvec vectors of length d in shared memory.
+ * tq.c's rotation is d-point Walsh-Hadamard butterflies of span 1, 2, 4, ...
+ * after random signs, 3 rounds (or a dense matrix); here each stage's d/2
+ * butterflies are spread over the threads, in the same order per element, so
+ * the results are tq.c's to the bit.
+ */
+
+__device__ void fwht_block(float *y, int nvec, int d) {
+    for (int len = 1; len < d; len *= 2) {
+        for (int p = threadIdx.x; p < nvec * d / 2; p += blockDim.x) {
+            int v = p / (d / 2), q = p % (d / 2), i = v * d + (q / len) * 2 * len + q % len;
+            float a = y[i], b = y[i + len];
+            y[i] = a + b; y[i + len] = a - b;
+        }
+        __syncthreads();
+    }
+    float norm = 1.0f / sqrtf((float)d);
+    for (int i = threadIdx.x; i < nvec * d; i += blockDim.x) y[i] *= norm;
+    __syncthreads();
+}
+
+/* y = Pi y for each vector (tq_rotate); tmp: nvec*d floats, for the dense matrix */
+__device__ void rotate_block(const tq_codec *c, float *y, int nvec, float *tmp) {
+    int d = c->d;
+    if (c->dense) {
+        for (int i = threadIdx.x; i < nvec * d; i += blockDim.x) tmp[i] = dot8(c->dense + (size_t)(i % d) * d, y + (i / d) * d, d);
+        __syncthreads();
+        for (int i = threadIdx.x; i < nvec * d; i += blockDim.x) y[i] = tmp[i];
+        __syncthreads();
+        return;
+    }
+    for (int r = 0; r < c->rounds; r++) {
+        for (int i = threadIdx.x; i < nvec * d; i += blockDim.x) y[i] *= c->signs[(size_t)r * d + i % d];
+        __syncthreads();
+        fwht_block(y, nvec, d);
+    }
+}
+
+/* y = Pi^T y (tq_unrotate), one vector */
+__device__ void unrotate_block(const tq_codec *c, float *y, float *tmp) {
+    int d = c->d;
+    if (c->dense) {
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            float t = 0.0f;
+            for (int i = 0; i < d; i++) t += y[i] * c->dense[(size_t)i * d + j];
+            tmp[j] = t;
+        }
+        __syncthreads();
+        for (int j = threadIdx.x; j < d; j += blockDim.x) y[j] = tmp[j];
+        __syncthreads();
+        return;
+    }
+    for (int r = c->rounds - 1; r >= 0; r--) {
+        fwht_block(y, 1, d);
+        for (int i = threadIdx.x; i < d; i += blockDim.x) y[i] *= c->signs[(size_t)r * d + i];
+        __syncthreads();
+    }
+}
+
+/* Scratch of encode_block in shared memory. */
+typedef struct {
+    float *y, *cy, *tmp;   /* (d) each */
+    uint8_t *idx;          /* (d) */
+    double *red;           /* (32) */
+    float *hs;             /* (1): the stored scale, shared by the block */
+} EncScratch;
+
+/* code = tq_encode(c, x) with the block's threads: x (d) in shared memory, code in
+ * global memory. The plain formats and the tq formats' serial steps are tq.c's. */
+__device__ void encode_block(const tq_codec *c, const float *x, uint8_t *code, EncScratch s) {
+    int d = c->d, b = c->bits, tid = threadIdx.x, nt = blockDim.x;
+    if (c->fmt == TQ_FP32) {
+        for (int i = tid; i < d; i += nt) ((float *)code)[i] = x[i];
+        return;
+    }
+    if (c->fmt == TQ_FP16) {
+        for (int i = tid; i < d; i += nt) put_f16(code + 2 * i, tq_f32_to_f16(clampf(x[i], -(float)F16_MAX, (float)F16_MAX)));
+        return;
+    }
+    if (c->fmt == TQ_Q4) {     /* one thread per block of 32: tq.c's loop on that block */
+        tq_codec one = *c;
+        one.d = 32;
+        for (int blk = tid; blk < d / 32; blk += nt) encode_plain(&one, x + 32 * blk, code + 18 * blk);
+        return;
+    }
+    if (c->fmt == TQ_Q8) {
+        float amax = 0.0f;
+        for (int i = tid; i < d; i += nt) amax = fmaxf(amax, fabsf(x[i]));
+        amax = block_max(amax, (float *)s.red);
+        uint16_t h = scale_f16(amax / 127.0);
+        float sc = tq_f16_to_f32(h);
+        for (int i = tid; i < d; i += nt) {
+            float q = sc > 0 ? roundf(x[i] / sc) : 0.0f;
+            code[i] = (uint8_t)(int8_t)clampf(q, -127.0f, 127.0f);
+        }
+        if (tid == 0) put_f16(code + d, h);
+        return;
+    }
+    /* TurboQuant: u = x/|x|, y = Pi u, idx = nearest centroid, scale, (QJL signs) */
+    double ss = 0;
+    for (int i = tid; i < d; i += nt) ss += (double)x[i] * x[i];
+    double norm = sqrt(block_sum(ss, s.red)), inv = norm > 0 ? 1.0 / norm : 0.0;
+    for (int i = tid; i < d; i += nt) s.y[i] = (float)(x[i] * inv);
+    __syncthreads();
+    rotate_block(c, s.y, 1, s.tmp);
+    for (int i = tid; i < d; i += nt) {
+        uint8_t k = 0;
+        for (int j = 0; j + 1 < (1 << b); j++) k += s.y[i] > c->bounds[j];
+        s.idx[i] = k;
+        s.cy[i] = c->centroids[k];
+    }
+    __syncthreads();
+    for (int grp = tid; grp < d / 8; grp += nt) pack(s.idx + 8 * grp, 8, b, code + b * grp);
+    uint8_t *p = code + (size_t)d * b / 8;
+    if (tid == 0) *s.hs = tq_f16_to_f32(scale_f16(norm > 0 ? scale_rule(c, norm, s.y, s.cy) : 0.0));
+    __syncthreads();
+    uint16_t h = tq_f32_to_f16(*s.hs);
+    if (!is_prod(c->fmt)) {
+        if (tid == 0) put_f16(p, h);
+        return;
+    }
+    /* Algorithm 2's sketch of the rotated residual r = y - (s/|x|) c (tq.c's qjl_signs) */
+    float ratio = norm > 0 ? (float)(*s.hs / norm) : 0.0f;
+    for (int i = tid; i < d; i += nt) s.tmp[i] = s.y[i] - ratio * s.cy[i];
+    __syncthreads();
+    for (int k = tid; k < d; k += nt) s.idx[k] = norm > 0 && dot8(c->qjl + (size_t)k * d, s.tmp, d) > 0;
+    __syncthreads();
+    for (int grp = tid; grp < d / 8; grp += nt) pack(s.idx + 8 * grp, 8, 1, p + grp);
+    if (tid == 0) {
+        put_f16(p + d / 8, h);
+        put_f16(p + d / 8 + 2, scale_f16(norm > 0 ? norm * sqrt(dot8(s.tmp, s.tmp, d)) : 0.0));
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * RoPE, cache encode and query preparation of token b's KV head g: block
+ * (b * n_kv_heads + g). mode: ROPE rotates q and k in place; ENCODE stores the
+ * key and value (run.c's encode_kv: offsets, weights, projections beta) and
+ * prepares the group's queries (run.c's prepare_query: q divided by the key
+ * weights in place, qu, and qext = Pi q_perp, plus S Pi q_perp for tq*p);
+ * EXACT also puts the token in the exact store right away (one token: the ring
+ * row it takes is no longer read by this step's attention).
+ */
+enum { MODE_ROPE = 1, MODE_ENCODE = 2, MODE_EXACT = 4 };
+
+static size_t enc_shared_bytes(const Config *c) {
+    size_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
+    return (6 * hd + 2 * G * hd + 2) * sizeof(float) + hd + 32 * sizeof(double) + 16;
+}
+
+__global__ void __launch_bounds__(ENC_THREADS) rope_encode_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, int mode) {
+    extern __shared__ double shd[];
+    double *red = shd;
+    float *sk = (float *)(shd + 32);
+    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, R = kv.kproj, tid = threadIdx.x, nt = blockDim.x;
+    const int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads, pos = a.step[0], p = pos + b;
+    const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, head = (size_t)l * c.n_kv_heads + g;
+    float *row = a.qkv + (size_t)b * (qd + 2 * kvd), *q = row + (size_t)g * G * hd, *k = row + qd + g * hd, *v = k + kvd;
+    float *sv = sk + hd, *sp = sv + hd, *sq = sp + hd, *tmp = sq + G * hd, *hs = tmp + G * hd;
+    EncScratch es = {hs + 2, hs + 2 + hd, hs + 2 + 2 * hd, (uint8_t *)(hs + 2 + 3 * hd), red, hs};
+
+    if (mode & MODE_ROPE) {      /* run.c's rope(): pairs (2i, 2i+1), the angle in double */
+        for (int i = 2 * tid; i < hd; i += 2 * nt) {
+            double ang = p * pow((double)c.rope_theta, -(double)i / hd);
+            float co = (float)cos(ang), si = (float)sin(ang);
+            for (int j = 0; j <= G; j++) {
+                float *vec = j < G ? q + j * hd : k, x0 = vec[i], x1 = vec[i + 1];
+                vec[i] = x0 * co - x1 * si;
+                vec[i + 1] = x0 * si + x1 * co;
+            }
+        }
+        __syncthreads();
+    }
+    if (!(mode & MODE_ENCODE)) return;
+
+    const float *ko = kv.koff + head * hd, *vo = kv.voff + head * hd, *kw = kv.kw + head * hd;
+    const float *u = R ? kv.kdir + head * R * hd : NULL;
+    for (int i = tid; i < hd; i += nt) { sk[i] = kw[i] * (k[i] - ko[i]); sv[i] = v[i] - vo[i]; sp[i] = sk[i]; }
+    __syncthreads();
+    for (int r = 0; r < R; r++) {       /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
+        float part = 0.0f;
+        for (int i = tid; i < hd; i += nt) part += u[(size_t)r * hd + i] * sk[i];
+        uint16_t beta = tq_f32_to_f16((float)block_sum((double)part, red));
+        if (tid == 0) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
+        for (int i = tid; i < hd; i += nt) sp[i] -= tq_f16_to_f32(beta) * u[(size_t)r * hd + i];
+    }
+    __syncthreads();
+    encode_block(&kv.kc, sp, cache_row(&kv, kv.key, kv.kc.bytes, &c, l, g, p), es);
+    __syncthreads();
+    encode_block(&kv.vc, sv, cache_row(&kv, kv.value, kv.vc.bytes, &c, l, g, p), es);
+    for (int i = tid; i < hd; i += nt) {   /* k and v as the exact store keeps them */
+        k[i] = tq_f16_to_f32(tq_f32_to_f16(sk[i]));
+        v[i] = tq_f16_to_f32(tq_f32_to_f16(sv[i]));
+    }
+    __syncthreads();
+    if ((mode & MODE_EXACT) && tid == 0) store_exact(&kv, &c, l, g, pos, b, a.n, k, v);
+
+    /* the group's queries: q /= w, qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated */
+    for (int i = tid; i < G * hd; i += nt) sq[i] = q[i] /= kw[i % hd];
+    __syncthreads();
+    for (int j = 0; j < G; j++) {
+        float quj[KPROJ_MAX];
+        for (int r = 0; r < R; r++) {
+            float part = 0.0f;
+            for (int i = tid; i < hd; i += nt) part += sq[j * hd + i] * u[(size_t)r * hd + i];
+            quj[r] = (float)block_sum((double)part, red);
+            if (tid == 0) a.qu[((size_t)b * c.n_heads + g * G + j) * KPROJ_MAX + r] = quj[r];
+        }
+        for (int i = tid; i < hd; i += nt)
+            for (int r = 0; r < R; r++) sq[j * hd + i] -= quj[r] * u[(size_t)r * hd + i];
+    }
+    __syncthreads();
+    const tq_codec *kc = &kv.kc;
+    if (is_tq(kc->fmt)) rotate_block(kc, sq, G, tmp);
+    float *qe = a.qext + ((size_t)b * c.n_heads + g * G) * a.dk;
+    for (int i = tid; i < G * hd; i += nt) qe[(i / hd) * a.dk + i % hd] = sq[i];
+    if (is_prod(kc->fmt))                /* S Pi q_perp: the QJL half of the prepared query */
+        for (int i = tid; i < G * hd; i += nt)
+            qe[(i / hd) * a.dk + hd + i % hd] = dot8(kc->qjl + (size_t)(i % hd) * hd, sq + (i / hd) * hd, hd);
+}
+
+/* a batch's tokens enter the exact store after its attention: block (b * n_kv_heads + g) */
+__global__ void store_exact_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
+                                   const __grid_constant__ AttArgs a) {
+    int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads;
+    size_t hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd;
+    const float *k = a.qkv + b * (qd + 2 * kvd) + qd + g * hd;
+    store_exact(&kv, &c, l, g, a.step[0], b, a.n, k, k + kvd);
+}
+
+/* ---------------------------------------------------------------------------
+ * Attention over the coded keys. A key or value row is decoded in groups of 8
+ * coordinates (decode_group: 8 floats and the group's scale); lane layout:
+ * lane = key_lane * (D/8) + group, so a warp covers 32/(D/8) rows at a time and
+ * all loads of a row sit side by side. For the tq formats the decoded floats are
+ * codebook centroids in the rotated domain, for tq*p the QJL signs (+-1) follow
+ * (groups >= d/8), for the plain formats the stored numbers.
+ */
+
+template <int B>     /* B bytes at p, little-endian (B <= 4) */
+__device__ __forceinline__ uint32_t load_bytes(const uint8_t *p) {
+    uint32_t w = 0;
+    for (int k = 0; k < B; k++) w |= (uint32_t)__ldg(p + k) << (8 * k);
+    return w;
+}
+
+template <int F>
+__device__ __forceinline__ float decode_group(const uint8_t *row, int gi, int d, const float *cent, float v[8]) {
+    if constexpr (F == TQ_FP32) {
+        load8((const float *)row + 8 * gi, v);
+        return 1.0f;
+    } else if constexpr (F == TQ_FP16) {
+        uint4 u = __ldg((const uint4 *)(row + 16 * gi));
+        const __half2 *h = (const __half2 *)&u;
+        for (int k = 0; k < 4; k++) { float2 f = __half22float2(h[k]); v[2 * k] = f.x; v[2 * k + 1] = f.y; }
+        return 1.0f;
+    } else if constexpr (F == TQ_Q8) {
+        for (int k = 0; k < 8; k++) v[k] = (float)(int8_t)__ldg(row + 8 * gi + k);
+        return ld_f16(row + d);
+    } else if constexpr (F == TQ_Q4) {          /* q4_0: element 2k in the low nibble of byte k */
+        const uint8_t *blk = row + 18 * (gi / 4);
+        uint32_t w = load_bytes<4>(blk + 4 * (gi % 4));
+        for (int k = 0; k < 4; k++) {
+            v[2 * k] = (float)((int)((w >> (8 * k)) & 15) - 8);
+            v[2 * k + 1] = (float)((int)((w >> (8 * k + 4)) & 15) - 8);
+        }
+        return ld_f16(blk + 16);
+    } else if constexpr (F == TQ_TQ2 || F == TQ_TQ3 || F == TQ_TQ4) {
+        const int b = F - TQ_TQ2 + 2;
+        uint32_t w = load_bytes<b>(row + b * gi);
+        for (int k = 0; k < 8; k++) v[k] = cent[(w >> (b * k)) & ((1u << b) - 1)];
+        return ld_f16(row + d * b / 8);
+    } else {                           /* tq*p: (b-1)-bit centroids, then the signs */
+        const int b = F - TQ_TQ2P + 1, so = d * b / 8;
+        if (gi < d / 8) {
+            uint32_t w = load_bytes<b>(row + b * gi);
+            for (int k = 0; k < 8; k++) v[k] = cent[(w >> (b * k)) & ((1u << b) - 1)];
+            return ld_f16(row + so + d / 8);
+        }
+        uint32_t sg = __ldg(row + so + gi - d / 8);
+        for (int k = 0; k < 8; k++) v[k] = (sg >> k) & 1 ? 1.0f : -1.0f;
+        return sqrtf((float)(PI / 2)) / d * ld_f16(row + so + d / 8 + 2);
+    }
+}
+
+/* The rows of one attention block and their running softmax state. */
+typedef struct {
+    int hi[ATT_ROWS];       /* coded keys of row r: [lo, hi[r]); hi = lo for a row past the batch */
+    int gr[ATT_ROWS];       /* global row: token * n_heads + head                            */
+} AttRows;
+
+/* s[it][r] = q_r . k_t for the batch's keys t = t0 + kl + kpw*it (it < itk), from the
+ * codes of key format F, plus the exact parts along the key directions, scaled
+ * by 1/sqrt(head_dim); -inf outside [.., c1) and the row's range. */
+template <int F>
+__device__ __forceinline__ void score_keys(const KVCache &kv, const uint8_t *base, const uint16_t *beta, int t0,
+        int c1, int kl, int gi, int gk, int kpw, int itk, const float q[ATT_ROWS][8], const float qu[ATT_ROWS][KPROJ_MAX],
+        const AttRows &rw, const float *cent, float scale, float s[ATT_IT][ATT_ROWS]) {
+    const int d = kv.kc.d, R = kv.kproj;
+    const size_t bytes = kv.kc.bytes;
+#pragma unroll
+    for (int it = 0; it < ATT_IT; it++) {
+        if (it >= itk) break;
+        int t = min(t0 + kl + kpw * it, c1 - 1);
+        float v[8], sc = decode_group<F>(base + t * bytes, gi, d, cent, v);
+        for (int r = 0; r < ATT_ROWS; r++) {
+            float acc = 0.0f;
+            for (int k = 0; k < 8; k++) acc += q[r][k] * v[k];
+            s[it][r] = sc * acc;
+        }
+    }
+    for (int o = 1; o < gk; o <<= 1)
+#pragma unroll
+        for (int it = 0; it < ATT_IT; it++)
+            for (int r = 0; r < ATT_ROWS; r++) s[it][r] += __shfl_xor_sync(FULL_MASK, s[it][r], o);
+#pragma unroll
+    for (int it = 0; it < ATT_IT; it++) {
+        if (it >= itk) break;
+        int t = t0 + kl + kpw * it, tc = min(t, c1 - 1);
+        float b0 = R > 0 ? tq_f16_to_f32(__ldg(beta + (size_t)tc * R)) : 0.0f;
+        float b1 = R > 1 ? tq_f16_to_f32(__ldg(beta + (size_t)tc * R + 1)) : 0.0f;
+        for (int r = 0; r < ATT_ROWS; r++) {
+            float x = s[it][r] + qu[r][0] * b0 + qu[r][1] * b1;
+            s[it][r] = t < c1 && t < rw.hi[r] ? scale * x : -INFINITY;
+        }
+    }
+}
+
+/* acc[r][k] += p[key][r] * value_t (group gi) for the batch's keys key = kl + kpw*it */
+template <int F>
+__device__ __forceinline__ void accumulate_values(const KVCache &kv, const uint8_t *base, int t0, int c1, int kl,
+        int gi, int kpw, int itv, const float *p, const float *cent, float acc[ATT_ROWS][8]) {
+    const int d = kv.vc.d;
+    const size_t bytes = kv.vc.bytes;
+#pragma unroll
+    for (int it = 0; it < ATT_IT; it++) {
+        if (it >= itv) break;
+        int key = kl + kpw * it, t = min(t0 + key, c1 - 1);
+        float v[8], sc = decode_group<F>(base + t * bytes, gi, d, cent, v);
+        for (int r = 0; r < ATT_ROWS; r++) {
+            float w = p[key * ATT_ROWS + r] * sc;
+            for (int k = 0; k < 8; k++) acc[r][k] += w * v[k];
+        }
+    }
+}
+
+#define FMT_CASES(M) M(TQ_FP32) M(TQ_FP16) M(TQ_Q8) M(TQ_Q4) M(TQ_TQ2) M(TQ_TQ3) M(TQ_TQ4) M(TQ_TQ2P) M(TQ_TQ3P) M(TQ_TQ4P)
+
+static size_t att_shared_bytes(int dv) {
+    return (32 + ATT_WARPS * (ATT_IT * 32 * ATT_ROWS) + ATT_WARPS * ATT_ROWS * (2 + dv)) * sizeof(float);
+}
+
+/* Block (chunk, row tile, KV head g): query rows rt*ATT_ROWS.. of the batch (row =
+ * token * group + j: head g*group + j of that token), keys [c0, c1) of the coded
+ * range [sink, T - window). Its warps take batches of KB keys in turn, each with
+ * its own online softmax (running max m, sum l, accumulator acc); the block then
+ * merges its warps and writes one partial result per row. */
+__global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
+    extern __shared__ float sh[];
+    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = blockIdx.z, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int pos = a.step[0], rows = a.n * G, rho0 = blockIdx.y * ATT_ROWS, lo = kv.sink;
+    const int last = min(rho0 + ATT_ROWS, rows) - 1, hi_max = pos + last / G + 1 - kv.window;
+    if (hi_max <= lo) return;
+    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(hi_max - lo, gridDim.x), CHUNK_GRAIN) * CHUNK_GRAIN;
+    const int c0 = lo + blockIdx.x * chunk, c1 = min(c0 + chunk, hi_max);
+    if (c0 >= c1) return;
+
+    AttRows rw;
+    for (int r = 0; r < ATT_ROWS; r++) {
+        int rho = min(rho0 + r, rows - 1), tok = rho / G;
+        rw.hi[r] = rho0 + r < rows ? pos + tok + 1 - kv.window : lo;
+        rw.gr[r] = tok * c.n_heads + g * G + rho % G;
+    }
+    const int gk = a.dk / 8, kpwk = 32 / gk, gv = a.dv / 8, kpwv = 32 / gv;
+    const int kb = ATT_IT * min(kpwk, kpwv), itk = kb / kpwk, itv = kb / kpwv;
+    const int kl = lane / gk, gik = lane % gk, klv = lane / gv, giv = lane % gv;
+    float *cent_k = sh, *cent_v = sh + 16, *p = sh + 32 + warp * (ATT_IT * 32 * ATT_ROWS);
+    if (threadIdx.x < 16 && kv.kc.centroids && threadIdx.x < (1u << kv.kc.bits)) cent_k[threadIdx.x] = kv.kc.centroids[threadIdx.x];
+    if (threadIdx.x < 16 && kv.vc.centroids && threadIdx.x < (1u << kv.vc.bits)) cent_v[threadIdx.x] = kv.vc.centroids[threadIdx.x];
+    __syncthreads();
+
+    float q[ATT_ROWS][8], qu[ATT_ROWS][KPROJ_MAX], m[ATT_ROWS], l[ATT_ROWS], acc[ATT_ROWS][8];
+    for (int r = 0; r < ATT_ROWS; r++) {
+        load8(a.qext + (size_t)rw.gr[r] * a.dk + 8 * gik, q[r]);
+        for (int j = 0; j < KPROJ_MAX; j++) qu[r][j] = j < kv.kproj ? a.qu[(size_t)rw.gr[r] * KPROJ_MAX + j] : 0.0f;
+        m[r] = NO_SCORE; l[r] = 0.0f;
+        for (int k = 0; k < 8; k++) acc[r][k] = 0.0f;
+    }
+    const size_t head = (size_t)a.layer * c.n_kv_heads + g;
+    const uint8_t *kbase = cache_row(&kv, kv.key, kv.kc.bytes, &c, a.layer, g, 0);
+    const uint8_t *vbase = cache_row(&kv, kv.value, kv.vc.bytes, &c, a.layer, g, 0);
+    const uint16_t *beta = kv.kproj ? kv.kbeta + head * kv.ctx * kv.kproj : NULL;
+    const float scale = 1.0f / sqrtf((float)hd);
+
+    for (int t0 = c0 + warp * kb; t0 < c1; t0 += ATT_WARPS * kb) {
+        float s[ATT_IT][ATT_ROWS];
+        for (int it = 0; it < ATT_IT; it++)
+            for (int r = 0; r < ATT_ROWS; r++) s[it][r] = -INFINITY;
+        switch (kv.kc.fmt) {     /* one branch per batch of keys, never per key */
+#define SCORE_CASE(F) case F: score_keys<F>(kv, kbase, beta, t0, c1, kl, gik, gk, kpwk, itk, q, qu, rw, cent_k, scale, s); break;
+        FMT_CASES(SCORE_CASE)
+        default: break;
+        }
+        /* online softmax: the batch's max over its keys (lanes kl), rescale, p = exp(s - m) */
+        for (int r = 0; r < ATT_ROWS; r++) {
+            float bm = -INFINITY;
+            for (int it = 0; it < ATT_IT; it++) bm = fmaxf(bm, s[it][r]);
+            for (int o = gk; o < 32; o <<= 1) bm = fmaxf(bm, __shfl_xor_sync(FULL_MASK, bm, o));
+            float mn = fmaxf(m[r], bm), alpha = expf(m[r] - mn), ls = 0.0f;
+            for (int it = 0; it < ATT_IT; it++) { s[it][r] = expf(s[it][r] - mn); ls += s[it][r]; }
+            for (int o = gk; o < 32; o <<= 1) ls += __shfl_xor_sync(FULL_MASK, ls, o);
+            l[r] = l[r] * alpha + ls;
+            m[r] = mn;
+            for (int k = 0; k < 8; k++) acc[r][k] *= alpha;
+        }
+        if (gik == 0)
+            for (int it = 0; it < ATT_IT; it++)
+                if (it < itk)
+                    for (int r = 0; r < ATT_ROWS; r++) p[(kl + kpwk * it) * ATT_ROWS + r] = s[it][r];
+        __syncwarp();
+        switch (kv.vc.fmt) {
+#define VALUE_CASE(F) case F: accumulate_values<F>(kv, vbase, t0, c1, klv, giv, kpwv, itv, p, cent_v, acc); break;
+        FMT_CASES(VALUE_CASE)
+        default: break;
+        }
+        __syncwarp();
+    }
+    /* the lanes of one group hold sums over different keys: add them up */
+    for (int o = gv; o < 32; o <<= 1)
+        for (int r = 0; r < ATT_ROWS; r++)
+            for (int k = 0; k < 8; k++) acc[r][k] += __shfl_xor_sync(FULL_MASK, acc[r][k], o);
+
+    /* merge the warps: wm, wl (ATT_WARPS, ATT_ROWS), wacc (ATT_WARPS, ATT_ROWS, dv) */
+    float *wm = sh + 32 + ATT_WARPS * (ATT_IT * 32 * ATT_ROWS), *wl = wm + ATT_WARPS * ATT_ROWS, *wacc = wl + ATT_WARPS * ATT_ROWS;
+    if (klv == 0)
+        for (int r = 0; r < ATT_ROWS; r++)
+            for (int k = 0; k < 8; k++) wacc[((size_t)warp * ATT_ROWS + r) * a.dv + 8 * giv + k] = acc[r][k];
+    if (lane == 0)
+        for (int r = 0; r < ATT_ROWS; r++) { wm[warp * ATT_ROWS + r] = m[r]; wl[warp * ATT_ROWS + r] = l[r]; }
+    __syncthreads();
+    for (int i = threadIdx.x; i < ATT_ROWS * (2 + a.dv); i += blockDim.x) {
+        int r = i / (2 + a.dv), j = i % (2 + a.dv);
+        if (rho0 + r >= rows) continue;
+        float mx = NO_SCORE, sum = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, wm[w * ATT_ROWS + r]);
+        for (int w = 0; w < ATT_WARPS; w++) {
+            float e = expf(wm[w * ATT_ROWS + r] - mx);
+            sum += e * (j == 0 ? 0.0f : j == 1 ? wl[w * ATT_ROWS + r] : wacc[((size_t)w * ATT_ROWS + r) * a.dv + j - 2]);
+        }
+        a.part[((size_t)rw.gr[r] * MAX_PARTS + blockIdx.x) * (2 + a.dv) + j] = j == 0 ? mx : sum;
+    }
+}
+
+static size_t merge_shared_bytes(int dv) { return (2 * (size_t)dv + MAX_PARTS + 32) * sizeof(float); }
+
+/* Row (token b, head h): the partials of its chunks, the exact positions (the
+ * first `sink` and the last `window`, from the batch or the fp16 store), the
+ * value codec's finish (S^T for tq*p, then Pi^T) and the value offset: run.c's
+ * attention() output for that head, into out (n, q_dim). */
+__global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, const __grid_constant__ AttArgs a, float *out) {
+    extern __shared__ float sh[];
+    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, row = blockIdx.x, b = row / c.n_heads, h = row % c.n_heads;
+    const int g = h / G, l = a.layer, tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    const int pos = a.step[0], T = pos + b + 1, lo = kv.sink, hi = T - kv.window, len = hi > lo ? hi - lo : 0;
+    const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, dv = a.dv;
+    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(len, a.units), CHUNK_GRAIN) * CHUNK_GRAIN;
+    const int nparts = len > 0 ? ceil_div(len, chunk) : 0;
+    const int n1 = min(kv.sink, T), e2 = max(hi, kv.sink), ne = n1 + max(0, T - e2);   /* exact: [0, n1), [e2, T) */
+    float *y = sh, *yt = y + dv, *wu = yt + dv, *red = wu + MAX_PARTS, *es = a.escore + (size_t)row * a.emax;
+    const float *part = a.part + (size_t)row * MAX_PARTS * (2 + dv), *q = a.qkv + b * QKV + (size_t)h * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+
+    for (int e = warp; e < ne; e += nt / 32) {      /* run.c's key_score for the exact positions */
+        int t = e < n1 ? e : e2 + e - n1;
+        float s = 0.0f;
+        if (t >= pos) {
+            const float *k = a.qkv + (size_t)(t - pos) * QKV + qd + (size_t)g * hd;
+            for (int i = lane; i < hd; i += 32) s += q[i] * k[i];
+        } else {
+            const uint16_t *k = kv.exact_k + exact_row(&kv, &c, l, g, t);
+            for (int i = lane; i < hd; i += 32) s += q[i] * tq_f16_to_f32(k[i]);
+        }
+        s = warp_sum(s);
+        if (lane == 0) es[e] = scale * s;
+    }
+    __syncthreads();
+    float mx = NO_SCORE;
+    for (int u = tid; u < nparts; u += nt) mx = fmaxf(mx, part[(size_t)u * (2 + dv)]);
+    for (int e = tid; e < ne; e += nt) mx = fmaxf(mx, es[e]);
+    mx = block_max(mx, red);
+    float z = 0.0f;
+    for (int u = tid; u < nparts; u += nt) {
+        wu[u] = expf(part[(size_t)u * (2 + dv)] - mx);
+        z += wu[u] * part[(size_t)u * (2 + dv) + 1];
+    }
+    for (int e = tid; e < ne; e += nt) { es[e] = expf(es[e] - mx); z += es[e]; }
+    z = block_sum(z, red);          /* (synchronizes wu and es too) */
+    for (size_t i = tid; i < dv; i += nt) {
+        float s = 0.0f;
+        for (int u = 0; u < nparts; u++) s += wu[u] * part[(size_t)u * (2 + dv) + 2 + i];
+        y[i] = s / z;
+    }
+    __syncthreads();
+    const tq_codec *vc = &kv.vc;
+    for (int i = tid; i < hd; i += nt) {            /* tq_finish: yt = acc + S^T acc_qjl, then Pi^T */
+        float s = y[i];
+        if (is_prod(vc->fmt))
+            for (int k = 0; k < hd; k++) s += y[hd + k] * vc->qjl[(size_t)k * hd + i];
+        yt[i] = s;
+    }
+    __syncthreads();
+    if (is_tq(vc->fmt)) unrotate_block(vc, yt, y);
+    const float *voff = kv.voff + ((size_t)l * c.n_kv_heads + g) * hd;
+    for (int i = tid; i < hd; i += nt) {            /* add_exact_values: p_t v_t, then mu_v */
+        float o = yt[i];
+        for (int e = 0; e < ne; e++) {
+            int t = e < n1 ? e : e2 + e - n1;
+            float p = es[e] / z;
+            o += t >= pos ? p * a.qkv[(size_t)(t - pos) * QKV + qd + kvd + (size_t)g * hd + i]
+                          : p * tq_f16_to_f32(kv.exact_v[exact_row(&kv, &c, l, g, t) + i]);
+        }
+        out[(size_t)b * qd + (size_t)h * hd + i] = o + voff[i];
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * Building the GPU side
+ */
+
 /* A codec whose tables (centroids, bounds, Hadamard signs, dense Pi, QJL S)
  * are copies in GPU memory: tq_init's own numbers, never redrawn (tq.c). */
 static tq_codec gpu_codec(Gpu *g, const tq_codec *c) {
@@ -69,33 +831,44 @@ static tq_codec gpu_codec(Gpu *g, const tq_codec *c) {
     return d;
 }
 
-static size_t att_shared_bytes(const KVCache *kv, const Config *c) {
-    size_t qf = tq_query_floats(&kv->kc), af = tq_acc_floats(&kv->vc);
-    return (qf + c->head_dim + KPROJ_MAX + ATT_THREADS + af + ATT_THREADS * (af + 1)) * sizeof(float);
+/* floats of a prepared query (key codec) or a value accumulator: the decoded groups */
+static int ext_floats(const tq_codec *c) { return c->fmt >= TQ_TQ2P ? 2 * c->d : c->d; }
+
+/* What the GPU cannot take; one line naming it. */
+static void gpu_check(const Config *c, const KVCache *kv) {
+    int hd = c->head_dim;
+    if (c->dim % 8 || c->hidden_dim % 8 || (c->n_heads * hd) % 8)
+        die("the GPU build needs dim, hidden_dim and n_heads x head_dim in multiples of 8 (use run)");
+    if (hd < 16 || hd > 256 || (hd & (hd - 1)))
+        die("the GPU build's attention handles head_dim 16, 32, 64, 128 or 256, the model's is %d (use run)", hd);
+    const tq_codec *cs[2] = {&kv->kc, &kv->vc};
+    for (int i = 0; i < 2; i++)
+        if (ext_floats(cs[i]) > 256)
+            die("format %s on the GPU handles head_dim up to 128, the model's is %d (use run, or another format)",
+                tq_fmt_name(cs[i]->fmt), hd);
 }
 
-__global__ void attention_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
-                                 const __grid_constant__ Batch bt, float *q, float *att, float *out);
-
-/* Copies the model into GPU memory and allocates the cache and activations
- * there (called by build_transformer once the host side is built). */
+/* Copies the model into GPU memory (fp16) and allocates the cache and
+ * activations there (called by build_transformer once the host side is built). */
 static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     const Config *c = &t->config;
     KVCache *kv = &t->cache;
-    const RunState *hs = &t->state;
-    tq_fmt fmts[2] = {kv->kc.fmt, kv->vc.fmt};
-    for (int i = 0; i < 2; i++)
-        if (fmts[i] >= TQ_TQ2 && (c->head_dim > TQ_GPU_MAX_D || c->head_dim % 16))   /* even-sized rows: tq.c */
-            die("format %s on the GPU handles head_dim up to %d in multiples of 16, the model's is %d "
-                "(use run, or fp32, fp16, q8 or q4)", tq_fmt_name(fmts[i]), TQ_GPU_MAX_D, c->head_dim);
+    gpu_check(c, kv);
     int dev;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaFree(0) != cudaSuccess) die("no usable CUDA GPU (use run, the CPU build)");
-    size_t B = (size_t)hs->batch, hd = (size_t)c->head_dim, heads = (size_t)c->n_layers * c->n_kv_heads;
-    size_t qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, wide = qd > (size_t)c->dim ? qd : (size_t)c->dim;
-    size_t logit_rows = all_logits ? B : 1, f = sizeof(float), R = kv->kproj;
-    /* what the host allocates (run_bytes), plus attention weights per (token, head) rather than per thread */
-    double need = (double)c->weights_bytes + run_bytes(c, o, kv->ctx, hs->batch, all_logits)
-                + 4.0 * B * c->n_heads * kv->ctx;
+    size_t B = (size_t)t->state.batch, hd = (size_t)c->head_dim, heads = (size_t)c->n_layers * c->n_kv_heads;
+    size_t L = c->n_layers, dim = c->dim, hid = c->hidden_dim, V = c->vocab_size;
+    size_t qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, wide = qd > dim ? qd : dim;
+    size_t logit_rows = all_logits ? B : 1, f = sizeof(float), h2 = sizeof(__half), R = kv->kproj;
+    int dk = ext_floats(&kv->kc), dv = ext_floats(&kv->vc), emax = kv->sink + kv->window < kv->ctx ? kv->sink + kv->window : kv->ctx;
+    size_t wide_floats = QKV * dim;                       /* the largest matrix of a layer */
+    if (2 * hid * dim > wide_floats) wide_floats = 2 * hid * dim;
+    if (qd * dim > wide_floats) wide_floats = qd * dim;
+    size_t wbytes = h2 * (V * dim * (c->shared_classifier ? 1 : 2) + L * dim * (QKV + qd + 3 * hid)) + f * (2 * L + 1) * dim;
+    double act = (double)f * (B * (2 * dim + wide + QKV + 3 * hid + c->n_heads * (dk + KPROJ_MAX + MAX_PARTS * (2.0 + dv) + emax))
+                              + logit_rows * V + wide_floats);
+    double cache = (double)heads * kv->ctx * (kv->kc.bytes + kv->vc.bytes + 2 * R) + 4.0 * heads * kv->slots * hd;
+    double need = wbytes + act + cache;
     size_t free_b, total_b;
     CUDA(cudaMemGetInfo(&free_b, &total_b));
     if (need > (double)free_b)
@@ -103,7 +876,35 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
             "give a smaller -c or --batch", kv->ctx, need / 1073741824.0, free_b / 1073741824.0);
 
     Gpu *g = (Gpu *)xcalloc(1, sizeof(Gpu), "the GPU state");
-    map_weights(&g->w, c, (float *)gpu_alloc(g, t->data + c->weights_offset, c->weights_bytes));
+    g->batch = (int)B;
+    g->wide_floats = wide_floats;
+    g->wide = (float *)gpu_alloc(g, NULL, wide_floats * f);
+    const TransformerWeights *hw = &t->weights;     /* the host's fp32 weights (mmap) */
+    GpuWeights *w = &g->w;
+    w->emb = (__half *)gpu_alloc(g, NULL, V * dim * h2);
+    upload_half(g, w->emb, hw->token_embedding, V * dim);
+    w->wcls = w->emb;
+    if (!c->shared_classifier) {
+        w->wcls = (__half *)gpu_alloc(g, NULL, V * dim * h2);
+        upload_half(g, w->wcls, hw->wcls, V * dim);
+    }
+    w->wqkv = (__half *)gpu_alloc(g, NULL, L * QKV * dim * h2);
+    w->wo = (__half *)gpu_alloc(g, NULL, L * dim * qd * h2);
+    w->w13 = (__half *)gpu_alloc(g, NULL, L * 2 * hid * dim * h2);
+    w->w2 = (__half *)gpu_alloc(g, NULL, L * dim * hid * h2);
+    for (size_t l = 0; l < L; l++) {
+        __half *qkv = w->wqkv + l * QKV * dim, *w13 = w->w13 + l * 2 * hid * dim;
+        upload_half(g, qkv, hw->wq + l * qd * dim, qd * dim);
+        upload_half(g, qkv + qd * dim, hw->wk + l * kvd * dim, kvd * dim);
+        upload_half(g, qkv + (qd + kvd) * dim, hw->wv + l * kvd * dim, kvd * dim);
+        upload_half(g, w->wo + l * dim * qd, hw->wo + l * dim * qd, dim * qd);
+        upload_half(g, w13, hw->w1 + l * hid * dim, hid * dim);
+        upload_half(g, w13 + hid * dim, hw->w3 + l * hid * dim, hid * dim);
+        upload_half(g, w->w2 + l * dim * hid, hw->w2 + l * dim * hid, dim * hid);
+    }
+    w->rms_att = (float *)gpu_alloc(g, hw->rms_att, L * dim * f);
+    w->rms_ffn = (float *)gpu_alloc(g, hw->rms_ffn, L * dim * f);
+    w->rms_final = (float *)gpu_alloc(g, hw->rms_final, dim * f);
 
     g->kv = *kv;   /* flags, ctx, sink, window, slots; then every array on the GPU */
     g->kv.kc = gpu_codec(g, &kv->kc);
@@ -121,160 +922,71 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     kv->key = kv->value = NULL;
     kv->kbeta = NULL;
 
-    RunState *s = &g->s;
-    s->batch = hs->batch;
-    s->x = (float *)gpu_alloc(g, NULL, B * c->dim * f);
-    s->xb = (float *)gpu_alloc(g, NULL, B * wide * f);
-    s->xb2 = (float *)gpu_alloc(g, NULL, B * c->dim * f);
-    s->hb = (float *)gpu_alloc(g, NULL, B * c->hidden_dim * f);
-    s->hb2 = (float *)gpu_alloc(g, NULL, B * c->hidden_dim * f);
-    s->q = (float *)gpu_alloc(g, NULL, B * qd * f);
-    s->k = (float *)gpu_alloc(g, NULL, B * kvd * f);
-    s->v = (float *)gpu_alloc(g, NULL, B * kvd * f);
-    s->qperp = (float *)gpu_alloc(g, NULL, B * kvd * f);
-    s->att = (float *)gpu_alloc(g, NULL, B * c->n_heads * (size_t)kv->ctx * f);
-    s->logits = (float *)gpu_alloc(g, NULL, logit_rows * c->vocab_size * f);
-    g->tokens = (int *)gpu_alloc(g, NULL, B * sizeof(int));
+    g->x = (float *)gpu_alloc(g, NULL, B * dim * f);
+    g->xb = (float *)gpu_alloc(g, NULL, B * wide * f);
+    g->qkv = (float *)gpu_alloc(g, NULL, B * QKV * f);
+    g->hb = (float *)gpu_alloc(g, NULL, B * 2 * hid * f);
+    g->hh = (float *)gpu_alloc(g, NULL, B * hid * f);
+    g->logits = (float *)gpu_alloc(g, NULL, logit_rows * V * f);
+    g->step = (int *)gpu_alloc(g, NULL, (1 + B) * sizeof(int));
+    AttArgs *a = &g->att;
+    a->step = g->step;
+    a->units = MAX_PARTS;
+    a->dk = dk; a->dv = dv; a->emax = emax > 0 ? emax : 1;
+    a->qkv = g->qkv;
+    a->qext = (float *)gpu_alloc(g, NULL, B * c->n_heads * dk * f);
+    a->qu = (float *)gpu_alloc(g, NULL, B * c->n_heads * KPROJ_MAX * f);
+    a->part = (float *)gpu_alloc(g, NULL, B * c->n_heads * MAX_PARTS * (2 + dv) * f);
+    a->escore = (float *)gpu_alloc(g, NULL, B * c->n_heads * a->emax * f);
+    CUDA(cudaMallocHost((void **)&g->host_step, (1 + B) * sizeof(int)));
+    CUDA(cudaMallocHost((void **)&g->host_logits, logit_rows * V * f));
 
+    CUDA(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
     BLAS(cublasCreate(&g->blas));
     BLAS(cublasSetMathMode(g->blas, CUBLAS_DEFAULT_MATH));
-    int shared_max;   /* the attribute is the kernel's, not this model's: set it to the device's limit */
+    BLAS(cublasSetStream(g->blas, g->stream));
+    int shared_max;
     CUDA(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    g->att_shared = att_shared_bytes(kv, c);
-    if (g->att_shared > (size_t)shared_max)
-        die("attention needs %zu bytes of shared memory per block for %s/%s at head_dim %d, the GPU has %d",
-            g->att_shared, tq_fmt_name(kv->kc.fmt), tq_fmt_name(kv->vc.fmt), c->head_dim, shared_max);
-    CUDA(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
+    g->enc_shared = enc_shared_bytes(c);
+    g->att_shared = att_shared_bytes(dv);
+    g->merge_shared = merge_shared_bytes(dv);
+    if (g->enc_shared > (size_t)shared_max || g->att_shared > (size_t)shared_max)
+        die("the GPU's %d bytes of shared memory per block are too few for head_dim %d", shared_max, c->head_dim);
+    CUDA(cudaFuncSetAttribute(rope_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)g->enc_shared));
+    CUDA(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)g->att_shared));
+    CUDA(cudaDeviceSynchronize());
+    (void)o;
     t->gpu = g;
 }
 
 static void gpu_free(Transformer *t) {
     Gpu *g = t->gpu;
     if (!g) return;
+    if (g->decode) cudaGraphExecDestroy(g->decode);
     cublasDestroy(g->blas);
+    cudaStreamDestroy(g->stream);
+    cudaFreeHost(g->host_step);
+    cudaFreeHost(g->host_logits);
     for (int i = 0; i < g->n_allocs; i++) cudaFree(g->allocs[i]);
     free(g);
     t->gpu = NULL;
 }
 
 /* ---------------------------------------------------------------------------
- * Kernels: each runs one step of run.c's forward() for every token (and head)
- * at once, calling the same TQ_HD functions.
+ * The forward pass
  */
 
-static unsigned blocks(size_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
-
-__global__ void embed_kernel(float *x, const float *emb, const int *tokens, int n, int dim) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < (size_t)n * dim) x[i] = emb[(size_t)tokens[i / dim] * dim + i % dim];
-}
-
-__global__ void rmsnorm_kernel(float *o, const float *x, const float *w, int n, int dim, float eps) {
-    int b = blockIdx.x * blockDim.x + threadIdx.x;
-    if (b < n) rmsnorm(o + (size_t)b * dim, x + (size_t)b * dim, w, dim, eps);
-}
-
-__global__ void rope_kernel(const __grid_constant__ Config c, float *q, float *k, int n, int pos) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n * c.n_kv_heads) rope_group(&c, q, k, i / c.n_kv_heads, i % c.n_kv_heads, pos);
-}
-
-__global__ void encode_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
-                              float *k, float *v, float *scratch, int n, int pos) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n * c.n_kv_heads) return;
-    size_t hd = c.head_dim, kvd = c.n_kv_heads * hd;
-    int b = i / c.n_kv_heads, g = i % c.n_kv_heads;
-    encode_kv(&kv, &c, l, g, pos + b, k + b * kvd + g * hd, v + b * kvd + g * hd, scratch + (size_t)i * hd);
-}
-
-__global__ void store_exact_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
-                                   const float *k, const float *v, int n, int pos) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n * c.n_kv_heads) return;
-    size_t hd = c.head_dim, kvd = c.n_kv_heads * hd;
-    int b = i / c.n_kv_heads, g = i % c.n_kv_heads;
-    store_exact(&kv, &c, l, g, pos, b, n, k + b * kvd + g * hd, v + b * kvd + g * hd);
-}
-
-__global__ void add_kernel(float *x, const float *y, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] += y[i];
-}
-
-__global__ void swiglu_kernel(float *h, const float *h2, size_t n) {   /* h = silu(h) * h2 */
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) h[i] = h[i] / (1.0f + expf(-h[i])) * h2[i];
-}
-
-/* max (take_max) or sum of v over the block's ATT_THREADS threads, red: ATT_THREADS floats */
-__device__ float block_reduce(float v, float *red, int take_max) {
-    red[threadIdx.x] = v;
-    __syncthreads();
-    for (int s = ATT_THREADS / 2; s > 0; s /= 2) {
-        if ((int)threadIdx.x < s) red[threadIdx.x] = take_max ? fmaxf(red[threadIdx.x], red[threadIdx.x + s])
-                                                              : red[threadIdx.x] + red[threadIdx.x + s];
-        __syncthreads();
+/* out (B, d; row stride ldo) = x (B, n; row stride ldx) . W^T + beta * out, W (d, n) fp16:
+ * W widened to fp32 (in pieces of rows when it is larger than the scratch), then
+ * cuBLAS SGEMM; column-major, out^T (d, B) = W (n x d as stored)^T . x^T (n, B). */
+static void gemm(Gpu *g, float *out, int ldo, const float *x, int ldx, const __half *w, int B, int n, int d, float beta) {
+    const float one = 1.0f;
+    int rows = (int)(g->wide_floats / n < (size_t)d ? g->wide_floats / n : (size_t)d);
+    for (int r0 = 0; r0 < d; r0 += rows) {
+        int m = d - r0 < rows ? d - r0 : rows;
+        to_float_kernel<<<blocks((size_t)m * n, 256), 256, 0, g->stream>>>(g->wide, w + (size_t)r0 * n, (size_t)m * n);
+        BLAS(cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, m, B, n, &one, g->wide, n, x, ldx, &beta, out + r0, ldo));
     }
-    float r = red[0];
-    __syncthreads();
-    return r;
-}
-
-/* Block (b, h): query head h of token b, at position bt.pos + b, over its T
- * keys; run.c's attention() with the keys split over the threads:
- *   thread 0 prepares the query (shared memory);
- *   each thread scores its keys t = tid, tid + ATT_THREADS, ... (key_score);
- *   softmax over the block (max and sum reduced in shared memory);
- *   each thread accumulates its keys' value codes into its own accumulator
- *   (tq_axpy, a row of shared memory padded by one float against bank clashes);
- *   the rows are summed, and thread 0 rotates the sum back (tq_finish) and adds
- *   the exact positions and mu_v (add_exact_values). */
-__global__ void __launch_bounds__(ATT_THREADS) attention_kernel(const __grid_constant__ KVCache kv,
-        const __grid_constant__ Config c, int l, const __grid_constant__ Batch bt, float *q, float *att, float *out) {
-    extern __shared__ float sh[];
-    int hd = c.head_dim, tid = threadIdx.x, b = blockIdx.x / c.n_heads, h = blockIdx.x % c.n_heads;
-    int g = h / (c.n_heads / c.n_kv_heads), T = bt.pos + b + 1;
-    size_t qf = tq_query_floats(&kv.kc), af = tq_acc_floats(&kv.vc);
-    float *qp = sh, *qperp = qp + qf, *qu = qperp + hd, *red = qu + KPROJ_MAX, *sum = red + ATT_THREADS;
-    float *accs = sum + af, *acc = accs + (size_t)tid * (af + 1);
-    float *qh = q + (size_t)blockIdx.x * hd, *p = att + (size_t)blockIdx.x * kv.ctx;
-
-    if (tid == 0) prepare_query(&kv, &c, l, g, qh, qperp, qu, qp);
-    __syncthreads();
-    float mx = -INFINITY, scale = 1.0f / sqrtf((float)hd);
-    for (int t = tid; t < T; t += ATT_THREADS) {
-        p[t] = scale * key_score(&kv, &c, l, g, t, T, qh, qp, qu, &bt);
-        mx = fmaxf(mx, p[t]);
-    }
-    mx = block_reduce(mx, red, 1);
-    float z = 0.0f;
-    for (int t = tid; t < T; t += ATT_THREADS) { p[t] = expf(p[t] - mx); z += p[t]; }
-    z = block_reduce(z, red, 0);
-    for (size_t j = 0; j < af; j++) acc[j] = 0.0f;
-    for (int t = tid; t < T; t += ATT_THREADS) {
-        p[t] /= z;
-        if (!is_exact(&kv, t, T)) tq_axpy(&kv.vc, p[t], cache_row(&kv, kv.value, kv.vc.bytes, &c, l, g, t), acc);
-    }
-    __syncthreads();
-    for (size_t j = tid; j < af; j += ATT_THREADS) {
-        float s = 0.0f;
-        for (int i = 0; i < ATT_THREADS; i++) s += accs[(size_t)i * (af + 1) + j];
-        sum[j] = s;
-    }
-    __syncthreads();
-    if (tid == 0) {
-        float *o = out + (size_t)blockIdx.x * hd;
-        tq_finish(&kv.vc, sum, o);
-        add_exact_values(&kv, &c, l, g, T, p, &bt, o);
-    }
-}
-
-/* out (B, d) = x (B, n) . W^T with W (d, n) row-major: in cuBLAS's column-major
- * terms out^T (d, B) = W^T(as stored: n x d)^T . x^T (n, B). */
-static void matmul(Gpu *g, float *out, const float *x, const float *w, int B, int n, int d) {
-    const float one = 1.0f, zero = 0.0f;
-    BLAS(cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, d, B, n, &one, w, n, x, n, &zero, out, d));
 }
 
 /* A new sequence: layer l's first-batch q, k, v go to the host, run.c's
@@ -284,61 +996,124 @@ static void gpu_stats(Transformer *t, int l, int n) {
     Gpu *g = t->gpu;
     KVCache *kv = &t->cache;
     RunState *hs = &t->state;
-    size_t hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, R = kv->kproj, f = sizeof(float);
-    CUDA(cudaMemcpy(hs->q, g->s.q, n * qd * f, cudaMemcpyDeviceToHost));
-    CUDA(cudaMemcpy(hs->k, g->s.k, n * kvd * f, cudaMemcpyDeviceToHost));
-    CUDA(cudaMemcpy(hs->v, g->s.v, n * kvd * f, cudaMemcpyDeviceToHost));
+    size_t hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, R = kv->kproj, f = sizeof(float);
+    CUDA(cudaMemcpy2DAsync(hs->q, qd * f, g->qkv, QKV * f, qd * f, n, cudaMemcpyDeviceToHost, g->stream));
+    CUDA(cudaMemcpy2DAsync(hs->k, kvd * f, g->qkv + qd, QKV * f, kvd * f, n, cudaMemcpyDeviceToHost, g->stream));
+    CUDA(cudaMemcpy2DAsync(hs->v, kvd * f, g->qkv + qd + kvd, QKV * f, kvd * f, n, cudaMemcpyDeviceToHost, g->stream));
+    CUDA(cudaStreamSynchronize(g->stream));
     measure_stats(kv, c, l, hs->q, hs->k, hs->v, n);
-    CUDA(cudaMemcpy(g->kv.koff + l * kvd, kv->koff + l * kvd, kvd * f, cudaMemcpyHostToDevice));
-    CUDA(cudaMemcpy(g->kv.voff + l * kvd, kv->voff + l * kvd, kvd * f, cudaMemcpyHostToDevice));
-    CUDA(cudaMemcpy(g->kv.kw + l * kvd, kv->kw + l * kvd, kvd * f, cudaMemcpyHostToDevice));
-    if (R) CUDA(cudaMemcpy(g->kv.kdir + l * R * kvd, kv->kdir + l * R * kvd, R * kvd * f, cudaMemcpyHostToDevice));
+    CUDA(cudaMemcpyAsync(g->kv.koff + l * kvd, kv->koff + l * kvd, kvd * f, cudaMemcpyHostToDevice, g->stream));
+    CUDA(cudaMemcpyAsync(g->kv.voff + l * kvd, kv->voff + l * kvd, kvd * f, cudaMemcpyHostToDevice, g->stream));
+    CUDA(cudaMemcpyAsync(g->kv.kw + l * kvd, kv->kw + l * kvd, kvd * f, cudaMemcpyHostToDevice, g->stream));
+    if (R) CUDA(cudaMemcpyAsync(g->kv.kdir + l * R * kvd, kv->kdir + l * R * kvd, R * kvd * f, cudaMemcpyHostToDevice, g->stream));
+    CUDA(cudaStreamSynchronize(g->stream));   /* the host arrays may change before the copies ran otherwise */
 }
 
-/* run.c's forward(), step for step, on the GPU. */
-static float *forward(Transformer *t, const int *tokens, int n, int pos, int all_logits) {
+/* Layer l's attention for the batch of n tokens at pos (RoPE'd, encoded, prepared
+ * already): partials per chunk of coded keys, then the merge into g->xb. */
+static void attention_layer(Gpu *g, const Config *c, int l, int n, int pos) {
+    AttArgs a = g->att;
+    a.n = n;
+    a.layer = l;
+    int G = c->n_heads / c->n_kv_heads, tiles = ceil_div(n * G, ATT_ROWS), chunks = a.units;
+    a.chunk = 0;                                   /* decode: chunks follow the position on the GPU */
+    if (n > 1) {                                   /* a batch: fixed chunks for its longest range */
+        int len = pos + n - g->kv.window - g->kv.sink;
+        a.chunk = len > 0 ? ceil_div(ceil_div(len, MAX_PARTS), CHUNK_GRAIN) * CHUNK_GRAIN : CHUNK_GRAIN;
+        if (a.chunk < 2 * CHUNK_GRAIN) a.chunk = 2 * CHUNK_GRAIN;
+        chunks = len > 0 ? ceil_div(len, a.chunk) : 1;
+    }
+    dim3 grid(chunks, tiles, c->n_kv_heads);
+    attention_kernel<<<grid, ATT_WARPS * 32, g->att_shared, g->stream>>>(g->kv, *c, a);
+    merge_kernel<<<n * c->n_heads, MERGE_THREADS, g->merge_shared, g->stream>>>(g->kv, *c, a, g->xb);
+}
+
+/* Every kernel of run.c's forward() for n tokens at pos (read from g->step). */
+static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
     const Config *c = &t->config;
     Gpu *g = t->gpu;
-    const TransformerWeights *w = &g->w;
-    RunState *s = &g->s;
+    const GpuWeights *w = &g->w;
     const KVCache *kv = &t->cache;
-    int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim, TH = 256;
-    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, nkv = n * c->n_kv_heads;
+    cudaStream_t st = g->stream;
+    int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim, V = c->vocab_size;
+    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, nkv = n * c->n_kv_heads;
     int stats = pos == 0 && (kv->koffsets || kv->voffsets || kv->kweights || kv->kproj);
+    float eps = c->norm_eps;
+    AttArgs a = g->att;
+    a.n = n;
+    unsigned gemv_blocks_qkv = blocks(QKV, GEMV_WARPS), gemv_blocks_dim = blocks(dim, GEMV_WARPS);
 
-    CUDA(cudaMemcpy(g->tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));
-    embed_kernel<<<blocks((size_t)n * dim, TH), TH>>>(s->x, w->token_embedding, g->tokens, n, dim);
+    embed_kernel<<<blocks((size_t)n * dim, 256), 256, 0, st>>>(g->x, w->emb, g->step, n, dim);
     for (int l = 0; l < c->n_layers; l++) {
+        const float *rms_att = w->rms_att + (size_t)l * dim, *rms_ffn = w->rms_ffn + (size_t)l * dim;
+        const __half *wqkv = w->wqkv + (size_t)l * QKV * dim, *wo = w->wo + (size_t)l * dim * qd;
+        const __half *w13 = w->w13 + (size_t)l * 2 * hid * dim, *w2 = w->w2 + (size_t)l * dim * hid;
         /* attention block: x += Wo . attn(RoPE(Wq xn), RoPE(Wk xn), Wv xn) */
-        rmsnorm_kernel<<<blocks(n, 32), 32>>>(s->xb, s->x, w->rms_att + (size_t)l * dim, n, dim, c->norm_eps);
-        matmul(g, s->q, s->xb, w->wq + (size_t)l * qd * dim, n, dim, qd);
-        matmul(g, s->k, s->xb, w->wk + (size_t)l * kvd * dim, n, dim, kvd);
-        matmul(g, s->v, s->xb, w->wv + (size_t)l * kvd * dim, n, dim, kvd);
-        rope_kernel<<<blocks(nkv, 32), 32>>>(*c, s->q, s->k, n, pos);
-        if (stats) gpu_stats(t, l, n);
-        encode_kernel<<<blocks(nkv, 32), 32>>>(g->kv, *c, l, s->k, s->v, s->qperp, n, pos);
-        Batch bt = {pos, s->k, s->v};
-        attention_kernel<<<n * c->n_heads, ATT_THREADS, g->att_shared>>>(g->kv, *c, l, bt, s->q, s->att, s->xb);
-        store_exact_kernel<<<blocks(nkv, 32), 32>>>(g->kv, *c, l, s->k, s->v, n, pos);
-        matmul(g, s->xb2, s->xb, w->wo + (size_t)l * dim * qd, n, qd, dim);
-        add_kernel<<<blocks((size_t)n * dim, TH), TH>>>(s->x, s->xb2, (size_t)n * dim);
+        if (n == 1) {
+            gemv_kernel<EPI_STORE, true><<<gemv_blocks_qkv, GEMV_WARPS * 32, 0, st>>>(g->qkv, wqkv, g->x, rms_att, dim, QKV, eps);
+        } else {
+            rmsnorm_kernel<<<n, 256, 0, st>>>(g->xb, g->x, rms_att, dim, eps);
+            gemm(g, g->qkv, QKV, g->xb, dim, wqkv, n, dim, QKV, 0.0f);
+        }
+        if (stats) {
+            rope_encode_kernel<<<nkv, ENC_THREADS, g->enc_shared, st>>>(g->kv, *c, l, a, MODE_ROPE);
+            gpu_stats(t, l, n);
+        }
+        int mode = (stats ? 0 : MODE_ROPE) | MODE_ENCODE | (n == 1 ? MODE_EXACT : 0);
+        rope_encode_kernel<<<nkv, ENC_THREADS, g->enc_shared, st>>>(g->kv, *c, l, a, mode);
+        attention_layer(g, c, l, n, pos);
+        if (n > 1) store_exact_kernel<<<nkv, 1, 0, st>>>(g->kv, *c, l, a);
+        if (n == 1) gemv_kernel<EPI_ADD, false><<<gemv_blocks_dim, GEMV_WARPS * 32, 0, st>>>(g->x, wo, g->xb, NULL, qd, dim, eps);
+        else gemm(g, g->x, dim, g->xb, qd, wo, n, qd, dim, 1.0f);
 
         /* feed-forward block: x += W2 . (silu(W1 xn) * W3 xn)   (SwiGLU) */
-        rmsnorm_kernel<<<blocks(n, 32), 32>>>(s->xb, s->x, w->rms_ffn + (size_t)l * dim, n, dim, c->norm_eps);
-        matmul(g, s->hb, s->xb, w->w1 + (size_t)l * hid * dim, n, dim, hid);
-        matmul(g, s->hb2, s->xb, w->w3 + (size_t)l * hid * dim, n, dim, hid);
-        swiglu_kernel<<<blocks((size_t)n * hid, TH), TH>>>(s->hb, s->hb2, (size_t)n * hid);
-        matmul(g, s->xb2, s->hb, w->w2 + (size_t)l * dim * hid, n, hid, dim);
-        add_kernel<<<blocks((size_t)n * dim, TH), TH>>>(s->x, s->xb2, (size_t)n * dim);
+        if (n == 1) {
+            gemv_kernel<EPI_SWIGLU, true><<<blocks(hid, GEMV_WARPS), GEMV_WARPS * 32, 0, st>>>(g->hh, w13, g->x, rms_ffn, dim, hid, eps);
+            gemv_kernel<EPI_ADD, false><<<gemv_blocks_dim, GEMV_WARPS * 32, 0, st>>>(g->x, w2, g->hh, NULL, hid, dim, eps);
+        } else {
+            rmsnorm_kernel<<<n, 256, 0, st>>>(g->xb, g->x, rms_ffn, dim, eps);
+            gemm(g, g->hb, 2 * hid, g->xb, dim, w13, n, dim, 2 * hid, 0.0f);
+            swiglu_kernel<<<blocks((size_t)n * hid, 256), 256, 0, st>>>(g->hh, g->hb, n, hid);
+            gemm(g, g->x, dim, g->hh, hid, w2, n, hid, dim, 1.0f);
+        }
     }
-    CUDA(cudaGetLastError());
-
     /* final norm and classifier, for the tokens whose logits are wanted */
     int first = all_logits ? 0 : n - 1;
-    float *x = s->x + (size_t)first * dim;
-    rmsnorm_kernel<<<blocks(n - first, 32), 32>>>(x, x, w->rms_final, n - first, dim, c->norm_eps);
-    matmul(g, s->logits, x, w->wcls, n - first, dim, c->vocab_size);
-    CUDA(cudaMemcpy(t->state.logits, s->logits, (size_t)(n - first) * c->vocab_size * sizeof(float),
-                    cudaMemcpyDeviceToHost));
-    return t->state.logits;
+    if (n - first == 1) {
+        gemv_kernel<EPI_STORE, true><<<blocks(V, GEMV_WARPS), GEMV_WARPS * 32, 0, st>>>(g->logits, w->wcls,
+                g->x + (size_t)first * dim, w->rms_final, dim, V, eps);
+    } else {
+        rmsnorm_kernel<<<n - first, 256, 0, st>>>(g->xb, g->x + (size_t)first * dim, w->rms_final, dim, eps);
+        gemm(g, g->logits, V, g->xb, dim, w->wcls, n - first, dim, V, 0.0f);
+    }
+    CUDA(cudaGetLastError());
+}
+
+/* run.c's forward(), on the GPU: the batch's position and tokens go to the
+ * device, then its kernels run (one token past the first position: a replay of
+ * the captured graph), then the logits come back. */
+static float *forward(Transformer *t, const int *tokens, int n, int pos, int all_logits) {
+    Gpu *g = t->gpu;
+    const KVCache *kv = &t->cache;
+    int stats = pos == 0 && (kv->koffsets || kv->voffsets || kv->kweights || kv->kproj);
+    g->host_step[0] = pos;
+    memcpy(g->host_step + 1, tokens, (size_t)n * sizeof(int));
+    CUDA(cudaMemcpyAsync(g->step, g->host_step, (size_t)(1 + n) * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+    if (n == 1 && !stats) {
+        if (!g->decode) {
+            cudaGraph_t graph;
+            CUDA(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal));
+            forward_kernels(t, 1, pos, 0);
+            CUDA(cudaStreamEndCapture(g->stream, &graph));
+            CUDA(cudaGraphInstantiate(&g->decode, graph, 0));
+            CUDA(cudaGraphDestroy(graph));
+        }
+        CUDA(cudaGraphLaunch(g->decode, g->stream));
+    } else {
+        forward_kernels(t, n, pos, all_logits);
+    }
+    size_t rows = all_logits ? (size_t)n : 1;
+    CUDA(cudaMemcpyAsync(g->host_logits, g->logits, rows * t->config.vocab_size * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
+    CUDA(cudaStreamSynchronize(g->stream));
+    return g->host_logits;
 }
