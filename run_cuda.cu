@@ -111,6 +111,7 @@ struct Gpu {
     int *host_step;       /* (1 + batch) pinned: position, token ids                       */
     float *host_logits;   /* pinned copy of logits                                         */
     size_t enc_shared, att_shared, merge_shared; /* dynamic shared memory per block        */
+    int pdl;              /* 1: programmatic dependent launches (TQ_CUDA_NO_PDL unset) */
     cudaStream_t stream;
     cublasHandle_t blas;
     cudaGraphExec_t decode; /* one token's forward pass at pos > 0, captured on first use  */
@@ -135,6 +136,18 @@ __host__ __device__ static int ceil_div(int a, int b) { return (a + b - 1) / b; 
 /* ---------------------------------------------------------------------------
  * Small device helpers
  */
+
+/* Programmatic dependent launch (sm_90): kernels are launched (launch() below) so that the
+ * next one in the stream may start while this one finishes; every kernel first waits here
+ * until its predecessor has completed and its writes are visible (so the order is plain
+ * stream order), then lets its own successor start launching: the launch latency of one
+ * kernel hides behind the tail of the one before. */
+__device__ __forceinline__ void pdl_wait_then_release() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
@@ -187,11 +200,13 @@ __device__ __forceinline__ void load8(const float *p, float v[8]) {
  */
 
 __global__ void to_half_kernel(__half *dst, const float *src, size_t n) {
+    pdl_wait_then_release();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) dst[i] = __float2half_rn(fminf(fmaxf(src[i], -65504.0f), 65504.0f));  /* saturate, as tq.c's fp16 */
 }
 
 __global__ void to_float_kernel(float *dst, const __half *src, size_t n) {
+    pdl_wait_then_release();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) dst[i] = __half2float(src[i]);
 }
@@ -212,12 +227,14 @@ static void upload_half(Gpu *g, __half *dst, const float *host, size_t n) {
  */
 
 __global__ void embed_kernel(float *x, const __half *emb, const int *step, int n, int dim) {
+    pdl_wait_then_release();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)n * dim) x[i] = __half2float(emb[(size_t)step[1 + i / dim] * dim + i % dim]);
 }
 
 /* run.c's rmsnorm for row blockIdx.x: o = w * (r x), r = 1/sqrt(mean(x^2) + eps), the sum in double */
 __global__ void rmsnorm_kernel(float *o, const float *x, const float *w, int dim, float eps) {
+    pdl_wait_then_release();
     __shared__ double red[32];
     const float *xr = x + (size_t)blockIdx.x * dim;
     double ss = 0;
@@ -229,6 +246,7 @@ __global__ void rmsnorm_kernel(float *o, const float *x, const float *w, int dim
 
 /* h (n, hid) = silu(gate) * up, from hb (n, 2 hid) = gate | up (run.c's formula) */
 __global__ void swiglu_kernel(float *h, const float *hb, int n, int hid) {
+    pdl_wait_then_release();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)n * hid) return;
     size_t b = i / hid, j = i % hid;
@@ -249,6 +267,7 @@ enum { EPI_STORE, EPI_ADD, EPI_SWIGLU };
 template <int EPI, bool NORM>
 __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const __half *W, const float *x,
         const float *norm_w, int n_in, int n_out, float eps) {
+    pdl_wait_then_release();
     __shared__ double red[32];
     float r = 1.0f;
     if (NORM) {
@@ -438,6 +457,7 @@ static size_t enc_shared_bytes(const Config *c) {
 
 __global__ void __launch_bounds__(ENC_THREADS) rope_encode_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, int mode) {
+    pdl_wait_then_release();
     extern __shared__ double shd[];
     double *red = shd;
     float *sk = (float *)(shd + 32);
@@ -511,6 +531,7 @@ __global__ void __launch_bounds__(ENC_THREADS) rope_encode_kernel(const __grid_c
 /* a batch's tokens enter the exact store after its attention: block (b * n_kv_heads + g) */
 __global__ void store_exact_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
                                    const __grid_constant__ AttArgs a) {
+    pdl_wait_then_release();
     int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads;
     size_t hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd;
     const float *k = a.qkv + b * (qd + 2 * kvd) + qd + g * hd;
@@ -646,6 +667,7 @@ static size_t att_shared_bytes(int dv) {
  * merges its warps and writes one partial result per row. */
 __global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
+    pdl_wait_then_release();
     extern __shared__ float sh[];
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = blockIdx.z, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int pos = a.step[0], rows = a.n * G, rho0 = blockIdx.y * ATT_ROWS, lo = kv.sink;
@@ -749,6 +771,7 @@ static size_t merge_shared_bytes(int dv) { return (2 * (size_t)dv + MAX_PARTS + 
  * attention() output for that head, into out (n, q_dim). */
 __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, const __grid_constant__ AttArgs a, float *out) {
+    pdl_wait_then_release();
     extern __shared__ float sh[];
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, row = blockIdx.x, b = row / c.n_heads, h = row % c.n_heads;
     const int g = h / G, l = a.layer, tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
@@ -941,6 +964,7 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     CUDA(cudaMallocHost((void **)&g->host_step, (1 + B) * sizeof(int)));
     CUDA(cudaMallocHost((void **)&g->host_logits, logit_rows * V * f));
 
+    g->pdl = getenv("TQ_CUDA_NO_PDL") == NULL;   /* a knob for measuring what PDL gains */
     CUDA(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
     BLAS(cublasCreate(&g->blas));
     BLAS(cublasSetMathMode(g->blas, CUBLAS_DEFAULT_MATH));
@@ -976,6 +1000,23 @@ static void gpu_free(Transformer *t) {
  * The forward pass
  */
 
+/* kernel<<<grid, block, shared, g->stream>>>(args...), as a programmatic dependent launch
+ * (pdl_wait_then_release) unless g->pdl is 0 */
+template <typename... KArgs, typename... Args>
+static void launch(const Gpu *g, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t shared, Args... args) {
+    cudaLaunchAttribute at;
+    at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at.val.programmaticStreamSerializationAllowed = g->pdl;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = shared;
+    cfg.stream = g->stream;
+    cfg.attrs = &at;
+    cfg.numAttrs = 1;
+    CUDA(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
 /* out (B, d; row stride ldo) = x (B, n; row stride ldx) . W^T + beta * out, W (d, n) fp16:
  * W widened to fp32 (in pieces of rows when it is larger than the scratch), then
  * cuBLAS SGEMM; column-major, out^T (d, B) = W (n x d as stored)^T . x^T (n, B). */
@@ -984,7 +1025,7 @@ static void gemm(Gpu *g, float *out, int ldo, const float *x, int ldx, const __h
     int rows = (int)(g->wide_floats / n < (size_t)d ? g->wide_floats / n : (size_t)d);
     for (int r0 = 0; r0 < d; r0 += rows) {
         int m = d - r0 < rows ? d - r0 : rows;
-        to_float_kernel<<<blocks((size_t)m * n, 256), 256, 0, g->stream>>>(g->wide, w + (size_t)r0 * n, (size_t)m * n);
+        launch(g, to_float_kernel, dim3(blocks((size_t)m * n, 256)), dim3(256), 0, g->wide, w + (size_t)r0 * n, (size_t)m * n);
         BLAS(cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, m, B, n, &one, g->wide, n, x, ldx, &beta, out + r0, ldo));
     }
 }
@@ -1024,8 +1065,8 @@ static void attention_layer(Gpu *g, const Config *c, int l, int n, int pos) {
         chunks = len > 0 ? ceil_div(len, a.chunk) : 1;
     }
     dim3 grid(chunks, tiles, c->n_kv_heads);
-    attention_kernel<<<grid, ATT_WARPS * 32, g->att_shared, g->stream>>>(g->kv, *c, a);
-    merge_kernel<<<n * c->n_heads, MERGE_THREADS, g->merge_shared, g->stream>>>(g->kv, *c, a, g->xb);
+    launch(g, attention_kernel, dim3(grid), dim3(ATT_WARPS * 32), g->att_shared, g->kv, *c, a);
+    launch(g, merge_kernel, dim3(n * c->n_heads), dim3(MERGE_THREADS), g->merge_shared, g->kv, *c, a, g->xb);
 }
 
 /* Every kernel of run.c's forward() for n tokens at pos (read from g->step). */
@@ -1034,7 +1075,6 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
     Gpu *g = t->gpu;
     const GpuWeights *w = &g->w;
     const KVCache *kv = &t->cache;
-    cudaStream_t st = g->stream;
     int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim, V = c->vocab_size;
     int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, nkv = n * c->n_kv_heads;
     int stats = pos == 0 && (kv->koffsets || kv->voffsets || kv->kweights || kv->kproj);
@@ -1043,47 +1083,47 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
     a.n = n;
     unsigned gemv_blocks_qkv = blocks(QKV, GEMV_WARPS), gemv_blocks_dim = blocks(dim, GEMV_WARPS);
 
-    embed_kernel<<<blocks((size_t)n * dim, 256), 256, 0, st>>>(g->x, w->emb, g->step, n, dim);
+    launch(g, embed_kernel, dim3(blocks((size_t)n * dim, 256)), dim3(256), 0, g->x, w->emb, g->step, n, dim);
     for (int l = 0; l < c->n_layers; l++) {
         const float *rms_att = w->rms_att + (size_t)l * dim, *rms_ffn = w->rms_ffn + (size_t)l * dim;
         const __half *wqkv = w->wqkv + (size_t)l * QKV * dim, *wo = w->wo + (size_t)l * dim * qd;
         const __half *w13 = w->w13 + (size_t)l * 2 * hid * dim, *w2 = w->w2 + (size_t)l * dim * hid;
         /* attention block: x += Wo . attn(RoPE(Wq xn), RoPE(Wk xn), Wv xn) */
         if (n == 1) {
-            gemv_kernel<EPI_STORE, true><<<gemv_blocks_qkv, GEMV_WARPS * 32, 0, st>>>(g->qkv, wqkv, g->x, rms_att, dim, QKV, eps);
+            launch(g, (gemv_kernel<EPI_STORE, true>), dim3(gemv_blocks_qkv), dim3(GEMV_WARPS * 32), 0, g->qkv, wqkv, g->x, rms_att, dim, QKV, eps);
         } else {
-            rmsnorm_kernel<<<n, 256, 0, st>>>(g->xb, g->x, rms_att, dim, eps);
+            launch(g, rmsnorm_kernel, dim3(n), dim3(256), 0, g->xb, g->x, rms_att, dim, eps);
             gemm(g, g->qkv, QKV, g->xb, dim, wqkv, n, dim, QKV, 0.0f);
         }
         if (stats) {
-            rope_encode_kernel<<<nkv, ENC_THREADS, g->enc_shared, st>>>(g->kv, *c, l, a, MODE_ROPE);
+            launch(g, rope_encode_kernel, dim3(nkv), dim3(ENC_THREADS), g->enc_shared, g->kv, *c, l, a, MODE_ROPE);
             gpu_stats(t, l, n);
         }
         int mode = (stats ? 0 : MODE_ROPE) | MODE_ENCODE | (n == 1 ? MODE_EXACT : 0);
-        rope_encode_kernel<<<nkv, ENC_THREADS, g->enc_shared, st>>>(g->kv, *c, l, a, mode);
+        launch(g, rope_encode_kernel, dim3(nkv), dim3(ENC_THREADS), g->enc_shared, g->kv, *c, l, a, mode);
         attention_layer(g, c, l, n, pos);
-        if (n > 1) store_exact_kernel<<<nkv, 1, 0, st>>>(g->kv, *c, l, a);
-        if (n == 1) gemv_kernel<EPI_ADD, false><<<gemv_blocks_dim, GEMV_WARPS * 32, 0, st>>>(g->x, wo, g->xb, NULL, qd, dim, eps);
+        if (n > 1) launch(g, store_exact_kernel, dim3(nkv), dim3(1), 0, g->kv, *c, l, a);
+        if (n == 1) launch(g, (gemv_kernel<EPI_ADD, false>), dim3(gemv_blocks_dim), dim3(GEMV_WARPS * 32), 0, g->x, wo, g->xb, (const float *)NULL, qd, dim, eps);
         else gemm(g, g->x, dim, g->xb, qd, wo, n, qd, dim, 1.0f);
 
         /* feed-forward block: x += W2 . (silu(W1 xn) * W3 xn)   (SwiGLU) */
         if (n == 1) {
-            gemv_kernel<EPI_SWIGLU, true><<<blocks(hid, GEMV_WARPS), GEMV_WARPS * 32, 0, st>>>(g->hh, w13, g->x, rms_ffn, dim, hid, eps);
-            gemv_kernel<EPI_ADD, false><<<gemv_blocks_dim, GEMV_WARPS * 32, 0, st>>>(g->x, w2, g->hh, NULL, hid, dim, eps);
+            launch(g, (gemv_kernel<EPI_SWIGLU, true>), dim3(blocks(hid, GEMV_WARPS)), dim3(GEMV_WARPS * 32), 0, g->hh, w13, g->x, rms_ffn, dim, hid, eps);
+            launch(g, (gemv_kernel<EPI_ADD, false>), dim3(gemv_blocks_dim), dim3(GEMV_WARPS * 32), 0, g->x, w2, g->hh, (const float *)NULL, hid, dim, eps);
         } else {
-            rmsnorm_kernel<<<n, 256, 0, st>>>(g->xb, g->x, rms_ffn, dim, eps);
+            launch(g, rmsnorm_kernel, dim3(n), dim3(256), 0, g->xb, g->x, rms_ffn, dim, eps);
             gemm(g, g->hb, 2 * hid, g->xb, dim, w13, n, dim, 2 * hid, 0.0f);
-            swiglu_kernel<<<blocks((size_t)n * hid, 256), 256, 0, st>>>(g->hh, g->hb, n, hid);
+            launch(g, swiglu_kernel, dim3(blocks((size_t)n * hid, 256)), dim3(256), 0, g->hh, g->hb, n, hid);
             gemm(g, g->x, dim, g->hh, hid, w2, n, hid, dim, 1.0f);
         }
     }
     /* final norm and classifier, for the tokens whose logits are wanted */
     int first = all_logits ? 0 : n - 1;
     if (n - first == 1) {
-        gemv_kernel<EPI_STORE, true><<<blocks(V, GEMV_WARPS), GEMV_WARPS * 32, 0, st>>>(g->logits, w->wcls,
+        launch(g, (gemv_kernel<EPI_STORE, true>), dim3(blocks(V, GEMV_WARPS)), dim3(GEMV_WARPS * 32), 0, g->logits, w->wcls,
                 g->x + (size_t)first * dim, w->rms_final, dim, V, eps);
     } else {
-        rmsnorm_kernel<<<n - first, 256, 0, st>>>(g->xb, g->x + (size_t)first * dim, w->rms_final, dim, eps);
+        launch(g, rmsnorm_kernel, dim3(n - first), dim3(256), 0, g->xb, g->x + (size_t)first * dim, w->rms_final, dim, eps);
         gemm(g, g->logits, V, g->xb, dim, w->wcls, n - first, dim, V, 0.0f);
     }
     CUDA(cudaGetLastError());

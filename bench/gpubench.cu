@@ -1,7 +1,7 @@
 /* bench/gpubench.cu - run_cuda's decode step and its attention kernels at long contexts.
  *
  *   nvcc -O3 -arch=sm_90 -o bench/gpubench bench/gpubench.cu -lcublas -lm -Xcompiler -fopenmp
- *   ./bench/gpubench MODEL [--formats fp16,q8,q4,tq4,tq3,tq2] [--ctx 8192,32768,131072] [--rounds 5]
+ *   ./bench/gpubench MODEL [--formats fp16,q8,q4,tq4,tq3,tq2] [--ctx 8192,32768,131072] [--rounds 5] [--prefill N]
  *
  * MODEL: any model.bin, e.g. `export.py tok.bin model8b.bin --random llama-3.1-8b --layers 4`.
  * For each format one transformer (run.c's defaults otherwise: eden scale, --kproj 2, sink 1,
@@ -14,6 +14,9 @@
  *              back), wall time per token;
  *   attention: layer 0's attention alone (partials over chunks of the coded keys + merge),
  *              CUDA events around each launch pair;
+ *   prefill:   (--prefill N) N tokens from position 0 through prefill() in batches of 256,
+ *              statistics included, wall time; the first round (cold: kernels and cuBLAS
+ *              loaded on first use) is reported apart from the median of the others;
  * with the bytes each must read: the cache's codes, betas and exact rows of the positions
  * attended to (attention), plus every fp16 weight (decode). A device-to-device copy gives the
  * bandwidth ceiling (bytes read + written over its time).
@@ -90,11 +93,12 @@ int main(int argc, char **argv) {
         return 1;
     }
     char fmts_arg[256] = "fp16,q8,q4,tq4,tq3,tq2", ctx_arg[256] = "8192,32768,131072";
-    int rounds = 5, steps = 10, reps = 20;
+    int rounds = 5, steps = 10, reps = 20, npre = 0;
     for (int i = 2; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--formats")) snprintf(fmts_arg, sizeof fmts_arg, "%s", argv[i + 1]);
         else if (!strcmp(argv[i], "--ctx")) snprintf(ctx_arg, sizeof ctx_arg, "%s", argv[i + 1]);
         else if (!strcmp(argv[i], "--rounds")) rounds = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--prefill")) npre = atoi(argv[i + 1]);
         else die("unknown option %s", argv[i]);
     }
     char *fnames[MAX_FMT], *cnames[MAX_CTX];
@@ -106,7 +110,7 @@ int main(int argc, char **argv) {
         CacheOpts o = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 0, 0, 0, 2, 1, 8};
         parse_kv(fnames[f], &o.kf, &o.vf);
         double t0 = now_s();
-        build_transformer(&tr[f], argv[1], &o, maxctx, 256, 0);
+        build_transformer(&tr[f], argv[1], &o, maxctx > npre ? maxctx : npre, 256, 0);
         fill_cache(&tr[f], maxctx);
         fprintf(stderr, "gpubench: %s: built and filled %d positions in %.1f s\n", fnames[f], maxctx, now_s() - t0);
     }
@@ -135,9 +139,16 @@ int main(int argc, char **argv) {
     CUDA(cudaFree(src));
     CUDA(cudaFree(dst));
 
-    static std::vector<double> dec[MAX_FMT][MAX_CTX], att[MAX_FMT][MAX_CTX];
+    static std::vector<double> dec[MAX_FMT][MAX_CTX], att[MAX_FMT][MAX_CTX], pre[MAX_FMT];
     int tok = c->bos_id >= 0 ? c->bos_id : 0;
-    for (int r = 0; r < rounds; r++)
+    int *ptoks = (int *)xcalloc(npre > 0 ? npre : 1, sizeof(int), "prefill tokens");
+    for (int i = 0; i < npre; i++) ptoks[i] = (int)((1103515245u * (unsigned)i + 12345u) % (unsigned)c->vocab_size);
+    for (int r = 0; r < rounds; r++) {
+        for (int f = 0; f < nf && npre > 0; f++) {
+            double t0 = now_s();
+            prefill(&tr[f], ptoks, npre, 0, NULL);
+            pre[f].push_back(now_s() - t0);
+        }
         for (int ci = 0; ci < nc; ci++)
             for (int f = 0; f < nf; f++) {
                 Transformer *t = &tr[f];
@@ -158,6 +169,7 @@ int main(int argc, char **argv) {
                 }
                 CUDA(cudaGetLastError());
             }
+    }
 
     cudaDeviceProp prop;
     CUDA(cudaGetDeviceProperties(&prop, 0));
@@ -181,6 +193,14 @@ int main(int argc, char **argv) {
                    1 / d, dbase / d, db / 1e6, db / d / 1e9, a * 1e6, abase / a, ab / 1e6, ab / a / 1e9, 100 * ab / a / copy_bw);
         }
     }
+    if (npre > 0) {
+        printf("\n| format | prefill of %d tokens: tok/s (median of rounds 2..%d) | first round (cold) |\n|---|---|---|\n", npre, rounds);
+        for (int f = 0; f < nf; f++) {
+            std::vector<double> warm(pre[f].begin() + (pre[f].size() > 1), pre[f].end());
+            printf("| %s | %.0f | %.0f |\n", fnames[f], npre / median(warm), npre / pre[f][0]);
+        }
+    }
+    free(ptoks);
     for (int f = 0; f < nf; f++) free_transformer(&tr[f]);
     return 0;
 }

@@ -4,9 +4,14 @@ The build is checked wherever nvcc exists; the rest is skipped where there is no
 has none): run it on a GPU machine with `python3 -m pytest -q tests/test_cuda.py`.
 
 The model: model.bin (the real SmolLM2), or the model.bin named by the environment variable
-TQ_CUDA_MODEL, e.g. a random-weight model of SmolLM2's shape made on the GPU machine with
-`python3 export.py tok.bin rnd.bin --random smollm2-135m` (tok.bin: model.bin cut after its
-tokenizer section), since model.bin is too large to carry there.
+TQ_CUDA_MODEL, e.g. a random-weight model of SmolLM2's shape cut to 4 layers, made on the GPU
+machine with `python3 export.py tok.bin rnd.bin --random smollm2-135m --layers 4` (tok.bin:
+model.bin cut after its tokenizer section), since model.bin is too large to carry there. Why 4
+layers: a deep random model is chaotic. Measured with run on 300 tokens (tq3 cache, batches of
+64): with all 30 layers KL(fp32 cache || tq3 cache) is 2.2 and the CPU build against itself
+without FMA already 0.61, so the yardstick below is as large as the effect of quantizing at all;
+with 4 layers they are 0.54 and 0.026 (the real model: about 0.02 and 8e-4), so a GPU error of a
+tenth of the quantization noise shows, as it does on the real model.
 
 Like with like. run_cuda keeps the weights in fp16 (converted at load); run multiplies with the
 file's fp32 weights. So both builds run on a file whose weights are fp16-representable: the
@@ -179,20 +184,22 @@ def test_long_decode_matches_cpu(model, run_cuda, run_other_rounding, long_ids_f
 def eval_line(binary, model, text, fmt):
     p = run_cmd([model, "-m", "eval", "-f", text, "-k", fmt, "-c", 256, "--chunks", 4], binary=binary)
     line = p.stdout.decode().strip().splitlines()[-1]
-    return dict(kv.split("=", 1) for kv in line.split()[1:])
+    return {k: float(v) if k != "fmt" else v for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
 
 
 @needs_gpu
 @pytest.mark.skipif(not WIKI.exists(), reason="wiki.test.raw missing")
-def test_eval_matches_cpu(model, run_cuda):
+def test_eval_matches_cpu(model, run_cuda, run_other_rounding):
     """-m eval, 4 chunks of 256 tokens of wiki.test.raw, tq3: the same fp32 perplexity (the
-    fp32 cache is exact, so only rounding differs), the same bits, dPPL within 0.5 points."""
+    fp32 cache is exact, so only rounding differs), the same bits, and dPPL and KLD as close to
+    the CPU's as the CPU's own other rounding is (or within 0.5 points and 20 %)."""
     cpu, gpu = eval_line(RUN, model, WIKI, "tq3"), eval_line(run_cuda, model, WIKI, "tq3")
-    print("cpu", cpu, "\ngpu", gpu)
+    other = eval_line(run_other_rounding, model, WIKI, "tq3")
+    print("cpu", cpu, "\ngpu", gpu, "\ncpu without FMA", other)
     assert cpu["kv_bits"] == gpu["kv_bits"] and cpu["tokens"] == gpu["tokens"]
-    assert abs(float(cpu["ppl_fp32"]) / float(gpu["ppl_fp32"]) - 1) < 1e-4
-    assert abs(float(cpu["dppl_pct"]) - float(gpu["dppl_pct"])) < 0.5
-    assert abs(float(cpu["kld"]) - float(gpu["kld"])) < 0.2 * float(cpu["kld"])
+    assert abs(cpu["ppl_fp32"] / gpu["ppl_fp32"] - 1) < 1e-4
+    assert abs(cpu["dppl_pct"] - gpu["dppl_pct"]) < max(0.5, 3 * abs(cpu["dppl_pct"] - other["dppl_pct"]))
+    assert abs(cpu["kld"] - gpu["kld"]) < max(0.2 * cpu["kld"], 3 * abs(cpu["kld"] - other["kld"]))
 
 
 @needs_gpu
