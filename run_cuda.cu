@@ -54,7 +54,7 @@
 
 #define FULL_MASK 0xffffffffu
 #define GEMV_WARPS 8      /* output rows per GEMV block, one warp each                    */
-#define ENC_THREADS 128   /* threads of a (token, KV head) block of rope_encode_kernel      */
+#define ENC_THREADS 32    /* threads of a (token, KV head) block of rope_encode_kernel: a warp */
 #define ATT_WARPS 4       /* warps of an attention block: they split the block's keys       */
 #define ATT_ROWS 4        /* query rows (token, head) of an attention block                 */
 #define ATT_IT 8          /* keys a lane group scores per batch                             */
@@ -87,6 +87,7 @@ typedef struct {
     int dk, dv;          /* floats of a prepared query and of a value accumulator (head_dim, or 2 head_dim for tq*p) */
     int emax;            /* exact positions a query reads at most                           */
     float *qkv;          /* (n, q_dim + 2 kv_dim) q (prepared: divided by the key weights) | k | v as stored */
+    const float *rope;   /* (ctx, head_dim/2, 2) cos and sin of RoPE's angle for every position and pair */
     float *qext;         /* (n * n_heads, dk) queries as the key codec scores them           */
     float *qu;           /* (n * n_heads, KPROJ_MAX) queries' parts along the key directions */
     float *part;         /* (n * n_heads, MAX_PARTS, 2 + dv) per block: running max, sum, accumulator */
@@ -112,6 +113,8 @@ struct Gpu {
     float *host_logits;   /* pinned copy of logits                                         */
     size_t enc_shared, att_shared, merge_shared; /* dynamic shared memory per block        */
     int pdl;              /* 1: programmatic dependent launches (TQ_CUDA_NO_PDL unset) */
+    int host_stats;       /* 1: statistics measured on the host by run.c (TQ_CUDA_HOST_STATS set) */
+    double *stats_m;      /* (n_kv_heads, head_dim, head_dim) scratch of stats_kernel */
     cudaStream_t stream;
     cublasHandle_t blas;
     cudaGraphExec_t decode; /* one token's forward pass at pos > 0, captured on first use  */
@@ -180,16 +183,6 @@ __device__ T block_max(T v, T *red) {
 
 __device__ __forceinline__ float ld_f16(const uint8_t *p) { return __half2float(__ldg((const __half *)p)); }
 
-/* 8 consecutive floats of fp16 weights, streamed (read once: evict first) */
-__device__ __forceinline__ void load8_half(const __half *p, float v[8]) {
-    uint4 u = __ldcs((const uint4 *)p);
-    const __half2 *h = (const __half2 *)&u;
-    for (int k = 0; k < 4; k++) {
-        float2 f = __half22float2(h[k]);
-        v[2 * k] = f.x; v[2 * k + 1] = f.y;
-    }
-}
-
 __device__ __forceinline__ void load8(const float *p, float v[8]) {
     float4 a = *(const float4 *)p, b = *(const float4 *)(p + 4);
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
@@ -257,18 +250,39 @@ __global__ void swiglu_kernel(float *h, const float *hb, int n, int hid) {
 /* ---------------------------------------------------------------------------
  * GEMV: one token's out (n_out) = W (n_out, n_in) . xn, W fp16, fp32 sums.
  * A warp per output row; each lane streams 16 bytes (8 weights) at a time, so a
- * row is read once at full width. NORM: xn = run.c's rmsnorm of x with weights
+ * row is read once at full width, GEMV_DEPTH loads ahead of the arithmetic (the
+ * first ones issued before the norm is computed). NORM: xn = run.c's rmsnorm of x with weights
  * norm_w, computed by every block (x is a few KiB, read from L2). Epilogues:
  * store; add into out (the residual stream); SwiGLU, out[i] = silu(W_i xn) *
  * (W_{n_out+i} xn) with the up rows right after the gate rows.
  */
 enum { EPI_STORE, EPI_ADD, EPI_SWIGLU };
+#define GEMV_DEPTH 4      /* 16-byte weight loads a lane keeps in flight per row */
+
+__device__ __forceinline__ float dot8_half(uint4 u, const float x[8]) {
+    const __half2 *h = (const __half2 *)&u;
+    float s = 0.0f;
+    for (int k = 0; k < 4; k++) {
+        float2 f = __half22float2(h[k]);
+        s += f.x * x[2 * k] + f.y * x[2 * k + 1];
+    }
+    return s;
+}
 
 template <int EPI, bool NORM>
 __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const __half *W, const float *x,
         const float *norm_w, int n_in, int n_out, float eps) {
     pdl_wait_then_release();
     __shared__ double red[32];
+    const int lane = threadIdx.x & 31, row = min((int)(blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)), n_out - 1);
+    const __half *w0 = W + (size_t)row * n_in, *w1 = w0 + (size_t)n_out * n_in;
+    uint4 a[GEMV_DEPTH], b[GEMV_DEPTH];       /* the first weights, in flight while the norm is computed */
+#pragma unroll
+    for (int u = 0; u < GEMV_DEPTH; u++) {
+        int j = lane * 8 + u * 256;
+        if (j < n_in) a[u] = __ldcs((const uint4 *)(w0 + j));
+        if (EPI == EPI_SWIGLU && j < n_in) b[u] = __ldcs((const uint4 *)(w1 + j));
+    }
     float r = 1.0f;
     if (NORM) {
         double ss = 0;
@@ -276,29 +290,31 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const
         ss = block_sum(ss, red);
         r = (float)(1.0 / sqrt(ss / n_in + eps));
     }
-    int lane = threadIdx.x & 31, row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (row >= n_out) return;
-    const __half *w0 = W + (size_t)row * n_in, *w1 = w0 + (size_t)n_out * n_in;
     float a0 = 0.0f, a1 = 0.0f;
-#pragma unroll 4
-    for (int j = lane * 8; j < n_in; j += 256) {
-        float xv[8], wv[8];
-        load8(x + j, xv);
-        if (NORM) {
-            float nw[8];
-            load8(norm_w + j, nw);
-            for (int k = 0; k < 8; k++) xv[k] = nw[k] * (r * xv[k]);
-        }
-        load8_half(w0 + j, wv);
-        for (int k = 0; k < 8; k++) a0 += wv[k] * xv[k];
-        if (EPI == EPI_SWIGLU) {
-            load8_half(w1 + j, wv);
-            for (int k = 0; k < 8; k++) a1 += wv[k] * xv[k];
+    for (int j0 = 0; j0 < n_in; j0 += GEMV_DEPTH * 256) {
+#pragma unroll
+        for (int u = 0; u < GEMV_DEPTH; u++) {
+            int j = j0 + lane * 8 + u * 256;
+            if (j >= n_in) break;
+            float xv[8];
+            load8(x + j, xv);
+            if (NORM) {
+                float nw[8];
+                load8(norm_w + j, nw);
+                for (int k = 0; k < 8; k++) xv[k] = nw[k] * (r * xv[k]);
+            }
+            a0 += dot8_half(a[u], xv);
+            if (EPI == EPI_SWIGLU) a1 += dot8_half(b[u], xv);
+            int jn = j + GEMV_DEPTH * 256;    /* the load GEMV_DEPTH chunks ahead */
+            if (jn < n_in) {
+                a[u] = __ldcs((const uint4 *)(w0 + jn));
+                if (EPI == EPI_SWIGLU) b[u] = __ldcs((const uint4 *)(w1 + jn));
+            }
         }
     }
     a0 = warp_sum(a0);
     if (EPI == EPI_SWIGLU) a1 = warp_sum(a1);
-    if (lane) return;
+    if (lane || blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5) >= (unsigned)n_out) return;
     if (EPI == EPI_STORE) out[row] = a0;
     if (EPI == EPI_ADD) out[row] += a0;
     if (EPI == EPI_SWIGLU) out[row] = a0 / (1.0f + expf(-a0)) * a1;
@@ -440,19 +456,39 @@ __device__ void encode_block(const tq_codec *c, const float *x, uint8_t *code, E
 }
 
 /* ---------------------------------------------------------------------------
- * RoPE, cache encode and query preparation of token b's KV head g: block
- * (b * n_kv_heads + g). mode: ROPE rotates q and k in place; ENCODE stores the
- * key and value (run.c's encode_kv: offsets, weights, projections beta) and
+ * RoPE, cache encode and query preparation of token b's KV head g: one warp,
+ * block (b * n_kv_heads + g). mode: ROPE rotates q and k in place; ENCODE stores
+ * the key and value (run.c's encode_kv: offsets, weights, projections beta) and
  * prepares the group's queries (run.c's prepare_query: q divided by the key
  * weights in place, qu, and qext = Pi q_perp, plus S Pi q_perp for tq*p);
  * EXACT also puts the token in the exact store right away (one token: the ring
- * row it takes is no longer read by this step's attention).
+ * row it takes is no longer read by this step's attention). The codecs' small
+ * tables and the head's statistics are copied to shared memory first (one round
+ * trip to memory instead of one per step), and the RoPE angles' cos and sin come
+ * from a table the host computed exactly as run.c's rope() does.
  */
 enum { MODE_ROPE = 1, MODE_ENCODE = 2, MODE_EXACT = 4 };
 
-static size_t enc_shared_bytes(const Config *c) {
+/* floats of shared memory: the two codecs' tables, the head's statistics, the
+ * vectors and the encoder's scratch (+ 32 doubles for reductions) */
+static size_t enc_shared_bytes(const Config *c, const KVCache *kv) {
     size_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
-    return (6 * hd + 2 * G * hd + 2) * sizeof(float) + hd + 32 * sizeof(double) + 16;
+    size_t tables = (size_t)(kv->kc.rounds + kv->vc.rounds) * hd + 64;
+    return (tables + (3 + KPROJ_MAX) * hd + 3 * hd + 2 * G * hd + 3 * hd + 8) * sizeof(float) + hd + 33 * sizeof(double);
+}
+
+/* a copy of codec c whose signs, bounds and centroids sit in shared memory at *sm (advanced) */
+__device__ tq_codec codec_to_shared(const tq_codec *c, float **sm) {
+    tq_codec s = *c;
+    int d = c->d, K = c->bits ? 1 << c->bits : 0;
+    if (c->signs) { s.signs = *sm; *sm += c->rounds * d; }
+    if (K) { s.bounds = *sm; s.centroids = *sm + 16; *sm += 32; }
+    for (int i = threadIdx.x; i < c->rounds * d; i += blockDim.x) s.signs[i] = c->signs[i];
+    for (int i = threadIdx.x; i < K; i += blockDim.x) {
+        s.centroids[i] = c->centroids[i];
+        if (i + 1 < K) s.bounds[i] = c->bounds[i];
+    }
+    return s;
 }
 
 __global__ void __launch_bounds__(ENC_THREADS) rope_encode_kernel(const __grid_constant__ KVCache kv,
@@ -460,18 +496,16 @@ __global__ void __launch_bounds__(ENC_THREADS) rope_encode_kernel(const __grid_c
     pdl_wait_then_release();
     extern __shared__ double shd[];
     double *red = shd;
-    float *sk = (float *)(shd + 32);
+    float *sm = (float *)(shd + 33);
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, R = kv.kproj, tid = threadIdx.x, nt = blockDim.x;
     const int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads, pos = a.step[0], p = pos + b;
     const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, head = (size_t)l * c.n_kv_heads + g;
     float *row = a.qkv + (size_t)b * (qd + 2 * kvd), *q = row + (size_t)g * G * hd, *k = row + qd + g * hd, *v = k + kvd;
-    float *sv = sk + hd, *sp = sv + hd, *sq = sp + hd, *tmp = sq + G * hd, *hs = tmp + G * hd;
-    EncScratch es = {hs + 2, hs + 2 + hd, hs + 2 + 2 * hd, (uint8_t *)(hs + 2 + 3 * hd), red, hs};
 
-    if (mode & MODE_ROPE) {      /* run.c's rope(): pairs (2i, 2i+1), the angle in double */
+    if (mode & MODE_ROPE) {      /* run.c's rope(): pair (2i, 2i+1) turned by pos * theta^(-2i/head_dim) */
+        const float *cs = a.rope + (size_t)p * hd;
         for (int i = 2 * tid; i < hd; i += 2 * nt) {
-            double ang = p * pow((double)c.rope_theta, -(double)i / hd);
-            float co = (float)cos(ang), si = (float)sin(ang);
+            float co = cs[i], si = cs[i + 1];
             for (int j = 0; j <= G; j++) {
                 float *vec = j < G ? q + j * hd : k, x0 = vec[i], x1 = vec[i + 1];
                 vec[i] = x0 * co - x1 * si;
@@ -482,27 +516,37 @@ __global__ void __launch_bounds__(ENC_THREADS) rope_encode_kernel(const __grid_c
     }
     if (!(mode & MODE_ENCODE)) return;
 
-    const float *ko = kv.koff + head * hd, *vo = kv.voff + head * hd, *kw = kv.kw + head * hd;
-    const float *u = R ? kv.kdir + head * R * hd : NULL;
+    tq_codec kc = codec_to_shared(&kv.kc, &sm), vc = codec_to_shared(&kv.vc, &sm);
+    float *kw = sm, *ko = kw + hd, *vo = ko + hd, *u = vo + hd, *sk = u + KPROJ_MAX * hd, *sv = sk + hd, *sp = sv + hd;
+    float *sq = sp + hd, *tmp = sq + G * hd, *hs = tmp + G * hd;
+    EncScratch es = {hs + 8, hs + 8 + hd, hs + 8 + 2 * hd, (uint8_t *)(hs + 8 + 3 * hd), red, hs};
+    for (int i = tid; i < hd; i += nt) {
+        kw[i] = kv.kw[head * hd + i]; ko[i] = kv.koff[head * hd + i]; vo[i] = kv.voff[head * hd + i];
+        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
+    }
+    __syncthreads();
     for (int i = tid; i < hd; i += nt) { sk[i] = kw[i] * (k[i] - ko[i]); sv[i] = v[i] - vo[i]; sp[i] = sk[i]; }
     __syncthreads();
     for (int r = 0; r < R; r++) {       /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
         float part = 0.0f;
-        for (int i = tid; i < hd; i += nt) part += u[(size_t)r * hd + i] * sk[i];
+        for (int i = tid; i < hd; i += nt) part += u[r * hd + i] * sk[i];
         uint16_t beta = tq_f32_to_f16((float)block_sum((double)part, red));
         if (tid == 0) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
-        for (int i = tid; i < hd; i += nt) sp[i] -= tq_f16_to_f32(beta) * u[(size_t)r * hd + i];
+        for (int i = tid; i < hd; i += nt) sp[i] -= tq_f16_to_f32(beta) * u[r * hd + i];
     }
     __syncthreads();
-    encode_block(&kv.kc, sp, cache_row(&kv, kv.key, kv.kc.bytes, &c, l, g, p), es);
+    encode_block(&kc, sp, cache_row(&kv, kv.key, kv.kc.bytes, &c, l, g, p), es);
     __syncthreads();
-    encode_block(&kv.vc, sv, cache_row(&kv, kv.value, kv.vc.bytes, &c, l, g, p), es);
+    encode_block(&vc, sv, cache_row(&kv, kv.value, kv.vc.bytes, &c, l, g, p), es);
     for (int i = tid; i < hd; i += nt) {   /* k and v as the exact store keeps them */
         k[i] = tq_f16_to_f32(tq_f32_to_f16(sk[i]));
         v[i] = tq_f16_to_f32(tq_f32_to_f16(sv[i]));
     }
     __syncthreads();
-    if ((mode & MODE_EXACT) && tid == 0) store_exact(&kv, &c, l, g, pos, b, a.n, k, v);
+    if ((mode & MODE_EXACT) && (p < kv.sink || kv.window > 0)) {   /* store_exact's rule for one token */
+        size_t er = exact_row(&kv, &c, l, g, p);
+        for (int i = tid; i < hd; i += nt) { kv.exact_k[er + i] = tq_f32_to_f16(k[i]); kv.exact_v[er + i] = tq_f32_to_f16(v[i]); }
+    }
 
     /* the group's queries: q /= w, qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated */
     for (int i = tid; i < G * hd; i += nt) sq[i] = q[i] /= kw[i % hd];
@@ -511,31 +555,147 @@ __global__ void __launch_bounds__(ENC_THREADS) rope_encode_kernel(const __grid_c
         float quj[KPROJ_MAX];
         for (int r = 0; r < R; r++) {
             float part = 0.0f;
-            for (int i = tid; i < hd; i += nt) part += sq[j * hd + i] * u[(size_t)r * hd + i];
+            for (int i = tid; i < hd; i += nt) part += sq[j * hd + i] * u[r * hd + i];
             quj[r] = (float)block_sum((double)part, red);
             if (tid == 0) a.qu[((size_t)b * c.n_heads + g * G + j) * KPROJ_MAX + r] = quj[r];
         }
         for (int i = tid; i < hd; i += nt)
-            for (int r = 0; r < R; r++) sq[j * hd + i] -= quj[r] * u[(size_t)r * hd + i];
+            for (int r = 0; r < R; r++) sq[j * hd + i] -= quj[r] * u[r * hd + i];
     }
     __syncthreads();
-    const tq_codec *kc = &kv.kc;
-    if (is_tq(kc->fmt)) rotate_block(kc, sq, G, tmp);
+    if (is_tq(kc.fmt)) rotate_block(&kc, sq, G, tmp);
     float *qe = a.qext + ((size_t)b * c.n_heads + g * G) * a.dk;
     for (int i = tid; i < G * hd; i += nt) qe[(i / hd) * a.dk + i % hd] = sq[i];
-    if (is_prod(kc->fmt))                /* S Pi q_perp: the QJL half of the prepared query */
+    if (is_prod(kc.fmt))                /* S Pi q_perp: the QJL half of the prepared query */
         for (int i = tid; i < G * hd; i += nt)
-            qe[(i / hd) * a.dk + hd + i % hd] = dot8(kc->qjl + (size_t)(i % hd) * hd, sq + (i / hd) * hd, hd);
+            qe[(i / hd) * a.dk + hd + i % hd] = dot8(kc.qjl + (size_t)(i % hd) * hd, sq + (i / hd) * hd, hd);
 }
 
-/* a batch's tokens enter the exact store after its attention: block (b * n_kv_heads + g) */
+/* ---------------------------------------------------------------------------
+ * A new sequence's statistics from its first batch (n tokens of layer l, after
+ * RoPE), run.c's measure_stats on the GPU: block g for KV head g. The sums over
+ * tokens run in run.c's order (one thread per channel or pair); the sums over
+ * channels (norms, projections) are the block's reductions, so the last bits of
+ * a double may differ from run.c's before they are rounded to float and fp16.
+ * m: (n_kv_heads, head_dim, head_dim) doubles of scratch for the keys' second moment.
+ */
+#define STATS_THREADS 256
+
+__device__ float f16_round(float x) { return tq_f16_to_f32(tq_f32_to_f16(x)); }
+
+/* run.c's store_direction: u (n) rounded to fp16, made orthogonal to prev, normalized */
+__device__ void store_direction_block(float *u, const float *prev, int n, double *red) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) u[i] = f16_round(u[i]);
+    __syncthreads();
+    if (prev) {
+        float part = 0.0f;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) part += u[i] * prev[i];
+        float pr = (float)block_sum((double)part, red);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) u[i] -= pr * prev[i];
+        __syncthreads();
+    }
+    double ss = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)u[i] * u[i];
+    double norm = block_sum(ss, red);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) u[i] = norm > 0 ? (float)(u[i] / sqrt(norm)) : 0.0f;
+    __syncthreads();
+}
+
+__global__ void __launch_bounds__(STATS_THREADS) stats_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, double *m) {
+    pdl_wait_then_release();
+    __shared__ double red[33];
+    extern __shared__ double sd[];     /* r, v, mv: (head_dim) doubles each */
+    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = blockIdx.x, n = a.n, first = n > 1 ? 1 : 0;
+    const int cnt = n - first, tid = threadIdx.x, nt = blockDim.x, R = kv.kproj;
+    const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, head = (size_t)l * c.n_kv_heads + g;
+    const float *q = a.qkv + (size_t)g * G * hd, *k = a.qkv + qd + (size_t)g * hd, *v = k + kvd;
+    float *mu = kv.koff + head * hd, *w = kv.kw + head * hd, *u1 = kv.kdir + head * R * hd;
+    m += (size_t)g * hd * hd;
+    for (int i = tid; i < hd; i += nt) {          /* set_offset: the mean of rows first.., in fp16 */
+        double sk = 0, sv = 0;
+        for (int b = first; b < n; b++) { sk += k[b * QKV + i]; sv += v[b * QKV + i]; }
+        if (kv.koffsets) mu[i] = f16_round((float)(sk / cnt));
+        if (kv.voffsets) kv.voff[head * hd + i] = f16_round((float)(sv / cnt));
+    }
+    for (int i = 2 * tid; kv.kweights && i < hd; i += 2 * nt) {   /* set_key_weights, pair (i, i+1) */
+        double e = 0, var = 0, mm[2] = {0, 0};
+        for (int b = first; b < n; b++)
+            for (int j = 0; j < 2; j++) {
+                double kj = k[b * QKV + i + j];
+                mm[j] += kj; var += kj * kj;
+                for (int h = 0; h < G; h++) { double qj = q[b * QKV + h * hd + i + j]; e += qj * qj; }
+            }
+        var = var / cnt - (mm[0] * mm[0] + mm[1] * mm[1]) / ((double)cnt * cnt);
+        float wi = (var > 0 && e > 0) ? (float)pow(e / ((double)G * cnt) / var, 0.25) : 1.0f;
+        wi = f16_round(wi);
+        w[i] = w[i + 1] = wi > 0 && isfinite(wi) ? wi : 1.0f;
+    }
+    __syncthreads();
+    if (!R) return;
+    /* set_key_dirs: u_1 = the group's mean query divided by w, normalized */
+    double ss = 0;
+    for (int i = tid; i < hd; i += nt) {
+        double sum = 0;
+        for (int b = first; b < n; b++)
+            for (int h = 0; h < G; h++) sum += q[b * QKV + h * hd + i];
+        u1[i] = (float)(sum / w[i]);
+        ss += (double)u1[i] * u1[i];
+    }
+    double norm = block_sum(ss, red);
+    for (int i = tid; i < hd; i += nt) u1[i] = norm > 0 ? (float)(u1[i] / sqrt(norm)) : 0.0f;
+    __syncthreads();
+    store_direction_block(u1, NULL, hd, red);
+    if (R < 2) return;
+    /* u_2: top principal direction of the keys as encoded, less their part along u_1 */
+    double *r = sd, *vv = sd + hd, *mv = vv + hd, longest = -1;
+    for (int i = tid; i < hd * hd; i += nt) m[i] = 0;
+    for (int b = first; b < n; b++) {
+        double part = 0;
+        for (int i = tid; i < hd; i += nt) { r[i] = w[i] * (k[b * QKV + i] - mu[i]); part += r[i] * u1[i]; }
+        double pr = block_sum(part, red);
+        part = 0;
+        for (int i = tid; i < hd; i += nt) { r[i] -= pr * u1[i]; part += r[i] * r[i]; }
+        double len = block_sum(part, red);    /* (r complete in shared memory) */
+        for (int i = tid; i < hd * hd; i += nt) m[i] += r[i / hd] * r[i % hd];
+        if (len > longest) {
+            longest = len;
+            for (int i = tid; i < hd; i += nt) vv[i] = r[i];
+        }
+        __syncthreads();
+    }
+    __syncthreads();
+    for (int it = 0; it < 200; it++) {              /* power iteration: v <- m v / |m v| */
+        double part = 0;
+        for (int i = tid; i < hd; i += nt) {
+            double s2 = 0;
+            for (int j = 0; j < hd; j++) s2 += m[(size_t)i * hd + j] * vv[j];
+            mv[i] = s2;
+            part += s2 * s2;
+        }
+        double len = block_sum(part, red);
+        for (int i = tid; i < hd; i += nt) vv[i] = len > 0 ? mv[i] / sqrt(len) : 0.0;
+        __syncthreads();
+    }
+    float *u2 = u1 + hd;
+    for (int i = tid; i < hd; i += nt) u2[i] = (float)vv[i];
+    __syncthreads();
+    store_direction_block(u2, u1, hd, red);
+}
+
+/* a batch's tokens enter the exact store after its attention (run.c's store_exact, its
+ * head_dim conversions spread over the block's threads): block (b * n_kv_heads + g) */
 __global__ void store_exact_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
                                    const __grid_constant__ AttArgs a) {
     pdl_wait_then_release();
-    int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads;
-    size_t hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd;
+    int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads, pos = a.step[0];
+    if (!(pos + b < kv.sink || (kv.window > 0 && b >= a.n - kv.window))) return;
+    size_t hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd, r = exact_row(&kv, &c, l, g, pos + b);
     const float *k = a.qkv + b * (qd + 2 * kvd) + qd + g * hd;
-    store_exact(&kv, &c, l, g, a.step[0], b, a.n, k, k + kvd);
+    for (size_t j = threadIdx.x; j < hd; j += blockDim.x) {
+        kv.exact_k[r + j] = tq_f32_to_f16(k[j]);
+        kv.exact_v[r + j] = tq_f32_to_f16(k[kvd + j]);
+    }
 }
 
 /* ---------------------------------------------------------------------------
@@ -546,6 +706,16 @@ __global__ void store_exact_kernel(const __grid_constant__ KVCache kv, const __g
  * codebook centroids in the rotated domain, for tq*p the QJL signs (+-1) follow
  * (groups >= d/8), for the plain formats the stored numbers.
  */
+
+/* asks for the L1 line holding p: a later load of it will not wait for memory */
+__device__ __forceinline__ void prefetch_l1(const void *p) { asm volatile("prefetch.global.L1 [%0];" :: "l"(p)); }
+
+/* the lines of rows t0 + kl + kpw*it (it < its, clamped below c1) that group gi of
+ * a lane decodes: one prefetch per row, at the group's share of the row */
+__device__ __forceinline__ void prefetch_rows(const uint8_t *base, size_t bytes, int groups, int t0, int c1,
+                                              int kl, int gi, int kpw, int its) {
+    for (int it = 0; it < its; it++) prefetch_l1(base + (size_t)min(t0 + kl + kpw * it, c1 - 1) * bytes + gi * bytes / groups);
+}
 
 template <int B>     /* B bytes at p, little-endian (B <= 4) */
 __device__ __forceinline__ uint32_t load_bytes(const uint8_t *p) {
@@ -665,7 +835,7 @@ static size_t att_shared_bytes(int dv) {
  * range [sink, T - window). Its warps take batches of KB keys in turn, each with
  * its own online softmax (running max m, sum l, accumulator acc); the block then
  * merges its warps and writes one partial result per row. */
-__global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(const __grid_constant__ KVCache kv,
+__global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
     pdl_wait_then_release();
     extern __shared__ float sh[];
@@ -706,6 +876,9 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(const __grid_
 
     for (int t0 = c0 + warp * kb; t0 < c1; t0 += ATT_WARPS * kb) {
         float s[ATT_IT][ATT_ROWS];
+        /* the values of this batch and the keys of the next are on their way while this one is scored */
+        prefetch_rows(vbase, kv.vc.bytes, gv, t0, c1, klv, giv, kpwv, itv);
+        if (t0 + ATT_WARPS * kb < c1) prefetch_rows(kbase, kv.kc.bytes, gk, t0 + ATT_WARPS * kb, c1, kl, gik, kpwk, itk);
         for (int it = 0; it < ATT_IT; it++)
             for (int r = 0; r < ATT_ROWS; r++) s[it][r] = -INFINITY;
         switch (kv.kc.fmt) {     /* one branch per batch of keys, never per key */
@@ -763,7 +936,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(const __grid_
     }
 }
 
-static size_t merge_shared_bytes(int dv) { return (2 * (size_t)dv + MAX_PARTS + 32) * sizeof(float); }
+#define MERGE_EXACT 64   /* exact positions whose scores the merge keeps in shared memory */
+static size_t merge_shared_bytes(int dv) { return (2 * (size_t)dv + MAX_PARTS + MERGE_EXACT + 32) * sizeof(float); }
 
 /* Row (token b, head h): the partials of its chunks, the exact positions (the
  * first `sink` and the last `window`, from the batch or the fp16 store), the
@@ -780,9 +954,16 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
     const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(len, a.units), CHUNK_GRAIN) * CHUNK_GRAIN;
     const int nparts = len > 0 ? ceil_div(len, chunk) : 0;
     const int n1 = min(kv.sink, T), e2 = max(hi, kv.sink), ne = n1 + max(0, T - e2);   /* exact: [0, n1), [e2, T) */
-    float *y = sh, *yt = y + dv, *wu = yt + dv, *red = wu + MAX_PARTS, *es = a.escore + (size_t)row * a.emax;
+    float *y = sh, *yt = y + dv, *wu = yt + dv, *red = wu + MAX_PARTS, *es = red + 32;
+    if (a.emax > MERGE_EXACT) es = a.escore + (size_t)row * a.emax;    /* many exact positions: global memory */
     const float *part = a.part + (size_t)row * MAX_PARTS * (2 + dv), *q = a.qkv + b * QKV + (size_t)h * hd;
     const float scale = 1.0f / sqrtf((float)hd);
+    for (size_t i = (size_t)tid * 32; i < (size_t)nparts * (2 + dv); i += (size_t)nt * 32) prefetch_l1(part + i);
+    for (int e = tid; e < ne; e += nt) {            /* the exact values, needed last */
+        int t = e < n1 ? e : e2 + e - n1;
+        prefetch_l1(t >= pos ? (const void *)(a.qkv + (size_t)(t - pos) * QKV + qd + kvd + (size_t)g * hd)
+                             : (const void *)(kv.exact_v + exact_row(&kv, &c, l, g, t)));
+    }
 
     for (int e = warp; e < ne; e += nt / 32) {      /* run.c's key_score for the exact positions */
         int t = e < n1 ? e : e2 + e - n1;
@@ -957,21 +1138,32 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     a->units = MAX_PARTS;
     a->dk = dk; a->dv = dv; a->emax = emax > 0 ? emax : 1;
     a->qkv = g->qkv;
+    float *cs = (float *)xcalloc((size_t)kv->ctx * hd, sizeof(float), "RoPE table");
+    for (size_t p = 0; p < (size_t)kv->ctx; p++)      /* run.c's rope(), angle for angle */
+        for (size_t i = 0; i < hd; i += 2) {
+            double ang = p * pow(c->rope_theta, -(double)i / hd);
+            cs[p * hd + i] = (float)cos(ang);
+            cs[p * hd + i + 1] = (float)sin(ang);
+        }
+    a->rope = (float *)gpu_alloc(g, cs, (size_t)kv->ctx * hd * f);
+    free(cs);
     a->qext = (float *)gpu_alloc(g, NULL, B * c->n_heads * dk * f);
     a->qu = (float *)gpu_alloc(g, NULL, B * c->n_heads * KPROJ_MAX * f);
     a->part = (float *)gpu_alloc(g, NULL, B * c->n_heads * MAX_PARTS * (2 + dv) * f);
     a->escore = (float *)gpu_alloc(g, NULL, B * c->n_heads * a->emax * f);
+    g->stats_m = (double *)gpu_alloc(g, NULL, (size_t)c->n_kv_heads * hd * hd * sizeof(double));
     CUDA(cudaMallocHost((void **)&g->host_step, (1 + B) * sizeof(int)));
     CUDA(cudaMallocHost((void **)&g->host_logits, logit_rows * V * f));
 
     g->pdl = getenv("TQ_CUDA_NO_PDL") == NULL;   /* a knob for measuring what PDL gains */
+    g->host_stats = getenv("TQ_CUDA_HOST_STATS") != NULL;   /* run.c's own statistics, to check stats_kernel */
     CUDA(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
     BLAS(cublasCreate(&g->blas));
     BLAS(cublasSetMathMode(g->blas, CUBLAS_DEFAULT_MATH));
     BLAS(cublasSetStream(g->blas, g->stream));
     int shared_max;
     CUDA(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    g->enc_shared = enc_shared_bytes(c);
+    g->enc_shared = enc_shared_bytes(c, kv);
     g->att_shared = att_shared_bytes(dv);
     g->merge_shared = merge_shared_bytes(dv);
     if (g->enc_shared > (size_t)shared_max || g->att_shared > (size_t)shared_max)
@@ -1030,8 +1222,9 @@ static void gemm(Gpu *g, float *out, int ldo, const float *x, int ldx, const __h
     }
 }
 
-/* A new sequence: layer l's first-batch q, k, v go to the host, run.c's
- * measure_stats fills the host cache's statistics, and they come back. */
+/* A new sequence the host's way (TQ_CUDA_HOST_STATS): layer l's first-batch q, k, v
+ * go to the host, run.c's measure_stats fills the host cache's statistics, and they
+ * come back. stats_kernel does the same on the GPU. */
 static void gpu_stats(Transformer *t, int l, int n) {
     const Config *c = &t->config;
     Gpu *g = t->gpu;
@@ -1097,12 +1290,13 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
         }
         if (stats) {
             launch(g, rope_encode_kernel, dim3(nkv), dim3(ENC_THREADS), g->enc_shared, g->kv, *c, l, a, MODE_ROPE);
-            gpu_stats(t, l, n);
+            if (g->host_stats) gpu_stats(t, l, n);
+            else launch(g, stats_kernel, dim3(c->n_kv_heads), dim3(STATS_THREADS), 3 * hd * sizeof(double), g->kv, *c, l, a, g->stats_m);
         }
         int mode = (stats ? 0 : MODE_ROPE) | MODE_ENCODE | (n == 1 ? MODE_EXACT : 0);
         launch(g, rope_encode_kernel, dim3(nkv), dim3(ENC_THREADS), g->enc_shared, g->kv, *c, l, a, mode);
         attention_layer(g, c, l, n, pos);
-        if (n > 1) launch(g, store_exact_kernel, dim3(nkv), dim3(1), 0, g->kv, *c, l, a);
+        if (n > 1) launch(g, store_exact_kernel, dim3(nkv), dim3(64), 0, g->kv, *c, l, a);
         if (n == 1) launch(g, (gemv_kernel<EPI_ADD, false>), dim3(gemv_blocks_dim), dim3(GEMV_WARPS * 32), 0, g->x, wo, g->xb, (const float *)NULL, qd, dim, eps);
         else gemm(g, g->x, dim, g->xb, qd, wo, n, qd, dim, 1.0f);
 
