@@ -114,7 +114,7 @@ struct Gpu {
     size_t enc_shared, att_shared, merge_shared; /* dynamic shared memory per block        */
     int pdl;              /* 1: programmatic dependent launches (TQ_CUDA_NO_PDL unset) */
     int host_stats;       /* 1: statistics measured on the host by run.c (TQ_CUDA_HOST_STATS set) */
-    double *stats_m;      /* (n_kv_heads, head_dim, head_dim) scratch of stats_kernel */
+    double *stats_m;      /* (n_kv_heads, head_dim^2 + batch (head_dim + 1)) scratch of stats_kernel */
     cudaStream_t stream;
     cublasHandle_t blas;
     cudaGraphExec_t decode; /* one token's forward pass at pos > 0, captured on first use  */
@@ -328,10 +328,11 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const
  * the results are tq.c's to the bit.
  */
 
-__device__ void fwht_block(float *y, int nvec, int d) {
+__device__ void fwht_block(float *y, int nvec, int d) {     /* d a power of two: shifts, not divisions */
+    const int lh = __ffs(d) - 2;                            /* log2(d / 2) */
     for (int len = 1; len < d; len *= 2) {
-        for (int p = threadIdx.x; p < nvec * d / 2; p += blockDim.x) {
-            int v = p / (d / 2), q = p % (d / 2), i = v * d + (q / len) * 2 * len + q % len;
+        for (int p = threadIdx.x; p < nvec << lh; p += blockDim.x) {
+            int q = p & ((d >> 1) - 1), i = (p >> lh) * d + ((q & ~(len - 1)) << 1) + (q & (len - 1));
             float a = y[i], b = y[i + len];
             y[i] = a + b; y[i + len] = a - b;
         }
@@ -353,7 +354,7 @@ __device__ void rotate_block(const tq_codec *c, float *y, int nvec, float *tmp) 
         return;
     }
     for (int r = 0; r < c->rounds; r++) {
-        for (int i = threadIdx.x; i < nvec * d; i += blockDim.x) y[i] *= c->signs[(size_t)r * d + i % d];
+        for (int i = threadIdx.x; i < nvec * d; i += blockDim.x) y[i] *= c->signs[(size_t)r * d + (i & (d - 1))];
         __syncthreads();
         fwht_block(y, nvec, d);
     }
@@ -549,7 +550,8 @@ __global__ void __launch_bounds__(ENC_THREADS) rope_encode_kernel(const __grid_c
     }
 
     /* the group's queries: q /= w, qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated */
-    for (int i = tid; i < G * hd; i += nt) sq[i] = q[i] /= kw[i % hd];
+    const int lhd = __ffs(hd) - 1;     /* head_dim is a power of two on the GPU: i / hd = i >> lhd */
+    for (int i = tid; i < G * hd; i += nt) sq[i] = q[i] /= kw[i & (hd - 1)];
     __syncthreads();
     for (int j = 0; j < G; j++) {
         float quj[KPROJ_MAX];
@@ -565,10 +567,10 @@ __global__ void __launch_bounds__(ENC_THREADS) rope_encode_kernel(const __grid_c
     __syncthreads();
     if (is_tq(kc.fmt)) rotate_block(&kc, sq, G, tmp);
     float *qe = a.qext + ((size_t)b * c.n_heads + g * G) * a.dk;
-    for (int i = tid; i < G * hd; i += nt) qe[(i / hd) * a.dk + i % hd] = sq[i];
+    for (int i = tid; i < G * hd; i += nt) qe[(i >> lhd) * a.dk + (i & (hd - 1))] = sq[i];
     if (is_prod(kc.fmt))                /* S Pi q_perp: the QJL half of the prepared query */
         for (int i = tid; i < G * hd; i += nt)
-            qe[(i / hd) * a.dk + hd + i % hd] = dot8(kc.qjl + (size_t)(i % hd) * hd, sq + (i / hd) * hd, hd);
+            qe[(i >> lhd) * a.dk + hd + (i & (hd - 1))] = dot8(kc.qjl + (size_t)(i & (hd - 1)) * hd, sq + (i >> lhd) * hd, hd);
 }
 
 /* ---------------------------------------------------------------------------
@@ -577,7 +579,8 @@ __global__ void __launch_bounds__(ENC_THREADS) rope_encode_kernel(const __grid_c
  * tokens run in run.c's order (one thread per channel or pair); the sums over
  * channels (norms, projections) are the block's reductions, so the last bits of
  * a double may differ from run.c's before they are rounded to float and fp16.
- * m: (n_kv_heads, head_dim, head_dim) doubles of scratch for the keys' second moment.
+ * m: per KV head, scratch of head_dim^2 + n (head_dim + 1) doubles: the keys' second
+ * moment, every token's r_b and its squared length.
  */
 #define STATS_THREADS 256
 
@@ -605,13 +608,13 @@ __global__ void __launch_bounds__(STATS_THREADS) stats_kernel(const __grid_const
         const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, double *m) {
     pdl_wait_then_release();
     __shared__ double red[33];
-    extern __shared__ double sd[];     /* r, v, mv: (head_dim) doubles each */
+    extern __shared__ double sd[];     /* v, mv: (head_dim) doubles each */
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = blockIdx.x, n = a.n, first = n > 1 ? 1 : 0;
     const int cnt = n - first, tid = threadIdx.x, nt = blockDim.x, R = kv.kproj;
     const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, head = (size_t)l * c.n_kv_heads + g;
     const float *q = a.qkv + (size_t)g * G * hd, *k = a.qkv + qd + (size_t)g * hd, *v = k + kvd;
     float *mu = kv.koff + head * hd, *w = kv.kw + head * hd, *u1 = kv.kdir + head * R * hd;
-    m += (size_t)g * hd * hd;
+    m += (size_t)g * ((size_t)hd * hd + (size_t)n * (hd + 1));
     for (int i = tid; i < hd; i += nt) {          /* set_offset: the mean of rows first.., in fp16 */
         double sk = 0, sv = 0;
         for (int b = first; b < n; b++) { sk += k[b * QKV + i]; sv += v[b * QKV + i]; }
@@ -647,29 +650,36 @@ __global__ void __launch_bounds__(STATS_THREADS) stats_kernel(const __grid_const
     __syncthreads();
     store_direction_block(u1, NULL, hd, red);
     if (R < 2) return;
-    /* u_2: top principal direction of the keys as encoded, less their part along u_1 */
-    double *r = sd, *vv = sd + hd, *mv = vv + hd, longest = -1;
-    for (int i = tid; i < hd * hd; i += nt) m[i] = 0;
-    for (int b = first; b < n; b++) {
-        double part = 0;
-        for (int i = tid; i < hd; i += nt) { r[i] = w[i] * (k[b * QKV + i] - mu[i]); part += r[i] * u1[i]; }
-        double pr = block_sum(part, red);
-        part = 0;
-        for (int i = tid; i < hd; i += nt) { r[i] -= pr * u1[i]; part += r[i] * r[i]; }
-        double len = block_sum(part, red);    /* (r complete in shared memory) */
-        for (int i = tid; i < hd * hd; i += nt) m[i] += r[i / hd] * r[i % hd];
-        if (len > longest) {
-            longest = len;
-            for (int i = tid; i < hd; i += nt) vv[i] = r[i];
-        }
-        __syncthreads();
+    /* u_2: top principal direction of the keys as encoded, less their part along u_1. A warp
+     * per token b: r_b = w (k_b - mu) less its part along u_1, and |r_b|^2; then the second
+     * moment m = sum_b r_b r_b^T (a thread per element, tokens in order) */
+    double *rs = m + (size_t)hd * hd, *lens = rs + (size_t)n * hd, *vv = sd, *mv = vv + hd;
+    const int lane = tid & 31, warp = tid >> 5, lhd = __ffs(hd) - 1;
+    for (int b = first + warp; b < n; b += nt / 32) {
+        double part = 0, *r = rs + (size_t)b * hd;
+        for (int i = lane; i < hd; i += 32) { r[i] = w[i] * (k[b * QKV + i] - mu[i]); part += r[i] * u1[i]; }
+        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(FULL_MASK, part, o);
+        double len = 0;
+        for (int i = lane; i < hd; i += 32) { r[i] -= part * u1[i]; len += r[i] * r[i]; }
+        for (int o = 16; o > 0; o >>= 1) len += __shfl_xor_sync(FULL_MASK, len, o);
+        if (lane == 0) lens[b] = len;
+    }
+    __syncthreads();
+    int best = first;                             /* the longest, the first of equals (run.c's start) */
+    for (int b = first + 1; b < n; b++) if (lens[b] > lens[best]) best = b;
+    for (int i = tid; i < hd; i += nt) vv[i] = rs[(size_t)best * hd + i];
+    for (int i = tid; i < hd * hd; i += nt) {
+        double acc = 0;
+        const double *ri = rs + (i >> lhd), *rj = rs + (i & (hd - 1));
+        for (int b = first; b < n; b++) acc += ri[(size_t)b * hd] * rj[(size_t)b * hd];
+        m[i] = acc;
     }
     __syncthreads();
     for (int it = 0; it < 200; it++) {              /* power iteration: v <- m v / |m v| */
         double part = 0;
         for (int i = tid; i < hd; i += nt) {
             double s2 = 0;
-            for (int j = 0; j < hd; j++) s2 += m[(size_t)i * hd + j] * vv[j];
+            for (int j = 0; j < hd; j++) s2 += m[(size_t)j * hd + i] * vv[j];   /* m is symmetric: coalesced */
             mv[i] = s2;
             part += s2 * s2;
         }
@@ -710,11 +720,11 @@ __global__ void store_exact_kernel(const __grid_constant__ KVCache kv, const __g
 /* asks for the L1 line holding p: a later load of it will not wait for memory */
 __device__ __forceinline__ void prefetch_l1(const void *p) { asm volatile("prefetch.global.L1 [%0];" :: "l"(p)); }
 
-/* the lines of rows t0 + kl + kpw*it (it < its, clamped below c1) that group gi of
- * a lane decodes: one prefetch per row, at the group's share of the row */
-__device__ __forceinline__ void prefetch_rows(const uint8_t *base, size_t bytes, int groups, int t0, int c1,
-                                              int kl, int gi, int kpw, int its) {
-    for (int it = 0; it < its; it++) prefetch_l1(base + (size_t)min(t0 + kl + kpw * it, c1 - 1) * bytes + gi * bytes / groups);
+/* the lines of rows t0 + kl + kpw*it (it < its, clamped below c1) that a lane decodes:
+ * one prefetch per row, at byte off (the lane's group's share of the row) */
+__device__ __forceinline__ void prefetch_rows(const uint8_t *base, size_t bytes, size_t off, int t0, int c1,
+                                              int kl, int kpw, int its) {
+    for (int it = 0; it < its; it++) prefetch_l1(base + (size_t)min(t0 + kl + kpw * it, c1 - 1) * bytes + off);
 }
 
 template <int B>     /* B bytes at p, little-endian (B <= 4) */
@@ -873,12 +883,13 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
     const uint8_t *vbase = cache_row(&kv, kv.value, kv.vc.bytes, &c, a.layer, g, 0);
     const uint16_t *beta = kv.kproj ? kv.kbeta + head * kv.ctx * kv.kproj : NULL;
     const float scale = 1.0f / sqrtf((float)hd);
+    const size_t koff_lane = gik * kv.kc.bytes / gk, voff_lane = giv * kv.vc.bytes / gv;
 
     for (int t0 = c0 + warp * kb; t0 < c1; t0 += ATT_WARPS * kb) {
         float s[ATT_IT][ATT_ROWS];
         /* the values of this batch and the keys of the next are on their way while this one is scored */
-        prefetch_rows(vbase, kv.vc.bytes, gv, t0, c1, klv, giv, kpwv, itv);
-        if (t0 + ATT_WARPS * kb < c1) prefetch_rows(kbase, kv.kc.bytes, gk, t0 + ATT_WARPS * kb, c1, kl, gik, kpwk, itk);
+        prefetch_rows(vbase, kv.vc.bytes, voff_lane, t0, c1, klv, kpwv, itv);
+        if (t0 + ATT_WARPS * kb < c1) prefetch_rows(kbase, kv.kc.bytes, koff_lane, t0 + ATT_WARPS * kb, c1, kl, kpwk, itk);
         for (int it = 0; it < ATT_IT; it++)
             for (int r = 0; r < ATT_ROWS; r++) s[it][r] = -INFINITY;
         switch (kv.kc.fmt) {     /* one branch per batch of keys, never per key */
@@ -1151,7 +1162,7 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     a->qu = (float *)gpu_alloc(g, NULL, B * c->n_heads * KPROJ_MAX * f);
     a->part = (float *)gpu_alloc(g, NULL, B * c->n_heads * MAX_PARTS * (2 + dv) * f);
     a->escore = (float *)gpu_alloc(g, NULL, B * c->n_heads * a->emax * f);
-    g->stats_m = (double *)gpu_alloc(g, NULL, (size_t)c->n_kv_heads * hd * hd * sizeof(double));
+    g->stats_m = (double *)gpu_alloc(g, NULL, (size_t)c->n_kv_heads * (hd * hd + B * (hd + 1)) * sizeof(double));
     CUDA(cudaMallocHost((void **)&g->host_step, (1 + B) * sizeof(int)));
     CUDA(cudaMallocHost((void **)&g->host_logits, logit_rows * V * f));
 
@@ -1168,8 +1179,9 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     g->merge_shared = merge_shared_bytes(dv);
     if (g->enc_shared > (size_t)shared_max || g->att_shared > (size_t)shared_max)
         die("the GPU's %d bytes of shared memory per block are too few for head_dim %d", shared_max, c->head_dim);
-    CUDA(cudaFuncSetAttribute(rope_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)g->enc_shared));
-    CUDA(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)g->att_shared));
+    /* the attribute is the kernel's, for every model of the process: the device's limit */
+    CUDA(cudaFuncSetAttribute(rope_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
+    CUDA(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
     CUDA(cudaDeviceSynchronize());
     (void)o;
     t->gpu = g;
