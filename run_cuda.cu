@@ -1146,7 +1146,7 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     g->step = (int *)gpu_alloc(g, NULL, (1 + B) * sizeof(int));
     AttArgs *a = &g->att;
     a->step = g->step;
-    a->units = MAX_PARTS;
+    a->units = MAX_PARTS;       /* set below, once the kernel's occupancy is known */
     a->dk = dk; a->dv = dv; a->emax = emax > 0 ? emax : 1;
     a->qkv = g->qkv;
     float *cs = (float *)xcalloc((size_t)kv->ctx * hd, sizeof(float), "RoPE table");
@@ -1182,6 +1182,14 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     /* the attribute is the kernel's, for every model of the process: the device's limit */
     CUDA(cudaFuncSetAttribute(rope_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
     CUDA(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
+    /* decode: as many attention blocks per KV head as fill the GPU once (a second, partial
+     * wave would leave most multiprocessors idle), at most MAX_PARTS */
+    int per_sm = 1, sms = 1;
+    CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_kernel, ATT_WARPS * 32, g->att_shared));
+    CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    a->units = per_sm * sms / c->n_kv_heads;
+    if (a->units > MAX_PARTS) a->units = MAX_PARTS;
+    if (a->units < 1) a->units = 1;
     CUDA(cudaDeviceSynchronize());
     (void)o;
     t->gpu = g;
