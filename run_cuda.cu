@@ -54,7 +54,6 @@
 
 #define FULL_MASK 0xffffffffu
 #define GEMV_WARPS 8      /* output rows per GEMV block, one warp each                    */
-#define ENC_THREADS 32    /* threads of a (token, KV head) block of rope_encode_kernel: a warp */
 #define ATT_WARPS 4       /* warps of an attention block: they split the block's keys       */
 #define ATT_ROWS 4        /* query rows (token, head) of an attention block                 */
 #define ATT_IT 8          /* keys a lane group scores per batch                             */
@@ -321,78 +320,100 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const
 }
 
 /* ---------------------------------------------------------------------------
- * The codec on a thread block: nvec vectors of length d in shared memory.
- * tq.c's rotation is d-point Walsh-Hadamard butterflies of span 1, 2, 4, ...
- * after random signs, 3 rounds (or a dense matrix); here each stage's d/2
- * butterflies are spread over the threads, in the same order per element, so
- * the results are tq.c's to the bit.
+ * The codec on a team of threads (TEAM_WARP: the calling warp alone, synchronized
+ * with __syncwarp; TEAM_BLOCK: the whole block): nvec vectors of length d in
+ * shared memory. tq.c's rotation is d-point Walsh-Hadamard butterflies of span
+ * 1, 2, 4, ... after random signs, 3 rounds (or a dense matrix); here each
+ * stage's d/2 butterflies are spread over the team, in the same order per
+ * element, so the results are tq.c's to the bit.
  */
+enum { TEAM_BLOCK = 0, TEAM_WARP = 1 };
 
-__device__ void fwht_block(float *y, int nvec, int d) {     /* d a power of two: shifts, not divisions */
+template <int T> __device__ __forceinline__ int team_tid() { return T == TEAM_WARP ? (int)(threadIdx.x & 31) : (int)threadIdx.x; }
+template <int T> __device__ __forceinline__ int team_size() { return T == TEAM_WARP ? 32 : (int)blockDim.x; }
+template <int T> __device__ __forceinline__ void team_sync() { if (T == TEAM_WARP) __syncwarp(); else __syncthreads(); }
+
+/* sum / max over the team; red: 32 of shared memory (a block's warps) */
+template <int T, typename V> __device__ __forceinline__ V team_sum(V v, V *red) {
+    if (T == TEAM_BLOCK) return block_sum(v, red);
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+template <int T, typename V> __device__ __forceinline__ V team_max(V v, V *red) {
+    if (T == TEAM_BLOCK) return block_max(v, red);
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+template <int T>
+__device__ void fwht_team(float *y, int nvec, int d) {      /* d a power of two: shifts, not divisions */
     const int lh = __ffs(d) - 2;                            /* log2(d / 2) */
     for (int len = 1; len < d; len *= 2) {
-        for (int p = threadIdx.x; p < nvec << lh; p += blockDim.x) {
+        for (int p = team_tid<T>(); p < nvec << lh; p += team_size<T>()) {
             int q = p & ((d >> 1) - 1), i = (p >> lh) * d + ((q & ~(len - 1)) << 1) + (q & (len - 1));
             float a = y[i], b = y[i + len];
             y[i] = a + b; y[i + len] = a - b;
         }
-        __syncthreads();
+        team_sync<T>();
     }
     float norm = 1.0f / sqrtf((float)d);
-    for (int i = threadIdx.x; i < nvec * d; i += blockDim.x) y[i] *= norm;
-    __syncthreads();
+    for (int i = team_tid<T>(); i < nvec * d; i += team_size<T>()) y[i] *= norm;
+    team_sync<T>();
 }
 
 /* y = Pi y for each vector (tq_rotate); tmp: nvec*d floats, for the dense matrix */
-__device__ void rotate_block(const tq_codec *c, float *y, int nvec, float *tmp) {
+template <int T>
+__device__ void rotate_team(const tq_codec *c, float *y, int nvec, float *tmp) {
     int d = c->d;
     if (c->dense) {
-        for (int i = threadIdx.x; i < nvec * d; i += blockDim.x) tmp[i] = dot8(c->dense + (size_t)(i % d) * d, y + (i / d) * d, d);
-        __syncthreads();
-        for (int i = threadIdx.x; i < nvec * d; i += blockDim.x) y[i] = tmp[i];
-        __syncthreads();
+        for (int i = team_tid<T>(); i < nvec * d; i += team_size<T>()) tmp[i] = dot8(c->dense + (size_t)(i % d) * d, y + (i / d) * d, d);
+        team_sync<T>();
+        for (int i = team_tid<T>(); i < nvec * d; i += team_size<T>()) y[i] = tmp[i];
+        team_sync<T>();
         return;
     }
     for (int r = 0; r < c->rounds; r++) {
-        for (int i = threadIdx.x; i < nvec * d; i += blockDim.x) y[i] *= c->signs[(size_t)r * d + (i & (d - 1))];
-        __syncthreads();
-        fwht_block(y, nvec, d);
+        for (int i = team_tid<T>(); i < nvec * d; i += team_size<T>()) y[i] *= c->signs[(size_t)r * d + (i & (d - 1))];
+        team_sync<T>();
+        fwht_team<T>(y, nvec, d);
     }
 }
 
 /* y = Pi^T y (tq_unrotate), one vector */
-__device__ void unrotate_block(const tq_codec *c, float *y, float *tmp) {
+template <int T>
+__device__ void unrotate_team(const tq_codec *c, float *y, float *tmp) {
     int d = c->d;
     if (c->dense) {
-        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        for (int j = team_tid<T>(); j < d; j += team_size<T>()) {
             float t = 0.0f;
             for (int i = 0; i < d; i++) t += y[i] * c->dense[(size_t)i * d + j];
             tmp[j] = t;
         }
-        __syncthreads();
-        for (int j = threadIdx.x; j < d; j += blockDim.x) y[j] = tmp[j];
-        __syncthreads();
+        team_sync<T>();
+        for (int j = team_tid<T>(); j < d; j += team_size<T>()) y[j] = tmp[j];
+        team_sync<T>();
         return;
     }
     for (int r = c->rounds - 1; r >= 0; r--) {
-        fwht_block(y, 1, d);
-        for (int i = threadIdx.x; i < d; i += blockDim.x) y[i] *= c->signs[(size_t)r * d + i];
-        __syncthreads();
+        fwht_team<T>(y, 1, d);
+        for (int i = team_tid<T>(); i < d; i += team_size<T>()) y[i] *= c->signs[(size_t)r * d + i];
+        team_sync<T>();
     }
 }
 
-/* Scratch of encode_block in shared memory. */
+/* Scratch of encode_team in shared memory. */
 typedef struct {
     float *y, *cy, *tmp;   /* (d) each */
     uint8_t *idx;          /* (d) */
     double *red;           /* (32) */
-    float *hs;             /* (1): the stored scale, shared by the block */
+    float *hs;             /* (1): the stored scale, shared by the team */
 } EncScratch;
 
-/* code = tq_encode(c, x) with the block's threads: x (d) in shared memory, code in
+/* code = tq_encode(c, x) with the team's threads: x (d) in shared memory, code in
  * global memory. The plain formats and the tq formats' serial steps are tq.c's. */
-__device__ void encode_block(const tq_codec *c, const float *x, uint8_t *code, EncScratch s) {
-    int d = c->d, b = c->bits, tid = threadIdx.x, nt = blockDim.x;
+template <int T>
+__device__ void encode_team(const tq_codec *c, const float *x, uint8_t *code, EncScratch s) {
+    int d = c->d, b = c->bits, tid = team_tid<T>(), nt = team_size<T>();
     if (c->fmt == TQ_FP32) {
         for (int i = tid; i < d; i += nt) ((float *)code)[i] = x[i];
         return;
@@ -410,7 +431,7 @@ __device__ void encode_block(const tq_codec *c, const float *x, uint8_t *code, E
     if (c->fmt == TQ_Q8) {
         float amax = 0.0f;
         for (int i = tid; i < d; i += nt) amax = fmaxf(amax, fabsf(x[i]));
-        amax = block_max(amax, (float *)s.red);
+        amax = team_max<T>(amax, (float *)s.red);
         uint16_t h = scale_f16(amax / 127.0);
         float sc = tq_f16_to_f32(h);
         for (int i = tid; i < d; i += nt) {
@@ -423,21 +444,21 @@ __device__ void encode_block(const tq_codec *c, const float *x, uint8_t *code, E
     /* TurboQuant: u = x/|x|, y = Pi u, idx = nearest centroid, scale, (QJL signs) */
     double ss = 0;
     for (int i = tid; i < d; i += nt) ss += (double)x[i] * x[i];
-    double norm = sqrt(block_sum(ss, s.red)), inv = norm > 0 ? 1.0 / norm : 0.0;
+    double norm = sqrt(team_sum<T>(ss, s.red)), inv = norm > 0 ? 1.0 / norm : 0.0;
     for (int i = tid; i < d; i += nt) s.y[i] = (float)(x[i] * inv);
-    __syncthreads();
-    rotate_block(c, s.y, 1, s.tmp);
+    team_sync<T>();
+    rotate_team<T>(c, s.y, 1, s.tmp);
     for (int i = tid; i < d; i += nt) {
         uint8_t k = 0;
         for (int j = 0; j + 1 < (1 << b); j++) k += s.y[i] > c->bounds[j];
         s.idx[i] = k;
         s.cy[i] = c->centroids[k];
     }
-    __syncthreads();
+    team_sync<T>();
     for (int grp = tid; grp < d / 8; grp += nt) pack(s.idx + 8 * grp, 8, b, code + b * grp);
     uint8_t *p = code + (size_t)d * b / 8;
     if (tid == 0) *s.hs = tq_f16_to_f32(scale_f16(norm > 0 ? scale_rule(c, norm, s.y, s.cy) : 0.0));
-    __syncthreads();
+    team_sync<T>();
     uint16_t h = tq_f32_to_f16(*s.hs);
     if (!is_prod(c->fmt)) {
         if (tid == 0) put_f16(p, h);
@@ -446,9 +467,9 @@ __device__ void encode_block(const tq_codec *c, const float *x, uint8_t *code, E
     /* Algorithm 2's sketch of the rotated residual r = y - (s/|x|) c (tq.c's qjl_signs) */
     float ratio = norm > 0 ? (float)(*s.hs / norm) : 0.0f;
     for (int i = tid; i < d; i += nt) s.tmp[i] = s.y[i] - ratio * s.cy[i];
-    __syncthreads();
+    team_sync<T>();
     for (int k = tid; k < d; k += nt) s.idx[k] = norm > 0 && dot8(c->qjl + (size_t)k * d, s.tmp, d) > 0;
-    __syncthreads();
+    team_sync<T>();
     for (int grp = tid; grp < d / 8; grp += nt) pack(s.idx + 8 * grp, 8, 1, p + grp);
     if (tid == 0) {
         put_f16(p + d / 8, h);
@@ -457,25 +478,29 @@ __device__ void encode_block(const tq_codec *c, const float *x, uint8_t *code, E
 }
 
 /* ---------------------------------------------------------------------------
- * RoPE, cache encode and query preparation of token b's KV head g: one warp,
- * block (b * n_kv_heads + g). mode: ROPE rotates q and k in place; ENCODE stores
- * the key and value (run.c's encode_kv: offsets, weights, projections beta) and
- * prepares the group's queries (run.c's prepare_query: q divided by the key
- * weights in place, qu, and qext = Pi q_perp, plus S Pi q_perp for tq*p);
- * EXACT also puts the token in the exact store right away (one token: the ring
- * row it takes is no longer read by this step's attention). The codecs' small
- * tables and the head's statistics are copied to shared memory first (one round
- * trip to memory instead of one per step), and the RoPE angles' cos and sin come
- * from a table the host computed exactly as run.c's rope() does.
+ * RoPE, cache encode and query preparation of token b's KV head g: block
+ * (b * n_kv_heads + g) of 2 + ENC_QWARPS warps. mode: ROPE rotates q and k;
+ * ENCODE stores the key and value (run.c's encode_kv: offsets, weights,
+ * projections beta) and prepares the group's queries (run.c's prepare_query: q
+ * divided by the key weights, qu, and qext = Pi q_perp, plus S Pi q_perp for
+ * tq*p); EXACT also puts the token in the exact store right away (one token: the
+ * ring row it takes is no longer read by this step's attention). The block first
+ * copies the codecs' small tables, the head's statistics and the token's q, k, v
+ * to shared memory (one round trip to memory); then three independent chains run
+ * side by side: warp 0 encodes the key, warp 1 the value, the other warps
+ * prepare a query head each. RoPE's cos and sin come from a table the host
+ * computed exactly as run.c's rope() does.
  */
 enum { MODE_ROPE = 1, MODE_ENCODE = 2, MODE_EXACT = 4 };
+#define ENC_QWARPS 4   /* warps preparing queries (a group's heads are shared among them) */
 
-/* floats of shared memory: the two codecs' tables, the head's statistics, the
- * vectors and the encoder's scratch (+ 32 doubles for reductions) */
+/* floats of shared memory: the two codecs' tables, the head's statistics, q, k, v,
+ * two encoders' scratch, a query warp's scratch each (+ 33 doubles for reductions) */
 static size_t enc_shared_bytes(const Config *c, const KVCache *kv) {
     size_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
     size_t tables = (size_t)(kv->kc.rounds + kv->vc.rounds) * hd + 64;
-    return (tables + (3 + KPROJ_MAX) * hd + 3 * hd + 2 * G * hd + 3 * hd + 8) * sizeof(float) + hd + 33 * sizeof(double);
+    size_t enc = 2 * (5 * hd + hd / 4 + 2);
+    return (tables + (3 + KPROJ_MAX) * hd + (G + 2) * hd + enc + ENC_QWARPS * hd) * sizeof(float) + 33 * sizeof(double);
 }
 
 /* a copy of codec c whose signs, bounds and centroids sit in shared memory at *sm (advanced) */
@@ -492,85 +517,91 @@ __device__ tq_codec codec_to_shared(const tq_codec *c, float **sm) {
     return s;
 }
 
-__global__ void __launch_bounds__(ENC_THREADS) rope_encode_kernel(const __grid_constant__ KVCache kv,
+__global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, int mode) {
     pdl_wait_then_release();
     extern __shared__ double shd[];
-    double *red = shd;
     float *sm = (float *)(shd + 33);
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, R = kv.kproj, tid = threadIdx.x, nt = blockDim.x;
+    const int lane = tid & 31, warp = tid >> 5, lhd = __ffs(hd) - 1;
     const int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads, pos = a.step[0], p = pos + b;
     const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, head = (size_t)l * c.n_kv_heads + g;
     float *row = a.qkv + (size_t)b * (qd + 2 * kvd), *q = row + (size_t)g * G * hd, *k = row + qd + g * hd, *v = k + kvd;
 
+    tq_codec kc = codec_to_shared(&kv.kc, &sm), vc = codec_to_shared(&kv.vc, &sm);
+    float *kw = sm, *ko = kw + hd, *vo = ko + hd, *u = vo + hd, *sq = u + KPROJ_MAX * hd, *sk = sq + G * hd, *sv = sk + hd;
+    float *scratch = sv + hd;
+    for (int i = tid; i < hd; i += nt) {
+        kw[i] = kv.kw[head * hd + i]; ko[i] = kv.koff[head * hd + i]; vo[i] = kv.voff[head * hd + i];
+        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
+        sk[i] = k[i]; sv[i] = v[i];
+    }
+    for (int i = tid; i < G * hd; i += nt) sq[i] = q[i];
+    __syncthreads();
     if (mode & MODE_ROPE) {      /* run.c's rope(): pair (2i, 2i+1) turned by pos * theta^(-2i/head_dim) */
         const float *cs = a.rope + (size_t)p * hd;
-        for (int i = 2 * tid; i < hd; i += 2 * nt) {
-            float co = cs[i], si = cs[i + 1];
-            for (int j = 0; j <= G; j++) {
-                float *vec = j < G ? q + j * hd : k, x0 = vec[i], x1 = vec[i + 1];
-                vec[i] = x0 * co - x1 * si;
-                vec[i + 1] = x0 * si + x1 * co;
+        for (int t = tid; t < (G + 1) * (hd / 2); t += nt) {
+            int j = t >> (lhd - 1), i = 2 * (t & (hd / 2 - 1));
+            float *vec = j < G ? sq + j * hd : sk, co = cs[i], si = cs[i + 1], x0 = vec[i], x1 = vec[i + 1];
+            vec[i] = x0 * co - x1 * si;
+            vec[i + 1] = x0 * si + x1 * co;
+            if (!(mode & MODE_ENCODE)) {         /* RoPE alone (statistics come next): back to memory */
+                float *out = j < G ? q + j * hd : k;
+                out[i] = vec[i]; out[i + 1] = vec[i + 1];
             }
         }
         __syncthreads();
     }
     if (!(mode & MODE_ENCODE)) return;
 
-    tq_codec kc = codec_to_shared(&kv.kc, &sm), vc = codec_to_shared(&kv.vc, &sm);
-    float *kw = sm, *ko = kw + hd, *vo = ko + hd, *u = vo + hd, *sk = u + KPROJ_MAX * hd, *sv = sk + hd, *sp = sv + hd;
-    float *sq = sp + hd, *tmp = sq + G * hd, *hs = tmp + G * hd;
-    EncScratch es = {hs + 8, hs + 8 + hd, hs + 8 + 2 * hd, (uint8_t *)(hs + 8 + 3 * hd), red, hs};
-    for (int i = tid; i < hd; i += nt) {
-        kw[i] = kv.kw[head * hd + i]; ko[i] = kv.koff[head * hd + i]; vo[i] = kv.voff[head * hd + i];
-        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
+    if (warp < 2) {              /* warp 0: the key; warp 1: the value */
+        float *x = scratch + warp * (5 * hd + hd / 4 + 2), *xp = x + hd;
+        EncScratch es = {xp + hd, xp + 2 * hd, xp + 3 * hd, (uint8_t *)(xp + 4 * hd), NULL, xp + 4 * hd + hd / 4};
+        float *src = warp == 0 ? sk : sv, *out = warp == 0 ? k : v;
+        const float *off = warp == 0 ? ko : vo;
+        for (int i = lane; i < hd; i += 32) { x[i] = warp == 0 ? kw[i] * (src[i] - off[i]) : src[i] - off[i]; xp[i] = x[i]; }
+        __syncwarp();
+        for (int r = 0; warp == 0 && r < R; r++) {   /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
+            float part = 0.0f;
+            for (int i = lane; i < hd; i += 32) part += u[r * hd + i] * x[i];
+            uint16_t beta = tq_f32_to_f16((float)team_sum<TEAM_WARP>((double)part, (double *)NULL));
+            if (lane == 0) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
+            for (int i = lane; i < hd; i += 32) xp[i] -= tq_f16_to_f32(beta) * u[r * hd + i];
+        }
+        __syncwarp();
+        if (warp == 0) encode_team<TEAM_WARP>(&kc, xp, cache_row(&kv, kv.key, kv.kc.bytes, &c, l, g, p), es);
+        else encode_team<TEAM_WARP>(&vc, xp, cache_row(&kv, kv.value, kv.vc.bytes, &c, l, g, p), es);
+        uint16_t *ex = warp == 0 ? kv.exact_k : kv.exact_v;
+        size_t er = (mode & MODE_EXACT) && (p < kv.sink || kv.window > 0) ? exact_row(&kv, &c, l, g, p) : SIZE_MAX;
+        for (int i = lane; i < hd; i += 32) {   /* the vector as the exact store keeps it (store_exact's rule) */
+            uint16_t h = tq_f32_to_f16(x[i]);
+            out[i] = tq_f16_to_f32(h);
+            if (er != SIZE_MAX) ex[er + i] = h;
+        }
+        return;
     }
-    __syncthreads();
-    for (int i = tid; i < hd; i += nt) { sk[i] = kw[i] * (k[i] - ko[i]); sv[i] = v[i] - vo[i]; sp[i] = sk[i]; }
-    __syncthreads();
-    for (int r = 0; r < R; r++) {       /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
-        float part = 0.0f;
-        for (int i = tid; i < hd; i += nt) part += u[r * hd + i] * sk[i];
-        uint16_t beta = tq_f32_to_f16((float)block_sum((double)part, red));
-        if (tid == 0) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
-        for (int i = tid; i < hd; i += nt) sp[i] -= tq_f16_to_f32(beta) * u[r * hd + i];
-    }
-    __syncthreads();
-    encode_block(&kc, sp, cache_row(&kv, kv.key, kv.kc.bytes, &c, l, g, p), es);
-    __syncthreads();
-    encode_block(&vc, sv, cache_row(&kv, kv.value, kv.vc.bytes, &c, l, g, p), es);
-    for (int i = tid; i < hd; i += nt) {   /* k and v as the exact store keeps them */
-        k[i] = tq_f16_to_f32(tq_f32_to_f16(sk[i]));
-        v[i] = tq_f16_to_f32(tq_f32_to_f16(sv[i]));
-    }
-    __syncthreads();
-    if ((mode & MODE_EXACT) && (p < kv.sink || kv.window > 0)) {   /* store_exact's rule for one token */
-        size_t er = exact_row(&kv, &c, l, g, p);
-        for (int i = tid; i < hd; i += nt) { kv.exact_k[er + i] = tq_f32_to_f16(k[i]); kv.exact_v[er + i] = tq_f32_to_f16(v[i]); }
-    }
-
-    /* the group's queries: q /= w, qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated */
-    const int lhd = __ffs(hd) - 1;     /* head_dim is a power of two on the GPU: i / hd = i >> lhd */
-    for (int i = tid; i < G * hd; i += nt) sq[i] = q[i] /= kw[i & (hd - 1)];
-    __syncthreads();
-    for (int j = 0; j < G; j++) {
-        float quj[KPROJ_MAX];
+    /* the other warps, a query head each: q /= w, qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated */
+    float *tmp = scratch + 2 * (5 * hd + hd / 4 + 2) + (size_t)(warp - 2) * hd;
+    for (int j = warp - 2; j < G; j += nt / 32 - 2) {
+        float *qj = sq + j * hd, *qg = q + j * hd, quj[KPROJ_MAX];
+        for (int i = lane; i < hd; i += 32) qg[i] = qj[i] /= kw[i];
+        __syncwarp();
         for (int r = 0; r < R; r++) {
             float part = 0.0f;
-            for (int i = tid; i < hd; i += nt) part += sq[j * hd + i] * u[r * hd + i];
-            quj[r] = (float)block_sum((double)part, red);
-            if (tid == 0) a.qu[((size_t)b * c.n_heads + g * G + j) * KPROJ_MAX + r] = quj[r];
+            for (int i = lane; i < hd; i += 32) part += qj[i] * u[r * hd + i];
+            quj[r] = (float)team_sum<TEAM_WARP>((double)part, (double *)NULL);
+            if (lane == 0) a.qu[((size_t)b * c.n_heads + g * G + j) * KPROJ_MAX + r] = quj[r];
         }
-        for (int i = tid; i < hd; i += nt)
-            for (int r = 0; r < R; r++) sq[j * hd + i] -= quj[r] * u[r * hd + i];
+        for (int i = lane; i < hd; i += 32)
+            for (int r = 0; r < R; r++) qj[i] -= quj[r] * u[r * hd + i];
+        __syncwarp();
+        if (is_tq(kc.fmt)) rotate_team<TEAM_WARP>(&kc, qj, 1, tmp);
+        float *qe = a.qext + ((size_t)b * c.n_heads + g * G + j) * a.dk;
+        for (int i = lane; i < hd; i += 32) qe[i] = qj[i];
+        if (is_prod(kc.fmt))             /* S Pi q_perp: the QJL half of the prepared query */
+            for (int i = lane; i < hd; i += 32) qe[hd + i] = dot8(kc.qjl + (size_t)i * hd, qj, hd);
+        __syncwarp();
     }
-    __syncthreads();
-    if (is_tq(kc.fmt)) rotate_block(&kc, sq, G, tmp);
-    float *qe = a.qext + ((size_t)b * c.n_heads + g * G) * a.dk;
-    for (int i = tid; i < G * hd; i += nt) qe[(i >> lhd) * a.dk + (i & (hd - 1))] = sq[i];
-    if (is_prod(kc.fmt))                /* S Pi q_perp: the QJL half of the prepared query */
-        for (int i = tid; i < G * hd; i += nt)
-            qe[(i >> lhd) * a.dk + hd + (i & (hd - 1))] = dot8(kc.qjl + (size_t)(i & (hd - 1)) * hd, sq + (i >> lhd) * hd, hd);
 }
 
 /* ---------------------------------------------------------------------------
@@ -1015,7 +1046,7 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
         yt[i] = s;
     }
     __syncthreads();
-    if (is_tq(vc->fmt)) unrotate_block(vc, yt, y);
+    if (is_tq(vc->fmt)) unrotate_team<TEAM_BLOCK>(vc, yt, y);
     const float *voff = kv.voff + ((size_t)l * c.n_kv_heads + g) * hd;
     for (int i = tid; i < hd; i += nt) {            /* add_exact_values: p_t v_t, then mu_v */
         float o = yt[i];
@@ -1309,12 +1340,12 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
             gemm(g, g->qkv, QKV, g->xb, dim, wqkv, n, dim, QKV, 0.0f);
         }
         if (stats) {
-            launch(g, rope_encode_kernel, dim3(nkv), dim3(ENC_THREADS), g->enc_shared, g->kv, *c, l, a, MODE_ROPE);
+            launch(g, rope_encode_kernel, dim3(nkv), dim3(32 * (2 + ENC_QWARPS)), g->enc_shared, g->kv, *c, l, a, MODE_ROPE);
             if (g->host_stats) gpu_stats(t, l, n);
             else launch(g, stats_kernel, dim3(c->n_kv_heads), dim3(STATS_THREADS), 3 * hd * sizeof(double), g->kv, *c, l, a, g->stats_m);
         }
         int mode = (stats ? 0 : MODE_ROPE) | MODE_ENCODE | (n == 1 ? MODE_EXACT : 0);
-        launch(g, rope_encode_kernel, dim3(nkv), dim3(ENC_THREADS), g->enc_shared, g->kv, *c, l, a, mode);
+        launch(g, rope_encode_kernel, dim3(nkv), dim3(32 * (2 + ENC_QWARPS)), g->enc_shared, g->kv, *c, l, a, mode);
         attention_layer(g, c, l, n, pos);
         if (n > 1) launch(g, store_exact_kernel, dim3(nkv), dim3(64), 0, g->kv, *c, l, a);
         if (n == 1) launch(g, (gemv_kernel<EPI_ADD, false>), dim3(gemv_blocks_dim), dim3(GEMV_WARPS * 32), 0, g->x, wo, g->xb, (const float *)NULL, qd, dim, eps);

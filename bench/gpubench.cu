@@ -53,7 +53,7 @@ static void fill_cache(Transformer *t, int n) {
             random_fill_kernel<<<blocks(m * QKV, 256), 256, 0, g->stream>>>(g->qkv, m * QKV, (uint32_t)(l * 1000003 + p));
             AttArgs a = g->att;
             a.n = m;
-            rope_encode_kernel<<<m * c->n_kv_heads, ENC_THREADS, g->enc_shared, g->stream>>>(g->kv, *c, l, a, MODE_ENCODE);
+            rope_encode_kernel<<<m * c->n_kv_heads, 32 * (2 + ENC_QWARPS), g->enc_shared, g->stream>>>(g->kv, *c, l, a, MODE_ENCODE);
             CUDA(cudaStreamSynchronize(g->stream));   /* the host step buffer is reused */
         }
     CUDA(cudaGetLastError());
