@@ -4,7 +4,7 @@
 # TOKFILE: model.bin cut after its tokenizer section (head -c WEIGHTS_OFFSET model.bin), so that
 # random-weight models can be made there (model.bin itself is too large to carry). Steps:
 #   tests     tests/test_cuda.py on a random SmolLM2-shaped model (TQ_CUDA_MODEL)
-#   sanitize  compute-sanitizer memcheck on short generations (tq3, tq4p:q4, fp16)
+#   sanitize  compute-sanitizer memcheck on short generations (tq3, tq4p:q4, fp16), racecheck (tq3, tq4p:q4)
 #   profile   ncu: GPU time of every kernel of a 1000-token prefill and 3 decode steps (tq3)
 #   speed     bench/speed --run ./run_cuda at ~1000 and ~7400 prompt tokens, random SmolLM2 shape
 #             (through a wrapper that drops the generated text: a random model's bytes are not
@@ -37,6 +37,11 @@ for step in "$@"; do
             compute-sanitizer --tool memcheck --leak-check no ./run_cuda $rnd4 -k $k -c 96 -n 6 -t 0 \
                 -i "The capital of France is Paris. The capital of Germany is" > "$out/san_${k/:/_}.log" 2>&1
             echo "sanitize $k: exit $?, $(grep 'ERROR SUMMARY' "$out/san_${k/:/_}.log")"
+        done
+        for k in tq3 tq4p:q4; do
+            compute-sanitizer --tool racecheck ./run_cuda $rnd4 -k $k -c 48 -n 3 -t 0 \
+                -i "The capital of France is Paris. The capital of Germany is" > "$out/race_${k/:/_}.log" 2>&1
+            echo "racecheck $k: exit $?, $(grep 'RACECHECK SUMMARY\|ERROR SUMMARY' "$out/race_${k/:/_}.log")"
         done ;;
     profile)
         [ -x run_cuda ] || make run_cuda >/dev/null
