@@ -16,11 +16,13 @@
  *     wq|wk|wv and w1|w3 are stored as one matrix each: one launch apiece.
  *   - One token's whole forward pass (7 kernels a layer) is captured once as
  *     a CUDA graph and replayed: the position and the token are read from
- *     device memory, so the graph never changes.
+ *     device memory, so the graph never changes. Kernels are programmatic
+ *     dependent launches: the next one's launch overlaps this one's end.
  *   - RoPE, the cache encode and the query preparation of a (token, KV head)
- *     are one thread block (rope_encode_kernel); the TurboQuant encode runs
- *     in parallel over the coordinates (the rotation's butterflies in the
- *     order tq.c uses, so the codes are the CPU's).
+ *     are one thread block (rope_encode_kernel) whose warps encode the key,
+ *     the value and prepare the query heads side by side; the TurboQuant
+ *     encode runs in parallel over the coordinates (the rotation's butterflies
+ *     in the order tq.c uses, so the codes are the CPU's).
  *   - Attention is split over the sequence (flash-decoding): a block scores
  *     and accumulates one chunk of coded keys for up to ATT_ROWS query rows of
  *     a KV head (all its query heads at decode: each code is read and decoded
@@ -28,7 +30,8 @@
  *     combines the chunks, adds the exact positions (sink and window, outside
  *     the hot loop) and applies the value codec's inverse rotation once.
  *   - A sequence's statistics (offsets, key weights, key directions) come from
- *     its first batch, copied to the host and measured by run.c's functions.
+ *     its first batch, measured on the GPU the way run.c's measure_stats does
+ *     (stats_kernel; TQ_CUDA_HOST_STATS=1 runs run.c's own on the host instead).
  *
  * The GPU rounds differently (fused multiply-adds, sums in another order), so
  * its logits match the CPU build's on the same (fp16-representable) weights
