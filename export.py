@@ -923,6 +923,93 @@ def export(src, out, tokenizer_path=None):
           f"add_bos {tok['add_bos']}")
 
 
+# ----------------------------------------------------------------------------------------
+# random-weight models of a named shape (speed measurements and GPU-vs-CPU tests only)
+
+RANDOM_SHAPES = {   # the shapes of two real models; the weights are random
+    "smollm2-135m": dict(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                         vocab_size=49152, seq_len=8192, rope_theta=100000.0, norm_eps=1e-5,
+                         shared_classifier=1),
+    "llama-3.1-8b": dict(dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                         vocab_size=128256, seq_len=131072, rope_theta=500000.0, norm_eps=1e-5,
+                         shared_classifier=0),
+}
+
+
+# Standard deviations of the random matrices. With 0.02 everywhere a SmolLM2-shaped model's
+# attention is uniform in all but name (entropy 5.22 nats at positions 128..255, uniform 5.24)
+# and its next-token distribution nearly so; with wq, wk at 0.08 and the embedding at 0.1 the
+# scores spread (std ~3.5) and attention is peaked, so a wrong weight in the softmax shows.
+RANDOM_STD = {"tok_emb": 0.1, "wcls": 0.1, "wq": 0.08, "wk": 0.08}
+
+
+def export_random(src, out, shape, layers=None, seed=1234):
+    """A model.bin of RANDOM_SHAPES[shape] (n_layers = layers if given) with the tokenizer of the
+    model.bin src (only its header and tokenizer section are read, so a file cut after the
+    tokenizer will do). Matrices are N(0, std^2) (RANDOM_STD, else 0.02) rounded to
+    fp16-representable numbers, so the fp16 weights of run_cuda are exactly the fp32 weights of
+    run; the RMSNorm weights are 1. A vocabulary larger than src's is filled with special tokens
+    <|pad_N|> that no text produces."""
+    if shape not in RANDOM_SHAPES:
+        raise ExportError(f"unknown shape {shape!r} (known: {', '.join(RANDOM_SHAPES)})")
+    cfg = dict(RANDOM_SHAPES[shape])
+    if layers is not None:
+        if not 1 <= layers <= cfg["n_layers"]:
+            raise ExportError(f"--layers {layers}: the shape has 1 to {cfg['n_layers']} layers")
+        cfg["n_layers"] = layers
+    with open(src, "rb") as f:
+        head = f.read(HEADER_SIZE)
+        fmt = "<4s15i2f4Q2i"
+        if len(head) < HEADER_SIZE or head[:4] != MAGIC:
+            raise ExportError(f"{src} is not a model.bin (its tokenizer is what --random takes)")
+        h = struct.unpack(fmt, head[:struct.calcsize(fmt)])
+        kind, bos, eos, chat_start, chat_end = h[11:16]
+        t_off, t_len, add_bos, pretok = h[18], h[19], h[22], h[23]
+        f.seek(t_off)
+        blob = f.read(t_len)
+    if len(blob) != t_len:
+        raise ExportError(f"{src}: tokenizer section truncated")
+    n, max_len = struct.unpack_from("<ii", blob, 0)
+    p = 8
+    for _ in range(n):                           # skip the vocabulary to find the merges
+        p += 12 + struct.unpack_from("<i", blob, p + 8)[0]
+    vocab = cfg["vocab_size"]
+    if vocab < n:
+        raise ExportError(f"shape {shape} has a vocabulary of {vocab}, fewer than {src}'s {n} tokens")
+    pads = [f"<|pad_{i}|>".encode() for i in range(n, vocab)]
+    extra = b"".join(struct.pack("<fii", 0.0, FLAG_SPECIAL, len(t)) + t for t in pads)
+    max_len = max([max_len] + [len(t) for t in pads])
+    tok_blob = struct.pack("<ii", vocab, max_len) + blob[8:p] + extra + blob[p:]
+    check_config(cfg)
+    cfg_t = dict(kind=kind, bos=bos, eos=eos, chat_start=chat_start, chat_end=chat_end, add_bos=add_bos, pretok=pretok)
+    tensors = tensor_list(cfg)
+    w_off = -(-(HEADER_SIZE + len(tok_blob)) // ALIGN) * ALIGN
+    w_bytes = sum(4 * int(np.prod(expected_shape(cfg, g))) for g, _ in tensors)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    with open(out, "wb") as f:
+        header = struct.pack(
+            fmt, MAGIC, VERSION, cfg["dim"], cfg["hidden_dim"], cfg["n_layers"], cfg["n_heads"],
+            cfg["n_kv_heads"], cfg["head_dim"], vocab, cfg["seq_len"], cfg["shared_classifier"],
+            cfg_t["kind"], cfg_t["bos"], cfg_t["eos"], cfg_t["chat_start"], cfg_t["chat_end"],
+            cfg["rope_theta"], cfg["norm_eps"], HEADER_SIZE, len(tok_blob), w_off, w_bytes,
+            cfg_t["add_bos"], cfg_t["pretok"])
+        f.write(header + b"\0" * (HEADER_SIZE - len(header)) + tok_blob)
+        f.write(b"\0" * (w_off - HEADER_SIZE - len(tok_blob)))
+        for g, _ in tensors:
+            size = int(np.prod(expected_shape(cfg, g)))
+            if g.startswith("rms"):
+                f.write(np.ones(size, dtype="<f4").tobytes())
+                continue
+            std = np.float32(RANDOM_STD.get(g, 0.02))
+            for i in range(0, size, 1 << 24):    # 64 MiB at a time
+                a = rng.standard_normal(min(1 << 24, size - i), dtype=np.float32) * std
+                f.write(a.astype(np.float16).astype("<f4").tobytes())
+    print(f"export.py: wrote {out} ({(w_off + w_bytes) / 2 ** 20:.1f} MiB) in {time.time() - t0:.1f} s: random "
+          f"normal weights (fp16-representable) of shape {shape}, {cfg['n_layers']} layers, "
+          f"tokenizer of {src} ({n} tokens, {vocab - n} pads)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="export.py",
@@ -931,8 +1018,15 @@ def main(argv=None):
     ap.add_argument("source", help="GGUF file, HF model folder, or llama2.c .bin")
     ap.add_argument("output", help="model.bin to write")
     ap.add_argument("--tokenizer", help="llama2.c tokenizer.bin (default: next to source)")
+    ap.add_argument("--random", metavar="SHAPE", help="random weights of shape SHAPE ("
+                    + ", ".join(RANDOM_SHAPES) + ") with the tokenizer of SOURCE, a model.bin: "
+                    "for speed measurements; --layers N keeps the first N layers")
+    ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
+        if args.random:
+            export_random(args.source, args.output, args.random, args.layers)
+            return 0
         export(args.source, args.output, args.tokenizer)
     except ExportError as e:
         print(f"export.py: error: {e}", file=sys.stderr)

@@ -2,23 +2,49 @@
  *
  * Everything but the forward pass is run.c's, included below: the loader, the
  * tokenizer, the sampler, the modes, the CLI, the cache's layout and the
- * statistics of a new sequence. tq.c is included as well, so the kernels
- * encode, score and accumulate the cache with the very codec functions the CPU
- * build uses (marked TQ_HD), and the cache holds the same bytes. What is new:
- *   - the weights, the KV cache and the activations live in GPU memory;
- *   - matrix products are cuBLAS SGEMMs (fp32; TF32 is never enabled);
- *   - one kernel per step of run.c's forward(); attention is one thread block
- *     per (token, query head) whose threads split the keys between them;
- *   - a sequence's statistics (offsets, key weights, key directions) come from
- *     its first batch, copied to the host and measured by run.c's functions.
+ * statistics of a new sequence. tq.c is included as well: the GPU writes the
+ * cache in tq.h's byte layout, and the serial pieces of the codec (bit
+ * packing, fp16 rounding, the scale rule, the plain formats' encoders) are
+ * tq.c's own TQ_HD functions. What is new:
+ *
+ *   - The weights live on the GPU in fp16, converted once at load (model.bin
+ *     stays fp32); every product accumulates in fp32. A decoded token (one
+ *     row) multiplies with a GEMV kernel that streams each weight row once
+ *     with 16-byte loads, the RMSNorm of its input and the residual add or the
+ *     SwiGLU of its output fused in. A batch (prefill) widens each matrix to
+ *     fp32 once and multiplies with cuBLAS SGEMM (TF32 is never enabled).
+ *     wq|wk|wv and w1|w3 are stored as one matrix each: one launch apiece.
+ *   - One token's whole forward pass (7 kernels a layer) is captured once as
+ *     a CUDA graph and replayed: the position and the token are read from
+ *     device memory, so the graph never changes. Kernels are programmatic
+ *     dependent launches: the next one's launch overlaps this one's end.
+ *   - RoPE, the cache encode and the query preparation of a (token, KV head)
+ *     are one thread block (rope_encode_kernel) whose warps encode the key,
+ *     the value and prepare the query heads side by side; the TurboQuant
+ *     encode runs in parallel over the coordinates (the rotation's butterflies
+ *     in the order tq.c uses, so the codes are the CPU's).
+ *   - Attention is split over the sequence (flash-decoding): a block scores
+ *     and accumulates one chunk of coded keys for up to ATT_ROWS query rows of
+ *     a KV head (all its query heads at decode: each code is read and decoded
+ *     once for the whole group), with an online softmax; merge_kernel then
+ *     combines the chunks, adds the exact positions (sink and window, outside
+ *     the hot loop) and applies the value codec's inverse rotation once.
+ *   - A sequence's statistics (offsets, key weights, key directions) come from
+ *     its first batch, measured on the GPU the way run.c's measure_stats does
+ *     (stats_kernel; TQ_CUDA_HOST_STATS=1 runs run.c's own on the host instead).
+ *
  * The GPU rounds differently (fused multiply-adds, sums in another order), so
- * its logits match the CPU build's closely, not bit for bit: tests/test_cuda.py.
+ * its logits match the CPU build's on the same (fp16-representable) weights
+ * closely, not bit for bit: tests/test_cuda.py.
  *
  * Build: make run_cuda    Usage: ./run_cuda model.bin -h (run's options)
  */
 #define RUN_CUDA
+#ifndef PROG
 #define PROG "run_cuda"
+#endif
 #include <cublas_v2.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "tq.c"
@@ -29,19 +55,72 @@
 #define BLAS(call) do { cublasStatus_t e_ = (call); \
     if (e_ != CUBLAS_STATUS_SUCCESS) die("cuBLAS: status %d (%s line %d)", (int)e_, __FILE__, __LINE__); } while (0)
 
-#define ATT_THREADS 128   /* threads per attention block: they split a query's keys */
+#define FULL_MASK 0xffffffffu
+#define GEMV_WARPS 8      /* output rows per GEMV block, one warp each                    */
+#define ATT_WARPS 4       /* warps of an attention block: they split the block's keys       */
+#define ATT_ROWS 4        /* query rows (token, head) of an attention block                 */
+#define ATT_IT 8          /* keys a lane group scores per batch                             */
+#define CHUNK_GRAIN 128   /* keys per attention block: a multiple of this                   */
+#define MAX_PARTS 64      /* attention blocks per (row, KV head): partial results to merge  */
+#define MERGE_THREADS 128
 #define MAX_ALLOCS 64
+#define NO_SCORE -1e30f   /* running max before any key: finite, so exp(m - m) = 1, not NaN */
 
-/* The model on the GPU: run.c's structs, their pointers into GPU memory. */
+/* The weights on the GPU, fp16 (norms fp32). Row-major like run.c's. */
+typedef struct {
+    __half *emb;      /* (vocab_size, dim) token embedding                            */
+    __half *wcls;     /* (vocab_size, dim) classifier; = emb when shared               */
+    __half *wqkv;     /* (n_layers, q_dim + 2 kv_dim, dim): rows of wq, then wk, then wv */
+    __half *wo;       /* (n_layers, dim, q_dim)                                        */
+    __half *w13;      /* (n_layers, 2 hidden_dim, dim): rows of w1 (gate), then w3 (up) */
+    __half *w2;       /* (n_layers, dim, hidden_dim)                                   */
+    float *rms_att;   /* (n_layers, dim)                                               */
+    float *rms_ffn;   /* (n_layers, dim)                                               */
+    float *rms_final; /* (dim)                                                         */
+} GpuWeights;
+
+/* What the attention kernels read and write besides the cache. */
+typedef struct {
+    const int *step;     /* (1 + batch) the position of the batch's first token, then its token ids */
+    int n;               /* tokens in the batch                                              */
+    int chunk;           /* coded keys per attention block; 0 (decode): ceil(len / units) rounded up to CHUNK_GRAIN */
+    int units;           /* attention blocks per KV head at decode                           */
+    int layer;
+    int dk, dv;          /* floats of a prepared query and of a value accumulator (head_dim, or 2 head_dim for tq*p) */
+    int emax;            /* exact positions a query reads at most                           */
+    float *qkv;          /* (n, q_dim + 2 kv_dim) q (prepared: divided by the key weights) | k | v as stored */
+    const float *rope;   /* (ctx, head_dim/2, 2) cos and sin of RoPE's angle for every position and pair */
+    float *qext;         /* (n * n_heads, dk) queries as the key codec scores them           */
+    float *qu;           /* (n * n_heads, KPROJ_MAX) queries' parts along the key directions */
+    float *part;         /* (n * n_heads, MAX_PARTS, 2 + dv) per block: running max, sum, accumulator */
+    float *escore;       /* (n * n_heads, emax) scores of the exact positions, then their weights */
+} AttArgs;
+
+/* The model on the GPU. */
 struct Gpu {
-    TransformerWeights w; /* the weights, copied once                            */
-    KVCache kv;           /* the cache: same fields as the host's; the codecs' tables on the GPU too */
-    RunState s;           /* activations for `batch` tokens; att is (batch*n_heads, ctx),
-                             qperp is encode_kv's scratch, qp and acc are unused (shared memory) */
-    int *tokens;          /* (batch) token ids of the forward pass                 */
+    GpuWeights w;
+    KVCache kv;           /* the cache: the host's flags and codecs, every array in GPU memory */
+    AttArgs att;          /* the attention buffers below, for the kernels                    */
+    int batch;
+    float *x;             /* (batch, dim) residual stream                                  */
+    float *xb;            /* (batch, max(dim, q_dim)) normed input (batches), attention output */
+    float *qkv;           /* (batch, q_dim + 2 kv_dim)                                     */
+    float *hb;            /* (batch, 2 hidden_dim) gate | up (batches)                     */
+    float *hh;            /* (batch, hidden_dim) silu(gate) * up                           */
+    float *logits;        /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
+    float *wide;          /* (wide_floats) one weight matrix widened to fp32 for cuBLAS     */
+    size_t wide_floats;
+    int *step;            /* (1 + batch) device copy of host_step                          */
+    int *host_step;       /* (1 + batch) pinned: position, token ids                       */
+    float *host_logits;   /* pinned copy of logits                                         */
+    size_t enc_shared, att_shared, merge_shared; /* dynamic shared memory per block        */
+    int pdl;              /* 1: programmatic dependent launches (TQ_CUDA_NO_PDL unset) */
+    int host_stats;       /* 1: statistics measured on the host by run.c (TQ_CUDA_HOST_STATS set) */
+    double *stats_m;      /* (n_kv_heads, head_dim^2 + batch (head_dim + 1)) scratch of stats_kernel */
+    cudaStream_t stream;
     cublasHandle_t blas;
-    size_t att_shared;    /* bytes of shared memory per attention block            */
-    void *allocs[MAX_ALLOCS]; /* everything cudaMalloc'd, for gpu_free             */
+    cudaGraphExec_t decode; /* one token's forward pass at pos > 0, captured on first use  */
+    void *allocs[MAX_ALLOCS]; /* everything cudaMalloc'd, for gpu_free                   */
     int n_allocs;
 };
 
@@ -56,6 +135,938 @@ static void *gpu_alloc(Gpu *g, const void *host, size_t bytes) {
     return g->allocs[g->n_allocs++] = p;
 }
 
+static unsigned blocks(size_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
+__host__ __device__ static int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+/* ---------------------------------------------------------------------------
+ * Small device helpers
+ */
+
+/* Programmatic dependent launch (sm_90): kernels are launched (launch() below) so that the
+ * next one in the stream may start while this one finishes; every kernel first waits here
+ * until its predecessor has completed and its writes are visible (so the order is plain
+ * stream order), then lets its own successor start launching: the launch latency of one
+ * kernel hides behind the tail of the one before. */
+__device__ __forceinline__ void pdl_wait_then_release() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+/* Sum of v over the block (blockDim.x a multiple of 32); red: 32 T of shared memory.
+ * Every thread gets the sum; red may be reused right after. */
+template <typename T>
+__device__ T block_sum(T v, T *red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    __syncthreads();                       /* a previous call's readers are done with red */
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    T s = 0;
+    for (int i = 0; i < (int)(blockDim.x >> 5); i++) s += red[i];
+    return s;
+}
+
+template <typename T>
+__device__ T block_max(T v, T *red) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    T s = red[0];
+    for (int i = 1; i < (int)(blockDim.x >> 5); i++) s = fmaxf(s, red[i]);
+    return s;
+}
+
+__device__ __forceinline__ float ld_f16(const uint8_t *p) { return __half2float(__ldg((const __half *)p)); }
+
+__device__ __forceinline__ void load8(const float *p, float v[8]) {
+    float4 a = *(const float4 *)p, b = *(const float4 *)(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+/* ---------------------------------------------------------------------------
+ * Weights: fp32 (model.bin) -> fp16 on the GPU, and back to fp32 for cuBLAS
+ */
+
+__global__ void to_half_kernel(__half *dst, const float *src, size_t n) {
+    pdl_wait_then_release();
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __float2half_rn(fminf(fmaxf(src[i], -65504.0f), 65504.0f));  /* saturate, as tq.c's fp16 */
+}
+
+__global__ void to_float_kernel(float *dst, const __half *src, size_t n) {
+    pdl_wait_then_release();
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __half2float(src[i]);
+}
+
+/* dst (n fp16) = host (n fp32), through the fp32 scratch g->wide in pieces */
+static void upload_half(Gpu *g, __half *dst, const float *host, size_t n) {
+    for (size_t off = 0; off < n; off += g->wide_floats) {
+        size_t m = n - off < g->wide_floats ? n - off : g->wide_floats;
+        CUDA(cudaMemcpy(g->wide, host + off, m * sizeof(float), cudaMemcpyHostToDevice));
+        to_half_kernel<<<blocks(m, 256), 256>>>(dst + off, g->wide, m);
+        CUDA(cudaGetLastError());
+    }
+    CUDA(cudaDeviceSynchronize());
+}
+
+/* ---------------------------------------------------------------------------
+ * Element-wise steps
+ */
+
+__global__ void embed_kernel(float *x, const __half *emb, const int *step, int n, int dim) {
+    pdl_wait_then_release();
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n * dim) x[i] = __half2float(emb[(size_t)step[1 + i / dim] * dim + i % dim]);
+}
+
+/* run.c's rmsnorm for row blockIdx.x: o = w * (r x), r = 1/sqrt(mean(x^2) + eps), the sum in double */
+__global__ void rmsnorm_kernel(float *o, const float *x, const float *w, int dim, float eps) {
+    pdl_wait_then_release();
+    __shared__ double red[32];
+    const float *xr = x + (size_t)blockIdx.x * dim;
+    double ss = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xr[i] * xr[i];
+    ss = block_sum(ss, red);
+    float r = (float)(1.0 / sqrt(ss / dim + eps));
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[(size_t)blockIdx.x * dim + i] = w[i] * (r * xr[i]);
+}
+
+/* h (n, hid) = silu(gate) * up, from hb (n, 2 hid) = gate | up (run.c's formula) */
+__global__ void swiglu_kernel(float *h, const float *hb, int n, int hid) {
+    pdl_wait_then_release();
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * hid) return;
+    size_t b = i / hid, j = i % hid;
+    float gt = hb[b * 2 * hid + j], up = hb[b * 2 * hid + hid + j];
+    h[i] = gt / (1.0f + expf(-gt)) * up;
+}
+
+/* ---------------------------------------------------------------------------
+ * GEMV: one token's out (n_out) = W (n_out, n_in) . xn, W fp16, fp32 sums.
+ * A warp per output row; each lane streams 16 bytes (8 weights) at a time, so a
+ * row is read once at full width, GEMV_DEPTH loads ahead of the arithmetic (the
+ * first ones issued before the norm is computed). NORM: xn = run.c's rmsnorm of x with weights
+ * norm_w, computed by every block (x is a few KiB, read from L2). Epilogues:
+ * store; add into out (the residual stream); SwiGLU, out[i] = silu(W_i xn) *
+ * (W_{n_out+i} xn) with the up rows right after the gate rows.
+ */
+enum { EPI_STORE, EPI_ADD, EPI_SWIGLU };
+#define GEMV_DEPTH 4      /* 16-byte weight loads a lane keeps in flight per row */
+
+__device__ __forceinline__ float dot8_half(uint4 u, const float x[8]) {
+    const __half2 *h = (const __half2 *)&u;
+    float s = 0.0f;
+    for (int k = 0; k < 4; k++) {
+        float2 f = __half22float2(h[k]);
+        s += f.x * x[2 * k] + f.y * x[2 * k + 1];
+    }
+    return s;
+}
+
+template <int EPI, bool NORM>
+__global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const __half *W, const float *x,
+        const float *norm_w, int n_in, int n_out, float eps) {
+    pdl_wait_then_release();
+    __shared__ double red[32];
+    const int lane = threadIdx.x & 31, row = min((int)(blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)), n_out - 1);
+    const __half *w0 = W + (size_t)row * n_in, *w1 = w0 + (size_t)n_out * n_in;
+    uint4 a[GEMV_DEPTH], b[GEMV_DEPTH];       /* the first weights, in flight while the norm is computed */
+#pragma unroll
+    for (int u = 0; u < GEMV_DEPTH; u++) {
+        int j = lane * 8 + u * 256;
+        if (j < n_in) a[u] = __ldcs((const uint4 *)(w0 + j));
+        if (EPI == EPI_SWIGLU && j < n_in) b[u] = __ldcs((const uint4 *)(w1 + j));
+    }
+    float r = 1.0f;
+    if (NORM) {
+        double ss = 0;
+        for (int j = threadIdx.x; j < n_in; j += blockDim.x) ss += (double)x[j] * x[j];
+        ss = block_sum(ss, red);
+        r = (float)(1.0 / sqrt(ss / n_in + eps));
+    }
+    float a0 = 0.0f, a1 = 0.0f;
+    for (int j0 = 0; j0 < n_in; j0 += GEMV_DEPTH * 256) {
+#pragma unroll
+        for (int u = 0; u < GEMV_DEPTH; u++) {
+            int j = j0 + lane * 8 + u * 256;
+            if (j >= n_in) break;
+            float xv[8];
+            load8(x + j, xv);
+            if (NORM) {
+                float nw[8];
+                load8(norm_w + j, nw);
+                for (int k = 0; k < 8; k++) xv[k] = nw[k] * (r * xv[k]);
+            }
+            a0 += dot8_half(a[u], xv);
+            if (EPI == EPI_SWIGLU) a1 += dot8_half(b[u], xv);
+            int jn = j + GEMV_DEPTH * 256;    /* the load GEMV_DEPTH chunks ahead */
+            if (jn < n_in) {
+                a[u] = __ldcs((const uint4 *)(w0 + jn));
+                if (EPI == EPI_SWIGLU) b[u] = __ldcs((const uint4 *)(w1 + jn));
+            }
+        }
+    }
+    a0 = warp_sum(a0);
+    if (EPI == EPI_SWIGLU) a1 = warp_sum(a1);
+    if (lane || blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5) >= (unsigned)n_out) return;
+    if (EPI == EPI_STORE) out[row] = a0;
+    if (EPI == EPI_ADD) out[row] += a0;
+    if (EPI == EPI_SWIGLU) out[row] = a0 / (1.0f + expf(-a0)) * a1;
+}
+
+/* ---------------------------------------------------------------------------
+ * The codec on a team of threads (TEAM_WARP: the calling warp alone, synchronized
+ * with __syncwarp; TEAM_BLOCK: the whole block): nvec vectors of length d in
+ * shared memory. tq.c's rotation is d-point Walsh-Hadamard butterflies of span
+ * 1, 2, 4, ... after random signs, 3 rounds (or a dense matrix); here each
+ * stage's d/2 butterflies are spread over the team, in the same order per
+ * element, so the results are tq.c's to the bit.
+ */
+enum { TEAM_BLOCK = 0, TEAM_WARP = 1 };
+
+template <int T> __device__ __forceinline__ int team_tid() { return T == TEAM_WARP ? (int)(threadIdx.x & 31) : (int)threadIdx.x; }
+template <int T> __device__ __forceinline__ int team_size() { return T == TEAM_WARP ? 32 : (int)blockDim.x; }
+template <int T> __device__ __forceinline__ void team_sync() { if (T == TEAM_WARP) __syncwarp(); else __syncthreads(); }
+
+/* sum / max over the team; red: 32 of shared memory (a block's warps) */
+template <int T, typename V> __device__ __forceinline__ V team_sum(V v, V *red) {
+    if (T == TEAM_BLOCK) return block_sum(v, red);
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+template <int T, typename V> __device__ __forceinline__ V team_max(V v, V *red) {
+    if (T == TEAM_BLOCK) return block_max(v, red);
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+template <int T>
+__device__ void fwht_team(float *y, int nvec, int d) {      /* d a power of two: shifts, not divisions */
+    const int lh = __ffs(d) - 2;                            /* log2(d / 2) */
+    for (int len = 1; len < d; len *= 2) {
+        for (int p = team_tid<T>(); p < nvec << lh; p += team_size<T>()) {
+            int q = p & ((d >> 1) - 1), i = (p >> lh) * d + ((q & ~(len - 1)) << 1) + (q & (len - 1));
+            float a = y[i], b = y[i + len];
+            y[i] = a + b; y[i + len] = a - b;
+        }
+        team_sync<T>();
+    }
+    float norm = 1.0f / sqrtf((float)d);
+    for (int i = team_tid<T>(); i < nvec * d; i += team_size<T>()) y[i] *= norm;
+    team_sync<T>();
+}
+
+/* y = Pi y for each vector (tq_rotate); tmp: nvec*d floats, for the dense matrix */
+template <int T>
+__device__ void rotate_team(const tq_codec *c, float *y, int nvec, float *tmp) {
+    int d = c->d;
+    if (c->dense) {
+        for (int i = team_tid<T>(); i < nvec * d; i += team_size<T>()) tmp[i] = dot8(c->dense + (size_t)(i % d) * d, y + (i / d) * d, d);
+        team_sync<T>();
+        for (int i = team_tid<T>(); i < nvec * d; i += team_size<T>()) y[i] = tmp[i];
+        team_sync<T>();
+        return;
+    }
+    for (int r = 0; r < c->rounds; r++) {
+        for (int i = team_tid<T>(); i < nvec * d; i += team_size<T>()) y[i] *= c->signs[(size_t)r * d + (i & (d - 1))];
+        team_sync<T>();
+        fwht_team<T>(y, nvec, d);
+    }
+}
+
+/* y = Pi^T y (tq_unrotate), one vector */
+template <int T>
+__device__ void unrotate_team(const tq_codec *c, float *y, float *tmp) {
+    int d = c->d;
+    if (c->dense) {
+        for (int j = team_tid<T>(); j < d; j += team_size<T>()) {
+            float t = 0.0f;
+            for (int i = 0; i < d; i++) t += y[i] * c->dense[(size_t)i * d + j];
+            tmp[j] = t;
+        }
+        team_sync<T>();
+        for (int j = team_tid<T>(); j < d; j += team_size<T>()) y[j] = tmp[j];
+        team_sync<T>();
+        return;
+    }
+    for (int r = c->rounds - 1; r >= 0; r--) {
+        fwht_team<T>(y, 1, d);
+        for (int i = team_tid<T>(); i < d; i += team_size<T>()) y[i] *= c->signs[(size_t)r * d + i];
+        team_sync<T>();
+    }
+}
+
+/* Scratch of encode_team in shared memory. */
+typedef struct {
+    float *y, *cy, *tmp;   /* (d) each */
+    uint8_t *idx;          /* (d) */
+    double *red;           /* (32) */
+    float *hs;             /* (1): the stored scale, shared by the team */
+} EncScratch;
+
+/* code = tq_encode(c, x) with the team's threads: x (d) in shared memory, code in
+ * global memory. The plain formats and the tq formats' serial steps are tq.c's. */
+template <int T>
+__device__ void encode_team(const tq_codec *c, const float *x, uint8_t *code, EncScratch s) {
+    int d = c->d, b = c->bits, tid = team_tid<T>(), nt = team_size<T>();
+    if (c->fmt == TQ_FP32) {
+        for (int i = tid; i < d; i += nt) ((float *)code)[i] = x[i];
+        return;
+    }
+    if (c->fmt == TQ_FP16) {
+        for (int i = tid; i < d; i += nt) put_f16(code + 2 * i, tq_f32_to_f16(clampf(x[i], -(float)F16_MAX, (float)F16_MAX)));
+        return;
+    }
+    if (c->fmt == TQ_Q4) {     /* one thread per block of 32: tq.c's loop on that block */
+        tq_codec one = *c;
+        one.d = 32;
+        for (int blk = tid; blk < d / 32; blk += nt) encode_plain(&one, x + 32 * blk, code + 18 * blk);
+        return;
+    }
+    if (c->fmt == TQ_Q8) {
+        float amax = 0.0f;
+        for (int i = tid; i < d; i += nt) amax = fmaxf(amax, fabsf(x[i]));
+        amax = team_max<T>(amax, (float *)s.red);
+        uint16_t h = scale_f16(amax / 127.0);
+        float sc = tq_f16_to_f32(h);
+        for (int i = tid; i < d; i += nt) {
+            float q = sc > 0 ? roundf(x[i] / sc) : 0.0f;
+            code[i] = (uint8_t)(int8_t)clampf(q, -127.0f, 127.0f);
+        }
+        if (tid == 0) put_f16(code + d, h);
+        return;
+    }
+    /* TurboQuant: u = x/|x|, y = Pi u, idx = nearest centroid, scale, (QJL signs) */
+    double ss = 0;
+    for (int i = tid; i < d; i += nt) ss += (double)x[i] * x[i];
+    double norm = sqrt(team_sum<T>(ss, s.red)), inv = norm > 0 ? 1.0 / norm : 0.0;
+    for (int i = tid; i < d; i += nt) s.y[i] = (float)(x[i] * inv);
+    team_sync<T>();
+    rotate_team<T>(c, s.y, 1, s.tmp);
+    for (int i = tid; i < d; i += nt) {
+        uint8_t k = 0;
+        for (int j = 0; j + 1 < (1 << b); j++) k += s.y[i] > c->bounds[j];
+        s.idx[i] = k;
+        s.cy[i] = c->centroids[k];
+    }
+    team_sync<T>();
+    for (int grp = tid; grp < d / 8; grp += nt) pack(s.idx + 8 * grp, 8, b, code + b * grp);
+    uint8_t *p = code + (size_t)d * b / 8;
+    if (tid == 0) *s.hs = tq_f16_to_f32(scale_f16(norm > 0 ? scale_rule(c, norm, s.y, s.cy) : 0.0));
+    team_sync<T>();
+    uint16_t h = tq_f32_to_f16(*s.hs);
+    if (!is_prod(c->fmt)) {
+        if (tid == 0) put_f16(p, h);
+        return;
+    }
+    /* Algorithm 2's sketch of the rotated residual r = y - (s/|x|) c (tq.c's qjl_signs) */
+    float ratio = norm > 0 ? (float)(*s.hs / norm) : 0.0f;
+    for (int i = tid; i < d; i += nt) s.tmp[i] = s.y[i] - ratio * s.cy[i];
+    team_sync<T>();
+    for (int k = tid; k < d; k += nt) s.idx[k] = norm > 0 && dot8(c->qjl + (size_t)k * d, s.tmp, d) > 0;
+    team_sync<T>();
+    for (int grp = tid; grp < d / 8; grp += nt) pack(s.idx + 8 * grp, 8, 1, p + grp);
+    if (tid == 0) {
+        put_f16(p + d / 8, h);
+        put_f16(p + d / 8 + 2, scale_f16(norm > 0 ? norm * sqrt(dot8(s.tmp, s.tmp, d)) : 0.0));
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * RoPE, cache encode and query preparation of token b's KV head g: block
+ * (b * n_kv_heads + g) of 2 + ENC_QWARPS warps. mode: ROPE rotates q and k;
+ * ENCODE stores the key and value (run.c's encode_kv: offsets, weights,
+ * projections beta) and prepares the group's queries (run.c's prepare_query: q
+ * divided by the key weights, qu, and qext = Pi q_perp, plus S Pi q_perp for
+ * tq*p); EXACT also puts the token in the exact store right away (one token: the
+ * ring row it takes is no longer read by this step's attention). The block first
+ * copies the codecs' small tables, the head's statistics and the token's q, k, v
+ * to shared memory (one round trip to memory); then three independent chains run
+ * side by side: warp 0 encodes the key, warp 1 the value, the other warps
+ * prepare a query head each. RoPE's cos and sin come from a table the host
+ * computed exactly as run.c's rope() does.
+ */
+enum { MODE_ROPE = 1, MODE_ENCODE = 2, MODE_EXACT = 4 };
+#define ENC_QWARPS 4   /* warps preparing queries (a group's heads are shared among them) */
+
+/* floats of shared memory: the two codecs' tables, the head's statistics, q, k, v,
+ * two encoders' scratch, a query warp's scratch each (+ 33 doubles for reductions) */
+static size_t enc_shared_bytes(const Config *c, const KVCache *kv) {
+    size_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
+    size_t tables = (size_t)(kv->kc.rounds + kv->vc.rounds) * hd + 64;
+    size_t enc = 2 * (5 * hd + hd / 4 + 2);
+    return (tables + (3 + KPROJ_MAX) * hd + (G + 2) * hd + enc + ENC_QWARPS * hd) * sizeof(float) + 33 * sizeof(double);
+}
+
+/* a copy of codec c whose signs, bounds and centroids sit in shared memory at *sm (advanced) */
+__device__ tq_codec codec_to_shared(const tq_codec *c, float **sm) {
+    tq_codec s = *c;
+    int d = c->d, K = c->bits ? 1 << c->bits : 0;
+    if (c->signs) { s.signs = *sm; *sm += c->rounds * d; }
+    if (K) { s.bounds = *sm; s.centroids = *sm + 16; *sm += 32; }
+    for (int i = threadIdx.x; i < c->rounds * d; i += blockDim.x) s.signs[i] = c->signs[i];
+    for (int i = threadIdx.x; i < K; i += blockDim.x) {
+        s.centroids[i] = c->centroids[i];
+        if (i + 1 < K) s.bounds[i] = c->bounds[i];
+    }
+    return s;
+}
+
+__global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, int mode) {
+    pdl_wait_then_release();
+    extern __shared__ double shd[];
+    float *sm = (float *)(shd + 33);
+    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, R = kv.kproj, tid = threadIdx.x, nt = blockDim.x;
+    const int lane = tid & 31, warp = tid >> 5, lhd = __ffs(hd) - 1;
+    const int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads, pos = a.step[0], p = pos + b;
+    const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, head = (size_t)l * c.n_kv_heads + g;
+    float *row = a.qkv + (size_t)b * (qd + 2 * kvd), *q = row + (size_t)g * G * hd, *k = row + qd + g * hd, *v = k + kvd;
+
+    tq_codec kc = codec_to_shared(&kv.kc, &sm), vc = codec_to_shared(&kv.vc, &sm);
+    float *kw = sm, *ko = kw + hd, *vo = ko + hd, *u = vo + hd, *sq = u + KPROJ_MAX * hd, *sk = sq + G * hd, *sv = sk + hd;
+    float *scratch = sv + hd;
+    for (int i = tid; i < hd; i += nt) {
+        kw[i] = kv.kw[head * hd + i]; ko[i] = kv.koff[head * hd + i]; vo[i] = kv.voff[head * hd + i];
+        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
+        sk[i] = k[i]; sv[i] = v[i];
+    }
+    for (int i = tid; i < G * hd; i += nt) sq[i] = q[i];
+    __syncthreads();
+    if (mode & MODE_ROPE) {      /* run.c's rope(): pair (2i, 2i+1) turned by pos * theta^(-2i/head_dim) */
+        const float *cs = a.rope + (size_t)p * hd;
+        for (int t = tid; t < (G + 1) * (hd / 2); t += nt) {
+            int j = t >> (lhd - 1), i = 2 * (t & (hd / 2 - 1));
+            float *vec = j < G ? sq + j * hd : sk, co = cs[i], si = cs[i + 1], x0 = vec[i], x1 = vec[i + 1];
+            vec[i] = x0 * co - x1 * si;
+            vec[i + 1] = x0 * si + x1 * co;
+            if (!(mode & MODE_ENCODE)) {         /* RoPE alone (statistics come next): back to memory */
+                float *out = j < G ? q + j * hd : k;
+                out[i] = vec[i]; out[i + 1] = vec[i + 1];
+            }
+        }
+        __syncthreads();
+    }
+    if (!(mode & MODE_ENCODE)) return;
+
+    if (warp < 2) {              /* warp 0: the key; warp 1: the value */
+        float *x = scratch + warp * (5 * hd + hd / 4 + 2), *xp = x + hd;
+        EncScratch es = {xp + hd, xp + 2 * hd, xp + 3 * hd, (uint8_t *)(xp + 4 * hd), NULL, xp + 4 * hd + hd / 4};
+        float *src = warp == 0 ? sk : sv, *out = warp == 0 ? k : v;
+        const float *off = warp == 0 ? ko : vo;
+        for (int i = lane; i < hd; i += 32) { x[i] = warp == 0 ? kw[i] * (src[i] - off[i]) : src[i] - off[i]; xp[i] = x[i]; }
+        __syncwarp();
+        for (int r = 0; warp == 0 && r < R; r++) {   /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
+            float part = 0.0f;
+            for (int i = lane; i < hd; i += 32) part += u[r * hd + i] * x[i];
+            uint16_t beta = tq_f32_to_f16((float)team_sum<TEAM_WARP>((double)part, (double *)NULL));
+            if (lane == 0) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
+            for (int i = lane; i < hd; i += 32) xp[i] -= tq_f16_to_f32(beta) * u[r * hd + i];
+        }
+        __syncwarp();
+        if (warp == 0) encode_team<TEAM_WARP>(&kc, xp, cache_row(&kv, kv.key, kv.kc.bytes, &c, l, g, p), es);
+        else encode_team<TEAM_WARP>(&vc, xp, cache_row(&kv, kv.value, kv.vc.bytes, &c, l, g, p), es);
+        uint16_t *ex = warp == 0 ? kv.exact_k : kv.exact_v;
+        size_t er = (mode & MODE_EXACT) && (p < kv.sink || kv.window > 0) ? exact_row(&kv, &c, l, g, p) : SIZE_MAX;
+        for (int i = lane; i < hd; i += 32) {   /* the vector as the exact store keeps it (store_exact's rule) */
+            uint16_t h = tq_f32_to_f16(x[i]);
+            out[i] = tq_f16_to_f32(h);
+            if (er != SIZE_MAX) ex[er + i] = h;
+        }
+        return;
+    }
+    /* the other warps, a query head each: q /= w, qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated */
+    float *tmp = scratch + 2 * (5 * hd + hd / 4 + 2) + (size_t)(warp - 2) * hd;
+    for (int j = warp - 2; j < G; j += nt / 32 - 2) {
+        float *qj = sq + j * hd, *qg = q + j * hd, quj[KPROJ_MAX];
+        for (int i = lane; i < hd; i += 32) qg[i] = qj[i] /= kw[i];
+        __syncwarp();
+        for (int r = 0; r < R; r++) {
+            float part = 0.0f;
+            for (int i = lane; i < hd; i += 32) part += qj[i] * u[r * hd + i];
+            quj[r] = (float)team_sum<TEAM_WARP>((double)part, (double *)NULL);
+            if (lane == 0) a.qu[((size_t)b * c.n_heads + g * G + j) * KPROJ_MAX + r] = quj[r];
+        }
+        for (int i = lane; i < hd; i += 32)
+            for (int r = 0; r < R; r++) qj[i] -= quj[r] * u[r * hd + i];
+        __syncwarp();
+        if (is_tq(kc.fmt)) rotate_team<TEAM_WARP>(&kc, qj, 1, tmp);
+        float *qe = a.qext + ((size_t)b * c.n_heads + g * G + j) * a.dk;
+        for (int i = lane; i < hd; i += 32) qe[i] = qj[i];
+        if (is_prod(kc.fmt))             /* S Pi q_perp: the QJL half of the prepared query */
+            for (int i = lane; i < hd; i += 32) qe[hd + i] = dot8(kc.qjl + (size_t)i * hd, qj, hd);
+        __syncwarp();
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * A new sequence's statistics from its first batch (n tokens of layer l, after
+ * RoPE), run.c's measure_stats on the GPU: block g for KV head g. The sums over
+ * tokens run in run.c's order (one thread per channel or pair); the sums over
+ * channels (norms, projections) are the block's reductions, so the last bits of
+ * a double may differ from run.c's before they are rounded to float and fp16.
+ * m: per KV head, scratch of head_dim^2 + n (head_dim + 1) doubles: the keys' second
+ * moment, every token's r_b and its squared length.
+ */
+#define STATS_THREADS 256
+
+__device__ float f16_round(float x) { return tq_f16_to_f32(tq_f32_to_f16(x)); }
+
+/* run.c's store_direction: u (n) rounded to fp16, made orthogonal to prev, normalized */
+__device__ void store_direction_block(float *u, const float *prev, int n, double *red) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) u[i] = f16_round(u[i]);
+    __syncthreads();
+    if (prev) {
+        float part = 0.0f;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) part += u[i] * prev[i];
+        float pr = (float)block_sum((double)part, red);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) u[i] -= pr * prev[i];
+        __syncthreads();
+    }
+    double ss = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)u[i] * u[i];
+    double norm = block_sum(ss, red);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) u[i] = norm > 0 ? (float)(u[i] / sqrt(norm)) : 0.0f;
+    __syncthreads();
+}
+
+__global__ void __launch_bounds__(STATS_THREADS) stats_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, double *m) {
+    pdl_wait_then_release();
+    __shared__ double red[33];
+    extern __shared__ double sd[];     /* v, mv: (head_dim) doubles each */
+    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = blockIdx.x, n = a.n, first = n > 1 ? 1 : 0;
+    const int cnt = n - first, tid = threadIdx.x, nt = blockDim.x, R = kv.kproj;
+    const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, head = (size_t)l * c.n_kv_heads + g;
+    const float *q = a.qkv + (size_t)g * G * hd, *k = a.qkv + qd + (size_t)g * hd, *v = k + kvd;
+    float *mu = kv.koff + head * hd, *w = kv.kw + head * hd, *u1 = kv.kdir + head * R * hd;
+    m += (size_t)g * ((size_t)hd * hd + (size_t)n * (hd + 1));
+    for (int i = tid; i < hd; i += nt) {          /* set_offset: the mean of rows first.., in fp16 */
+        double sk = 0, sv = 0;
+        for (int b = first; b < n; b++) { sk += k[b * QKV + i]; sv += v[b * QKV + i]; }
+        if (kv.koffsets) mu[i] = f16_round((float)(sk / cnt));
+        if (kv.voffsets) kv.voff[head * hd + i] = f16_round((float)(sv / cnt));
+    }
+    for (int i = 2 * tid; kv.kweights && i < hd; i += 2 * nt) {   /* set_key_weights, pair (i, i+1) */
+        double e = 0, var = 0, mm[2] = {0, 0};
+        for (int b = first; b < n; b++)
+            for (int j = 0; j < 2; j++) {
+                double kj = k[b * QKV + i + j];
+                mm[j] += kj; var += kj * kj;
+                for (int h = 0; h < G; h++) { double qj = q[b * QKV + h * hd + i + j]; e += qj * qj; }
+            }
+        var = var / cnt - (mm[0] * mm[0] + mm[1] * mm[1]) / ((double)cnt * cnt);
+        float wi = (var > 0 && e > 0) ? (float)pow(e / ((double)G * cnt) / var, 0.25) : 1.0f;
+        wi = f16_round(wi);
+        w[i] = w[i + 1] = wi > 0 && isfinite(wi) ? wi : 1.0f;
+    }
+    __syncthreads();
+    if (!R) return;
+    /* set_key_dirs: u_1 = the group's mean query divided by w, normalized */
+    double ss = 0;
+    for (int i = tid; i < hd; i += nt) {
+        double sum = 0;
+        for (int b = first; b < n; b++)
+            for (int h = 0; h < G; h++) sum += q[b * QKV + h * hd + i];
+        u1[i] = (float)(sum / w[i]);
+        ss += (double)u1[i] * u1[i];
+    }
+    double norm = block_sum(ss, red);
+    for (int i = tid; i < hd; i += nt) u1[i] = norm > 0 ? (float)(u1[i] / sqrt(norm)) : 0.0f;
+    __syncthreads();
+    store_direction_block(u1, NULL, hd, red);
+    if (R < 2) return;
+    /* u_2: top principal direction of the keys as encoded, less their part along u_1. A warp
+     * per token b: r_b = w (k_b - mu) less its part along u_1, and |r_b|^2; then the second
+     * moment m = sum_b r_b r_b^T (a thread per element, tokens in order) */
+    double *rs = m + (size_t)hd * hd, *lens = rs + (size_t)n * hd, *vv = sd, *mv = vv + hd;
+    const int lane = tid & 31, warp = tid >> 5, lhd = __ffs(hd) - 1;
+    for (int b = first + warp; b < n; b += nt / 32) {
+        double part = 0, *r = rs + (size_t)b * hd;
+        for (int i = lane; i < hd; i += 32) { r[i] = w[i] * (k[b * QKV + i] - mu[i]); part += r[i] * u1[i]; }
+        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(FULL_MASK, part, o);
+        double len = 0;
+        for (int i = lane; i < hd; i += 32) { r[i] -= part * u1[i]; len += r[i] * r[i]; }
+        for (int o = 16; o > 0; o >>= 1) len += __shfl_xor_sync(FULL_MASK, len, o);
+        if (lane == 0) lens[b] = len;
+    }
+    __syncthreads();
+    int best = first;                             /* the longest, the first of equals (run.c's start) */
+    for (int b = first + 1; b < n; b++) if (lens[b] > lens[best]) best = b;
+    for (int i = tid; i < hd; i += nt) vv[i] = rs[(size_t)best * hd + i];
+    for (int i = tid; i < hd * hd; i += nt) {
+        double acc = 0;
+        const double *ri = rs + (i >> lhd), *rj = rs + (i & (hd - 1));
+        for (int b = first; b < n; b++) acc += ri[(size_t)b * hd] * rj[(size_t)b * hd];
+        m[i] = acc;
+    }
+    __syncthreads();
+    for (int it = 0; it < 200; it++) {              /* power iteration: v <- m v / |m v| */
+        double part = 0;
+        for (int i = tid; i < hd; i += nt) {
+            double s2 = 0;
+            for (int j = 0; j < hd; j++) s2 += m[(size_t)j * hd + i] * vv[j];   /* m is symmetric: coalesced */
+            mv[i] = s2;
+            part += s2 * s2;
+        }
+        double len = block_sum(part, red);
+        for (int i = tid; i < hd; i += nt) vv[i] = len > 0 ? mv[i] / sqrt(len) : 0.0;
+        __syncthreads();
+    }
+    float *u2 = u1 + hd;
+    for (int i = tid; i < hd; i += nt) u2[i] = (float)vv[i];
+    __syncthreads();
+    store_direction_block(u2, u1, hd, red);
+}
+
+/* a batch's tokens enter the exact store after its attention (run.c's store_exact, its
+ * head_dim conversions spread over the block's threads): block (b * n_kv_heads + g) */
+__global__ void store_exact_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
+                                   const __grid_constant__ AttArgs a) {
+    pdl_wait_then_release();
+    int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads, pos = a.step[0];
+    if (!(pos + b < kv.sink || (kv.window > 0 && b >= a.n - kv.window))) return;
+    size_t hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd, r = exact_row(&kv, &c, l, g, pos + b);
+    const float *k = a.qkv + b * (qd + 2 * kvd) + qd + g * hd;
+    for (size_t j = threadIdx.x; j < hd; j += blockDim.x) {
+        kv.exact_k[r + j] = tq_f32_to_f16(k[j]);
+        kv.exact_v[r + j] = tq_f32_to_f16(k[kvd + j]);
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * Attention over the coded keys. A key or value row is decoded in groups of 8
+ * coordinates (decode_group: 8 floats and the group's scale); lane layout:
+ * lane = key_lane * (D/8) + group, so a warp covers 32/(D/8) rows at a time and
+ * all loads of a row sit side by side. For the tq formats the decoded floats are
+ * codebook centroids in the rotated domain, for tq*p the QJL signs (+-1) follow
+ * (groups >= d/8), for the plain formats the stored numbers.
+ */
+
+/* asks for the L1 line holding p: a later load of it will not wait for memory */
+__device__ __forceinline__ void prefetch_l1(const void *p) { asm volatile("prefetch.global.L1 [%0];" :: "l"(p)); }
+
+/* the lines of rows t0 + kl + kpw*it (it < its, clamped below c1) that a lane decodes:
+ * one prefetch per row, at byte off (the lane's group's share of the row) */
+__device__ __forceinline__ void prefetch_rows(const uint8_t *base, size_t bytes, size_t off, int t0, int c1,
+                                              int kl, int kpw, int its) {
+    for (int it = 0; it < its; it++) prefetch_l1(base + (size_t)min(t0 + kl + kpw * it, c1 - 1) * bytes + off);
+}
+
+template <int B>     /* B bytes at p, little-endian (B <= 4) */
+__device__ __forceinline__ uint32_t load_bytes(const uint8_t *p) {
+    uint32_t w = 0;
+    for (int k = 0; k < B; k++) w |= (uint32_t)__ldg(p + k) << (8 * k);
+    return w;
+}
+
+template <int F>
+__device__ __forceinline__ float decode_group(const uint8_t *row, int gi, int d, const float *cent, float v[8]) {
+    if constexpr (F == TQ_FP32) {
+        load8((const float *)row + 8 * gi, v);
+        return 1.0f;
+    } else if constexpr (F == TQ_FP16) {
+        uint4 u = __ldg((const uint4 *)(row + 16 * gi));
+        const __half2 *h = (const __half2 *)&u;
+        for (int k = 0; k < 4; k++) { float2 f = __half22float2(h[k]); v[2 * k] = f.x; v[2 * k + 1] = f.y; }
+        return 1.0f;
+    } else if constexpr (F == TQ_Q8) {
+        for (int k = 0; k < 8; k++) v[k] = (float)(int8_t)__ldg(row + 8 * gi + k);
+        return ld_f16(row + d);
+    } else if constexpr (F == TQ_Q4) {          /* q4_0: element 2k in the low nibble of byte k */
+        const uint8_t *blk = row + 18 * (gi / 4);
+        uint32_t w = load_bytes<4>(blk + 4 * (gi % 4));
+        for (int k = 0; k < 4; k++) {
+            v[2 * k] = (float)((int)((w >> (8 * k)) & 15) - 8);
+            v[2 * k + 1] = (float)((int)((w >> (8 * k + 4)) & 15) - 8);
+        }
+        return ld_f16(blk + 16);
+    } else if constexpr (F == TQ_TQ2 || F == TQ_TQ3 || F == TQ_TQ4) {
+        const int b = F - TQ_TQ2 + 2;
+        uint32_t w = load_bytes<b>(row + b * gi);
+        for (int k = 0; k < 8; k++) v[k] = cent[(w >> (b * k)) & ((1u << b) - 1)];
+        return ld_f16(row + d * b / 8);
+    } else {                           /* tq*p: (b-1)-bit centroids, then the signs */
+        const int b = F - TQ_TQ2P + 1, so = d * b / 8;
+        if (gi < d / 8) {
+            uint32_t w = load_bytes<b>(row + b * gi);
+            for (int k = 0; k < 8; k++) v[k] = cent[(w >> (b * k)) & ((1u << b) - 1)];
+            return ld_f16(row + so + d / 8);
+        }
+        uint32_t sg = __ldg(row + so + gi - d / 8);
+        for (int k = 0; k < 8; k++) v[k] = (sg >> k) & 1 ? 1.0f : -1.0f;
+        return sqrtf((float)(PI / 2)) / d * ld_f16(row + so + d / 8 + 2);
+    }
+}
+
+/* The rows of one attention block and their running softmax state. */
+typedef struct {
+    int hi[ATT_ROWS];       /* coded keys of row r: [lo, hi[r]); hi = lo for a row past the batch */
+    int gr[ATT_ROWS];       /* global row: token * n_heads + head                            */
+} AttRows;
+
+/* s[it][r] = q_r . k_t for the batch's keys t = t0 + kl + kpw*it (it < itk), from the
+ * codes of key format F, plus the exact parts along the key directions, scaled
+ * by 1/sqrt(head_dim); -inf outside [.., c1) and the row's range. */
+template <int F>
+__device__ __forceinline__ void score_keys(const KVCache &kv, const uint8_t *base, const uint16_t *beta, int t0,
+        int c1, int kl, int gi, int gk, int kpw, int itk, const float q[ATT_ROWS][8], const float qu[ATT_ROWS][KPROJ_MAX],
+        const AttRows &rw, const float *cent, float scale, float s[ATT_IT][ATT_ROWS]) {
+    const int d = kv.kc.d, R = kv.kproj;
+    const size_t bytes = kv.kc.bytes;
+#pragma unroll
+    for (int it = 0; it < ATT_IT; it++) {
+        if (it >= itk) break;
+        int t = min(t0 + kl + kpw * it, c1 - 1);
+        float v[8], sc = decode_group<F>(base + t * bytes, gi, d, cent, v);
+        for (int r = 0; r < ATT_ROWS; r++) {
+            float acc = 0.0f;
+            for (int k = 0; k < 8; k++) acc += q[r][k] * v[k];
+            s[it][r] = sc * acc;
+        }
+    }
+    for (int o = 1; o < gk; o <<= 1)
+#pragma unroll
+        for (int it = 0; it < ATT_IT; it++)
+            for (int r = 0; r < ATT_ROWS; r++) s[it][r] += __shfl_xor_sync(FULL_MASK, s[it][r], o);
+#pragma unroll
+    for (int it = 0; it < ATT_IT; it++) {
+        if (it >= itk) break;
+        int t = t0 + kl + kpw * it, tc = min(t, c1 - 1);
+        float b0 = R > 0 ? tq_f16_to_f32(__ldg(beta + (size_t)tc * R)) : 0.0f;
+        float b1 = R > 1 ? tq_f16_to_f32(__ldg(beta + (size_t)tc * R + 1)) : 0.0f;
+        for (int r = 0; r < ATT_ROWS; r++) {
+            float x = s[it][r] + qu[r][0] * b0 + qu[r][1] * b1;
+            s[it][r] = t < c1 && t < rw.hi[r] ? scale * x : -INFINITY;
+        }
+    }
+}
+
+/* acc[r][k] += p[key][r] * value_t (group gi) for the batch's keys key = kl + kpw*it */
+template <int F>
+__device__ __forceinline__ void accumulate_values(const KVCache &kv, const uint8_t *base, int t0, int c1, int kl,
+        int gi, int kpw, int itv, const float *p, const float *cent, float acc[ATT_ROWS][8]) {
+    const int d = kv.vc.d;
+    const size_t bytes = kv.vc.bytes;
+#pragma unroll
+    for (int it = 0; it < ATT_IT; it++) {
+        if (it >= itv) break;
+        int key = kl + kpw * it, t = min(t0 + key, c1 - 1);
+        float v[8], sc = decode_group<F>(base + t * bytes, gi, d, cent, v);
+        for (int r = 0; r < ATT_ROWS; r++) {
+            float w = p[key * ATT_ROWS + r] * sc;
+            for (int k = 0; k < 8; k++) acc[r][k] += w * v[k];
+        }
+    }
+}
+
+#define FMT_CASES(M) M(TQ_FP32) M(TQ_FP16) M(TQ_Q8) M(TQ_Q4) M(TQ_TQ2) M(TQ_TQ3) M(TQ_TQ4) M(TQ_TQ2P) M(TQ_TQ3P) M(TQ_TQ4P)
+
+static size_t att_shared_bytes(int dv) {
+    return (32 + ATT_WARPS * (ATT_IT * 32 * ATT_ROWS) + ATT_WARPS * ATT_ROWS * (2 + dv)) * sizeof(float);
+}
+
+/* Block (chunk, row tile, KV head g): query rows rt*ATT_ROWS.. of the batch (row =
+ * token * group + j: head g*group + j of that token), keys [c0, c1) of the coded
+ * range [sink, T - window). Its warps take batches of KB keys in turn, each with
+ * its own online softmax (running max m, sum l, accumulator acc); the block then
+ * merges its warps and writes one partial result per row. */
+__global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
+    pdl_wait_then_release();
+    extern __shared__ float sh[];
+    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = blockIdx.z, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int pos = a.step[0], rows = a.n * G, rho0 = blockIdx.y * ATT_ROWS, lo = kv.sink;
+    const int last = min(rho0 + ATT_ROWS, rows) - 1, hi_max = pos + last / G + 1 - kv.window;
+    if (hi_max <= lo) return;
+    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(hi_max - lo, gridDim.x), CHUNK_GRAIN) * CHUNK_GRAIN;
+    const int c0 = lo + blockIdx.x * chunk, c1 = min(c0 + chunk, hi_max);
+    if (c0 >= c1) return;
+
+    AttRows rw;
+    for (int r = 0; r < ATT_ROWS; r++) {
+        int rho = min(rho0 + r, rows - 1), tok = rho / G;
+        rw.hi[r] = rho0 + r < rows ? pos + tok + 1 - kv.window : lo;
+        rw.gr[r] = tok * c.n_heads + g * G + rho % G;
+    }
+    const int gk = a.dk / 8, kpwk = 32 / gk, gv = a.dv / 8, kpwv = 32 / gv;
+    const int kb = ATT_IT * min(kpwk, kpwv), itk = kb / kpwk, itv = kb / kpwv;
+    const int kl = lane / gk, gik = lane % gk, klv = lane / gv, giv = lane % gv;
+    float *cent_k = sh, *cent_v = sh + 16, *p = sh + 32 + warp * (ATT_IT * 32 * ATT_ROWS);
+    if (threadIdx.x < 16 && kv.kc.centroids && threadIdx.x < (1u << kv.kc.bits)) cent_k[threadIdx.x] = kv.kc.centroids[threadIdx.x];
+    if (threadIdx.x < 16 && kv.vc.centroids && threadIdx.x < (1u << kv.vc.bits)) cent_v[threadIdx.x] = kv.vc.centroids[threadIdx.x];
+    __syncthreads();
+
+    float q[ATT_ROWS][8], qu[ATT_ROWS][KPROJ_MAX], m[ATT_ROWS], l[ATT_ROWS], acc[ATT_ROWS][8];
+    for (int r = 0; r < ATT_ROWS; r++) {
+        load8(a.qext + (size_t)rw.gr[r] * a.dk + 8 * gik, q[r]);
+        for (int j = 0; j < KPROJ_MAX; j++) qu[r][j] = j < kv.kproj ? a.qu[(size_t)rw.gr[r] * KPROJ_MAX + j] : 0.0f;
+        m[r] = NO_SCORE; l[r] = 0.0f;
+        for (int k = 0; k < 8; k++) acc[r][k] = 0.0f;
+    }
+    const size_t head = (size_t)a.layer * c.n_kv_heads + g;
+    const uint8_t *kbase = cache_row(&kv, kv.key, kv.kc.bytes, &c, a.layer, g, 0);
+    const uint8_t *vbase = cache_row(&kv, kv.value, kv.vc.bytes, &c, a.layer, g, 0);
+    const uint16_t *beta = kv.kproj ? kv.kbeta + head * kv.ctx * kv.kproj : NULL;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const size_t koff_lane = gik * kv.kc.bytes / gk, voff_lane = giv * kv.vc.bytes / gv;
+
+    for (int t0 = c0 + warp * kb; t0 < c1; t0 += ATT_WARPS * kb) {
+        float s[ATT_IT][ATT_ROWS];
+        /* the values of this batch and the keys of the next are on their way while this one is scored */
+        prefetch_rows(vbase, kv.vc.bytes, voff_lane, t0, c1, klv, kpwv, itv);
+        if (t0 + ATT_WARPS * kb < c1) prefetch_rows(kbase, kv.kc.bytes, koff_lane, t0 + ATT_WARPS * kb, c1, kl, kpwk, itk);
+        for (int it = 0; it < ATT_IT; it++)
+            for (int r = 0; r < ATT_ROWS; r++) s[it][r] = -INFINITY;
+        switch (kv.kc.fmt) {     /* one branch per batch of keys, never per key */
+#define SCORE_CASE(F) case F: score_keys<F>(kv, kbase, beta, t0, c1, kl, gik, gk, kpwk, itk, q, qu, rw, cent_k, scale, s); break;
+        FMT_CASES(SCORE_CASE)
+        default: break;
+        }
+        /* online softmax: the batch's max over its keys (lanes kl), rescale, p = exp(s - m) */
+        for (int r = 0; r < ATT_ROWS; r++) {
+            float bm = -INFINITY;
+            for (int it = 0; it < ATT_IT; it++) bm = fmaxf(bm, s[it][r]);
+            for (int o = gk; o < 32; o <<= 1) bm = fmaxf(bm, __shfl_xor_sync(FULL_MASK, bm, o));
+            float mn = fmaxf(m[r], bm), alpha = expf(m[r] - mn), ls = 0.0f;
+            for (int it = 0; it < ATT_IT; it++) { s[it][r] = expf(s[it][r] - mn); ls += s[it][r]; }
+            for (int o = gk; o < 32; o <<= 1) ls += __shfl_xor_sync(FULL_MASK, ls, o);
+            l[r] = l[r] * alpha + ls;
+            m[r] = mn;
+            for (int k = 0; k < 8; k++) acc[r][k] *= alpha;
+        }
+        if (gik == 0)
+            for (int it = 0; it < ATT_IT; it++)
+                if (it < itk)
+                    for (int r = 0; r < ATT_ROWS; r++) p[(kl + kpwk * it) * ATT_ROWS + r] = s[it][r];
+        __syncwarp();
+        switch (kv.vc.fmt) {
+#define VALUE_CASE(F) case F: accumulate_values<F>(kv, vbase, t0, c1, klv, giv, kpwv, itv, p, cent_v, acc); break;
+        FMT_CASES(VALUE_CASE)
+        default: break;
+        }
+        __syncwarp();
+    }
+    /* the lanes of one group hold sums over different keys: add them up */
+    for (int o = gv; o < 32; o <<= 1)
+        for (int r = 0; r < ATT_ROWS; r++)
+            for (int k = 0; k < 8; k++) acc[r][k] += __shfl_xor_sync(FULL_MASK, acc[r][k], o);
+
+    /* merge the warps: wm, wl (ATT_WARPS, ATT_ROWS), wacc (ATT_WARPS, ATT_ROWS, dv) */
+    float *wm = sh + 32 + ATT_WARPS * (ATT_IT * 32 * ATT_ROWS), *wl = wm + ATT_WARPS * ATT_ROWS, *wacc = wl + ATT_WARPS * ATT_ROWS;
+    if (klv == 0)
+        for (int r = 0; r < ATT_ROWS; r++)
+            for (int k = 0; k < 8; k++) wacc[((size_t)warp * ATT_ROWS + r) * a.dv + 8 * giv + k] = acc[r][k];
+    if (lane == 0)
+        for (int r = 0; r < ATT_ROWS; r++) { wm[warp * ATT_ROWS + r] = m[r]; wl[warp * ATT_ROWS + r] = l[r]; }
+    __syncthreads();
+    for (int i = threadIdx.x; i < ATT_ROWS * (2 + a.dv); i += blockDim.x) {
+        int r = i / (2 + a.dv), j = i % (2 + a.dv);
+        if (rho0 + r >= rows) continue;
+        float mx = NO_SCORE, sum = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, wm[w * ATT_ROWS + r]);
+        for (int w = 0; w < ATT_WARPS; w++) {
+            float e = expf(wm[w * ATT_ROWS + r] - mx);
+            sum += e * (j == 0 ? 0.0f : j == 1 ? wl[w * ATT_ROWS + r] : wacc[((size_t)w * ATT_ROWS + r) * a.dv + j - 2]);
+        }
+        a.part[((size_t)rw.gr[r] * MAX_PARTS + blockIdx.x) * (2 + a.dv) + j] = j == 0 ? mx : sum;
+    }
+}
+
+#define MERGE_EXACT 64   /* exact positions whose scores the merge keeps in shared memory */
+static size_t merge_shared_bytes(int dv) { return (2 * (size_t)dv + MAX_PARTS + MERGE_EXACT + 32) * sizeof(float); }
+
+/* Row (token b, head h): the partials of its chunks, the exact positions (the
+ * first `sink` and the last `window`, from the batch or the fp16 store), the
+ * value codec's finish (S^T for tq*p, then Pi^T) and the value offset: run.c's
+ * attention() output for that head, into out (n, q_dim). */
+__global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, const __grid_constant__ AttArgs a, float *out) {
+    pdl_wait_then_release();
+    extern __shared__ float sh[];
+    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, row = blockIdx.x, b = row / c.n_heads, h = row % c.n_heads;
+    const int g = h / G, l = a.layer, tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    const int pos = a.step[0], T = pos + b + 1, lo = kv.sink, hi = T - kv.window, len = hi > lo ? hi - lo : 0;
+    const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, dv = a.dv;
+    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(len, a.units), CHUNK_GRAIN) * CHUNK_GRAIN;
+    const int nparts = len > 0 ? ceil_div(len, chunk) : 0;
+    const int n1 = min(kv.sink, T), e2 = max(hi, kv.sink), ne = n1 + max(0, T - e2);   /* exact: [0, n1), [e2, T) */
+    float *y = sh, *yt = y + dv, *wu = yt + dv, *red = wu + MAX_PARTS, *es = red + 32;
+    if (a.emax > MERGE_EXACT) es = a.escore + (size_t)row * a.emax;    /* many exact positions: global memory */
+    const float *part = a.part + (size_t)row * MAX_PARTS * (2 + dv), *q = a.qkv + b * QKV + (size_t)h * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (size_t i = (size_t)tid * 32; i < (size_t)nparts * (2 + dv); i += (size_t)nt * 32) prefetch_l1(part + i);
+    for (int e = tid; e < ne; e += nt) {            /* the exact values, needed last */
+        int t = e < n1 ? e : e2 + e - n1;
+        prefetch_l1(t >= pos ? (const void *)(a.qkv + (size_t)(t - pos) * QKV + qd + kvd + (size_t)g * hd)
+                             : (const void *)(kv.exact_v + exact_row(&kv, &c, l, g, t)));
+    }
+
+    for (int e = warp; e < ne; e += nt / 32) {      /* run.c's key_score for the exact positions */
+        int t = e < n1 ? e : e2 + e - n1;
+        float s = 0.0f;
+        if (t >= pos) {
+            const float *k = a.qkv + (size_t)(t - pos) * QKV + qd + (size_t)g * hd;
+            for (int i = lane; i < hd; i += 32) s += q[i] * k[i];
+        } else {
+            const uint16_t *k = kv.exact_k + exact_row(&kv, &c, l, g, t);
+            for (int i = lane; i < hd; i += 32) s += q[i] * tq_f16_to_f32(k[i]);
+        }
+        s = warp_sum(s);
+        if (lane == 0) es[e] = scale * s;
+    }
+    __syncthreads();
+    float mx = NO_SCORE;
+    for (int u = tid; u < nparts; u += nt) mx = fmaxf(mx, part[(size_t)u * (2 + dv)]);
+    for (int e = tid; e < ne; e += nt) mx = fmaxf(mx, es[e]);
+    mx = block_max(mx, red);
+    float z = 0.0f;
+    for (int u = tid; u < nparts; u += nt) {
+        wu[u] = expf(part[(size_t)u * (2 + dv)] - mx);
+        z += wu[u] * part[(size_t)u * (2 + dv) + 1];
+    }
+    for (int e = tid; e < ne; e += nt) { es[e] = expf(es[e] - mx); z += es[e]; }
+    z = block_sum(z, red);          /* (synchronizes wu and es too) */
+    for (size_t i = tid; i < dv; i += nt) {
+        float s = 0.0f;
+        for (int u = 0; u < nparts; u++) s += wu[u] * part[(size_t)u * (2 + dv) + 2 + i];
+        y[i] = s / z;
+    }
+    __syncthreads();
+    const tq_codec *vc = &kv.vc;
+    for (int i = tid; i < hd; i += nt) {            /* tq_finish: yt = acc + S^T acc_qjl, then Pi^T */
+        float s = y[i];
+        if (is_prod(vc->fmt))
+            for (int k = 0; k < hd; k++) s += y[hd + k] * vc->qjl[(size_t)k * hd + i];
+        yt[i] = s;
+    }
+    __syncthreads();
+    if (is_tq(vc->fmt)) unrotate_team<TEAM_BLOCK>(vc, yt, y);
+    const float *voff = kv.voff + ((size_t)l * c.n_kv_heads + g) * hd;
+    for (int i = tid; i < hd; i += nt) {            /* add_exact_values: p_t v_t, then mu_v */
+        float o = yt[i];
+        for (int e = 0; e < ne; e++) {
+            int t = e < n1 ? e : e2 + e - n1;
+            float p = es[e] / z;
+            o += t >= pos ? p * a.qkv[(size_t)(t - pos) * QKV + qd + kvd + (size_t)g * hd + i]
+                          : p * tq_f16_to_f32(kv.exact_v[exact_row(&kv, &c, l, g, t) + i]);
+        }
+        out[(size_t)b * qd + (size_t)h * hd + i] = o + voff[i];
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * Building the GPU side
+ */
+
 /* A codec whose tables (centroids, bounds, Hadamard signs, dense Pi, QJL S)
  * are copies in GPU memory: tq_init's own numbers, never redrawn (tq.c). */
 static tq_codec gpu_codec(Gpu *g, const tq_codec *c) {
@@ -69,33 +1080,44 @@ static tq_codec gpu_codec(Gpu *g, const tq_codec *c) {
     return d;
 }
 
-static size_t att_shared_bytes(const KVCache *kv, const Config *c) {
-    size_t qf = tq_query_floats(&kv->kc), af = tq_acc_floats(&kv->vc);
-    return (qf + c->head_dim + KPROJ_MAX + ATT_THREADS + af + ATT_THREADS * (af + 1)) * sizeof(float);
+/* floats of a prepared query (key codec) or a value accumulator: the decoded groups */
+static int ext_floats(const tq_codec *c) { return c->fmt >= TQ_TQ2P ? 2 * c->d : c->d; }
+
+/* What the GPU cannot take; one line naming it. */
+static void gpu_check(const Config *c, const KVCache *kv) {
+    int hd = c->head_dim;
+    if (c->dim % 8 || c->hidden_dim % 8 || (c->n_heads * hd) % 8)
+        die("the GPU build needs dim, hidden_dim and n_heads x head_dim in multiples of 8 (use run)");
+    if (hd < 16 || hd > 256 || (hd & (hd - 1)))
+        die("the GPU build's attention handles head_dim 16, 32, 64, 128 or 256, the model's is %d (use run)", hd);
+    const tq_codec *cs[2] = {&kv->kc, &kv->vc};
+    for (int i = 0; i < 2; i++)
+        if (ext_floats(cs[i]) > 256)
+            die("format %s on the GPU handles head_dim up to 128, the model's is %d (use run, or another format)",
+                tq_fmt_name(cs[i]->fmt), hd);
 }
 
-__global__ void attention_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
-                                 const __grid_constant__ Batch bt, float *q, float *att, float *out);
-
-/* Copies the model into GPU memory and allocates the cache and activations
- * there (called by build_transformer once the host side is built). */
+/* Copies the model into GPU memory (fp16) and allocates the cache and
+ * activations there (called by build_transformer once the host side is built). */
 static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     const Config *c = &t->config;
     KVCache *kv = &t->cache;
-    const RunState *hs = &t->state;
-    tq_fmt fmts[2] = {kv->kc.fmt, kv->vc.fmt};
-    for (int i = 0; i < 2; i++)
-        if (fmts[i] >= TQ_TQ2 && (c->head_dim > TQ_GPU_MAX_D || c->head_dim % 16))   /* even-sized rows: tq.c */
-            die("format %s on the GPU handles head_dim up to %d in multiples of 16, the model's is %d "
-                "(use run, or fp32, fp16, q8 or q4)", tq_fmt_name(fmts[i]), TQ_GPU_MAX_D, c->head_dim);
+    gpu_check(c, kv);
     int dev;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaFree(0) != cudaSuccess) die("no usable CUDA GPU (use run, the CPU build)");
-    size_t B = (size_t)hs->batch, hd = (size_t)c->head_dim, heads = (size_t)c->n_layers * c->n_kv_heads;
-    size_t qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, wide = qd > (size_t)c->dim ? qd : (size_t)c->dim;
-    size_t logit_rows = all_logits ? B : 1, f = sizeof(float), R = kv->kproj;
-    /* what the host allocates (run_bytes), plus attention weights per (token, head) rather than per thread */
-    double need = (double)c->weights_bytes + run_bytes(c, o, kv->ctx, hs->batch, all_logits)
-                + 4.0 * B * c->n_heads * kv->ctx;
+    size_t B = (size_t)t->state.batch, hd = (size_t)c->head_dim, heads = (size_t)c->n_layers * c->n_kv_heads;
+    size_t L = c->n_layers, dim = c->dim, hid = c->hidden_dim, V = c->vocab_size;
+    size_t qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, wide = qd > dim ? qd : dim;
+    size_t logit_rows = all_logits ? B : 1, f = sizeof(float), h2 = sizeof(__half), R = kv->kproj;
+    int dk = ext_floats(&kv->kc), dv = ext_floats(&kv->vc), emax = kv->sink + kv->window < kv->ctx ? kv->sink + kv->window : kv->ctx;
+    size_t wide_floats = QKV * dim;                       /* the largest matrix of a layer */
+    if (2 * hid * dim > wide_floats) wide_floats = 2 * hid * dim;
+    if (qd * dim > wide_floats) wide_floats = qd * dim;
+    size_t wbytes = h2 * (V * dim * (c->shared_classifier ? 1 : 2) + L * dim * (QKV + qd + 3 * hid)) + f * (2 * L + 1) * dim;
+    double act = (double)f * (B * (2 * dim + wide + QKV + 3 * hid + c->n_heads * (dk + KPROJ_MAX + MAX_PARTS * (2.0 + dv) + emax))
+                              + logit_rows * V + wide_floats);
+    double cache = (double)heads * kv->ctx * (kv->kc.bytes + kv->vc.bytes + 2 * R) + 4.0 * heads * kv->slots * hd;
+    double need = wbytes + act + cache;
     size_t free_b, total_b;
     CUDA(cudaMemGetInfo(&free_b, &total_b));
     if (need > (double)free_b)
@@ -103,7 +1125,35 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
             "give a smaller -c or --batch", kv->ctx, need / 1073741824.0, free_b / 1073741824.0);
 
     Gpu *g = (Gpu *)xcalloc(1, sizeof(Gpu), "the GPU state");
-    map_weights(&g->w, c, (float *)gpu_alloc(g, t->data + c->weights_offset, c->weights_bytes));
+    g->batch = (int)B;
+    g->wide_floats = wide_floats;
+    g->wide = (float *)gpu_alloc(g, NULL, wide_floats * f);
+    const TransformerWeights *hw = &t->weights;     /* the host's fp32 weights (mmap) */
+    GpuWeights *w = &g->w;
+    w->emb = (__half *)gpu_alloc(g, NULL, V * dim * h2);
+    upload_half(g, w->emb, hw->token_embedding, V * dim);
+    w->wcls = w->emb;
+    if (!c->shared_classifier) {
+        w->wcls = (__half *)gpu_alloc(g, NULL, V * dim * h2);
+        upload_half(g, w->wcls, hw->wcls, V * dim);
+    }
+    w->wqkv = (__half *)gpu_alloc(g, NULL, L * QKV * dim * h2);
+    w->wo = (__half *)gpu_alloc(g, NULL, L * dim * qd * h2);
+    w->w13 = (__half *)gpu_alloc(g, NULL, L * 2 * hid * dim * h2);
+    w->w2 = (__half *)gpu_alloc(g, NULL, L * dim * hid * h2);
+    for (size_t l = 0; l < L; l++) {
+        __half *qkv = w->wqkv + l * QKV * dim, *w13 = w->w13 + l * 2 * hid * dim;
+        upload_half(g, qkv, hw->wq + l * qd * dim, qd * dim);
+        upload_half(g, qkv + qd * dim, hw->wk + l * kvd * dim, kvd * dim);
+        upload_half(g, qkv + (qd + kvd) * dim, hw->wv + l * kvd * dim, kvd * dim);
+        upload_half(g, w->wo + l * dim * qd, hw->wo + l * dim * qd, dim * qd);
+        upload_half(g, w13, hw->w1 + l * hid * dim, hid * dim);
+        upload_half(g, w13 + hid * dim, hw->w3 + l * hid * dim, hid * dim);
+        upload_half(g, w->w2 + l * dim * hid, hw->w2 + l * dim * hid, dim * hid);
+    }
+    w->rms_att = (float *)gpu_alloc(g, hw->rms_att, L * dim * f);
+    w->rms_ffn = (float *)gpu_alloc(g, hw->rms_ffn, L * dim * f);
+    w->rms_final = (float *)gpu_alloc(g, hw->rms_final, dim * f);
 
     g->kv = *kv;   /* flags, ctx, sink, window, slots; then every array on the GPU */
     g->kv.kc = gpu_codec(g, &kv->kc);
@@ -121,224 +1171,237 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     kv->key = kv->value = NULL;
     kv->kbeta = NULL;
 
-    RunState *s = &g->s;
-    s->batch = hs->batch;
-    s->x = (float *)gpu_alloc(g, NULL, B * c->dim * f);
-    s->xb = (float *)gpu_alloc(g, NULL, B * wide * f);
-    s->xb2 = (float *)gpu_alloc(g, NULL, B * c->dim * f);
-    s->hb = (float *)gpu_alloc(g, NULL, B * c->hidden_dim * f);
-    s->hb2 = (float *)gpu_alloc(g, NULL, B * c->hidden_dim * f);
-    s->q = (float *)gpu_alloc(g, NULL, B * qd * f);
-    s->k = (float *)gpu_alloc(g, NULL, B * kvd * f);
-    s->v = (float *)gpu_alloc(g, NULL, B * kvd * f);
-    s->qperp = (float *)gpu_alloc(g, NULL, B * kvd * f);
-    s->att = (float *)gpu_alloc(g, NULL, B * c->n_heads * (size_t)kv->ctx * f);
-    s->logits = (float *)gpu_alloc(g, NULL, logit_rows * c->vocab_size * f);
-    g->tokens = (int *)gpu_alloc(g, NULL, B * sizeof(int));
+    g->x = (float *)gpu_alloc(g, NULL, B * dim * f);
+    g->xb = (float *)gpu_alloc(g, NULL, B * wide * f);
+    g->qkv = (float *)gpu_alloc(g, NULL, B * QKV * f);
+    g->hb = (float *)gpu_alloc(g, NULL, B * 2 * hid * f);
+    g->hh = (float *)gpu_alloc(g, NULL, B * hid * f);
+    g->logits = (float *)gpu_alloc(g, NULL, logit_rows * V * f);
+    g->step = (int *)gpu_alloc(g, NULL, (1 + B) * sizeof(int));
+    AttArgs *a = &g->att;
+    a->step = g->step;
+    a->units = MAX_PARTS;       /* set below, once the kernel's occupancy is known */
+    a->dk = dk; a->dv = dv; a->emax = emax > 0 ? emax : 1;
+    a->qkv = g->qkv;
+    float *cs = (float *)xcalloc((size_t)kv->ctx * hd, sizeof(float), "RoPE table");
+    for (size_t p = 0; p < (size_t)kv->ctx; p++)      /* run.c's rope(), angle for angle */
+        for (size_t i = 0; i < hd; i += 2) {
+            double ang = p * pow(c->rope_theta, -(double)i / hd);
+            cs[p * hd + i] = (float)cos(ang);
+            cs[p * hd + i + 1] = (float)sin(ang);
+        }
+    a->rope = (float *)gpu_alloc(g, cs, (size_t)kv->ctx * hd * f);
+    free(cs);
+    a->qext = (float *)gpu_alloc(g, NULL, B * c->n_heads * dk * f);
+    a->qu = (float *)gpu_alloc(g, NULL, B * c->n_heads * KPROJ_MAX * f);
+    a->part = (float *)gpu_alloc(g, NULL, B * c->n_heads * MAX_PARTS * (2 + dv) * f);
+    a->escore = (float *)gpu_alloc(g, NULL, B * c->n_heads * a->emax * f);
+    g->stats_m = (double *)gpu_alloc(g, NULL, (size_t)c->n_kv_heads * (hd * hd + B * (hd + 1)) * sizeof(double));
+    CUDA(cudaMallocHost((void **)&g->host_step, (1 + B) * sizeof(int)));
+    CUDA(cudaMallocHost((void **)&g->host_logits, logit_rows * V * f));
 
+    g->pdl = getenv("TQ_CUDA_NO_PDL") == NULL;   /* a knob for measuring what PDL gains */
+    g->host_stats = getenv("TQ_CUDA_HOST_STATS") != NULL;   /* run.c's own statistics, to check stats_kernel */
+    CUDA(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
     BLAS(cublasCreate(&g->blas));
     BLAS(cublasSetMathMode(g->blas, CUBLAS_DEFAULT_MATH));
-    int shared_max;   /* the attribute is the kernel's, not this model's: set it to the device's limit */
+    BLAS(cublasSetStream(g->blas, g->stream));
+    int shared_max;
     CUDA(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    g->att_shared = att_shared_bytes(kv, c);
-    if (g->att_shared > (size_t)shared_max)
-        die("attention needs %zu bytes of shared memory per block for %s/%s at head_dim %d, the GPU has %d",
-            g->att_shared, tq_fmt_name(kv->kc.fmt), tq_fmt_name(kv->vc.fmt), c->head_dim, shared_max);
+    g->enc_shared = enc_shared_bytes(c, kv);
+    g->att_shared = att_shared_bytes(dv);
+    g->merge_shared = merge_shared_bytes(dv);
+    if (g->enc_shared > (size_t)shared_max || g->att_shared > (size_t)shared_max)
+        die("the GPU's %d bytes of shared memory per block are too few for head_dim %d", shared_max, c->head_dim);
+    /* the attribute is the kernel's, for every model of the process: the device's limit */
+    CUDA(cudaFuncSetAttribute(rope_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
     CUDA(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
+    /* decode: as many attention blocks per KV head as fill the GPU once (a second, partial
+     * wave would leave most multiprocessors idle), at most MAX_PARTS */
+    int per_sm = 1, sms = 1;
+    CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_kernel, ATT_WARPS * 32, g->att_shared));
+    CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    a->units = per_sm * sms / c->n_kv_heads;
+    if (a->units > MAX_PARTS) a->units = MAX_PARTS;
+    if (a->units < 1) a->units = 1;
+    CUDA(cudaDeviceSynchronize());
+    (void)o;
     t->gpu = g;
 }
 
 static void gpu_free(Transformer *t) {
     Gpu *g = t->gpu;
     if (!g) return;
+    if (g->decode) cudaGraphExecDestroy(g->decode);
     cublasDestroy(g->blas);
+    cudaStreamDestroy(g->stream);
+    cudaFreeHost(g->host_step);
+    cudaFreeHost(g->host_logits);
     for (int i = 0; i < g->n_allocs; i++) cudaFree(g->allocs[i]);
     free(g);
     t->gpu = NULL;
 }
 
 /* ---------------------------------------------------------------------------
- * Kernels: each runs one step of run.c's forward() for every token (and head)
- * at once, calling the same TQ_HD functions.
+ * The forward pass
  */
 
-static unsigned blocks(size_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
-
-__global__ void embed_kernel(float *x, const float *emb, const int *tokens, int n, int dim) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < (size_t)n * dim) x[i] = emb[(size_t)tokens[i / dim] * dim + i % dim];
+/* kernel<<<grid, block, shared, g->stream>>>(args...), as a programmatic dependent launch
+ * (pdl_wait_then_release) unless g->pdl is 0 */
+template <typename... KArgs, typename... Args>
+static void launch(const Gpu *g, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t shared, Args... args) {
+    cudaLaunchAttribute at;
+    at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at.val.programmaticStreamSerializationAllowed = g->pdl;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = shared;
+    cfg.stream = g->stream;
+    cfg.attrs = &at;
+    cfg.numAttrs = 1;
+    CUDA(cudaLaunchKernelEx(&cfg, kernel, args...));
 }
 
-__global__ void rmsnorm_kernel(float *o, const float *x, const float *w, int n, int dim, float eps) {
-    int b = blockIdx.x * blockDim.x + threadIdx.x;
-    if (b < n) rmsnorm(o + (size_t)b * dim, x + (size_t)b * dim, w, dim, eps);
-}
-
-__global__ void rope_kernel(const __grid_constant__ Config c, float *q, float *k, int n, int pos) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n * c.n_kv_heads) rope_group(&c, q, k, i / c.n_kv_heads, i % c.n_kv_heads, pos);
-}
-
-__global__ void encode_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
-                              float *k, float *v, float *scratch, int n, int pos) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n * c.n_kv_heads) return;
-    size_t hd = c.head_dim, kvd = c.n_kv_heads * hd;
-    int b = i / c.n_kv_heads, g = i % c.n_kv_heads;
-    encode_kv(&kv, &c, l, g, pos + b, k + b * kvd + g * hd, v + b * kvd + g * hd, scratch + (size_t)i * hd);
-}
-
-__global__ void store_exact_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
-                                   const float *k, const float *v, int n, int pos) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n * c.n_kv_heads) return;
-    size_t hd = c.head_dim, kvd = c.n_kv_heads * hd;
-    int b = i / c.n_kv_heads, g = i % c.n_kv_heads;
-    store_exact(&kv, &c, l, g, pos, b, n, k + b * kvd + g * hd, v + b * kvd + g * hd);
-}
-
-__global__ void add_kernel(float *x, const float *y, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] += y[i];
-}
-
-__global__ void swiglu_kernel(float *h, const float *h2, size_t n) {   /* h = silu(h) * h2 */
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) h[i] = h[i] / (1.0f + expf(-h[i])) * h2[i];
-}
-
-/* max (take_max) or sum of v over the block's ATT_THREADS threads, red: ATT_THREADS floats */
-__device__ float block_reduce(float v, float *red, int take_max) {
-    red[threadIdx.x] = v;
-    __syncthreads();
-    for (int s = ATT_THREADS / 2; s > 0; s /= 2) {
-        if ((int)threadIdx.x < s) red[threadIdx.x] = take_max ? fmaxf(red[threadIdx.x], red[threadIdx.x + s])
-                                                              : red[threadIdx.x] + red[threadIdx.x + s];
-        __syncthreads();
-    }
-    float r = red[0];
-    __syncthreads();
-    return r;
-}
-
-/* Block (b, h): query head h of token b, at position bt.pos + b, over its T
- * keys; run.c's attention() with the keys split over the threads:
- *   thread 0 prepares the query (shared memory);
- *   each thread scores its keys t = tid, tid + ATT_THREADS, ... (key_score);
- *   softmax over the block (max and sum reduced in shared memory);
- *   each thread accumulates its keys' value codes into its own accumulator
- *   (tq_axpy, a row of shared memory padded by one float against bank clashes);
- *   the rows are summed, and thread 0 rotates the sum back (tq_finish) and adds
- *   the exact positions and mu_v (add_exact_values). */
-__global__ void __launch_bounds__(ATT_THREADS) attention_kernel(const __grid_constant__ KVCache kv,
-        const __grid_constant__ Config c, int l, const __grid_constant__ Batch bt, float *q, float *att, float *out) {
-    extern __shared__ float sh[];
-    int hd = c.head_dim, tid = threadIdx.x, b = blockIdx.x / c.n_heads, h = blockIdx.x % c.n_heads;
-    int g = h / (c.n_heads / c.n_kv_heads), T = bt.pos + b + 1;
-    size_t qf = tq_query_floats(&kv.kc), af = tq_acc_floats(&kv.vc);
-    float *qp = sh, *qperp = qp + qf, *qu = qperp + hd, *red = qu + KPROJ_MAX, *sum = red + ATT_THREADS;
-    float *accs = sum + af, *acc = accs + (size_t)tid * (af + 1);
-    float *qh = q + (size_t)blockIdx.x * hd, *p = att + (size_t)blockIdx.x * kv.ctx;
-
-    if (tid == 0) prepare_query(&kv, &c, l, g, qh, qperp, qu, qp);
-    __syncthreads();
-    float mx = -INFINITY, scale = 1.0f / sqrtf((float)hd);
-    for (int t = tid; t < T; t += ATT_THREADS) {
-        p[t] = scale * key_score(&kv, &c, l, g, t, T, qh, qp, qu, &bt);
-        mx = fmaxf(mx, p[t]);
-    }
-    mx = block_reduce(mx, red, 1);
-    float z = 0.0f;
-    for (int t = tid; t < T; t += ATT_THREADS) { p[t] = expf(p[t] - mx); z += p[t]; }
-    z = block_reduce(z, red, 0);
-    for (size_t j = 0; j < af; j++) acc[j] = 0.0f;
-    for (int t = tid; t < T; t += ATT_THREADS) {
-        p[t] /= z;
-        if (!is_exact(&kv, t, T)) tq_axpy(&kv.vc, p[t], cache_row(&kv, kv.value, kv.vc.bytes, &c, l, g, t), acc);
-    }
-    __syncthreads();
-    for (size_t j = tid; j < af; j += ATT_THREADS) {
-        float s = 0.0f;
-        for (int i = 0; i < ATT_THREADS; i++) s += accs[(size_t)i * (af + 1) + j];
-        sum[j] = s;
-    }
-    __syncthreads();
-    if (tid == 0) {
-        float *o = out + (size_t)blockIdx.x * hd;
-        tq_finish(&kv.vc, sum, o);
-        add_exact_values(&kv, &c, l, g, T, p, &bt, o);
+/* out (B, d; row stride ldo) = x (B, n; row stride ldx) . W^T + beta * out, W (d, n) fp16:
+ * W widened to fp32 (in pieces of rows when it is larger than the scratch), then
+ * cuBLAS SGEMM; column-major, out^T (d, B) = W (n x d as stored)^T . x^T (n, B). */
+static void gemm(Gpu *g, float *out, int ldo, const float *x, int ldx, const __half *w, int B, int n, int d, float beta) {
+    const float one = 1.0f;
+    int rows = (int)(g->wide_floats / n < (size_t)d ? g->wide_floats / n : (size_t)d);
+    for (int r0 = 0; r0 < d; r0 += rows) {
+        int m = d - r0 < rows ? d - r0 : rows;
+        launch(g, to_float_kernel, dim3(blocks((size_t)m * n, 256)), dim3(256), 0, g->wide, w + (size_t)r0 * n, (size_t)m * n);
+        BLAS(cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, m, B, n, &one, g->wide, n, x, ldx, &beta, out + r0, ldo));
     }
 }
 
-/* out (B, d) = x (B, n) . W^T with W (d, n) row-major: in cuBLAS's column-major
- * terms out^T (d, B) = W^T(as stored: n x d)^T . x^T (n, B). */
-static void matmul(Gpu *g, float *out, const float *x, const float *w, int B, int n, int d) {
-    const float one = 1.0f, zero = 0.0f;
-    BLAS(cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, d, B, n, &one, w, n, x, n, &zero, out, d));
-}
-
-/* A new sequence: layer l's first-batch q, k, v go to the host, run.c's
- * measure_stats fills the host cache's statistics, and they come back. */
+/* A new sequence the host's way (TQ_CUDA_HOST_STATS): layer l's first-batch q, k, v
+ * go to the host, run.c's measure_stats fills the host cache's statistics, and they
+ * come back. stats_kernel does the same on the GPU. */
 static void gpu_stats(Transformer *t, int l, int n) {
     const Config *c = &t->config;
     Gpu *g = t->gpu;
     KVCache *kv = &t->cache;
     RunState *hs = &t->state;
-    size_t hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, R = kv->kproj, f = sizeof(float);
-    CUDA(cudaMemcpy(hs->q, g->s.q, n * qd * f, cudaMemcpyDeviceToHost));
-    CUDA(cudaMemcpy(hs->k, g->s.k, n * kvd * f, cudaMemcpyDeviceToHost));
-    CUDA(cudaMemcpy(hs->v, g->s.v, n * kvd * f, cudaMemcpyDeviceToHost));
+    size_t hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, R = kv->kproj, f = sizeof(float);
+    CUDA(cudaMemcpy2DAsync(hs->q, qd * f, g->qkv, QKV * f, qd * f, n, cudaMemcpyDeviceToHost, g->stream));
+    CUDA(cudaMemcpy2DAsync(hs->k, kvd * f, g->qkv + qd, QKV * f, kvd * f, n, cudaMemcpyDeviceToHost, g->stream));
+    CUDA(cudaMemcpy2DAsync(hs->v, kvd * f, g->qkv + qd + kvd, QKV * f, kvd * f, n, cudaMemcpyDeviceToHost, g->stream));
+    CUDA(cudaStreamSynchronize(g->stream));
     measure_stats(kv, c, l, hs->q, hs->k, hs->v, n);
-    CUDA(cudaMemcpy(g->kv.koff + l * kvd, kv->koff + l * kvd, kvd * f, cudaMemcpyHostToDevice));
-    CUDA(cudaMemcpy(g->kv.voff + l * kvd, kv->voff + l * kvd, kvd * f, cudaMemcpyHostToDevice));
-    CUDA(cudaMemcpy(g->kv.kw + l * kvd, kv->kw + l * kvd, kvd * f, cudaMemcpyHostToDevice));
-    if (R) CUDA(cudaMemcpy(g->kv.kdir + l * R * kvd, kv->kdir + l * R * kvd, R * kvd * f, cudaMemcpyHostToDevice));
+    CUDA(cudaMemcpyAsync(g->kv.koff + l * kvd, kv->koff + l * kvd, kvd * f, cudaMemcpyHostToDevice, g->stream));
+    CUDA(cudaMemcpyAsync(g->kv.voff + l * kvd, kv->voff + l * kvd, kvd * f, cudaMemcpyHostToDevice, g->stream));
+    CUDA(cudaMemcpyAsync(g->kv.kw + l * kvd, kv->kw + l * kvd, kvd * f, cudaMemcpyHostToDevice, g->stream));
+    if (R) CUDA(cudaMemcpyAsync(g->kv.kdir + l * R * kvd, kv->kdir + l * R * kvd, R * kvd * f, cudaMemcpyHostToDevice, g->stream));
+    CUDA(cudaStreamSynchronize(g->stream));   /* the host arrays may change before the copies ran otherwise */
 }
 
-/* run.c's forward(), step for step, on the GPU. */
-static float *forward(Transformer *t, const int *tokens, int n, int pos, int all_logits) {
+/* Layer l's attention for the batch of n tokens at pos (RoPE'd, encoded, prepared
+ * already): partials per chunk of coded keys, then the merge into g->xb. */
+static void attention_layer(Gpu *g, const Config *c, int l, int n, int pos) {
+    AttArgs a = g->att;
+    a.n = n;
+    a.layer = l;
+    int G = c->n_heads / c->n_kv_heads, tiles = ceil_div(n * G, ATT_ROWS), chunks = a.units;
+    a.chunk = 0;                                   /* decode: chunks follow the position on the GPU */
+    if (n > 1) {                                   /* a batch: fixed chunks for its longest range */
+        int len = pos + n - g->kv.window - g->kv.sink;
+        a.chunk = len > 0 ? ceil_div(ceil_div(len, MAX_PARTS), CHUNK_GRAIN) * CHUNK_GRAIN : CHUNK_GRAIN;
+        if (a.chunk < 2 * CHUNK_GRAIN) a.chunk = 2 * CHUNK_GRAIN;
+        chunks = len > 0 ? ceil_div(len, a.chunk) : 1;
+    }
+    dim3 grid(chunks, tiles, c->n_kv_heads);
+    launch(g, attention_kernel, dim3(grid), dim3(ATT_WARPS * 32), g->att_shared, g->kv, *c, a);
+    launch(g, merge_kernel, dim3(n * c->n_heads), dim3(MERGE_THREADS), g->merge_shared, g->kv, *c, a, g->xb);
+}
+
+/* Every kernel of run.c's forward() for n tokens at pos (read from g->step). */
+static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
     const Config *c = &t->config;
     Gpu *g = t->gpu;
-    const TransformerWeights *w = &g->w;
-    RunState *s = &g->s;
+    const GpuWeights *w = &g->w;
     const KVCache *kv = &t->cache;
-    int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim, TH = 256;
-    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, nkv = n * c->n_kv_heads;
+    int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim, V = c->vocab_size;
+    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, nkv = n * c->n_kv_heads;
     int stats = pos == 0 && (kv->koffsets || kv->voffsets || kv->kweights || kv->kproj);
+    float eps = c->norm_eps;
+    AttArgs a = g->att;
+    a.n = n;
+    unsigned gemv_blocks_qkv = blocks(QKV, GEMV_WARPS), gemv_blocks_dim = blocks(dim, GEMV_WARPS);
 
-    CUDA(cudaMemcpy(g->tokens, tokens, n * sizeof(int), cudaMemcpyHostToDevice));
-    embed_kernel<<<blocks((size_t)n * dim, TH), TH>>>(s->x, w->token_embedding, g->tokens, n, dim);
+    launch(g, embed_kernel, dim3(blocks((size_t)n * dim, 256)), dim3(256), 0, g->x, w->emb, g->step, n, dim);
     for (int l = 0; l < c->n_layers; l++) {
+        const float *rms_att = w->rms_att + (size_t)l * dim, *rms_ffn = w->rms_ffn + (size_t)l * dim;
+        const __half *wqkv = w->wqkv + (size_t)l * QKV * dim, *wo = w->wo + (size_t)l * dim * qd;
+        const __half *w13 = w->w13 + (size_t)l * 2 * hid * dim, *w2 = w->w2 + (size_t)l * dim * hid;
         /* attention block: x += Wo . attn(RoPE(Wq xn), RoPE(Wk xn), Wv xn) */
-        rmsnorm_kernel<<<blocks(n, 32), 32>>>(s->xb, s->x, w->rms_att + (size_t)l * dim, n, dim, c->norm_eps);
-        matmul(g, s->q, s->xb, w->wq + (size_t)l * qd * dim, n, dim, qd);
-        matmul(g, s->k, s->xb, w->wk + (size_t)l * kvd * dim, n, dim, kvd);
-        matmul(g, s->v, s->xb, w->wv + (size_t)l * kvd * dim, n, dim, kvd);
-        rope_kernel<<<blocks(nkv, 32), 32>>>(*c, s->q, s->k, n, pos);
-        if (stats) gpu_stats(t, l, n);
-        encode_kernel<<<blocks(nkv, 32), 32>>>(g->kv, *c, l, s->k, s->v, s->qperp, n, pos);
-        Batch bt = {pos, s->k, s->v};
-        attention_kernel<<<n * c->n_heads, ATT_THREADS, g->att_shared>>>(g->kv, *c, l, bt, s->q, s->att, s->xb);
-        store_exact_kernel<<<blocks(nkv, 32), 32>>>(g->kv, *c, l, s->k, s->v, n, pos);
-        matmul(g, s->xb2, s->xb, w->wo + (size_t)l * dim * qd, n, qd, dim);
-        add_kernel<<<blocks((size_t)n * dim, TH), TH>>>(s->x, s->xb2, (size_t)n * dim);
+        if (n == 1) {
+            launch(g, (gemv_kernel<EPI_STORE, true>), dim3(gemv_blocks_qkv), dim3(GEMV_WARPS * 32), 0, g->qkv, wqkv, g->x, rms_att, dim, QKV, eps);
+        } else {
+            launch(g, rmsnorm_kernel, dim3(n), dim3(256), 0, g->xb, g->x, rms_att, dim, eps);
+            gemm(g, g->qkv, QKV, g->xb, dim, wqkv, n, dim, QKV, 0.0f);
+        }
+        if (stats) {
+            launch(g, rope_encode_kernel, dim3(nkv), dim3(32 * (2 + ENC_QWARPS)), g->enc_shared, g->kv, *c, l, a, MODE_ROPE);
+            if (g->host_stats) gpu_stats(t, l, n);
+            else launch(g, stats_kernel, dim3(c->n_kv_heads), dim3(STATS_THREADS), 3 * hd * sizeof(double), g->kv, *c, l, a, g->stats_m);
+        }
+        int mode = (stats ? 0 : MODE_ROPE) | MODE_ENCODE | (n == 1 ? MODE_EXACT : 0);
+        launch(g, rope_encode_kernel, dim3(nkv), dim3(32 * (2 + ENC_QWARPS)), g->enc_shared, g->kv, *c, l, a, mode);
+        attention_layer(g, c, l, n, pos);
+        if (n > 1) launch(g, store_exact_kernel, dim3(nkv), dim3(64), 0, g->kv, *c, l, a);
+        if (n == 1) launch(g, (gemv_kernel<EPI_ADD, false>), dim3(gemv_blocks_dim), dim3(GEMV_WARPS * 32), 0, g->x, wo, g->xb, (const float *)NULL, qd, dim, eps);
+        else gemm(g, g->x, dim, g->xb, qd, wo, n, qd, dim, 1.0f);
 
         /* feed-forward block: x += W2 . (silu(W1 xn) * W3 xn)   (SwiGLU) */
-        rmsnorm_kernel<<<blocks(n, 32), 32>>>(s->xb, s->x, w->rms_ffn + (size_t)l * dim, n, dim, c->norm_eps);
-        matmul(g, s->hb, s->xb, w->w1 + (size_t)l * hid * dim, n, dim, hid);
-        matmul(g, s->hb2, s->xb, w->w3 + (size_t)l * hid * dim, n, dim, hid);
-        swiglu_kernel<<<blocks((size_t)n * hid, TH), TH>>>(s->hb, s->hb2, (size_t)n * hid);
-        matmul(g, s->xb2, s->hb, w->w2 + (size_t)l * dim * hid, n, hid, dim);
-        add_kernel<<<blocks((size_t)n * dim, TH), TH>>>(s->x, s->xb2, (size_t)n * dim);
+        if (n == 1) {
+            launch(g, (gemv_kernel<EPI_SWIGLU, true>), dim3(blocks(hid, GEMV_WARPS)), dim3(GEMV_WARPS * 32), 0, g->hh, w13, g->x, rms_ffn, dim, hid, eps);
+            launch(g, (gemv_kernel<EPI_ADD, false>), dim3(gemv_blocks_dim), dim3(GEMV_WARPS * 32), 0, g->x, w2, g->hh, (const float *)NULL, hid, dim, eps);
+        } else {
+            launch(g, rmsnorm_kernel, dim3(n), dim3(256), 0, g->xb, g->x, rms_ffn, dim, eps);
+            gemm(g, g->hb, 2 * hid, g->xb, dim, w13, n, dim, 2 * hid, 0.0f);
+            launch(g, swiglu_kernel, dim3(blocks((size_t)n * hid, 256)), dim3(256), 0, g->hh, g->hb, n, hid);
+            gemm(g, g->x, dim, g->hh, hid, w2, n, hid, dim, 1.0f);
+        }
     }
-    CUDA(cudaGetLastError());
-
     /* final norm and classifier, for the tokens whose logits are wanted */
     int first = all_logits ? 0 : n - 1;
-    float *x = s->x + (size_t)first * dim;
-    rmsnorm_kernel<<<blocks(n - first, 32), 32>>>(x, x, w->rms_final, n - first, dim, c->norm_eps);
-    matmul(g, s->logits, x, w->wcls, n - first, dim, c->vocab_size);
-    CUDA(cudaMemcpy(t->state.logits, s->logits, (size_t)(n - first) * c->vocab_size * sizeof(float),
-                    cudaMemcpyDeviceToHost));
-    return t->state.logits;
+    if (n - first == 1) {
+        launch(g, (gemv_kernel<EPI_STORE, true>), dim3(blocks(V, GEMV_WARPS)), dim3(GEMV_WARPS * 32), 0, g->logits, w->wcls,
+                g->x + (size_t)first * dim, w->rms_final, dim, V, eps);
+    } else {
+        launch(g, rmsnorm_kernel, dim3(n - first), dim3(256), 0, g->xb, g->x + (size_t)first * dim, w->rms_final, dim, eps);
+        gemm(g, g->logits, V, g->xb, dim, w->wcls, n - first, dim, V, 0.0f);
+    }
+    CUDA(cudaGetLastError());
+}
+
+/* run.c's forward(), on the GPU: the batch's position and tokens go to the
+ * device, then its kernels run (one token past the first position: a replay of
+ * the captured graph), then the logits come back. */
+static float *forward(Transformer *t, const int *tokens, int n, int pos, int all_logits) {
+    Gpu *g = t->gpu;
+    const KVCache *kv = &t->cache;
+    int stats = pos == 0 && (kv->koffsets || kv->voffsets || kv->kweights || kv->kproj);
+    g->host_step[0] = pos;
+    memcpy(g->host_step + 1, tokens, (size_t)n * sizeof(int));
+    CUDA(cudaMemcpyAsync(g->step, g->host_step, (size_t)(1 + n) * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+    if (n == 1 && !stats) {
+        if (!g->decode) {
+            cudaGraph_t graph;
+            CUDA(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal));
+            forward_kernels(t, 1, pos, 0);
+            CUDA(cudaStreamEndCapture(g->stream, &graph));
+            CUDA(cudaGraphInstantiate(&g->decode, graph, 0));
+            CUDA(cudaGraphDestroy(graph));
+        }
+        CUDA(cudaGraphLaunch(g->decode, g->stream));
+    } else {
+        forward_kernels(t, n, pos, all_logits);
+    }
+    size_t rows = all_logits ? (size_t)n : 1;
+    CUDA(cudaMemcpyAsync(g->host_logits, g->logits, rows * t->config.vocab_size * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
+    CUDA(cudaStreamSynchronize(g->stream));
+    return g->host_logits;
 }

@@ -1,23 +1,55 @@
-"""run_cuda (the GPU build) against run (the CPU build), on the real model.
+"""run_cuda (the GPU build) against run (the CPU build).
 
 The build is checked wherever nvcc exists; the rest is skipped where there is no NVIDIA GPU (CI
-has none): run it on a GPU machine with `python3 -m pytest -q tests/test_cuda.py`. The GPU rounds differently (fused multiply-adds,
-sums in another order), and a quantized cache turns a last-bit difference in a key into another
-code now and then (the QJL signs of tq3p/tq4p most of all), so the two builds are not compared
-bit for bit. The yardstick is the CPU build itself, compiled a second time with
--ffp-contract=off: the same arithmetic, rounded differently. The GPU must stay as close to the
-CPU as that second CPU build does."""
+has none): run it on a GPU machine with `python3 -m pytest -q tests/test_cuda.py`.
+
+The model: model.bin (the real SmolLM2), or the model.bin named by the environment variable
+TQ_CUDA_MODEL, e.g. a random-weight model of SmolLM2's shape cut to 4 layers, made on the GPU
+machine with `python3 export.py tok.bin rnd.bin --random smollm2-135m --layers 4` (tok.bin:
+model.bin cut after its tokenizer section), since model.bin is too large to carry there. Why 4
+layers: a deep random model is chaotic. Measured with run on 300 tokens (tq3 cache, batches of
+64): with all 30 layers KL(fp32 cache || tq3 cache) is 2.2 and the CPU build against itself
+without FMA already 0.61, so the yardstick below is as large as the effect of quantizing at all;
+with 4 layers they are 0.54 and 0.026 (the real model: about 0.02 and 8e-4), so a GPU error of a
+tenth of the quantization noise shows, as it does on the real model.
+
+Like with like. run_cuda keeps the weights in fp16 (converted at load); run multiplies with the
+file's fp32 weights. So both builds run on a file whose weights are fp16-representable: the
+model itself when it already is (export.py --random writes such weights), else a copy of it with
+every weight rounded to fp16 (made here). Then both multiply by the very same numbers and the
+remaining differences are rounding (fused multiply-adds, sums in another order) and, through
+it, now and then another code for a key or value of a quantized cache (the QJL signs of
+tq3p/tq4p most of all). So the two builds are not compared bit for bit; the yardstick is the
+CPU build itself compiled a second time with -ffp-contract=off: the same arithmetic, rounded
+differently; and a third time for the baseline x86-64 instruction set (SSE2: no FMA, other
+vector widths, so run.c's dot products add up in another order, as the GPU's do; TQ_SIMD=portable
+for the same reason where the codec dispatches at run time). The GPU must stay as close to the
+CPU as the farther of those two builds does: within 3x its KL divergence (plus 1e-9 for the
+formats where all are rounding noise) for batches; within 10x one token at a time, where the GPU
+rounds differently in more places than either CPU build (every GEMV sums in its own order, where
+run.c's batched products and the GPU's cuBLAS products are comparably far apart; CUDA's expf;
+projections beta summed in double), so that more keys land on another code. Measured on an H200
+(4-layer random model): batches 0.3x to 1.5x the yardstick, every format; one token at a time
+2x to 7x for tq3, tq4p:q8, q4:tq2p, while the lossless fp16 cache stays at 1.1x. A real error
+(an exact position read wrongly, stale statistics) moves KL by orders of magnitude more: with the
+sink and window positions not kept exact, tq3's KL from the fp32 cache triples on the real model.
+And two runs of the GPU build must give the same bits (no atomics, no races)."""
+import functools
+import os
+import pathlib
 import re
 import shutil
+import struct
 import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, RUN, WIKI, run_cmd
+from conftest import MODEL, ROOT, RUN, WIKI, run_cmd
 
 GPU = ROOT / "run_cuda"
 FORMATS = ["fp32", "fp16", "q8", "q4", "tq2", "tq3", "tq4", "tq3p", "tq4p", "tq4:tq3"]
+ENV_MODEL = os.environ.get("TQ_CUDA_MODEL")
 
 
 def have_gpu():
@@ -29,8 +61,9 @@ def have_gpu():
 needs_gpu = pytest.mark.skipif(not have_gpu(), reason="no NVIDIA GPU and nvcc here (CI has none)")
 
 
+@functools.lru_cache(maxsize=None)
 def build():
-    """A fresh build, which must be free of warnings (nvcc compiles without a GPU)."""
+    """A fresh build (once per session), which must be free of warnings (nvcc compiles without a GPU)."""
     p = subprocess.run(["make", "-B", "run_cuda"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "warning" not in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
@@ -48,19 +81,52 @@ def run_cuda():
 
 
 @pytest.fixture(scope="module")
-def ids_file(smollm2, tmp_path_factory):
-    """300 tokens of wiki.test.raw (README.md where it is missing)."""
-    text = WIKI.read_text()[:4000] if WIKI.exists() else (ROOT / "README.md").read_text()[:4000]
-    ids = run_cmd([smollm2, "-m", "tokenize", "-i", text]).stdout.decode().split()[:300]
-    assert len(ids) == 300
-    path = tmp_path_factory.mktemp("cuda") / "ids.txt"
+def model(tmp_path_factory):
+    """The model both builds run: fp16-representable weights (see the module's docstring)."""
+    src = pathlib.Path(ENV_MODEL) if ENV_MODEL else MODEL
+    if not src.exists():
+        pytest.skip(f"{src} missing: run `make model` or set TQ_CUDA_MODEL")
+    with open(src, "rb") as f:
+        w_off = struct.unpack_from("<Q", f.read(256), 88)[0]
+    w = np.memmap(src, dtype="<f4", mode="r", offset=w_off)
+    rounded = w.astype(np.float16).astype(np.float32)
+    if np.array_equal(rounded, w):
+        return src
+    out = tmp_path_factory.mktemp("f16") / "model_f16.bin"
+    with open(src, "rb") as f, open(out, "wb") as g:
+        g.write(f.read(w_off))
+        g.write(rounded.astype("<f4").tobytes())
+    return out
+
+
+def token_file(model, path, n):
+    """the first n tokens of wiki.test.raw (README.md, repeated, where it is missing)"""
+    text = WIKI.read_text()[:20 * n] if WIKI.exists() else ((ROOT / "README.md").read_text() * 8)[:20 * n]
+    ids = run_cmd([model, "-m", "tokenize", "-i", text]).stdout.decode().split()[:n]
+    assert len(ids) == n
     path.write_text(" ".join(ids))
     return path
 
 
+@pytest.fixture(scope="module")
+def ids_file(model, tmp_path_factory):
+    return token_file(model, tmp_path_factory.mktemp("cuda") / "ids.txt", 300)
+
+
+@pytest.fixture(scope="module")
+def short_ids_file(model, tmp_path_factory):
+    return token_file(model, tmp_path_factory.mktemp("cuda") / "short_ids.txt", 120)
+
+
+@pytest.fixture(scope="module")
+def long_ids_file(model, tmp_path_factory):
+    return token_file(model, tmp_path_factory.mktemp("cuda") / "long_ids.txt", 700)
+
+
 def logits(binary, model, ids_file, out, fmt, *extra):
-    run_cmd([model, "-m", "logits", "-k", fmt, "-c", 512, "-f", ids_file, "-o", out, *extra], binary=binary)
-    return np.fromfile(out, dtype=np.float32).reshape(300, -1).astype(np.float64)
+    n = len(ids_file.read_text().split())
+    run_cmd([model, "-m", "logits", "-k", fmt, "-c", max(512, n), "-f", ids_file, "-o", out, *extra], binary=binary)
+    return np.fromfile(out, dtype=np.float32).reshape(n, -1).astype(np.float64)
 
 
 def kl(p_logits, q_logits):
@@ -74,72 +140,146 @@ def kl(p_logits, q_logits):
 
 @pytest.fixture(scope="module")
 def run_other_rounding(tmp_path_factory):
-    """run.c built without fused multiply-adds: the CPU's own rounding sensitivity"""
-    out = tmp_path_factory.mktemp("nofma") / "run"
-    subprocess.run(["gcc", "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-o", str(out),
-                    str(ROOT / "run.c"), str(ROOT / "tq.c"), "-lm"], check=True)
-    return out
+    """run.c built again, rounding differently: without fused multiply-adds (-ffp-contract=off),
+    and for the baseline x86-64 instruction set. The CPU's own rounding sensitivity."""
+    out = tmp_path_factory.mktemp("other")
+    builds = {"nofma": ["-march=native", "-ffp-contract=off"], "baseline": ["-march=x86-64", "-mtune=generic"]}
+    for name, flags in builds.items():
+        subprocess.run(["gcc", "-O3", *flags, "-fopenmp", "-o", str(out / name), str(ROOT / "run.c"),
+                        str(ROOT / "tq.c"), "-lm"], check=True)
+    return [out / name for name in builds]
+
+
+def logits_env(binary, model, ids_file, out, fmt, env, *extra):
+    n = len(ids_file.read_text().split())
+    args = [str(binary), str(model), "-m", "logits", "-k", fmt, "-c", str(max(512, n)), "-f", str(ids_file), "-o", str(out)]
+    subprocess.run(args + [str(a) for a in extra], check=True, capture_output=True, env={**os.environ, **env})
+    return np.fromfile(out, dtype=np.float32).reshape(n, -1).astype(np.float64)
+
+
+def yardstick(cpu, others, model, ids_file, tmp_path, fmt, *extra):
+    """the larger KL(cpu || other build) of the two other CPU builds"""
+    kls = [kl(cpu, logits_env(b, model, ids_file, tmp_path / f"{b.name}.f32", fmt, {"TQ_SIMD": "portable"}, *extra))
+           for b in others]
+    return max(kls), kls
+
+
+def compare(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt, *extra, factor=3):
+    cpu = logits(RUN, model, ids_file, tmp_path / "cpu.f32", fmt, *extra)
+    gpu = logits(run_cuda, model, ids_file, tmp_path / "gpu.f32", fmt, *extra)
+    assert np.all(np.isfinite(gpu))
+    if fmt == "fp32":                  # nothing quantized: rounding alone, no code flips
+        diff = np.abs(cpu - gpu).max()
+        print(f"fp32 {' '.join(map(str, extra))}: largest logit difference {diff:.3g}")
+        assert diff < 1e-3 and np.all(cpu.argmax(1) == gpu.argmax(1))
+        return
+    ys, kls = yardstick(cpu, run_other_rounding, model, ids_file, tmp_path, fmt, *extra)
+    apart = kl(cpu, gpu)
+    print(f"{fmt} {' '.join(map(str, extra))}: KL(cpu || gpu) {apart:.3g}, KL(cpu || cpu without FMA) "
+          f"{kls[0]:.3g}, KL(cpu || baseline cpu) {kls[1]:.3g}, top-1 agreement {np.mean(cpu.argmax(1) == gpu.argmax(1)):.4f}")
+    assert apart <= factor * ys + 1e-9, (apart, kls)
 
 
 @needs_gpu
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_logits_match_cpu(smollm2, run_cuda, run_other_rounding, ids_file, tmp_path, fmt):
-    """300 tokens in batches of 64 (statistics from the first, later batches reading earlier
-    ones from the cache and the exact ring): KL(CPU || GPU) of the next-token distributions
-    against KL(CPU || CPU rounded differently). Measured on an H200, 2026-11-28: the two are
-    within a factor 1.4 of each other for every format (tq3 4.9e-4 vs 8.0e-4, tq3p 0.039 vs
-    0.048, q4 3.0e-4 vs 2.2e-4); fp32 differs by at most 7e-5 in a logit."""
-    cpu = logits(RUN, smollm2, ids_file, tmp_path / "cpu.f32", fmt, "--batch", 64)
-    gpu = logits(run_cuda, smollm2, ids_file, tmp_path / "gpu.f32", fmt, "--batch", 64)
-    if fmt == "fp32":                  # nothing quantized: rounding alone, no code flips
-        assert np.abs(cpu - gpu).max() < 1e-3 and np.all(cpu.argmax(1) == gpu.argmax(1))
-        return
-    other = logits(run_other_rounding, smollm2, ids_file, tmp_path / "other.f32", fmt, "--batch", 64)
-    apart, yardstick = kl(cpu, gpu), kl(cpu, other)
-    print(f"{fmt}: KL(cpu || gpu) {apart:.3g}, KL(cpu || cpu without FMA) {yardstick:.3g}, top-1 agreement "
-          f"{np.mean(cpu.argmax(1) == gpu.argmax(1)):.4f}")
-    assert apart <= 3 * yardstick + 1e-9, (apart, yardstick)
+def test_logits_match_cpu(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt):
+    """Batches: 300 tokens in batches of 64 (statistics from the first, later batches reading
+    earlier ones from the cache and the exact ring; cuBLAS products, chunks of 256 keys).
+    KL(CPU || GPU) of the next-token distributions against KL(CPU || CPU rounded differently).
+    Measured with the previous fp32-weights GPU build on an H200, 2026-11-28 (real SmolLM2): the
+    two within a factor 1.4 of each other for every format."""
+    compare(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt, "--batch", 64)
+
+
+@needs_gpu
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "tq3", "tq4p:q8"])
+def test_decode_logits_match_cpu(model, run_cuda, run_other_rounding, short_ids_file, tmp_path, fmt):
+    """120 tokens one at a time (--batch 1): the decode path (GEMV kernels, the replayed CUDA
+    graph, the exact ring written by the encode kernel, attention chunks that follow the
+    position), statistics from the first token. tq4p:q8 scores keys of 2 head_dim floats
+    (prepared query and QJL signs) and accumulates values of head_dim."""
+    compare(model, run_cuda, run_other_rounding, short_ids_file, tmp_path, fmt, "--batch", 1, factor=10)
+
+
+@needs_gpu
+@pytest.mark.parametrize("fmt", ["tq3", "q4:tq2p"])
+def test_long_decode_matches_cpu(model, run_cuda, run_other_rounding, long_ids_file, tmp_path, fmt):
+    """700 tokens one at a time: decode attention merges up to 6 chunks of 128 keys and the
+    window ring wraps many times. q4:tq2p: 1-bit centroids plus signs for the values."""
+    compare(model, run_cuda, run_other_rounding, long_ids_file, tmp_path, fmt, "--batch", 1, factor=10)
+
+
+@needs_gpu
+@pytest.mark.parametrize("fmt", ["tq3", "q8:tq4p"])
+def test_gpu_statistics_match_host(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt):
+    """The statistics of a sequence (offsets, key weights, key directions) measured on the GPU
+    (stats_kernel) against run.c's measure_stats on the host (TQ_CUDA_HOST_STATS=1), both in the
+    GPU build: the same logits up to the CPU builds' rounding yardstick. --offsets 1 and
+    --kweights 1 switch on the two statistics the default leaves off."""
+    extra = ["--batch", 64, "--offsets", 1, "--kweights", 1]
+    host = logits_env(run_cuda, model, ids_file, tmp_path / "host.f32", fmt, {"TQ_CUDA_HOST_STATS": "1"}, *extra)
+    gpu = logits_env(run_cuda, model, ids_file, tmp_path / "gpu.f32", fmt, {}, *extra)
+    cpu = logits(RUN, model, ids_file, tmp_path / "cpu.f32", fmt, *extra)
+    ys, kls = yardstick(cpu, run_other_rounding, model, ids_file, tmp_path, fmt, *extra)
+    apart = kl(host, gpu)
+    print(f"{fmt}: KL(gpu, host statistics || gpu, GPU statistics) {apart:.3g}, yardstick {kls}, "
+          f"KL(cpu || gpu) {kl(cpu, gpu):.3g}")
+    assert apart <= 3 * ys + 1e-9, (apart, kls)
+    assert kl(cpu, gpu) <= 3 * ys + 1e-9, (kl(cpu, gpu), kls)
+
+
+@needs_gpu
+@pytest.mark.parametrize("fmt,batch", [("tq3", 1), ("tq4p:q4", 64)])
+def test_gpu_is_deterministic(model, run_cuda, short_ids_file, tmp_path, fmt, batch):
+    """Two runs, the same bits: no kernel depends on timing (a missing barrier would show here)."""
+    a = logits(run_cuda, model, short_ids_file, tmp_path / "a.f32", fmt, "--batch", batch)
+    b = logits(run_cuda, model, short_ids_file, tmp_path / "b.f32", fmt, "--batch", batch)
+    assert np.array_equal(a, b)
 
 
 def eval_line(binary, model, text, fmt):
     p = run_cmd([model, "-m", "eval", "-f", text, "-k", fmt, "-c", 256, "--chunks", 4], binary=binary)
     line = p.stdout.decode().strip().splitlines()[-1]
-    return dict(kv.split("=", 1) for kv in line.split()[1:])
+    return {k: float(v) if k != "fmt" else v for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
 
 
 @needs_gpu
 @pytest.mark.skipif(not WIKI.exists(), reason="wiki.test.raw missing")
-def test_eval_matches_cpu(smollm2, run_cuda):
+def test_eval_matches_cpu(model, run_cuda, run_other_rounding):
     """-m eval, 4 chunks of 256 tokens of wiki.test.raw, tq3: the same fp32 perplexity (the
-    fp32 cache is exact, so only rounding differs), the same bits, dPPL within 0.5 points."""
-    cpu, gpu = eval_line(RUN, smollm2, WIKI, "tq3"), eval_line(run_cuda, smollm2, WIKI, "tq3")
-    print("cpu", cpu, "\ngpu", gpu)
+    fp32 cache is exact, so only rounding differs), the same bits, and dPPL and KLD as close to
+    the CPU's as the CPU's own other rounding is (or within 0.5 points and 20 %)."""
+    cpu, gpu = eval_line(RUN, model, WIKI, "tq3"), eval_line(run_cuda, model, WIKI, "tq3")
+    others = [eval_line(b, model, WIKI, "tq3") for b in run_other_rounding]
+    print("cpu", cpu, "\ngpu", gpu, "\nother cpu builds", others)
     assert cpu["kv_bits"] == gpu["kv_bits"] and cpu["tokens"] == gpu["tokens"]
-    assert abs(float(cpu["ppl_fp32"]) / float(gpu["ppl_fp32"]) - 1) < 1e-4
-    assert abs(float(cpu["dppl_pct"]) - float(gpu["dppl_pct"])) < 0.5
-    assert abs(float(cpu["kld"]) - float(gpu["kld"])) < 0.2 * float(cpu["kld"])
+    assert abs(cpu["ppl_fp32"] / gpu["ppl_fp32"] - 1) < 1e-4
+    for key, floor in (("dppl_pct", 0.5), ("kld", 0.2 * cpu["kld"])):
+        assert abs(cpu[key] - gpu[key]) < max(floor, 3 * max(abs(cpu[key] - o[key]) for o in others)), key
 
 
 @needs_gpu
-def test_generate_and_memory_line(smollm2, run_cuda):
+def test_generate_and_memory_line(model, run_cuda):
     """Greedy generation with the default cache: the memory line (bytes of the same layout) is
-    the CPU's, and the text is the CPU's for the first 8 tokens."""
-    args = [smollm2, "-t", 0, "-n", 8, "-i", "The capital of France is Paris. The capital of Germany is"]
+    the CPU's, and the text is the CPU's for the first 8 tokens (and names Berlin, on the real
+    model)."""
+    args = [model, "-t", 0, "-n", 8, "-i", "The capital of France is Paris. The capital of Germany is"]
     cpu, gpu = run_cmd(args), run_cmd(args, binary=run_cuda)
     mem = lambda p: [l for l in p.stderr.decode().splitlines() if l.startswith("kv:")]
     assert mem(cpu) == mem(gpu) and len(mem(cpu)) == 2
     assert cpu.stdout == gpu.stdout, (cpu.stdout, gpu.stdout)
-    assert b"Berlin" in gpu.stdout
+    if not ENV_MODEL:
+        assert b"Berlin" in gpu.stdout
 
 
 @needs_gpu
-def test_help_and_errors_are_runs(smollm2, run_cuda):
+def test_help_and_errors_are_runs(model, run_cuda):
     """One CLI: the same -h (but the name) and the same error messages."""
     a, b = run_cmd(["-h"]).stdout.decode(), run_cmd(["-h"], binary=run_cuda).stdout.decode()
     assert a.replace("run ", "RUN ") == b.replace("run_cuda ", "RUN ")
     for bad in (["-k", "tq9"], ["-c", "100000"], ["--kproj", "3"]):
-        pa = run_cmd([smollm2, *bad, "-i", "x"], check=False)
-        pb = run_cmd([smollm2, *bad, "-i", "x"], binary=run_cuda, check=False)
+        pa = run_cmd([model, *bad, "-i", "x"], check=False)
+        pb = run_cmd([model, *bad, "-i", "x"], binary=run_cuda, check=False)
         assert pa.returncode == pb.returncode == 1
         assert re.sub(r"^run: ", "", pa.stderr.decode()) == re.sub(r"^run_cuda: ", "", pb.stderr.decode())
 
