@@ -993,20 +993,28 @@ AVX2_FN static INLINE __m256 hsum8x8_avx2(const __m256 *a) {
     return _mm256_permutevar8x32_ps(e, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* NR queries against a columns tile: lane k of query r = sc_k sum_i T[i][k] q_r[i]. */
+/* NR queries against a columns tile: lane k of query r = sc_k sum_i T[i][k] q_r[i]. An FMA
+ * waits for the one before it on the same accumulator (4-5 cycles), so each query keeps C partial
+ * sums over interleaved coordinates, enough chains in flight to fill both FMA units. */
 AVX2_FN static INLINE void mk_cols_avx2(const float *T, int d, const float *q, size_t ldq, __m256 sc, float *s,
                                         size_t lds, const int NR) {
-    __m256 a[8];
-    for (int r = 0; r < NR; r++) a[r] = _mm256_setzero_ps();
-    for (int i = 0; i < d; i++) {
-        __m256 v = _mm256_load_ps(T + (size_t)i * 8);
-        for (int r = 0; r < NR; r++) a[r] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q + r * ldq + i), a[r]);
+    const int C = NR == 1 ? 8 : NR == 2 ? 4 : NR == 3 ? 4 : 2;
+    __m256 a[16];
+    for (int x = 0; x < NR * C; x++) a[x] = _mm256_setzero_ps();
+    for (int i = 0; i < d; i += C)
+        for (int j = 0; j < C; j++) {
+            __m256 v = _mm256_load_ps(T + (size_t)(i + j) * 8);
+            for (int r = 0; r < NR; r++) a[r * C + j] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q + r * ldq + i + j), a[r * C + j]);
+        }
+    for (int r = 0; r < NR; r++) {
+        for (int w = C / 2; w > 0; w /= 2)
+            for (int j = 0; j < w; j++) a[r * C + j] = _mm256_add_ps(a[r * C + j], a[r * C + j + w]);
+        _mm256_storeu_ps(s + r * lds, _mm256_mul_ps(a[r * C], sc));
     }
-    for (int r = 0; r < NR; r++) _mm256_storeu_ps(s + r * lds, _mm256_mul_ps(a[r], sc));
 }
 
 AVX2_FN static void scores_cols_avx2(const float *T, int d, int nq, const float *qp, size_t ldq, __m256 sc, float *s, size_t lds) {
-    for (int r = 0; r < nq; r += 8) {
+    for (int r = 0; r < nq; r += 6) {
         const float *q = qp + r * ldq;
         float *o = s + r * lds;
         switch (nq - r) {
@@ -1015,9 +1023,7 @@ AVX2_FN static void scores_cols_avx2(const float *T, int d, int nq, const float 
         case 3: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 3); break;
         case 4: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 4); break;
         case 5: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 5); break;
-        case 6: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 6); break;
-        case 7: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 7); break;
-        default: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 8); break;
+        default: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 6); break;
         }
     }
 }
@@ -1036,17 +1042,29 @@ AVX2_FN static void scores_rows_avx2(const float *R, int d, int nq, const float 
     }
 }
 
-/* NR accumulators += a rows tile weighted by ws (NR x 8, the row scales folded in). */
-AVX2_FN static INLINE void mk_values_avx2(const float *R, int d, const float *ws, float *acc, size_t lda, const int NR) {
-    for (int i = 0; i < d; i += 8) {
-        __m256 a[4];
-        for (int r = 0; r < NR; r++) a[r] = _mm256_loadu_ps(acc + r * lda + i);
-        for (int k = 0; k < 8; k++) {
-            __m256 v = _mm256_loadu_ps(R + (size_t)k * d + i);
-            for (int r = 0; r < NR; r++) a[r] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(ws + 8 * r + k), a[r]);
+/* NR accumulators += a rows tile weighted by ws (NR x 8, the row scales folded in), for the CH
+ * 8-coordinate chunks at i0: NR x CH independent sums, so that the FMAs need not wait. */
+AVX2_FN static INLINE void mk_values_avx2(const float *R, int d, const float *ws, float *acc, size_t lda, int i0,
+                                          const int NR, const int CH) {
+    __m256 a[8];
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) a[r * CH + c] = _mm256_loadu_ps(acc + r * lda + i0 + 8 * c);
+    for (int k = 0; k < 8; k++) {
+        __m256 wk[4];
+        for (int r = 0; r < NR; r++) wk[r] = _mm256_broadcast_ss(ws + 8 * r + k);
+        for (int c = 0; c < CH; c++) {
+            __m256 v = _mm256_loadu_ps(R + (size_t)k * d + i0 + 8 * c);     /* one load for the NR rows */
+            for (int r = 0; r < NR; r++) a[r * CH + c] = _mm256_fmadd_ps(v, wk[r], a[r * CH + c]);
         }
-        for (int r = 0; r < NR; r++) _mm256_storeu_ps(acc + r * lda + i, a[r]);
     }
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) _mm256_storeu_ps(acc + r * lda + i0 + 8 * c, a[r * CH + c]);
+}
+
+AVX2_FN static INLINE void values_group_avx2(const float *R, int d, const float *ws, float *acc, size_t lda, const int NR) {
+    int i0 = 0;
+    for (; i0 + 16 <= d; i0 += 16) mk_values_avx2(R, d, ws, acc, lda, i0, NR, 2);
+    if (i0 < d) mk_values_avx2(R, d, ws, acc, lda, i0, NR, 1);
 }
 
 AVX2_FN static void values_rows_avx2(const float *R, int d, int nq, const float *w, size_t ldw, __m256 sc, float *acc, size_t lda) {
@@ -1056,10 +1074,10 @@ AVX2_FN static void values_rows_avx2(const float *R, int d, int nq, const float 
         for (int j = 0; j < nr; j++) _mm256_storeu_ps(ws + 8 * j, _mm256_mul_ps(_mm256_loadu_ps(w + (r + j) * ldw), sc));
         float *a = acc + r * lda;
         switch (nr) {
-        case 1: mk_values_avx2(R, d, ws, a, lda, 1); break;
-        case 2: mk_values_avx2(R, d, ws, a, lda, 2); break;
-        case 3: mk_values_avx2(R, d, ws, a, lda, 3); break;
-        default: mk_values_avx2(R, d, ws, a, lda, 4); break;
+        case 1: values_group_avx2(R, d, ws, a, lda, 1); break;
+        case 2: values_group_avx2(R, d, ws, a, lda, 2); break;
+        case 3: values_group_avx2(R, d, ws, a, lda, 3); break;
+        default: values_group_avx2(R, d, ws, a, lda, 4); break;
         }
     }
 }
@@ -1235,13 +1253,19 @@ AVX512_FN static INLINE __m512 hsum16x16_512(const __m512 *a) {
 
 AVX512_FN static INLINE void mk_cols_512(const float *T, int d, const float *q, size_t ldq, __m512 sc, float *s,
                                          size_t lds, const int NR) {
-    __m512 a[8];
-    for (int r = 0; r < NR; r++) a[r] = _mm512_setzero_ps();
-    for (int i = 0; i < d; i++) {
-        __m512 v = _mm512_load_ps(T + (size_t)i * 16);
-        for (int r = 0; r < NR; r++) a[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(q[r * ldq + i]), a[r]);
+    const int C = NR == 1 ? 8 : NR == 2 ? 4 : NR == 3 ? 4 : 2;
+    __m512 a[16];
+    for (int x = 0; x < NR * C; x++) a[x] = _mm512_setzero_ps();
+    for (int i = 0; i < d; i += C)
+        for (int j = 0; j < C; j++) {
+            __m512 v = _mm512_load_ps(T + (size_t)(i + j) * 16);
+            for (int r = 0; r < NR; r++) a[r * C + j] = _mm512_fmadd_ps(v, _mm512_set1_ps(q[r * ldq + i + j]), a[r * C + j]);
+        }
+    for (int r = 0; r < NR; r++) {
+        for (int w = C / 2; w > 0; w /= 2)
+            for (int j = 0; j < w; j++) a[r * C + j] = _mm512_add_ps(a[r * C + j], a[r * C + j + w]);
+        _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(a[r * C], sc));
     }
-    for (int r = 0; r < NR; r++) _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(a[r], sc));
 }
 
 AVX512_FN static void scores_cols_512(const float *T, int d, int nq, const float *qp, size_t ldq, __m512 sc, float *s, size_t lds) {
@@ -1274,15 +1298,31 @@ AVX512_FN static void scores_rows_512(const float *R, int d, int nq, const float
     }
 }
 
-AVX512_FN static INLINE void mk_values_512(const float *R, int d, const float *ws, float *acc, size_t lda, const int NR) {
-    for (int i = 0; i < d; i += 16) {
-        __m512 a[4];
-        for (int r = 0; r < NR; r++) a[r] = _mm512_loadu_ps(acc + r * lda + i);
-        for (int k = 0; k < 16; k++) {
-            __m512 v = _mm512_loadu_ps(R + (size_t)k * d + i);
-            for (int r = 0; r < NR; r++) a[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(ws[16 * r + k]), a[r]);
+AVX512_FN static INLINE void mk_values_512(const float *R, int d, const float *ws, float *acc, size_t lda, int i0,
+                                           const int NR, const int CH) {
+    __m512 a[16];
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) a[r * CH + c] = _mm512_loadu_ps(acc + r * lda + i0 + 16 * c);
+    for (int k = 0; k < 16; k++) {
+        __m512 wk[4];
+        for (int r = 0; r < NR; r++) wk[r] = _mm512_set1_ps(ws[16 * r + k]);
+        for (int c = 0; c < CH; c++) {
+            __m512 v = _mm512_loadu_ps(R + (size_t)k * d + i0 + 16 * c);   /* one load for the NR rows */
+            for (int r = 0; r < NR; r++) a[r * CH + c] = _mm512_fmadd_ps(v, wk[r], a[r * CH + c]);
         }
-        for (int r = 0; r < NR; r++) _mm512_storeu_ps(acc + r * lda + i, a[r]);
+    }
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) _mm512_storeu_ps(acc + r * lda + i0 + 16 * c, a[r * CH + c]);
+}
+
+AVX512_FN static INLINE void values_group_512(const float *R, int d, const float *ws, float *acc, size_t lda, const int NR) {
+    int i0 = 0;
+    for (; i0 + 64 <= d; i0 += 64) mk_values_512(R, d, ws, acc, lda, i0, NR, 4);
+    switch ((d - i0) / 16) {
+    case 3: mk_values_512(R, d, ws, acc, lda, i0, NR, 3); break;
+    case 2: mk_values_512(R, d, ws, acc, lda, i0, NR, 2); break;
+    case 1: mk_values_512(R, d, ws, acc, lda, i0, NR, 1); break;
+    default: break;
     }
 }
 
@@ -1293,10 +1333,10 @@ AVX512_FN static void values_rows_512(const float *R, int d, int nq, const float
         for (int j = 0; j < nr; j++) _mm512_storeu_ps(ws + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(w + (r + j) * ldw), sc));
         float *a = acc + r * lda;
         switch (nr) {
-        case 1: mk_values_512(R, d, ws, a, lda, 1); break;
-        case 2: mk_values_512(R, d, ws, a, lda, 2); break;
-        case 3: mk_values_512(R, d, ws, a, lda, 3); break;
-        default: mk_values_512(R, d, ws, a, lda, 4); break;
+        case 1: values_group_512(R, d, ws, a, lda, 1); break;
+        case 2: values_group_512(R, d, ws, a, lda, 2); break;
+        case 3: values_group_512(R, d, ws, a, lda, 3); break;
+        default: values_group_512(R, d, ws, a, lda, 4); break;
         }
     }
 }
@@ -1396,6 +1436,8 @@ float tq_softmax_chunk(tq_simd simd, float *s, int n, float scale, float *m, flo
 #ifdef TQ_X86
     if (simd == TQ_SIMD_AVX512) return softmax_chunk_512(s, n, scale, m, rescale);
     if (simd == TQ_SIMD_AVX2) return softmax_chunk_avx2(s, n, scale, m, rescale);
+#else
+    (void)simd;
 #endif
     return softmax_chunk_portable(s, n, scale, m, rescale);
 }
