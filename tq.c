@@ -819,6 +819,7 @@ static float softmax_chunk_portable(float *s, int n, float scale, float *m, floa
 #define AVX2_FN __attribute__((target("avx2,fma,f16c")))
 #define AVX512_FN __attribute__((target("avx512f,avx2,fma,f16c")))
 #define INLINE inline __attribute__((always_inline))
+#define FEW_ROWS 256   /* rows per call up to which the few-query value path scales its weights ahead */
 
 /* The two SIMD paths have the same shape. A tile of L consecutive rows (L = 8 for AVX2, 16 for
  * AVX-512) is turned into floats in a small buffer that stays in L1, in one of two layouts:
@@ -1082,18 +1083,95 @@ AVX2_FN static void values_rows_avx2(const float *R, int d, int nq, const float 
     }
 }
 
+/* Few queries (decode: one GQA group) need no tile: each group of centroids goes straight into the
+ * NR queries' sums (C chains each), and each row's centroids straight into the accumulators. */
+AVX2_FN static INLINE void few_cols_avx2(const uint8_t *p, __m256i offs, int d, const int b, __m256 lo, __m256 hi,
+                                         const float *q, size_t ldq, __m256 sc, float *s, size_t lds, const int NR) {
+    const int C = NR == 1 ? 4 : 2;
+    __m256 a[8];
+    for (int x = 0; x < NR * C; x++) a[x] = _mm256_setzero_ps();
+    for (int g = 0; g < d / 8; g++) {
+        __m256i w = _mm256_i32gather_epi32((const int *)(p + (size_t)g * b), offs, 1);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            __m256 v = centroid_avx2(_mm256_srli_epi32(w, b * j), lo, hi, b);
+            for (int r = 0; r < NR; r++)
+                a[r * C + j % C] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q + r * ldq + 8 * g + j), a[r * C + j % C]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        for (int w = C / 2; w > 0; w /= 2)
+            for (int j = 0; j < w; j++) a[r * C + j] = _mm256_add_ps(a[r * C + j], a[r * C + j + w]);
+        _mm256_storeu_ps(s + r * lds, _mm256_mul_ps(a[r * C], sc));
+    }
+}
+
+AVX2_FN static INLINE void few_scores_avx2(const uint8_t *p, __m256i offs, int d, const int b, __m256 lo, __m256 hi, int nq,
+                                           const float *q, size_t ldq, __m256 sc, float *s, size_t lds) {
+    switch (nq) {
+    case 1: few_cols_avx2(p, offs, d, b, lo, hi, q, ldq, sc, s, lds, 1); break;
+    case 2: few_cols_avx2(p, offs, d, b, lo, hi, q, ldq, sc, s, lds, 2); break;
+    case 3: few_cols_avx2(p, offs, d, b, lo, hi, q, ldq, sc, s, lds, 3); break;
+    default: few_cols_avx2(p, offs, d, b, lo, hi, q, ldq, sc, s, lds, 4); break;
+    }
+}
+
+AVX2_FN static INLINE void few_rows_avx2(const uint8_t *p, size_t B, const int b, __m256 lo, __m256 hi, const float *ws,
+                                         size_t lws, float *acc, size_t lda, int i0, const int NR, const int CH) {
+    const __m256i sh = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+    __m256 a[8];
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) a[r * CH + c] = _mm256_loadu_ps(acc + r * lda + i0 + 8 * c);
+    for (int k = 0; k < 8; k++) {
+        const uint8_t *row = p + k * B + (size_t)(i0 / 8) * b;
+        __m256 wk[4];
+        for (int r = 0; r < NR; r++) wk[r] = _mm256_broadcast_ss(ws + r * lws + k);
+        for (int c = 0; c < CH; c++) {
+            uint32_t w;
+            memcpy(&w, row + (size_t)c * b, 4);
+            __m256 v = centroid_avx2(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), lo, hi, b);
+            for (int r = 0; r < NR; r++) a[r * CH + c] = _mm256_fmadd_ps(v, wk[r], a[r * CH + c]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) _mm256_storeu_ps(acc + r * lda + i0 + 8 * c, a[r * CH + c]);
+}
+
+AVX2_FN static INLINE void few_rows_group_avx2(const uint8_t *p, size_t B, int d, const int b, __m256 lo, __m256 hi,
+                                               const float *ws, size_t lws, float *acc, size_t lda, const int NR) {
+    int i0 = 0;
+    for (; i0 + 16 <= d; i0 += 16) few_rows_avx2(p, B, b, lo, hi, ws, lws, acc, lda, i0, NR, 2);
+    if (i0 < d) few_rows_avx2(p, B, b, lo, hi, ws, lws, acc, lda, i0, NR, 1);
+}
+
+/* ws (nq, lws): the weights of the 8 rows, their scales folded in. */
+AVX2_FN static INLINE void few_values_avx2(const uint8_t *p, size_t B, int d, const int b, __m256 lo, __m256 hi, int nq,
+                                           const float *ws, size_t lws, float *acc, size_t lda) {
+    switch (nq) {
+    case 1: few_rows_group_avx2(p, B, d, b, lo, hi, ws, lws, acc, lda, 1); break;
+    case 2: few_rows_group_avx2(p, B, d, b, lo, hi, ws, lws, acc, lda, 2); break;
+    case 3: few_rows_group_avx2(p, B, d, b, lo, hi, ws, lws, acc, lda, 3); break;
+    default: few_rows_group_avx2(p, B, d, b, lo, hi, ws, lws, acc, lda, 4); break;
+    }
+}
+
 AVX2_FN static void scores_avx2(const tq_codec *c, int nq, const float *qp, size_t ldq, const uint8_t *rows, int n,
                                 float *s, size_t lds) {
     const int d = c->d, b = c->bits;
     const size_t B = c->bytes;
     const __m256i offs = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)B));
-    float buf[8 * d + 8], *tile = (float *)(((uintptr_t)buf + 31) & ~(uintptr_t)31), tab[16];
+    float buf[8 * d + 8], *tile = (float *)(((uintptr_t)buf + 31) & ~(uintptr_t)31), tab[16] = {0};
     if (b) table16(c, tab);
     __m256 lo = _mm256_loadu_ps(tab), hi = _mm256_loadu_ps(tab + 8), one = _mm256_set1_ps(1.0f);
     int t = 0;
     for (; t + 8 <= n; t += 8) {
         const uint8_t *p = rows + (size_t)t * B;
-        if (b) {
+        if (b && nq <= 4) {
+            __m256 sc = row_scales_avx2(p, offs, B);
+            if (b == 2) few_scores_avx2(p, offs, d, 2, lo, hi, nq, qp, ldq, sc, s + t, lds);
+            else if (b == 3) few_scores_avx2(p, offs, d, 3, lo, hi, nq, qp, ldq, sc, s + t, lds);
+            else few_scores_avx2(p, offs, d, 4, lo, hi, nq, qp, ldq, sc, s + t, lds);
+        } else if (b) {
             if (b == 2) cols_tq_avx2(p, offs, d, 2, lo, hi, tile);
             else if (b == 3) cols_tq_avx2(p, offs, d, 3, lo, hi, tile);
             else cols_tq_avx2(p, offs, d, 4, lo, hi, tile);
@@ -1113,11 +1191,22 @@ AVX2_FN static void values_avx2(const tq_codec *c, int nq, const float *w, size_
     const int d = c->d, b = c->bits;
     const size_t B = c->bytes;
     const __m256i offs = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)B));
-    float buf[8 * d + 8], *tile = (float *)(((uintptr_t)buf + 31) & ~(uintptr_t)31), tab[16];
+    float buf[8 * d + 8], *tile = (float *)(((uintptr_t)buf + 31) & ~(uintptr_t)31), tab[16] = {0};
     if (b) table16(c, tab);
     __m256 lo = _mm256_loadu_ps(tab), hi = _mm256_loadu_ps(tab + 8);
-    int t = 0;
-    for (; t + 8 <= n; t += 8) {
+    int t = 0, few = b && nq <= 4 && n <= FEW_ROWS;
+    float ws[4 * FEW_ROWS];
+    for (; few && t + 8 <= n; t += 8) {                  /* weights times row scales, ahead of their use */
+        __m256 sc = row_scales_avx2(rows + (size_t)t * B, offs, B);
+        for (int r = 0; r < nq; r++) _mm256_storeu_ps(ws + r * FEW_ROWS + t, _mm256_mul_ps(_mm256_loadu_ps(w + r * ldw + t), sc));
+    }
+    for (t = 0; few && t + 8 <= n; t += 8) {
+        const uint8_t *p = rows + (size_t)t * B;
+        if (b == 2) few_values_avx2(p, B, d, 2, lo, hi, nq, ws + t, FEW_ROWS, acc, lda);
+        else if (b == 3) few_values_avx2(p, B, d, 3, lo, hi, nq, ws + t, FEW_ROWS, acc, lda);
+        else few_values_avx2(p, B, d, 4, lo, hi, nq, ws + t, FEW_ROWS, acc, lda);
+    }
+    for (; !few && t + 8 <= n; t += 8) {
         const uint8_t *p = rows + (size_t)t * B;
         if (b) {
             if (b == 2) rows_tq_avx2(p, B, d, 2, lo, hi, tile);
@@ -1341,18 +1430,102 @@ AVX512_FN static void values_rows_512(const float *R, int d, int nq, const float
     }
 }
 
+/* Few queries (decode: one GQA group) need no tile: each permuted centroid vector goes straight
+ * into the NR queries' sums, C chains each (the FMA latency again). */
+AVX512_FN static INLINE void few_cols_512(const uint8_t *p, __m512i offs, int d, const int b, __m512 tab, const float *q,
+                                          size_t ldq, __m512 sc, float *s, size_t lds, const int NR) {
+    const int C = NR == 1 ? 4 : 2;
+    __m512 a[8];
+    for (int x = 0; x < NR * C; x++) a[x] = _mm512_setzero_ps();
+    for (int g = 0; g < d / 8; g++) {
+        __m512i w = _mm512_i32gather_epi32(offs, p + (size_t)g * b, 1);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            __m512 v = _mm512_permutexvar_ps(_mm512_srli_epi32(w, b * j), tab);
+            for (int r = 0; r < NR; r++) a[r * C + j % C] = _mm512_fmadd_ps(v, _mm512_set1_ps(q[r * ldq + 8 * g + j]), a[r * C + j % C]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        for (int w = C / 2; w > 0; w /= 2)
+            for (int j = 0; j < w; j++) a[r * C + j] = _mm512_add_ps(a[r * C + j], a[r * C + j + w]);
+        _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(a[r * C], sc));
+    }
+}
+
+AVX512_FN static INLINE void few_scores_512(const uint8_t *p, __m512i offs, int d, const int b, __m512 tab, int nq,
+                                            const float *q, size_t ldq, __m512 sc, float *s, size_t lds) {
+    switch (nq) {
+    case 1: few_cols_512(p, offs, d, b, tab, q, ldq, sc, s, lds, 1); break;
+    case 2: few_cols_512(p, offs, d, b, tab, q, ldq, sc, s, lds, 2); break;
+    case 3: few_cols_512(p, offs, d, b, tab, q, ldq, sc, s, lds, 3); break;
+    default: few_cols_512(p, offs, d, b, tab, q, ldq, sc, s, lds, 4); break;
+    }
+}
+
+/* Few weight rows: the 16 rows' centroids go straight into the NR x CH accumulators at i0. */
+AVX512_FN static INLINE void few_rows_512(const uint8_t *p, size_t B, const int b, __m512 tab, const float *ws, size_t lws,
+                                          float *acc, size_t lda, int i0, const int NR, const int CH) {
+    const __m512i sh = _mm512_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b, 0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+    __m512 a[16];
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) a[r * CH + c] = _mm512_loadu_ps(acc + r * lda + i0 + 16 * c);
+    for (int k = 0; k < 16; k++) {
+        const uint8_t *row = p + k * B + (size_t)(i0 / 8) * b;
+        __m512 wk[4];
+        for (int r = 0; r < NR; r++) wk[r] = _mm512_set1_ps(ws[r * lws + k]);
+        for (int c = 0; c < CH; c++) {
+            uint32_t w0, w1;
+            memcpy(&w0, row + (size_t)(2 * c) * b, 4);
+            memcpy(&w1, row + (size_t)(2 * c + 1) * b, 4);
+            __m512i w = _mm512_mask_set1_epi32(_mm512_set1_epi32((int)w0), 0xFF00, (int)w1);
+            __m512 v = _mm512_permutexvar_ps(_mm512_srlv_epi32(w, sh), tab);
+            for (int r = 0; r < NR; r++) a[r * CH + c] = _mm512_fmadd_ps(v, wk[r], a[r * CH + c]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) _mm512_storeu_ps(acc + r * lda + i0 + 16 * c, a[r * CH + c]);
+}
+
+AVX512_FN static INLINE void few_rows_group_512(const uint8_t *p, size_t B, int d, const int b, __m512 tab, const float *ws,
+                                                size_t lws, float *acc, size_t lda, const int NR) {
+    int i0 = 0;
+    for (; i0 + 64 <= d; i0 += 64) few_rows_512(p, B, b, tab, ws, lws, acc, lda, i0, NR, 4);
+    switch ((d - i0) / 16) {
+    case 3: few_rows_512(p, B, b, tab, ws, lws, acc, lda, i0, NR, 3); break;
+    case 2: few_rows_512(p, B, b, tab, ws, lws, acc, lda, i0, NR, 2); break;
+    case 1: few_rows_512(p, B, b, tab, ws, lws, acc, lda, i0, NR, 1); break;
+    default: break;
+    }
+}
+
+/* ws (nq, lws): the weights of the 16 rows, their scales folded in. */
+AVX512_FN static INLINE void few_values_512(const uint8_t *p, size_t B, int d, const int b, __m512 tab, int nq,
+                                            const float *ws, size_t lws, float *acc, size_t lda) {
+    switch (nq) {
+    case 1: few_rows_group_512(p, B, d, b, tab, ws, lws, acc, lda, 1); break;
+    case 2: few_rows_group_512(p, B, d, b, tab, ws, lws, acc, lda, 2); break;
+    case 3: few_rows_group_512(p, B, d, b, tab, ws, lws, acc, lda, 3); break;
+    default: few_rows_group_512(p, B, d, b, tab, ws, lws, acc, lda, 4); break;
+    }
+}
+
 AVX512_FN static void scores_512(const tq_codec *c, int nq, const float *qp, size_t ldq, const uint8_t *rows, int n,
                                  float *s, size_t lds) {
     const int d = c->d, b = c->bits;
     const size_t B = c->bytes;
     const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)B));
-    float buf[16 * d + 16], *tile = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63), tab[16];
+    float buf[16 * d + 16], *tile = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63), tab[16] = {0};
     if (b) table16(c, tab);
     __m512 tb = _mm512_loadu_ps(tab), one = _mm512_set1_ps(1.0f);
     int t = 0;
     for (; t + 16 <= n; t += 16) {
         const uint8_t *p = rows + (size_t)t * B;
-        if (b) {
+        if (b && nq <= 4) {
+            __m512 sc = row_scales_512(p, offs, B);
+            if (b == 2) few_scores_512(p, offs, d, 2, tb, nq, qp, ldq, sc, s + t, lds);
+            else if (b == 3) few_scores_512(p, offs, d, 3, tb, nq, qp, ldq, sc, s + t, lds);
+            else few_scores_512(p, offs, d, 4, tb, nq, qp, ldq, sc, s + t, lds);
+        } else if (b) {
             if (b == 2) cols_tq_512(p, offs, d, 2, tb, tile);
             else if (b == 3) cols_tq_512(p, offs, d, 3, tb, tile);
             else cols_tq_512(p, offs, d, 4, tb, tile);
@@ -1372,11 +1545,22 @@ AVX512_FN static void values_512(const tq_codec *c, int nq, const float *w, size
     const int d = c->d, b = c->bits;
     const size_t B = c->bytes;
     const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)B));
-    float buf[16 * d + 16], *tile = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63), tab[16];
+    float buf[16 * d + 16], *tile = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63), tab[16] = {0};
     if (b) table16(c, tab);
     __m512 tb = _mm512_loadu_ps(tab);
-    int t = 0;
-    for (; t + 16 <= n; t += 16) {
+    int t = 0, few = b && nq <= 4 && n <= FEW_ROWS;
+    float ws[4 * FEW_ROWS];
+    for (; few && t + 16 <= n; t += 16) {                /* weights times row scales, ahead of their use */
+        __m512 sc = row_scales_512(rows + (size_t)t * B, offs, B);
+        for (int r = 0; r < nq; r++) _mm512_storeu_ps(ws + r * FEW_ROWS + t, _mm512_mul_ps(_mm512_loadu_ps(w + r * ldw + t), sc));
+    }
+    for (t = 0; few && t + 16 <= n; t += 16) {
+        const uint8_t *p = rows + (size_t)t * B;
+        if (b == 2) few_values_512(p, B, d, 2, tb, nq, ws + t, FEW_ROWS, acc, lda);
+        else if (b == 3) few_values_512(p, B, d, 3, tb, nq, ws + t, FEW_ROWS, acc, lda);
+        else few_values_512(p, B, d, 4, tb, nq, ws + t, FEW_ROWS, acc, lda);
+    }
+    for (; !few && t + 16 <= n; t += 16) {
         const uint8_t *p = rows + (size_t)t * B;
         if (b) {
             if (b == 2) rows_tq_512(p, B, d, 2, tb, tile);

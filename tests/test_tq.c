@@ -591,7 +591,7 @@ static void test_attention(void) {
 /* ---- tq_attn_*: every SIMD path this CPU runs, against float64 over tq_decode and against the
  * portable path --------------------------------------------------------------------------------*/
 #define AQ 13          /* queries at most */
-#define AN 131         /* rows at most */
+#define AN 300         /* rows at most: more than the SIMD paths' few-query limit (256) */
 static int simd_tested[TQ_NSIMD];
 
 static void attn_case(const tq_codec *c, const uint8_t *rows /* the last n rows of a buffer */, const float *dec,
@@ -630,7 +630,7 @@ static void attn_case(const tq_codec *c, const uint8_t *rows /* the last n rows 
 }
 
 static void test_attn_paths(void) {
-    const int dims[4] = {64, 80, 128, 256}, nqs[4] = {1, 3, 4, 13}, ns[6] = {1, 7, 16, 17, 40, AN};
+    const int dims[4] = {64, 80, 128, 256}, nqs[4] = {1, 3, 4, 13}, ns[6] = {1, 7, 16, 17, 131, AN};
     for (int f = 0; f < TQ_NFMT; f++)
         for (int di = 0; di < 4; di++) {
             int d = dims[di];
