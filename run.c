@@ -781,12 +781,12 @@ static void finish_query(const KVCache *kv, const Config *c, int l, int g, const
     for (int i = 0; i < hd; i++) out[i] = (out[i] + ex[i]) * inv + voff[i];
 }
 
-/* Layer l's attention for the n batch tokens at pos.. (keys and values already in the cache),
- * into s->xb. Work items (KV head, tile of ATT_TILE tokens, split of the coded positions) run in
- * parallel: a batch of one tile (decode) splits its coded positions so that every thread has work,
- * longer batches do not. The item layout depends on n and pos only, never on the thread count,
- * so results do not either. Then each query merges its splits, adds its exact positions and
- * finishes. */
+/* Layer l's attention for the n batch tokens at pos.. (keys and values already in the cache; the
+ * queries in s->q, RoPE applied), into s->xb, in one parallel region: the queries are prepared;
+ * work items (KV head, tile of ATT_TILE tokens, split of the coded positions) run: a batch of one
+ * tile (decode) splits its coded positions so that every thread has work, longer batches do not;
+ * then each query merges its splits, adds its exact positions and finishes. The item layout
+ * depends on n and pos only, never on the thread count, so results do not either. */
 static void attention(const KVCache *kv, const Config *c, RunState *s, int l, int n, int pos) {
     int group = c->n_heads / c->n_kv_heads, hd = c->head_dim, qd = c->n_heads * hd;
     int tiles = (n + ATT_TILE - 1) / ATT_TILE, coded = coded_end(kv, pos + n) - kv->sink;
@@ -795,8 +795,17 @@ static void attention(const KVCache *kv, const Config *c, RunState *s, int l, in
     int per_item = (n < ATT_TILE ? n : ATT_TILE) * group;   /* states of an item's queries */
     size_t qf = tq_query_floats(&kv->kc), sf = state_floats(&kv->vc, hd);
     Batch bt = {pos, s->k, s->v};
+#pragma omp parallel
+    {
     int i;
-#pragma omp parallel for schedule(dynamic)
+#pragma omp for schedule(static)
+    for (i = 0; i < n * c->n_heads; i++) {          /* s->qp, s->qu: a KV head's queries together */
+        int b = i / c->n_heads, h = i % c->n_heads, g = h / group;
+        size_t qi = ((size_t)g * s->batch + b) * group + h % group;
+        prepare_query(kv, c, l, g, s->q + (size_t)b * qd + (size_t)h * hd, s->qperp + (size_t)i * hd,
+                      s->qu + qi * KPROJ_MAX, s->qp + qi * qf);
+    }
+#pragma omp for schedule(dynamic)
     for (i = 0; i < items; i++) {
         int g = i / (tiles * splits), tile = i / splits % tiles, sp = i % splits;
         int b0 = tile * ATT_TILE, b1 = b0 + ATT_TILE < n ? b0 + ATT_TILE : n;
@@ -805,7 +814,7 @@ static void attention(const KVCache *kv, const Config *c, RunState *s, int l, in
         for (int r = 0; r < (b1 - b0) * group; r++) state_init(st + r * sf, sf);
         attend_codes(kv, c, s, l, g, pos, b0, b1, k0, k1, st, sf, s->att + (size_t)thread_id() * att_floats(c));
     }
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (i = 0; i < n * c->n_heads; i++) {
         int b = i / c->n_heads, h = i % c->n_heads, g = h / group, tile = b / ATT_TILE;
         size_t qi = ((size_t)g * s->batch + b) * group + h % group;
@@ -814,6 +823,7 @@ static void attention(const KVCache *kv, const Config *c, RunState *s, int l, in
         attend_exact(kv, c, l, g, pos + b + 1, s->q + (size_t)b * qd + (size_t)h * hd, s->qp + qi * qf, s->qu + qi * KPROJ_MAX,
                      &bt, st, sf);
         finish_query(kv, c, l, g, st, s->xb + (size_t)b * qd + (size_t)h * hd);
+    }
     }
 }
 #endif
@@ -984,8 +994,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     RunState *s = &t->state;
     KVCache *kv = &t->cache;
     int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim;
-    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, group = c->n_heads / c->n_kv_heads;
-    size_t qf = tq_query_floats(&kv->kc);
+    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
 
     for (int b = 0; b < n; b++)
         memcpy(s->x + (size_t)b * dim, w->token_embedding + (size_t)tokens[b] * dim, dim * sizeof(float));
@@ -1006,13 +1015,6 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
             int b = i / c->n_kv_heads, g = i % c->n_kv_heads;
             encode_kv(kv, c, l, g, pos + b, s->k + (size_t)b * kvd + (size_t)g * hd, s->v + (size_t)b * kvd + (size_t)g * hd,
                       s->qperp + (size_t)i * hd);   /* qperp: scratch until attention uses it */
-        }
-#pragma omp parallel for schedule(static)
-        for (i = 0; i < n * c->n_heads; i++) {      /* queries: a KV head's together (s->qp's layout) */
-            int b = i / c->n_heads, h = i % c->n_heads, g = h / group;
-            size_t qi = ((size_t)g * s->batch + b) * group + h % group;
-            prepare_query(kv, c, l, g, s->q + (size_t)b * qd + (size_t)h * hd, s->qperp + (size_t)i * hd,
-                          s->qu + qi * KPROJ_MAX, s->qp + qi * qf);
         }
         attention(kv, c, s, l, n, pos);             /* token b attends to positions 0..pos+b */
         for (int b = 0; b < n; b++)
@@ -1630,8 +1632,6 @@ typedef struct {                 /* what the trade-off line reports          */
     double prefill_s, decode_s;
 } Stats;
 
-/* The memory / speed line on stderr, e.g.
- * kv: tq3/tq3 3.25 bits/elem, 4.6 MiB for 1024 tokens (fp16 22.5 MiB, 4.9x smaller; fp32 45.0 MiB) */
 /* Where attention runs: the codec's SIMD path (CPU), or the GPU. */
 static const char *attention_path(const Transformer *t) {
 #ifdef RUN_CUDA
@@ -1642,6 +1642,8 @@ static const char *attention_path(const Transformer *t) {
 #endif
 }
 
+/* The memory / speed line on stderr, e.g.
+ * kv: tq3/tq3 3.25 bits/elem, 4.6 MiB for 1024 tokens (fp16 22.5 MiB, 4.9x smaller; fp32 45.0 MiB) */
 static void report(const Transformer *t, int n_pos, const Stats *st) {
     const Config *c = &t->config;
     const KVCache *kv = &t->cache;
