@@ -533,7 +533,7 @@ TQ_HD static float dot(const float *a, const float *b, int n) {
 
 TQ_HD static float dot_f16(const float *a, const uint16_t *b, int n) {
     float s = 0.0f;
-    for (int j = 0; j < n; j++) s += a[j] * tq_f16_to_f32(b[j]);
+    for (int j = 0; j < n; j++) s += a[j] * tq_half(b[j]);
     return s;
 }
 
@@ -669,7 +669,7 @@ TQ_HD static void add_exact_value(const KVCache *kv, const Config *c, int l, int
         for (int i = 0; i < hd; i++) out[i] += w * v[i];
     } else {
         const uint16_t *v = kv->exact_v + exact_row(kv, c, l, g, t);
-        for (int i = 0; i < hd; i++) out[i] += w * tq_f16_to_f32(v[i]);
+        for (int i = 0; i < hd; i++) out[i] += w * tq_half(v[i]);
     }
 }
 
@@ -724,7 +724,7 @@ static void attend_codes(const KVCache *kv, const Config *c, const RunState *s, 
         if (R) {                                        /* + sum_j qu_j beta_tj */
             const uint16_t *kb = kv->kbeta + (head * kv->ctx + t0) * R;
             for (int j = 0; j < R; j++)
-                for (int t = 0; t < nk; t++) beta[j * ATT_CHUNK + t] = tq_f16_to_f32(kb[t * R + j]);
+                for (int t = 0; t < nk; t++) beta[j * ATT_CHUNK + t] = tq_half(kb[t * R + j]);
             for (int r = 0; r < nq; r++)
                 for (int j = 0; j < R; j++) {
                     float u = qu[r * KPROJ_MAX + j], *x = sc + (size_t)r * ATT_CHUNK;
@@ -743,6 +743,14 @@ static void attend_codes(const KVCache *kv, const Config *c, const RunState *s, 
         tq_attn_values(&kv->vc, s->simd, nq, sc, ATT_CHUNK, cache_row(kv, kv->value, kv->vc.bytes, c, l, g, t0), nk,
                        st + 2, sf);
     }
+}
+
+/* [k0, k1) widened to whole SIMD tiles of 16 rows where the cache has them: the rows added lie
+ * past every query's coded range (the attention masks them), and the codec's kernels need no
+ * row-by-row tail. Splits are multiples of 16 rows from the sinks, so only the last one widens. */
+static int whole_tiles(const KVCache *kv, int k0, int k1) {
+    int k = k0 + (k1 - k0 + 15) / 16 * 16;
+    return k < kv->ctx ? k : kv->ctx;
 }
 
 /* dst <- the state of dst's and src's positions together (the same query, disjoint positions). */
@@ -790,7 +798,7 @@ static void finish_query(const KVCache *kv, const Config *c, int l, int g, const
 static void attention(const KVCache *kv, const Config *c, RunState *s, int l, int n, int pos) {
     int group = c->n_heads / c->n_kv_heads, hd = c->head_dim, qd = c->n_heads * hd;
     int tiles = (n + ATT_TILE - 1) / ATT_TILE, coded = coded_end(kv, pos + n) - kv->sink;
-    int split = coded > ATT_SPLIT * ATT_MAX_SPLITS ? (coded + ATT_MAX_SPLITS - 1) / ATT_MAX_SPLITS : ATT_SPLIT;
+    int split = coded > ATT_SPLIT * ATT_MAX_SPLITS ? ((coded + ATT_MAX_SPLITS - 1) / ATT_MAX_SPLITS + 15) / 16 * 16 : ATT_SPLIT;
     int splits = tiles == 1 && coded > split ? (coded + split - 1) / split : 1, items = c->n_kv_heads * tiles * splits;
     int per_item = (n < ATT_TILE ? n : ATT_TILE) * group;   /* states of an item's queries */
     size_t qf = tq_query_floats(&kv->kc), sf = state_floats(&kv->vc, hd);
@@ -810,6 +818,7 @@ static void attention(const KVCache *kv, const Config *c, RunState *s, int l, in
         int g = i / (tiles * splits), tile = i / splits % tiles, sp = i % splits;
         int b0 = tile * ATT_TILE, b1 = b0 + ATT_TILE < n ? b0 + ATT_TILE : n;
         int k0 = kv->sink + sp * split, k1 = splits > 1 ? (sp + 1 < splits ? k0 + split : kv->sink + coded) : coded_end(kv, pos + b1);
+        if (sp + 1 == splits) k1 = whole_tiles(kv, k0, k1);
         float *st = s->part + (size_t)i * per_item * sf;
         for (int r = 0; r < (b1 - b0) * group; r++) state_init(st + r * sf, sf);
         attend_codes(kv, c, s, l, g, pos, b0, b1, k0, k1, st, sf, s->att + (size_t)thread_id() * att_floats(c));

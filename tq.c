@@ -72,21 +72,8 @@ TQ_HD uint16_t tq_f32_to_f16(float f) {
     return (uint16_t)(sign | h);
 }
 
-/* Put the 15 exponent+fraction bits where a float keeps them and multiply by
- * 2^(127-15): exact for normal and subnormal halves alike. An all-ones half
- * exponent (inf, NaN) becomes an all-ones float exponent. No branches, so the
- * fp16 loops below vectorize. */
-TQ_HD static inline float half_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)(h & 0x7fff) << 13;
-    float f;
-    memcpy(&f, &bits, 4);
-    f *= 0x1p112f;
-    memcpy(&bits, &f, 4);
-    bits |= ((h & 0x7c00) == 0x7c00) * 0x7f800000u | (uint32_t)(h & 0x8000) << 16;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-TQ_HD float tq_f16_to_f32(uint16_t h) { return half_to_float(h); }
+/* tq_half (tq.h) has no branches, so the fp16 loops below vectorize. */
+TQ_HD float tq_f16_to_f32(uint16_t h) { return tq_half(h); }
 
 TQ_HD static float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
 
@@ -101,10 +88,10 @@ TQ_HD static uint16_t scale_f16(double s) {
                         formats only at head_dim % 16 == 0, where all rows and scales sit at even
                         offsets): one load instead of one per byte */
 TQ_HD static float get_f32(const uint8_t *p) { return *(const float *)p; }
-TQ_HD static float get_f16(const uint8_t *p) { return half_to_float(*(const uint16_t *)p); }
+TQ_HD static float get_f16(const uint8_t *p) { return tq_half(*(const uint16_t *)p); }
 #else
 TQ_HD static float get_f32(const uint8_t *p) { float f; memcpy(&f, p, 4); return f; }  /* any alignment */
-TQ_HD static float get_f16(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | p[1] << 8)); }
+TQ_HD static float get_f16(const uint8_t *p) { return tq_half((uint16_t)(p[0] | p[1] << 8)); }
 #endif
 TQ_HD static void put_f16(uint8_t *p, uint16_t h) { p[0] = (uint8_t)h; p[1] = (uint8_t)(h >> 8); }
 

@@ -40,6 +40,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* run_cuda.cu compiles this codec a second time, as CUDA C++, so that the GPU
  * kernels encode, score and accumulate with these very functions: TQ_HD marks
@@ -170,5 +171,20 @@ float tq_softmax_chunk(tq_simd simd, float *s /* (n) */, int n, float scale, flo
 /* fp16 helpers (round to nearest even), shared with run.c */
 TQ_HD uint16_t tq_f32_to_f16(float f);
 TQ_HD float tq_f16_to_f32(uint16_t h);
+
+/* tq_f16_to_f32 inline, for loops over many halves (the compiler can vectorize it): the 15
+ * exponent+fraction bits go where a float keeps them, times 2^(127-15), which is exact for
+ * normal and subnormal halves alike; an all-ones half exponent (inf, NaN) becomes an all-ones
+ * float exponent. No branches. */
+TQ_HD static inline float tq_half(uint16_t h) {
+    uint32_t bits = (uint32_t)(h & 0x7fff) << 13;
+    float f;
+    memcpy(&f, &bits, 4);
+    f *= 0x1p112f;
+    memcpy(&bits, &f, 4);
+    bits |= ((h & 0x7c00) == 0x7c00) * 0x7f800000u | (uint32_t)(h & 0x8000) << 16;
+    memcpy(&f, &bits, 4);
+    return f;
+}
 
 #endif
