@@ -75,10 +75,14 @@ tests/tqstat: tests/tqstat.c tq.c tq.h
 bench/tqbench: bench/tqbench.c tq.c tq.h
 	$(CC) $(CFLAGS) $(WARN) -o $@ bench/tqbench.c tq.c -lm
 
+bench/membw: bench/membw.c
+	$(CC) $(CFLAGS) $(OMP) $(WARN) -o $@ bench/membw.c
+
 tqstat: tests/tqstat
 	./tests/tqstat
 
-bench: bench/tqbench
+bench: bench/tqbench bench/membw
+	./bench/membw
 	./bench/tqbench
 
 # ---- the default model ------------------------------------------------------
@@ -107,7 +111,7 @@ pytest: run run_san run_vg tests/libtq.so tests/tqstat $(MODEL) | $(VENV)/.test-
 test: ctest pytest
 
 clean:
-	rm -f run run_san run_vg run_cuda tests/test_tq tests/test_tq_san tests/libtq.so tests/tqstat bench/tqbench
+	rm -f run run_san run_vg run_cuda tests/test_tq tests/test_tq_san tests/libtq.so tests/tqstat bench/tqbench bench/membw
 
 # ---- fuzzing (not part of `make test`) ------------------------------------------------
 # libFuzzer with ASan + UBSan, FUZZ_SECONDS per harness: tests/fuzz_load (the model-file

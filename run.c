@@ -203,11 +203,13 @@ typedef struct {
     float *q;      /* (batch, q_dim)   q_dim = n_heads*head_dim               */
     float *k;      /* (batch, kv_dim)  kv_dim = n_kv_heads*head_dim           */
     float *v;      /* (batch, kv_dim)                                         */
-    float *att;    /* (n_threads, ctx) attention scores, one row per thread   */
-    float *qp;     /* (batch*n_heads, tq_query_floats) prepared queries       */
-    float *qperp;  /* (batch*n_heads, head_dim) queries less their part along u */
-    float *acc;    /* (batch*n_heads, tq_acc_floats) value accumulators       */
+    float *att;    /* (n_threads, att_floats) a work item's scores / weights and key projections */
+    float *qp;     /* (n_kv_heads, batch, group, tq_query_floats) prepared queries, a KV head's together */
+    float *qu;     /* (n_kv_heads, batch, group, KPROJ_MAX) the queries' parts along the key directions */
+    float *qperp;  /* (batch*n_heads, head_dim) queries less their part along u (scratch) */
+    float *part;   /* (att_states, state_floats) online-softmax states of the work items */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
+    tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
 } RunState;
 
 typedef struct {
@@ -407,6 +409,28 @@ static size_t cache_bytes(const KVCache *kv, const Config *c, int n) {
     return heads * ((size_t)n * per_pos + exact * hd * 2 * 2 + stats);
 }
 
+/* CPU attention runs in work items (attention() below): a KV head's queries of up to ATT_TILE
+ * batch tokens against its coded positions, or, when the batch has a single tile (decode), against
+ * ATT_SPLIT of them at a time so that every thread has work with only a few KV heads. */
+#define ATT_CHUNK 128   /* keys per call into the codec: a chunk's scores stay in L1 */
+#define ATT_TILE 16     /* batch tokens whose queries share one pass over the codes */
+#define ATT_SPLIT 256   /* coded positions per work item when the batch has one tile, at least */
+#define ATT_MAX_SPLITS 32 /* and at most this many items per KV head (longer splits beyond) */
+
+/* Floats of one query's online-softmax state: m, l, the codec's accumulator, the exact part. */
+static size_t state_floats(const tq_codec *vc, int head_dim) { return 2 + tq_acc_floats(vc) + (size_t)head_dim; }
+
+/* States that a pass over `batch` tokens can use at most: a tile's queries per work item. */
+static size_t att_states(const Config *c, int batch) {
+    size_t tiles = ((size_t)batch + ATT_TILE - 1) / ATT_TILE;
+    return (size_t)c->n_heads * ATT_TILE * (tiles > ATT_MAX_SPLITS ? tiles : ATT_MAX_SPLITS);
+}
+
+/* Scratch floats of one thread: a chunk's scores for a tile's queries, and its keys' projections. */
+static size_t att_floats(const Config *c) {
+    return ((size_t)ATT_TILE * (c->n_heads / c->n_kv_heads) + KPROJ_MAX) * ATT_CHUNK;
+}
+
 static void build_state(RunState *s, const Config *c, const KVCache *kv, int batch, int all_logits) {
     size_t B = (size_t)batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     size_t wide = qd > (size_t)c->dim ? qd : (size_t)c->dim;
@@ -419,15 +443,18 @@ static void build_state(RunState *s, const Config *c, const KVCache *kv, int bat
     s->q = (float *)xcalloc(B * qd, sizeof(float), "activations");
     s->k = (float *)xcalloc(B * kvd, sizeof(float), "activations");
     s->v = (float *)xcalloc(B * kvd, sizeof(float), "activations");
-    s->att = (float *)xcalloc((size_t)n_threads() * kv->ctx, sizeof(float), "attention scores");
+    s->att = (float *)xcalloc((size_t)n_threads() * att_floats(c), sizeof(float), "attention scores");
     s->qp = (float *)xcalloc(B * c->n_heads * tq_query_floats(&kv->kc), sizeof(float), "queries");
+    s->qu = (float *)xcalloc(B * c->n_heads * KPROJ_MAX, sizeof(float), "queries");
     s->qperp = (float *)xcalloc(B * qd, sizeof(float), "queries");
-    s->acc = (float *)xcalloc(B * c->n_heads * tq_acc_floats(&kv->vc), sizeof(float), "accumulators");
+    s->part = (float *)xcalloc(att_states(c, batch) * state_floats(&kv->vc, c->head_dim), sizeof(float), "attention states");
     s->logits = (float *)xcalloc((all_logits ? B : 1) * c->vocab_size, sizeof(float), "logits");
+    const char *err = tq_simd_from_env(&s->simd);
+    if (err) die("%s", err);
 }
 
 static void free_state(RunState *s) {
-    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->qp, s->qperp, s->acc, s->logits};
+    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->qp, s->qu, s->qperp, s->part, s->logits};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
 }
 
@@ -441,8 +468,9 @@ static double run_bytes(const Config *c, const CacheOpts *o, int ctx, int batch,
                  + 4 * (3.0 + o->kproj) * heads * hd        /* offsets, key weights, directions */
                  + 2 * 2 * heads * (double)exact_slots(o->sink, o->window, ctx) * hd;  /* fp16 exact store */
     double per_token = 3.0 * c->dim + wide + 2.0 * c->hidden_dim + 2 * qd + 2 * kvd
-                     + (all_logits ? c->vocab_size : 0) + (double)c->n_heads * 20 * hd;   /* queries, acc */
-    return cache + 4.0 * (batch * per_token + (double)n_threads() * ctx + c->vocab_size);   /* scores, logits */
+                     + (all_logits ? c->vocab_size : 0) + (double)c->n_heads * (20 * hd + KPROJ_MAX);   /* queries */
+    double attention = (double)att_states(c, batch) * (3 * hd + 2) + (double)n_threads() * att_floats(c);
+    return cache + 4.0 * (batch * per_token + attention + c->vocab_size);   /* states, scores, logits */
 }
 
 static void build_transformer(Transformer *t, const char *path, const CacheOpts *o, int ctx, int batch, int all_logits) {
@@ -505,7 +533,7 @@ TQ_HD static float dot(const float *a, const float *b, int n) {
 
 TQ_HD static float dot_f16(const float *a, const uint16_t *b, int n) {
     float s = 0.0f;
-    for (int j = 0; j < n; j++) s += a[j] * tq_f16_to_f32(b[j]);
+    for (int j = 0; j < n; j++) s += a[j] * tq_half(b[j]);
     return s;
 }
 
@@ -632,40 +660,180 @@ TQ_HD static int next_exact(const KVCache *kv, int t, int T) {
     return is_exact(kv, t, T) ? t : T - kv->window;
 }
 
+/* out (head_dim) += w times the value of exact position t: its fp16 copy, or the batch itself. */
+TQ_HD static void add_exact_value(const KVCache *kv, const Config *c, int l, int g, int t, float w, const Batch *bt,
+                                  float *out) {
+    int hd = c->head_dim;
+    if (t >= bt->pos) {
+        const float *v = bt->v + (size_t)(t - bt->pos) * c->n_kv_heads * hd + (size_t)g * hd;
+        for (int i = 0; i < hd; i++) out[i] += w * v[i];
+    } else {
+        const uint16_t *v = kv->exact_v + exact_row(kv, c, l, g, t);
+        for (int i = 0; i < hd; i++) out[i] += w * tq_half(v[i]);
+    }
+}
+
+#ifdef RUN_CUDA  /* run_cuda.cu's attention kernel; the CPU adds its exact positions in attend_exact */
 /* Completes a head's output out (head_dim), which holds the coded positions'
  * part sum_t p_t v~_t: adds the exact positions' p_t v_t and the offset mu_v
  * (sum_t p_t = 1; zero when offsets are off). */
 TQ_HD static void add_exact_values(const KVCache *kv, const Config *c, int l, int g, int T, const float *p,
                                    const Batch *bt, float *out) {
     int hd = c->head_dim;
-    for (int t = next_exact(kv, 0, T); t < T; t = next_exact(kv, t + 1, T))
-        if (t >= bt->pos) {
-            const float *v = bt->v + (size_t)(t - bt->pos) * c->n_kv_heads * hd + (size_t)g * hd;
-            for (int i = 0; i < hd; i++) out[i] += p[t] * v[i];
-        } else {
-            const uint16_t *v = kv->exact_v + exact_row(kv, c, l, g, t);
-            for (int i = 0; i < hd; i++) out[i] += p[t] * tq_f16_to_f32(v[i]);
-        }
+    for (int t = next_exact(kv, 0, T); t < T; t = next_exact(kv, t + 1, T)) add_exact_value(kv, c, l, g, t, p[t], bt, out);
     const float *voff = kv->voff + ((size_t)l * c->n_kv_heads + g) * hd;
     for (int i = 0; i < hd; i++) out[i] += voff[i];
 }
+#endif
 
 #ifndef RUN_CUDA
-/* One query head attending over positions 0..T-1 of its KV head, straight from
- * the codes: the query is prepared (rotated, lookup tables built) once, every
- * key is scored with tq_dot, the softmax weights accumulate the value codes in
- * the rotated domain, and the sum is rotated back once (tq_finish). */
-static void attention(const KVCache *kv, const Config *c, int l, int g, int T, float *q, const Batch *bt,
-                      float *qperp, float *qp, float *att, float *acc, float *out) {
-    float qu[KPROJ_MAX], scale = 1.0f / sqrtf((float)c->head_dim);
-    prepare_query(kv, c, l, g, q, qperp, qu, qp);
-    for (int t = 0; t < T; t++) att[t] = scale * key_score(kv, c, l, g, t, T, q, qp, qu, bt);
-    softmax(att, T);
-    memset(acc, 0, tq_acc_floats(&kv->vc) * sizeof(float));
-    for (int t = 0; t < T; t++)
-        if (!is_exact(kv, t, T)) tq_axpy(&kv->vc, att[t], cache_row(kv, kv->value, kv->vc.bytes, c, l, g, t), acc);
-    tq_finish(&kv->vc, acc, out);
-    add_exact_values(kv, c, l, g, T, att, bt, out);
+/* ---- CPU attention ----
+ * A query at position T-1 reads the coded positions [sink, T - window) from the codes and the
+ * exact ones (the sinks and the last `window`) from their fp16 copies. Both parts are gathered
+ * into an online-softmax state per query head (Milakov & Gimelshein 2018; FlashAttention):
+ *   st = [ m | l | acc (tq_acc_floats) | ex (head_dim) ],  m the largest logit x_t seen,
+ *   l = sum_t e^(x_t - m),  acc = sum_t e^(x_t - m) v~_t over coded positions, in the codec's
+ *   accumulator form (rotated domain), ex the same over exact positions (plain domain);
+ * so the output is (Pi^T acc + ex) / l + mu_v, and states over disjoint positions merge by
+ * rescaling to the larger m. The coded positions go through the codec's attention kernels a
+ * chunk at a time for all the queries of a KV head at once (GQA: one pass over each row's codes
+ * serves its group of query heads, and in prefill a tile of tokens too). */
+
+static void state_init(float *st, size_t sf) {
+    memset(st, 0, sf * sizeof(float));
+    st[0] = -INFINITY;
+}
+
+/* The end of the coded positions of a query at T-1: they are [sink, coded_end). */
+static int coded_end(const KVCache *kv, int T) { return T - kv->window > kv->sink ? T - kv->window : kv->sink; }
+
+/* Work item: the queries of KV head g for batch tokens b0..b1-1 (the group's heads of each, nq in
+ * all, prepared in s->qp) over coded positions [k0, k1), one chunk at a time: scores from the key
+ * codes, plus the keys' exact parts qu.beta, logits past a query's own coded range masked (they
+ * are exact for it, or in its future), an online-softmax step, then the value codes weighted into
+ * each query's state (st: nq states of sf floats). sc: att_floats of scratch. */
+static void attend_codes(const KVCache *kv, const Config *c, const RunState *s, int l, int g, int pos, int b0, int b1,
+                         int k0, int k1, float *st, size_t sf, float *sc) {
+    int group = c->n_heads / c->n_kv_heads, nq = (b1 - b0) * group, R = kv->kproj;
+    size_t qf = tq_query_floats(&kv->kc), head = (size_t)l * c->n_kv_heads + g, first = ((size_t)g * s->batch + b0) * group;
+    const float *qp = s->qp + first * qf, *qu = s->qu + first * KPROJ_MAX;
+    float *beta = sc + (size_t)nq * ATT_CHUNK, scale = 1.0f / sqrtf((float)c->head_dim);
+    for (int t0 = k0; t0 < k1; t0 += ATT_CHUNK) {
+        int nk = k1 - t0 < ATT_CHUNK ? k1 - t0 : ATT_CHUNK;
+        tq_attn_scores(&kv->kc, s->simd, nq, qp, qf, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t0), nk, sc, ATT_CHUNK);
+        if (R) {                                        /* + sum_j qu_j beta_tj */
+            const uint16_t *kb = kv->kbeta + (head * kv->ctx + t0) * R;
+            for (int j = 0; j < R; j++)
+                for (int t = 0; t < nk; t++) beta[j * ATT_CHUNK + t] = tq_half(kb[t * R + j]);
+            for (int r = 0; r < nq; r++)
+                for (int j = 0; j < R; j++) {
+                    float u = qu[r * KPROJ_MAX + j], *x = sc + (size_t)r * ATT_CHUNK;
+                    const float *bj = beta + j * ATT_CHUNK;
+                    for (int t = 0; t < nk; t++) x[t] += u * bj[t];
+                }
+        }
+        for (int r = 0; r < nq; r++) {
+            float *x = sc + (size_t)r * ATT_CHUNK, *q = st + r * sf, rescale;
+            int end = coded_end(kv, pos + b0 + r / group + 1) - t0;
+            for (int t = end > 0 ? end : 0; t < nk; t++) x[t] = -INFINITY;
+            float sum = tq_softmax_chunk(s->simd, x, nk, scale, &q[0], &rescale);
+            for (size_t i = 1; i < sf; i++) q[i] *= rescale;
+            q[1] += sum;
+        }
+        tq_attn_values(&kv->vc, s->simd, nq, sc, ATT_CHUNK, cache_row(kv, kv->value, kv->vc.bytes, c, l, g, t0), nk,
+                       st + 2, sf);
+    }
+}
+
+/* [k0, k1) widened to whole SIMD tiles of 16 rows where the cache has them: the rows added lie
+ * past every query's coded range (the attention masks them), and the codec's kernels need no
+ * row-by-row tail. Splits are multiples of 16 rows from the sinks, so only the last one widens. */
+static int whole_tiles(const KVCache *kv, int k0, int k1) {
+    int k = k0 + (k1 - k0 + 15) / 16 * 16;
+    return k < kv->ctx ? k : kv->ctx;
+}
+
+/* dst <- the state of dst's and src's positions together (the same query, disjoint positions). */
+static void state_merge(float *dst, const float *src, size_t sf) {
+    float m = fmaxf(dst[0], src[0]);
+    if (m == -INFINITY) return;                         /* both empty */
+    float fd = expf(dst[0] - m), fs = expf(src[0] - m);
+    for (size_t i = 1; i < sf; i++) dst[i] = dst[i] * fd + src[i] * fs;
+    dst[0] = m;
+}
+
+/* Adds the exact positions of query q (head_dim, prepared by prepare_query) at T-1 to its state:
+ * their scores (key_score: the fp16 copies or the batch), one rescale, their weighted values. */
+static void attend_exact(const KVCache *kv, const Config *c, int l, int g, int T, const float *q, const float *qp,
+                         const float *qu, const Batch *bt, float *st, size_t sf) {
+    float scale = 1.0f / sqrtf((float)c->head_dim), m = st[0];
+    float *ex = st + 2 + tq_acc_floats(&kv->vc);
+    for (int t = next_exact(kv, 0, T); t < T; t = next_exact(kv, t + 1, T))
+        m = fmaxf(m, scale * key_score(kv, c, l, g, t, T, q, qp, qu, bt));
+    float f = expf(st[0] - m);                          /* 0 when nothing was coded */
+    for (size_t i = 1; i < sf; i++) st[i] *= f;
+    st[0] = m;
+    for (int t = next_exact(kv, 0, T); t < T; t = next_exact(kv, t + 1, T)) {
+        float p = expf(scale * key_score(kv, c, l, g, t, T, q, qp, qu, bt) - m);
+        st[1] += p;
+        add_exact_value(kv, c, l, g, t, p, bt, ex);
+    }
+}
+
+/* out (head_dim) = the attention output of a state that covers all of a query's positions. */
+static void finish_query(const KVCache *kv, const Config *c, int l, int g, const float *st, float *out) {
+    int hd = c->head_dim;
+    const float *ex = st + 2 + tq_acc_floats(&kv->vc), *voff = kv->voff + ((size_t)l * c->n_kv_heads + g) * hd;
+    tq_finish(&kv->vc, st + 2, out);                    /* Pi^T acc, once per query head */
+    float inv = 1.0f / st[1];
+    for (int i = 0; i < hd; i++) out[i] = (out[i] + ex[i]) * inv + voff[i];
+}
+
+/* Layer l's attention for the n batch tokens at pos.. (keys and values already in the cache; the
+ * queries in s->q, RoPE applied), into s->xb, in one parallel region: the queries are prepared;
+ * work items (KV head, tile of ATT_TILE tokens, split of the coded positions) run: a batch of one
+ * tile (decode) splits its coded positions so that every thread has work, longer batches do not;
+ * then each query merges its splits, adds its exact positions and finishes. The item layout
+ * depends on n and pos only, never on the thread count, so results do not either. */
+static void attention(const KVCache *kv, const Config *c, RunState *s, int l, int n, int pos) {
+    int group = c->n_heads / c->n_kv_heads, hd = c->head_dim, qd = c->n_heads * hd;
+    int tiles = (n + ATT_TILE - 1) / ATT_TILE, coded = coded_end(kv, pos + n) - kv->sink;
+    int split = coded > ATT_SPLIT * ATT_MAX_SPLITS ? ((coded + ATT_MAX_SPLITS - 1) / ATT_MAX_SPLITS + 15) / 16 * 16 : ATT_SPLIT;
+    int splits = tiles == 1 && coded > split ? (coded + split - 1) / split : 1, items = c->n_kv_heads * tiles * splits;
+    int per_item = (n < ATT_TILE ? n : ATT_TILE) * group;   /* states of an item's queries */
+    size_t qf = tq_query_floats(&kv->kc), sf = state_floats(&kv->vc, hd);
+    Batch bt = {pos, s->k, s->v};
+#pragma omp parallel
+    {
+    int i;
+#pragma omp for schedule(static)
+    for (i = 0; i < n * c->n_heads; i++) {          /* s->qp, s->qu: a KV head's queries together */
+        int b = i / c->n_heads, h = i % c->n_heads, g = h / group;
+        size_t qi = ((size_t)g * s->batch + b) * group + h % group;
+        prepare_query(kv, c, l, g, s->q + (size_t)b * qd + (size_t)h * hd, s->qperp + (size_t)i * hd,
+                      s->qu + qi * KPROJ_MAX, s->qp + qi * qf);
+    }
+#pragma omp for schedule(dynamic)
+    for (i = 0; i < items; i++) {
+        int g = i / (tiles * splits), tile = i / splits % tiles, sp = i % splits;
+        int b0 = tile * ATT_TILE, b1 = b0 + ATT_TILE < n ? b0 + ATT_TILE : n;
+        int k0 = kv->sink + sp * split, k1 = splits > 1 ? (sp + 1 < splits ? k0 + split : kv->sink + coded) : coded_end(kv, pos + b1);
+        if (sp + 1 == splits) k1 = whole_tiles(kv, k0, k1);
+        float *st = s->part + (size_t)i * per_item * sf;
+        for (int r = 0; r < (b1 - b0) * group; r++) state_init(st + r * sf, sf);
+        attend_codes(kv, c, s, l, g, pos, b0, b1, k0, k1, st, sf, s->att + (size_t)thread_id() * att_floats(c));
+    }
+#pragma omp for schedule(static)
+    for (i = 0; i < n * c->n_heads; i++) {
+        int b = i / c->n_heads, h = i % c->n_heads, g = h / group, tile = b / ATT_TILE;
+        size_t qi = ((size_t)g * s->batch + b) * group + h % group;
+        float *st = s->part + (((size_t)g * tiles + tile) * splits * per_item + (size_t)(b % ATT_TILE) * group + h % group) * sf;
+        for (int sp = 1; sp < splits; sp++) state_merge(st, st + (size_t)sp * per_item * sf, sf);
+        attend_exact(kv, c, l, g, pos + b + 1, s->q + (size_t)b * qd + (size_t)h * hd, s->qp + qi * qf, s->qu + qi * KPROJ_MAX,
+                     &bt, st, sf);
+        finish_query(kv, c, l, g, st, s->xb + (size_t)b * qd + (size_t)h * hd);
+    }
+    }
 }
 #endif
 
@@ -835,8 +1003,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     RunState *s = &t->state;
     KVCache *kv = &t->cache;
     int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim;
-    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, group = c->n_heads / c->n_kv_heads;
-    size_t qf = tq_query_floats(&kv->kc), af = tq_acc_floats(&kv->vc);
+    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
 
     for (int b = 0; b < n; b++)
         memcpy(s->x + (size_t)b * dim, w->token_embedding + (size_t)tokens[b] * dim, dim * sizeof(float));
@@ -858,14 +1025,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
             encode_kv(kv, c, l, g, pos + b, s->k + (size_t)b * kvd + (size_t)g * hd, s->v + (size_t)b * kvd + (size_t)g * hd,
                       s->qperp + (size_t)i * hd);   /* qperp: scratch until attention uses it */
         }
-        Batch bt = {pos, s->k, s->v};
-#pragma omp parallel for schedule(dynamic)
-        for (i = 0; i < n * c->n_heads; i++) {      /* token b attends to positions 0..pos+b */
-            int b = i / c->n_heads, h = i % c->n_heads;
-            attention(kv, c, l, h / group, pos + b + 1, s->q + (size_t)b * qd + (size_t)h * hd, &bt,
-                      s->qperp + (size_t)i * hd, s->qp + (size_t)i * qf, s->att + (size_t)thread_id() * kv->ctx, s->acc + (size_t)i * af,
-                      s->xb + (size_t)b * qd + (size_t)h * hd);
-        }
+        attention(kv, c, s, l, n, pos);             /* token b attends to positions 0..pos+b */
         for (int b = 0; b < n; b++)
             for (int g = 0; g < c->n_kv_heads; g++)
                 store_exact(kv, c, l, g, pos, b, n, s->k + (size_t)b * kvd + (size_t)g * hd, s->v + (size_t)b * kvd + (size_t)g * hd);
@@ -1481,6 +1641,16 @@ typedef struct {                 /* what the trade-off line reports          */
     double prefill_s, decode_s;
 } Stats;
 
+/* Where attention runs: the codec's SIMD path (CPU), or the GPU. */
+static const char *attention_path(const Transformer *t) {
+#ifdef RUN_CUDA
+    (void)t;
+    return "cuda";
+#else
+    return tq_simd_name(t->state.simd);
+#endif
+}
+
 /* The memory / speed line on stderr, e.g.
  * kv: tq3/tq3 3.25 bits/elem, 4.6 MiB for 1024 tokens (fp16 22.5 MiB, 4.9x smaller; fp32 45.0 MiB) */
 static void report(const Transformer *t, int n_pos, const Stats *st) {
@@ -1502,9 +1672,9 @@ static void report(const Transformer *t, int n_pos, const Stats *st) {
                 kv->kweights ? ", key weights" : "", kv->kproj ? ", projection directions" : "",
                 8.0 * cache_bytes(kv, c, n_pos) / ((double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2));
     if (st)
-        fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens)\n",
+        fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens), attention %s\n",
                 st->prefill_s > 0 ? st->prefill_tokens / st->prefill_s : 0.0, st->prefill_tokens,
-                st->decode_s > 0 ? st->decode_tokens / st->decode_s : 0.0, st->decode_tokens);
+                st->decode_s > 0 ? st->decode_tokens / st->decode_s : 0.0, st->decode_tokens, attention_path(t));
 }
 
 /* Prints a token's bytes; ASCII control bytes other than whitespace are not

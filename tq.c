@@ -72,21 +72,8 @@ TQ_HD uint16_t tq_f32_to_f16(float f) {
     return (uint16_t)(sign | h);
 }
 
-/* Put the 15 exponent+fraction bits where a float keeps them and multiply by
- * 2^(127-15): exact for normal and subnormal halves alike. An all-ones half
- * exponent (inf, NaN) becomes an all-ones float exponent. No branches, so the
- * fp16 loops below vectorize. */
-TQ_HD static inline float half_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)(h & 0x7fff) << 13;
-    float f;
-    memcpy(&f, &bits, 4);
-    f *= 0x1p112f;
-    memcpy(&bits, &f, 4);
-    bits |= ((h & 0x7c00) == 0x7c00) * 0x7f800000u | (uint32_t)(h & 0x8000) << 16;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-TQ_HD float tq_f16_to_f32(uint16_t h) { return half_to_float(h); }
+/* tq_half (tq.h) has no branches, so the fp16 loops below vectorize. */
+TQ_HD float tq_f16_to_f32(uint16_t h) { return tq_half(h); }
 
 TQ_HD static float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
 
@@ -101,10 +88,10 @@ TQ_HD static uint16_t scale_f16(double s) {
                         formats only at head_dim % 16 == 0, where all rows and scales sit at even
                         offsets): one load instead of one per byte */
 TQ_HD static float get_f32(const uint8_t *p) { return *(const float *)p; }
-TQ_HD static float get_f16(const uint8_t *p) { return half_to_float(*(const uint16_t *)p); }
+TQ_HD static float get_f16(const uint8_t *p) { return tq_half(*(const uint16_t *)p); }
 #else
 TQ_HD static float get_f32(const uint8_t *p) { float f; memcpy(&f, p, 4); return f; }  /* any alignment */
-TQ_HD static float get_f16(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | p[1] << 8)); }
+TQ_HD static float get_f16(const uint8_t *p) { return tq_half((uint16_t)(p[0] | p[1] << 8)); }
 #endif
 TQ_HD static void put_f16(uint8_t *p, uint16_t h) { p[0] = (uint8_t)h; p[1] = (uint8_t)(h >> 8); }
 
@@ -719,4 +706,909 @@ TQ_HD void tq_finish(const tq_codec *c, const float *acc, float *out) {
     memcpy(yt, acc, (size_t)d * sizeof(float));
     if (is_prod(c->fmt)) add_qjl_transpose(c, acc + d, yt);
     tq_unrotate(c, yt, out);
+}
+
+/* ==== attention over a range of rows (tq.h): dispatch and the portable path ====================== */
+
+static const char *SIMD_NAME[TQ_NSIMD] = {"portable", "avx2", "avx512"};
+
+const char *tq_simd_name(tq_simd s) { return (unsigned)s < TQ_NSIMD ? SIMD_NAME[s] : "?"; }
+
+int tq_simd_parse(const char *name, tq_simd *out) {
+    for (int s = 0; s < TQ_NSIMD; s++)
+        if (strcmp(name, SIMD_NAME[s]) == 0) { *out = (tq_simd)s; return 0; }
+    return -1;
+}
+
+/* x86-64 with GCC or Clang: the SIMD paths below are compiled for their own
+ * instruction sets (target attributes), whatever -march says, and only called
+ * where the CPU reports them (CPUID, and the OS saving the wider registers:
+ * __builtin_cpu_supports checks both). nvcc never sees them. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define TQ_X86 1
+#include <immintrin.h>
+#endif
+
+int tq_simd_supported(tq_simd s) {
+#ifdef TQ_X86
+    __builtin_cpu_init();
+#ifdef __clang__
+    int f16c = 1;             /* clang has no "f16c" feature name; every AVX2 CPU has F16C */
+#else
+    int f16c = __builtin_cpu_supports("f16c");
+#endif
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+    if (s == TQ_SIMD_AVX2) return avx2;
+    if (s == TQ_SIMD_AVX512) return avx2 && __builtin_cpu_supports("avx512f");
+#endif
+    return s == TQ_SIMD_PORTABLE;
+}
+
+tq_simd tq_simd_best(void) {
+    for (int s = TQ_NSIMD - 1; s > 0; s--)
+        if (tq_simd_supported((tq_simd)s)) return (tq_simd)s;
+    return TQ_SIMD_PORTABLE;
+}
+
+const char *tq_simd_from_env(tq_simd *out) {
+    const char *e = getenv("TQ_SIMD");
+    *out = tq_simd_best();
+    if (!e || !*e) return NULL;
+    if (tq_simd_parse(e, out) != 0) return "TQ_SIMD must be portable, avx2 or avx512";
+    if (!tq_simd_supported(*out)) return *out == TQ_SIMD_AVX2 ? "TQ_SIMD=avx2: this CPU (or build) lacks AVX2, FMA or F16C"
+                                                              : "TQ_SIMD=avx512: this CPU (or build) lacks AVX-512F";
+    return NULL;
+}
+
+/* Portable: tq_dot / tq_axpy row by row, each row read once for all nq queries. */
+static void scores_portable(const tq_codec *c, int nq, const float *qp, size_t ldq, const uint8_t *rows, int n,
+                            float *s, size_t lds) {
+    for (int t = 0; t < n; t++)
+        for (int r = 0; r < nq; r++) s[r * lds + t] = tq_dot(c, qp + r * ldq, rows + (size_t)t * c->bytes);
+}
+
+static void values_portable(const tq_codec *c, int nq, const float *w, size_t ldw, const uint8_t *rows, int n,
+                            float *acc, size_t lda) {
+    for (int t = 0; t < n; t++)
+        for (int r = 0; r < nq; r++) tq_axpy(c, w[r * ldw + t], rows + (size_t)t * c->bytes, acc + r * lda);
+}
+
+static float softmax_chunk_portable(float *s, int n, float scale, float *m, float *rescale) {
+    float mx = *m, sum = 0.0f;
+    for (int t = 0; t < n; t++) { s[t] *= scale; mx = s[t] > mx ? s[t] : mx; }
+    if (mx == -INFINITY) {                               /* all masked, nothing seen before */
+        for (int t = 0; t < n; t++) s[t] = 0.0f;
+        *rescale = 1.0f;
+        return 0.0f;
+    }
+    *rescale = expf(*m - mx);                            /* 0 when *m is -inf */
+    *m = mx;
+    for (int t = 0; t < n; t++) { s[t] = expf(s[t] - mx); sum += s[t]; }
+    return sum;
+}
+
+/* exp(x) for the SIMD paths: x = n ln2 + f with n = round(x / ln2), |f| <= ln2/2, ln2 split
+ * in a high part with 15 significant bits (n * LN2_HI is exact for |n| < 256) and the rest;
+ * e^f by its Taylor polynomial to degree 6 (remainder below f^7/7! < 1.2e-7 there); 2^n put
+ * into the exponent bits. Below -87 (where e^x leaves the normal floats) the result is 0,
+ * which is also what masked (-inf) logits give. */
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693145751953125f
+#define EXP_LN2_LO 1.42860682030941723e-6f
+#define EXP_MIN (-87.0f)
+#define EXP_C2 (1.0f / 2)
+#define EXP_C3 (1.0f / 6)
+#define EXP_C4 (1.0f / 24)
+#define EXP_C5 (1.0f / 120)
+#define EXP_C6 (1.0f / 720)
+
+#ifdef TQ_X86
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define AVX512_FN __attribute__((target("avx512f,avx2,fma,f16c")))
+#define INLINE inline __attribute__((always_inline))
+#define FEW_ROWS 256   /* rows per call up to which the few-query value path scales its weights ahead */
+
+/* The two SIMD paths have the same shape. A tile of L consecutive rows (L = 8 for AVX2, 16 for
+ * AVX-512) is turned into floats in a small buffer that stays in L1, in one of two layouts:
+ *   columns  T[i*L + k] = coordinate i of row k: for tq codes, which give 8 indices per b bytes,
+ *            so one gather brings coordinate group g of all L rows; an index becomes its
+ *            centroid with one register permute (vpermps: the index's low bits pick a lane).
+ *            A score is then L lanes of sum_i T[i] * q_i: no horizontal sums.
+ *   rows     R[k*ldr + i] = coordinate i of row k: for the plain formats (fp32 rows are used in
+ *            place) and for every format's values, which are added row by row to accumulators.
+ * Row scales (tq, q8) stay out of the buffer: they multiply a tile's L scores, or the weights.
+ * Then one small dense kernel per layout multiplies the buffer with up to 8 queries (or 4 weight
+ * rows) held in registers, so each buffer load serves every query of a group. Rows past the
+ * last full tile, prod formats and head dims that are not a multiple of L use the portable code. */
+
+/* ---- AVX2 + FMA + F16C: 8 lanes ---------------------------------------------------------------- */
+
+AVX2_FN static INLINE __m256 exp_avx2(__m256 x) {
+    __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_MIN), _CMP_GE_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), x);
+    f = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), f);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(EXP_C6), f, _mm256_set1_ps(EXP_C5));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP_C4));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP_C3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP_C2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+
+AVX2_FN static float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+AVX2_FN static float hmax_avx2(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+AVX2_FN static float softmax_chunk_avx2(float *s, int n, float scale, float *m, float *rescale) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    __m256 mx = _mm256_set1_ps(*m);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + t), sc);
+        _mm256_storeu_ps(s + t, x);
+        mx = _mm256_max_ps(mx, x);
+    }
+    float top = hmax_avx2(mx);
+    for (; t < n; t++) { s[t] *= scale; top = s[t] > top ? s[t] : top; }
+    if (top == -INFINITY) {
+        for (t = 0; t < n; t++) s[t] = 0.0f;
+        *rescale = 1.0f;
+        return 0.0f;
+    }
+    __m256 sum = _mm256_setzero_ps(), base = _mm256_set1_ps(top);
+    for (t = 0; t + 8 <= n; t += 8) {
+        __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + t), base));
+        _mm256_storeu_ps(s + t, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    if (t < n) {                                         /* the tail: masked lanes give 0 */
+        float in[8];
+        for (int k = 0; k < 8; k++) in[k] = t + k < n ? s[t + k] - top : -INFINITY;
+        __m256 p = exp_avx2(_mm256_loadu_ps(in));
+        _mm256_storeu_ps(in, p);
+        memcpy(s + t, in, (size_t)(n - t) * sizeof(float));
+        sum = _mm256_add_ps(sum, p);
+    }
+    *rescale = _mm256_cvtss_f32(exp_avx2(_mm256_set1_ps(*m - top)));
+    *m = top;
+    return hsum_avx2(sum);
+}
+
+/* The codebook as permute tables: lo = lanes 0..7, hi = lanes 8..15 of the codebook repeated to
+ * 16 entries (2^b divides 16, so an index's low b bits pick its centroid whatever lies above). */
+static void table16(const tq_codec *c, float *t /* (16) */) {
+    int K = 1 << c->bits;
+    for (int k = 0; k < 16; k++) t[k] = c->centroids[k % K];
+}
+
+/* Centroids of 8 indices (the low b bits of each lane). vpermps reads 3 index bits; a 4-bit
+ * index takes two permutes and its bit 3 (moved to the sign bit) chooses between them. */
+AVX2_FN static INLINE __m256 centroid_avx2(__m256i idx, __m256 lo, __m256 hi, const int b) {
+    __m256 v = _mm256_permutevar8x32_ps(lo, idx);
+    if (b < 4) return v;
+    return _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* The fp16 scales that end each of the 8 rows at p + offs (the last 2 of a row's B bytes;
+ * gathered as the 4 bytes that end there, so no read leaves the row). */
+AVX2_FN static INLINE __m256 row_scales_avx2(const uint8_t *p, __m256i offs, size_t B) {
+    __m256i h = _mm256_srli_epi32(_mm256_i32gather_epi32((const int *)(p + B - 4), offs, 1), 16);
+    return _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
+/* Columns tile of 8 tq rows: coordinate group g (8 indices in b bytes) of all rows in one gather
+ * (4 bytes from byte g*b: inside the row, which ends with the 2-byte scale), then index j of the
+ * group is the lane's bits [b*j, b*j + b). */
+AVX2_FN static INLINE void cols_tq_avx2(const uint8_t *p, __m256i offs, int d, const int b, __m256 lo, __m256 hi,
+                                        float *T /* (d, 8) */) {
+    for (int g = 0; g < d / 8; g++) {
+        __m256i w = _mm256_i32gather_epi32((const int *)(p + (size_t)g * b), offs, 1);
+        for (int j = 0; j < 8; j++)
+            _mm256_store_ps(T + (size_t)(8 * g + j) * 8, centroid_avx2(_mm256_srli_epi32(w, b * j), lo, hi, b));
+    }
+}
+
+/* Rows tile of 8 tq rows: group g of row k broadcast to 8 lanes, lane j shifted by b*j. */
+AVX2_FN static INLINE void rows_tq_avx2(const uint8_t *p, size_t B, int d, const int b, __m256 lo, __m256 hi,
+                                        float *R /* (8, d) */) {
+    const __m256i sh = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+    for (int k = 0; k < 8; k++)
+        for (int g = 0; g < d / 8; g++) {
+            uint32_t w;
+            memcpy(&w, p + k * B + (size_t)g * b, 4);
+            _mm256_store_ps(R + (size_t)k * d + 8 * g, centroid_avx2(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), lo, hi, b));
+        }
+}
+
+/* Rows tile of 8 fp16 / q8 / q4 rows as floats; returns the row scales left out (q8), else 1.
+ * q4: byte j of a block holds elements 2j (low nibble) and 2j+1, so each byte goes to two lanes,
+ * shifted by 0 and 4; x~ = s (q - 8) = q s - 8 s, the block scale folded in. */
+AVX2_FN static __m256 rows_plain_avx2(const tq_codec *c, const uint8_t *p, __m256i offs, float *R /* (8, d) */) {
+    const int d = c->d;
+    const size_t B = c->bytes;
+    if (c->fmt == TQ_FP16) {
+        for (int k = 0; k < 8; k++)
+            for (int i = 0; i < d; i += 8)
+                _mm256_store_ps(R + (size_t)k * d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + k * B + 2 * (size_t)i))));
+        return _mm256_set1_ps(1.0f);
+    }
+    if (c->fmt == TQ_Q8) {
+        for (int k = 0; k < 8; k++)
+            for (int i = 0; i < d; i += 8)
+                _mm256_store_ps(R + (size_t)k * d + i,
+                                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + k * B + i)))));
+        return row_scales_avx2(p, offs, B);
+    }
+    const __m256i pair0 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), pair1 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+    const __m256i nib = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4), low4 = _mm256_set1_epi32(15);
+    for (int k = 0; k < 8; k++)
+        for (int blk = 0; blk < d / 32; blk++) {
+            const uint8_t *q = p + k * B + 18 * (size_t)blk;
+            __m256 s = _mm256_set1_ps(get_f16(q + 16)), s8 = _mm256_mul_ps(s, _mm256_set1_ps(8.0f));
+            float *out = R + (size_t)k * d + 32 * blk;
+            for (int h = 0; h < 2; h++) {
+                __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * h)));
+                __m256i e0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(x, pair0), nib), low4);
+                __m256i e1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(x, pair1), nib), low4);
+                _mm256_store_ps(out + 16 * h, _mm256_fmsub_ps(_mm256_cvtepi32_ps(e0), s, s8));
+                _mm256_store_ps(out + 16 * h + 8, _mm256_fmsub_ps(_mm256_cvtepi32_ps(e1), s, s8));
+            }
+        }
+    return _mm256_set1_ps(1.0f);
+}
+
+/* The 8 sums of a[0..7] as one vector, lane k = sum of a[k]: halves, then pairs, then the
+ * last pair, then a permute that undoes the order the shuffles leave ([0 2 4 6 | 1 3 5 7]). */
+AVX2_FN static INLINE __m256 hsum8x8_avx2(const __m256 *a) {
+    __m256 b[4], c[2];
+    for (int k = 0; k < 4; k++)
+        b[k] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * k], a[2 * k + 1], 0x20), _mm256_permute2f128_ps(a[2 * k], a[2 * k + 1], 0x31));
+    for (int k = 0; k < 2; k++)
+        c[k] = _mm256_add_ps(_mm256_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm256_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
+    __m256 e = _mm256_add_ps(_mm256_shuffle_ps(c[0], c[1], 0x88), _mm256_shuffle_ps(c[0], c[1], 0xDD));
+    return _mm256_permutevar8x32_ps(e, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* NR queries against a columns tile: lane k of query r = sc_k sum_i T[i][k] q_r[i]. An FMA
+ * waits for the one before it on the same accumulator (4-5 cycles), so each query keeps C partial
+ * sums over interleaved coordinates, enough chains in flight to fill both FMA units. */
+AVX2_FN static INLINE void mk_cols_avx2(const float *T, int d, const float *q, size_t ldq, __m256 sc, float *s,
+                                        size_t lds, const int NR) {
+    const int C = NR == 1 ? 8 : NR == 2 ? 4 : NR == 3 ? 4 : 2;
+    __m256 a[16];
+    for (int x = 0; x < NR * C; x++) a[x] = _mm256_setzero_ps();
+    for (int i = 0; i < d; i += C)
+        for (int j = 0; j < C; j++) {
+            __m256 v = _mm256_load_ps(T + (size_t)(i + j) * 8);
+            for (int r = 0; r < NR; r++) a[r * C + j] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q + r * ldq + i + j), a[r * C + j]);
+        }
+    for (int r = 0; r < NR; r++) {
+        for (int w = C / 2; w > 0; w /= 2)
+            for (int j = 0; j < w; j++) a[r * C + j] = _mm256_add_ps(a[r * C + j], a[r * C + j + w]);
+        _mm256_storeu_ps(s + r * lds, _mm256_mul_ps(a[r * C], sc));
+    }
+}
+
+AVX2_FN static void scores_cols_avx2(const float *T, int d, int nq, const float *qp, size_t ldq, __m256 sc, float *s, size_t lds) {
+    for (int r = 0; r < nq; r += 6) {
+        const float *q = qp + r * ldq;
+        float *o = s + r * lds;
+        switch (nq - r) {
+        case 1: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 1); break;
+        case 2: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 2); break;
+        case 3: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 3); break;
+        case 4: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 4); break;
+        case 5: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 5); break;
+        default: mk_cols_avx2(T, d, q, ldq, sc, o, lds, 6); break;
+        }
+    }
+}
+
+/* Each query against a rows tile: 8 running dot products, one per row, summed across at the end. */
+AVX2_FN static void scores_rows_avx2(const float *R, int d, int nq, const float *qp, size_t ldq, __m256 sc, float *s, size_t lds) {
+    for (int r = 0; r < nq; r++) {
+        const float *q = qp + r * ldq;
+        __m256 a[8];
+        for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
+        for (int i = 0; i < d; i += 8) {
+            __m256 qv = _mm256_loadu_ps(q + i);
+            for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(R + (size_t)k * d + i), qv, a[k]);
+        }
+        _mm256_storeu_ps(s + r * lds, _mm256_mul_ps(hsum8x8_avx2(a), sc));
+    }
+}
+
+/* NR accumulators += a rows tile weighted by ws (NR x 8, the row scales folded in), for the CH
+ * 8-coordinate chunks at i0: NR x CH independent sums, so that the FMAs need not wait. */
+AVX2_FN static INLINE void mk_values_avx2(const float *R, int d, const float *ws, float *acc, size_t lda, int i0,
+                                          const int NR, const int CH) {
+    __m256 a[8];
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) a[r * CH + c] = _mm256_loadu_ps(acc + r * lda + i0 + 8 * c);
+    for (int k = 0; k < 8; k++) {
+        __m256 wk[4];
+        for (int r = 0; r < NR; r++) wk[r] = _mm256_broadcast_ss(ws + 8 * r + k);
+        for (int c = 0; c < CH; c++) {
+            __m256 v = _mm256_loadu_ps(R + (size_t)k * d + i0 + 8 * c);     /* one load for the NR rows */
+            for (int r = 0; r < NR; r++) a[r * CH + c] = _mm256_fmadd_ps(v, wk[r], a[r * CH + c]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) _mm256_storeu_ps(acc + r * lda + i0 + 8 * c, a[r * CH + c]);
+}
+
+AVX2_FN static INLINE void values_group_avx2(const float *R, int d, const float *ws, float *acc, size_t lda, const int NR) {
+    int i0 = 0;
+    for (; i0 + 16 <= d; i0 += 16) mk_values_avx2(R, d, ws, acc, lda, i0, NR, 2);
+    if (i0 < d) mk_values_avx2(R, d, ws, acc, lda, i0, NR, 1);
+}
+
+AVX2_FN static void values_rows_avx2(const float *R, int d, int nq, const float *w, size_t ldw, __m256 sc, float *acc, size_t lda) {
+    float ws[4 * 8];
+    for (int r = 0; r < nq; r += 4) {
+        int nr = nq - r < 4 ? nq - r : 4;
+        for (int j = 0; j < nr; j++) _mm256_storeu_ps(ws + 8 * j, _mm256_mul_ps(_mm256_loadu_ps(w + (r + j) * ldw), sc));
+        float *a = acc + r * lda;
+        switch (nr) {
+        case 1: values_group_avx2(R, d, ws, a, lda, 1); break;
+        case 2: values_group_avx2(R, d, ws, a, lda, 2); break;
+        case 3: values_group_avx2(R, d, ws, a, lda, 3); break;
+        default: values_group_avx2(R, d, ws, a, lda, 4); break;
+        }
+    }
+}
+
+/* Few queries (decode: one GQA group) need no tile: each group of centroids goes straight into the
+ * NR queries' sums (C chains each), and each row's centroids straight into the accumulators. */
+AVX2_FN static INLINE void few_cols_avx2(const uint8_t *p, __m256i offs, int d, const int b, __m256 lo, __m256 hi,
+                                         const float *q, size_t ldq, __m256 sc, float *s, size_t lds, const int NR) {
+    const int C = NR == 1 ? 4 : 2;
+    __m256 a[8];
+    for (int x = 0; x < NR * C; x++) a[x] = _mm256_setzero_ps();
+    for (int g = 0; g < d / 8; g++) {
+        __m256i w = _mm256_i32gather_epi32((const int *)(p + (size_t)g * b), offs, 1);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            __m256 v = centroid_avx2(_mm256_srli_epi32(w, b * j), lo, hi, b);
+            for (int r = 0; r < NR; r++)
+                a[r * C + j % C] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q + r * ldq + 8 * g + j), a[r * C + j % C]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        for (int w = C / 2; w > 0; w /= 2)
+            for (int j = 0; j < w; j++) a[r * C + j] = _mm256_add_ps(a[r * C + j], a[r * C + j + w]);
+        _mm256_storeu_ps(s + r * lds, _mm256_mul_ps(a[r * C], sc));
+    }
+}
+
+AVX2_FN static INLINE void few_scores_avx2(const uint8_t *p, __m256i offs, int d, const int b, __m256 lo, __m256 hi, int nq,
+                                           const float *q, size_t ldq, __m256 sc, float *s, size_t lds) {
+    switch (nq) {
+    case 1: few_cols_avx2(p, offs, d, b, lo, hi, q, ldq, sc, s, lds, 1); break;
+    case 2: few_cols_avx2(p, offs, d, b, lo, hi, q, ldq, sc, s, lds, 2); break;
+    case 3: few_cols_avx2(p, offs, d, b, lo, hi, q, ldq, sc, s, lds, 3); break;
+    default: few_cols_avx2(p, offs, d, b, lo, hi, q, ldq, sc, s, lds, 4); break;
+    }
+}
+
+AVX2_FN static INLINE void few_rows_avx2(const uint8_t *p, size_t B, const int b, __m256 lo, __m256 hi, const float *ws,
+                                         size_t lws, float *acc, size_t lda, int i0, const int NR, const int CH) {
+    const __m256i sh = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+    __m256 a[8];
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) a[r * CH + c] = _mm256_loadu_ps(acc + r * lda + i0 + 8 * c);
+    for (int k = 0; k < 8; k++) {
+        const uint8_t *row = p + k * B + (size_t)(i0 / 8) * b;
+        __m256 wk[4];
+        for (int r = 0; r < NR; r++) wk[r] = _mm256_broadcast_ss(ws + r * lws + k);
+        for (int c = 0; c < CH; c++) {
+            uint32_t w;
+            memcpy(&w, row + (size_t)c * b, 4);
+            __m256 v = centroid_avx2(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), lo, hi, b);
+            for (int r = 0; r < NR; r++) a[r * CH + c] = _mm256_fmadd_ps(v, wk[r], a[r * CH + c]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) _mm256_storeu_ps(acc + r * lda + i0 + 8 * c, a[r * CH + c]);
+}
+
+AVX2_FN static INLINE void few_rows_group_avx2(const uint8_t *p, size_t B, int d, const int b, __m256 lo, __m256 hi,
+                                               const float *ws, size_t lws, float *acc, size_t lda, const int NR) {
+    int i0 = 0;
+    for (; i0 + 16 <= d; i0 += 16) few_rows_avx2(p, B, b, lo, hi, ws, lws, acc, lda, i0, NR, 2);
+    if (i0 < d) few_rows_avx2(p, B, b, lo, hi, ws, lws, acc, lda, i0, NR, 1);
+}
+
+/* ws (nq, lws): the weights of the 8 rows, their scales folded in. */
+AVX2_FN static INLINE void few_values_avx2(const uint8_t *p, size_t B, int d, const int b, __m256 lo, __m256 hi, int nq,
+                                           const float *ws, size_t lws, float *acc, size_t lda) {
+    switch (nq) {
+    case 1: few_rows_group_avx2(p, B, d, b, lo, hi, ws, lws, acc, lda, 1); break;
+    case 2: few_rows_group_avx2(p, B, d, b, lo, hi, ws, lws, acc, lda, 2); break;
+    case 3: few_rows_group_avx2(p, B, d, b, lo, hi, ws, lws, acc, lda, 3); break;
+    default: few_rows_group_avx2(p, B, d, b, lo, hi, ws, lws, acc, lda, 4); break;
+    }
+}
+
+AVX2_FN static void scores_avx2(const tq_codec *c, int nq, const float *qp, size_t ldq, const uint8_t *rows, int n,
+                                float *s, size_t lds) {
+    const int d = c->d, b = c->bits;
+    const size_t B = c->bytes;
+    const __m256i offs = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)B));
+    float buf[8 * d + 8], *tile = (float *)(((uintptr_t)buf + 31) & ~(uintptr_t)31), tab[16] = {0};
+    if (b) table16(c, tab);
+    __m256 lo = _mm256_loadu_ps(tab), hi = _mm256_loadu_ps(tab + 8), one = _mm256_set1_ps(1.0f);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const uint8_t *p = rows + (size_t)t * B;
+        if (b && nq <= 4) {
+            __m256 sc = row_scales_avx2(p, offs, B);
+            if (b == 2) few_scores_avx2(p, offs, d, 2, lo, hi, nq, qp, ldq, sc, s + t, lds);
+            else if (b == 3) few_scores_avx2(p, offs, d, 3, lo, hi, nq, qp, ldq, sc, s + t, lds);
+            else few_scores_avx2(p, offs, d, 4, lo, hi, nq, qp, ldq, sc, s + t, lds);
+        } else if (b) {
+            if (b == 2) cols_tq_avx2(p, offs, d, 2, lo, hi, tile);
+            else if (b == 3) cols_tq_avx2(p, offs, d, 3, lo, hi, tile);
+            else cols_tq_avx2(p, offs, d, 4, lo, hi, tile);
+            scores_cols_avx2(tile, d, nq, qp, ldq, row_scales_avx2(p, offs, B), s + t, lds);
+        } else if (c->fmt == TQ_FP32) {
+            scores_rows_avx2((const float *)p, d, nq, qp, ldq, one, s + t, lds);
+        } else {
+            __m256 sc = rows_plain_avx2(c, p, offs, tile);
+            scores_rows_avx2(tile, d, nq, qp, ldq, sc, s + t, lds);
+        }
+    }
+    if (t < n) scores_portable(c, nq, qp, ldq, rows + (size_t)t * B, n - t, s + t, lds);
+}
+
+AVX2_FN static void values_avx2(const tq_codec *c, int nq, const float *w, size_t ldw, const uint8_t *rows, int n,
+                                float *acc, size_t lda) {
+    const int d = c->d, b = c->bits;
+    const size_t B = c->bytes;
+    const __m256i offs = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)B));
+    float buf[8 * d + 8], *tile = (float *)(((uintptr_t)buf + 31) & ~(uintptr_t)31), tab[16] = {0};
+    if (b) table16(c, tab);
+    __m256 lo = _mm256_loadu_ps(tab), hi = _mm256_loadu_ps(tab + 8);
+    int t = 0, few = b && nq <= 4 && n <= FEW_ROWS;
+    float ws[4 * FEW_ROWS];
+    for (; few && t + 8 <= n; t += 8) {                  /* weights times row scales, ahead of their use */
+        __m256 sc = row_scales_avx2(rows + (size_t)t * B, offs, B);
+        for (int r = 0; r < nq; r++) _mm256_storeu_ps(ws + r * FEW_ROWS + t, _mm256_mul_ps(_mm256_loadu_ps(w + r * ldw + t), sc));
+    }
+    for (t = 0; few && t + 8 <= n; t += 8) {
+        const uint8_t *p = rows + (size_t)t * B;
+        if (b == 2) few_values_avx2(p, B, d, 2, lo, hi, nq, ws + t, FEW_ROWS, acc, lda);
+        else if (b == 3) few_values_avx2(p, B, d, 3, lo, hi, nq, ws + t, FEW_ROWS, acc, lda);
+        else few_values_avx2(p, B, d, 4, lo, hi, nq, ws + t, FEW_ROWS, acc, lda);
+    }
+    for (; !few && t + 8 <= n; t += 8) {
+        const uint8_t *p = rows + (size_t)t * B;
+        if (b) {
+            if (b == 2) rows_tq_avx2(p, B, d, 2, lo, hi, tile);
+            else if (b == 3) rows_tq_avx2(p, B, d, 3, lo, hi, tile);
+            else rows_tq_avx2(p, B, d, 4, lo, hi, tile);
+            values_rows_avx2(tile, d, nq, w + t, ldw, row_scales_avx2(p, offs, B), acc, lda);
+        } else if (c->fmt == TQ_FP32) {
+            values_rows_avx2((const float *)p, d, nq, w + t, ldw, _mm256_set1_ps(1.0f), acc, lda);
+        } else {
+            __m256 sc = rows_plain_avx2(c, p, offs, tile);
+            values_rows_avx2(tile, d, nq, w + t, ldw, sc, acc, lda);
+        }
+    }
+    if (t < n) values_portable(c, nq, w + t, ldw, rows + (size_t)t * B, n - t, acc, lda);
+}
+
+/* ---- AVX-512F: 16 lanes (the same steps; one vpermps holds a whole 4-bit codebook) ------------- */
+
+AVX512_FN static INLINE __m512 exp_512(__m512 x) {
+    __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_MIN), _CMP_GE_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), f);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP_C6), f, _mm512_set1_ps(EXP_C5));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_C4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_C3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_C2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+}
+
+AVX512_FN static float softmax_chunk_512(float *s, int n, float scale, float *m, float *rescale) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    __m512 mx = _mm512_set1_ps(*m);
+    for (int t = 0; t < n; t += 16) {                   /* the tail through a lane mask */
+        __mmask16 k = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+        __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + t), sc);
+        _mm512_mask_storeu_ps(s + t, k, x);
+        mx = _mm512_mask_max_ps(mx, k, mx, x);
+    }
+    float top = _mm512_reduce_max_ps(mx);
+    if (top == -INFINITY) {
+        for (int t = 0; t < n; t++) s[t] = 0.0f;
+        *rescale = 1.0f;
+        return 0.0f;
+    }
+    __m512 sum = _mm512_setzero_ps(), base = _mm512_set1_ps(top);
+    for (int t = 0; t < n; t += 16) {
+        __mmask16 k = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+        __m512 p = _mm512_maskz_mov_ps(k, exp_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), base)));
+        _mm512_mask_storeu_ps(s + t, k, p);
+        sum = _mm512_add_ps(sum, p);
+    }
+    *rescale = _mm512_cvtss_f32(exp_512(_mm512_set1_ps(*m - top)));
+    *m = top;
+    return _mm512_reduce_add_ps(sum);
+}
+
+AVX512_FN static INLINE __m512 row_scales_512(const uint8_t *p, __m512i offs, size_t B) {
+    __m512i h = _mm512_srli_epi32(_mm512_i32gather_epi32(offs, p + B - 4, 1), 16);
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+}
+
+AVX512_FN static INLINE void cols_tq_512(const uint8_t *p, __m512i offs, int d, const int b, __m512 tab, float *T /* (d, 16) */) {
+    for (int g = 0; g < d / 8; g++) {
+        __m512i w = _mm512_i32gather_epi32(offs, p + (size_t)g * b, 1);
+        for (int j = 0; j < 8; j++)
+            _mm512_store_ps(T + (size_t)(8 * g + j) * 16, _mm512_permutexvar_ps(_mm512_srli_epi32(w, b * j), tab));
+    }
+}
+
+/* Rows tile of 16 tq rows: 16 coordinates = groups 2h and 2h+1, broadcast to 8 lanes each. */
+AVX512_FN static INLINE void rows_tq_512(const uint8_t *p, size_t B, int d, const int b, __m512 tab, float *R /* (16, d) */) {
+    const __m512i sh = _mm512_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b, 0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+    for (int k = 0; k < 16; k++)
+        for (int h = 0; h < d / 16; h++) {
+            uint32_t w0, w1;
+            memcpy(&w0, p + k * B + (size_t)(2 * h) * b, 4);
+            memcpy(&w1, p + k * B + (size_t)(2 * h + 1) * b, 4);
+            __m512i w = _mm512_mask_set1_epi32(_mm512_set1_epi32((int)w0), 0xFF00, (int)w1);
+            _mm512_store_ps(R + (size_t)k * d + 16 * h, _mm512_permutexvar_ps(_mm512_srlv_epi32(w, sh), tab));
+        }
+}
+
+AVX512_FN static __m512 rows_plain_512(const tq_codec *c, const uint8_t *p, __m512i offs, float *R /* (16, d) */) {
+    const int d = c->d;
+    const size_t B = c->bytes;
+    if (c->fmt == TQ_FP16) {
+        for (int k = 0; k < 16; k++)
+            for (int i = 0; i < d; i += 16)
+                _mm512_store_ps(R + (size_t)k * d + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + k * B + 2 * (size_t)i))));
+        return _mm512_set1_ps(1.0f);
+    }
+    if (c->fmt == TQ_Q8) {
+        for (int k = 0; k < 16; k++)
+            for (int i = 0; i < d; i += 16)
+                _mm512_store_ps(R + (size_t)k * d + i,
+                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + k * B + i)))));
+        return row_scales_512(p, offs, B);
+    }
+    const __m512i pair0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i pair1 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    const __m512i nib = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4), low4 = _mm512_set1_epi32(15);
+    for (int k = 0; k < 16; k++)
+        for (int blk = 0; blk < d / 32; blk++) {
+            const uint8_t *q = p + k * B + 18 * (size_t)blk;
+            __m512 s = _mm512_set1_ps(get_f16(q + 16)), s8 = _mm512_mul_ps(s, _mm512_set1_ps(8.0f));
+            __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+            __m512i e0 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(pair0, x), nib), low4);
+            __m512i e1 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(pair1, x), nib), low4);
+            _mm512_store_ps(R + (size_t)k * d + 32 * blk, _mm512_fmsub_ps(_mm512_cvtepi32_ps(e0), s, s8));
+            _mm512_store_ps(R + (size_t)k * d + 32 * blk + 16, _mm512_fmsub_ps(_mm512_cvtepi32_ps(e1), s, s8));
+        }
+    return _mm512_set1_ps(1.0f);
+}
+
+/* The 16 sums of a[0..15] as one vector: 256-bit halves, 128-bit quarters, pairs, last pair
+ * (8 + 4 + 2 + 1 shuffle pairs), then a permute that undoes the order they leave (lane 4j+m
+ * holds row 4m+j). */
+AVX512_FN static INLINE __m512 hsum16x16_512(const __m512 *a) {
+    __m512 b[8], c[4], e[2];
+    for (int k = 0; k < 8; k++)
+        b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44), _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++)
+        c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0x88), _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; k++)
+        e[k] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0x44), _mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0xEE));
+    __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
+}
+
+AVX512_FN static INLINE void mk_cols_512(const float *T, int d, const float *q, size_t ldq, __m512 sc, float *s,
+                                         size_t lds, const int NR) {
+    const int C = NR == 1 ? 8 : NR == 2 ? 4 : NR == 3 ? 4 : 2;
+    __m512 a[16];
+    for (int x = 0; x < NR * C; x++) a[x] = _mm512_setzero_ps();
+    for (int i = 0; i < d; i += C)
+        for (int j = 0; j < C; j++) {
+            __m512 v = _mm512_load_ps(T + (size_t)(i + j) * 16);
+            for (int r = 0; r < NR; r++) a[r * C + j] = _mm512_fmadd_ps(v, _mm512_set1_ps(q[r * ldq + i + j]), a[r * C + j]);
+        }
+    for (int r = 0; r < NR; r++) {
+        for (int w = C / 2; w > 0; w /= 2)
+            for (int j = 0; j < w; j++) a[r * C + j] = _mm512_add_ps(a[r * C + j], a[r * C + j + w]);
+        _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(a[r * C], sc));
+    }
+}
+
+AVX512_FN static void scores_cols_512(const float *T, int d, int nq, const float *qp, size_t ldq, __m512 sc, float *s, size_t lds) {
+    for (int r = 0; r < nq; r += 8) {
+        const float *q = qp + r * ldq;
+        float *o = s + r * lds;
+        switch (nq - r) {
+        case 1: mk_cols_512(T, d, q, ldq, sc, o, lds, 1); break;
+        case 2: mk_cols_512(T, d, q, ldq, sc, o, lds, 2); break;
+        case 3: mk_cols_512(T, d, q, ldq, sc, o, lds, 3); break;
+        case 4: mk_cols_512(T, d, q, ldq, sc, o, lds, 4); break;
+        case 5: mk_cols_512(T, d, q, ldq, sc, o, lds, 5); break;
+        case 6: mk_cols_512(T, d, q, ldq, sc, o, lds, 6); break;
+        case 7: mk_cols_512(T, d, q, ldq, sc, o, lds, 7); break;
+        default: mk_cols_512(T, d, q, ldq, sc, o, lds, 8); break;
+        }
+    }
+}
+
+AVX512_FN static void scores_rows_512(const float *R, int d, int nq, const float *qp, size_t ldq, __m512 sc, float *s, size_t lds) {
+    for (int r = 0; r < nq; r++) {
+        const float *q = qp + r * ldq;
+        __m512 a[16];
+        for (int k = 0; k < 16; k++) a[k] = _mm512_setzero_ps();
+        for (int i = 0; i < d; i += 16) {
+            __m512 qv = _mm512_loadu_ps(q + i);
+            for (int k = 0; k < 16; k++) a[k] = _mm512_fmadd_ps(_mm512_loadu_ps(R + (size_t)k * d + i), qv, a[k]);
+        }
+        _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(hsum16x16_512(a), sc));
+    }
+}
+
+AVX512_FN static INLINE void mk_values_512(const float *R, int d, const float *ws, float *acc, size_t lda, int i0,
+                                           const int NR, const int CH) {
+    __m512 a[16];
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) a[r * CH + c] = _mm512_loadu_ps(acc + r * lda + i0 + 16 * c);
+    for (int k = 0; k < 16; k++) {
+        __m512 wk[4];
+        for (int r = 0; r < NR; r++) wk[r] = _mm512_set1_ps(ws[16 * r + k]);
+        for (int c = 0; c < CH; c++) {
+            __m512 v = _mm512_loadu_ps(R + (size_t)k * d + i0 + 16 * c);   /* one load for the NR rows */
+            for (int r = 0; r < NR; r++) a[r * CH + c] = _mm512_fmadd_ps(v, wk[r], a[r * CH + c]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) _mm512_storeu_ps(acc + r * lda + i0 + 16 * c, a[r * CH + c]);
+}
+
+AVX512_FN static INLINE void values_group_512(const float *R, int d, const float *ws, float *acc, size_t lda, const int NR) {
+    int i0 = 0;
+    for (; i0 + 64 <= d; i0 += 64) mk_values_512(R, d, ws, acc, lda, i0, NR, 4);
+    switch ((d - i0) / 16) {
+    case 3: mk_values_512(R, d, ws, acc, lda, i0, NR, 3); break;
+    case 2: mk_values_512(R, d, ws, acc, lda, i0, NR, 2); break;
+    case 1: mk_values_512(R, d, ws, acc, lda, i0, NR, 1); break;
+    default: break;
+    }
+}
+
+AVX512_FN static void values_rows_512(const float *R, int d, int nq, const float *w, size_t ldw, __m512 sc, float *acc, size_t lda) {
+    float ws[4 * 16];
+    for (int r = 0; r < nq; r += 4) {
+        int nr = nq - r < 4 ? nq - r : 4;
+        for (int j = 0; j < nr; j++) _mm512_storeu_ps(ws + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(w + (r + j) * ldw), sc));
+        float *a = acc + r * lda;
+        switch (nr) {
+        case 1: values_group_512(R, d, ws, a, lda, 1); break;
+        case 2: values_group_512(R, d, ws, a, lda, 2); break;
+        case 3: values_group_512(R, d, ws, a, lda, 3); break;
+        default: values_group_512(R, d, ws, a, lda, 4); break;
+        }
+    }
+}
+
+/* Few queries (decode: one GQA group) need no tile: each permuted centroid vector goes straight
+ * into the NR queries' sums, C chains each (the FMA latency again). */
+AVX512_FN static INLINE void few_cols_512(const uint8_t *p, __m512i offs, int d, const int b, __m512 tab, const float *q,
+                                          size_t ldq, __m512 sc, float *s, size_t lds, const int NR) {
+    const int C = NR == 1 ? 4 : 2;
+    __m512 a[8];
+    for (int x = 0; x < NR * C; x++) a[x] = _mm512_setzero_ps();
+    for (int g = 0; g < d / 8; g++) {
+        __m512i w = _mm512_i32gather_epi32(offs, p + (size_t)g * b, 1);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            __m512 v = _mm512_permutexvar_ps(_mm512_srli_epi32(w, b * j), tab);
+            for (int r = 0; r < NR; r++) a[r * C + j % C] = _mm512_fmadd_ps(v, _mm512_set1_ps(q[r * ldq + 8 * g + j]), a[r * C + j % C]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        for (int w = C / 2; w > 0; w /= 2)
+            for (int j = 0; j < w; j++) a[r * C + j] = _mm512_add_ps(a[r * C + j], a[r * C + j + w]);
+        _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(a[r * C], sc));
+    }
+}
+
+AVX512_FN static INLINE void few_scores_512(const uint8_t *p, __m512i offs, int d, const int b, __m512 tab, int nq,
+                                            const float *q, size_t ldq, __m512 sc, float *s, size_t lds) {
+    switch (nq) {
+    case 1: few_cols_512(p, offs, d, b, tab, q, ldq, sc, s, lds, 1); break;
+    case 2: few_cols_512(p, offs, d, b, tab, q, ldq, sc, s, lds, 2); break;
+    case 3: few_cols_512(p, offs, d, b, tab, q, ldq, sc, s, lds, 3); break;
+    default: few_cols_512(p, offs, d, b, tab, q, ldq, sc, s, lds, 4); break;
+    }
+}
+
+/* Few weight rows: the 16 rows' centroids go straight into the NR x CH accumulators at i0. */
+AVX512_FN static INLINE void few_rows_512(const uint8_t *p, size_t B, const int b, __m512 tab, const float *ws, size_t lws,
+                                          float *acc, size_t lda, int i0, const int NR, const int CH) {
+    const __m512i sh = _mm512_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b, 0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+    __m512 a[16];
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) a[r * CH + c] = _mm512_loadu_ps(acc + r * lda + i0 + 16 * c);
+    for (int k = 0; k < 16; k++) {
+        const uint8_t *row = p + k * B + (size_t)(i0 / 8) * b;
+        __m512 wk[4];
+        for (int r = 0; r < NR; r++) wk[r] = _mm512_set1_ps(ws[r * lws + k]);
+        for (int c = 0; c < CH; c++) {
+            uint32_t w0, w1;
+            memcpy(&w0, row + (size_t)(2 * c) * b, 4);
+            memcpy(&w1, row + (size_t)(2 * c + 1) * b, 4);
+            __m512i w = _mm512_mask_set1_epi32(_mm512_set1_epi32((int)w0), 0xFF00, (int)w1);
+            __m512 v = _mm512_permutexvar_ps(_mm512_srlv_epi32(w, sh), tab);
+            for (int r = 0; r < NR; r++) a[r * CH + c] = _mm512_fmadd_ps(v, wk[r], a[r * CH + c]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) _mm512_storeu_ps(acc + r * lda + i0 + 16 * c, a[r * CH + c]);
+}
+
+AVX512_FN static INLINE void few_rows_group_512(const uint8_t *p, size_t B, int d, const int b, __m512 tab, const float *ws,
+                                                size_t lws, float *acc, size_t lda, const int NR) {
+    int i0 = 0;
+    for (; i0 + 64 <= d; i0 += 64) few_rows_512(p, B, b, tab, ws, lws, acc, lda, i0, NR, 4);
+    switch ((d - i0) / 16) {
+    case 3: few_rows_512(p, B, b, tab, ws, lws, acc, lda, i0, NR, 3); break;
+    case 2: few_rows_512(p, B, b, tab, ws, lws, acc, lda, i0, NR, 2); break;
+    case 1: few_rows_512(p, B, b, tab, ws, lws, acc, lda, i0, NR, 1); break;
+    default: break;
+    }
+}
+
+/* ws (nq, lws): the weights of the 16 rows, their scales folded in. */
+AVX512_FN static INLINE void few_values_512(const uint8_t *p, size_t B, int d, const int b, __m512 tab, int nq,
+                                            const float *ws, size_t lws, float *acc, size_t lda) {
+    switch (nq) {
+    case 1: few_rows_group_512(p, B, d, b, tab, ws, lws, acc, lda, 1); break;
+    case 2: few_rows_group_512(p, B, d, b, tab, ws, lws, acc, lda, 2); break;
+    case 3: few_rows_group_512(p, B, d, b, tab, ws, lws, acc, lda, 3); break;
+    default: few_rows_group_512(p, B, d, b, tab, ws, lws, acc, lda, 4); break;
+    }
+}
+
+AVX512_FN static void scores_512(const tq_codec *c, int nq, const float *qp, size_t ldq, const uint8_t *rows, int n,
+                                 float *s, size_t lds) {
+    const int d = c->d, b = c->bits;
+    const size_t B = c->bytes;
+    const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)B));
+    float buf[16 * d + 16], *tile = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63), tab[16] = {0};
+    if (b) table16(c, tab);
+    __m512 tb = _mm512_loadu_ps(tab), one = _mm512_set1_ps(1.0f);
+    int t = 0;
+    for (; t + 16 <= n; t += 16) {
+        const uint8_t *p = rows + (size_t)t * B;
+        if (b && nq <= 4) {
+            __m512 sc = row_scales_512(p, offs, B);
+            if (b == 2) few_scores_512(p, offs, d, 2, tb, nq, qp, ldq, sc, s + t, lds);
+            else if (b == 3) few_scores_512(p, offs, d, 3, tb, nq, qp, ldq, sc, s + t, lds);
+            else few_scores_512(p, offs, d, 4, tb, nq, qp, ldq, sc, s + t, lds);
+        } else if (b) {
+            if (b == 2) cols_tq_512(p, offs, d, 2, tb, tile);
+            else if (b == 3) cols_tq_512(p, offs, d, 3, tb, tile);
+            else cols_tq_512(p, offs, d, 4, tb, tile);
+            scores_cols_512(tile, d, nq, qp, ldq, row_scales_512(p, offs, B), s + t, lds);
+        } else if (c->fmt == TQ_FP32) {
+            scores_rows_512((const float *)p, d, nq, qp, ldq, one, s + t, lds);
+        } else {
+            __m512 sc = rows_plain_512(c, p, offs, tile);
+            scores_rows_512(tile, d, nq, qp, ldq, sc, s + t, lds);
+        }
+    }
+    if (t < n) scores_portable(c, nq, qp, ldq, rows + (size_t)t * B, n - t, s + t, lds);
+}
+
+AVX512_FN static void values_512(const tq_codec *c, int nq, const float *w, size_t ldw, const uint8_t *rows, int n,
+                                 float *acc, size_t lda) {
+    const int d = c->d, b = c->bits;
+    const size_t B = c->bytes;
+    const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)B));
+    float buf[16 * d + 16], *tile = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63), tab[16] = {0};
+    if (b) table16(c, tab);
+    __m512 tb = _mm512_loadu_ps(tab);
+    int t = 0, few = b && nq <= 4 && n <= FEW_ROWS;
+    float ws[4 * FEW_ROWS];
+    for (; few && t + 16 <= n; t += 16) {                /* weights times row scales, ahead of their use */
+        __m512 sc = row_scales_512(rows + (size_t)t * B, offs, B);
+        for (int r = 0; r < nq; r++) _mm512_storeu_ps(ws + r * FEW_ROWS + t, _mm512_mul_ps(_mm512_loadu_ps(w + r * ldw + t), sc));
+    }
+    for (t = 0; few && t + 16 <= n; t += 16) {
+        const uint8_t *p = rows + (size_t)t * B;
+        if (b == 2) few_values_512(p, B, d, 2, tb, nq, ws + t, FEW_ROWS, acc, lda);
+        else if (b == 3) few_values_512(p, B, d, 3, tb, nq, ws + t, FEW_ROWS, acc, lda);
+        else few_values_512(p, B, d, 4, tb, nq, ws + t, FEW_ROWS, acc, lda);
+    }
+    for (; !few && t + 16 <= n; t += 16) {
+        const uint8_t *p = rows + (size_t)t * B;
+        if (b) {
+            if (b == 2) rows_tq_512(p, B, d, 2, tb, tile);
+            else if (b == 3) rows_tq_512(p, B, d, 3, tb, tile);
+            else rows_tq_512(p, B, d, 4, tb, tile);
+            values_rows_512(tile, d, nq, w + t, ldw, row_scales_512(p, offs, B), acc, lda);
+        } else if (c->fmt == TQ_FP32) {
+            values_rows_512((const float *)p, d, nq, w + t, ldw, _mm512_set1_ps(1.0f), acc, lda);
+        } else {
+            __m512 sc = rows_plain_512(c, p, offs, tile);
+            values_rows_512(tile, d, nq, w + t, ldw, sc, acc, lda);
+        }
+    }
+    if (t < n) values_portable(c, nq, w + t, ldw, rows + (size_t)t * B, n - t, acc, lda);
+}
+#endif /* TQ_X86 */
+
+/* ---- the entry points: one choice per call, outside the loops ---------------------------------- */
+
+/* The lanes a SIMD path needs d to be a multiple of (0: that path does not take this format). */
+static int simd_lanes(const tq_codec *c, tq_simd simd) {
+    if (is_prod(c->fmt) || simd == TQ_SIMD_PORTABLE) return 0;
+    return simd == TQ_SIMD_AVX512 ? 16 : 8;
+}
+
+void tq_attn_scores(const tq_codec *c, tq_simd simd, int nq, const float *qp, size_t ldq, const uint8_t *rows, int n,
+                    float *s, size_t lds) {
+    int lanes = simd_lanes(c, simd);
+#ifdef TQ_X86
+    if (lanes && c->d % lanes == 0) {
+        if (simd == TQ_SIMD_AVX512) scores_512(c, nq, qp, ldq, rows, n, s, lds);
+        else scores_avx2(c, nq, qp, ldq, rows, n, s, lds);
+        return;
+    }
+#else
+    (void)lanes;
+#endif
+    scores_portable(c, nq, qp, ldq, rows, n, s, lds);
+}
+
+void tq_attn_values(const tq_codec *c, tq_simd simd, int nq, const float *w, size_t ldw, const uint8_t *rows, int n,
+                    float *acc, size_t lda) {
+    int lanes = simd_lanes(c, simd);
+#ifdef TQ_X86
+    if (lanes && c->d % lanes == 0) {
+        if (simd == TQ_SIMD_AVX512) values_512(c, nq, w, ldw, rows, n, acc, lda);
+        else values_avx2(c, nq, w, ldw, rows, n, acc, lda);
+        return;
+    }
+#else
+    (void)lanes;
+#endif
+    values_portable(c, nq, w, ldw, rows, n, acc, lda);
+}
+
+float tq_softmax_chunk(tq_simd simd, float *s, int n, float scale, float *m, float *rescale) {
+#ifdef TQ_X86
+    if (simd == TQ_SIMD_AVX512) return softmax_chunk_512(s, n, scale, m, rescale);
+    if (simd == TQ_SIMD_AVX2) return softmax_chunk_avx2(s, n, scale, m, rescale);
+#else
+    (void)simd;
+#endif
+    return softmax_chunk_portable(s, n, scale, m, rescale);
 }

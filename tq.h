@@ -40,6 +40,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* run_cuda.cu compiles this codec a second time, as CUDA C++, so that the GPU
  * kernels encode, score and accumulate with these very functions: TQ_HD marks
@@ -126,8 +127,64 @@ TQ_HD float tq_dot(const tq_codec *c, const float *qp /* (query_floats) */, cons
 TQ_HD void tq_axpy(const tq_codec *c, float w, const uint8_t *code, float *acc /* (acc_floats) */);
 TQ_HD void tq_finish(const tq_codec *c, const float *acc /* (acc_floats) */, float *out /* (d) */);
 
+/* ---- attention over a range of rows: one pass for a group of queries -------
+ * A KV head's rows are scored and accumulated for all the query heads that
+ * share it (GQA) from one load of each row's codes:
+ *   tq_attn_scores  s[r*lds + t] = tq_dot(qp + r*ldq, row t)        r < nq, t < n
+ *   tq_attn_values  acc + r*lda += sum_t w[r*ldw + t] * (row t, as tq_axpy adds it)
+ * rows: n consecutive encoded vectors (c->bytes each); qp + r*ldq: query r as
+ * tq_prepare_query leaves it; acc + r*lda: an accumulator of tq_acc_floats
+ * floats (finished by tq_finish). The callers handle everything that is not a
+ * row of codes (exact positions, per-key projections, masks), so that these
+ * loops are TurboQuant itself: score = s <Pi q, c[idx]>, value sum in the
+ * rotated domain.
+ *   tq_softmax_chunk  one step of the online softmax (Milakov & Gimelshein
+ *                  2018, as in FlashAttention): with m the running maximum of
+ *                  the logits seen so far (-INFINITY at first), logits
+ *                  x_t = scale * s[t] (-INFINITY: masked) raise it to m' =
+ *                  max(m, max_t x_t); s[t] <- exp(x_t - m'), the chunk's sum is
+ *                  returned and *rescale = exp(m - m') is the factor by which
+ *                  earlier sums and accumulators shrink (1 if all are masked).
+ *
+ * Each has a portable C path and, on x86-64 GCC/Clang builds, AVX2+FMA+F16C
+ * and AVX-512F paths in the same binary (target attributes), chosen at run time
+ * by the tq_simd argument. The SIMD paths turn 8 or 16 codes at a time into
+ * centroids with one register permute; the prod formats (tq*p) and head dims
+ * that are not a multiple of the vector width take the portable path in every
+ * mode. The paths agree within float rounding (tests/test_tq.c checks 1e-5
+ * relative); bit-identical results are not promised. */
+typedef enum { TQ_SIMD_PORTABLE, TQ_SIMD_AVX2, TQ_SIMD_AVX512, TQ_NSIMD } tq_simd;
+const char *tq_simd_name(tq_simd s);               /* "portable", "avx2", "avx512" */
+int tq_simd_parse(const char *name, tq_simd *out); /* 0 on success, -1 unknown   */
+int tq_simd_supported(tq_simd s);                  /* 1 if this CPU and build run path s */
+tq_simd tq_simd_best(void);                        /* the fastest supported path  */
+/* The path the environment variable TQ_SIMD names, else tq_simd_best(). Returns
+ * NULL, or a one-line reason (unknown name, a path this CPU cannot run). */
+const char *tq_simd_from_env(tq_simd *out);
+
+void tq_attn_scores(const tq_codec *c, tq_simd simd, int nq, const float *qp /* (nq, ldq) */, size_t ldq,
+                    const uint8_t *rows /* (n, bytes) */, int n, float *s /* (nq, lds) */, size_t lds);
+void tq_attn_values(const tq_codec *c, tq_simd simd, int nq, const float *w /* (nq, ldw) */, size_t ldw,
+                    const uint8_t *rows /* (n, bytes) */, int n, float *acc /* (nq, lda) */, size_t lda);
+float tq_softmax_chunk(tq_simd simd, float *s /* (n) */, int n, float scale, float *m, float *rescale);
+
 /* fp16 helpers (round to nearest even), shared with run.c */
 TQ_HD uint16_t tq_f32_to_f16(float f);
 TQ_HD float tq_f16_to_f32(uint16_t h);
+
+/* tq_f16_to_f32 inline, for loops over many halves (the compiler can vectorize it): the 15
+ * exponent+fraction bits go where a float keeps them, times 2^(127-15), which is exact for
+ * normal and subnormal halves alike; an all-ones half exponent (inf, NaN) becomes an all-ones
+ * float exponent. No branches. */
+TQ_HD static inline float tq_half(uint16_t h) {
+    uint32_t bits = (uint32_t)(h & 0x7fff) << 13;
+    float f;
+    memcpy(&f, &bits, 4);
+    f *= 0x1p112f;
+    memcpy(&bits, &f, 4);
+    bits |= ((h & 0x7c00) == 0x7c00) * 0x7f800000u | (uint32_t)(h & 0x8000) << 16;
+    memcpy(&f, &bits, 4);
+    return f;
+}
 
 #endif

@@ -588,6 +588,137 @@ static void test_attention(void) {
         }
 }
 
+/* ---- tq_attn_*: every SIMD path this CPU runs, against float64 over tq_decode and against the
+ * portable path --------------------------------------------------------------------------------*/
+#define AQ 13          /* queries at most */
+#define AN 300         /* rows at most: more than the SIMD paths' few-query limit (256) */
+static int simd_tested[TQ_NSIMD];
+
+static void attn_case(const tq_codec *c, const uint8_t *rows /* the last n rows of a buffer */, const float *dec,
+                      const float *q, const float *qp, const float *w, int nq, int n, const char *what) {
+    size_t qf = tq_query_floats(c), af = tq_acc_floats(c), lds = AN + 3;
+    static float s[TQ_NSIMD][AQ * (AN + 3)], acc[AQ * 2 * MAXD], out[TQ_NSIMD][AQ * MAXD];
+    int d = c->d;
+    for (int p = 0; p < TQ_NSIMD; p++) {
+        if (!tq_simd_supported((tq_simd)p)) continue;
+        simd_tested[p] = 1;
+        tq_attn_scores(c, (tq_simd)p, nq, qp, qf, rows, n, s[p], lds);
+        memset(acc, 0, sizeof acc);
+        tq_attn_values(c, (tq_simd)p, nq, w, AN, rows, n, acc, af);
+        for (int r = 0; r < nq; r++) tq_finish(c, acc + r * af, out[p] + r * d);
+        double score_err = 0, path_err = 0, value_err = 0, value_path_err = 0;
+        for (int r = 0; r < nq; r++) {
+            double want[MAXD] = {0}, mag = 1e-30;
+            for (int t = 0; t < n; t++) {
+                double ref = dotd(q + r * d, dec + t * d, d), scale = norm(q + r * d, d) * norm(dec + t * d, d) + 1e-30;
+                score_err = fmax(score_err, fabs(s[p][r * lds + t] - ref) / scale);
+                path_err = fmax(path_err, fabs(s[p][r * lds + t] - s[0][r * lds + t]) / scale);
+                for (int i = 0; i < d; i++) want[i] += (double)w[r * AN + t] * dec[t * d + i];
+                mag += fabs(w[r * AN + t]) * norm(dec + t * d, d);
+            }
+            for (int i = 0; i < d; i++) {
+                value_err = fmax(value_err, fabs(out[p][r * d + i] - want[i]) / mag);
+                value_path_err = fmax(value_path_err, fabs(out[p][r * d + i] - out[0][r * d + i]) / mag);
+            }
+        }
+        const char *path = tq_simd_name((tq_simd)p);
+        CHECK(score_err < 1e-5, "%s %s nq=%d n=%d: tq_attn_scores off <q, decode> by %.2e", path, what, nq, n, score_err);
+        CHECK(path_err < 1e-5, "%s %s nq=%d n=%d: scores differ from the portable path by %.2e", path, what, nq, n, path_err);
+        CHECK(value_err < 1e-5, "%s %s nq=%d n=%d: tq_attn_values off sum w decode by %.2e", path, what, nq, n, value_err);
+        CHECK(value_path_err < 1e-5, "%s %s nq=%d n=%d: values differ from the portable path by %.2e", path, what, nq, n, value_path_err);
+    }
+}
+
+static void test_attn_paths(void) {
+    const int dims[4] = {64, 80, 128, 256}, nqs[4] = {1, 3, 4, 13}, ns[6] = {1, 7, 16, 17, 131, AN};
+    for (int f = 0; f < TQ_NFMT; f++)
+        for (int di = 0; di < 4; di++) {
+            int d = dims[di];
+            tq_codec c;
+            if (tq_init(&c, f, d, (tq_scale)(di % TQ_NSCALE), 7) != 0) continue;
+            size_t qf = tq_query_floats(&c);
+            uint8_t *codes = malloc(AN * c.bytes);           /* exactly: ASan sees a read past the end */
+            float *dec = malloc(sizeof(float) * AN * d), *q = malloc(sizeof(float) * AQ * d);
+            float *qp = malloc(sizeof(float) * AQ * qf), *w = malloc(sizeof(float) * AQ * AN);
+            for (int t = 0; t < AN; t++) {
+                float x[MAXD];
+                randn(x, d);
+                for (int i = 0; i < d; i++) x[i] = (float)(x[i] * exp(nrand()) + (i == 5 ? 4 : 0));
+                tq_encode(&c, x, codes + t * c.bytes);
+            }
+            for (int r = 0; r < AQ; r++) { randn(q + r * d, d); tq_prepare_query(&c, q + r * d, qp + r * qf); }
+            for (int i = 0; i < AQ * AN; i++) w[i] = (float)(i % 7 == 0 ? 0.0 : i % 3 ? urand() : -urand());
+            for (int a = 0; a < 6; a++)
+                for (int b = 0; b < 4; b++) {
+                    int n = ns[a], skip = AN - n;
+                    for (int t = 0; t < n; t++) tq_decode(&c, codes + (skip + t) * c.bytes, dec + t * d);
+                    char what[64];
+                    snprintf(what, sizeof what, "%s d=%d", tq_fmt_name(f), d);
+                    attn_case(&c, codes + skip * c.bytes, dec, q, qp, w, nqs[b], n, what);
+                }
+            free(codes); free(dec); free(q); free(qp); free(w);
+            tq_free(&c);
+        }
+}
+
+/* tq_softmax_chunk on every path against float64: chunks with masked (-inf) logits, a running
+ * maximum below, above or absent (-inf), and a chunk with everything masked. */
+static void test_softmax_chunk(void) {
+    const int ns[7] = {1, 7, 8, 9, 16, 17, 100};
+    const float scale = 0.125f;
+    for (int p = 0; p < TQ_NSIMD; p++) {
+        if (!tq_simd_supported((tq_simd)p)) continue;
+        double worst = 0;
+        int ok = 1;
+        for (int a = 0; a < 7; a++)
+            for (int mcase = 0; mcase < 3; mcase++) {
+                int n = ns[a];
+                float s[100], x[100];
+                for (int t = 0; t < n; t++) x[t] = s[t] = t % 5 == 3 ? -INFINITY : (float)(40 * nrand());
+                float m = mcase == 0 ? -INFINITY : mcase == 1 ? -30.0f : 30.0f, m0 = m, rescale;
+                float sum = tq_softmax_chunk((tq_simd)p, s, n, scale, &m, &rescale);
+                double top = m0, want = 0;
+                for (int t = 0; t < n; t++) top = fmax(top, (double)scale * x[t]);
+                for (int t = 0; t < n; t++) {
+                    double e = exp((double)scale * x[t] - top);
+                    want += e;
+                    worst = fmax(worst, fabs(s[t] - e) / (e + 1e-30));
+                    ok &= fabs(s[t] - e) <= 1e-5 * e + 1e-30;
+                }
+                worst = fmax(worst, fabs(sum - want) / want);
+                ok &= fabs(sum - want) <= 1e-5 * want && fabs(m - top) <= 1e-6 * fabs(top);
+                double wr = exp(m0 - top);
+                ok &= fabs(rescale - wr) <= 1e-5 * wr + 1e-30;
+            }
+        float s[9], m = -INFINITY, rescale = 0;
+        for (int t = 0; t < 9; t++) s[t] = -INFINITY;
+        float sum = tq_softmax_chunk((tq_simd)p, s, 9, scale, &m, &rescale);
+        for (int t = 0; t < 9; t++) ok &= s[t] == 0.0f;
+        ok &= sum == 0.0f && rescale == 1.0f && m == -INFINITY;
+        CHECK(ok, "%s: tq_softmax_chunk off float64 exp by %.2e (relative), or mishandles masked logits",
+              tq_simd_name((tq_simd)p), worst);
+    }
+}
+
+static void test_simd_env(void) {
+    tq_simd s;
+    int ok = tq_simd_supported(TQ_SIMD_PORTABLE) && tq_simd_supported(tq_simd_best());
+    for (int p = 0; p < TQ_NSIMD; p++) ok &= tq_simd_parse(tq_simd_name((tq_simd)p), &s) == 0 && s == (tq_simd)p;
+    ok &= tq_simd_parse("sse", &s) != 0;
+    setenv("TQ_SIMD", "portable", 1);
+    ok &= tq_simd_from_env(&s) == NULL && s == TQ_SIMD_PORTABLE;
+    setenv("TQ_SIMD", "avx", 1);
+    ok &= tq_simd_from_env(&s) != NULL;
+    for (int p = 0; p < TQ_NSIMD; p++) {
+        setenv("TQ_SIMD", tq_simd_name((tq_simd)p), 1);
+        const char *err = tq_simd_from_env(&s);
+        ok &= tq_simd_supported((tq_simd)p) ? err == NULL && s == (tq_simd)p : err != NULL;
+    }
+    unsetenv("TQ_SIMD");
+    ok &= tq_simd_from_env(&s) == NULL && s == tq_simd_best();
+    CHECK(ok, "tq_simd_parse / tq_simd_from_env");
+}
+
 /* ---- determinism ------------------------------------------------------------------------------------------*/
 static void test_determinism(void) {
     int same = 1, differ = 0;
@@ -616,7 +747,13 @@ int main(void) {
     test_prod();
     test_structured();
     test_attention();
+    test_attn_paths();
+    test_softmax_chunk();
+    test_simd_env();
     test_determinism();
+    printf("test_tq: SIMD paths tested:");
+    for (int p = 0; p < TQ_NSIMD; p++) if (simd_tested[p]) printf(" %s", tq_simd_name((tq_simd)p));
+    printf(" (best here: %s)\n", tq_simd_name(tq_simd_best()));
     printf("test_tq: %d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
 }
