@@ -1706,6 +1706,19 @@ typedef struct {                 /* what the trade-off line reports          */
     double prefill_s, decode_s;
 } Stats;
 
+/* The weights' line on stderr: their type and bytes (mmap'd from the file), e.g.
+ * weights: int8 g64, 137.66 MiB (fp32 514.39 MiB); with the KV cache 138.05 MiB */
+static void report_weights(const Config *c, double kv_mib) {
+    Config f = *c;
+    f.weight_type = WEIGHTS_FP32;
+    double mib = c->weights_bytes / 1048576.0, fp32 = weights_bytes_needed(&f) / 1048576.0;
+    if (c->weight_type == WEIGHTS_INT8)
+        fprintf(stderr, "weights: int8 g%d, %.2f MiB (fp32 %.2f MiB); with the KV cache %.2f MiB\n",
+                c->group_size, mib, fp32, mib + kv_mib);
+    else
+        fprintf(stderr, "weights: fp32, %.2f MiB; with the KV cache %.2f MiB\n", mib, mib + kv_mib);
+}
+
 /* The memory / speed line on stderr, e.g.
  * kv: tq3/tq3 3.25 bits/elem, 4.6 MiB for 1024 tokens (fp16 22.5 MiB, 4.9x smaller; fp32 45.0 MiB) */
 static void report(const Transformer *t, int n_pos, const Stats *st) {
@@ -1726,6 +1739,7 @@ static void report(const Transformer *t, int n_pos, const Stats *st) {
                 codes, proj, kv->kproj, mib - codes - proj, kv->sink, kv->window, kv->koffsets || kv->voffsets ? ", offsets" : "",
                 kv->kweights ? ", key weights" : "", kv->kproj ? ", projection directions" : "",
                 8.0 * cache_bytes(kv, c, n_pos) / ((double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2));
+    report_weights(c, mib);
     if (st)
         fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens)\n",
                 st->prefill_s > 0 ? st->prefill_tokens / st->prefill_s : 0.0, st->prefill_tokens,
@@ -1994,6 +2008,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
     if (max_chunks > 0 && chunks > max_chunks) chunks = max_chunks;
     if (chunks == 0) die("the text is %d tokens, fewer than one chunk of %d", n, ctx);
     fprintf(stderr, "%d chunks of %d tokens, scoring the second half of each\n", chunks, ctx);
+    report_weights(c, cache_bytes(&t->cache, c, ctx) / 1048576.0);
     double *lp = (double *)xcalloc(vocab, sizeof(double), "eval"), *lq = (double *)xcalloc(vocab, sizeof(double), "eval");
     EvalSums e;
     memset(&e, 0, sizeof e);
