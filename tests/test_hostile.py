@@ -79,6 +79,21 @@ def patched(**kw):
     return fs.pack_header(h) + SEED[256:]
 
 
+SEED_Q8 = fs.seeds()["gpt2_q8.bin"]   # dim 64, 1 layer, 2 heads of 32, int8 weights (weight type 1)
+
+
+def patched_q8(**kw):
+    h = fs.read_header(SEED_Q8)
+    h.update(kw)
+    return fs.pack_header(h) + SEED_Q8[256:]
+
+
+def q8_rows_of_8():
+    """An int8 file whose rows (dim 8) are not whole groups of 64, sizes consistent."""
+    return fs.build_q8(fs.config(vocab_size=262, dim=8, hidden_dim=64, n_layers=1, n_heads=1,
+                                 n_kv_heads=1, head_dim=8), fs.tiny_gpt2_section())
+
+
 def corrupt_section():
     b = bytearray(SEED)
     struct.pack_into("<i", b, 256, 999)           # n_vocab in the section != vocab_size
@@ -127,6 +142,19 @@ MODEL_CASES = {                     # name: (file bytes, phrases the message mus
     "weights_offset_odd": (patched(w_off=3841), ["out of bounds"]),
     "weights_offset_past_end": (patched(w_off=1 << 40), ["out of bounds"]),
     "tokenizer_section_corrupt": (corrupt_section(), ["bad tokenizer section", "999 tokens"]),
+    # int8 weights (weight type 1): sizes from the codes and scales, the type and group checked
+    "q8_truncated": (SEED_Q8[:-100], ["truncated"]),
+    "q8_last_scale_cut": (SEED_Q8[:-4], ["truncated"]),
+    "q8_extra_bytes": (SEED_Q8 + b"\0" * 64, ["64 bytes past the end of the weights"]),
+    "q8_group_32": (patched_q8(group=32), ["int8 weights in groups of 32", "groups of 64"]),
+    "q8_unknown_type": (patched_q8(weight_type=2), ["unknown weight type 2"]),
+    "q8_type_negative": (patched_q8(weight_type=-1), ["unknown weight type -1"]),
+    "q8_read_as_fp32": (patched_q8(weight_type=0, group=0), ["weight bytes, the config needs"]),
+    "q8_fp32_sized": (patched_q8(w_bytes=4 * fs.weights_floats(fs.read_header(SEED_Q8))),
+                      ["weight bytes, the config needs"]),
+    "q8_rows_not_groups": (q8_rows_of_8(), ["dim = 8 is not a multiple of the group size 64"]),
+    "fp32_read_as_q8": (patched(weight_type=1, group=64), ["dim = 8 is not a multiple"]),
+    "fp32_with_group": (patched(group=64), ["fp32 weights with a group size of 64"]),
 }
 
 
@@ -137,6 +165,19 @@ def test_bad_model_file(binary, tmp_path, name):
     path.write_bytes(data)
     p = run_cmd([path, "-n", "2", "-i", "the"], binary=binary, check=False, timeout=60)
     refused(p, str(path), *phrases)
+
+
+def test_run_cuda_refuses_int8_weights(tmp_path):
+    """The GPU build reads fp32 weights only and says so, before it looks for a GPU."""
+    run_cuda = ROOT / "run_cuda"
+    if not run_cuda.exists():
+        pytest.skip("./run_cuda is not built (make run_cuda)")
+    path = tmp_path / "q8.bin"
+    path.write_bytes(SEED_Q8)
+    p = run_cmd([path, "-n", "2", "-i", "the"], binary=run_cuda, check=False)
+    err = p.stderr.decode(errors="replace").strip()
+    assert p.returncode == 1 and err == ("run_cuda: error: int8 weights are not supported by the GPU build "
+                                         "yet; export with --weights fp32"), err
 
 
 def test_model_path_missing_or_not_a_file(binary, tmp_path):
