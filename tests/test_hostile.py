@@ -418,6 +418,22 @@ def test_valgrind_short_generation(tiny, tmp_path):
         assert p.stdout.startswith(b"Hi")
 
 
+def test_valgrind_int8_weights(tmp_path):
+    """The int8 products under valgrind: the 19-token prompt fills one 16-token tile and leaves
+    3 tokens for the one-token kernel, then 3 tokens are decoded."""
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    assert RUN_VG.exists(), "./run_vg is not built (make run_vg)"
+    path = tmp_path / "q8.bin"
+    path.write_bytes(SEED_Q8)
+    p = subprocess.run(["valgrind", "--error-exitcode=99", "--leak-check=full", str(RUN_VG), str(path),
+                        "-n", "3", "-i", "the quick brown fox j", "-k", "tq3", "-s", "1"],
+                       capture_output=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 0 and "ERROR SUMMARY: 0 errors" in err, err[-3000:]
+    assert "weights: int8 g64" in err and p.stdout.startswith(b"the quick brown fox j")
+
+
 # ----------------------------------------------------------------------------------------
 # export.py: broken sources get one clear line; the output is replaced atomically
 
