@@ -230,11 +230,12 @@ typedef struct {
     float *acc;    /* (batch*n_heads, tq_acc_floats) value accumulators       */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
     /* int8 weights only (else NULL): a matrix product's input x (B, n), n <= wide_n =
-     * max(dim, q_dim, hidden_dim), quantized like the weights, in two layouts */
-    int16_t *xq;   /* (batch, wide_n) codes, token by token                   */
+     * max(dim, q_dim, hidden_dim), quantized like the weights (qinput) or as it is */
+    int qinput;    /* int8 weights: 1 quantize each product's input to int8 (W8A8), 0 keep it fp32 (W8A32) */
+    int16_t *xq;   /* (batch, wide_n) codes, token by token (int16: the one-token kernel widens only the weights) */
     float *xqs;    /* (batch, wide_n / QGROUP) their scales                   */
-    float *xqt;    /* (batch / QTOKS, wide_n, QTOKS) codes as floats, QTOKS tokens side by side */
-    float *xqts;   /* (batch / QTOKS, wide_n / QGROUP, QTOKS) their scales, the same way */
+    float *xqt;    /* (batch / QTOKS, wide_n, QTOKS) codes as floats (W8A32: x itself), QTOKS tokens side by side */
+    float *xqts;   /* (batch / QTOKS, wide_n / QGROUP, QTOKS) their scales, the same way (W8A32: 1) */
 } RunState;
 
 typedef struct {
@@ -553,7 +554,9 @@ static double run_bytes(const Config *c, const CacheOpts *o, int ctx, int batch,
     return cache + 4.0 * (batch * per_token + (double)n_threads() * ctx + c->vocab_size);   /* scores, logits */
 }
 
-static void build_transformer(Transformer *t, const char *path, const CacheOpts *o, int ctx, int batch, int all_logits) {
+/* qinput: for int8 weights, quantize the input of each product too (RunState) */
+static void build_transformer(Transformer *t, const char *path, const CacheOpts *o, int ctx, int batch, int all_logits,
+                              int qinput) {
     load_model(t, path);
     const Config *c = &t->config;
 #ifdef RUN_CUDA
@@ -581,6 +584,7 @@ static void build_transformer(Transformer *t, const char *path, const CacheOpts 
             need, need / 1073741824.0, phys / 1073741824.0);
     build_cache(&t->cache, &t->config, o, ctx);
     build_state(&t->state, &t->config, &t->cache, batch, all_logits);
+    t->state.qinput = qinput;
 #ifdef RUN_CUDA
     gpu_build(t, o, all_logits);
 #endif
@@ -662,17 +666,36 @@ static void matmul(float *out, const float *x, const float *w, int B, int n, int
     }
 }
 
-/* ---- int8 weights (weight type 1): llama2.c runq.c's products ----
- * The input x is quantized the way the weights are, per group of QGROUP numbers:
- * xs = max|x| / 127, xq = x / xs rounded to the nearest integer (ties to even: rintf in
- * the default rounding mode). Then for row i of W and token t
+/* ---- int8 weights (weight type 1) ----
+ * W8A8, llama2.c runq.c's products (--qinput 1): the input x is quantized the way the
+ * weights are, per group of QGROUP numbers: xs = max|x| / 127, xq = x / xs rounded to the
+ * nearest integer (ties to even: rintf in the default rounding mode). Then for row i of W
+ * and token t
  *     out[t][i] = sum_g (sum_k wq[i][g,k] * xq[t][g,k]) * (ws[i][g] * xs[t][g]),
  * the inner sum an exact integer (|.| <= 64 * 127 * 127 < 2^24) and the outer one a chain of
  * fmaf in group order. Exact integers and one correctly rounded fma per group make the
  * result the same bits on every CPU and for every SIMD path GCC picks, and the same in the
- * one-token and the tiled kernel below. */
+ * one-token and the tiled kernel below.
+ * W8A32 (--qinput 0): x stays fp32 and out[t][i] = sum_j wq[i][j] * ws[i][j / QGROUP] * x[t][j],
+ * summed in float as the fp32 product is (the rounding depends on the order of the sums).
+ * It reads the same bytes of weights and skips the rounding of x, which costs more than
+ * the weights' own: README, "int8 weights". */
 
-/* Quantizes x (B, n) into s->xq / s->xqs, and the full tiles of QTOKS tokens also into
+/* W8A32: the full tiles of QTOKS tokens of x (B, n) into s->xqt, the tile's tokens side by
+ * side, with scales 1 in s->xqts, for matmul_q8_tile. */
+static void tile_input(RunState *s, const float *x, int B, int n) {
+    int G = n / QGROUP, tiles = B / QTOKS, b;
+#pragma omp parallel for schedule(static) if (tiles > 1)
+    for (b = 0; b < tiles; b++) {
+        float *xt = s->xqt + (size_t)b * n * QTOKS, *st = s->xqts + (size_t)b * G * QTOKS;
+        for (int t = 0; t < QTOKS; t++) {
+            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = x[(size_t)(b * QTOKS + t) * n + j];
+            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = 1.0f;
+        }
+    }
+}
+
+/* W8A8: quantizes x (B, n) into s->xq / s->xqs, and the full tiles of QTOKS tokens also into
  * s->xqt / s->xqts (floats, the tile's tokens side by side) for matmul_q8_tile. */
 static void quantize_input(RunState *s, const float *x, int B, int n) {
     int G = n / QGROUP, b;
@@ -699,7 +722,7 @@ static void quantize_input(RunState *s, const float *x, int B, int n) {
     }
 }
 
-/* One row w (n codes, scales ws) against one quantized token x (n codes, scales xs). */
+/* W8A8: one row w (n codes, scales ws) against one quantized token x (n codes, scales xs). */
 static float dot_q8(const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
     float acc = 0.0f;
     for (int g = 0; g < n / QGROUP; g++) {
@@ -710,12 +733,35 @@ static float dot_q8(const int8_t *w, const float *ws, const int16_t *x, const fl
     return acc;
 }
 
+typedef float v16f __attribute__((vector_size(64)));   /* GCC/Clang's vector extension */
+
+/* W8A32: one row w (n codes, scales ws) against one fp32 token x (n): 4 x 16 lanes (one
+ * vector per quarter of a group, so that 4 multiply-adds are in flight) accumulate
+ * w * x * s over the whole row and are summed once at the end (a sum per group would cost a
+ * horizontal reduction per 64 numbers). A group's codes become floats in a plain loop,
+ * which GCC vectorizes (its __builtin_convertvector from int8 does not). */
+static float dot_w8(const int8_t *w, const float *ws, const float *x, int n) {
+    v16f acc[QGROUP / 16] = {{0}}, wv, xv;
+    for (int g = 0; g < n / QGROUP; g++) {
+        float wf[QGROUP];
+        for (int k = 0; k < QGROUP; k++) wf[k] = w[g * QGROUP + k];
+        for (int k = 0; k < QGROUP / 16; k++) {
+            memcpy(&wv, wf + 16 * k, sizeof wv);
+            memcpy(&xv, x + g * QGROUP + 16 * k, sizeof xv);
+            acc[k] += wv * xv * ws[g];
+        }
+    }
+    v16f all = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float sum = 0.0f;
+    for (int t = 0; t < 16; t++) sum += all[t];
+    return sum;
+}
+
 /* Rows i..i+QROWS-1 of W (d, n) against the QTOKS tokens b.. of tile xt (n, QTOKS) with
  * scales xts (n/QGROUP, QTOKS): a token per vector lane, so each weight, loaded once as a
  * float, is multiplied into 16 tokens, and a group's sums need no horizontal reduction.
- * The integer sums are taken in float: every product and partial sum is an integer below
- * 2^24, which float holds exactly in any order, fused or not. */
-typedef float v16f __attribute__((vector_size(64)));
+ * W8A8: the integer sums are taken in float, where every product and partial sum is an
+ * integer below 2^24, which float holds exactly in any order, fused or not. */
 
 static void matmul_q8_tile(float *out, const float *xt, const float *xts, const int8_t *w, const float *ws,
                            int b, int i, int n, int d) {
@@ -744,7 +790,8 @@ static void matmul_q8_tile(float *out, const float *xt, const float *xts, const 
  * split over threads, tokens in tiles of QTOKS where they fit, one dot at a time for the
  * rest (a decoded token is all rest: it is bound by reading the weights). */
 static void matmul_q8(RunState *s, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d) {
-    quantize_input(s, x, B, n);
+    if (s->qinput) quantize_input(s, x, B, n);
+    else tile_input(s, x, B, n);
     int G = n / QGROUP, tiles = B / QTOKS, i;
 #pragma omp parallel for schedule(static)
     for (i = 0; i < d; i += QROWS) {
@@ -754,8 +801,9 @@ static void matmul_q8(RunState *s, float *out, const float *x, const int8_t *w, 
                 matmul_q8_tile(out, s->xqt + (size_t)b * n, s->xqts + (size_t)b * G, w, ws, b, i, n, d);
         for (int r = i; r < i + QROWS && r < d; r++)
             for (int t = b; t < B; t++)
-                out[(size_t)t * d + r] = dot_q8(w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n,
-                                                s->xqs + (size_t)t * G, n);
+                out[(size_t)t * d + r] = s->qinput ? dot_q8(w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n,
+                                                            s->xqs + (size_t)t * G, n)
+                                                   : dot_w8(w + (size_t)r * n, ws + (size_t)r * G, x + (size_t)t * n, n);
     }
 }
 
@@ -2074,6 +2122,7 @@ static void usage(int status) {
         "  -c <int>    context length in tokens, default the model's (eval: the chunk length, default 512)\n"
         "  --chunks <int> eval: score at most this many chunks, default all\n"
         "  --batch <int> prompt tokens per forward pass (the first gives the statistics below), default 256\n"
+        "  --qinput <0|1> int8 weights: quantize each product's input to int8 too (1, runq.c) or keep it fp32 (0), default 1\n"
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
         "  --stats <file> -m logits: also write the cache statistics measured (float32; README.md)\n"
         "  --scale <r> tq scale rule: norm (paper) | nc (norm correction) | eden, or KEYS:VALUES; default eden\n"
@@ -2142,7 +2191,7 @@ int main(int argc, char **argv) {
     const char *mode = "generate", *system = NULL, *out = NULL, *stats = NULL;
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
-    int steps = 256, ctx = 0, chunks = 0, batch = 256;
+    int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
     CacheOpts co = {.kf = TQ_TQ3, .vf = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN, .koffsets = 0,
                     .voffsets = 0, .kweights = 0, .kproj = 2, .sink = 1, .window = 8};   /* chosen by bench/quality */
 
@@ -2173,6 +2222,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--stats")) stats = v;
         else if (!strcmp(a, "--chunks")) chunks = parse_int(a, v, 1, 1 << 30);
         else if (!strcmp(a, "--batch")) batch = parse_int(a, v, 1, 4096);
+        else if (!strcmp(a, "--qinput")) qinput = parse_int(a, v, 0, 1);
         else if (!strcmp(a, "--offsets")) {
             char k[32], vv[32];
             split_kv(a, v, k, vv);
@@ -2205,7 +2255,7 @@ int main(int argc, char **argv) {
     int all_logits = m == EVAL || m == LOGITS;
     if (m == EVAL && ctx == 0) ctx = 512;
     if (m == TOKENIZE || m == DETOKENIZE) ctx = 1;  /* no cache needed */
-    build_transformer(&t, model_path, &co, ctx, batch, all_logits);
+    build_transformer(&t, model_path, &co, ctx, batch, all_logits, qinput);
     Config *c = &t.config;
 
     /* the tokenizer: from model.bin, or from another exported file with -z */
@@ -2236,7 +2286,7 @@ int main(int argc, char **argv) {
         CacheOpts fp32 = co;   /* offsets, projections, exact positions: none apply to fp32 */
         fp32.kf = fp32.vf = TQ_FP32;
         Transformer ref;
-        if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1);
+        if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1, qinput);
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);
         if (!same) free_transformer(&ref);
     } else if (m == LOGITS) {

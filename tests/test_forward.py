@@ -18,7 +18,8 @@ dequantization for GGUF, tied/untied classifier, hyper-parameters) is checked al
                                      (and --sink), modelled in the reference
     test_logits_int8_weights         export.py --weights q8: the reference on the same int8
                                      weights, every product's input quantized as run does it
-                                     (near-ties matched, InputQuant), < 1e-4
+                                     (--qinput 1; near-ties matched, InputQuant) or not
+                                     (--qinput 0), < 1e-4
     test_eval_int8_weights           -m eval on an int8 file = its definition from -m logits
 Cache tests run with --scale given and the extra cache transforms off (--offsets 0
 --kweights 0 --sink 0, where run has them); float32-vs-float64 near-ties are matched (NearTies).
@@ -930,33 +931,35 @@ def _exported_q8(name, d):
     return out, ref_llama.quantize_q8(m)
 
 
-@pytest.mark.parametrize("name,kspec", [(n, "fp32") for n in MODELS] + [("gguf", "q8"), ("hf", "tq3")])
-def test_logits_int8_weights(workdir, name, kspec):
+@pytest.mark.parametrize("name,kspec,qinput", [(n, "fp32", 1) for n in MODELS] + [("gguf", "q8", 1), ("hf", "tq3", 1)]
+                         + [(n, "fp32", 0) for n in ("gguf", "hf_tied")] + [("gguf_tied", "tq3", 0)])
+def test_logits_int8_weights(workdir, name, kspec, qinput):
     """run on a --weights q8 file against the reference fed the same int8 weights
-    (ref_llama.quantize_q8) and quantizing every product's input as run does (InputQuant,
-    its near-ties matched): within the fp32 test's 1e-4, with a compressed cache too (the
-    codec modelled as in test_logits_cache_libtq). The comparison has teeth: the reference
-    on the int8 weights without the input quantization, and on the fp32 weights, are both
-    far off."""
+    (ref_llama.quantize_q8), with a compressed cache too (the codec modelled as in
+    test_logits_cache_libtq), within the fp32 test's 1e-4. --qinput 1 (W8A8): the reference
+    quantizes every product's input as run does (InputQuant, its near-ties matched);
+    --qinput 0 (W8A32): the inputs stay as they are. The comparison has teeth: the
+    reference on the fp32 weights, and the other treatment of the inputs, are far off."""
     _need_run()
     out, mq = _exported_q8(name, str(workdir))
     kfn, vfn = _kv_fns(kspec, mq.head_dim, "nc", libtq_roundtrip)
     opts = ("--scale", "nc") + _plain_cache_opts(out) if kspec != "fp32" else ()
-    got = run_logits(out, workdir, kspec, opts)
-    act = InputQuant()
-    wrappers = [act] + [w for w in dict.fromkeys((kfn, vfn)) if isinstance(w, NearTies)]
+    got = run_logits(out, workdir, kspec, opts + ("--qinput", str(qinput)))
     ids = token_ids()
+    act = InputQuant()
+    wrappers = ([act] if qinput else []) + [w for w in dict.fromkeys((kfn, vfn)) if isinstance(w, NearTies)]
     ref, n_ties, switched = _match_with(
-        lambda: ref_llama.forward(mq, ids, k_fn=kfn, v_fn=vfn, matmul_in=act), wrappers, got, 1e-4)
+        lambda: ref_llama.forward(mq, ids, k_fn=kfn, v_fn=vfn, matmul_in=act if qinput else None), wrappers, got,
+        1e-4)
     diff = np.abs(got - ref)
-    what = f"{name} --weights q8 -k {kspec}"
+    what = f"{name} --weights q8 --qinput {qinput} -k {kspec}"
     assert diff.max() < 1e-4, (f"{what}: max |run - ref| = {diff.max():.3g} ({_where(diff)}; near-ties "
                                f"{n_ties}, {switched} switched)")
-    no_act = np.abs(got - ref_llama.forward(mq, ids, k_fn=kfn, v_fn=vfn)).max()
+    other = np.abs(got - ref_llama.forward(mq, ids, k_fn=kfn, v_fn=vfn, matmul_in=None if qinput else act)).max()
     fp32_w = np.abs(got - ref_llama.forward(_exported(name, str(workdir))[2], ids, k_fn=kfn, v_fn=vfn)).max()
-    assert no_act > 30 * max(diff.max(), 1e-6) and fp32_w > 30 * max(diff.max(), 1e-6), (no_act, fp32_w)
+    assert other > 30 * max(diff.max(), 1e-6) and fp32_w > 30 * max(diff.max(), 1e-6), (other, fp32_w)
     print(f"{what}: max|diff| {diff.max():.3g} mean {diff.mean():.3g}; near-ties {n_ties}, {switched} "
-          f"switched; without the input quantization {no_act:.3g}, on the fp32 weights {fp32_w:.3g}")
+          f"switched; with the inputs {'kept' if qinput else 'quantized'} {other:.3g}, on the fp32 weights {fp32_w:.3g}")
 
 
 @pytest.mark.parametrize("kspec", ["fp32", "tq3"])

@@ -244,6 +244,7 @@ OPTION_CASES = {        # name: (arguments after the model, phrases)
     "offsets_empty_values": (["--offsets", "1:"], ['bad --offsets "1:"']),
     "batch_zero": (["--batch", "0"], ["--batch 0 is out of range"]),
     "batch_huge": (["--batch", "100000"], ["--batch 100000 is out of range"]),
+    "qinput_two": (["--qinput", "2"], ["--qinput 2 is out of range [0, 1]"]),
     "mode_unknown": (["-m", "train"], ['unknown mode "train"']),
     "option_unknown": (["-q", "1"], ["unknown option -q"]),
     "not_an_option": (["hello"], ['expected an option, got "hello"']),
