@@ -65,6 +65,17 @@ tests/test_tq: tests/test_tq.c tq.c tq.h
 tests/test_tq_san: tests/test_tq.c tq.c tq.h
 	$(CC) $(SAN) $(WARN) -o $@ tests/test_tq.c tq.c -lm
 
+# run.c's int8-weight products against their definition, bit for bit: optimized, under the
+# sanitizers, and for the baseline x86-64 instruction set, whose output must hash the same
+tests/test_q8: tests/test_q8.c run.c tq.c tq.h
+	$(CC) $(CFLAGS) $(OMP) $(WARN) -o $@ tests/test_q8.c tq.c -lm
+
+tests/test_q8_san: tests/test_q8.c run.c tq.c tq.h
+	$(CC) $(SAN) $(OMP) $(WARN) -o $@ tests/test_q8.c tq.c -lm
+
+tests/test_q8_base: tests/test_q8.c run.c tq.c tq.h
+	$(CC) -O1 $(OMP) $(WARN) -o $@ tests/test_q8.c tq.c -lm
+
 # tq.c as a shared library, so that the numpy oracle can call it through ctypes
 tests/libtq.so: tq.c tq.h
 	$(CC) -O2 $(WARN) -shared -fPIC -o $@ tq.c -lm
@@ -101,9 +112,13 @@ demo: run $(MODEL)
 	./run $(MODEL) -k tq3 -t 0 -n 64 -i "Once upon a time"
 
 # ---- tests --------------------------------------------------------------------
-ctest: tests/test_tq tests/test_tq_san
+ctest: tests/test_tq tests/test_tq_san tests/test_q8 tests/test_q8_san tests/test_q8_base
 	./tests/test_tq
 	./tests/test_tq_san
+	./tests/test_q8
+	./tests/test_q8_san
+	test "$$(./tests/test_q8 --hash)" = "$$(./tests/test_q8_base --hash)" || \
+	    { echo "test_q8: the baseline x86-64 build computes other bits" >&2; exit 1; }
 
 pytest: run run_san run_vg tests/libtq.so tests/tqstat $(MODEL) | $(VENV)/.test-pkgs
 	$(PYTHON) -m pytest -q tests
@@ -111,7 +126,8 @@ pytest: run run_san run_vg tests/libtq.so tests/tqstat $(MODEL) | $(VENV)/.test-
 test: ctest pytest
 
 clean:
-	rm -f run run_san run_vg run_cuda tests/test_tq tests/test_tq_san tests/libtq.so tests/tqstat bench/tqbench bench/membw
+	rm -f run run_san run_vg run_cuda tests/test_tq tests/test_tq_san tests/test_q8 tests/test_q8_san tests/test_q8_base \
+	    tests/libtq.so tests/tqstat bench/tqbench bench/membw
 
 # ---- fuzzing (not part of `make test`) ------------------------------------------------
 # libFuzzer with ASan + UBSan, FUZZ_SECONDS per harness: tests/fuzz_load (the model-file

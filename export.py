@@ -2,7 +2,7 @@
 """
 export.py: convert a Llama-architecture checkpoint into the one-file model.bin that `run` mmaps.
 
-    python3 export.py SOURCE model.bin [--tokenizer tokenizer.bin]
+    python3 export.py SOURCE model.bin [--tokenizer tokenizer.bin] [--weights fp32|q8]
 
 SOURCE is one of
   1. a GGUF file of architecture "llama" (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_x and K-quants;
@@ -12,7 +12,10 @@ SOURCE is one of
      tokenizer.bin next to it (or given with --tokenizer).
 
 The output format (version 1) is specified in README.md, "model.bin format":
-  256-byte header | tokenizer section | zero padding to 64 | fp32 weights.
+  256-byte header | tokenizer section | zero padding to 64 | weights.
+The weights are fp32 (--weights fp32, the default) or, with --weights q8, every matrix in
+int8 with one fp32 scale per group of 64 numbers along a row (llama2.c's runq.c scheme; the
+RMSNorm weights stay fp32).
 The file is written to a temporary file in the output's directory and renamed over the
 output only once complete, so a failed export never leaves a half-written model.bin.
 
@@ -49,6 +52,10 @@ ALIGN = 64
 KIND_SPM, KIND_GPT2 = 1, 2
 PRETOK_NONE, PRETOK_SMOLLM, PRETOK_GPT2 = 0, 1, 2
 FLAG_SPECIAL = 1
+
+# weight types (header offset 112) and the group size of the int8 type (offset 116)
+WEIGHT_TYPES = {"fp32": 0, "q8": 1}
+QGROUP = 64
 
 # weight groups, in file order; "per_layer" groups hold n_layers tensors each
 WEIGHT_ORDER = [
@@ -87,6 +94,42 @@ def tensor_list(cfg):
         else:
             out.append((name, None))
     return out
+
+
+def quantize_q8(a):
+    """A float32 matrix (rows, cols) -> int8 codes (rows, cols) and float32 scales
+    (rows, cols // QGROUP). Each run of QGROUP numbers along a row shares one scale
+    s = max|w| / 127 (a float32 division) and holds q = w / s rounded to the nearest integer,
+    ties to even. The quotient is taken in float64, where it is exact enough that q is the
+    rounding of the exact w / s; an all-zero group has s = 0 and q = 0."""
+    rows, cols = a.shape
+    g = a.reshape(rows, cols // QGROUP, QGROUP)
+    s = (np.abs(g).max(axis=2) / np.float32(127)).astype(np.float32)
+    safe = np.where(s > 0, s, np.float32(1)).astype(np.float64)
+    q = np.rint(g.astype(np.float64) / safe[..., None])
+    assert np.abs(q).max(initial=0) <= 127
+    return q.astype(np.int8).reshape(rows, cols), s
+
+
+def tensor_bytes(cfg, group, weights):
+    """Bytes of one tensor of `group` in the file: fp32, or for q8 matrices the int8 codes
+    plus one fp32 scale per QGROUP numbers."""
+    n = int(np.prod(expected_shape(cfg, group)))
+    if weights == "q8" and len(expected_shape(cfg, group)) == 2:
+        return n + 4 * (n // QGROUP)
+    return 4 * n
+
+
+def check_q8_rows(cfg):
+    """--weights q8 needs every matrix row (dim, n_heads*head_dim for wo, hidden_dim for w2)
+    to be whole groups of QGROUP numbers."""
+    rows = {"dim": cfg["dim"], "n_heads*head_dim": cfg["n_heads"] * cfg["head_dim"],
+            "hidden_dim": cfg["hidden_dim"]}
+    bad = [f"{k} {v}" for k, v in rows.items() if v % QGROUP]
+    if bad:
+        raise ExportError(f"--weights q8 quantizes matrix rows in groups of {QGROUP} numbers, "
+                          f"and this model's rows are not multiples of {QGROUP} "
+                          f"({', '.join(bad)}); export it with --weights fp32")
 
 
 def check_config(cfg):
@@ -839,8 +882,10 @@ def open_source(src, tokenizer_path):
     return Llama2cSource(src, tokenizer_path)
 
 
-def export(src, out, tokenizer_path=None):
+def export(src, out, tokenizer_path=None, weights="fp32"):
     t0 = time.time()
+    if weights not in WEIGHT_TYPES:
+        raise ExportError(f"unknown weight type {weights!r} (fp32 or q8)")
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
         raise ExportError("output path is the same file as the input")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
@@ -850,6 +895,8 @@ def export(src, out, tokenizer_path=None):
     s = open_source(src, tokenizer_path)
     cfg, tok = s.cfg, s.tok
     check_config(cfg)
+    if weights == "q8":
+        check_q8_rows(cfg)
     if len(tok["tokens"]) != cfg["vocab_size"]:
         raise ExportError(f"tokenizer has {len(tok['tokens'])} tokens, model vocab_size "
                           f"{cfg['vocab_size']}")
@@ -861,7 +908,7 @@ def export(src, out, tokenizer_path=None):
         s.check(g, l, expected_shape(cfg, g))
     tok_blob = pack_tokenizer(tok)
     w_off = -(-(HEADER_SIZE + len(tok_blob)) // ALIGN) * ALIGN
-    w_bytes = sum(4 * int(np.prod(expected_shape(cfg, g))) for g, _ in tensors)
+    w_bytes = sum(tensor_bytes(cfg, g, weights) for g, _ in tensors)
 
     out_dir = os.path.dirname(os.path.abspath(out))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp",
@@ -872,19 +919,32 @@ def export(src, out, tokenizer_path=None):
             f.write(tok_blob)
             f.write(b"\0" * (w_off - HEADER_SIZE - len(tok_blob)))
             written, nonfinite = 0, []
+            scales = []     # q8: a group's scales, written after the codes of all its layers
             for g, l in tensors:
                 a = s.get(g, l)
                 shape = expected_shape(cfg, g)
                 if a.shape != shape:
                     raise ExportError(f"tensor {g}[{l}] has shape {a.shape}, expected {shape}")
                 a = np.ascontiguousarray(a, dtype="<f4")
+                name = f"{g}" + (f"[{l}]" if l is not None else "")
                 if not np.isfinite(a).all():
-                    nonfinite.append(f"{g}" + (f"[{l}]" if l is not None else ""))
+                    if weights == "q8":
+                        raise ExportError(f"tensor {name} has non-finite values, which int8 "
+                                          f"cannot hold; export it with --weights fp32")
+                    nonfinite.append(name)
+                if weights == "q8" and a.ndim == 2:
+                    a, sc = quantize_q8(a)
+                    scales.append(sc)
                 f.write(memoryview(a).cast("B"))
                 written += a.nbytes
                 if l is None or l == cfg["n_layers"] - 1:
+                    for sc in scales:
+                        f.write(memoryview(np.ascontiguousarray(sc, dtype="<f4")).cast("B"))
+                        written += sc.nbytes
+                    scales = []
                     n = cfg["n_layers"] if l is not None else 1
-                    log(f"[{100 * written / w_bytes:5.1f}%] {g:9s} {n} x {shape}")
+                    kind = f"int8 g{QGROUP}" if weights == "q8" and len(shape) == 2 else "fp32"
+                    log(f"[{100 * written / w_bytes:5.1f}%] {g:9s} {n} x {shape} {kind}")
             if written != w_bytes:
                 raise ExportError(f"internal: wrote {written} weight bytes, expected {w_bytes}")
             if nonfinite:
@@ -895,6 +955,8 @@ def export(src, out, tokenizer_path=None):
                 cfg["seq_len"], cfg["shared_classifier"], tok["kind"], tok["bos"], tok["eos"],
                 tok["chat_start"], tok["chat_end"], cfg["rope_theta"], cfg["norm_eps"],
                 HEADER_SIZE, len(tok_blob), w_off, w_bytes, tok["add_bos"], tok["pretok"])
+            if weights != "fp32":   # fp32 files keep zeros here, as before the field existed
+                header += struct.pack("<2i", WEIGHT_TYPES[weights], QGROUP)
             header += b"\0" * (HEADER_SIZE - len(header))
             f.seek(0)
             f.write(header)
@@ -912,7 +974,8 @@ def export(src, out, tokenizer_path=None):
         raise
     size = w_off + w_bytes
     kind = {KIND_SPM: "sentencepiece", KIND_GPT2: "gpt2-bpe"}[tok["kind"]]
-    print(f"export.py: wrote {out} ({size / 2 ** 20:.1f} MiB) from {s.desc} in "
+    wdesc = f"int8 g{QGROUP}" if weights == "q8" else "fp32"
+    print(f"export.py: wrote {out} ({size / 2 ** 20:.1f} MiB, {wdesc} weights) from {s.desc} in "
           f"{time.time() - t0:.1f} s: dim {cfg['dim']}, hidden {cfg['hidden_dim']}, "
           f"{cfg['n_layers']} layers, {cfg['n_heads']} heads, {cfg['n_kv_heads']} kv heads, "
           f"head_dim {cfg['head_dim']}, vocab {cfg['vocab_size']}, seq_len {cfg['seq_len']}, "
@@ -1018,6 +1081,9 @@ def main(argv=None):
     ap.add_argument("source", help="GGUF file, HF model folder, or llama2.c .bin")
     ap.add_argument("output", help="model.bin to write")
     ap.add_argument("--tokenizer", help="llama2.c tokenizer.bin (default: next to source)")
+    ap.add_argument("--weights", choices=sorted(WEIGHT_TYPES), default="fp32",
+                    help="fp32 (default), or q8: matrices in int8 with an fp32 scale per 64 "
+                         "numbers of a row (RMSNorm weights stay fp32)")
     ap.add_argument("--random", metavar="SHAPE", help="random weights of shape SHAPE ("
                     + ", ".join(RANDOM_SHAPES) + ") with the tokenizer of SOURCE, a model.bin: "
                     "for speed measurements; --layers N keeps the first N layers")
@@ -1027,7 +1093,7 @@ def main(argv=None):
         if args.random:
             export_random(args.source, args.output, args.random, args.layers)
             return 0
-        export(args.source, args.output, args.tokenizer)
+        export(args.source, args.output, args.tokenizer, args.weights)
     except ExportError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 1

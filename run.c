@@ -66,6 +66,15 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 #define MODEL_VERSION 1
 #define HEADER_BYTES 256
 
+/* Weight types (header offset 112). int8 follows llama2.c's runq.c: every matrix row is cut
+ * into groups of QGROUP numbers, each with one fp32 scale s = max|w| / 127 and codes
+ * q = round(w / s) in [-127, 127]; the RMSNorm weights stay fp32. */
+#define WEIGHTS_FP32 0
+#define WEIGHTS_INT8 1
+#define QGROUP 64
+#define QROWS 4    /* an int8 product's tile: QROWS rows of the matrix ...           */
+#define QTOKS 16   /* ... times QTOKS tokens, one token per lane of a 16-float vector */
+
 typedef struct {
     int dim;               /* transformer width                               */
     int hidden_dim;        /* FFN width                                       */
@@ -85,8 +94,19 @@ typedef struct {
     size_t weights_offset, weights_bytes;
     int add_bos;           /* 1: prompts start with bos                       */
     int pretok;            /* pre-tokenizer: 0 none, 1 smollm, 2 gpt2         */
+    int weight_type;       /* WEIGHTS_FP32 or WEIGHTS_INT8                    */
+    int group_size;        /* numbers per scale: QGROUP for int8, 0 for fp32  */
 } Config;
 
+/* A matrix (rows, cols) of int8 weights, cols a multiple of QGROUP: number j of row i is
+ * q[i*cols + j] * s[(i*cols + j) / QGROUP], so an offset into q maps to offset / QGROUP in s. */
+typedef struct {
+    int8_t *q;              /* (rows, cols) codes                                 */
+    float *s;               /* (rows, cols / QGROUP) scales                       */
+} QMatrix;
+
+/* The matrices of an fp32 file are the float pointers; those of an int8 file are the
+ * QMatrix fields, of the same shapes, and the float matrix pointers are NULL. */
 typedef struct {
     float *token_embedding; /* (vocab_size, dim)                              */
     float *rms_att;         /* (n_layers, dim)                                */
@@ -100,6 +120,7 @@ typedef struct {
     float *w3;              /* (n_layers, hidden_dim, dim)   up               */
     float *rms_final;       /* (dim)                                          */
     float *wcls;            /* (vocab_size, dim); = token_embedding when shared */
+    QMatrix q_embedding, q_wq, q_wk, q_wv, q_wo, q_w1, q_w2, q_w3, q_wcls; /* int8 files */
 } TransformerWeights;
 
 #define KPROJ_MAX 2  /* --kproj: the mean query direction, then the keys' main direction */
@@ -210,6 +231,13 @@ typedef struct {
     float *part;   /* (att_states, state_floats) online-softmax states of the work items */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
     tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
+    /* int8 weights only (else NULL): a matrix product's input x (B, n), n <= wide_n =
+     * max(dim, q_dim, hidden_dim), quantized like the weights (qinput) or as it is */
+    int qinput;    /* int8 weights: 1 quantize each product's input to int8 (W8A8), 0 keep it fp32 (W8A32) */
+    int16_t *xq;   /* (batch, wide_n) codes, token by token (int16: the one-token kernel widens only the weights) */
+    float *xqs;    /* (batch, wide_n / QGROUP) their scales                   */
+    float *xqt;    /* (batch / QTOKS, wide_n, QTOKS) codes as floats (W8A32: x itself), QTOKS tokens side by side */
+    float *xqts;   /* (batch / QTOKS, wide_n / QGROUP, QTOKS) their scales, the same way (W8A32: 1) */
 } RunState;
 
 typedef struct {
@@ -235,15 +263,20 @@ static uint64_t rd_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return 
 static size_t mul_sz(size_t a, size_t b) { size_t r; return __builtin_mul_overflow(a, b, &r) ? SIZE_MAX : r; }
 static size_t add_sz(size_t a, size_t b) { size_t r; return __builtin_add_overflow(a, b, &r) ? SIZE_MAX : r; }
 
-/* Weight count in floats, in the order of README.md; SIZE_MAX when a header's sizes overflow. */
-static size_t weights_floats(const Config *c) {
+/* Bytes of the weights section, in the layout of README.md for the file's weight type:
+ * fp32, or int8 codes plus one fp32 scale per QGROUP numbers of a matrix (the RMSNorm weights
+ * fp32 in both); SIZE_MAX when a header's sizes overflow. */
+static size_t weights_bytes_needed(const Config *c) {
     size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim;
     size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     size_t emb = mul_sz((size_t)c->vocab_size, dim);
-    size_t att = add_sz(mul_sz(2 * qd + 2 * kvd, dim), dim);         /* wq wo wk wv, rms_att */
-    size_t ffn = add_sz(mul_sz(3 * hid, dim), dim);                   /* w1 w2 w3, rms_ffn */
-    size_t n = add_sz(add_sz(emb, mul_sz(L, add_sz(att, ffn))), dim); /* + rms_final */
-    return c->shared_classifier ? n : add_sz(n, emb);                 /* + wcls */
+    size_t layer = mul_sz(2 * qd + 2 * kvd + 3 * hid, dim);           /* wq wk wv wo, w1 w2 w3 */
+    size_t mats = add_sz(emb, mul_sz(L, layer));
+    if (!c->shared_classifier) mats = add_sz(mats, emb);              /* wcls */
+    size_t norms = add_sz(mul_sz(2 * L, dim), dim);                   /* rms_att, rms_ffn, rms_final */
+    size_t mat_bytes = c->weight_type == WEIGHTS_INT8 ? add_sz(mats, mul_sz(mats / QGROUP, sizeof(float)))
+                                                      : mul_sz(mats, sizeof(float));
+    return mats == SIZE_MAX || norms == SIZE_MAX ? SIZE_MAX : add_sz(mat_bytes, mul_sz(norms, sizeof(float)));
 }
 
 /* Reads the header of a model file (data: all file_size bytes of it) into c and refuses
@@ -268,6 +301,8 @@ static const char *read_config(Config *c, const uint8_t *h, size_t file_size, ch
     c->weights_bytes = rd_u64(h + 96);
     c->add_bos = rd_i32(h + 104);
     c->pretok = rd_i32(h + 108);
+    c->weight_type = rd_i32(h + 112);
+    c->group_size = rd_i32(h + 116);
 
     const char *names[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "seq_len"};
     for (int i = 0; i < 8; i++)
@@ -288,12 +323,23 @@ static const char *read_config(Config *c, const uint8_t *h, size_t file_size, ch
     if (c->add_bos && c->bos_id < 0) BAD("add_bos is set but there is no bos token (bos_id = -1)");
     if (!(c->rope_theta > 0 && isfinite(c->rope_theta))) BAD("rope_theta = %g is not a positive number", c->rope_theta);
     if (!(c->norm_eps > 0 && c->norm_eps < 1)) BAD("norm_eps = %g is not in (0, 1)", c->norm_eps);
+    if (c->weight_type == WEIGHTS_FP32) {
+        if (c->group_size != 0) BAD("fp32 weights with a group size of %d (must be 0)", c->group_size);
+    } else if (c->weight_type == WEIGHTS_INT8) {
+        if (c->group_size != QGROUP) BAD("int8 weights in groups of %d; this run reads groups of %d", c->group_size, QGROUP);
+        const char *rows[] = {"dim", "n_heads x head_dim", "hidden_dim"};
+        long long len[] = {c->dim, (long long)c->n_heads * c->head_dim, c->hidden_dim};
+        for (int i = 0; i < 3; i++)
+            if (len[i] % QGROUP) BAD("int8 weights: %s = %lld is not a multiple of the group size %d", rows[i], len[i], QGROUP);
+    } else {
+        BAD("unknown weight type %d (0 fp32, 1 int8)", c->weight_type);
+    }
     if (c->tokenizer_offset != HEADER_BYTES) BAD("tokenizer offset %zu is not %d", c->tokenizer_offset, HEADER_BYTES);
     if (c->tokenizer_bytes > file_size || c->weights_offset > file_size || c->weights_offset % 64 ||
         c->tokenizer_offset + c->tokenizer_bytes > c->weights_offset)
         BAD("tokenizer section [%zu, +%zu) or weights offset %zu is out of bounds (file of %zu bytes)",
             c->tokenizer_offset, c->tokenizer_bytes, c->weights_offset, file_size);
-    size_t need = mul_sz(weights_floats(c), sizeof(float));
+    size_t need = weights_bytes_needed(c);
     if (need == SIZE_MAX) BAD("the config's weights overflow 64 bits");
     if (c->weights_bytes != need) BAD("header says %zu weight bytes, the config needs %zu", c->weights_bytes, need);
     if (file_size - c->weights_offset < need)
@@ -322,6 +368,50 @@ static void map_weights(TransformerWeights *w, const Config *c, float *p) {
     w->wcls = c->shared_classifier ? w->token_embedding : p;
 }
 
+/* int8 files: each matrix group (all its layers) is its codes, then its scales */
+static QMatrix take_q8(uint8_t **p, size_t n) {
+    QMatrix m;
+    m.q = (int8_t *)*p;  *p += n;
+    m.s = (float *)*p;   *p += n / QGROUP * sizeof(float);
+    return m;
+}
+
+static float *take_f32(uint8_t **p, size_t n) {
+    float *f = (float *)*p;
+    *p += n * sizeof(float);
+    return f;
+}
+
+/* The layout of README.md for int8 weights: the order of map_weights, each matrix group
+ * as codes then scales (read_config checked the sizes, and every part starts 4-aligned). */
+static void map_weights_q8(TransformerWeights *w, const Config *c, uint8_t *p) {
+    size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim;
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    memset(w, 0, sizeof *w);
+    w->q_embedding = take_q8(&p, (size_t)c->vocab_size * dim);
+    w->rms_att = take_f32(&p, L * dim);
+    w->q_wq = take_q8(&p, L * qd * dim);
+    w->q_wk = take_q8(&p, L * kvd * dim);
+    w->q_wv = take_q8(&p, L * kvd * dim);
+    w->q_wo = take_q8(&p, L * dim * qd);
+    w->rms_ffn = take_f32(&p, L * dim);
+    w->q_w1 = take_q8(&p, L * hid * dim);
+    w->q_w2 = take_q8(&p, L * dim * hid);
+    w->q_w3 = take_q8(&p, L * hid * dim);
+    w->rms_final = take_f32(&p, dim);
+    w->q_wcls = c->shared_classifier ? w->q_embedding : take_q8(&p, (size_t)c->vocab_size * dim);
+}
+
+/* The weights of a file whose header read_config accepted, at data + weights_offset. */
+static void map_model_weights(TransformerWeights *w, const Config *c, uint8_t *data) {
+    if (c->weight_type == WEIGHTS_INT8) {
+        map_weights_q8(w, c, data + c->weights_offset);
+    } else {
+        memset(w, 0, sizeof *w);
+        map_weights(w, c, (float *)(data + c->weights_offset));
+    }
+}
+
 static void load_model(Transformer *t, const char *path) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) die("cannot open model %s: %s", path, strerror(errno));
@@ -335,7 +425,7 @@ static void load_model(Transformer *t, const char *path) {
     Config *c = &t->config;
     char err[256];
     if (read_config(c, t->data, t->file_size, err, sizeof err)) die("%s: %s", path, err);
-    map_weights(&t->weights, c, (float *)(t->data + c->weights_offset));
+    map_model_weights(&t->weights, c, t->data);
 }
 
 /* ---------------------------------------------------------------------------
@@ -431,6 +521,12 @@ static size_t att_floats(const Config *c) {
     return ((size_t)ATT_TILE * (c->n_heads / c->n_kv_heads) + KPROJ_MAX) * ATT_CHUNK;
 }
 
+/* the longest input row of a matrix product: dim, q_dim (wo) or hidden_dim (w2) */
+static size_t wide_n(const Config *c) {
+    size_t qd = (size_t)c->n_heads * c->head_dim, n = (size_t)c->dim > qd ? (size_t)c->dim : qd;
+    return (size_t)c->hidden_dim > n ? (size_t)c->hidden_dim : n;
+}
+
 static void build_state(RunState *s, const Config *c, const KVCache *kv, int batch, int all_logits) {
     size_t B = (size_t)batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     size_t wide = qd > (size_t)c->dim ? qd : (size_t)c->dim;
@@ -451,11 +547,22 @@ static void build_state(RunState *s, const Config *c, const KVCache *kv, int bat
     s->logits = (float *)xcalloc((all_logits ? B : 1) * c->vocab_size, sizeof(float), "logits");
     const char *err = tq_simd_from_env(&s->simd);
     if (err) die("%s", err);
+    s->xq = NULL;
+    s->xqs = s->xqt = s->xqts = NULL;
+    if (c->weight_type == WEIGHTS_INT8) {
+        size_t wn = wide_n(c), tiled = B / QTOKS * QTOKS;
+        s->xq = (int16_t *)xcalloc(B * wn, sizeof(int16_t), "quantized activations");
+        s->xqs = (float *)xcalloc(B * (wn / QGROUP), sizeof(float), "quantized activations");
+        s->xqt = (float *)xcalloc(tiled * wn, sizeof(float), "quantized activations");
+        s->xqts = (float *)xcalloc(tiled * (wn / QGROUP), sizeof(float), "quantized activations");
+    }
 }
 
 static void free_state(RunState *s) {
-    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->qp, s->qu, s->qperp, s->part, s->logits};
+    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->qp, s->qu, s->qperp, s->part, s->logits,
+                  s->xqs, s->xqt, s->xqts};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
+    free(s->xq);
 }
 
 /* Bytes that build_cache and build_state allocate for ctx positions and batch tokens, in
@@ -468,14 +575,21 @@ static double run_bytes(const Config *c, const CacheOpts *o, int ctx, int batch,
                  + 4 * (3.0 + o->kproj) * heads * hd        /* offsets, key weights, directions */
                  + 2 * 2 * heads * (double)exact_slots(o->sink, o->window, ctx) * hd;  /* fp16 exact store */
     double per_token = 3.0 * c->dim + wide + 2.0 * c->hidden_dim + 2 * qd + 2 * kvd
-                     + (all_logits ? c->vocab_size : 0) + (double)c->n_heads * (20 * hd + KPROJ_MAX);   /* queries */
+                     + (all_logits ? c->vocab_size : 0) + (double)c->n_heads * (20 * hd + KPROJ_MAX)   /* queries */
+                     + (c->weight_type == WEIGHTS_INT8 ? (6.0 + 8.0 / QGROUP) / 4 * (double)wide_n(c) : 0);
+                       /* int8 weights: the quantized input, 2 + 4 bytes a number, 2 x 4 a group */
     double attention = (double)att_states(c, batch) * (3 * hd + 2) + (double)n_threads() * att_floats(c);
     return cache + 4.0 * (batch * per_token + attention + c->vocab_size);   /* states, scores, logits */
 }
 
-static void build_transformer(Transformer *t, const char *path, const CacheOpts *o, int ctx, int batch, int all_logits) {
+/* qinput: for int8 weights, quantize the input of each product too (RunState) */
+static void build_transformer(Transformer *t, const char *path, const CacheOpts *o, int ctx, int batch, int all_logits,
+                              int qinput) {
     load_model(t, path);
     const Config *c = &t->config;
+#ifdef RUN_CUDA
+    if (c->weight_type != WEIGHTS_FP32) die("int8 weights are not supported by the GPU build yet; export with --weights fp32");
+#endif
     int asked = ctx > 0;
     if (!asked) ctx = c->seq_len;
     if (ctx > c->seq_len) die("-c %d exceeds the model's context of %d tokens", ctx, c->seq_len);
@@ -498,6 +612,7 @@ static void build_transformer(Transformer *t, const char *path, const CacheOpts 
             need, need / 1073741824.0, phys / 1073741824.0);
     build_cache(&t->cache, &t->config, o, ctx);
     build_state(&t->state, &t->config, &t->cache, batch, all_logits);
+    t->state.qinput = qinput;
 #ifdef RUN_CUDA
     gpu_build(t, o, all_logits);
 #endif
@@ -577,6 +692,165 @@ static void matmul(float *out, const float *x, const float *w, int B, int n, int
         for (int r = i; r < i + TILE_ROWS && r < d; r++)
             for (int t = b; t < B; t++) out[(size_t)t * d + r] = dot(w + (size_t)r * n, x + (size_t)t * n, n);
     }
+}
+
+/* ---- int8 weights (weight type 1) ----
+ * W8A8, llama2.c runq.c's products (--qinput 1): the input x is quantized the way the
+ * weights are, per group of QGROUP numbers: xs = max|x| / 127, xq = x / xs rounded to the
+ * nearest integer (ties to even: rintf in the default rounding mode). Then for row i of W
+ * and token t
+ *     out[t][i] = sum_g (sum_k wq[i][g,k] * xq[t][g,k]) * (ws[i][g] * xs[t][g]),
+ * the inner sum an exact integer (|.| <= 64 * 127 * 127 < 2^24) and the outer one a chain of
+ * fmaf in group order. Exact integers and one correctly rounded fma per group make the
+ * result the same bits on every CPU and for every SIMD path GCC picks, and the same in the
+ * one-token and the tiled kernel below.
+ * W8A32 (--qinput 0): x stays fp32 and out[t][i] = sum_j wq[i][j] * ws[i][j / QGROUP] * x[t][j],
+ * summed in float as the fp32 product is (the rounding depends on the order of the sums).
+ * It reads the same bytes of weights and skips the rounding of x, which costs more than
+ * the weights' own: README, "int8 weights". */
+
+/* W8A32: the full tiles of QTOKS tokens of x (B, n) into s->xqt, the tile's tokens side by
+ * side, with scales 1 in s->xqts, for matmul_q8_tile. */
+static void tile_input(RunState *s, const float *x, int B, int n) {
+    int G = n / QGROUP, tiles = B / QTOKS, b;
+#pragma omp parallel for schedule(static) if (tiles > 1)
+    for (b = 0; b < tiles; b++) {
+        float *xt = s->xqt + (size_t)b * n * QTOKS, *st = s->xqts + (size_t)b * G * QTOKS;
+        for (int t = 0; t < QTOKS; t++) {
+            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = x[(size_t)(b * QTOKS + t) * n + j];
+            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = 1.0f;
+        }
+    }
+}
+
+/* W8A8: quantizes x (B, n) into s->xq / s->xqs, and the full tiles of QTOKS tokens also into
+ * s->xqt / s->xqts (floats, the tile's tokens side by side) for matmul_q8_tile. */
+static void quantize_input(RunState *s, const float *x, int B, int n) {
+    int G = n / QGROUP, b;
+#pragma omp parallel for schedule(static) if (B > 1)
+    for (b = 0; b < B; b++)
+        for (int g = 0; g < G; g++) {
+            const float *xg = x + (size_t)b * n + (size_t)g * QGROUP;
+            int16_t *q = s->xq + (size_t)b * n + (size_t)g * QGROUP;
+            float amax = 0.0f;
+            for (int k = 0; k < QGROUP; k++) amax = fmaxf(amax, fabsf(xg[k]));
+            float scale = amax / 127.0f, div = scale > 0 ? scale : 1.0f;   /* all zeros: codes 0 */
+            for (int k = 0; k < QGROUP; k++) q[k] = (int16_t)rintf(xg[k] / div);
+            s->xqs[(size_t)b * G + g] = scale;
+        }
+    int tiles = B / QTOKS;
+#pragma omp parallel for schedule(static) if (tiles > 1)
+    for (b = 0; b < tiles; b++) {   /* transpose: xqt[b][j][t] = xq[b*QTOKS + t][j] */
+        float *xt = s->xqt + (size_t)b * n * QTOKS, *st = s->xqts + (size_t)b * G * QTOKS;
+        for (int t = 0; t < QTOKS; t++) {
+            const int16_t *q = s->xq + (size_t)(b * QTOKS + t) * n;
+            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = q[j];
+            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = s->xqs[(size_t)(b * QTOKS + t) * G + g];
+        }
+    }
+}
+
+/* W8A8: one row w (n codes, scales ws) against one quantized token x (n codes, scales xs). */
+static float dot_q8(const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
+    float acc = 0.0f;
+    for (int g = 0; g < n / QGROUP; g++) {
+        int32_t isum = 0;
+        for (int k = 0; k < QGROUP; k++) isum += (int32_t)w[g * QGROUP + k] * x[g * QGROUP + k];
+        acc = fmaf((float)isum, ws[g] * xs[g], acc);
+    }
+    return acc;
+}
+
+typedef float v16f __attribute__((vector_size(64)));   /* GCC/Clang's vector extension */
+
+/* W8A32: one row w (n codes, scales ws) against one fp32 token x (n): 4 x 16 lanes (one
+ * vector per quarter of a group, so that 4 multiply-adds are in flight) accumulate
+ * w * x * s over the whole row and are summed once at the end (a sum per group would cost a
+ * horizontal reduction per 64 numbers). A group's codes become floats in a plain loop,
+ * which GCC vectorizes (its __builtin_convertvector from int8 does not). */
+static float dot_w8(const int8_t *w, const float *ws, const float *x, int n) {
+    v16f acc[QGROUP / 16] = {{0}}, wv, xv;
+    for (int g = 0; g < n / QGROUP; g++) {
+        float wf[QGROUP];
+        for (int k = 0; k < QGROUP; k++) wf[k] = w[g * QGROUP + k];
+        for (int k = 0; k < QGROUP / 16; k++) {
+            memcpy(&wv, wf + 16 * k, sizeof wv);
+            memcpy(&xv, x + g * QGROUP + 16 * k, sizeof xv);
+            acc[k] += wv * xv * ws[g];
+        }
+    }
+    v16f all = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float sum = 0.0f;
+    for (int t = 0; t < 16; t++) sum += all[t];
+    return sum;
+}
+
+/* Rows i..i+QROWS-1 of W (d, n) against the QTOKS tokens b.. of tile xt (n, QTOKS) with
+ * scales xts (n/QGROUP, QTOKS): a token per vector lane, so each weight, loaded once as a
+ * float, is multiplied into 16 tokens, and a group's sums need no horizontal reduction.
+ * W8A8: the integer sums are taken in float, where every product and partial sum is an
+ * integer below 2^24, which float holds exactly in any order, fused or not. */
+
+static void matmul_q8_tile(float *out, const float *xt, const float *xts, const int8_t *w, const float *ws,
+                           int b, int i, int n, int d) {
+    int G = n / QGROUP;
+    v16f o[QROWS] = {{0}};
+    for (int g = 0; g < G; g++) {
+        float wf[QROWS][QGROUP];
+        for (int r = 0; r < QROWS; r++)
+            for (int k = 0; k < QGROUP; k++) wf[r][k] = w[(size_t)(i + r) * n + (size_t)g * QGROUP + k];
+        v16f acc[QROWS] = {{0}}, xv, xs;
+        for (int k = 0; k < QGROUP; k++) {
+            memcpy(&xv, xt + ((size_t)g * QGROUP + k) * QTOKS, sizeof xv);
+            for (int r = 0; r < QROWS; r++) acc[r] += xv * wf[r][k];
+        }
+        memcpy(&xs, xts + (size_t)g * QTOKS, sizeof xs);
+        for (int r = 0; r < QROWS; r++) {
+            float sw = ws[(size_t)(i + r) * G + g];
+            for (int t = 0; t < QTOKS; t++) o[r][t] = fmaf(acc[r][t], sw * xs[t], o[r][t]);
+        }
+    }
+    for (int r = 0; r < QROWS; r++)
+        for (int t = 0; t < QTOKS; t++) out[(size_t)(b + t) * d + i + r] = o[r][t];
+}
+
+/* out (B, d) = x (B, n) . W^T for int8 W (d, n) with scales ws: rows in tiles of QROWS
+ * split over threads, tokens in tiles of QTOKS where they fit, one dot at a time for the
+ * rest (a decoded token is all rest: it is bound by reading the weights). */
+static void matmul_q8(RunState *s, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d) {
+    if (s->qinput) quantize_input(s, x, B, n);
+    else tile_input(s, x, B, n);
+    int G = n / QGROUP, tiles = B / QTOKS, i;
+#pragma omp parallel for schedule(static)
+    for (i = 0; i < d; i += QROWS) {
+        int b = 0;
+        if (i + QROWS <= d)
+            for (; b < tiles * QTOKS; b += QTOKS)
+                matmul_q8_tile(out, s->xqt + (size_t)b * n, s->xqts + (size_t)b * G, w, ws, b, i, n, d);
+        for (int r = i; r < i + QROWS && r < d; r++)
+            for (int t = b; t < B; t++)
+                out[(size_t)t * d + r] = s->qinput ? dot_q8(w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n,
+                                                            s->xqs + (size_t)t * G, n)
+                                                   : dot_w8(w + (size_t)r * n, ws + (size_t)r * G, x + (size_t)t * n, n);
+    }
+}
+
+/* out (B, d) = x (B, n) . W^T, W the (d, n) matrix `at` numbers into a weight group held as
+ * fp32 (f) or, in an int8 file, as q. */
+static void linear(RunState *s, float *out, const float *x, const float *f, const QMatrix *q, size_t at,
+                   int B, int n, int d) {
+    if (f) matmul(out, x, f + at, B, n, d);
+    else matmul_q8(s, out, x, q->q + at, q->s + at / QGROUP, B, n, d);
+}
+
+/* x (dim) = the embedding of token; int8 files dequantize its row */
+static void embed(float *x, const TransformerWeights *w, int token, int dim) {
+    size_t at = (size_t)token * dim;
+    if (w->token_embedding) {
+        memcpy(x, w->token_embedding + at, dim * sizeof(float));
+        return;
+    }
+    for (int j = 0; j < dim; j++) x[j] = w->q_embedding.q[at + j] * w->q_embedding.s[(at + j) / QGROUP];
 }
 #endif
 
@@ -1005,16 +1279,15 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim;
     int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
 
-    for (int b = 0; b < n; b++)
-        memcpy(s->x + (size_t)b * dim, w->token_embedding + (size_t)tokens[b] * dim, dim * sizeof(float));
+    for (int b = 0; b < n; b++) embed(s->x + (size_t)b * dim, w, tokens[b], dim);
 
     for (int l = 0; l < c->n_layers; l++) {
         /* attention block: x += Wo . attn(RoPE(Wq xn), RoPE(Wk xn), Wv xn) */
         for (int b = 0; b < n; b++)
             rmsnorm(s->xb + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_att + (size_t)l * dim, dim, c->norm_eps);
-        matmul(s->q, s->xb, w->wq + (size_t)l * qd * dim, n, dim, qd);
-        matmul(s->k, s->xb, w->wk + (size_t)l * kvd * dim, n, dim, kvd);
-        matmul(s->v, s->xb, w->wv + (size_t)l * kvd * dim, n, dim, kvd);
+        linear(s, s->q, s->xb, w->wq, &w->q_wq, (size_t)l * qd * dim, n, dim, qd);
+        linear(s, s->k, s->xb, w->wk, &w->q_wk, (size_t)l * kvd * dim, n, dim, kvd);
+        linear(s, s->v, s->xb, w->wv, &w->q_wv, (size_t)l * kvd * dim, n, dim, kvd);
         int i;
 #pragma omp parallel for schedule(static)
         for (i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
@@ -1029,19 +1302,19 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         for (int b = 0; b < n; b++)
             for (int g = 0; g < c->n_kv_heads; g++)
                 store_exact(kv, c, l, g, pos, b, n, s->k + (size_t)b * kvd + (size_t)g * hd, s->v + (size_t)b * kvd + (size_t)g * hd);
-        matmul(s->xb2, s->xb, w->wo + (size_t)l * dim * qd, n, qd, dim);
+        linear(s, s->xb2, s->xb, w->wo, &w->q_wo, (size_t)l * dim * qd, n, qd, dim);
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
 
         /* feed-forward block: x += W2 . (silu(W1 xn) * W3 xn)   (SwiGLU) */
         for (int b = 0; b < n; b++)
             rmsnorm(s->xb + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
-        matmul(s->hb, s->xb, w->w1 + (size_t)l * hid * dim, n, dim, hid);
-        matmul(s->hb2, s->xb, w->w3 + (size_t)l * hid * dim, n, dim, hid);
+        linear(s, s->hb, s->xb, w->w1, &w->q_w1, (size_t)l * hid * dim, n, dim, hid);
+        linear(s, s->hb2, s->xb, w->w3, &w->q_w3, (size_t)l * hid * dim, n, dim, hid);
         for (size_t j = 0; j < (size_t)n * hid; j++) {
             float g = s->hb[j];
             s->hb[j] = g / (1.0f + expf(-g)) * s->hb2[j];
         }
-        matmul(s->xb2, s->hb, w->w2 + (size_t)l * dim * hid, n, hid, dim);
+        linear(s, s->xb2, s->hb, w->w2, &w->q_w2, (size_t)l * dim * hid, n, hid, dim);
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
     }
 
@@ -1049,7 +1322,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     int first = all_logits ? 0 : n - 1;
     for (int b = first; b < n; b++)
         rmsnorm(s->x + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_final, dim, c->norm_eps);
-    matmul(s->logits, s->x + (size_t)first * dim, w->wcls, n - first, dim, c->vocab_size);
+    linear(s, s->logits, s->x + (size_t)first * dim, w->wcls, &w->q_wcls, 0, n - first, dim, c->vocab_size);
     return s->logits;
 }
 #endif
@@ -1651,6 +1924,19 @@ static const char *attention_path(const Transformer *t) {
 #endif
 }
 
+/* The weights' line on stderr: their type and bytes (mmap'd from the file), e.g.
+ * weights: int8 g64, 137.66 MiB (fp32 514.39 MiB); with the KV cache 138.05 MiB */
+static void report_weights(const Config *c, double kv_mib) {
+    Config f = *c;
+    f.weight_type = WEIGHTS_FP32;
+    double mib = c->weights_bytes / 1048576.0, fp32 = weights_bytes_needed(&f) / 1048576.0;
+    if (c->weight_type == WEIGHTS_INT8)
+        fprintf(stderr, "weights: int8 g%d, %.2f MiB (fp32 %.2f MiB); with the KV cache %.2f MiB\n",
+                c->group_size, mib, fp32, mib + kv_mib);
+    else
+        fprintf(stderr, "weights: fp32, %.2f MiB; with the KV cache %.2f MiB\n", mib, mib + kv_mib);
+}
+
 /* The memory / speed line on stderr, e.g.
  * kv: tq3/tq3 3.25 bits/elem, 4.6 MiB for 1024 tokens (fp16 22.5 MiB, 4.9x smaller; fp32 45.0 MiB) */
 static void report(const Transformer *t, int n_pos, const Stats *st) {
@@ -1671,6 +1957,7 @@ static void report(const Transformer *t, int n_pos, const Stats *st) {
                 codes, proj, kv->kproj, mib - codes - proj, kv->sink, kv->window, kv->koffsets || kv->voffsets ? ", offsets" : "",
                 kv->kweights ? ", key weights" : "", kv->kproj ? ", projection directions" : "",
                 8.0 * cache_bytes(kv, c, n_pos) / ((double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2));
+    report_weights(c, mib);
     if (st)
         fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens), attention %s\n",
                 st->prefill_s > 0 ? st->prefill_tokens / st->prefill_s : 0.0, st->prefill_tokens,
@@ -1963,6 +2250,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
     if (max_chunks > 0 && chunks > max_chunks) chunks = max_chunks;
     if (chunks == 0) die("the text is %d tokens, fewer than one chunk of %d", n, ctx);
     fprintf(stderr, "%d chunks of %d tokens, scoring the second half of each\n", chunks, ctx);
+    report_weights(c, cache_bytes(&t->cache, c, ctx) / 1048576.0);
     double *lp = (double *)xcalloc(vocab, sizeof(double), "eval"), *lq = (double *)xcalloc(vocab, sizeof(double), "eval");
     EvalSums e;
     memset(&e, 0, sizeof e);
@@ -2028,6 +2316,7 @@ static void usage(int status) {
         "  -c <int>    context length in tokens, default the model's (eval: the chunk length, default 512)\n"
         "  --chunks <int> eval: score at most this many chunks, default all\n"
         "  --batch <int> prompt tokens per forward pass (the first gives the statistics below), default 256\n"
+        "  --qinput <0|1> int8 weights: quantize each product's input to int8 too (1, runq.c) or keep it fp32 (0), default 1\n"
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
         "  --stats <file> -m logits: also write the cache statistics measured (float32; README.md)\n"
         "  --scale <r> tq scale rule: norm (paper) | nc (norm correction) | eden, or KEYS:VALUES; default eden\n"
@@ -2096,7 +2385,7 @@ int main(int argc, char **argv) {
     const char *mode = "generate", *system = NULL, *out = NULL, *stats = NULL;
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
-    int steps = 256, ctx = 0, chunks = 0, batch = 256;
+    int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
     CacheOpts co = {.kf = TQ_TQ3, .vf = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN, .koffsets = 0,
                     .voffsets = 0, .kweights = 0, .kproj = 2, .sink = 1, .window = 8};   /* chosen by bench/quality */
 
@@ -2127,6 +2416,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--stats")) stats = v;
         else if (!strcmp(a, "--chunks")) chunks = parse_int(a, v, 1, 1 << 30);
         else if (!strcmp(a, "--batch")) batch = parse_int(a, v, 1, 4096);
+        else if (!strcmp(a, "--qinput")) qinput = parse_int(a, v, 0, 1);
         else if (!strcmp(a, "--offsets")) {
             char k[32], vv[32];
             split_kv(a, v, k, vv);
@@ -2159,7 +2449,7 @@ int main(int argc, char **argv) {
     int all_logits = m == EVAL || m == LOGITS || m == SCORE;
     if (m == EVAL && ctx == 0) ctx = 512;
     if (m == TOKENIZE || m == DETOKENIZE) ctx = 1;  /* no cache needed */
-    build_transformer(&t, model_path, &co, ctx, batch, all_logits);
+    build_transformer(&t, model_path, &co, ctx, batch, all_logits, qinput);
     Config *c = &t.config;
 
     /* the tokenizer: from model.bin, or from another exported file with -z */
@@ -2190,7 +2480,7 @@ int main(int argc, char **argv) {
         CacheOpts fp32 = co;   /* offsets, projections, exact positions: none apply to fp32 */
         fp32.kf = fp32.vf = TQ_FP32;
         Transformer ref;
-        if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1);
+        if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1, qinput);
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);
         if (!same) free_transformer(&ref);
     } else if (m == LOGITS) {

@@ -1086,6 +1086,8 @@ static int ext_floats(const tq_codec *c) { return c->fmt >= TQ_TQ2P ? 2 * c->d :
 /* What the GPU cannot take; one line naming it. */
 static void gpu_check(const Config *c, const KVCache *kv) {
     int hd = c->head_dim;
+    if (c->weight_type != WEIGHTS_FP32)
+        die("int8 weights are not supported by the GPU build yet; export with --weights fp32");
     if (c->dim % 8 || c->hidden_dim % 8 || (c->n_heads * hd) % 8)
         die("the GPU build needs dim, hidden_dim and n_heads x head_dim in multiples of 8 (use run)");
     if (hd < 16 || hd > 256 || (hd & (hd - 1)))

@@ -3,8 +3,8 @@
  * One input is a whole model.bin, held in a buffer of exactly its size (so ASan sees any
  * read past its end, as a read past the end of the mmap'd file would fault):
  *   1. read_config checks the header against the size, as load_model does after mmap;
- *   2. when it accepts, every weight tensor that map_weights points at must lie inside
- *      the buffer (its first and last float are read);
+ *   2. when it accepts, every weight tensor that map_model_weights points at (fp32, or
+ *      int8 codes and scales) must lie inside the buffer (its first and last byte are read);
  *   3. build_tokenizer parses the tokenizer section, as main does;
  *   4. when that succeeds too, a fixed text with special tokens, digits, contractions and
  *      non-ASCII is encoded and every token decoded.
@@ -16,13 +16,24 @@
 
 static volatile float sink;
 
-static void touch(const float *p, size_t n, const uint8_t *lo, const uint8_t *hi) {
+/* n bytes at p must lie inside [lo, hi); reads the first and the last */
+static void touch(const void *p, size_t n, const uint8_t *lo, const uint8_t *hi) {
+    const uint8_t *b = (const uint8_t *)p;
     if (n == 0) return;
-    if ((const uint8_t *)p < lo || (const uint8_t *)(p + n) > hi) {
-        fprintf(stderr, "fuzz_load: a tensor of %zu floats lies outside the file\n", n);
+    if (b < lo || b > hi || (size_t)(hi - b) < n) {
+        fprintf(stderr, "fuzz_load: a tensor of %zu bytes lies outside the file\n", n);
         abort();
     }
-    sink = p[0] + p[n - 1];
+    sink = b[0] + b[n - 1];
+}
+
+/* a weight matrix of n numbers: fp32, or int8 codes and one fp32 scale per QGROUP */
+static void touch_matrix(const float *f, const QMatrix *q, size_t n, const uint8_t *lo, const uint8_t *hi) {
+    if (f) touch(f, n * sizeof(float), lo, hi);
+    else {
+        touch(q->q, n, lo, hi);
+        touch(q->s, n / QGROUP * sizeof(float), lo, hi);
+    }
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -31,22 +42,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (read_config(&c, data, size, err, sizeof err)) return 0;
 
     TransformerWeights w;
-    map_weights(&w, &c, (float *)(data + c.weights_offset));
+    map_model_weights(&w, &c, (uint8_t *)data);
     size_t L = (size_t)c.n_layers, dim = (size_t)c.dim, hid = (size_t)c.hidden_dim;
     size_t qd = (size_t)c.n_heads * c.head_dim, kvd = (size_t)c.n_kv_heads * c.head_dim;
     const uint8_t *end = data + size;
-    touch(w.token_embedding, (size_t)c.vocab_size * dim, data, end);
-    touch(w.rms_att, L * dim, data, end);
-    touch(w.wq, L * qd * dim, data, end);
-    touch(w.wk, L * kvd * dim, data, end);
-    touch(w.wv, L * kvd * dim, data, end);
-    touch(w.wo, L * dim * qd, data, end);
-    touch(w.rms_ffn, L * dim, data, end);
-    touch(w.w1, L * hid * dim, data, end);
-    touch(w.w2, L * dim * hid, data, end);
-    touch(w.w3, L * hid * dim, data, end);
-    touch(w.rms_final, dim, data, end);
-    touch(w.wcls, (size_t)c.vocab_size * dim, data, end);
+    touch_matrix(w.token_embedding, &w.q_embedding, (size_t)c.vocab_size * dim, data, end);
+    touch(w.rms_att, L * dim * sizeof(float), data, end);
+    touch_matrix(w.wq, &w.q_wq, L * qd * dim, data, end);
+    touch_matrix(w.wk, &w.q_wk, L * kvd * dim, data, end);
+    touch_matrix(w.wv, &w.q_wv, L * kvd * dim, data, end);
+    touch_matrix(w.wo, &w.q_wo, L * dim * qd, data, end);
+    touch(w.rms_ffn, L * dim * sizeof(float), data, end);
+    touch_matrix(w.w1, &w.q_w1, L * hid * dim, data, end);
+    touch_matrix(w.w2, &w.q_w2, L * dim * hid, data, end);
+    touch_matrix(w.w3, &w.q_w3, L * hid * dim, data, end);
+    touch(w.rms_final, dim * sizeof(float), data, end);
+    touch_matrix(w.wcls, &w.q_wcls, (size_t)c.vocab_size * dim, data, end);
 
     Tokenizer t;
     if (build_tokenizer(&t, data + c.tokenizer_offset, c.tokenizer_bytes, c.vocab_size,

@@ -6,19 +6,20 @@
         and a few texts into TOK_DIR (the seeds of tests/fuzz_tok)
 
 A model file is built from a header dict (the README's field names, see FIELDS), a tokenizer
-section and random fp32 weights of the size the header implies. The header of every file
-here is written by pack_header, so that a test can patch one field and leave the rest valid.
+section and random weights of the size the header implies: fp32, or with build_q8 int8 codes
+and fp32 scales (weight type 1). The header of every file here is written by pack_header, so
+that a test can patch one field and leave the rest valid.
 """
 import struct
 import sys
 
 import numpy as np
 
-HEADER = struct.Struct("<4s15i2f4Q2i")
+HEADER = struct.Struct("<4s15i2f4Q4i")
 FIELDS = ["magic", "version", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
           "head_dim", "vocab_size", "seq_len", "shared_classifier", "kind", "bos", "eos",
           "chat_start", "chat_end", "rope_theta", "norm_eps", "tok_off", "tok_bytes", "w_off",
-          "w_bytes", "add_bos", "pretok"]
+          "w_bytes", "add_bos", "pretok", "weight_type", "group"]
 
 
 def pack_header(h):
@@ -30,11 +31,19 @@ def read_header(data):
     return dict(zip(FIELDS, HEADER.unpack_from(data, 0)))
 
 
-def weights_floats(h):
-    d, hid, L = h["dim"], h["hidden_dim"], h["n_layers"]
+def matrix_sizes(h):
+    """Numbers in each weight group of the file, in file order: (name, count, is a matrix)."""
+    d, hid, L, V = h["dim"], h["hidden_dim"], h["n_layers"], h["vocab_size"]
     qd, kvd = h["n_heads"] * h["head_dim"], h["n_kv_heads"] * h["head_dim"]
-    n = h["vocab_size"] * d + L * (d + qd * d + 2 * kvd * d + d * qd) + L * (d + 3 * hid * d) + d
-    return n + (0 if h["shared_classifier"] else h["vocab_size"] * d)
+    groups = [("tok_emb", V * d, True), ("rms_att", L * d, False), ("wq", L * qd * d, True),
+              ("wk", L * kvd * d, True), ("wv", L * kvd * d, True), ("wo", L * d * qd, True),
+              ("rms_ffn", L * d, False), ("w1", L * hid * d, True), ("w2", L * d * hid, True),
+              ("w3", L * hid * d, True), ("rms_final", d, False)]
+    return groups + ([] if h["shared_classifier"] else [("wcls", V * d, True)])
+
+
+def weights_floats(h):
+    return sum(n for _, n, _ in matrix_sizes(h))
 
 
 def pack_tokenizer(tokens, scores=None, flags=None, merges=(), ranges=()):
@@ -54,7 +63,8 @@ def config(**kw):
     h = dict(magic=b"TQLM", version=1, dim=16, hidden_dim=32, n_layers=2, n_heads=2,
              n_kv_heads=1, head_dim=8, vocab_size=0, seq_len=64, shared_classifier=1, kind=2,
              bos=-1, eos=-1, chat_start=-1, chat_end=-1, rope_theta=10000.0, norm_eps=1e-5,
-             tok_off=256, tok_bytes=0, w_off=0, w_bytes=0, add_bos=0, pretok=1)
+             tok_off=256, tok_bytes=0, w_off=0, w_bytes=0, add_bos=0, pretok=1, weight_type=0,
+             group=0)
     h.update(kw)
     return h
 
@@ -69,6 +79,25 @@ def build(h, section, seed=0, weights=True):
     h["w_bytes"] = 4 * n
     w = (0.5 * np.random.default_rng(seed).standard_normal(n)).astype("<f4").tobytes() \
         if weights else bytes(4 * n)
+    return pack_header(h) + section + bytes(h["w_off"] - 256 - len(section)) + w
+
+
+def build_q8(h, section, seed=0):
+    """Like build, with int8 weights (README: each matrix group's codes, then one fp32 scale
+    per 64 of them; RMSNorm weights fp32): random codes in [-127, 127], scales 0.5 / 127."""
+    h = dict(h, weight_type=1, group=64)
+    h["tok_bytes"] = len(section)
+    h["w_off"] = -(-(256 + len(section)) // 64) * 64
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _, n, matrix in matrix_sizes(h):
+        if matrix:
+            parts.append(rng.integers(-127, 128, n, dtype=np.int8).tobytes())
+            parts.append(np.full(n // 64, 0.5 / 127, dtype="<f4").tobytes())
+        else:
+            parts.append((1 + 0.1 * rng.standard_normal(n)).astype("<f4").tobytes())
+    w = b"".join(parts)
+    h["w_bytes"] = len(w)
     return pack_header(h) + section + bytes(h["w_off"] - 256 - len(section)) + w
 
 
@@ -106,10 +135,14 @@ def seeds():
     """name -> bytes of small valid models (a few KB each, for the loader fuzzer)."""
     g, s = tiny_gpt2_section(), tiny_sp_section()
     small = dict(dim=8, hidden_dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8)
+    q8 = dict(dim=64, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32)  # rows of 64
     return {
         "gpt2.bin": build(config(vocab_size=262, pretok=1, chat_start=259, chat_end=260, **small), g),
         "gpt2_untied.bin": build(config(vocab_size=262, pretok=2, shared_classifier=0, **small), g),
         "sp.bin": build(config(vocab_size=265, kind=1, pretok=0, bos=1, eos=2, add_bos=1, **small), s),
+        "gpt2_q8.bin": build_q8(config(vocab_size=262, pretok=1, **q8), g),
+        "sp_q8_untied.bin": build_q8(config(vocab_size=265, kind=1, pretok=0, bos=1, eos=2, add_bos=1,
+                                            shared_classifier=0, **q8), s),
     }
 
 

@@ -13,12 +13,19 @@ the weights come straight from the source checkpoint.
                        the interleaved order, and comparing run against this reference checks
                        that permutation.
     forward(m, tokens, kv_fn=None, k_fn=None, v_fn=None) -> logits (n_tokens, vocab) float64
+    quantize_q8(m)     the model with int8 weights (README, "model.bin format": groups of 64
+                       along a row, s = max|w| / 127, q = round(w / s)), held as q * s
 
 Per layer:  h  = x + wo . attn(RoPE(wq . n1), RoPE(wk . n1), wv . n1),   n1 = RMSNorm(x)
             x' = h + w2 . (silu(w1 . n2) * (w3 . n2)),                    n2 = RMSNorm(h)
 attention is causal, grouped-query (query head h reads kv head h // (n_heads // n_kv_heads)),
 scores scaled by 1/sqrt(head_dim). RoPE angle for pair i at position p: p * theta^(-2i/head_dim).
 Logits = wcls . RMSNorm(x) with wcls = token embedding when tied.
+
+int8-weight hook: matmul_in(x, site, layer), if given, replaces the input x (T, n) of every matrix
+product, e.g. with x quantized the way run quantizes the input of an int8 product; site is
+"qkv" (the input of wq, wk and wv), "wo", "w13" (of w1 and w3), "w2" or "cls" (the classifier's,
+layer = n_layers).
 
 kv cache hook: every cached key (after RoPE) and value vector, one head at a time, goes through
 k_fn / v_fn (default kv_fn, default identity) before attention reads it; e.g.
@@ -203,6 +210,32 @@ def load_hf(folder) -> RefModel:
     return m
 
 
+def quantize_q8(m: RefModel) -> RefModel:
+    """A copy of m whose matrices (token embedding, wq wk wv wo w1 w2 w3, classifier) are their
+    int8 group quantization, dequantized: each run of 64 numbers along a row w (float32
+    values) shares s = max|w| / 127 rounded to float32, and w becomes q * s with q = w / s
+    rounded to the nearest integer, ties to even (an all-zero group stays zero). Rows are
+    quantized in the order of the source: permuting rows (HF q/k rows into RoPE's
+    interleaved order) does not change what a row holds. The RMSNorm weights are kept."""
+    import copy
+
+    def q8(a):
+        rows, cols = a.shape
+        if cols % 64:
+            raise ValueError(f"rows of {cols} numbers are not groups of 64")
+        g = np.asarray(a, dtype=np.float32).astype(np.float64).reshape(rows, cols // 64, 64)
+        s = (np.abs(g).max(axis=2, keepdims=True) / 127.0).astype(np.float32).astype(np.float64)
+        q = np.rint(np.divide(g, s, out=np.zeros_like(g), where=s > 0))
+        return np.ascontiguousarray((q * s).reshape(rows, cols))
+
+    out = copy.copy(m)
+    out.tok_emb = q8(m.tok_emb)
+    out.wcls = out.tok_emb if m.tied else q8(m.wcls)
+    out.layers = [dict(L, **{k: q8(L[k]) for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")})
+                  for L in m.layers]
+    return out
+
+
 def load(src) -> RefModel:
     src = pathlib.Path(src)
     if src.is_dir():
@@ -316,7 +349,7 @@ def _apply_per_vector(fn, x, kind, layer):
 
 
 def forward(m: RefModel, tokens, kv_fn=None, k_fn=None, v_fn=None, rope_style=None,
-            kv_order="interleaved", layer_fn=None, return_kv=False, last=None):
+            kv_order="interleaved", layer_fn=None, return_kv=False, last=None, matmul_in=None):
     """Full-sequence causal forward; row t of the result = logits after tokens[0..t]
     (only the last `last` rows when given: the classifier of every row of a long prompt
     would be a (T, vocab) float64 array).
@@ -331,12 +364,14 @@ def forward(m: RefModel, tokens, kv_fn=None, k_fn=None, v_fn=None, rope_style=No
     every layer's queries and keys after RoPE (in kv_order) and values before k_fn / v_fn, and
     what it returns is what attention uses (e.g. to model a cache that stores transformed
     vectors: per-head offsets, channel weights).
-    rope_style overrides the model's RoPE pairing (for sensitivity tests only)."""
+    rope_style overrides the model's RoPE pairing (for sensitivity tests only).
+    matmul_in(x, site, layer) -> x' replaces the input of every matrix product (module doc)."""
     with _one_blas_thread():
-        return _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, return_kv, last)
+        return _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, return_kv, last,
+                        matmul_in)
 
 
-def _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, return_kv, last):
+def _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, return_kv, last, matmul_in):
     tokens = np.asarray(tokens, dtype=np.int64)
     T = len(tokens)
     H, KV, hd = m.n_heads, m.n_kv_heads, m.head_dim
@@ -345,10 +380,13 @@ def _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, retur
     k_fn = k_fn if k_fn is not None else kv_fn
     v_fn = v_fn if v_fn is not None else kv_fn
     mask = np.triu(np.ones((T, T), dtype=bool), k=1)    # True above the diagonal: future
+
+    def mm_in(a, site, layer):                          # the input a product sees
+        return a if matmul_in is None else matmul_in(a, site, layer)
     x = m.tok_emb[tokens].copy()                        # (T, D)
     kv = []
     for li, L in enumerate(m.layers):
-        xn = rmsnorm(x, L["attn_norm"], m.norm_eps)
+        xn = mm_in(rmsnorm(x, L["attn_norm"], m.norm_eps), "qkv", li)
         q = (xn @ L["wq"].T).reshape(T, H, hd)
         k = (xn @ L["wk"].T).reshape(T, KV, hd)
         v = (xn @ L["wv"].T).reshape(T, KV, hd)
@@ -379,11 +417,11 @@ def _forward(m, tokens, kv_fn, k_fn, v_fn, rope_style, kv_order, layer_fn, retur
             p = np.exp(sc)
             p /= p.sum(axis=1, keepdims=True)
             att_out[:, h, :] = p @ v[:, g, :]
-        x = x + att_out.reshape(T, H * hd) @ L["wo"].T
-        xn = rmsnorm(x, L["ffn_norm"], m.norm_eps)
-        x = x + (silu(xn @ L["w1"].T) * (xn @ L["w3"].T)) @ L["w2"].T
+        x = x + mm_in(att_out.reshape(T, H * hd), "wo", li) @ L["wo"].T
+        xn = mm_in(rmsnorm(x, L["ffn_norm"], m.norm_eps), "w13", li)
+        x = x + mm_in(silu(xn @ L["w1"].T) * (xn @ L["w3"].T), "w2", li) @ L["w2"].T
     x = x[-last:] if last else x
-    logits = rmsnorm(x, m.final_norm, m.norm_eps) @ m.wcls.T
+    logits = mm_in(rmsnorm(x, m.final_norm, m.norm_eps), "cls", len(m.layers)) @ m.wcls.T
     return (logits, kv) if return_kv else logits
 
 

@@ -39,7 +39,9 @@ def read_model(path):
     h["rope_theta"], h["norm_eps"] = struct.unpack_from("<ff", data, 64)
     h["tok_off"], h["tok_bytes"], h["w_off"], h["w_bytes"] = struct.unpack_from("<4Q", data, 72)
     h["add_bos"], h["pretok"] = struct.unpack_from("<ii", data, 104)
-    assert data[112:256] == bytes(144), "header padding must be zero"
+    h["weight_type"], h["group"] = struct.unpack_from("<ii", data, 112)
+    assert (h["weight_type"], h["group"]) in ((0, 0), (1, 64)), (h["weight_type"], h["group"])
+    assert data[120:256] == bytes(136), "header padding must be zero"
     assert h["tok_off"] == 256
     assert h["w_off"] % 64 == 0
     assert h["w_off"] >= h["tok_off"] + h["tok_bytes"]
@@ -86,8 +88,16 @@ def read_model(path):
     p = h["w_off"]
     for name, shape in layout:
         n = int(np.prod(shape))
-        w[name] = np.frombuffer(data, "<f4", n, p).reshape(shape)
-        p += 4 * n
+        if h["weight_type"] == 1 and name not in ("rms_att", "rms_ffn", "rms_final"):
+            # int8: the codes of the whole group (all layers), then one fp32 scale per 64
+            w[name] = np.frombuffer(data, "<i1", n, p).reshape(shape)
+            p += n
+            w[name + ".scale"] = np.frombuffer(data, "<f4", n // 64, p).reshape(
+                shape[:-1] + (shape[-1] // 64,))
+            p += 4 * (n // 64)
+        else:
+            w[name] = np.frombuffer(data, "<f4", n, p).reshape(shape)
+            p += 4 * n
     assert p == len(data), "weights_bytes must equal the sum of the listed tensors"
     return h, tok, w
 
@@ -574,10 +584,10 @@ def test_hf_sharded_bf16_untied(tmp_path, bpe):
 # ----------------------------------------------------------------------------------------
 # (c) llama2.c
 
-def write_llama2c(folder, *, shared=True, version=0, freqs=True, seed=4):
+def write_llama2c(folder, *, shared=True, version=0, freqs=True, seed=4, hidden=96):
     folder.mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
-    dim, hidden, L, nh, nkv, seq = 64, 96, 2, 4, 2, 32
+    dim, L, nh, nkv, seq = 64, 2, 4, 2, 32
     toks = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)]
     toks += [b" the", b" a", b"he", b" t", b" fox", b"\xc3\xa9t\xc3\xa9"]
     V = len(toks)
@@ -792,3 +802,167 @@ def forward_last(h, w, tokens):
         x = x + (g / (1 + np.exp(-g)) * u) @ w["w2"][l].T
     wcls = w["tok_emb"] if h["shared_classifier"] else w["wcls"]
     return wcls @ rms(x[-1], w["rms_final"])
+
+
+# ----------------------------------------------------------------------------------------
+# --weights q8: every matrix in int8, one fp32 scale per 64 numbers of a row
+
+def q8_quantize(a):
+    """The test's own statement of README's int8 groups: per run of 64 numbers along a row,
+    s = max|w| / 127 rounded to float32 (here: divided in float64, then rounded, which gives
+    the same float32 since 53 >= 2 * 24 + 2 bits), q = w / s rounded to the nearest integer,
+    ties to even, from the exact quotient; an all-zero group has s = 0 and q = 0."""
+    a = np.asarray(a, dtype=np.float32)
+    rows, cols = a.shape
+    g = a.reshape(rows, cols // 64, 64).astype(np.float64)
+    s = (np.abs(g).max(axis=2) / 127.0).astype(np.float32)
+    q = np.zeros(g.shape)
+    nz = s > 0
+    q[nz] = np.round(g[nz] / s[nz].astype(np.float64)[:, None])
+    return q.astype(np.int8).reshape(rows, cols), s
+
+
+MATRICES = ("tok_emb", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls")
+
+
+def check_q8_export(src, tmp_path, extra=()):
+    """Exports src as fp32 and as q8; the q8 file's header equals the fp32 one's but for the
+    weight type, group size and weights_bytes; its RMSNorm weights are the same fp32 bits;
+    its codes and scales are q8_quantize of the fp32 file's matrices (which the tests above
+    check against the sources). Returns (header, weights) of the q8 file."""
+    f32, q8 = tmp_path / "f32.bin", tmp_path / "q8.bin"
+    run_export(src, f32, *extra)
+    p = run_export(src, q8, *extra, "--weights", "q8")
+    assert "int8 g64 weights" in p.stdout, p.stdout
+    hf, tokf, wf = read_model(f32)
+    hq, tokq, wq = read_model(q8)
+    assert (hf["weight_type"], hf["group"]) == (0, 0)
+    assert (hq["weight_type"], hq["group"]) == (1, 64)
+    hb_f, hb_q = f32.read_bytes()[:256], q8.read_bytes()[:256]
+    assert hb_q[:96] + hb_q[104:112] == hb_f[:96] + hb_f[104:112]   # all but weights_bytes
+    assert hb_q[112:120] == struct.pack("<ii", 1, 64) and hb_f[112:120] == bytes(8)
+    for k in hf:
+        if k not in ("w_bytes", "weight_type", "group"):
+            assert hq[k] == hf[k], k
+    assert tokq == tokf
+    data_f = f32.read_bytes()
+    assert q8.read_bytes()[hq["tok_off"]:hq["w_off"]] == data_f[hf["tok_off"]:hf["w_off"]]
+    n_mat = sum(wf[m].size for m in MATRICES if m in wf)
+    n_norm = sum(wf[m].size for m in ("rms_att", "rms_ffn", "rms_final"))
+    assert hq["w_bytes"] == n_mat + 4 * (n_mat // 64) + 4 * n_norm
+    assert hf["w_bytes"] == 4 * (n_mat + n_norm)
+    for m in ("rms_att", "rms_ffn", "rms_final"):
+        np.testing.assert_array_equal(wq[m], wf[m], err_msg=m)
+    for m in MATRICES:
+        if m not in wf:
+            assert m not in wq
+            continue
+        mats = wf[m] if wf[m].ndim == 3 else wf[m][None]
+        codes = wq[m] if wq[m].ndim == 3 else wq[m][None]
+        scales = wq[m + ".scale"] if wq[m].ndim == 3 else wq[m + ".scale"][None]
+        for l, a in enumerate(mats):
+            q, sc = q8_quantize(a)
+            np.testing.assert_array_equal(scales[l], sc, err_msg=f"{m}[{l}] scales")
+            np.testing.assert_array_equal(codes[l], q, err_msg=f"{m}[{l}] codes")
+            # and what they stand for is within half a step of the fp32 weights
+            deq = codes[l].astype(np.float64).reshape(sc.shape + (64,)) * sc[..., None]
+            err = np.abs(deq.reshape(a.shape) - a)
+            assert (err <= np.repeat(sc, 64, axis=-1) * (0.5 + 1e-6)).all(), f"{m}[{l}]"
+            assert np.abs(codes[l]).max() == 127
+    # the file is about a quarter of the fp32 one
+    assert hq["w_bytes"] < 0.3 * hf["w_bytes"]
+    return hq, wq
+
+
+def test_q8_gguf_quantized_untied(tmp_path, bpe):
+    src = tmp_path / "m.gguf"
+    qt = {"tok_emb": Q.Q8_0, "wq": Q.Q4_1, "wk": Q.F16, "wv": Q.Q8_0, "wo": Q.Q4_0,
+          "w1": Q.Q5_0, "w3": Q.BF16, "wcls": Q.Q8_0}
+    write_gguf(src, bpe=bpe, qtypes=qt, untied=True, hidden=256, seed=6)
+    h, w = check_q8_export(src, tmp_path)
+    assert h["shared_classifier"] == 0 and w["w1"].shape == (2, 256, 64)
+
+
+def test_q8_gguf_f32_tied(tmp_path, bpe):
+    src = tmp_path / "m.gguf"
+    w, _ = write_gguf(src, bpe=bpe, hidden=128, seed=7)
+    h, wq = check_q8_export(src, tmp_path)
+    assert h["shared_classifier"] == 1 and "wcls" not in wq
+    # straight from the source too: the F32 tensors are the float32 weights themselves
+    q, sc = q8_quantize(w[("w2", 1)])
+    np.testing.assert_array_equal(wq["w2"][1], q)
+    np.testing.assert_array_equal(wq["w2.scale"][1], sc)
+
+
+def test_q8_hf_sharded_bf16_untied(tmp_path, bpe):
+    src = tmp_path / "hf"
+    values, _ = write_hf(src, bpe, sharded=True, untied=True, pretok="gpt2", hidden=192)
+    h, w = check_q8_export(src, tmp_path)
+    # q/k rows are permuted before quantizing: the groups run along rows, so each row's
+    # codes are those of the source row it came from
+    wk = values["model.layers.0.self_attn.k_proj.weight"]
+    q, _ = q8_quantize(wk)
+    np.testing.assert_array_equal(w["wk"][0], q.reshape(2, 2, 8, 64).swapaxes(1, 2).reshape(32, 64))
+
+
+@pytest.mark.parametrize("shared,version", [(True, 0), (False, 1)])
+def test_q8_llama2c(tmp_path, shared, version):
+    src = tmp_path / "l2c"
+    write_llama2c(src, shared=shared, version=version, freqs=False, hidden=128)
+    check_q8_export(src / "stories.bin", tmp_path)
+
+
+def test_q8_rows_not_a_multiple_of_64(tmp_path, bpe):
+    """hidden_dim 96 (the default test models) cannot be cut into groups of 64."""
+    src = tmp_path / "m.gguf"
+    write_gguf(src, bpe=bpe)
+    assert_fails(tmp_path, src, tmp_path / "model.bin", "--weights q8", "groups of 64",
+                 "hidden_dim 96", "--weights fp32", extra=("--weights", "q8"))
+    l2c = tmp_path / "l2c"
+    write_llama2c(l2c)
+    assert_fails(tmp_path, l2c / "stories.bin", tmp_path / "model.bin", "hidden_dim 96",
+                 extra=("--weights", "q8"))
+
+
+def test_q8_non_finite_weight(tmp_path, bpe):
+    """int8 cannot hold a NaN: --weights q8 refuses it (fp32 copies it with a warning)."""
+    src = tmp_path / "m.gguf"
+    write_gguf(src, bpe=bpe, hidden=128)
+    r = gguf.GGUFReader(str(src))
+    t = [t for t in r.tensors if t.name == "blk.1.ffn_up.weight"][0]
+    off = int(t.data.ctypes.data - r.data.ctypes.data) + 4 * 70
+    del r, t
+    data = bytearray(src.read_bytes())
+    struct.pack_into("<f", data, off, float("nan"))
+    src.write_bytes(bytes(data))
+    out = tmp_path / "model.bin"
+    out.write_bytes(b"previous model")
+    before = set(os.listdir(tmp_path))
+    p = run_export(src, out, "--weights", "q8", check=False)
+    last = p.stderr.strip().splitlines()[-1]   # after the progress lines of the tensors before
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert last.startswith("export.py: error: ") and "w3[1]" in last and "non-finite" in last \
+        and "--weights fp32" in last, last
+    assert out.read_bytes() == b"previous model" and set(os.listdir(tmp_path)) == before
+    p = run_export(src, tmp_path / "f32.bin")
+    assert "warning: non-finite values in w3[1]" in p.stderr
+
+
+def test_q8_real_smollm2(tmp_path):
+    src = next((p for p in SMOL_GGUF_PATHS if p.exists()), None)
+    if src is None:
+        pytest.skip("SmolLM2 GGUF not available")
+    out = tmp_path / "model_q8.bin"
+    run_export(src, out, "--weights", "q8")
+    h, tok, w = read_model(out)
+    assert (h["weight_type"], h["group"], h["dim"], h["n_layers"]) == (1, 64, 576, 30)
+    n_mat = 49152 * 576 + 30 * (576 * 576 * 2 + 192 * 576 * 2 + 3 * 1536 * 576)
+    assert h["w_bytes"] == n_mat + 4 * n_mat // 64 + 4 * (2 * 30 * 576 + 576)
+    r = gguf.GGUFReader(str(src))
+    ts = {t.name: t for t in r.tensors}
+    for name, key, layer in [("blk.0.attn_q.weight", "wq", 0), ("blk.29.ffn_down.weight", "w2", 29)]:
+        t = ts[name]
+        a = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w[key][layer].shape)
+        q, sc = q8_quantize(a)
+        np.testing.assert_array_equal(w[key][layer], q)
+        np.testing.assert_array_equal(w[key + ".scale"][layer], sc)

@@ -16,6 +16,11 @@ dequantization for GGUF, tied/untied classifier, hyper-parameters) is checked al
     test_logits_cache_tq_ref         tq*: reference over the numpy oracle tests/tq_ref.py, < 1e-4
     test_logits_cache_default_transforms  run's default per-head offsets + key channel weights
                                      (and --sink), modelled in the reference
+    test_logits_int8_weights         export.py --weights q8: the reference on the same int8
+                                     weights, every product's input quantized as run does it
+                                     (--qinput 1; near-ties matched, InputQuant) or not
+                                     (--qinput 0), < 1e-4
+    test_eval_int8_weights           -m eval on an int8 file = its definition from -m logits
 Cache tests run with --scale given and the extra cache transforms off (--offsets 0
 --kweights 0 --sink 0, where run has them); float32-vs-float64 near-ties are matched (NearTies).
 """
@@ -24,6 +29,7 @@ import functools
 import importlib
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -904,3 +910,111 @@ def test_window_covering_everything_is_fp16(workdir, kspec):
     none = run_logits(out, workdir, kspec, ("--window", "0", "--sink", "0"))
     assert np.abs(full - fp16).max() < FP16_TOL, np.abs(full - fp16).max()
     assert np.abs(none - fp16).max() > 10 * np.abs(full - fp16).max()
+
+
+# ----------------------------------------------------------------------------- int8 weights
+
+class InputQuant:
+    """matmul_in hook for ref_llama.forward: the input x of every matrix product quantized
+    the way run quantizes it for int8 weights (run.c, "int8 weights"): per token and group
+    of 64 numbers, s = max|x| / 127 and x -> rint(x / s) * s.
+
+    run computes x in float32 and the reference in float64, so an element whose x / s lies
+    within float32 noise of a half-integer can round the other way in run; one such flip
+    moves the products of its row by s * |w|, 1e-4 .. 1e-3 of the logits here, far above
+    the ~1e-5 agreement otherwise. As in NearTies, each such near-tie is listed in alts,
+    where = ("x", layer, token, site, element) with 2 choices, and choice[where] = 1 takes
+    the other neighbour; _match_with() picks the choices that bring the reference closest
+    to run. Only an element within `rel` (relative to |x / s| + 1) of a tie can switch."""
+
+    def __init__(self, rel=3e-6):
+        self.rel, self.alts, self.choice = rel, {}, {}
+
+    def __call__(self, x, site, layer):
+        T, n = x.shape
+        g = x.reshape(T, n // 64, 64)
+        s = np.abs(g).max(axis=2, keepdims=True) / 127.0
+        u = np.divide(g, s, out=np.zeros_like(g), where=s > 0)
+        q, lo = np.rint(u), np.floor(u)
+        near = np.abs(u - lo - 0.5) < self.rel * (np.abs(u) + 1)
+        for t, j, k in zip(*np.nonzero(near)):
+            where = ("x", layer, int(t), site, int(j * 64 + k))
+            self.alts[where] = 2
+            if self.choice.get(where, 0):
+                q[t, j, k] = lo[t, j, k] + 1 if q[t, j, k] == lo[t, j, k] else lo[t, j, k]
+        return (q * s).reshape(T, n)
+
+
+@functools.lru_cache(maxsize=None)
+def _exported_q8(name, d):
+    """(model.bin with --weights q8, the reference model on the same int8 weights)."""
+    src, _, m = _exported(name, d)
+    out = pathlib.Path(d) / f"{name}_q8.bin"
+    p = subprocess.run([sys.executable, str(EXPORT), str(src), str(out), "--weights", "q8"],
+                       capture_output=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr.decode(errors="replace")[-3000:]
+    return out, ref_llama.quantize_q8(m)
+
+
+@pytest.mark.parametrize("name,kspec,qinput", [(n, "fp32", 1) for n in MODELS] + [("gguf", "q8", 1), ("hf", "tq3", 1)]
+                         + [(n, "fp32", 0) for n in ("gguf", "hf_tied")] + [("gguf_tied", "tq3", 0)])
+def test_logits_int8_weights(workdir, name, kspec, qinput):
+    """run on a --weights q8 file against the reference fed the same int8 weights
+    (ref_llama.quantize_q8), with a compressed cache too (the codec modelled as in
+    test_logits_cache_libtq), within the fp32 test's 1e-4. --qinput 1 (W8A8): the reference
+    quantizes every product's input as run does (InputQuant, its near-ties matched);
+    --qinput 0 (W8A32): the inputs stay as they are. The comparison has teeth: the
+    reference on the fp32 weights, and the other treatment of the inputs, are far off."""
+    _need_run()
+    out, mq = _exported_q8(name, str(workdir))
+    kfn, vfn = _kv_fns(kspec, mq.head_dim, "nc", libtq_roundtrip)
+    opts = ("--scale", "nc") + _plain_cache_opts(out) if kspec != "fp32" else ()
+    got = run_logits(out, workdir, kspec, opts + ("--qinput", str(qinput)))
+    ids = token_ids()
+    act = InputQuant()
+    wrappers = ([act] if qinput else []) + [w for w in dict.fromkeys((kfn, vfn)) if isinstance(w, NearTies)]
+    ref, n_ties, switched = _match_with(
+        lambda: ref_llama.forward(mq, ids, k_fn=kfn, v_fn=vfn, matmul_in=act if qinput else None), wrappers, got,
+        1e-4)
+    diff = np.abs(got - ref)
+    what = f"{name} --weights q8 --qinput {qinput} -k {kspec}"
+    assert diff.max() < 1e-4, (f"{what}: max |run - ref| = {diff.max():.3g} ({_where(diff)}; near-ties "
+                               f"{n_ties}, {switched} switched)")
+    other = np.abs(got - ref_llama.forward(mq, ids, k_fn=kfn, v_fn=vfn, matmul_in=None if qinput else act)).max()
+    fp32_w = np.abs(got - ref_llama.forward(_exported(name, str(workdir))[2], ids, k_fn=kfn, v_fn=vfn)).max()
+    assert other > 30 * max(diff.max(), 1e-6) and fp32_w > 30 * max(diff.max(), 1e-6), (other, fp32_w)
+    print(f"{what}: max|diff| {diff.max():.3g} mean {diff.mean():.3g}; near-ties {n_ties}, {switched} "
+          f"switched; with the inputs {'kept' if qinput else 'quantized'} {other:.3g}, on the fp32 weights {fp32_w:.3g}")
+
+
+@pytest.mark.parametrize("kspec", ["fp32", "tq3"])
+def test_eval_int8_weights(workdir, tmp_path, kspec):
+    """-m eval on an int8 file: the weights line names the type, and the perplexities are the
+    ones computed here from -m logits of each chunk (the logits test_logits_int8_weights
+    checks), for the cache given and for the fp32 cache eval runs alongside (on the same int8
+    weights)."""
+    _need_run()
+    out, _ = _exported_q8("gguf", str(workdir))
+    ctx, chunks = 32, 3
+    text = tmp_path / "text.txt"
+    text.write_bytes((ROOT / "README.md").read_bytes()[:ctx * chunks])   # byte-level vocabulary
+    p = run_cmd([out, "-m", "eval", "-f", text, "-k", kspec, "-c", ctx, "--chunks", chunks], binary=RUN,
+                timeout=60)
+    assert re.search(r"^weights: int8 g64, [\d.]+ MiB \(fp32 [\d.]+ MiB\)", p.stderr.decode(), re.M), p.stderr
+    got = dict(kv.split("=", 1) for kv in p.stdout.decode().split()[1:])
+    ids = list((ROOT / "README.md").read_bytes()[:ctx * chunks])
+    nll = {kspec: 0.0, "fp32": 0.0}
+    for c in range(chunks):
+        chunk = tmp_path / "chunk.txt"
+        chunk.write_text(" ".join(map(str, ids[c * ctx:(c + 1) * ctx])))
+        for fmt in nll:
+            lg = tmp_path / "lg.f32"
+            run_cmd([out, "-m", "logits", "-k", fmt, "-f", chunk, "-o", lg, "-c", ctx], binary=RUN, timeout=60)
+            x = np.fromfile(lg, dtype=np.float32).reshape(ctx, -1).astype(np.float64)
+            lp = x - x.max(axis=1, keepdims=True)
+            lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
+            nll[fmt] -= sum(lp[j, ids[c * ctx + j + 1]] for j in range(ctx // 2 - 1, ctx - 1))
+    n = chunks * ctx // 2
+    assert int(got["tokens"]) == n
+    for key, fmt in (("ppl", kspec), ("ppl_fp32", "fp32")):
+        assert abs(float(got[key]) / np.exp(nll[fmt] / n) - 1) < 2e-4, (key, got[key], np.exp(nll[fmt] / n))

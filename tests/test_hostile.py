@@ -79,6 +79,21 @@ def patched(**kw):
     return fs.pack_header(h) + SEED[256:]
 
 
+SEED_Q8 = fs.seeds()["gpt2_q8.bin"]   # dim 64, 1 layer, 2 heads of 32, int8 weights (weight type 1)
+
+
+def patched_q8(**kw):
+    h = fs.read_header(SEED_Q8)
+    h.update(kw)
+    return fs.pack_header(h) + SEED_Q8[256:]
+
+
+def q8_rows_of_8():
+    """An int8 file whose rows (dim 8) are not whole groups of 64, sizes consistent."""
+    return fs.build_q8(fs.config(vocab_size=262, dim=8, hidden_dim=64, n_layers=1, n_heads=1,
+                                 n_kv_heads=1, head_dim=8), fs.tiny_gpt2_section())
+
+
 def corrupt_section():
     b = bytearray(SEED)
     struct.pack_into("<i", b, 256, 999)           # n_vocab in the section != vocab_size
@@ -127,6 +142,19 @@ MODEL_CASES = {                     # name: (file bytes, phrases the message mus
     "weights_offset_odd": (patched(w_off=3841), ["out of bounds"]),
     "weights_offset_past_end": (patched(w_off=1 << 40), ["out of bounds"]),
     "tokenizer_section_corrupt": (corrupt_section(), ["bad tokenizer section", "999 tokens"]),
+    # int8 weights (weight type 1): sizes from the codes and scales, the type and group checked
+    "q8_truncated": (SEED_Q8[:-100], ["truncated"]),
+    "q8_last_scale_cut": (SEED_Q8[:-4], ["truncated"]),
+    "q8_extra_bytes": (SEED_Q8 + b"\0" * 64, ["64 bytes past the end of the weights"]),
+    "q8_group_32": (patched_q8(group=32), ["int8 weights in groups of 32", "groups of 64"]),
+    "q8_unknown_type": (patched_q8(weight_type=2), ["unknown weight type 2"]),
+    "q8_type_negative": (patched_q8(weight_type=-1), ["unknown weight type -1"]),
+    "q8_read_as_fp32": (patched_q8(weight_type=0, group=0), ["weight bytes, the config needs"]),
+    "q8_fp32_sized": (patched_q8(w_bytes=4 * fs.weights_floats(fs.read_header(SEED_Q8))),
+                      ["weight bytes, the config needs"]),
+    "q8_rows_not_groups": (q8_rows_of_8(), ["dim = 8 is not a multiple of the group size 64"]),
+    "fp32_read_as_q8": (patched(weight_type=1, group=64), ["dim = 8 is not a multiple"]),
+    "fp32_with_group": (patched(group=64), ["fp32 weights with a group size of 64"]),
 }
 
 
@@ -137,6 +165,19 @@ def test_bad_model_file(binary, tmp_path, name):
     path.write_bytes(data)
     p = run_cmd([path, "-n", "2", "-i", "the"], binary=binary, check=False, timeout=60)
     refused(p, str(path), *phrases)
+
+
+def test_run_cuda_refuses_int8_weights(tmp_path):
+    """The GPU build reads fp32 weights only and says so, before it looks for a GPU."""
+    run_cuda = ROOT / "run_cuda"
+    if not run_cuda.exists():
+        pytest.skip("./run_cuda is not built (make run_cuda)")
+    path = tmp_path / "q8.bin"
+    path.write_bytes(SEED_Q8)
+    p = run_cmd([path, "-n", "2", "-i", "the"], binary=run_cuda, check=False)
+    err = p.stderr.decode(errors="replace").strip()
+    assert p.returncode == 1 and err == ("run_cuda: error: int8 weights are not supported by the GPU build "
+                                         "yet; export with --weights fp32"), err
 
 
 def test_model_path_missing_or_not_a_file(binary, tmp_path):
@@ -203,6 +244,7 @@ OPTION_CASES = {        # name: (arguments after the model, phrases)
     "offsets_empty_values": (["--offsets", "1:"], ['bad --offsets "1:"']),
     "batch_zero": (["--batch", "0"], ["--batch 0 is out of range"]),
     "batch_huge": (["--batch", "100000"], ["--batch 100000 is out of range"]),
+    "qinput_two": (["--qinput", "2"], ["--qinput 2 is out of range [0, 1]"]),
     "mode_unknown": (["-m", "train"], ['unknown mode "train"']),
     "option_unknown": (["-q", "1"], ["unknown option -q"]),
     "not_an_option": (["hello"], ['expected an option, got "hello"']),
@@ -375,6 +417,22 @@ def test_valgrind_short_generation(tiny, tmp_path):
         assert p.returncode == 0, err[-3000:]       # 99: a memory error or a leak
         assert "ERROR SUMMARY: 0 errors" in err, err[-3000:]
         assert p.stdout.startswith(b"Hi")
+
+
+def test_valgrind_int8_weights(tmp_path):
+    """The int8 products under valgrind: the 19-token prompt fills one 16-token tile and leaves
+    3 tokens for the one-token kernel, then 3 tokens are decoded."""
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    assert RUN_VG.exists(), "./run_vg is not built (make run_vg)"
+    path = tmp_path / "q8.bin"
+    path.write_bytes(SEED_Q8)
+    p = subprocess.run(["valgrind", "--error-exitcode=99", "--leak-check=full", str(RUN_VG), str(path),
+                        "-n", "3", "-i", "the quick brown fox j", "-k", "tq3", "-s", "1"],
+                       capture_output=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 0 and "ERROR SUMMARY: 0 errors" in err, err[-3000:]
+    assert "weights: int8 g64" in err and p.stdout.startswith(b"the quick brown fox j")
 
 
 # ----------------------------------------------------------------------------------------

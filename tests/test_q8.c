@@ -1,0 +1,131 @@
+/* tests/test_q8.c - run.c's products with int8 weights (matmul_q8) against a plain scalar
+ * statement of the same arithmetic, bit for bit.
+ *
+ * The claim under test (run.c, "int8 weights"): the input is quantized per group of QGROUP
+ * (scale max|x| / 127, codes rounded to nearest-even), each group's dot product of codes is
+ * an exact integer, and the groups are summed as a chain of fmaf(sum, w_scale * x_scale, acc)
+ * in group order. So the one-token kernel, the 4-row x 16-token tile and every leftover row
+ * or token give exactly what the scalar loops below give, whatever vector instructions the
+ * compiler chose; `make ctest` also builds this file for the baseline x86-64 instruction set
+ * (-O1, no -march) and checks that its --hash line equals the optimized build's, so the bits
+ * are the same with and without AVX2 / AVX-512 / FMA.
+ *
+ * The W8A32 products (--qinput 0: the input kept in fp32) have no such guarantee: they are
+ * checked against the float64 sum of w * s * x within 1e-5 of the sum of |w * s * x|.
+ *
+ * Usage: tests/test_q8 [--hash]    exit status 0 when every case matches
+ */
+#define RUN_NO_MAIN
+#pragma GCC diagnostic ignored "-Wunused-function"   /* the rest of run.c is not called here */
+#include "../run.c"
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static double uniform(void) {                   /* xorshift64*, in [0, 1) */
+    rng_state ^= rng_state >> 12; rng_state ^= rng_state << 25; rng_state ^= rng_state >> 27;
+    return (double)((rng_state * 0x2545F4914F6CDD1Dull) >> 11) / 9007199254740992.0;
+}
+
+/* codes and scales of one row of n numbers: the quotient x / s rounded to nearest-even, taken
+ * exactly (in double) for the weights as export.py does, in float for an input as run does */
+static void quantize_row(const float *x, int n, int8_t *q, float *s, int exact) {
+    for (int g = 0; g < n / QGROUP; g++) {
+        float amax = 0.0f;
+        for (int k = 0; k < QGROUP; k++) {
+            float a = fabsf(x[g * QGROUP + k]);
+            if (a > amax) amax = a;
+        }
+        s[g] = amax / 127.0f;
+        for (int k = 0; k < QGROUP; k++) {
+            float v = x[g * QGROUP + k];
+            q[g * QGROUP + k] = (int8_t)(s[g] == 0 ? 0 : exact ? rint((double)v / s[g]) : rintf(v / s[g]));
+        }
+    }
+}
+
+/* out[t][i], straight from the definition: integer group sums in 64 bits, then the fmaf chain */
+static float reference(const int8_t *w, const float *ws, const float *x, int n, int i, int t) {
+    int8_t xq[4096];
+    float xs[64];
+    quantize_row(x + (size_t)t * n, n, xq, xs, 0);
+    float acc = 0.0f;
+    for (int g = 0; g < n / QGROUP; g++) {
+        long long sum = 0;
+        for (int k = 0; k < QGROUP; k++) sum += (long long)w[(size_t)i * n + g * QGROUP + k] * xq[g * QGROUP + k];
+        acc = fmaf((float)sum, ws[(size_t)i * (n / QGROUP) + g] * xs[g], acc);
+    }
+    return acc;
+}
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n) {
+    for (size_t i = 0; i < n; i++) { h ^= ((const unsigned char *)p)[i]; h *= 0x100000001B3ull; }
+    return h;
+}
+
+int main(int argc, char **argv) {
+    int hash_only = argc > 1 && !strcmp(argv[1], "--hash");
+    /* (B tokens, n inputs, d outputs): one token; tiles with and without leftover tokens;
+     * row counts that are not a multiple of QROWS */
+    const int cases[][3] = {{1, 64, 8}, {1, 192, 7}, {3, 128, 5}, {16, 64, 4}, {17, 128, 9},
+                            {33, 192, 12}, {48, 64, 3}, {40, 320, 11}};
+    int failed = 0;
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        int B = cases[c][0], n = cases[c][1], d = cases[c][2];
+        float *x = (float *)xcalloc((size_t)B * n, sizeof(float), "x");
+        float *wf = (float *)xcalloc((size_t)d * n, sizeof(float), "w");
+        int8_t *w = (int8_t *)xcalloc((size_t)d * n, 1, "w");
+        float *ws = (float *)xcalloc((size_t)d * (n / QGROUP), sizeof(float), "ws");
+        float *out = (float *)xcalloc((size_t)B * d, sizeof(float), "out");
+        for (size_t j = 0; j < (size_t)B * n; j++) x[j] = (float)(4 * uniform() - 2) * (j % 7 == 0 ? 10 : 1);
+        for (int k = 0; k < QGROUP; k++) x[k] = 0.0f;              /* an all-zero input group */
+        for (size_t j = 0; j < (size_t)d * n; j++) wf[j] = (float)(uniform() - 0.5) * 0.2f;
+        for (int i = 0; i < d; i++) quantize_row(wf + (size_t)i * n, n, w + (size_t)i * n, ws + (size_t)i * (n / QGROUP), 1);
+        Config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.dim = n; cfg.hidden_dim = n; cfg.n_heads = 1; cfg.head_dim = n; cfg.weight_type = WEIGHTS_INT8;
+        RunState s;
+        memset(&s, 0, sizeof s);
+        size_t wn = wide_n(&cfg), tiled = (size_t)B / QTOKS * QTOKS;
+        s.xq = (int16_t *)xcalloc((size_t)B * wn, sizeof(int16_t), "xq");
+        s.xqs = (float *)xcalloc((size_t)B * (wn / QGROUP), sizeof(float), "xqs");
+        s.xqt = (float *)xcalloc(tiled * wn, sizeof(float), "xqt");
+        s.xqts = (float *)xcalloc(tiled * (wn / QGROUP), sizeof(float), "xqts");
+        s.qinput = 1;
+        matmul_q8(&s, out, x, w, ws, B, n, d);
+        int bad = 0;
+        for (int t = 0; t < B; t++)
+            for (int i = 0; i < d; i++) {
+                float want = reference(w, ws, x, n, i, t), got = out[(size_t)t * d + i];
+                if (memcmp(&want, &got, sizeof got) != 0) {
+                    if (bad++ < 3)
+                        fprintf(stderr, "test_q8: B %d n %d d %d: token %d row %d: %.9g, the definition gives %.9g\n",
+                                B, n, d, t, i, got, want);
+                }
+            }
+        if (bad) failed++;
+        if (!hash_only) printf("test_q8: B %2d n %3d d %2d: %s\n", B, n, d, bad ? "MISMATCH" : "bit-identical");
+        h = fnv(h, out, (size_t)B * d * sizeof(float));
+
+        s.qinput = 0;                                   /* W8A32: within rounding of the float64 sum */
+        matmul_q8(&s, out, x, w, ws, B, n, d);
+        double worst = 0;
+        for (int t = 0; t < B; t++)
+            for (int i = 0; i < d; i++) {
+                double sum = 0, mag = 0;
+                for (int j = 0; j < n; j++) {
+                    double term = (double)w[(size_t)i * n + j] * ws[((size_t)i * n + j) / QGROUP] * x[(size_t)t * n + j];
+                    sum += term;
+                    mag += fabs(term);
+                }
+                double err = fabs(out[(size_t)t * d + i] - sum) / (mag + 1e-30);
+                if (err > worst) worst = err;
+            }
+        if (worst > 1e-5) failed++;
+        if (!hash_only) printf("test_q8: B %2d n %3d d %2d W8A32: worst error %.2g of the sum of |terms|%s\n", B, n, d,
+                               worst, worst > 1e-5 ? " MISMATCH" : "");
+        free(x); free(wf); free(w); free(ws); free(out); free(s.xq); free(s.xqs); free(s.xqt); free(s.xqts);
+    }
+    if (hash_only) printf("%016llx\n", (unsigned long long)h);
+    else printf("test_q8: %s\n", failed ? "FAILED" : "W8A8 bit-identical to its definition, W8A32 within 1e-5");
+    return failed != 0;
+}
