@@ -1623,9 +1623,10 @@ AVX512_FN static void values_512(const tq_codec *c, int nq, const float *w, size
 
 /* ---- the entry points: one choice per call, outside the loops ---------------------------------- */
 
-/* The lanes a SIMD path needs d to be a multiple of (0: that path does not take this format). */
+/* The lanes a SIMD path needs d to be a multiple of (0: that path does not take this format;
+ * nor head dims above 1024, whose tiles would not fit a thread's stack comfortably). */
 static int simd_lanes(const tq_codec *c, tq_simd simd) {
-    if (is_prod(c->fmt) || simd == TQ_SIMD_PORTABLE) return 0;
+    if (is_prod(c->fmt) || simd == TQ_SIMD_PORTABLE || c->d > 1024) return 0;
     return simd == TQ_SIMD_AVX512 ? 16 : 8;
 }
 
