@@ -807,6 +807,16 @@ static float softmax_chunk_portable(float *s, int n, float scale, float *m, floa
 #define AVX512_FN __attribute__((target("avx512f,avx2,fma,f16c")))
 #define INLINE inline __attribute__((always_inline))
 #define FEW_ROWS 256   /* rows per call up to which the few-query value path scales its weights ahead */
+#define PF_TILES 4      /* tiles ahead that prefetch_tile asks for */
+
+/* Asks for the rows of the tile PF_TILES tiles ahead (tile: L rows of B bytes at p): with this
+ * much computing per byte the hardware prefetcher alone falls behind the DRAM stream (bench/
+ * tqbench: fp16 ~30 %, q8 ~20 %, tq 10-15 % faster per key with it, fp32 unchanged). A prefetch
+ * never faults, so the last tiles may ask past the rows. */
+static INLINE void prefetch_tile(const uint8_t *p, size_t tile_bytes) {
+    const char *q = (const char *)p + PF_TILES * tile_bytes;
+    for (size_t off = 0; off < tile_bytes; off += 64) _mm_prefetch(q + off, _MM_HINT_T0);
+}
 
 /* The two SIMD paths have the same shape. A tile of L consecutive rows (L = 8 for AVX2, 16 for
  * AVX-512) is turned into floats in a small buffer that stays in L1, in one of two layouts:
@@ -1173,6 +1183,7 @@ AVX2_FN static void scores_avx2(const tq_codec *c, int nq, const float *qp, size
     int t = 0;
     for (; t + 8 <= n; t += 8) {
         const uint8_t *p = rows + (size_t)t * B;
+        prefetch_tile(p, 8 * B);
         if (b && nq <= 4) {
             __m256 sc = row_scales_avx2(p, offs, B);
             if (b == 2) few_scores_avx2(p, offs, d, 2, lo, hi, nq, qp, ldq, sc, s + t, lds);
@@ -1214,12 +1225,14 @@ AVX2_FN static void values_avx2(const tq_codec *c, int nq, const float *w, size_
     }
     for (t = 0; few && t + 8 <= n; t += 8) {
         const uint8_t *p = rows + (size_t)t * B;
+        prefetch_tile(p, 8 * B);
         if (b == 2) few_values_avx2(p, B, d, 2, lo, hi, nq, ws + t, FEW_ROWS, acc, lda);
         else if (b == 3) few_values_avx2(p, B, d, 3, lo, hi, nq, ws + t, FEW_ROWS, acc, lda);
         else few_values_avx2(p, B, d, 4, lo, hi, nq, ws + t, FEW_ROWS, acc, lda);
     }
     for (; !few && t + 8 <= n; t += 8) {
         const uint8_t *p = rows + (size_t)t * B;
+        prefetch_tile(p, 8 * B);
         if (b) {
             if (b == 2) rows_tq_avx2(p, B, d, 2, lo, hi, tile);
             else if (b == 3) rows_tq_avx2(p, B, d, 3, lo, hi, tile);
@@ -1558,6 +1571,7 @@ AVX512_FN static void scores_512(const tq_codec *c, int nq, const float *qp, siz
     int t = 0;
     for (; t + 16 <= n; t += 16) {
         const uint8_t *p = rows + (size_t)t * B;
+        prefetch_tile(p, 16 * B);
         if (b && nq <= 4) {
             __m512 sc = row_scales_512(p, offs, B);
             if (b == 2) few_scores_512(p, offs, d, 2, tb, nq, qp, ldq, sc, s + t, lds);
@@ -1599,12 +1613,14 @@ AVX512_FN static void values_512(const tq_codec *c, int nq, const float *w, size
     }
     for (t = 0; few && t + 16 <= n; t += 16) {
         const uint8_t *p = rows + (size_t)t * B;
+        prefetch_tile(p, 16 * B);
         if (b == 2) few_values_512(p, B, d, 2, tb, nq, ws + t, FEW_ROWS, acc, lda);
         else if (b == 3) few_values_512(p, B, d, 3, tb, nq, ws + t, FEW_ROWS, acc, lda);
         else few_values_512(p, B, d, 4, tb, nq, ws + t, FEW_ROWS, acc, lda);
     }
     for (; !few && t + 16 <= n; t += 16) {
         const uint8_t *p = rows + (size_t)t * B;
+        prefetch_tile(p, 16 * B);
         if (b) {
             if (b == 2) rows_tq_512(p, B, d, 2, tb, tile);
             else if (b == 3) rows_tq_512(p, B, d, 3, tb, tile);
