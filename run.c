@@ -733,7 +733,7 @@ static void quantize_input(RunState *s, const float *x, int B, int n) {
             const float *xg = x + (size_t)b * n + (size_t)g * QGROUP;
             int16_t *q = s->xq + (size_t)b * n + (size_t)g * QGROUP;
             float amax = 0.0f;
-            for (int k = 0; k < QGROUP; k++) amax = fmaxf(amax, fabsf(xg[k]));
+            for (int k = 0; k < QGROUP; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;  /* not fmaxf: a libm call */
             float scale = amax / 127.0f, div = scale > 0 ? scale : 1.0f;   /* all zeros: codes 0 */
             for (int k = 0; k < QGROUP; k++) q[k] = (int16_t)rintf(xg[k] / div);
             s->xqs[(size_t)b * G + g] = scale;
