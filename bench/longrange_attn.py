@@ -102,6 +102,13 @@ def quantized_keys(k, U, rt, sink, window_from):
     return kq
 
 
+def distortion(rt, d, n=4000):
+    """The codec's mean squared error per unit of squared norm, E |x~ - x|^2 / |x|^2, on Gaussian
+    vectors (after the random rotation every input looks like one: the paper's Theorem 1)."""
+    x = np.random.default_rng(0).standard_normal((n, d))
+    return float((((rt(x) - x) ** 2).sum(axis=1) / (x ** 2).sum(axis=1)).mean())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=2048)
@@ -138,7 +145,7 @@ def main():
     T = len(ids)
     hd, group = m.head_dim, m.n_heads // m.n_kv_heads
     qpos = np.arange(first, end)                 # the repeat's scored queries
-    rts = {}
+    rts, dist = {}, {}
     rows = []
     for li in range(m.n_layers):
         q, k = seen[li]                          # (T, H, hd), (T, KV, hd)
@@ -152,11 +159,21 @@ def main():
             mass = pe[:, :, :P].sum(axis=2).mean(axis=0)                          # (group,)
             kls = {}
             for var in a.variants.split(","):
-                fmt, R, kind = (a.fmt, int(var[1]), var[2:] or "k") if var.startswith("r") else (var, 2, "k")
+                bias = var.endswith("b")
+                var0 = var[:-1] if bias else var
+                fmt, R, kind = (a.fmt, int(var0[1]), var0[2:] or "k") if var0.startswith("r") else (var0, 2, "k")
                 rt = rts.setdefault(fmt, roundtrip_fn(fmt, hd))
                 U = directions(qg, kg, R, kind, a.first) if R else np.zeros((0, hd))
                 kq = quantized_keys(kg, U, rt, 1, first - 8)   # the window is behind the repeat's start
                 s = np.einsum("thd,sd->ths", qg[qpos], kq) / np.sqrt(hd)
+                if bias:    # E exp(s + e) = exp(s + var(e) / 2): take the noise's mean weight back out
+                    Dm = dist.setdefault(fmt, distortion(rt, hd))
+                    qperp = qg[qpos] - (qg[qpos] @ U.T) @ U if len(U) else qg[qpos]
+                    rest2 = ((kg - (kg @ U.T) @ U) ** 2).sum(axis=1) if len(U) else (kg ** 2).sum(axis=1)
+                    rest2[:1] = 0
+                    rest2[first - 8:] = 0
+                    var_s = (qperp ** 2).sum(axis=2)[:, :, None] * Dm * rest2[None, None, :] / ((hd - len(U)) * hd)
+                    s = s - var_s / 2
                 s[np.broadcast_to(mask, s.shape)] = -np.inf
                 pa = np.exp(s - s.max(axis=2, keepdims=True))
                 pa /= pa.sum(axis=2, keepdims=True)
