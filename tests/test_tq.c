@@ -736,21 +736,27 @@ static void test_determinism(void) {
     CHECK(same && differ == 6, "codes must depend on the seed and only on it");
 }
 
-int main(void) {
-    test_formats();
-    test_fp16();
-    test_rotation();
-    test_codebook();
-    test_roundtrip();
-    test_extremes();
-    test_distortion();
-    test_prod();
-    test_structured();
-    test_attention();
-    test_attn_paths();
-    test_softmax_chunk();
-    test_simd_env();
-    test_determinism();
+/* test_tq [NAME...]: every test, or only the named ones (make test runs the SIMD ones on an
+ * emulated CPU without AVX-512, where the whole set would take too long) */
+int main(int argc, char **argv) {
+    static const struct { const char *name; void (*fn)(void); } tests[] = {
+        {"formats", test_formats}, {"fp16", test_fp16}, {"rotation", test_rotation},
+        {"codebook", test_codebook}, {"roundtrip", test_roundtrip}, {"extremes", test_extremes},
+        {"distortion", test_distortion}, {"prod", test_prod}, {"structured", test_structured},
+        {"attention", test_attention}, {"attn_paths", test_attn_paths},
+        {"softmax_chunk", test_softmax_chunk}, {"simd_env", test_simd_env},
+        {"determinism", test_determinism}};
+    int n = (int)(sizeof tests / sizeof tests[0]);
+    for (int a = 1; a < argc; a++) {
+        int known = 0;
+        for (int i = 0; i < n; i++) known |= !strcmp(argv[a], tests[i].name);
+        if (!known) { fprintf(stderr, "test_tq: no test named \"%s\"\n", argv[a]); return 2; }
+    }
+    for (int i = 0; i < n; i++) {
+        int run = argc == 1;
+        for (int a = 1; a < argc; a++) run |= !strcmp(argv[a], tests[i].name);
+        if (run) tests[i].fn();
+    }
     printf("test_tq: SIMD paths tested:");
     for (int p = 0; p < TQ_NSIMD; p++) if (simd_tested[p]) printf(" %s", tq_simd_name((tq_simd)p));
     printf(" (best here: %s)\n", tq_simd_name(tq_simd_best()));
