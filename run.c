@@ -125,14 +125,12 @@ typedef struct {
 
 #define KPROJ_MAX 2  /* --kproj: the mean query direction, then the keys' main direction */
 
-/* How the KV cache is held: the -k formats and the fixes of issue 4, each
- * behind its own flag (see the comments on offsets, key weights and exact
- * positions below). */
+/* How the KV cache is held: the -k formats and the fixes on top of the paper's
+ * codec, each behind its own flag (see the comments on the key projection and the
+ * exact positions below). */
 typedef struct {
     tq_fmt kf, vf;   /* key and value formats                                 */
     tq_scale kscale, vscale; /* scale rules of the tq formats for keys, values  */
-    int koffsets, voffsets; /* subtract per-head key / value offsets          */
-    int kweights;    /* weight key channels by the queries' energy            */
     int kproj;       /* directions along which keys are kept exactly, 0..KPROJ_MAX */
     int sink;        /* the first `sink` positions also kept in fp16          */
     int window;      /* the last `window` positions also kept in fp16         */
@@ -146,11 +144,6 @@ typedef struct {
     uint8_t *key;    /* (n_layers, n_kv_heads, ctx, kc.bytes)                 */
     uint8_t *value;  /* (n_layers, n_kv_heads, ctx, vc.bytes)                 */
     int ctx;         /* positions allocated                                   */
-    int koffsets, voffsets; /* 1: subtract per-head offsets before encoding (below) */
-    int kweights;    /* 1: weight key channels by the queries' energy (below)  */
-    float *koff;     /* (n_layers, n_kv_heads, head_dim) key offset mu_k      */
-    float *voff;     /* (n_layers, n_kv_heads, head_dim) value offset mu_v    */
-    float *kw;       /* (n_layers, n_kv_heads, head_dim) key channel weights w */
     int kproj;       /* R: keys' components along R directions kept exactly (below) */
     float *kdir;     /* (n_layers, n_kv_heads, R, head_dim) orthonormal directions u_j */
     uint16_t *kbeta; /* (n_layers, n_kv_heads, ctx, R) fp16 beta_tj = u_j.k_t of every key */
@@ -163,53 +156,33 @@ typedef struct {
 /* Exact positions. Most of what a small model's attention looks at is the
  * attention sink (position 0) and the last few tokens; their quantization
  * error goes straight into the output. Keeping those positions also in fp16
- * (the same vectors that were encoded, offsets and weights applied) removes
- * most of the error for a fixed cost: with 1 sink and 8 recent positions,
- * tq3's KL divergence from the fp32 cache fell from 0.107 to 0.035 on the
- * first 512 tokens of wiki.test.raw. The recent positions live in a ring of
- * `window` rows, so the cost does not grow with the context; it is counted in
- * the memory line and in kv_bits. The positions of the batch being processed
- * are read from the batch itself (rounded to fp16 the same way) and enter the
- * ring after attention. */
+ * (the same vectors that were encoded) removes that error for a fixed cost
+ * (bench/README.md, round 1). The recent positions live in a ring of `window`
+ * rows, so the cost does not grow with the context; it is counted in the
+ * memory line and in kv_bits. The positions of the batch being processed are
+ * read from the batch itself (rounded to fp16 the same way) and enter the ring
+ * after attention. */
 
-/* Offsets. The keys of this model share a large common part: averaged over
- * positions, a head's key is ~80% of a key's length (it survives RoPE in the
- * slow-rotating channels). Quantizing k spends the bits on that common part.
- * Instead the cache stores k - mu_k, and the scores lose only q.mu_k, the same
- * constant for every key of a query, which softmax ignores:
- *     softmax_t(q.(k_t - mu_k)) = softmax_t(q.k_t - q.mu_k) = softmax_t(q.k_t).
- * Values likewise store v - mu_v, and since the weights p_t sum to one,
- *     sum_t p_t v_t = mu_v + sum_t p_t (v_t - mu_v).
- * mu is the mean over the first forward pass of a sequence (its first batch of
- * up to --batch tokens, the attention-sink token at position 0 left out),
- * rounded to fp16: statistics of the sequence itself, nothing fitted offline.
- * They cost 2 x 16 bits per head dimension per layer and head, once per
- * sequence. More tokens measure them better: tq3's KLD on 2 chunks of
- * wiki.test.raw is 0.0227 / 0.0208 / 0.0172 / 0.0161 with batches of 24 / 48 /
- * 128 / 256 tokens, hence the default of 256. */
-
-/* Key projection. The queries of a head share a large common direction too:
- * on the first 512 tokens of wiki.test.raw the mean query's direction u holds
- * 40-70% of a head's query energy. The score error of a quantized key is
- * q.e = (q.u)(u.e) + q_perp.e, and the first term, large because q.u is, moves
- * every score of the key the same way for all queries. So each key also keeps
- * beta = u.k exactly (one fp16 number per key and head: +0.25 bits/elem at
- * head_dim 64) and only the rest, k - beta u, is encoded. Scoring uses
+/* Key projection. The queries of a head share a large common direction: the
+ * mean query's direction u holds a large part of a head's query energy. The
+ * score error of a quantized key is q.e = (q.u)(u.e) + q_perp.e, and the first
+ * term, large because q.u is, moves every score of the key the same way for
+ * all queries. So each key also keeps beta = u.k exactly (one fp16 number per
+ * key and head: +0.25 bits/elem at head_dim 64) and only the rest, k - beta u,
+ * is encoded. Scoring uses
  *     q.k ~= (q.u) beta + q_perp.k~,   q_perp = q - (q.u) u,
  * so the codes' error along u (which is not zero: the codec's error is spread
- * over all directions) never reaches the score. u is the normalized mean query
- * of the sequence's first batch (the sink token left out), rounded to fp16 and
- * normalized again; it costs 16 bits per head dimension once per sequence.
- * Measured in a numpy model of attention alone (keys tq3, sink + 8 recent exact):
- * the attention KL divergence falls from 0.029 to 0.011; in run's eval (tq3,
- * 6 chunks of wiki.test.raw) the model's KLD from fp32 falls from 0.032 to 0.022.
- * --kproj 2 adds a second direction u_2, orthogonal to u: the keys' own main
- * direction (their top principal direction in the first batch, less the part
- * along u), so the codes no longer carry the largest remaining part of a key.
- * With R directions, k - sum_j beta_j u_j is encoded and
+ * over all directions, paper section 3.1) never reaches the score. u is the
+ * normalized mean query of the sequence's first batch (up to --batch tokens,
+ * the sink token left out: statistics of the sequence itself, nothing fitted
+ * offline), rounded to fp16 and normalized again; it costs 16 bits per head
+ * dimension once per sequence. --kproj 2 adds a second direction u_2,
+ * orthogonal to u: the keys' own main direction (their top principal direction
+ * in the first batch, less the part along u), so the codes no longer carry the
+ * largest remaining part of a key. With R directions, k - sum_j beta_j u_j is
+ * encoded and
  *     q.k ~= sum_j (q.u_j) beta_j + q_perp.k~,   q_perp = q - sum_j (q.u_j) u_j.
- * tq3, 6 chunks, statistics from 256 tokens: KLD 0.0161 -> 0.0140 for one more
- * fp16 per key (+0.125 bits/elem averaged over K and V). */
+ * What each direction gains is measured in bench/README.md (rounds 2 and 3). */
 
 /* Activations for up to `batch` tokens processed together (prompts are run in
  * batches so that every weight row read from memory serves many tokens; the
@@ -447,15 +420,8 @@ static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ct
             die("format %s cannot hold head_dim %d (tq formats need a multiple of 8, q4 of 32)",
                 tq_fmt_name(fmts[i]), c->head_dim);
     kv->ctx = ctx;
-    kv->koffsets = o->koffsets && kf >= TQ_Q8;   /* never for the fp32/fp16 references */
-    kv->voffsets = o->voffsets && vf >= TQ_Q8;
-    kv->kweights = o->kweights && kf >= TQ_Q8;
     kv->kproj = kf >= TQ_Q8 ? o->kproj : 0;
     size_t heads = (size_t)c->n_layers * c->n_kv_heads;
-    kv->koff = (float *)xcalloc(heads * c->head_dim, sizeof(float), "key offsets");
-    kv->voff = (float *)xcalloc(heads * c->head_dim, sizeof(float), "value offsets");
-    kv->kw = (float *)xcalloc(heads * c->head_dim, sizeof(float), "key weights");
-    for (size_t i = 0; i < heads * c->head_dim; i++) kv->kw[i] = 1.0f;
     kv->kdir = kv->kproj ? (float *)xcalloc(heads * kv->kproj * c->head_dim, sizeof(float), "key directions") : NULL;
     kv->kbeta = kv->kproj ? (uint16_t *)xcalloc(heads * ctx * kv->kproj, sizeof(uint16_t), "key projections") : NULL;
     int lossy = kf >= TQ_Q8 || vf >= TQ_Q8;     /* exact copies only help a lossy cache */
@@ -470,7 +436,7 @@ static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ct
 }
 
 static void free_cache(KVCache *kv) {
-    free(kv->key); free(kv->value); free(kv->koff); free(kv->voff); free(kv->kw); free(kv->kdir); free(kv->kbeta); free(kv->exact_k); free(kv->exact_v);
+    free(kv->key); free(kv->value); free(kv->kdir); free(kv->kbeta); free(kv->exact_k); free(kv->exact_v);
     tq_free(&kv->kc); tq_free(&kv->vc);
 }
 
@@ -489,12 +455,12 @@ TQ_HD static int is_exact(const KVCache *kv, int t, int T) { return t < kv->sink
 
 /* KV bytes held for n positions, everything counted: the codes, the fp16
  * exact copies in use, the keys' fp16 projections beta, and the per-head
- * offsets, key weights and projection directions. */
+ * projection directions. */
 static size_t cache_bytes(const KVCache *kv, const Config *c, int n) {
     size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = (size_t)c->head_dim;
     size_t sink = (size_t)(n < kv->sink ? n : kv->sink), rest = (size_t)n - sink;
     size_t exact = sink + (rest < (size_t)kv->window ? rest : (size_t)kv->window);   /* fp16 rows in use */
-    size_t stats = (size_t)(kv->koffsets + kv->voffsets + kv->kweights + kv->kproj) * hd * 2;
+    size_t stats = (size_t)kv->kproj * hd * 2;
     size_t per_pos = kv->kc.bytes + kv->vc.bytes + (size_t)kv->kproj * 2;   /* codes, betas */
     return heads * ((size_t)n * per_pos + exact * hd * 2 * 2 + stats);
 }
@@ -572,7 +538,7 @@ static double run_bytes(const Config *c, const CacheOpts *o, int ctx, int batch,
     double hd = c->head_dim, heads = (double)c->n_layers * c->n_kv_heads;
     double qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, wide = qd > c->dim ? qd : c->dim;
     double cache = heads * ctx * (double)(tq_bytes(o->kf, c->head_dim) + tq_bytes(o->vf, c->head_dim) + 2 * o->kproj)
-                 + 4 * (3.0 + o->kproj) * heads * hd        /* offsets, key weights, directions */
+                 + 4.0 * o->kproj * heads * hd              /* key directions */
                  + 2 * 2 * heads * (double)exact_slots(o->sink, o->window, ctx) * hd;  /* fp16 exact store */
     double per_token = 3.0 * c->dim + wide + 2.0 * c->hidden_dim + 2 * qd + 2 * kvd
                      + (all_logits ? c->vocab_size : 0) + (double)c->n_heads * (20 * hd + KPROJ_MAX)   /* queries */
@@ -882,26 +848,24 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-/* The batch being processed: its keys and values as stored (offsets and
- * weights applied, rounded to fp16), read for exact positions >= pos. */
+/* The batch being processed: its keys and values as stored (rounded to fp16),
+ * read for exact positions >= pos. */
 typedef struct {
     int pos;          /* position of the batch's first token                  */
-    const float *k;   /* (n, kv_dim) transformed keys                         */
-    const float *v;   /* (n, kv_dim) values - mu_v                            */
+    const float *k;   /* (n, kv_dim) keys                                     */
+    const float *v;   /* (n, kv_dim) values                                   */
 } Batch;
 
 /* ---- Attention, in pieces that run_cuda.cu's kernels call too (TQ_HD) ---- */
 
-/* Readies query head q (head_dim) of KV head g for scoring: q is divided by
- * the key weights in place ((q/w).(w*k) = q.k), its parts qu[j] = q.u_j along
- * the key directions are taken and the rest q_perp = q - sum_j qu[j] u_j is
+/* Readies query head q (head_dim) of KV head g for scoring: its parts qu[j] = q.u_j
+ * along the key directions are taken and the rest q_perp = q - sum_j qu[j] u_j is
  * prepared by the codec (rotated, lookup tables built) into qp. */
-TQ_HD static void prepare_query(const KVCache *kv, const Config *c, int l, int g, float *q,
+TQ_HD static void prepare_query(const KVCache *kv, const Config *c, int l, int g, const float *q,
                                 float *qperp, float *qu, float *qp) {
     size_t head = (size_t)l * c->n_kv_heads + g;
     int hd = c->head_dim, R = kv->kproj;
-    const float *kw = kv->kw + head * hd, *u = R ? kv->kdir + head * R * hd : NULL;
-    for (int i = 0; i < hd; i++) q[i] /= kw[i];
+    const float *u = R ? kv->kdir + head * R * hd : NULL;
     for (int j = 0; j < R; j++) qu[j] = dot(q, u + (size_t)j * hd, hd);
     memcpy(qperp, q, hd * sizeof(float));
     for (int j = 0; j < R; j++)
@@ -947,18 +911,6 @@ TQ_HD static void add_exact_value(const KVCache *kv, const Config *c, int l, int
     }
 }
 
-#ifdef RUN_CUDA  /* run_cuda.cu's attention kernel; the CPU adds its exact positions in attend_exact */
-/* Completes a head's output out (head_dim), which holds the coded positions'
- * part sum_t p_t v~_t: adds the exact positions' p_t v_t and the offset mu_v
- * (sum_t p_t = 1; zero when offsets are off). */
-TQ_HD static void add_exact_values(const KVCache *kv, const Config *c, int l, int g, int T, const float *p,
-                                   const Batch *bt, float *out) {
-    int hd = c->head_dim;
-    for (int t = next_exact(kv, 0, T); t < T; t = next_exact(kv, t + 1, T)) add_exact_value(kv, c, l, g, t, p[t], bt, out);
-    const float *voff = kv->voff + ((size_t)l * c->n_kv_heads + g) * hd;
-    for (int i = 0; i < hd; i++) out[i] += voff[i];
-}
-#endif
 
 #ifndef RUN_CUDA
 /* ---- CPU attention ----
@@ -968,7 +920,7 @@ TQ_HD static void add_exact_values(const KVCache *kv, const Config *c, int l, in
  *   st = [ m | l | acc (tq_acc_floats) | ex (head_dim) ],  m the largest logit x_t seen,
  *   l = sum_t e^(x_t - m),  acc = sum_t e^(x_t - m) v~_t over coded positions, in the codec's
  *   accumulator form (rotated domain), ex the same over exact positions (plain domain);
- * so the output is (Pi^T acc + ex) / l + mu_v, and states over disjoint positions merge by
+ * so the output is (Pi^T acc + ex) / l, and states over disjoint positions merge by
  * rescaling to the larger m. The coded positions go through the codec's attention kernels a
  * chunk at a time for all the queries of a KV head at once (GQA: one pass over each row's codes
  * serves its group of query heads, and in prefill a tile of tokens too). */
@@ -1055,12 +1007,12 @@ static void attend_exact(const KVCache *kv, const Config *c, int l, int g, int T
 }
 
 /* out (head_dim) = the attention output of a state that covers all of a query's positions. */
-static void finish_query(const KVCache *kv, const Config *c, int l, int g, const float *st, float *out) {
+static void finish_query(const KVCache *kv, const Config *c, const float *st, float *out) {
     int hd = c->head_dim;
-    const float *ex = st + 2 + tq_acc_floats(&kv->vc), *voff = kv->voff + ((size_t)l * c->n_kv_heads + g) * hd;
+    const float *ex = st + 2 + tq_acc_floats(&kv->vc);
     tq_finish(&kv->vc, st + 2, out);                    /* Pi^T acc, once per query head */
     float inv = 1.0f / st[1];
-    for (int i = 0; i < hd; i++) out[i] = (out[i] + ex[i]) * inv + voff[i];
+    for (int i = 0; i < hd; i++) out[i] = (out[i] + ex[i]) * inv;
 }
 
 /* Layer l's attention for the n batch tokens at pos.. (keys and values already in the cache; the
@@ -1105,54 +1057,11 @@ static void attention(const KVCache *kv, const Config *c, RunState *s, int l, in
         for (int sp = 1; sp < splits; sp++) state_merge(st, st + (size_t)sp * per_item * sf, sf);
         attend_exact(kv, c, l, g, pos + b + 1, s->q + (size_t)b * qd + (size_t)h * hd, s->qp + qi * qf, s->qu + qi * KPROJ_MAX,
                      &bt, st, sf);
-        finish_query(kv, c, l, g, st, s->xb + (size_t)b * qd + (size_t)h * hd);
+        finish_query(kv, c, st, s->xb + (size_t)b * qd + (size_t)h * hd);
     }
     }
 }
 #endif
-
-/* mu (kvd) = mean of the rows x[b] (n, kvd), leaving out row 0 (the attention
- * sink) when there are others; rounded to fp16, the precision it is kept in. */
-static void set_offset(float *mu, const float *x, int n, int kvd) {
-    int first = n > 1 ? 1 : 0;
-    for (int j = 0; j < kvd; j++) {
-        double sum = 0;
-        for (int b = first; b < n; b++) sum += x[(size_t)b * kvd + j];
-        mu[j] = tq_f16_to_f32(tq_f32_to_f16((float)(sum / (n - first))));
-    }
-}
-
-/* Key channel weights. A key's quantization error e is spread evenly over the
- * channels by the rotation, but the score error q.e is dominated by the few
- * channels where queries are large. Scaling key channel i by w_i before
- * encoding and the query by 1/w_i keeps q.k exact and moves the error to where
- * queries are small: with E_i the queries' mean energy in channel i and V_i the
- * keys' variance, the score error ~ (sum E_i/w_i^2)(sum w_i^2 V_i) is smallest
- * at w_i = (E_i/V_i)^(1/4) (Cauchy-Schwarz). E and V are averaged over each
- * RoPE pair, since RoPE mixes its two channels; measured on the sequence's
- * first batch (sink token left out) like the offsets; kept in fp16. */
-static void set_key_weights(float *w, const float *q, const float *k, int n, const Config *c) {
-    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, first = n > 1 ? 1 : 0;
-    size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
-    for (int g = 0; g < c->n_kv_heads; g++)
-        for (int i = 0; i < hd; i += 2) {
-            double e = 0, v = 0, m[2] = {0, 0};
-            for (int b = first; b < n; b++)
-                for (int j = 0; j < 2; j++) {
-                    double kj = k[b * kvd + (size_t)g * hd + i + j];
-                    m[j] += kj; v += kj * kj;
-                    for (int h = g * group; h < (g + 1) * group; h++) {
-                        double qj = q[b * qd + (size_t)h * hd + i + j];
-                        e += qj * qj;
-                    }
-                }
-            int cnt = n - first;
-            v = v / cnt - (m[0] * m[0] + m[1] * m[1]) / ((double)cnt * cnt);
-            float wi = (v > 0 && e > 0) ? (float)pow(e / ((double)group * cnt) / v, 0.25) : 1.0f;
-            wi = tq_f16_to_f32(tq_f32_to_f16(wi));
-            w[(size_t)g * hd + i] = w[(size_t)g * hd + i + 1] = wi > 0 && isfinite(wi) ? wi : 1.0f;
-        }
-}
 
 /* fp16-rounds u (n) as it is stored, then makes it a unit vector orthogonal to the
  * unit vector prev (if given) again, in float, the way every reader recomputes it. */
@@ -1168,28 +1077,25 @@ static void store_direction(float *u, const float *prev, int n) {
 }
 
 /* Key projection directions, per KV head g, from rows b >= 1 of the first batch:
- * u_1 = the mean of the group's queries q (n, qd) as attention sees them (divided
- *       by the key weights w), normalized;
- * u_2 (R = 2) = the top principal direction of the keys as encoded, w * (k - mu)
- *       from k (n, kvd), less their part along u_1: the direction that holds most
+ * u_1 = the mean of the group's queries q (n, qd), normalized;
+ * u_2 (R = 2) = the top principal direction of the keys k (n, kvd), less their
+ *       part along u_1: the direction that holds most
  *       of what the codes would otherwise carry. Power iteration on the 64 x 64
  *       second-moment matrix, started from the longest of those keys.
  * Each is rounded to fp16 (what is stored) and made orthonormal again. */
-static void set_key_dirs(float *u, int R, const float *q, const float *k, const float *mu, const float *w,
-                         int n, const Config *c) {
+static void set_key_dirs(float *u, int R, const float *q, const float *k, int n, const Config *c) {
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, first = n > 1 ? 1 : 0;
     size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
     double *m = (double *)xcalloc((size_t)hd * hd + 3 * (size_t)hd, sizeof(double), "key directions");
     double *r = m + (size_t)hd * hd, *v = r + hd, *mv = v + hd;
     for (int g = 0; g < c->n_kv_heads; g++) {
         float *u1 = u + (size_t)g * R * hd;
-        const float *wg = w + (size_t)g * hd, *mug = mu + (size_t)g * hd;
         double norm = 0;
         for (int i = 0; i < hd; i++) {
             double sum = 0;
             for (int b = first; b < n; b++)
                 for (int h = g * group; h < (g + 1) * group; h++) sum += q[b * qd + (size_t)h * hd + i];
-            u1[i] = (float)(sum / wg[i]);
+            u1[i] = (float)sum;
             norm += (double)u1[i] * u1[i];
         }
         for (int i = 0; i < hd; i++) u1[i] = norm > 0 ? (float)(u1[i] / sqrt(norm)) : 0.0f;
@@ -1200,7 +1106,7 @@ static void set_key_dirs(float *u, int R, const float *q, const float *k, const 
         for (int b = first; b < n; b++) {           /* m = sum_b r_b r_b^T, r_b = x_b - (u_1.x_b) u_1 */
             double p = 0, len = 0;
             for (int i = 0; i < hd; i++) {
-                r[i] = wg[i] * (k[b * kvd + (size_t)g * hd + i] - mug[i]);
+                r[i] = k[b * kvd + (size_t)g * hd + i];
                 p += r[i] * u1[i];
             }
             for (int i = 0; i < hd; i++) { r[i] -= p * u1[i]; len += r[i] * r[i]; }
@@ -1226,23 +1132,18 @@ static void set_key_dirs(float *u, int R, const float *q, const float *k, const 
 
 /* A new sequence's statistics, from layer l's first batch: q (n, qd), k and
  * v (n, kvd) after RoPE. Host code in both builds (run_cuda.cu copies them back). */
-static void measure_stats(KVCache *kv, const Config *c, int l, const float *q, const float *k, const float *v, int n) {
+static void measure_stats(KVCache *kv, const Config *c, int l, const float *q, const float *k, int n) {
     size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
-    if (kv->koffsets) set_offset(kv->koff + l * kvd, k, n, (int)kvd);
-    if (kv->voffsets) set_offset(kv->voff + l * kvd, v, n, (int)kvd);
-    if (kv->kweights) set_key_weights(kv->kw + l * kvd, q, k, n, c);
-    if (kv->kproj) set_key_dirs(kv->kdir + l * kv->kproj * kvd, kv->kproj, q, k, kv->koff + l * kvd, kv->kw + l * kvd, n, c);
+    if (kv->kproj) set_key_dirs(kv->kdir + l * kv->kproj * kvd, kv->kproj, q, k, n, c);
 }
 
 /* Stores position pos's key k and value v (head_dim each) of KV head g in the
- * cache: k <- w * (k - mu_k) and v <- v - mu_v in place; the key's parts
- * beta_j = u_j.k kept in fp16 and k - sum_j beta_j u_j encoded (kp: head_dim
- * scratch); then k and v are rounded to fp16, as the exact store keeps them. */
+ * cache: the key's parts beta_j = u_j.k kept in fp16 and k - sum_j beta_j u_j
+ * encoded (kp: head_dim scratch); then k and v are rounded to fp16 in place, as
+ * the exact store keeps them. */
 TQ_HD static void encode_kv(const KVCache *kv, const Config *c, int l, int g, int pos, float *k, float *v, float *kp) {
     int hd = c->head_dim, R = kv->kproj;
     size_t head = (size_t)l * c->n_kv_heads + g;
-    const float *ko = kv->koff + head * hd, *vo = kv->voff + head * hd, *kw = kv->kw + head * hd;
-    for (int j = 0; j < hd; j++) { k[j] = kw[j] * (k[j] - ko[j]); v[j] -= vo[j]; }
     if (R) {
         const float *u = kv->kdir + head * R * hd;
         uint16_t *beta = kv->kbeta + (head * kv->ctx + pos) * R;
@@ -1291,9 +1192,9 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         int i;
 #pragma omp parallel for schedule(static)
         for (i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
-        if (pos == 0) measure_stats(kv, c, l, s->q, s->k, s->v, n);   /* a new sequence */
+        if (pos == 0) measure_stats(kv, c, l, s->q, s->k, n);   /* a new sequence */
 #pragma omp parallel for schedule(static)
-        for (i = 0; i < n * c->n_kv_heads; i++) {   /* encode k - mu_k, v - mu_v into the cache */
+        for (i = 0; i < n * c->n_kv_heads; i++) {   /* encode k, v into the cache */
             int b = i / c->n_kv_heads, g = i % c->n_kv_heads;
             encode_kv(kv, c, l, g, pos + b, s->k + (size_t)b * kvd + (size_t)g * hd, s->v + (size_t)b * kvd + (size_t)g * hd,
                       s->qperp + (size_t)i * hd);   /* qperp: scratch until attention uses it */
@@ -1953,9 +1854,8 @@ static void report(const Transformer *t, int n_pos, const Stats *st) {
     double proj = (double)n_pos * c->n_layers * c->n_kv_heads * 2 * kv->kproj / 1048576.0;
     if (mib > codes)
         fprintf(stderr, "kv: of which %.3f MiB codes, %.3f MiB key projections (%d fp16 per key), %.3f MiB fixed cost "
-                "(%d sink + %d recent positions in fp16%s%s%s): %.2f bits/elem in all\n",
-                codes, proj, kv->kproj, mib - codes - proj, kv->sink, kv->window, kv->koffsets || kv->voffsets ? ", offsets" : "",
-                kv->kweights ? ", key weights" : "", kv->kproj ? ", projection directions" : "",
+                "(%d sink + %d recent positions in fp16%s): %.2f bits/elem in all\n",
+                codes, proj, kv->kproj, mib - codes - proj, kv->sink, kv->window, kv->kproj ? ", projection directions" : "",
                 8.0 * cache_bytes(kv, c, n_pos) / ((double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2));
     report_weights(c, mib);
     if (st)
@@ -2148,8 +2048,7 @@ static void write_floats(const char *path, const float *x, size_t n) {
 }
 
 /* --stats: the cache statistics this sequence measured and stored, as float32, layer by
- * layer: key offsets, value offsets, key weights (n_kv_heads, head_dim) each, key
- * directions (n_kv_heads, R, head_dim), then every position's projections beta
+ * layer: the key directions (n_kv_heads, R, head_dim), then every position's projections beta
  * (n_kv_heads, n, R). A reference model of the cache can take these instead of computing
  * them again, so that a statistic on an fp16 rounding boundary cannot differ between the
  * two (tests/test_forward.py). */
@@ -2157,11 +2056,9 @@ static void dump_stats(const Transformer *t, int n, const char *path) {
     const Config *c = &t->config;
     const KVCache *kv = &t->cache;
     size_t kvd = (size_t)c->n_kv_heads * c->head_dim, R = (size_t)kv->kproj;
-    size_t per_layer = 3 * kvd + R * kvd + (size_t)c->n_kv_heads * n * R;
+    size_t per_layer = R * kvd + (size_t)c->n_kv_heads * n * R;
     float *x = (float *)xcalloc(c->n_layers * per_layer, sizeof(float), "statistics"), *p = x;
     for (int l = 0; l < c->n_layers; l++) {
-        const float *from[3] = {kv->koff + l * kvd, kv->voff + l * kvd, kv->kw + l * kvd};
-        for (int i = 0; i < 3; i++, p += kvd) memcpy(p, from[i], kvd * sizeof(float));
         if (R) memcpy(p, kv->kdir + l * R * kvd, R * kvd * sizeof(float));
         p += R * kvd;
         for (int g = 0; g < c->n_kv_heads; g++)
@@ -2321,8 +2218,6 @@ static void usage(int status) {
         "  --stats <file> -m logits: also write the cache statistics measured (float32; README.md)\n"
         "  --scale <r> tq scale rule: norm (paper) | nc (norm correction) | eden, or KEYS:VALUES; default eden\n"
         "Fixes for lossy caches (q8, q4, tq*), measured on the sequence itself, costs counted:\n"
-        "  --offsets <0|1>  subtract per-head key/value means of the first batch (K:V apart), default 0\n"
-        "  --kweights <0|1> weight key channels by the queries' energy, default 0\n"
         "  --kproj <0|1|2>  keep keys' parts along the mean query (1), the keys' main direction (2) in fp16, default 2\n"
         "  --sink <int>     keep the first N positions also in fp16, default 1\n"
         "  --window <int>   keep the last N positions also in fp16, default 8\n"
@@ -2386,8 +2281,8 @@ int main(int argc, char **argv) {
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
     int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
-    CacheOpts co = {.kf = TQ_TQ3, .vf = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN, .koffsets = 0,
-                    .voffsets = 0, .kweights = 0, .kproj = 2, .sink = 1, .window = 8};   /* chosen by bench/quality */
+    CacheOpts co = {.kf = TQ_TQ3, .vf = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
+                    .kproj = 2, .sink = 1, .window = 8};   /* chosen by bench/quality */
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
@@ -2417,13 +2312,6 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--chunks")) chunks = parse_int(a, v, 1, 1 << 30);
         else if (!strcmp(a, "--batch")) batch = parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--qinput")) qinput = parse_int(a, v, 0, 1);
-        else if (!strcmp(a, "--offsets")) {
-            char k[32], vv[32];
-            split_kv(a, v, k, vv);
-            co.koffsets = parse_int(a, k, 0, 1);
-            co.voffsets = parse_int(a, vv, 0, 1);
-        }
-        else if (!strcmp(a, "--kweights")) co.kweights = parse_int(a, v, 0, 1);
         else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, KPROJ_MAX);
         else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--window")) co.window = parse_int(a, v, 0, 1 << 20);
@@ -2477,7 +2365,7 @@ int main(int argc, char **argv) {
     } else if (m == EVAL) {
         if (!prompt) die("-m eval needs a text: -f FILE");
         int same = co.kf == TQ_FP32 && co.vf == TQ_FP32;  /* the reference would be identical */
-        CacheOpts fp32 = co;   /* offsets, projections, exact positions: none apply to fp32 */
+        CacheOpts fp32 = co;   /* projections, exact positions: none apply to fp32 */
         fp32.kf = fp32.vf = TQ_FP32;
         Transformer ref;
         if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1, qinput);

@@ -317,7 +317,7 @@ def one_layer(tmp_path_factory):
 def one_layer_logits(d, kspec, path, batch):
     out = d / f"lg_{kspec.replace(':', '_')}_{path}_{batch}.f32"
     p = subprocess.run([str(RUN), str(d / "m.bin"), "-m", "logits", "-k", kspec, "-f", str(d / "ids.txt"), "-o", str(out),
-                        "--batch", str(batch), "--offsets", "0", "--kweights", "0", "--kproj", "0"],
+                        "--batch", str(batch), "--kproj", "0"],
                        capture_output=True, text=True, env=dict(os.environ, TQ_SIMD=path))
     assert p.returncode == 0, p.stderr
     return np.fromfile(out, dtype=np.float32).reshape(N_IDS, -1)
