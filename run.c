@@ -2216,6 +2216,7 @@ static void usage(int status) {
         "  --qinput <0|1> int8 weights: quantize each product's input to int8 too (1, runq.c) or keep it fp32 (0), default 1\n"
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
         "  --stats <file> -m logits: also write the cache statistics measured (float32; README.md)\n"
+        "  --paper     the paper's plain TurboQuant: --scale norm --kproj 0 --sink 0 --window 0 (later flags override)\n"
         "  --scale <r> tq scale rule: norm (paper) | nc (norm correction) | eden, or KEYS:VALUES; default eden\n"
         "Fixes for lossy caches (q8, q4, tq*), measured on the sequence itself, costs counted:\n"
         "  --kproj <0|1|2>  keep keys' parts along the mean query (1), the keys' main direction (2) in fp16, default 2\n"
@@ -2287,12 +2288,17 @@ int main(int argc, char **argv) {
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
     model_path = argv[1];
-    for (int i = 2; i < argc; i += 2) {
+    for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) usage(0);
         if (a[0] != '-' || !a[1]) die("expected an option, got \"%s\" (run -h)", a);
-        if (i + 1 >= argc) die("option %s needs a value (run -h)", a);
-        const char *v = argv[i + 1];
+        if (!strcmp(a, "--paper")) {    /* the paper's TurboQuant as written: none of the fixes */
+            co.kscale = co.vscale = TQ_SCALE_NORM;
+            co.kproj = co.sink = co.window = 0;
+            continue;
+        }
+        if (++i >= argc) die("option %s needs a value (run -h)", a);
+        const char *v = argv[i];
         if (!strcmp(a, "-t")) {
             temperature = (float)parse_num(a, v, 0, 1e6);  /* logits / t must stay finite */
             if (temperature > 0 && temperature < 1e-3f) die("-t %s is too small: 0 (greedy) or at least 0.001", v);

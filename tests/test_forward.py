@@ -845,6 +845,22 @@ def test_window_covering_everything_is_fp16(workdir, kspec):
     assert np.abs(none - fp16).max() > 10 * np.abs(full - fp16).max()
 
 
+@pytest.mark.parametrize("kspec", ["tq3", "q4:tq2p"])
+def test_paper_is_plain_turboquant(workdir, kspec):
+    """--paper is the paper's TurboQuant as written: the same logits, bit for bit, as the
+    flags it stands for (--scale norm --kproj 0 --sink 0 --window 0), and other logits than
+    run's default fixed cache; a later flag overrides it."""
+    _need_run()
+    _, out, m = _exported("gguf", str(workdir))
+    paper = run_logits(out, workdir, kspec, ("--paper",))
+    spelled = run_logits(out, workdir, kspec, ("--scale", "norm", "--kproj", "0", "--sink", "0", "--window", "0"))
+    default = run_logits(out, workdir, kspec, ())
+    assert np.array_equal(paper, spelled)
+    assert np.abs(paper - default).max() > 1e-3
+    eden = run_logits(out, workdir, kspec, ("--paper", "--scale", "eden"))
+    assert np.array_equal(eden, run_logits(out, workdir, kspec, ("--kproj", "0", "--sink", "0", "--window", "0")))
+
+
 # ----------------------------------------------------------------------------- int8 weights
 
 class InputQuant:

@@ -80,7 +80,7 @@ def test_memory_line(smollm2, R):
 
 def test_memory_line_plain_tq3_is_4_9x_smaller(smollm2):
     """Without the fixes the cache is the codes alone: 128 B of fp16 against 26 B per vector."""
-    out, err = generate(smollm2, "tq3", 10, extra=("--kproj", "0", "--sink", "0", "--window", "0"))
+    out, err = generate(smollm2, "tq3", 10, extra=("--paper",))
     m = re.search(r"MiB for (\d+) tokens \(fp16 [\d.]+ MiB, ([\d.]+)x smaller", err)
     assert m and abs(float(m[2]) - 128 / 26) < 0.05, err
     assert "fixed cost" not in err
