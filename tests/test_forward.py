@@ -456,15 +456,9 @@ def libtq_roundtrip(fmt, d, scale):
 
 def tq_ref_roundtrip(fmt, d, scale):
     """kv_fn from the numpy oracle tests/tq_ref.py (TurboQuant(fmt, d, scale, Pi, S) with the
-    rotation signs / dense matrix and QJL matrix of the C codec run uses), or pytest.skip."""
-    try:
-        tq_ref = importlib.import_module("tq_ref")
-    except ImportError as e:
-        pytest.skip(f"tests/tq_ref.py not importable ({e})")
-    if not hasattr(tq_ref, "TurboQuant") or not hasattr(tq_ref, "hadamard_rotation"):
-        pytest.skip("tests/tq_ref.py has no TurboQuant class / hadamard_rotation")
-    if fmt not in getattr(tq_ref, "MSE_BITS", {}):
-        pytest.skip(f"tests/tq_ref.py does not model format {fmt} (tq formats only)")
+    rotation signs / dense matrix and QJL matrix of the C codec run uses); tq formats only."""
+    tq_ref = importlib.import_module("tq_ref")
+    assert fmt in tq_ref.MSE_BITS, f"tests/tq_ref.py does not model format {fmt}"
     c = _c_codec(fmt, d, scale)
     if c.rounds:
         Pi = tq_ref.hadamard_rotation(
@@ -589,7 +583,7 @@ def _kv_fns(kspec, d, scale, make_fn):
 def _check_cache(workdir, name, kspec, scale, make_fn, label):
     _need_run()
     _, out, m = _exported(name, str(workdir))
-    kfn, vfn = _kv_fns(kspec, m.head_dim, scale, make_fn)   # may skip (tq_ref lacks a format)
+    kfn, vfn = _kv_fns(kspec, m.head_dim, scale, make_fn)
     got = run_logits(out, workdir, kspec, ("--scale", scale) + PLAIN_CACHE_OPTS)
     # fp16 rounding flips are element-wise and not matched, hence test_logits_fp16's tolerance
     tol = FP16_TOL if "fp16" in kspec.split(":") else CACHE_TOL
