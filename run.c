@@ -621,8 +621,9 @@ TQ_HD static float dot_f16(const float *a, const uint16_t *b, int n) {
 #ifndef RUN_CUDA   /* run_cuda.cu multiplies with cuBLAS */
 /* A 2-row x 6-token tile of the product, 8 floats at a time: 12 accumulators
  * and 2 weight vectors fit the 16 AVX registers, so every weight load serves
- * 6 tokens and every activation load 2 rows (3x the speed of one dot at a time
- * on the 2-core test machine). v8f is GCC/Clang's portable vector extension. */
+ * 6 tokens and every activation load 2 rows, where one dot at a time would load both
+ * for one product each (bench/README.md, Research options, has the figure). v8f is
+ * GCC/Clang's portable vector extension. */
 typedef float v8f __attribute__((vector_size(32)));
 #define TILE_ROWS 2
 #define TILE_TOKS 6

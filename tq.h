@@ -65,7 +65,7 @@ typedef enum {
 } tq_fmt;
 
 /* How the stored scale s of a tq vector is chosen (see the paper and
- * REFERENCE.md section 1). c = c[idx] is the reconstructed unit vector in the
+ * section 3.1, Algorithm 1). c = c[idx] is the reconstructed unit vector in the
  * rotated domain, y = Pi.u the rotated unit input. */
 typedef enum {
     TQ_SCALE_NORM, /* the paper's Algorithm 1: s = |x|                           */

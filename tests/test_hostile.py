@@ -1,4 +1,4 @@
-"""Hostile inputs (issue 5): a bad model file, option, prompt or export source gets one line
+"""Hostile inputs: a bad model file, option, prompt or export source gets one line
 on stderr that names the problem, an exit status > 0 (a negative one is a signal: a crash),
 and nothing on stdout. Model-file cases run against ./run and ./run_san (ASan + UBSan).
 
