@@ -1,11 +1,11 @@
 /* run.c - inference of a Llama-architecture model whose whole KV cache lives in
  * TurboQuant form (or another format chosen with -k), in one C file.
  *
- * Structure follows karpathy/llama2.c: Config / TransformerWeights / RunState /
- * Transformer, the tokenizer, the sampler, then the generate / chat / eval
- * loops and main(). What is new is the KV cache: keys and values are encoded by
- * tq.c as they are produced, and attention scores keys and accumulates values
- * straight from their codes (see attention()).
+ * Structure follows karpathy/llama2.c, in sections: config and weights, the cache,
+ * the forward pass, the tokenizer, the sampler, the modes (generate, chat,
+ * logits, score, eval), main. What is new is the KV cache: keys and values are
+ * encoded by tq.c as they are produced (encode_kv), and attention scores keys
+ * and accumulates values straight from their codes (attention(), attend_codes).
  *
  * Build: make run    Usage: ./run model.bin -h
  */
@@ -59,7 +59,7 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 }
 
 /* ---------------------------------------------------------------------------
- * The model: header, weights (mmap'd from model.bin; format in README.md)
+ * Config and weights: the header and the weights, mmap'd from model.bin (format in README.md)
  */
 
 #define MODEL_MAGIC "TQLM"
@@ -129,8 +129,8 @@ typedef struct {
  * codec, each behind its own flag (see the comments on the key projection and the
  * exact positions below). */
 typedef struct {
-    tq_fmt kf, vf;   /* key and value formats                                 */
-    tq_scale kscale, vscale; /* scale rules of the tq formats for keys, values  */
+    tq_fmt key_fmt, value_fmt;     /* -k KEYS:VALUES                    */
+    tq_scale kscale, vscale;       /* --scale: the tq formats' scale rules */
     int kproj;       /* directions along which keys are kept exactly, 0..KPROJ_MAX */
     int sink;        /* the first `sink` positions also kept in fp16          */
     int window;      /* the last `window` positions also kept in fp16         */
@@ -418,15 +418,15 @@ static void *take_zeroed(size_t n, size_t size, const char *what, int alloc, dou
  * counts it. Returns its bytes. The fixes apply to lossy formats only: the key projection to
  * lossy keys, the exact positions to a cache with a lossy side. */
 static double build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ctx, int alloc) {
-    tq_fmt fmts[2] = {o->kf, o->vf};
+    tq_fmt fmts[2] = {o->key_fmt, o->value_fmt};
     tq_scale scales[2] = {o->kscale, o->vscale};
     tq_codec *codecs[2] = {&kv->kc, &kv->vc};
     for (int i = 0; i < 2; i++)   /* head_dim was checked against the formats before */
         if (tq_init(codecs[i], fmts[i], c->head_dim, scales[i], TQ_DEFAULT_SEED) != 0)
             die("out of memory setting up format %s", tq_fmt_name(fmts[i]));
-    int lossy = tq_is_lossy(o->kf) || tq_is_lossy(o->vf);
+    int lossy = tq_is_lossy(o->key_fmt) || tq_is_lossy(o->value_fmt);
     kv->ctx = ctx;
-    kv->kproj = tq_is_lossy(o->kf) ? o->kproj : 0;
+    kv->kproj = tq_is_lossy(o->key_fmt) ? o->kproj : 0;
     kv->sink = lossy ? (o->sink < ctx ? o->sink : ctx) : 0;
     kv->window = lossy ? o->window : 0;
     kv->slots = kv->sink + (kv->window < ctx - kv->sink ? kv->window : ctx - kv->sink);
@@ -677,7 +677,7 @@ static void build_transformer(Transformer *t, const char *path, const CacheOpts 
     int asked = ctx > 0;
     if (!asked) ctx = c->seq_len;
     if (ctx > c->seq_len) die("-c %d exceeds the model's context of %d tokens", ctx, c->seq_len);
-    tq_fmt fmts[2] = {o->kf, o->vf};
+    tq_fmt fmts[2] = {o->key_fmt, o->value_fmt};
     for (int i = 0; i < 2; i++) {
         if (tq_bytes(fmts[i], c->head_dim) == 0)
             die("format %s cannot hold head_dim %d (every format needs a multiple of 8, q4 of 32)",
@@ -1820,7 +1820,7 @@ static int sample(Sampler *s, float *logits) {
 }
 
 /* ---------------------------------------------------------------------------
- * Generation loops
+ * The modes: generate, chat
  */
 
 static double now_s(void) {
@@ -1864,7 +1864,7 @@ static double kv_bits(const KVCache *kv, const Config *c, int n) {
 
 /* The memory / speed line on stderr, e.g.
  * kv: tq3/tq3 3.25 bits/elem, 4.6 MiB for 1024 tokens (fp16 22.5 MiB, 4.9x smaller; fp32 45.0 MiB) */
-static void report(const Transformer *t, int n_pos, const Stats *st) {
+static void report(const Transformer *t, int n_pos, const Stats *speed) {
     const Config *c = &t->config;
     const KVCache *kv = &t->cache;
     double bits = 0.5 * (tq_bits_per_elem(kv->kc.fmt, c->head_dim) + tq_bits_per_elem(kv->vc.fmt, c->head_dim));
@@ -1881,10 +1881,10 @@ static void report(const Transformer *t, int n_pos, const Stats *st) {
                 b.codes / MiB, b.projections / MiB, kv->kproj, b.fixed / MiB, kv->sink, kv->window,
                 kv->kproj ? ", projection directions" : "", kv_bits(kv, c, n_pos));
     report_weights(c, mib);
-    if (st)
+    if (speed)
         fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens), attention %s\n",
-                st->prefill_s > 0 ? st->prefill_tokens / st->prefill_s : 0.0, st->prefill_tokens,
-                st->decode_s > 0 ? st->decode_tokens / st->decode_s : 0.0, st->decode_tokens, attention_path(t));
+                speed->prefill_s > 0 ? speed->prefill_tokens / speed->prefill_s : 0.0, speed->prefill_tokens,
+                speed->decode_s > 0 ? speed->decode_tokens / speed->decode_s : 0.0, speed->decode_tokens, attention_path(t));
 }
 
 /* Prints a token's bytes; ASCII control bytes other than whitespace are not
@@ -2021,7 +2021,7 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
 }
 
 /* ---------------------------------------------------------------------------
- * Test and tool modes: logits dump, tokenize, detokenize
+ * The modes: logits (and --stats), reading ids and files; tokenize and detokenize are in main
  */
 
 static char *read_file(const char *path, size_t *len) {
@@ -2106,7 +2106,7 @@ static void dump_logits(Transformer *t, const char *ids_text, const char *out, c
 }
 
 /* ---------------------------------------------------------------------------
- * -m eval: perplexity and divergence from the fp32 cache (llama-perplexity's method)
+ * The modes: score, and eval (perplexity and divergence from the fp32 cache, llama-perplexity's method)
  */
 
 /* log-softmax of n logits into out, in double for stable KL sums */
@@ -2212,7 +2212,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
 }
 
 /* ---------------------------------------------------------------------------
- * CLI
+ * main: the options
  */
 
 /* -h prints this to stdout and exits 0; a missing model path prints it to stderr, exit 1 */
@@ -2276,18 +2276,18 @@ static void split_kv(const char *flag, const char *arg, char *k, char *v) {
     snprintf(v, 32, "%s", colon ? colon + 1 : k);
 }
 
-static void parse_kv(const char *arg, tq_fmt *kf, tq_fmt *vf) {
+static void parse_kv(const char *arg, tq_fmt *key_fmt, tq_fmt *value_fmt) {
     char k[32], v[32];
     split_kv("-k", arg, k, v);
-    if (tq_parse_fmt(k, kf) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", k);
-    if (tq_parse_fmt(v, vf) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", v);
+    if (tq_parse_fmt(k, key_fmt) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", k);
+    if (tq_parse_fmt(v, value_fmt) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", v);
 }
 
-static void parse_scales(const char *arg, tq_scale *ks, tq_scale *vs) {
+static void parse_scales(const char *arg, tq_scale *key_scale, tq_scale *value_scale) {
     char k[32], v[32];
     split_kv("--scale", arg, k, v);
-    if (tq_parse_scale(k, ks) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", k);
-    if (tq_parse_scale(v, vs) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", v);
+    if (tq_parse_scale(k, key_scale) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", k);
+    if (tq_parse_scale(v, value_scale) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", v);
 }
 
 #ifndef RUN_NO_MAIN
@@ -2297,7 +2297,7 @@ int main(int argc, char **argv) {
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
     int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
-    CacheOpts co = {.kf = TQ_TQ3, .vf = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
+    CacheOpts co = {.key_fmt = TQ_TQ3, .value_fmt = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
                     .kproj = 2, .sink = 1, .window = 8};   /* chosen by bench/quality */
 
     if (argc < 2) usage(1);
@@ -2326,7 +2326,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-z")) tok_path = v;
         else if (!strcmp(a, "-m")) mode = v;
         else if (!strcmp(a, "-y")) system = v;
-        else if (!strcmp(a, "-k")) parse_kv(v, &co.kf, &co.vf);
+        else if (!strcmp(a, "-k")) parse_kv(v, &co.key_fmt, &co.value_fmt);
         else if (!strcmp(a, "-c")) ctx = parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "-o")) out = v;
         else if (!strcmp(a, "--stats")) stats = v;
@@ -2385,9 +2385,9 @@ int main(int argc, char **argv) {
         chat(&t, &tok, &sampler, prompt, system, steps);
     } else if (m == EVAL) {
         if (!prompt) die("-m eval needs a text: -f FILE");
-        int same = co.kf == TQ_FP32 && co.vf == TQ_FP32;  /* the reference would be identical */
+        int same = co.key_fmt == TQ_FP32 && co.value_fmt == TQ_FP32;  /* the reference would be identical */
         CacheOpts fp32 = co;   /* projections, exact positions: none apply to fp32 */
-        fp32.kf = fp32.vf = TQ_FP32;
+        fp32.key_fmt = fp32.value_fmt = TQ_FP32;
         Transformer ref;
         if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1, qinput);
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);
