@@ -1,11 +1,11 @@
 /* run.c - inference of a Llama-architecture model whose whole KV cache lives in
  * TurboQuant form (or another format chosen with -k), in one C file.
  *
- * Structure follows karpathy/llama2.c: Config / TransformerWeights / RunState /
- * Transformer, the tokenizer, the sampler, then the generate / chat / eval
- * loops and main(). What is new is the KV cache: keys and values are encoded by
- * tq.c as they are produced, and attention scores keys and accumulates values
- * straight from their codes (see attention()).
+ * Structure follows karpathy/llama2.c, in sections: config and weights, the cache,
+ * the forward pass, the tokenizer, the sampler, the modes (generate, chat,
+ * logits, score, eval), main. What is new is the KV cache: keys and values are
+ * encoded by tq.c as they are produced (encode_kv), and attention scores keys
+ * and accumulates values straight from their codes (attention(), attend_codes).
  *
  * Build: make run    Usage: ./run model.bin -h
  */
@@ -59,7 +59,7 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 }
 
 /* ---------------------------------------------------------------------------
- * The model: header, weights (mmap'd from model.bin; format in README.md)
+ * Config and weights: the header and the weights, mmap'd from model.bin (format in README.md)
  */
 
 #define MODEL_MAGIC "TQLM"
@@ -125,14 +125,12 @@ typedef struct {
 
 #define KPROJ_MAX 2  /* --kproj: the mean query direction, then the keys' main direction */
 
-/* How the KV cache is held: the -k formats and the fixes of issue 4, each
- * behind its own flag (see the comments on offsets, key weights and exact
- * positions below). */
+/* How the KV cache is held: the -k formats and the fixes on top of the paper's
+ * codec, each behind its own flag (see the comments on the key projection and the
+ * exact positions below). */
 typedef struct {
-    tq_fmt kf, vf;   /* key and value formats                                 */
-    tq_scale kscale, vscale; /* scale rules of the tq formats for keys, values  */
-    int koffsets, voffsets; /* subtract per-head key / value offsets          */
-    int kweights;    /* weight key channels by the queries' energy            */
+    tq_fmt key_fmt, value_fmt;     /* -k KEYS:VALUES                    */
+    tq_scale kscale, vscale;       /* --scale: the tq formats' scale rules */
     int kproj;       /* directions along which keys are kept exactly, 0..KPROJ_MAX */
     int sink;        /* the first `sink` positions also kept in fp16          */
     int window;      /* the last `window` positions also kept in fp16         */
@@ -146,11 +144,6 @@ typedef struct {
     uint8_t *key;    /* (n_layers, n_kv_heads, ctx, kc.bytes)                 */
     uint8_t *value;  /* (n_layers, n_kv_heads, ctx, vc.bytes)                 */
     int ctx;         /* positions allocated                                   */
-    int koffsets, voffsets; /* 1: subtract per-head offsets before encoding (below) */
-    int kweights;    /* 1: weight key channels by the queries' energy (below)  */
-    float *koff;     /* (n_layers, n_kv_heads, head_dim) key offset mu_k      */
-    float *voff;     /* (n_layers, n_kv_heads, head_dim) value offset mu_v    */
-    float *kw;       /* (n_layers, n_kv_heads, head_dim) key channel weights w */
     int kproj;       /* R: keys' components along R directions kept exactly (below) */
     float *kdir;     /* (n_layers, n_kv_heads, R, head_dim) orthonormal directions u_j */
     uint16_t *kbeta; /* (n_layers, n_kv_heads, ctx, R) fp16 beta_tj = u_j.k_t of every key */
@@ -163,53 +156,33 @@ typedef struct {
 /* Exact positions. Most of what a small model's attention looks at is the
  * attention sink (position 0) and the last few tokens; their quantization
  * error goes straight into the output. Keeping those positions also in fp16
- * (the same vectors that were encoded, offsets and weights applied) removes
- * most of the error for a fixed cost: with 1 sink and 8 recent positions,
- * tq3's KL divergence from the fp32 cache fell from 0.107 to 0.035 on the
- * first 512 tokens of wiki.test.raw. The recent positions live in a ring of
- * `window` rows, so the cost does not grow with the context; it is counted in
- * the memory line and in kv_bits. The positions of the batch being processed
- * are read from the batch itself (rounded to fp16 the same way) and enter the
- * ring after attention. */
+ * (the same vectors that were encoded) removes that error for a fixed cost
+ * (bench/README.md, round 1). The recent positions live in a ring of `window`
+ * rows, so the cost does not grow with the context; it is counted in the
+ * memory line and in kv_bits. The positions of the batch being processed are
+ * read from the batch itself (rounded to fp16 the same way) and enter the ring
+ * after attention. */
 
-/* Offsets. The keys of this model share a large common part: averaged over
- * positions, a head's key is ~80% of a key's length (it survives RoPE in the
- * slow-rotating channels). Quantizing k spends the bits on that common part.
- * Instead the cache stores k - mu_k, and the scores lose only q.mu_k, the same
- * constant for every key of a query, which softmax ignores:
- *     softmax_t(q.(k_t - mu_k)) = softmax_t(q.k_t - q.mu_k) = softmax_t(q.k_t).
- * Values likewise store v - mu_v, and since the weights p_t sum to one,
- *     sum_t p_t v_t = mu_v + sum_t p_t (v_t - mu_v).
- * mu is the mean over the first forward pass of a sequence (its first batch of
- * up to --batch tokens, the attention-sink token at position 0 left out),
- * rounded to fp16: statistics of the sequence itself, nothing fitted offline.
- * They cost 2 x 16 bits per head dimension per layer and head, once per
- * sequence. More tokens measure them better: tq3's KLD on 2 chunks of
- * wiki.test.raw is 0.0227 / 0.0208 / 0.0172 / 0.0161 with batches of 24 / 48 /
- * 128 / 256 tokens, hence the default of 256. */
-
-/* Key projection. The queries of a head share a large common direction too:
- * on the first 512 tokens of wiki.test.raw the mean query's direction u holds
- * 40-70% of a head's query energy. The score error of a quantized key is
- * q.e = (q.u)(u.e) + q_perp.e, and the first term, large because q.u is, moves
- * every score of the key the same way for all queries. So each key also keeps
- * beta = u.k exactly (one fp16 number per key and head: +0.25 bits/elem at
- * head_dim 64) and only the rest, k - beta u, is encoded. Scoring uses
+/* Key projection. The queries of a head share a large common direction: the
+ * mean query's direction u holds a large part of a head's query energy. The
+ * score error of a quantized key is q.e = (q.u)(u.e) + q_perp.e, and the first
+ * term, large because q.u is, moves every score of the key the same way for
+ * all queries. So each key also keeps beta = u.k exactly (one fp16 number per
+ * key and head: +0.25 bits/elem at head_dim 64) and only the rest, k - beta u,
+ * is encoded. Scoring uses
  *     q.k ~= (q.u) beta + q_perp.k~,   q_perp = q - (q.u) u,
  * so the codes' error along u (which is not zero: the codec's error is spread
- * over all directions) never reaches the score. u is the normalized mean query
- * of the sequence's first batch (the sink token left out), rounded to fp16 and
- * normalized again; it costs 16 bits per head dimension once per sequence.
- * Measured in a numpy model of attention alone (keys tq3, sink + 8 recent exact):
- * the attention KL divergence falls from 0.029 to 0.011; in run's eval (tq3,
- * 6 chunks of wiki.test.raw) the model's KLD from fp32 falls from 0.032 to 0.022.
- * --kproj 2 adds a second direction u_2, orthogonal to u: the keys' own main
- * direction (their top principal direction in the first batch, less the part
- * along u), so the codes no longer carry the largest remaining part of a key.
- * With R directions, k - sum_j beta_j u_j is encoded and
+ * over all directions, paper section 3.1) never reaches the score. u is the
+ * normalized mean query of the sequence's first batch (up to --batch tokens,
+ * the sink token left out: statistics of the sequence itself, nothing fitted
+ * offline), rounded to fp16 and normalized again; it costs 16 bits per head
+ * dimension once per sequence. --kproj 2 adds a second direction u_2,
+ * orthogonal to u: the keys' own main direction (their top principal direction
+ * in the first batch, less the part along u), so the codes no longer carry the
+ * largest remaining part of a key. With R directions, k - sum_j beta_j u_j is
+ * encoded and
  *     q.k ~= sum_j (q.u_j) beta_j + q_perp.k~,   q_perp = q - sum_j (q.u_j) u_j.
- * tq3, 6 chunks, statistics from 256 tokens: KLD 0.0161 -> 0.0140 for one more
- * fp16 per key (+0.125 bits/elem averaged over K and V). */
+ * What each direction gains is measured in bench/README.md (rounds 2 and 3). */
 
 /* Activations for up to `batch` tokens processed together (prompts are run in
  * batches so that every weight row read from memory serves many tokens; the
@@ -224,10 +197,11 @@ typedef struct {
     float *q;      /* (batch, q_dim)   q_dim = n_heads*head_dim               */
     float *k;      /* (batch, kv_dim)  kv_dim = n_kv_heads*head_dim           */
     float *v;      /* (batch, kv_dim)                                         */
+    float *kperp;  /* (batch, kv_dim) keys less their parts along the key directions, as encoded */
     float *att;    /* (n_threads, att_floats) a work item's scores / weights and key projections */
-    float *qp;     /* (n_kv_heads, batch, group, tq_query_floats) prepared queries, a KV head's together */
-    float *qu;     /* (n_kv_heads, batch, group, KPROJ_MAX) the queries' parts along the key directions */
-    float *qperp;  /* (batch*n_heads, head_dim) queries less their part along u (scratch) */
+    float *prepared; /* (n_kv_heads, batch, group, tq_query_floats) queries prepared by the key codec, a KV head's together */
+    float *along;  /* (n_kv_heads, batch, group, KPROJ_MAX) the queries' parts along the key directions */
+    float *qperp;  /* (batch*n_heads, head_dim) queries less those parts (prepare_query's scratch) */
     float *part;   /* (att_states, state_floats) online-softmax states of the work items */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
     tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
@@ -429,48 +403,46 @@ static void load_model(Transformer *t, const char *path) {
 }
 
 /* ---------------------------------------------------------------------------
- * KV cache and activations
+ * The cache (and the activations): allocation, layout, what it holds
  */
 
-/* rows of the exact store per (layer, kv head): the sinks and the ring of recent positions */
-static int exact_slots(int sink, int window, int ctx) {
-    sink = sink < ctx ? sink : ctx;
-    return sink + (window < ctx - sink ? window : ctx - sink);
+/* n zeroed items of `size` bytes, added to *bytes; with alloc 0 only counted (NULL). The one
+ * place where the cache's and the activations' sizes are computed: build_transformer counts
+ * them before allocating anything. */
+static void *take_zeroed(size_t n, size_t size, const char *what, int alloc, double *bytes) {
+    *bytes += (double)n * (double)size;
+    return alloc ? xcalloc(n, size, what) : NULL;
 }
 
-static void build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ctx) {
-    tq_fmt kf = o->kf, vf = o->vf, fmts[2] = {kf, vf};
+/* Sets up the codecs and the cache's layout for ctx positions; allocates it (alloc 1) or only
+ * counts it. Returns its bytes. The fixes apply to lossy formats only: the key projection to
+ * lossy keys, the exact positions to a cache with a lossy side. */
+static double build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ctx, int alloc) {
+    tq_fmt fmts[2] = {o->key_fmt, o->value_fmt};
     tq_scale scales[2] = {o->kscale, o->vscale};
     tq_codec *codecs[2] = {&kv->kc, &kv->vc};
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++)   /* head_dim was checked against the formats before */
         if (tq_init(codecs[i], fmts[i], c->head_dim, scales[i], TQ_DEFAULT_SEED) != 0)
-            die("format %s cannot hold head_dim %d (tq formats need a multiple of 8, q4 of 32)",
-                tq_fmt_name(fmts[i]), c->head_dim);
+            die("out of memory setting up format %s", tq_fmt_name(fmts[i]));
+    int lossy = tq_is_lossy(o->key_fmt) || tq_is_lossy(o->value_fmt);
     kv->ctx = ctx;
-    kv->koffsets = o->koffsets && kf >= TQ_Q8;   /* never for the fp32/fp16 references */
-    kv->voffsets = o->voffsets && vf >= TQ_Q8;
-    kv->kweights = o->kweights && kf >= TQ_Q8;
-    kv->kproj = kf >= TQ_Q8 ? o->kproj : 0;
-    size_t heads = (size_t)c->n_layers * c->n_kv_heads;
-    kv->koff = (float *)xcalloc(heads * c->head_dim, sizeof(float), "key offsets");
-    kv->voff = (float *)xcalloc(heads * c->head_dim, sizeof(float), "value offsets");
-    kv->kw = (float *)xcalloc(heads * c->head_dim, sizeof(float), "key weights");
-    for (size_t i = 0; i < heads * c->head_dim; i++) kv->kw[i] = 1.0f;
-    kv->kdir = kv->kproj ? (float *)xcalloc(heads * kv->kproj * c->head_dim, sizeof(float), "key directions") : NULL;
-    kv->kbeta = kv->kproj ? (uint16_t *)xcalloc(heads * ctx * kv->kproj, sizeof(uint16_t), "key projections") : NULL;
-    int lossy = kf >= TQ_Q8 || vf >= TQ_Q8;     /* exact copies only help a lossy cache */
+    kv->kproj = tq_is_lossy(o->key_fmt) ? o->kproj : 0;
     kv->sink = lossy ? (o->sink < ctx ? o->sink : ctx) : 0;
     kv->window = lossy ? o->window : 0;
-    kv->slots = exact_slots(kv->sink, kv->window, ctx);
-    kv->exact_k = (uint16_t *)xcalloc(heads * kv->slots * c->head_dim, sizeof(uint16_t), "exact keys");
-    kv->exact_v = (uint16_t *)xcalloc(heads * kv->slots * c->head_dim, sizeof(uint16_t), "exact values");
-    size_t rows = heads * ctx;
-    kv->key = (uint8_t *)xcalloc(rows, kv->kc.bytes, "the key cache");
-    kv->value = (uint8_t *)xcalloc(rows, kv->vc.bytes, "the value cache");
+    kv->slots = kv->sink + (kv->window < ctx - kv->sink ? kv->window : ctx - kv->sink);
+    size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = (size_t)c->head_dim, R = (size_t)kv->kproj;
+    double bytes = 0;
+    kv->key = (uint8_t *)take_zeroed(heads * ctx, kv->kc.bytes, "the key cache", alloc, &bytes);
+    kv->value = (uint8_t *)take_zeroed(heads * ctx, kv->vc.bytes, "the value cache", alloc, &bytes);
+    kv->kdir = R ? (float *)take_zeroed(heads * R * hd, sizeof(float), "key directions", alloc, &bytes) : NULL;
+    kv->kbeta = R ? (uint16_t *)take_zeroed(heads * ctx * R, sizeof(uint16_t), "key projections", alloc, &bytes) : NULL;
+    kv->exact_k = (uint16_t *)take_zeroed(heads * kv->slots * hd, sizeof(uint16_t), "exact keys", alloc, &bytes);
+    kv->exact_v = (uint16_t *)take_zeroed(heads * kv->slots * hd, sizeof(uint16_t), "exact values", alloc, &bytes);
+    return bytes;
 }
 
 static void free_cache(KVCache *kv) {
-    free(kv->key); free(kv->value); free(kv->koff); free(kv->voff); free(kv->kw); free(kv->kdir); free(kv->kbeta); free(kv->exact_k); free(kv->exact_v);
+    free(kv->key); free(kv->value); free(kv->kdir); free(kv->kbeta); free(kv->exact_k); free(kv->exact_v);
     tq_free(&kv->kc); tq_free(&kv->vc);
 }
 
@@ -484,20 +456,144 @@ TQ_HD static size_t exact_row(const KVCache *kv, const Config *c, int l, int g, 
     return (((size_t)l * c->n_kv_heads + g) * kv->slots + r) * c->head_dim;
 }
 
-/* 1 if position t is read from the exact store by a query at position T-1 */
-TQ_HD static int is_exact(const KVCache *kv, int t, int T) { return t < kv->sink || t >= T - kv->window; }
+/* What the cache holds for n positions, as the memory line and kv_bits count it: the codes;
+ * every key's R fp16 projections beta; a fixed cost, the fp16 exact rows in use and the R
+ * directions per head (kept as fp16 numbers: store_direction). */
+typedef struct { size_t codes, projections, fixed; } CacheBytes;
 
-/* KV bytes held for n positions, everything counted: the codes, the fp16
- * exact copies in use, the keys' fp16 projections beta, and the per-head
- * offsets, key weights and projection directions. */
-static size_t cache_bytes(const KVCache *kv, const Config *c, int n) {
-    size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = (size_t)c->head_dim;
+static CacheBytes cache_bytes(const KVCache *kv, const Config *c, int n) {
+    size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = (size_t)c->head_dim, R = (size_t)kv->kproj;
     size_t sink = (size_t)(n < kv->sink ? n : kv->sink), rest = (size_t)n - sink;
     size_t exact = sink + (rest < (size_t)kv->window ? rest : (size_t)kv->window);   /* fp16 rows in use */
-    size_t stats = (size_t)(kv->koffsets + kv->voffsets + kv->kweights + kv->kproj) * hd * 2;
-    size_t per_pos = kv->kc.bytes + kv->vc.bytes + (size_t)kv->kproj * 2;   /* codes, betas */
-    return heads * ((size_t)n * per_pos + exact * hd * 2 * 2 + stats);
+    CacheBytes b = {heads * n * (kv->kc.bytes + kv->vc.bytes), heads * n * R * 2, heads * (exact * hd * 2 * 2 + R * hd * 2)};
+    return b;
 }
+
+static size_t cache_total(CacheBytes b) { return b.codes + b.projections + b.fixed; }
+
+/* ---- what the cache holds per KV head: statistics, codes, exact copies ---- */
+
+/* One KV head g of layer l: the unit the cache keeps its rows and statistics per. */
+typedef struct {
+    const KVCache *kv;
+    const Config *c;
+    int l, g;
+} Head;
+
+static size_t head_index(const Head *h) { return (size_t)h->l * h->c->n_kv_heads + h->g; }
+
+static float dot(const float *a, const float *b, int n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int j = 0; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+/* fp16-rounds u (n) as it is stored, then makes it a unit vector orthogonal to the
+ * unit vector prev (if given) again, in float, the way every reader recomputes it. */
+static void store_direction(float *u, const float *prev, int n) {
+    for (int i = 0; i < n; i++) u[i] = tq_f16_to_f32(tq_f32_to_f16(u[i]));
+    if (prev) {
+        float p = dot(u, prev, n);
+        for (int i = 0; i < n; i++) u[i] -= p * prev[i];
+    }
+    double norm = 0;
+    for (int i = 0; i < n; i++) norm += (double)u[i] * u[i];
+    for (int i = 0; i < n; i++) u[i] = norm > 0 ? (float)(u[i] / sqrt(norm)) : 0.0f;
+}
+
+/* Key projection directions (above, "Key projection"), per KV head g, from rows b >= 1 of the
+ * first batch:
+ * u_1 = the mean of the group's queries q (n, qd), normalized;
+ * u_2 (R = 2) = the top principal direction of the keys k (n, kvd), less their part along
+ *       u_1: the direction that holds most of what the codes would otherwise carry. Power
+ *       iteration on the head_dim^2 second-moment matrix, started from the longest of those keys.
+ * Each is rounded to fp16 (what is stored) and made orthonormal again. */
+static void set_key_dirs(float *u, int R, const float *q, const float *k, int n, const Config *c) {
+    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, first = n > 1 ? 1 : 0;
+    size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
+    double *m = (double *)xcalloc((size_t)hd * hd + 3 * (size_t)hd, sizeof(double), "key directions");
+    double *r = m + (size_t)hd * hd, *v = r + hd, *mv = v + hd;
+    for (int g = 0; g < c->n_kv_heads; g++) {
+        float *u1 = u + (size_t)g * R * hd;
+        double norm = 0;
+        for (int i = 0; i < hd; i++) {
+            double sum = 0;
+            for (int b = first; b < n; b++)
+                for (int h = g * group; h < (g + 1) * group; h++) sum += q[b * qd + (size_t)h * hd + i];
+            u1[i] = (float)sum;
+            norm += (double)u1[i] * u1[i];
+        }
+        for (int i = 0; i < hd; i++) u1[i] = norm > 0 ? (float)(u1[i] / sqrt(norm)) : 0.0f;
+        store_direction(u1, NULL, hd);
+        if (R < 2) continue;
+        memset(m, 0, ((size_t)hd * hd + hd) * sizeof(double));
+        double longest = -1;
+        for (int b = first; b < n; b++) {           /* m = sum_b r_b r_b^T, r_b = k_b - (u_1.k_b) u_1 */
+            double p = 0, len = 0;
+            for (int i = 0; i < hd; i++) {
+                r[i] = k[b * kvd + (size_t)g * hd + i];
+                p += r[i] * u1[i];
+            }
+            for (int i = 0; i < hd; i++) { r[i] -= p * u1[i]; len += r[i] * r[i]; }
+            for (int i = 0; i < hd; i++)
+                for (int j = 0; j < hd; j++) m[(size_t)i * hd + j] += r[i] * r[j];
+            if (len > longest) { longest = len; memcpy(v, r, hd * sizeof(double)); }
+        }
+        for (int it = 0; it < 200; it++) {          /* v <- m v / |m v| */
+            double len = 0;
+            for (int i = 0; i < hd; i++) {
+                mv[i] = 0;
+                for (int j = 0; j < hd; j++) mv[i] += m[(size_t)i * hd + j] * v[j];
+                len += mv[i] * mv[i];
+            }
+            for (int i = 0; i < hd; i++) v[i] = len > 0 ? mv[i] / sqrt(len) : 0.0;
+        }
+        float *u2 = u1 + hd;
+        for (int i = 0; i < hd; i++) u2[i] = (float)v[i];
+        store_direction(u2, u1, hd);
+    }
+    free(m);
+}
+
+/* A new sequence's statistics, from layer l's first batch: q (n, qd) and k (n, kvd) after
+ * RoPE. Host code in both builds (run_cuda.cu copies them back). */
+static void measure_stats(KVCache *kv, const Config *c, int l, const float *q, const float *k, int n) {
+    size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
+    if (kv->kproj) set_key_dirs(kv->kdir + l * kv->kproj * kvd, kv->kproj, q, k, n, c);
+}
+
+#ifndef RUN_CUDA   /* run_cuda.cu encodes and stores on the GPU (rope_encode_kernel, store_exact_kernel) */
+/* Stores position pos's key k and value v (head_dim each) of head h in the cache: the key's
+ * parts beta_j = u_j.k kept in fp16 and kperp = k - sum_j beta_j u_j encoded; then k and v are
+ * rounded to fp16 in place, as the exact store keeps them. */
+static void encode_kv(const Head *h, int pos, float *k, float *v, float *kperp) {
+    const KVCache *kv = h->kv;
+    int hd = h->c->head_dim, R = kv->kproj;
+    size_t head = head_index(h);
+    if (R) {
+        const float *u = kv->kdir + head * R * hd;
+        uint16_t *beta = kv->kbeta + (head * kv->ctx + pos) * R;
+        memcpy(kperp, k, hd * sizeof(float));
+        for (int r = 0; r < R; r++) {
+            beta[r] = tq_f32_to_f16(dot(u + (size_t)r * hd, k, hd));
+            for (int j = 0; j < hd; j++) kperp[j] -= tq_f16_to_f32(beta[r]) * u[(size_t)r * hd + j];
+        }
+    }
+    tq_encode(&kv->kc, R ? kperp : k, cache_row(kv, kv->key, kv->kc.bytes, h->c, h->l, h->g, pos));
+    tq_encode(&kv->vc, v, cache_row(kv, kv->value, kv->vc.bytes, h->c, h->l, h->g, pos));
+    for (int j = 0; j < hd; j++) { k[j] = tq_f16_to_f32(tq_f32_to_f16(k[j])); v[j] = tq_f16_to_f32(tq_f32_to_f16(v[j])); }
+}
+
+/* After attention, token b of a batch of n at pos enters the exact store if it is a sink or
+ * among the batch's last `window` (the ring keeps only those). */
+static void store_exact(const Head *h, int pos, int b, int n, const float *k, const float *v) {
+    const KVCache *kv = h->kv;
+    if (!(pos + b < kv->sink || (kv->window > 0 && b >= n - kv->window))) return;
+    size_t r = exact_row(kv, h->c, h->l, h->g, pos + b);
+    for (int j = 0; j < h->c->head_dim; j++) { kv->exact_k[r + j] = tq_f32_to_f16(k[j]); kv->exact_v[r + j] = tq_f32_to_f16(v[j]); }
+}
+#endif
 
 /* CPU attention runs in work items (attention() below): a KV head's queries of up to ATT_TILE
  * batch tokens against its coded positions, or, when the batch has a single tile (decode), against
@@ -527,59 +623,47 @@ static size_t wide_n(const Config *c) {
     return (size_t)c->hidden_dim > n ? (size_t)c->hidden_dim : n;
 }
 
-static void build_state(RunState *s, const Config *c, const KVCache *kv, int batch, int all_logits) {
+/* Allocates (alloc 1) or counts the activations of `batch` tokens; returns their bytes. */
+static double build_state(RunState *s, const Config *c, const KVCache *kv, int batch, int all_logits, int alloc) {
     size_t B = (size_t)batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
-    size_t wide = qd > (size_t)c->dim ? qd : (size_t)c->dim;
+    size_t wide = qd > (size_t)c->dim ? qd : (size_t)c->dim, F = sizeof(float);
+    double bytes = 0;
+#define TAKE(n, what) (float *)take_zeroed((n), F, what, alloc, &bytes)
+    memset(s, 0, sizeof *s);
     s->batch = batch;
-    s->x = (float *)xcalloc(B * c->dim, sizeof(float), "activations");
-    s->xb = (float *)xcalloc(B * wide, sizeof(float), "activations");
-    s->xb2 = (float *)xcalloc(B * c->dim, sizeof(float), "activations");
-    s->hb = (float *)xcalloc(B * c->hidden_dim, sizeof(float), "activations");
-    s->hb2 = (float *)xcalloc(B * c->hidden_dim, sizeof(float), "activations");
-    s->q = (float *)xcalloc(B * qd, sizeof(float), "activations");
-    s->k = (float *)xcalloc(B * kvd, sizeof(float), "activations");
-    s->v = (float *)xcalloc(B * kvd, sizeof(float), "activations");
-    s->att = (float *)xcalloc((size_t)n_threads() * att_floats(c), sizeof(float), "attention scores");
-    s->qp = (float *)xcalloc(B * c->n_heads * tq_query_floats(&kv->kc), sizeof(float), "queries");
-    s->qu = (float *)xcalloc(B * c->n_heads * KPROJ_MAX, sizeof(float), "queries");
-    s->qperp = (float *)xcalloc(B * qd, sizeof(float), "queries");
-    s->part = (float *)xcalloc(att_states(c, batch) * state_floats(&kv->vc, c->head_dim), sizeof(float), "attention states");
-    s->logits = (float *)xcalloc((all_logits ? B : 1) * c->vocab_size, sizeof(float), "logits");
-    const char *err = tq_simd_from_env(&s->simd);
-    if (err) die("%s", err);
-    s->xq = NULL;
-    s->xqs = s->xqt = s->xqts = NULL;
+    s->x = TAKE(B * c->dim, "activations");
+    s->xb = TAKE(B * wide, "activations");
+    s->xb2 = TAKE(B * c->dim, "activations");
+    s->hb = TAKE(B * c->hidden_dim, "activations");
+    s->hb2 = TAKE(B * c->hidden_dim, "activations");
+    s->q = TAKE(B * qd, "activations");
+    s->k = TAKE(B * kvd, "activations");
+    s->v = TAKE(B * kvd, "activations");
+    s->kperp = TAKE(B * kvd, "activations");
+    s->att = TAKE((size_t)n_threads() * att_floats(c), "attention scores");
+    s->prepared = TAKE(B * c->n_heads * tq_query_floats(&kv->kc), "queries");
+    s->along = TAKE(B * c->n_heads * KPROJ_MAX, "queries");
+    s->qperp = TAKE(B * qd, "queries");
+    s->part = TAKE(att_states(c, batch) * state_floats(&kv->vc, c->head_dim), "attention states");
+    s->logits = TAKE((all_logits ? B : 1) * c->vocab_size, "logits");
     if (c->weight_type == WEIGHTS_INT8) {
         size_t wn = wide_n(c), tiled = B / QTOKS * QTOKS;
-        s->xq = (int16_t *)xcalloc(B * wn, sizeof(int16_t), "quantized activations");
-        s->xqs = (float *)xcalloc(B * (wn / QGROUP), sizeof(float), "quantized activations");
-        s->xqt = (float *)xcalloc(tiled * wn, sizeof(float), "quantized activations");
-        s->xqts = (float *)xcalloc(tiled * (wn / QGROUP), sizeof(float), "quantized activations");
+        s->xq = (int16_t *)take_zeroed(B * wn, sizeof(int16_t), "quantized activations", alloc, &bytes);
+        s->xqs = TAKE(B * (wn / QGROUP), "quantized activations");
+        s->xqt = TAKE(tiled * wn, "quantized activations");
+        s->xqts = TAKE(tiled * (wn / QGROUP), "quantized activations");
     }
+#undef TAKE
+    const char *err = tq_simd_from_env(&s->simd);
+    if (err) die("%s", err);
+    return bytes;
 }
 
 static void free_state(RunState *s) {
-    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->qp, s->qu, s->qperp, s->part, s->logits,
-                  s->xqs, s->xqt, s->xqts};
+    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->kperp, s->att, s->prepared, s->along, s->qperp,
+                  s->part, s->logits, s->xqs, s->xqt, s->xqts};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
     free(s->xq);
-}
-
-/* Bytes that build_cache and build_state allocate for ctx positions and batch tokens, in
- * double so that no header can overflow it; the prepared query (at most 18 head_dim floats)
- * and the accumulator (at most 2) are counted at their largest. */
-static double run_bytes(const Config *c, const CacheOpts *o, int ctx, int batch, int all_logits) {
-    double hd = c->head_dim, heads = (double)c->n_layers * c->n_kv_heads;
-    double qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, wide = qd > c->dim ? qd : c->dim;
-    double cache = heads * ctx * (double)(tq_bytes(o->kf, c->head_dim) + tq_bytes(o->vf, c->head_dim) + 2 * o->kproj)
-                 + 4 * (3.0 + o->kproj) * heads * hd        /* offsets, key weights, directions */
-                 + 2 * 2 * heads * (double)exact_slots(o->sink, o->window, ctx) * hd;  /* fp16 exact store */
-    double per_token = 3.0 * c->dim + wide + 2.0 * c->hidden_dim + 2 * qd + 2 * kvd
-                     + (all_logits ? c->vocab_size : 0) + (double)c->n_heads * (20 * hd + KPROJ_MAX)   /* queries */
-                     + (c->weight_type == WEIGHTS_INT8 ? (6.0 + 8.0 / QGROUP) / 4 * (double)wide_n(c) : 0);
-                       /* int8 weights: the quantized input, 2 + 4 bytes a number, 2 x 4 a group */
-    double attention = (double)att_states(c, batch) * (3 * hd + 2) + (double)n_threads() * att_floats(c);
-    return cache + 4.0 * (batch * per_token + attention + c->vocab_size);   /* states, scores, logits */
 }
 
 /* qinput: for int8 weights, quantize the input of each product too (RunState) */
@@ -593,25 +677,27 @@ static void build_transformer(Transformer *t, const char *path, const CacheOpts 
     int asked = ctx > 0;
     if (!asked) ctx = c->seq_len;
     if (ctx > c->seq_len) die("-c %d exceeds the model's context of %d tokens", ctx, c->seq_len);
-    tq_fmt fmts[2] = {o->kf, o->vf};
+    tq_fmt fmts[2] = {o->key_fmt, o->value_fmt};
     for (int i = 0; i < 2; i++) {
         if (tq_bytes(fmts[i], c->head_dim) == 0)
             die("format %s cannot hold head_dim %d (every format needs a multiple of 8, q4 of 32)",
                 tq_fmt_name(fmts[i]), c->head_dim);
-        if (fmts[i] >= TQ_TQ2 && c->head_dim > 1024)  /* a head_dim^2 rotation or QJL matrix */
+        if (tq_is_turboquant(fmts[i]) && c->head_dim > 1024)  /* a head_dim^2 rotation or QJL matrix */
             die("format %s handles head_dim up to 1024, the model's is %d (use fp32, fp16, q8 or q4)",
                 tq_fmt_name(fmts[i]), c->head_dim);
     }
-    /* Linux overcommits, so calloc would succeed and the process die later: compare with
-     * the physical memory first (the weights are mmap'd and not counted) */
-    double need = run_bytes(c, o, ctx, batch, all_logits);
+    /* Linux overcommits, so calloc would succeed and the process die later: count what the cache
+     * and the activations take and compare with the physical memory first (the weights are
+     * mmap'd and not counted) */
+    double need = build_cache(&t->cache, c, o, ctx, 0) + build_state(&t->state, c, &t->cache, batch, all_logits, 0);
+    free_cache(&t->cache);
     double phys = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (phys > 0 && need > phys)
         die("%s%d tokens need %.0f bytes (%.1f GiB) of KV cache and activations, more than the %.1f GiB "
             "of memory here: give a smaller -c", asked ? "-c " : "the model's context of ", ctx,
             need, need / 1073741824.0, phys / 1073741824.0);
-    build_cache(&t->cache, &t->config, o, ctx);
-    build_state(&t->state, &t->config, &t->cache, batch, all_logits);
+    build_cache(&t->cache, c, o, ctx, 1);
+    build_state(&t->state, c, &t->cache, batch, all_logits, 1);
     t->state.qinput = qinput;
 #ifdef RUN_CUDA
     gpu_build(t, o, all_logits);
@@ -632,31 +718,19 @@ static void free_transformer(Transformer *t) {
  */
 
 /* RMSNorm: o = w * x / sqrt(mean(x^2) + eps) */
-TQ_HD static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
+static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
     double ss = 0;
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
     float r = (float)(1.0 / sqrt(ss / n + eps));
     for (int i = 0; i < n; i++) o[i] = w[i] * (r * x[i]);
 }
 
-TQ_HD static float dot(const float *a, const float *b, int n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int j = 0; j < n; j++) s += a[j] * b[j];
-    return s;
-}
-
-TQ_HD static float dot_f16(const float *a, const uint16_t *b, int n) {
-    float s = 0.0f;
-    for (int j = 0; j < n; j++) s += a[j] * tq_half(b[j]);
-    return s;
-}
-
 #ifndef RUN_CUDA   /* run_cuda.cu multiplies with cuBLAS */
 /* A 2-row x 6-token tile of the product, 8 floats at a time: 12 accumulators
  * and 2 weight vectors fit the 16 AVX registers, so every weight load serves
- * 6 tokens and every activation load 2 rows (3x the speed of one dot at a time
- * on the 2-core test machine). v8f is GCC/Clang's portable vector extension. */
+ * 6 tokens and every activation load 2 rows, where one dot at a time would load both
+ * for one product each (bench/README.md, Research options, has the figure). v8f is
+ * GCC/Clang's portable vector extension. */
 typedef float v8f __attribute__((vector_size(32)));
 #define TILE_ROWS 2
 #define TILE_TOKS 6
@@ -856,7 +930,7 @@ static void embed(float *x, const TransformerWeights *w, int token, int dim) {
 
 /* RoPE on one head vector (interleaved pairs, the layout of model.bin):
  * (v[2i], v[2i+1]) is rotated by the angle pos * theta^(-2i/head_dim). */
-TQ_HD static void rope(float *v, int head_dim, int pos, float theta) {
+static void rope(float *v, int head_dim, int pos, float theta) {
     for (int i = 0; i < head_dim; i += 2) {
         double ang = pos * pow(theta, -(double)i / head_dim);
         float c = (float)cos(ang), s = (float)sin(ang);
@@ -868,7 +942,7 @@ TQ_HD static void rope(float *v, int head_dim, int pos, float theta) {
 
 /* RoPE on token b's key head g, and the query heads of its group, at position
  * pos + b: q (batch, n_heads*head_dim), k (batch, n_kv_heads*head_dim). */
-TQ_HD static void rope_group(const Config *c, float *q, float *k, int b, int g, int pos) {
+static void rope_group(const Config *c, float *q, float *k, int b, int g, int pos) {
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
     rope(k + ((size_t)b * c->n_kv_heads + g) * hd, hd, pos + b, c->rope_theta);
     for (int h = g * group; h < (g + 1) * group; h++) rope(q + ((size_t)b * c->n_heads + h) * hd, hd, pos + b, c->rope_theta);
@@ -882,96 +956,87 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-/* The batch being processed: its keys and values as stored (offsets and
- * weights applied, rounded to fp16), read for exact positions >= pos. */
-typedef struct {
-    int pos;          /* position of the batch's first token                  */
-    const float *k;   /* (n, kv_dim) transformed keys                         */
-    const float *v;   /* (n, kv_dim) values - mu_v                            */
-} Batch;
-
-/* ---- Attention, in pieces that run_cuda.cu's kernels call too (TQ_HD) ---- */
-
-/* Readies query head q (head_dim) of KV head g for scoring: q is divided by
- * the key weights in place ((q/w).(w*k) = q.k), its parts qu[j] = q.u_j along
- * the key directions are taken and the rest q_perp = q - sum_j qu[j] u_j is
- * prepared by the codec (rotated, lookup tables built) into qp. */
-TQ_HD static void prepare_query(const KVCache *kv, const Config *c, int l, int g, float *q,
-                                float *qperp, float *qu, float *qp) {
-    size_t head = (size_t)l * c->n_kv_heads + g;
-    int hd = c->head_dim, R = kv->kproj;
-    const float *kw = kv->kw + head * hd, *u = R ? kv->kdir + head * R * hd : NULL;
-    for (int i = 0; i < hd; i++) q[i] /= kw[i];
-    for (int j = 0; j < R; j++) qu[j] = dot(q, u + (size_t)j * hd, hd);
-    memcpy(qperp, q, hd * sizeof(float));
-    for (int j = 0; j < R; j++)
-        for (int i = 0; i < hd; i++) qperp[i] -= qu[j] * u[(size_t)j * hd + i];
-    tq_prepare_query(&kv->kc, R ? qperp : q, qp);
-}
-
-/* q.k for key t, q prepared as above and sitting at position T-1 (the caller
- * scales it by 1/sqrt(head_dim) into a logit): from the key's codes plus its
- * exact parts along the u_j, or for an exact position from its fp16 copy (or
- * the batch itself). */
-TQ_HD static float key_score(const KVCache *kv, const Config *c, int l, int g, int t, int T, const float *q,
-                             const float *qp, const float *qu, const Batch *bt) {
-    int hd = c->head_dim, R = kv->kproj;
-    float s;
-    if (!is_exact(kv, t, T)) {
-        s = tq_dot(&kv->kc, qp, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t));
-        size_t beta = (((size_t)l * c->n_kv_heads + g) * kv->ctx + t) * R;
-        for (int j = 0; j < R; j++) s += qu[j] * tq_f16_to_f32(kv->kbeta[beta + j]);
-    } else if (t >= bt->pos) {
-        s = dot(q, bt->k + (size_t)(t - bt->pos) * c->n_kv_heads * hd + (size_t)g * hd, hd);
-    } else {
-        s = dot_f16(q, kv->exact_k + exact_row(kv, c, l, g, t), hd);
-    }
-    return s;
-}
-
-/* The first position >= t that a query at T-1 reads from the exact store (T: none). */
-TQ_HD static int next_exact(const KVCache *kv, int t, int T) {
-    return is_exact(kv, t, T) ? t : T - kv->window;
-}
-
-/* out (head_dim) += w times the value of exact position t: its fp16 copy, or the batch itself. */
-TQ_HD static void add_exact_value(const KVCache *kv, const Config *c, int l, int g, int t, float w, const Batch *bt,
-                                  float *out) {
-    int hd = c->head_dim;
-    if (t >= bt->pos) {
-        const float *v = bt->v + (size_t)(t - bt->pos) * c->n_kv_heads * hd + (size_t)g * hd;
-        for (int i = 0; i < hd; i++) out[i] += w * v[i];
-    } else {
-        const uint16_t *v = kv->exact_v + exact_row(kv, c, l, g, t);
-        for (int i = 0; i < hd; i++) out[i] += w * tq_half(v[i]);
-    }
-}
-
-#ifdef RUN_CUDA  /* run_cuda.cu's attention kernel; the CPU adds its exact positions in attend_exact */
-/* Completes a head's output out (head_dim), which holds the coded positions'
- * part sum_t p_t v~_t: adds the exact positions' p_t v_t and the offset mu_v
- * (sum_t p_t = 1; zero when offsets are off). */
-TQ_HD static void add_exact_values(const KVCache *kv, const Config *c, int l, int g, int T, const float *p,
-                                   const Batch *bt, float *out) {
-    int hd = c->head_dim;
-    for (int t = next_exact(kv, 0, T); t < T; t = next_exact(kv, t + 1, T)) add_exact_value(kv, c, l, g, t, p[t], bt, out);
-    const float *voff = kv->voff + ((size_t)l * c->n_kv_heads + g) * hd;
-    for (int i = 0; i < hd; i++) out[i] += voff[i];
-}
-#endif
-
-#ifndef RUN_CUDA
-/* ---- CPU attention ----
+#ifndef RUN_CUDA   /* run_cuda.cu's attention_kernel and merge_kernel */
+/* ---- Attention ----
  * A query at position T-1 reads the coded positions [sink, T - window) from the codes and the
  * exact ones (the sinks and the last `window`) from their fp16 copies. Both parts are gathered
  * into an online-softmax state per query head (Milakov & Gimelshein 2018; FlashAttention):
  *   st = [ m | l | acc (tq_acc_floats) | ex (head_dim) ],  m the largest logit x_t seen,
  *   l = sum_t e^(x_t - m),  acc = sum_t e^(x_t - m) v~_t over coded positions, in the codec's
  *   accumulator form (rotated domain), ex the same over exact positions (plain domain);
- * so the output is (Pi^T acc + ex) / l + mu_v, and states over disjoint positions merge by
+ * so the output is (Pi^T acc + ex) / l, and states over disjoint positions merge by
  * rescaling to the larger m. The coded positions go through the codec's attention kernels a
  * chunk at a time for all the queries of a KV head at once (GQA: one pass over each row's codes
- * serves its group of query heads, and in prefill a tile of tokens too). */
+ * serves its group of query heads, and in prefill a tile of tokens too); the scores come straight
+ * from the codes (paper, section 3: <q, x~> without decoding x~). */
+
+/* The batch being processed: its keys and values as stored (rounded to fp16),
+ * read for exact positions >= pos. */
+typedef struct {
+    int pos;          /* position of the batch's first token                  */
+    const float *k;   /* (n, kv_dim) keys                                     */
+    const float *v;   /* (n, kv_dim) values                                   */
+} Batch;
+
+/* A query head as attention reads it (prepare_query). */
+typedef struct {
+    const float *q;        /* (head_dim) after RoPE: for the exact positions         */
+    const float *along;    /* (kproj) its parts q.u_j along the key directions        */
+    const float *prepared; /* (tq_query_floats) q_perp as the key codec scores it     */
+} Query;
+
+/* Readies query head q (head_dim) of head h for scoring: its parts along[j] = q.u_j along
+ * the key directions are taken and the rest q_perp = q - sum_j along[j] u_j (qperp) is
+ * prepared by the codec (rotated, lookup tables built) into prepared. */
+static void prepare_query(const Head *h, const float *q, float *qperp, float *along, float *prepared) {
+    int hd = h->c->head_dim, R = h->kv->kproj;
+    const float *u = R ? h->kv->kdir + head_index(h) * R * hd : NULL;
+    for (int j = 0; j < R; j++) along[j] = dot(q, u + (size_t)j * hd, hd);
+    memcpy(qperp, q, hd * sizeof(float));
+    for (int j = 0; j < R; j++)
+        for (int i = 0; i < hd; i++) qperp[i] -= along[j] * u[(size_t)j * hd + i];
+    tq_prepare_query(&h->kv->kc, R ? qperp : q, prepared);
+}
+
+/* 1 if position t is read from the exact store by a query at position T-1 */
+static int is_exact(const KVCache *kv, int t, int T) { return t < kv->sink || t >= T - kv->window; }
+
+/* The first position >= t that a query at T-1 reads from the exact store (T: none). */
+static int next_exact(const KVCache *kv, int t, int T) { return is_exact(kv, t, T) ? t : T - kv->window; }
+
+static float dot_f16(const float *a, const uint16_t *b, int n) {
+    float s = 0.0f;
+    for (int j = 0; j < n; j++) s += a[j] * tq_half(b[j]);
+    return s;
+}
+
+/* q.k for key t of a query at position T-1 (the caller scales it by 1/sqrt(head_dim) into a
+ * logit): from the key's codes plus its exact parts along the u_j, or for an exact position
+ * from its fp16 copy (or the batch itself). */
+static float key_score(const Head *h, const Query *q, const Batch *batch, int t, int T) {
+    const KVCache *kv = h->kv;
+    int hd = h->c->head_dim, R = kv->kproj;
+    if (!is_exact(kv, t, T)) {
+        float s = tq_dot(&kv->kc, q->prepared, cache_row(kv, kv->key, kv->kc.bytes, h->c, h->l, h->g, t));
+        size_t beta = (head_index(h) * kv->ctx + t) * R;
+        for (int j = 0; j < R; j++) s += q->along[j] * tq_f16_to_f32(kv->kbeta[beta + j]);
+        return s;
+    }
+    if (t >= batch->pos) return dot(q->q, batch->k + (size_t)(t - batch->pos) * h->c->n_kv_heads * hd + (size_t)h->g * hd, hd);
+    return dot_f16(q->q, kv->exact_k + exact_row(kv, h->c, h->l, h->g, t), hd);
+}
+
+/* out (head_dim) += w times the value of exact position t: its fp16 copy, or the batch itself. */
+static void add_exact_value(const Head *h, const Batch *batch, int t, float w, float *out) {
+    int hd = h->c->head_dim;
+    if (t >= batch->pos) {
+        const float *v = batch->v + (size_t)(t - batch->pos) * h->c->n_kv_heads * hd + (size_t)h->g * hd;
+        for (int i = 0; i < hd; i++) out[i] += w * v[i];
+    } else {
+        const uint16_t *v = h->kv->exact_v + exact_row(h->kv, h->c, h->l, h->g, t);
+        for (int i = 0; i < hd; i++) out[i] += w * tq_half(v[i]);
+    }
+}
 
 static void state_init(float *st, size_t sf) {
     memset(st, 0, sf * sizeof(float));
@@ -981,41 +1046,47 @@ static void state_init(float *st, size_t sf) {
 /* The end of the coded positions of a query at T-1: they are [sink, coded_end). */
 static int coded_end(const KVCache *kv, int T) { return T - kv->window > kv->sink ? T - kv->window : kv->sink; }
 
-/* Work item: the queries of KV head g for batch tokens b0..b1-1 (the group's heads of each, nq in
- * all, prepared in s->qp) over coded positions [k0, k1), one chunk at a time: scores from the key
- * codes, plus the keys' exact parts qu.beta, logits past a query's own coded range masked (they
- * are exact for it, or in its future), an online-softmax step, then the value codes weighted into
- * each query's state (st: nq states of sf floats). sc: att_floats of scratch. */
-static void attend_codes(const KVCache *kv, const Config *c, const RunState *s, int l, int g, int pos, int b0, int b1,
-                         int k0, int k1, float *st, size_t sf, float *sc) {
-    int group = c->n_heads / c->n_kv_heads, nq = (b1 - b0) * group, R = kv->kproj;
-    size_t qf = tq_query_floats(&kv->kc), head = (size_t)l * c->n_kv_heads + g, first = ((size_t)g * s->batch + b0) * group;
-    const float *qp = s->qp + first * qf, *qu = s->qu + first * KPROJ_MAX;
-    float *beta = sc + (size_t)nq * ATT_CHUNK, scale = 1.0f / sqrtf((float)c->head_dim);
-    for (int t0 = k0; t0 < k1; t0 += ATT_CHUNK) {
-        int nk = k1 - t0 < ATT_CHUNK ? k1 - t0 : ATT_CHUNK;
-        tq_attn_scores(&kv->kc, s->simd, nq, qp, qf, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, t0), nk, sc, ATT_CHUNK);
-        if (R) {                                        /* + sum_j qu_j beta_tj */
-            const uint16_t *kb = kv->kbeta + (head * kv->ctx + t0) * R;
+/* A work item: head h's queries of batch tokens [b0, b1) over the coded positions [k0, k1). */
+typedef struct { int b0, b1, k0, k1; } WorkItem;
+
+/* Runs work item w (the group's heads of each token, nq queries in all, prepared in
+ * s->prepared) one chunk at a time: scores from the key codes, plus the keys' exact parts
+ * along.beta, logits past a query's own coded range masked (they are exact for it, or in its
+ * future), an online-softmax step, then the value codes weighted into each query's state (st:
+ * nq states). scores: att_floats of scratch. */
+static void attend_codes(const Head *h, const RunState *s, int pos, WorkItem w, float *st, float *scores) {
+    const KVCache *kv = h->kv;
+    const Config *c = h->c;
+    int group = c->n_heads / c->n_kv_heads, nq = (w.b1 - w.b0) * group, R = kv->kproj;
+    size_t qf = tq_query_floats(&kv->kc), sf = state_floats(&kv->vc, c->head_dim);
+    size_t first = ((size_t)h->g * s->batch + w.b0) * group;
+    const float *prepared = s->prepared + first * qf, *along = s->along + first * KPROJ_MAX;
+    float *beta = scores + (size_t)nq * ATT_CHUNK, scale = 1.0f / sqrtf((float)c->head_dim);
+    for (int t0 = w.k0; t0 < w.k1; t0 += ATT_CHUNK) {
+        int nk = w.k1 - t0 < ATT_CHUNK ? w.k1 - t0 : ATT_CHUNK;
+        tq_attn_scores(&kv->kc, s->simd, nq, prepared, qf, cache_row(kv, kv->key, kv->kc.bytes, c, h->l, h->g, t0), nk,
+                       scores, ATT_CHUNK);
+        if (R) {                                        /* + sum_j along_j beta_tj */
+            const uint16_t *kb = kv->kbeta + (head_index(h) * kv->ctx + t0) * R;
             for (int j = 0; j < R; j++)
                 for (int t = 0; t < nk; t++) beta[j * ATT_CHUNK + t] = tq_half(kb[t * R + j]);
             for (int r = 0; r < nq; r++)
                 for (int j = 0; j < R; j++) {
-                    float u = qu[r * KPROJ_MAX + j], *x = sc + (size_t)r * ATT_CHUNK;
+                    float u = along[r * KPROJ_MAX + j], *x = scores + (size_t)r * ATT_CHUNK;
                     const float *bj = beta + j * ATT_CHUNK;
                     for (int t = 0; t < nk; t++) x[t] += u * bj[t];
                 }
         }
         for (int r = 0; r < nq; r++) {
-            float *x = sc + (size_t)r * ATT_CHUNK, *q = st + r * sf, rescale;
-            int end = coded_end(kv, pos + b0 + r / group + 1) - t0;
+            float *x = scores + (size_t)r * ATT_CHUNK, *q = st + r * sf, rescale;
+            int end = coded_end(kv, pos + w.b0 + r / group + 1) - t0;
             for (int t = end > 0 ? end : 0; t < nk; t++) x[t] = -INFINITY;
             float sum = tq_softmax_chunk(s->simd, x, nk, scale, &q[0], &rescale);
             for (size_t i = 1; i < sf; i++) q[i] *= rescale;
             q[1] += sum;
         }
-        tq_attn_values(&kv->vc, s->simd, nq, sc, ATT_CHUNK, cache_row(kv, kv->value, kv->vc.bytes, c, l, g, t0), nk,
-                       st + 2, sf);
+        tq_attn_values(&kv->vc, s->simd, nq, scores, ATT_CHUNK, cache_row(kv, kv->value, kv->vc.bytes, c, h->l, h->g, t0),
+                       nk, st + 2, sf);
     }
 }
 
@@ -1036,31 +1107,31 @@ static void state_merge(float *dst, const float *src, size_t sf) {
     dst[0] = m;
 }
 
-/* Adds the exact positions of query q (head_dim, prepared by prepare_query) at T-1 to its state:
- * their scores (key_score: the fp16 copies or the batch), one rescale, their weighted values. */
-static void attend_exact(const KVCache *kv, const Config *c, int l, int g, int T, const float *q, const float *qp,
-                         const float *qu, const Batch *bt, float *st, size_t sf) {
-    float scale = 1.0f / sqrtf((float)c->head_dim), m = st[0];
+/* Adds the exact positions of query q at T-1 to its state st: their scores (key_score: the
+ * fp16 copies or the batch), one rescale, their weighted values. */
+static void attend_exact(const Head *h, const Query *q, const Batch *batch, int T, float *st) {
+    const KVCache *kv = h->kv;
+    size_t sf = state_floats(&kv->vc, h->c->head_dim);
+    float scale = 1.0f / sqrtf((float)h->c->head_dim), m = st[0];
     float *ex = st + 2 + tq_acc_floats(&kv->vc);
     for (int t = next_exact(kv, 0, T); t < T; t = next_exact(kv, t + 1, T))
-        m = fmaxf(m, scale * key_score(kv, c, l, g, t, T, q, qp, qu, bt));
+        m = fmaxf(m, scale * key_score(h, q, batch, t, T));
     float f = expf(st[0] - m);                          /* 0 when nothing was coded */
     for (size_t i = 1; i < sf; i++) st[i] *= f;
     st[0] = m;
     for (int t = next_exact(kv, 0, T); t < T; t = next_exact(kv, t + 1, T)) {
-        float p = expf(scale * key_score(kv, c, l, g, t, T, q, qp, qu, bt) - m);
+        float p = expf(scale * key_score(h, q, batch, t, T) - m);
         st[1] += p;
-        add_exact_value(kv, c, l, g, t, p, bt, ex);
+        add_exact_value(h, batch, t, p, ex);
     }
 }
 
 /* out (head_dim) = the attention output of a state that covers all of a query's positions. */
-static void finish_query(const KVCache *kv, const Config *c, int l, int g, const float *st, float *out) {
-    int hd = c->head_dim;
-    const float *ex = st + 2 + tq_acc_floats(&kv->vc), *voff = kv->voff + ((size_t)l * c->n_kv_heads + g) * hd;
+static void finish_query(const KVCache *kv, const Config *c, const float *st, float *out) {
+    const float *ex = st + 2 + tq_acc_floats(&kv->vc);
     tq_finish(&kv->vc, st + 2, out);                    /* Pi^T acc, once per query head */
     float inv = 1.0f / st[1];
-    for (int i = 0; i < hd; i++) out[i] = (out[i] + ex[i]) * inv + voff[i];
+    for (int i = 0; i < c->head_dim; i++) out[i] = (out[i] + ex[i]) * inv;
 }
 
 /* Layer l's attention for the n batch tokens at pos.. (keys and values already in the cache; the
@@ -1076,195 +1147,43 @@ static void attention(const KVCache *kv, const Config *c, RunState *s, int l, in
     int splits = tiles == 1 && coded > split ? (coded + split - 1) / split : 1, items = c->n_kv_heads * tiles * splits;
     int per_item = (n < ATT_TILE ? n : ATT_TILE) * group;   /* states of an item's queries */
     size_t qf = tq_query_floats(&kv->kc), sf = state_floats(&kv->vc, hd);
-    Batch bt = {pos, s->k, s->v};
+    Batch batch = {pos, s->k, s->v};
 #pragma omp parallel
     {
     int i;
 #pragma omp for schedule(static)
-    for (i = 0; i < n * c->n_heads; i++) {          /* s->qp, s->qu: a KV head's queries together */
-        int b = i / c->n_heads, h = i % c->n_heads, g = h / group;
-        size_t qi = ((size_t)g * s->batch + b) * group + h % group;
-        prepare_query(kv, c, l, g, s->q + (size_t)b * qd + (size_t)h * hd, s->qperp + (size_t)i * hd,
-                      s->qu + qi * KPROJ_MAX, s->qp + qi * qf);
+    for (i = 0; i < n * c->n_heads; i++) {          /* s->prepared, s->along: a KV head's queries together */
+        int b = i / c->n_heads, h = i % c->n_heads;
+        Head head = {kv, c, l, h / group};
+        size_t qi = ((size_t)head.g * s->batch + b) * group + h % group;
+        prepare_query(&head, s->q + (size_t)b * qd + (size_t)h * hd, s->qperp + (size_t)i * hd, s->along + qi * KPROJ_MAX,
+                      s->prepared + qi * qf);
     }
 #pragma omp for schedule(dynamic)
     for (i = 0; i < items; i++) {
-        int g = i / (tiles * splits), tile = i / splits % tiles, sp = i % splits;
-        int b0 = tile * ATT_TILE, b1 = b0 + ATT_TILE < n ? b0 + ATT_TILE : n;
-        int k0 = kv->sink + sp * split, k1 = splits > 1 ? (sp + 1 < splits ? k0 + split : kv->sink + coded) : coded_end(kv, pos + b1);
-        if (sp + 1 == splits) k1 = whole_tiles(kv, k0, k1);
+        int tile = i / splits % tiles, sp = i % splits;
+        Head head = {kv, c, l, i / (tiles * splits)};
+        WorkItem w = {tile * ATT_TILE, tile * ATT_TILE + ATT_TILE < n ? tile * ATT_TILE + ATT_TILE : n, kv->sink + sp * split, 0};
+        w.k1 = splits > 1 ? (sp + 1 < splits ? w.k0 + split : kv->sink + coded) : coded_end(kv, pos + w.b1);
+        if (sp + 1 == splits) w.k1 = whole_tiles(kv, w.k0, w.k1);
         float *st = s->part + (size_t)i * per_item * sf;
-        for (int r = 0; r < (b1 - b0) * group; r++) state_init(st + r * sf, sf);
-        attend_codes(kv, c, s, l, g, pos, b0, b1, k0, k1, st, sf, s->att + (size_t)thread_id() * att_floats(c));
+        for (int r = 0; r < (w.b1 - w.b0) * group; r++) state_init(st + r * sf, sf);
+        attend_codes(&head, s, pos, w, st, s->att + (size_t)thread_id() * att_floats(c));
     }
 #pragma omp for schedule(static)
     for (i = 0; i < n * c->n_heads; i++) {
-        int b = i / c->n_heads, h = i % c->n_heads, g = h / group, tile = b / ATT_TILE;
-        size_t qi = ((size_t)g * s->batch + b) * group + h % group;
-        float *st = s->part + (((size_t)g * tiles + tile) * splits * per_item + (size_t)(b % ATT_TILE) * group + h % group) * sf;
+        int b = i / c->n_heads, h = i % c->n_heads, tile = b / ATT_TILE;
+        Head head = {kv, c, l, h / group};
+        size_t qi = ((size_t)head.g * s->batch + b) * group + h % group;
+        float *st = s->part + (((size_t)head.g * tiles + tile) * splits * per_item + (size_t)(b % ATT_TILE) * group + h % group) * sf;
         for (int sp = 1; sp < splits; sp++) state_merge(st, st + (size_t)sp * per_item * sf, sf);
-        attend_exact(kv, c, l, g, pos + b + 1, s->q + (size_t)b * qd + (size_t)h * hd, s->qp + qi * qf, s->qu + qi * KPROJ_MAX,
-                     &bt, st, sf);
-        finish_query(kv, c, l, g, st, s->xb + (size_t)b * qd + (size_t)h * hd);
+        Query q = {s->q + (size_t)b * qd + (size_t)h * hd, s->along + qi * KPROJ_MAX, s->prepared + qi * qf};
+        attend_exact(&head, &q, &batch, pos + b + 1, st);
+        finish_query(kv, c, st, s->xb + (size_t)b * qd + (size_t)h * hd);
     }
     }
 }
 #endif
-
-/* mu (kvd) = mean of the rows x[b] (n, kvd), leaving out row 0 (the attention
- * sink) when there are others; rounded to fp16, the precision it is kept in. */
-static void set_offset(float *mu, const float *x, int n, int kvd) {
-    int first = n > 1 ? 1 : 0;
-    for (int j = 0; j < kvd; j++) {
-        double sum = 0;
-        for (int b = first; b < n; b++) sum += x[(size_t)b * kvd + j];
-        mu[j] = tq_f16_to_f32(tq_f32_to_f16((float)(sum / (n - first))));
-    }
-}
-
-/* Key channel weights. A key's quantization error e is spread evenly over the
- * channels by the rotation, but the score error q.e is dominated by the few
- * channels where queries are large. Scaling key channel i by w_i before
- * encoding and the query by 1/w_i keeps q.k exact and moves the error to where
- * queries are small: with E_i the queries' mean energy in channel i and V_i the
- * keys' variance, the score error ~ (sum E_i/w_i^2)(sum w_i^2 V_i) is smallest
- * at w_i = (E_i/V_i)^(1/4) (Cauchy-Schwarz). E and V are averaged over each
- * RoPE pair, since RoPE mixes its two channels; measured on the sequence's
- * first batch (sink token left out) like the offsets; kept in fp16. */
-static void set_key_weights(float *w, const float *q, const float *k, int n, const Config *c) {
-    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, first = n > 1 ? 1 : 0;
-    size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
-    for (int g = 0; g < c->n_kv_heads; g++)
-        for (int i = 0; i < hd; i += 2) {
-            double e = 0, v = 0, m[2] = {0, 0};
-            for (int b = first; b < n; b++)
-                for (int j = 0; j < 2; j++) {
-                    double kj = k[b * kvd + (size_t)g * hd + i + j];
-                    m[j] += kj; v += kj * kj;
-                    for (int h = g * group; h < (g + 1) * group; h++) {
-                        double qj = q[b * qd + (size_t)h * hd + i + j];
-                        e += qj * qj;
-                    }
-                }
-            int cnt = n - first;
-            v = v / cnt - (m[0] * m[0] + m[1] * m[1]) / ((double)cnt * cnt);
-            float wi = (v > 0 && e > 0) ? (float)pow(e / ((double)group * cnt) / v, 0.25) : 1.0f;
-            wi = tq_f16_to_f32(tq_f32_to_f16(wi));
-            w[(size_t)g * hd + i] = w[(size_t)g * hd + i + 1] = wi > 0 && isfinite(wi) ? wi : 1.0f;
-        }
-}
-
-/* fp16-rounds u (n) as it is stored, then makes it a unit vector orthogonal to the
- * unit vector prev (if given) again, in float, the way every reader recomputes it. */
-static void store_direction(float *u, const float *prev, int n) {
-    for (int i = 0; i < n; i++) u[i] = tq_f16_to_f32(tq_f32_to_f16(u[i]));
-    if (prev) {
-        float p = dot(u, prev, n);
-        for (int i = 0; i < n; i++) u[i] -= p * prev[i];
-    }
-    double norm = 0;
-    for (int i = 0; i < n; i++) norm += (double)u[i] * u[i];
-    for (int i = 0; i < n; i++) u[i] = norm > 0 ? (float)(u[i] / sqrt(norm)) : 0.0f;
-}
-
-/* Key projection directions, per KV head g, from rows b >= 1 of the first batch:
- * u_1 = the mean of the group's queries q (n, qd) as attention sees them (divided
- *       by the key weights w), normalized;
- * u_2 (R = 2) = the top principal direction of the keys as encoded, w * (k - mu)
- *       from k (n, kvd), less their part along u_1: the direction that holds most
- *       of what the codes would otherwise carry. Power iteration on the 64 x 64
- *       second-moment matrix, started from the longest of those keys.
- * Each is rounded to fp16 (what is stored) and made orthonormal again. */
-static void set_key_dirs(float *u, int R, const float *q, const float *k, const float *mu, const float *w,
-                         int n, const Config *c) {
-    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, first = n > 1 ? 1 : 0;
-    size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
-    double *m = (double *)xcalloc((size_t)hd * hd + 3 * (size_t)hd, sizeof(double), "key directions");
-    double *r = m + (size_t)hd * hd, *v = r + hd, *mv = v + hd;
-    for (int g = 0; g < c->n_kv_heads; g++) {
-        float *u1 = u + (size_t)g * R * hd;
-        const float *wg = w + (size_t)g * hd, *mug = mu + (size_t)g * hd;
-        double norm = 0;
-        for (int i = 0; i < hd; i++) {
-            double sum = 0;
-            for (int b = first; b < n; b++)
-                for (int h = g * group; h < (g + 1) * group; h++) sum += q[b * qd + (size_t)h * hd + i];
-            u1[i] = (float)(sum / wg[i]);
-            norm += (double)u1[i] * u1[i];
-        }
-        for (int i = 0; i < hd; i++) u1[i] = norm > 0 ? (float)(u1[i] / sqrt(norm)) : 0.0f;
-        store_direction(u1, NULL, hd);
-        if (R < 2) continue;
-        memset(m, 0, ((size_t)hd * hd + hd) * sizeof(double));
-        double longest = -1;
-        for (int b = first; b < n; b++) {           /* m = sum_b r_b r_b^T, r_b = x_b - (u_1.x_b) u_1 */
-            double p = 0, len = 0;
-            for (int i = 0; i < hd; i++) {
-                r[i] = wg[i] * (k[b * kvd + (size_t)g * hd + i] - mug[i]);
-                p += r[i] * u1[i];
-            }
-            for (int i = 0; i < hd; i++) { r[i] -= p * u1[i]; len += r[i] * r[i]; }
-            for (int i = 0; i < hd; i++)
-                for (int j = 0; j < hd; j++) m[(size_t)i * hd + j] += r[i] * r[j];
-            if (len > longest) { longest = len; memcpy(v, r, hd * sizeof(double)); }
-        }
-        for (int it = 0; it < 200; it++) {          /* v <- m v / |m v| */
-            double len = 0;
-            for (int i = 0; i < hd; i++) {
-                mv[i] = 0;
-                for (int j = 0; j < hd; j++) mv[i] += m[(size_t)i * hd + j] * v[j];
-                len += mv[i] * mv[i];
-            }
-            for (int i = 0; i < hd; i++) v[i] = len > 0 ? mv[i] / sqrt(len) : 0.0;
-        }
-        float *u2 = u1 + hd;
-        for (int i = 0; i < hd; i++) u2[i] = (float)v[i];
-        store_direction(u2, u1, hd);
-    }
-    free(m);
-}
-
-/* A new sequence's statistics, from layer l's first batch: q (n, qd), k and
- * v (n, kvd) after RoPE. Host code in both builds (run_cuda.cu copies them back). */
-static void measure_stats(KVCache *kv, const Config *c, int l, const float *q, const float *k, const float *v, int n) {
-    size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
-    if (kv->koffsets) set_offset(kv->koff + l * kvd, k, n, (int)kvd);
-    if (kv->voffsets) set_offset(kv->voff + l * kvd, v, n, (int)kvd);
-    if (kv->kweights) set_key_weights(kv->kw + l * kvd, q, k, n, c);
-    if (kv->kproj) set_key_dirs(kv->kdir + l * kv->kproj * kvd, kv->kproj, q, k, kv->koff + l * kvd, kv->kw + l * kvd, n, c);
-}
-
-/* Stores position pos's key k and value v (head_dim each) of KV head g in the
- * cache: k <- w * (k - mu_k) and v <- v - mu_v in place; the key's parts
- * beta_j = u_j.k kept in fp16 and k - sum_j beta_j u_j encoded (kp: head_dim
- * scratch); then k and v are rounded to fp16, as the exact store keeps them. */
-TQ_HD static void encode_kv(const KVCache *kv, const Config *c, int l, int g, int pos, float *k, float *v, float *kp) {
-    int hd = c->head_dim, R = kv->kproj;
-    size_t head = (size_t)l * c->n_kv_heads + g;
-    const float *ko = kv->koff + head * hd, *vo = kv->voff + head * hd, *kw = kv->kw + head * hd;
-    for (int j = 0; j < hd; j++) { k[j] = kw[j] * (k[j] - ko[j]); v[j] -= vo[j]; }
-    if (R) {
-        const float *u = kv->kdir + head * R * hd;
-        uint16_t *beta = kv->kbeta + (head * kv->ctx + pos) * R;
-        memcpy(kp, k, hd * sizeof(float));
-        for (int r = 0; r < R; r++) {
-            beta[r] = tq_f32_to_f16(dot(u + (size_t)r * hd, k, hd));
-            for (int j = 0; j < hd; j++) kp[j] -= tq_f16_to_f32(beta[r]) * u[(size_t)r * hd + j];
-        }
-    }
-    tq_encode(&kv->kc, R ? kp : k, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, pos));
-    tq_encode(&kv->vc, v, cache_row(kv, kv->value, kv->vc.bytes, c, l, g, pos));
-    for (int j = 0; j < hd; j++) { k[j] = tq_f16_to_f32(tq_f32_to_f16(k[j])); v[j] = tq_f16_to_f32(tq_f32_to_f16(v[j])); }
-}
-
-/* After attention, token b of a batch of n at pos enters the exact store if it
- * is a sink or among the batch's last `window` (the ring keeps only those). */
-TQ_HD static void store_exact(const KVCache *kv, const Config *c, int l, int g, int pos, int b, int n,
-                              const float *k, const float *v) {
-    if (!(pos + b < kv->sink || (kv->window > 0 && b >= n - kv->window))) return;
-    size_t r = exact_row(kv, c, l, g, pos + b);
-    for (int j = 0; j < c->head_dim; j++) { kv->exact_k[r + j] = tq_f32_to_f16(k[j]); kv->exact_v[r + j] = tq_f32_to_f16(v[j]); }
-}
 
 /* Runs n tokens (n <= batch) at positions pos..pos+n-1, storing their keys and
  * values in the cache. Returns the logits: of the last token (vocab_size), or
@@ -1291,17 +1210,18 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         int i;
 #pragma omp parallel for schedule(static)
         for (i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
-        if (pos == 0) measure_stats(kv, c, l, s->q, s->k, s->v, n);   /* a new sequence */
+        if (pos == 0) measure_stats(kv, c, l, s->q, s->k, n);   /* a new sequence */
 #pragma omp parallel for schedule(static)
-        for (i = 0; i < n * c->n_kv_heads; i++) {   /* encode k - mu_k, v - mu_v into the cache */
-            int b = i / c->n_kv_heads, g = i % c->n_kv_heads;
-            encode_kv(kv, c, l, g, pos + b, s->k + (size_t)b * kvd + (size_t)g * hd, s->v + (size_t)b * kvd + (size_t)g * hd,
-                      s->qperp + (size_t)i * hd);   /* qperp: scratch until attention uses it */
+        for (i = 0; i < n * c->n_kv_heads; i++) {   /* encode k, v into the cache; i = b * n_kv_heads + g */
+            Head head = {kv, c, l, i % c->n_kv_heads};
+            size_t at = (size_t)i * hd;
+            encode_kv(&head, pos + i / c->n_kv_heads, s->k + at, s->v + at, s->kperp + at);
         }
         attention(kv, c, s, l, n, pos);             /* token b attends to positions 0..pos+b */
-        for (int b = 0; b < n; b++)
-            for (int g = 0; g < c->n_kv_heads; g++)
-                store_exact(kv, c, l, g, pos, b, n, s->k + (size_t)b * kvd + (size_t)g * hd, s->v + (size_t)b * kvd + (size_t)g * hd);
+        for (i = 0; i < n * c->n_kv_heads; i++) {
+            Head head = {kv, c, l, i % c->n_kv_heads};
+            store_exact(&head, pos, i / c->n_kv_heads, n, s->k + (size_t)i * hd, s->v + (size_t)i * hd);
+        }
         linear(s, s->xb2, s->xb, w->wo, &w->q_wo, (size_t)l * dim * qd, n, qd, dim);
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
 
@@ -1900,7 +1820,7 @@ static int sample(Sampler *s, float *logits) {
 }
 
 /* ---------------------------------------------------------------------------
- * Generation loops
+ * The modes: generate, chat
  */
 
 static double now_s(void) {
@@ -1937,31 +1857,34 @@ static void report_weights(const Config *c, double kv_mib) {
         fprintf(stderr, "weights: fp32, %.2f MiB; with the KV cache %.2f MiB\n", mib, mib + kv_mib);
 }
 
+/* every byte the cache holds for n positions, per cached number */
+static double kv_bits(const KVCache *kv, const Config *c, int n) {
+    return 8.0 * cache_total(cache_bytes(kv, c, n)) / ((double)n * c->n_layers * c->n_kv_heads * c->head_dim * 2);
+}
+
 /* The memory / speed line on stderr, e.g.
  * kv: tq3/tq3 3.25 bits/elem, 4.6 MiB for 1024 tokens (fp16 22.5 MiB, 4.9x smaller; fp32 45.0 MiB) */
-static void report(const Transformer *t, int n_pos, const Stats *st) {
+static void report(const Transformer *t, int n_pos, const Stats *speed) {
     const Config *c = &t->config;
     const KVCache *kv = &t->cache;
     double bits = 0.5 * (tq_bits_per_elem(kv->kc.fmt, c->head_dim) + tq_bits_per_elem(kv->vc.fmt, c->head_dim));
-    double mib = cache_bytes(kv, c, n_pos) / 1048576.0;
-    double codes = (double)n_pos * c->n_layers * c->n_kv_heads * (kv->kc.bytes + kv->vc.bytes) / 1048576.0;
-    double fp16 = (double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2 * 2 / 1048576.0;
+    CacheBytes b = cache_bytes(kv, c, n_pos);
+    double MiB = 1048576.0, mib = cache_total(b) / MiB;
+    double fp16 = (double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2 * 2 / MiB;
     double ratio = mib > 0 ? fp16 / mib : 1.0;
     fprintf(stderr, "kv: %s/%s %.2f bits/elem, %.2f MiB for %d tokens (fp16 %.2f MiB, %.1fx %s; fp32 %.2f MiB)\n",
             tq_fmt_name(kv->kc.fmt), tq_fmt_name(kv->vc.fmt), bits, mib, n_pos, fp16,
             ratio >= 1 ? ratio : 1 / ratio, ratio >= 1 ? "smaller" : "larger", 2 * fp16);
-    double proj = (double)n_pos * c->n_layers * c->n_kv_heads * 2 * kv->kproj / 1048576.0;
-    if (mib > codes)
+    if (b.projections + b.fixed > 0)
         fprintf(stderr, "kv: of which %.3f MiB codes, %.3f MiB key projections (%d fp16 per key), %.3f MiB fixed cost "
-                "(%d sink + %d recent positions in fp16%s%s%s): %.2f bits/elem in all\n",
-                codes, proj, kv->kproj, mib - codes - proj, kv->sink, kv->window, kv->koffsets || kv->voffsets ? ", offsets" : "",
-                kv->kweights ? ", key weights" : "", kv->kproj ? ", projection directions" : "",
-                8.0 * cache_bytes(kv, c, n_pos) / ((double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2));
+                "(%d sink + %d recent positions in fp16%s): %.2f bits/elem in all\n",
+                b.codes / MiB, b.projections / MiB, kv->kproj, b.fixed / MiB, kv->sink, kv->window,
+                kv->kproj ? ", projection directions" : "", kv_bits(kv, c, n_pos));
     report_weights(c, mib);
-    if (st)
+    if (speed)
         fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens), attention %s\n",
-                st->prefill_s > 0 ? st->prefill_tokens / st->prefill_s : 0.0, st->prefill_tokens,
-                st->decode_s > 0 ? st->decode_tokens / st->decode_s : 0.0, st->decode_tokens, attention_path(t));
+                speed->prefill_s > 0 ? speed->prefill_tokens / speed->prefill_s : 0.0, speed->prefill_tokens,
+                speed->decode_s > 0 ? speed->decode_tokens / speed->decode_s : 0.0, speed->decode_tokens, attention_path(t));
 }
 
 /* Prints a token's bytes; ASCII control bytes other than whitespace are not
@@ -2098,7 +2021,7 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
 }
 
 /* ---------------------------------------------------------------------------
- * Test and tool modes: logits dump, tokenize, detokenize
+ * The modes: logits (and --stats), reading ids and files; tokenize and detokenize are in main
  */
 
 static char *read_file(const char *path, size_t *len) {
@@ -2148,8 +2071,7 @@ static void write_floats(const char *path, const float *x, size_t n) {
 }
 
 /* --stats: the cache statistics this sequence measured and stored, as float32, layer by
- * layer: key offsets, value offsets, key weights (n_kv_heads, head_dim) each, key
- * directions (n_kv_heads, R, head_dim), then every position's projections beta
+ * layer: the key directions (n_kv_heads, R, head_dim), then every position's projections beta
  * (n_kv_heads, n, R). A reference model of the cache can take these instead of computing
  * them again, so that a statistic on an fp16 rounding boundary cannot differ between the
  * two (tests/test_forward.py). */
@@ -2157,11 +2079,9 @@ static void dump_stats(const Transformer *t, int n, const char *path) {
     const Config *c = &t->config;
     const KVCache *kv = &t->cache;
     size_t kvd = (size_t)c->n_kv_heads * c->head_dim, R = (size_t)kv->kproj;
-    size_t per_layer = 3 * kvd + R * kvd + (size_t)c->n_kv_heads * n * R;
+    size_t per_layer = R * kvd + (size_t)c->n_kv_heads * n * R;
     float *x = (float *)xcalloc(c->n_layers * per_layer, sizeof(float), "statistics"), *p = x;
     for (int l = 0; l < c->n_layers; l++) {
-        const float *from[3] = {kv->koff + l * kvd, kv->voff + l * kvd, kv->kw + l * kvd};
-        for (int i = 0; i < 3; i++, p += kvd) memcpy(p, from[i], kvd * sizeof(float));
         if (R) memcpy(p, kv->kdir + l * R * kvd, R * kvd * sizeof(float));
         p += R * kvd;
         for (int g = 0; g < c->n_kv_heads; g++)
@@ -2186,7 +2106,7 @@ static void dump_logits(Transformer *t, const char *ids_text, const char *out, c
 }
 
 /* ---------------------------------------------------------------------------
- * -m eval: perplexity and divergence from the fp32 cache (llama-perplexity's method)
+ * The modes: score, and eval (perplexity and divergence from the fp32 cache, llama-perplexity's method)
  */
 
 /* log-softmax of n logits into out, in double for stable KL sums */
@@ -2250,7 +2170,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
     if (max_chunks > 0 && chunks > max_chunks) chunks = max_chunks;
     if (chunks == 0) die("the text is %d tokens, fewer than one chunk of %d", n, ctx);
     fprintf(stderr, "%d chunks of %d tokens, scoring the second half of each\n", chunks, ctx);
-    report_weights(c, cache_bytes(&t->cache, c, ctx) / 1048576.0);
+    report_weights(c, cache_total(cache_bytes(&t->cache, c, ctx)) / 1048576.0);
     double *lp = (double *)xcalloc(vocab, sizeof(double), "eval"), *lq = (double *)xcalloc(vocab, sizeof(double), "eval");
     EvalSums e;
     memset(&e, 0, sizeof e);
@@ -2284,8 +2204,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
         fprintf(stderr, "eval: dPPL %+.2f %%, 95 %% interval from the spread over the %d chunks: %+.2f .. %+.2f %%\n",
                 100.0 * (ppl / ppl_ref - 1.0), chunks, 100.0 * expm1(mean - 2 * se), 100.0 * expm1(mean + 2 * se));
     }
-    /* every byte the cache holds for a full chunk, per cached number */
-    double bits = 8.0 * cache_bytes(&t->cache, c, ctx) / ((double)ctx * c->n_layers * c->n_kv_heads * c->head_dim * 2);
+    double bits = kv_bits(&t->cache, c, ctx);   /* a full chunk's */
     printf("eval fmt=%s/%s ctx=%d chunks=%d tokens=%ld ppl=%.4f ppl_fp32=%.4f dppl_pct=%.3f kld=%.6f top1=%.4f kv_bits=%.3f\n",
            tq_fmt_name(t->cache.kc.fmt), tq_fmt_name(t->cache.vc.fmt), ctx, chunks, e.n, ppl, ppl_ref,
            100.0 * (ppl / ppl_ref - 1.0), e.kld / e.n, (double)e.top1 / e.n, bits);
@@ -2293,7 +2212,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
 }
 
 /* ---------------------------------------------------------------------------
- * CLI
+ * main: the options
  */
 
 /* -h prints this to stdout and exits 0; a missing model path prints it to stderr, exit 1 */
@@ -2309,23 +2228,15 @@ static void usage(int status) {
         "  -n <int>    new tokens to generate, default 256 (per turn in chat)\n"
         "  -i <string> input prompt (chat: the first user message)\n"
         "  -f <file>   read the prompt (or the token ids / text of the other modes) from a file\n"
-        "  -z <file>   take the tokenizer from another model.bin\n"
         "  -m <mode>   generate | chat | eval | logits | score | tokenize | detokenize, default generate\n"
         "  -y <string> system prompt in chat mode\n"
-        "  -k <fmt>    KV cache format, or KFMT:VFMT for keys and values apart; default tq3\n"
+        "  -k <fmt>    KV cache format (below), or KFMT:VFMT for keys and values apart; default tq3\n"
         "  -c <int>    context length in tokens, default the model's (eval: the chunk length, default 512)\n"
         "  --chunks <int> eval: score at most this many chunks, default all\n"
-        "  --batch <int> prompt tokens per forward pass (the first gives the statistics below), default 256\n"
-        "  --qinput <0|1> int8 weights: quantize each product's input to int8 too (1, runq.c) or keep it fp32 (0), default 1\n"
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
-        "  --stats <file> -m logits: also write the cache statistics measured (float32; README.md)\n"
-        "  --scale <r> tq scale rule: norm (paper) | nc (norm correction) | eden, or KEYS:VALUES; default eden\n"
-        "Fixes for lossy caches (q8, q4, tq*), measured on the sequence itself, costs counted:\n"
-        "  --offsets <0|1>  subtract per-head key/value means of the first batch (K:V apart), default 0\n"
-        "  --kweights <0|1> weight key channels by the queries' energy, default 0\n"
-        "  --kproj <0|1|2>  keep keys' parts along the mean query (1), the keys' main direction (2) in fp16, default 2\n"
-        "  --sink <int>     keep the first N positions also in fp16, default 1\n"
-        "  --window <int>   keep the last N positions also in fp16, default 8\n"
+        "  --paper     the paper's plain TurboQuant, without the fixes: --scale norm --kproj 0 --sink 0 --window 0\n"
+        "Research options, defaults shown (bench/README.md, \"Research options\"): --scale eden --kproj 2 "
+        "--sink 1 --window 8 --batch 256 --qinput 1 --stats <file> -z <file>\n"
         "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n");
     for (int f = 0; f < TQ_NFMT; f++) {
         static const char *what[TQ_NFMT] = {
@@ -2365,18 +2276,18 @@ static void split_kv(const char *flag, const char *arg, char *k, char *v) {
     snprintf(v, 32, "%s", colon ? colon + 1 : k);
 }
 
-static void parse_kv(const char *arg, tq_fmt *kf, tq_fmt *vf) {
+static void parse_kv(const char *arg, tq_fmt *key_fmt, tq_fmt *value_fmt) {
     char k[32], v[32];
     split_kv("-k", arg, k, v);
-    if (tq_parse_fmt(k, kf) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", k);
-    if (tq_parse_fmt(v, vf) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", v);
+    if (tq_parse_fmt(k, key_fmt) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", k);
+    if (tq_parse_fmt(v, value_fmt) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", v);
 }
 
-static void parse_scales(const char *arg, tq_scale *ks, tq_scale *vs) {
+static void parse_scales(const char *arg, tq_scale *key_scale, tq_scale *value_scale) {
     char k[32], v[32];
     split_kv("--scale", arg, k, v);
-    if (tq_parse_scale(k, ks) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", k);
-    if (tq_parse_scale(v, vs) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", v);
+    if (tq_parse_scale(k, key_scale) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", k);
+    if (tq_parse_scale(v, value_scale) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", v);
 }
 
 #ifndef RUN_NO_MAIN
@@ -2386,8 +2297,8 @@ int main(int argc, char **argv) {
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
     int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
-    CacheOpts co = {.kf = TQ_TQ3, .vf = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN, .koffsets = 0,
-                    .voffsets = 0, .kweights = 0, .kproj = 2, .sink = 1, .window = 8};   /* chosen by bench/quality */
+    CacheOpts co = {.key_fmt = TQ_TQ3, .value_fmt = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
+                    .kproj = 2, .sink = 1, .window = 8};   /* chosen by bench/quality */
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
@@ -2395,12 +2306,17 @@ int main(int argc, char **argv) {
     const char *simd_err = tq_simd_from_env(&simd);
     if (simd_err) die("%s", simd_err);
     model_path = argv[1];
-    for (int i = 2; i < argc; i += 2) {
+    for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) usage(0);
         if (a[0] != '-' || !a[1]) die("expected an option, got \"%s\" (run -h)", a);
-        if (i + 1 >= argc) die("option %s needs a value (run -h)", a);
-        const char *v = argv[i + 1];
+        if (!strcmp(a, "--paper")) {    /* the paper's TurboQuant as written: none of the fixes */
+            co.kscale = co.vscale = TQ_SCALE_NORM;
+            co.kproj = co.sink = co.window = 0;
+            continue;
+        }
+        if (++i >= argc) die("option %s needs a value (run -h)", a);
+        const char *v = argv[i];
         if (!strcmp(a, "-t")) {
             temperature = (float)parse_num(a, v, 0, 1e6);  /* logits / t must stay finite */
             if (temperature > 0 && temperature < 1e-3f) die("-t %s is too small: 0 (greedy) or at least 0.001", v);
@@ -2413,20 +2329,13 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-z")) tok_path = v;
         else if (!strcmp(a, "-m")) mode = v;
         else if (!strcmp(a, "-y")) system = v;
-        else if (!strcmp(a, "-k")) parse_kv(v, &co.kf, &co.vf);
+        else if (!strcmp(a, "-k")) parse_kv(v, &co.key_fmt, &co.value_fmt);
         else if (!strcmp(a, "-c")) ctx = parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "-o")) out = v;
         else if (!strcmp(a, "--stats")) stats = v;
         else if (!strcmp(a, "--chunks")) chunks = parse_int(a, v, 1, 1 << 30);
         else if (!strcmp(a, "--batch")) batch = parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--qinput")) qinput = parse_int(a, v, 0, 1);
-        else if (!strcmp(a, "--offsets")) {
-            char k[32], vv[32];
-            split_kv(a, v, k, vv);
-            co.koffsets = parse_int(a, k, 0, 1);
-            co.voffsets = parse_int(a, vv, 0, 1);
-        }
-        else if (!strcmp(a, "--kweights")) co.kweights = parse_int(a, v, 0, 1);
         else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, KPROJ_MAX);
         else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--window")) co.window = parse_int(a, v, 0, 1 << 20);
@@ -2479,9 +2388,9 @@ int main(int argc, char **argv) {
         chat(&t, &tok, &sampler, prompt, system, steps);
     } else if (m == EVAL) {
         if (!prompt) die("-m eval needs a text: -f FILE");
-        int same = co.kf == TQ_FP32 && co.vf == TQ_FP32;  /* the reference would be identical */
-        CacheOpts fp32 = co;   /* offsets, projections, exact positions: none apply to fp32 */
-        fp32.kf = fp32.vf = TQ_FP32;
+        int same = co.key_fmt == TQ_FP32 && co.value_fmt == TQ_FP32;  /* the reference would be identical */
+        CacheOpts fp32 = co;   /* projections, exact positions: none apply to fp32 */
+        fp32.key_fmt = fp32.value_fmt = TQ_FP32;
         Transformer ref;
         if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1, qinput);
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);

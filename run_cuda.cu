@@ -29,7 +29,7 @@
  *     once for the whole group), with an online softmax; merge_kernel then
  *     combines the chunks, adds the exact positions (sink and window, outside
  *     the hot loop) and applies the value codec's inverse rotation once.
- *   - A sequence's statistics (offsets, key weights, key directions) come from
+ *   - A sequence's statistics (the key directions) come from
  *     its first batch, measured on the GPU the way run.c's measure_stats does
  *     (stats_kernel; TQ_CUDA_HOST_STATS=1 runs run.c's own on the host instead).
  *
@@ -88,7 +88,7 @@ typedef struct {
     int layer;
     int dk, dv;          /* floats of a prepared query and of a value accumulator (head_dim, or 2 head_dim for tq*p) */
     int emax;            /* exact positions a query reads at most                           */
-    float *qkv;          /* (n, q_dim + 2 kv_dim) q (prepared: divided by the key weights) | k | v as stored */
+    float *qkv;          /* (n, q_dim + 2 kv_dim) q (after RoPE) | k | v as stored */
     const float *rope;   /* (ctx, head_dim/2, 2) cos and sin of RoPE's angle for every position and pair */
     float *qext;         /* (n * n_heads, dk) queries as the key codec scores them           */
     float *qu;           /* (n * n_heads, KPROJ_MAX) queries' parts along the key directions */
@@ -483,9 +483,9 @@ __device__ void encode_team(const tq_codec *c, const float *x, uint8_t *code, En
 /* ---------------------------------------------------------------------------
  * RoPE, cache encode and query preparation of token b's KV head g: block
  * (b * n_kv_heads + g) of 2 + ENC_QWARPS warps. mode: ROPE rotates q and k;
- * ENCODE stores the key and value (run.c's encode_kv: offsets, weights,
- * projections beta) and prepares the group's queries (run.c's prepare_query: q
- * divided by the key weights, qu, and qext = Pi q_perp, plus S Pi q_perp for
+ * ENCODE stores the key and value (run.c's encode_kv: projections beta, codes)
+ * and prepares the group's queries (run.c's prepare_query: qu, and
+ * qext = Pi q_perp, plus S Pi q_perp for
  * tq*p); EXACT also puts the token in the exact store right away (one token: the
  * ring row it takes is no longer read by this step's attention). The block first
  * copies the codecs' small tables, the head's statistics and the token's q, k, v
@@ -503,7 +503,7 @@ static size_t enc_shared_bytes(const Config *c, const KVCache *kv) {
     size_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
     size_t tables = (size_t)(kv->kc.rounds + kv->vc.rounds) * hd + 64;
     size_t enc = 2 * (5 * hd + hd / 4 + 2);
-    return (tables + (3 + KPROJ_MAX) * hd + (G + 2) * hd + enc + ENC_QWARPS * hd) * sizeof(float) + 33 * sizeof(double);
+    return (tables + KPROJ_MAX * hd + (G + 2) * hd + enc + ENC_QWARPS * hd) * sizeof(float) + 33 * sizeof(double);
 }
 
 /* a copy of codec c whose signs, bounds and centroids sit in shared memory at *sm (advanced) */
@@ -532,10 +532,9 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
     float *row = a.qkv + (size_t)b * (qd + 2 * kvd), *q = row + (size_t)g * G * hd, *k = row + qd + g * hd, *v = k + kvd;
 
     tq_codec kc = codec_to_shared(&kv.kc, &sm), vc = codec_to_shared(&kv.vc, &sm);
-    float *kw = sm, *ko = kw + hd, *vo = ko + hd, *u = vo + hd, *sq = u + KPROJ_MAX * hd, *sk = sq + G * hd, *sv = sk + hd;
+    float *u = sm, *sq = u + KPROJ_MAX * hd, *sk = sq + G * hd, *sv = sk + hd;
     float *scratch = sv + hd;
     for (int i = tid; i < hd; i += nt) {
-        kw[i] = kv.kw[head * hd + i]; ko[i] = kv.koff[head * hd + i]; vo[i] = kv.voff[head * hd + i];
         for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
         sk[i] = k[i]; sv[i] = v[i];
     }
@@ -561,8 +560,7 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
         float *x = scratch + warp * (5 * hd + hd / 4 + 2), *xp = x + hd;
         EncScratch es = {xp + hd, xp + 2 * hd, xp + 3 * hd, (uint8_t *)(xp + 4 * hd), NULL, xp + 4 * hd + hd / 4};
         float *src = warp == 0 ? sk : sv, *out = warp == 0 ? k : v;
-        const float *off = warp == 0 ? ko : vo;
-        for (int i = lane; i < hd; i += 32) { x[i] = warp == 0 ? kw[i] * (src[i] - off[i]) : src[i] - off[i]; xp[i] = x[i]; }
+        for (int i = lane; i < hd; i += 32) { x[i] = src[i]; xp[i] = x[i]; }
         __syncwarp();
         for (int r = 0; warp == 0 && r < R; r++) {   /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
             float part = 0.0f;
@@ -583,11 +581,11 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
         }
         return;
     }
-    /* the other warps, a query head each: q /= w, qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated */
+    /* the other warps, a query head each: qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated */
     float *tmp = scratch + 2 * (5 * hd + hd / 4 + 2) + (size_t)(warp - 2) * hd;
     for (int j = warp - 2; j < G; j += nt / 32 - 2) {
         float *qj = sq + j * hd, *qg = q + j * hd, quj[KPROJ_MAX];
-        for (int i = lane; i < hd; i += 32) qg[i] = qj[i] /= kw[i];
+        for (int i = lane; i < hd; i += 32) qg[i] = qj[i];   /* q after RoPE, for the exact positions */
         __syncwarp();
         for (int r = 0; r < R; r++) {
             float part = 0.0f;
@@ -644,39 +642,19 @@ __global__ void __launch_bounds__(STATS_THREADS) stats_kernel(const __grid_const
     __shared__ double red[33];
     extern __shared__ double sd[];     /* v, mv: (head_dim) doubles each */
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = blockIdx.x, n = a.n, first = n > 1 ? 1 : 0;
-    const int cnt = n - first, tid = threadIdx.x, nt = blockDim.x, R = kv.kproj;
+    const int tid = threadIdx.x, nt = blockDim.x, R = kv.kproj;
     const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, head = (size_t)l * c.n_kv_heads + g;
-    const float *q = a.qkv + (size_t)g * G * hd, *k = a.qkv + qd + (size_t)g * hd, *v = k + kvd;
-    float *mu = kv.koff + head * hd, *w = kv.kw + head * hd, *u1 = kv.kdir + head * R * hd;
+    const float *q = a.qkv + (size_t)g * G * hd, *k = a.qkv + qd + (size_t)g * hd;
+    float *u1 = kv.kdir + head * R * hd;
     m += (size_t)g * ((size_t)hd * hd + (size_t)n * (hd + 1));
-    for (int i = tid; i < hd; i += nt) {          /* set_offset: the mean of rows first.., in fp16 */
-        double sk = 0, sv = 0;
-        for (int b = first; b < n; b++) { sk += k[b * QKV + i]; sv += v[b * QKV + i]; }
-        if (kv.koffsets) mu[i] = f16_round((float)(sk / cnt));
-        if (kv.voffsets) kv.voff[head * hd + i] = f16_round((float)(sv / cnt));
-    }
-    for (int i = 2 * tid; kv.kweights && i < hd; i += 2 * nt) {   /* set_key_weights, pair (i, i+1) */
-        double e = 0, var = 0, mm[2] = {0, 0};
-        for (int b = first; b < n; b++)
-            for (int j = 0; j < 2; j++) {
-                double kj = k[b * QKV + i + j];
-                mm[j] += kj; var += kj * kj;
-                for (int h = 0; h < G; h++) { double qj = q[b * QKV + h * hd + i + j]; e += qj * qj; }
-            }
-        var = var / cnt - (mm[0] * mm[0] + mm[1] * mm[1]) / ((double)cnt * cnt);
-        float wi = (var > 0 && e > 0) ? (float)pow(e / ((double)G * cnt) / var, 0.25) : 1.0f;
-        wi = f16_round(wi);
-        w[i] = w[i + 1] = wi > 0 && isfinite(wi) ? wi : 1.0f;
-    }
-    __syncthreads();
     if (!R) return;
-    /* set_key_dirs: u_1 = the group's mean query divided by w, normalized */
+    /* set_key_dirs: u_1 = the group's mean query, normalized */
     double ss = 0;
     for (int i = tid; i < hd; i += nt) {
         double sum = 0;
         for (int b = first; b < n; b++)
             for (int h = 0; h < G; h++) sum += q[b * QKV + h * hd + i];
-        u1[i] = (float)(sum / w[i]);
+        u1[i] = (float)sum;
         ss += (double)u1[i] * u1[i];
     }
     double norm = block_sum(ss, red);
@@ -684,14 +662,14 @@ __global__ void __launch_bounds__(STATS_THREADS) stats_kernel(const __grid_const
     __syncthreads();
     store_direction_block(u1, NULL, hd, red);
     if (R < 2) return;
-    /* u_2: top principal direction of the keys as encoded, less their part along u_1. A warp
-     * per token b: r_b = w (k_b - mu) less its part along u_1, and |r_b|^2; then the second
+    /* u_2: top principal direction of the keys, less their part along u_1. A warp
+     * per token b: r_b = k_b less its part along u_1, and |r_b|^2; then the second
      * moment m = sum_b r_b r_b^T (a thread per element, tokens in order) */
     double *rs = m + (size_t)hd * hd, *lens = rs + (size_t)n * hd, *vv = sd, *mv = vv + hd;
     const int lane = tid & 31, warp = tid >> 5, lhd = __ffs(hd) - 1;
     for (int b = first + warp; b < n; b += nt / 32) {
         double part = 0, *r = rs + (size_t)b * hd;
-        for (int i = lane; i < hd; i += 32) { r[i] = w[i] * (k[b * QKV + i] - mu[i]); part += r[i] * u1[i]; }
+        for (int i = lane; i < hd; i += 32) { r[i] = k[b * QKV + i]; part += r[i] * u1[i]; }
         for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(FULL_MASK, part, o);
         double len = 0;
         for (int i = lane; i < hd; i += 32) { r[i] -= part * u1[i]; len += r[i] * r[i]; }
@@ -986,7 +964,7 @@ static size_t merge_shared_bytes(int dv) { return (2 * (size_t)dv + MAX_PARTS + 
 
 /* Row (token b, head h): the partials of its chunks, the exact positions (the
  * first `sink` and the last `window`, from the batch or the fp16 store), the
- * value codec's finish (S^T for tq*p, then Pi^T) and the value offset: run.c's
+ * value codec's finish (S^T for tq*p, then Pi^T): run.c's
  * attention() output for that head, into out (n, q_dim). */
 __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, const __grid_constant__ AttArgs a, float *out) {
@@ -1050,8 +1028,7 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
     }
     __syncthreads();
     if (is_tq(vc->fmt)) unrotate_team<TEAM_BLOCK>(vc, yt, y);
-    const float *voff = kv.voff + ((size_t)l * c.n_kv_heads + g) * hd;
-    for (int i = tid; i < hd; i += nt) {            /* add_exact_values: p_t v_t, then mu_v */
+    for (int i = tid; i < hd; i += nt) {            /* add_exact_values: p_t v_t */
         float o = yt[i];
         for (int e = 0; e < ne; e++) {
             int t = e < n1 ? e : e2 + e - n1;
@@ -1059,7 +1036,7 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
             o += t >= pos ? p * a.qkv[(size_t)(t - pos) * QKV + qd + kvd + (size_t)g * hd + i]
                           : p * tq_f16_to_f32(kv.exact_v[exact_row(&kv, &c, l, g, t) + i]);
         }
-        out[(size_t)b * qd + (size_t)h * hd + i] = o + voff[i];
+        out[(size_t)b * qd + (size_t)h * hd + i] = o;
     }
 }
 
@@ -1162,9 +1139,6 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     g->kv.vc = gpu_codec(g, &kv->vc);
     g->kv.key = (uint8_t *)gpu_alloc(g, NULL, heads * kv->ctx * kv->kc.bytes);
     g->kv.value = (uint8_t *)gpu_alloc(g, NULL, heads * kv->ctx * kv->vc.bytes);
-    g->kv.koff = (float *)gpu_alloc(g, kv->koff, heads * hd * f);
-    g->kv.voff = (float *)gpu_alloc(g, kv->voff, heads * hd * f);
-    g->kv.kw = (float *)gpu_alloc(g, kv->kw, heads * hd * f);
     g->kv.kdir = (float *)gpu_alloc(g, NULL, heads * R * hd * f);
     g->kv.kbeta = (uint16_t *)gpu_alloc(g, NULL, heads * kv->ctx * R * 2);
     g->kv.exact_k = (uint16_t *)gpu_alloc(g, NULL, heads * kv->slots * hd * 2);
@@ -1278,7 +1252,7 @@ static void gemm(Gpu *g, float *out, int ldo, const float *x, int ldx, const __h
     }
 }
 
-/* A new sequence the host's way (TQ_CUDA_HOST_STATS): layer l's first-batch q, k, v
+/* A new sequence the host's way (TQ_CUDA_HOST_STATS): layer l's first-batch q, k
  * go to the host, run.c's measure_stats fills the host cache's statistics, and they
  * come back. stats_kernel does the same on the GPU. */
 static void gpu_stats(Transformer *t, int l, int n) {
@@ -1289,12 +1263,8 @@ static void gpu_stats(Transformer *t, int l, int n) {
     size_t hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, R = kv->kproj, f = sizeof(float);
     CUDA(cudaMemcpy2DAsync(hs->q, qd * f, g->qkv, QKV * f, qd * f, n, cudaMemcpyDeviceToHost, g->stream));
     CUDA(cudaMemcpy2DAsync(hs->k, kvd * f, g->qkv + qd, QKV * f, kvd * f, n, cudaMemcpyDeviceToHost, g->stream));
-    CUDA(cudaMemcpy2DAsync(hs->v, kvd * f, g->qkv + qd + kvd, QKV * f, kvd * f, n, cudaMemcpyDeviceToHost, g->stream));
     CUDA(cudaStreamSynchronize(g->stream));
-    measure_stats(kv, c, l, hs->q, hs->k, hs->v, n);
-    CUDA(cudaMemcpyAsync(g->kv.koff + l * kvd, kv->koff + l * kvd, kvd * f, cudaMemcpyHostToDevice, g->stream));
-    CUDA(cudaMemcpyAsync(g->kv.voff + l * kvd, kv->voff + l * kvd, kvd * f, cudaMemcpyHostToDevice, g->stream));
-    CUDA(cudaMemcpyAsync(g->kv.kw + l * kvd, kv->kw + l * kvd, kvd * f, cudaMemcpyHostToDevice, g->stream));
+    measure_stats(kv, c, l, hs->q, hs->k, n);
     if (R) CUDA(cudaMemcpyAsync(g->kv.kdir + l * R * kvd, kv->kdir + l * R * kvd, R * kvd * f, cudaMemcpyHostToDevice, g->stream));
     CUDA(cudaStreamSynchronize(g->stream));   /* the host arrays may change before the copies ran otherwise */
 }
@@ -1326,7 +1296,7 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
     const KVCache *kv = &t->cache;
     int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim, V = c->vocab_size;
     int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, nkv = n * c->n_kv_heads;
-    int stats = pos == 0 && (kv->koffsets || kv->voffsets || kv->kweights || kv->kproj);
+    int stats = pos == 0 && kv->kproj;
     float eps = c->norm_eps;
     AttArgs a = g->att;
     a.n = n;
@@ -1385,7 +1355,7 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
 static float *forward(Transformer *t, const int *tokens, int n, int pos, int all_logits) {
     Gpu *g = t->gpu;
     const KVCache *kv = &t->cache;
-    int stats = pos == 0 && (kv->koffsets || kv->voffsets || kv->kweights || kv->kproj);
+    int stats = pos == 0 && kv->kproj;
     g->host_step[0] = pos;
     memcpy(g->host_step + 1, tokens, (size_t)n * sizeof(int));
     CUDA(cudaMemcpyAsync(g->step, g->host_step, (size_t)(1 + n) * sizeof(int), cudaMemcpyHostToDevice, g->stream));

@@ -1,7 +1,7 @@
 /* tq.c - TurboQuant KV-cache codec. API and byte layout: tq.h.
  *
  * Paper: Zandieh, Daliri, Hadian, Mirrokni, "TurboQuant: Online Vector Quantization
- * with Near-optimal Distortion Rate", arXiv 2504.19874 (REFERENCE.md section 1).
+ * with Near-optimal Distortion Rate", arXiv 2504.19874.
  *
  *   Algorithm 1, TurboQuant_mse, b bits per coordinate:
  *     u = x/|x|,  y = Pi u,  idx_i = argmin_k |y_i - c_k|          (encode)
@@ -175,7 +175,7 @@ double tq_bits_per_elem(tq_fmt f, int d) { return d > 0 ? 8.0 * (double)tq_bytes
 
 /* ---- Lloyd-Max codebook -------------------------------------------------------
  * After a random rotation one coordinate t of a unit vector has the density
- * (paper, Lemma 1; REFERENCE.md step 3)
+ * (paper, Lemma 1)
  *     f(t) = Gamma(d/2) / (sqrt(pi) Gamma((d-1)/2)) * (1 - t^2)^((d-3)/2),  t in [-1, 1],
  * close to N(0, 1/d) for large d. The Lloyd-Max codebook of 2^b centroids
  * minimizes E[(t - c(t))^2]; Lloyd's algorithm alternates its two conditions:

@@ -64,8 +64,13 @@ typedef enum {
     TQ_NFMT
 } tq_fmt;
 
+/* the formats that lose precision (q8, q4, tq*): what the cache's fixes apply to */
+static inline int tq_is_lossy(tq_fmt f) { return f != TQ_FP32 && f != TQ_FP16; }
+/* the TurboQuant formats: a head_dim^2 rotation (or QJL matrix) and Lloyd-Max codes */
+static inline int tq_is_turboquant(tq_fmt f) { return f >= TQ_TQ2 && f < TQ_NFMT; }
+
 /* How the stored scale s of a tq vector is chosen (see the paper and
- * REFERENCE.md section 1). c = c[idx] is the reconstructed unit vector in the
+ * section 3.1, Algorithm 1). c = c[idx] is the reconstructed unit vector in the
  * rotated domain, y = Pi.u the rotated unit input. */
 typedef enum {
     TQ_SCALE_NORM, /* the paper's Algorithm 1: s = |x|                           */

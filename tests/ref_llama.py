@@ -363,7 +363,7 @@ def forward(m: RefModel, tokens, kv_fn=None, k_fn=None, v_fn=None, rope_style=No
     layer_fn(layer, q (T, n_heads, hd), k (T, n_kv_heads, hd), v) -> (q, k, v), if given, sees
     every layer's queries and keys after RoPE (in kv_order) and values before k_fn / v_fn, and
     what it returns is what attention uses (e.g. to model a cache that stores transformed
-    vectors: per-head offsets, channel weights).
+    vectors: the key projection, exact fp16 positions).
     rope_style overrides the model's RoPE pairing (for sensitivity tests only).
     matmul_in(x, site, layer) -> x' replaces the input of every matrix product (module doc)."""
     with _one_blas_thread():

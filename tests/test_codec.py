@@ -32,7 +32,7 @@ DIMS = [32, 64, 80, 96, 128, 256]
 TQ_FMTS = ["tq2", "tq3", "tq4", "tq2p", "tq3p", "tq4p"]
 SCALES = ["norm", "nc", "eden"]
 SEED = 0x5475726230517541                                  # TQ_DEFAULT_SEED
-REF_MSE = {64: {1: 0.3584, 2: 0.1145, 3: 0.0334, 4: 0.00913},   # REFERENCE.md section 1
+REF_MSE = {64: {1: 0.3584, 2: 0.1145, 3: 0.0334, 4: 0.00913},   # tests/test_tq.c's REF_MSE
            128: {1: 0.3609, 2: 0.1160, 3: 0.0340, 4: 0.00932}}
 REF_MSE_ULP = {1: 1e-4, 2: 1e-4, 3: 1e-4, 4: 1e-5}
 
@@ -317,7 +317,7 @@ def one_layer(tmp_path_factory):
 def one_layer_logits(d, kspec, path, batch):
     out = d / f"lg_{kspec.replace(':', '_')}_{path}_{batch}.f32"
     p = subprocess.run([str(RUN), str(d / "m.bin"), "-m", "logits", "-k", kspec, "-f", str(d / "ids.txt"), "-o", str(out),
-                        "--batch", str(batch), "--offsets", "0", "--kweights", "0", "--kproj", "0"],
+                        "--batch", str(batch), "--kproj", "0"],
                        capture_output=True, text=True, env=dict(os.environ, TQ_SIMD=path))
     assert p.returncode == 0, p.stderr
     return np.fromfile(out, dtype=np.float32).reshape(N_IDS, -1)

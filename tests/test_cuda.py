@@ -212,11 +212,10 @@ def test_long_decode_matches_cpu(model, run_cuda, run_other_rounding, long_ids_f
 @needs_gpu
 @pytest.mark.parametrize("fmt", ["tq3", "q8:tq4p"])
 def test_gpu_statistics_match_host(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt):
-    """The statistics of a sequence (offsets, key weights, key directions) measured on the GPU
-    (stats_kernel) against run.c's measure_stats on the host (TQ_CUDA_HOST_STATS=1), both in the
-    GPU build: the same logits up to the CPU builds' rounding yardstick. --offsets 1 and
-    --kweights 1 switch on the two statistics the default leaves off."""
-    extra = ["--batch", 64, "--offsets", 1, "--kweights", 1]
+    """The statistics of a sequence (the two key directions of the default --kproj 2) measured
+    on the GPU (stats_kernel) against run.c's measure_stats on the host (TQ_CUDA_HOST_STATS=1),
+    both in the GPU build: the same logits up to the CPU builds' rounding yardstick."""
+    extra = ["--batch", 64]
     host = logits_env(run_cuda, model, ids_file, tmp_path / "host.f32", fmt, {"TQ_CUDA_HOST_STATS": "1"}, *extra)
     gpu = logits_env(run_cuda, model, ids_file, tmp_path / "gpu.f32", fmt, {}, *extra)
     cpu = logits(RUN, model, ids_file, tmp_path / "cpu.f32", fmt, *extra)

@@ -14,15 +14,15 @@ dequantization for GGUF, tied/untied classifier, hyper-parameters) is checked al
     test_logits_cache_libtq          q8 q4 tq*: reference over tq_encode+tq_decode of libtq.so
                                      (checks run's attention straight from the codes), < 1e-4
     test_logits_cache_tq_ref         tq*: reference over the numpy oracle tests/tq_ref.py, < 1e-4
-    test_logits_cache_default_transforms  run's default per-head offsets + key channel weights
-                                     (and --sink), modelled in the reference
+    test_logits_cache_transforms     run's key projection (--kproj 0/1/2) and fp16 sink positions,
+                                     modelled in the reference
     test_logits_int8_weights         export.py --weights q8: the reference on the same int8
                                      weights, every product's input quantized as run does it
                                      (--qinput 1; near-ties matched, InputQuant) or not
                                      (--qinput 0), < 1e-4
     test_eval_int8_weights           -m eval on an int8 file = its definition from -m logits
-Cache tests run with --scale given and the extra cache transforms off (--offsets 0
---kweights 0 --sink 0, where run has them); float32-vs-float64 near-ties are matched (NearTies).
+Codec tests run with --scale given and the fixes off (--kproj 0 --sink 0 --window 0), so that the
+cache is exactly encode/decode per vector; float32-vs-float64 near-ties are matched (NearTies).
 """
 import ctypes
 import functools
@@ -456,15 +456,9 @@ def libtq_roundtrip(fmt, d, scale):
 
 def tq_ref_roundtrip(fmt, d, scale):
     """kv_fn from the numpy oracle tests/tq_ref.py (TurboQuant(fmt, d, scale, Pi, S) with the
-    rotation signs / dense matrix and QJL matrix of the C codec run uses), or pytest.skip."""
-    try:
-        tq_ref = importlib.import_module("tq_ref")
-    except ImportError as e:
-        pytest.skip(f"tests/tq_ref.py not importable ({e})")
-    if not hasattr(tq_ref, "TurboQuant") or not hasattr(tq_ref, "hadamard_rotation"):
-        pytest.skip("tests/tq_ref.py has no TurboQuant class / hadamard_rotation")
-    if fmt not in getattr(tq_ref, "MSE_BITS", {}):
-        pytest.skip(f"tests/tq_ref.py does not model format {fmt} (tq formats only)")
+    rotation signs / dense matrix and QJL matrix of the C codec run uses); tq formats only."""
+    tq_ref = importlib.import_module("tq_ref")
+    assert fmt in tq_ref.MSE_BITS, f"tests/tq_ref.py does not model format {fmt}"
     c = _c_codec(fmt, d, scale)
     if c.rounds:
         Pi = tq_ref.hadamard_rotation(
@@ -484,22 +478,8 @@ def tq_ref_roundtrip(fmt, d, scale):
     return fn
 
 
-@functools.lru_cache(maxsize=None)
-def _run_accepts(model_bin, option, value):
-    """Whether run knows `option value` (run.c's cache options are still evolving)."""
-    base = [model_bin, "-m", "tokenize", "-i", "a"]
-    run_cmd(base, binary=RUN, timeout=30)          # the probe itself must work
-    return run_cmd(base + [option, value], binary=RUN, check=False, timeout=30).returncode == 0
-
-
-def _plain_cache_opts(model_bin):
-    """Options that turn off run's extra cache transforms (per-head offsets, key channel
-    weights, fp32 sink positions) where this run has them, so that the cache is exactly encode/decode per vector."""
-    opts = []
-    for o in ("--offsets", "--kweights", "--kproj", "--sink", "--window"):
-        if _run_accepts(model_bin, o, "0"):
-            opts += [o, "0"]
-    return tuple(opts)
+# the fixes on top of the codec off, so that the cache is exactly encode/decode per vector
+PLAIN_CACHE_OPTS = ("--kproj", "0", "--sink", "0", "--window", "0")
 
 
 class NearTies:
@@ -603,8 +583,8 @@ def _kv_fns(kspec, d, scale, make_fn):
 def _check_cache(workdir, name, kspec, scale, make_fn, label):
     _need_run()
     _, out, m = _exported(name, str(workdir))
-    kfn, vfn = _kv_fns(kspec, m.head_dim, scale, make_fn)   # may skip (tq_ref lacks a format)
-    got = run_logits(out, workdir, kspec, ("--scale", scale) + _plain_cache_opts(out))
+    kfn, vfn = _kv_fns(kspec, m.head_dim, scale, make_fn)
+    got = run_logits(out, workdir, kspec, ("--scale", scale) + PLAIN_CACHE_OPTS)
     # fp16 rounding flips are element-wise and not matched, hence test_logits_fp16's tolerance
     tol = FP16_TOL if "fp16" in kspec.split(":") else CACHE_TOL
     ref, n_ties, switched = match_near_ties(m, token_ids(), kfn, vfn, got, tol)
@@ -639,15 +619,14 @@ def test_logits_cache_tq_ref(workdir, kspec, scale):
 
 # ----------------------------------------------------------------------------- run's cache transforms
 
-# run's default cache (run.c, "Offsets" and "Key channel weights"): for q8/q4/tq formats it
-# stores w * (k - mu_k) and v - mu_v, with mu the fp16-rounded per-head mean of the sequence's
-# first forward batch (position 0 left out) and w per RoPE pair fp16((E / (group * tokens) / V)^(1/4)),
-# E the summed energy of the group's queries over the tokens in that pair, V the keys' variance; queries are
-# divided by w. With --sink S the first S positions' (transformed) keys and values are also
-# kept in fp16 and attention uses those. (--window, the recent positions, depends on the query
-# position, which this per-position model cannot express: it is off here and tested below.) This test models exactly that, with
-# the statistics from the first --batch tokens; FIRST_BATCH is the batch most cases use (fewer than N_TOK, so the later
-# batches are encoded with statistics they did not contribute to).
+# run's default cache (run.c, "Key projection" and "Exact positions"): for q8/q4/tq formats each
+# key keeps beta_j = fp16(u_j.k) along R directions measured on the sequence's first forward batch
+# (position 0 left out) and the codes hold k - sum_j beta_j u_j; with --sink S the first S positions'
+# keys and values are also kept in fp16 and attention uses those. (--window, the recent positions,
+# depends on the query position, which this per-position model cannot express: it is off here and
+# tested below.) These tests model exactly that, with the statistics from the first --batch tokens;
+# FIRST_BATCH is the batch most cases use (fewer than N_TOK, so the later batches are encoded with
+# statistics they did not contribute to).
 FIRST_BATCH = 48
 
 
@@ -655,46 +634,26 @@ def _f16(x):
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
 
 
-def reference_stats(q, k, v, group, n_first, ktrans, vtrans, kproj, koff=True, voff=True, kweights=True):
-    """The cache statistics of run.c ("Offsets", "Key channel weights", "Key projection"),
-    computed again in float64 from one layer's q (T, H, hd), k and v (T, KV, hd) of the
-    reference: key / value offsets mu (KV, hd), key channel weights w (KV, hd) and key
-    directions U (KV, R, hd) or None. u_1 = the fp16-rounded, renormalized mean of the
-    group's queries (as divided by w) over the first batch; u_2 = the top eigenvector of
-    sum r r^T over the first batch's keys k' = w (k - mu) less their part along u_1 (by
-    power iteration from the longest r, as run finds it), fp16-rounded and made orthonormal
-    to u_1."""
+def reference_stats(q, k, group, n_first, kproj):
+    """The key directions of run.c ("Key projection"), computed again in float64 from one
+    layer's q (T, H, hd) and k (T, KV, hd) of the reference: U (KV, R, hd), or None for
+    kproj 0. u_1 = the fp16-rounded, renormalized mean of the group's queries over the first
+    batch; u_2 = the top eigenvector of sum r r^T over the first batch's keys less their part
+    along u_1 (by power iteration from the longest r, as run finds it), fp16-rounded and made
+    orthonormal to u_1."""
     T, KV, hd = k.shape
     n = min(T, n_first)
     first = 1 if n > 1 else 0
-    cnt = n - first
-    kmu, vmu = np.zeros((KV, hd)), np.zeros((KV, hd))
-    w = np.ones((KV, hd))
-    if ktrans and koff:
-        kmu = _f16(k[first:n].mean(axis=0))                         # (KV, hd)
-    if ktrans and kweights:
-        e = (q[first:n] ** 2).sum(axis=0).reshape(KV, group, hd).sum(axis=1)
-        e = e.reshape(KV, hd // 2, 2).sum(axis=2)                    # per RoPE pair
-        kk = k[first:n]
-        var = ((kk ** 2).sum(axis=0) / cnt - (kk.sum(axis=0) / cnt) ** 2)
-        var = var.reshape(KV, hd // 2, 2).sum(axis=2)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            w = np.where((var > 0) & (e > 0), (e / (group * cnt) / var) ** 0.25, 1.0)
-        w = _f16(w)
-        w = np.where((w > 0) & np.isfinite(w), w, 1.0).repeat(2, axis=1)   # (KV, hd)
-    if vtrans and voff:
-        vmu = _f16(v[first:n].mean(axis=0))
-    if not (ktrans and kproj):
-        return kmu, vmu, w, None
-    qw = q / np.repeat(w, group, axis=0)[None]
-    u = qw[first:n].sum(axis=0).reshape(KV, group, hd).sum(axis=1)   # (KV, hd), q / w
+    if not kproj:
+        return None
+    u = q[first:n].sum(axis=0).reshape(KV, group, hd).sum(axis=1)   # (KV, hd)
     u = _f16(u / np.linalg.norm(u, axis=1, keepdims=True))
     U = (u / np.linalg.norm(u, axis=1, keepdims=True))[:, None, :]    # (KV, R, hd)
     if kproj > 1:
         dirs = []
         for g in range(KV):
             u1 = U[g, 0]
-            r = w[g] * (k[first:n, g] - kmu[g])
+            r = k[first:n, g]
             r = r - np.outer(r @ u1, u1)
             e = r[np.argmax((r ** 2).sum(axis=1))]
             for _ in range(200):
@@ -704,41 +663,38 @@ def reference_stats(q, k, v, group, n_first, ktrans, vtrans, kproj, koff=True, v
             u2 = u2 - (u2 @ u1) * u1
             dirs.append(u2 / np.linalg.norm(u2))
         U = np.concatenate([U, np.array(dirs)[:, None, :]], axis=1)
-    return kmu, vmu, w, U
+    return U
 
 
 def read_run_stats(path, m, n_tok, kproj):
-    """run's --stats file (run.c, dump_stats): per layer (kmu, vmu, w, U or None, beta) with
-    beta (KV, n_tok, R) the fp16 projections every key stored."""
+    """run's --stats file (run.c, dump_stats): per layer (U or None, beta) with U (KV, R, hd)
+    the key directions and beta (KV, n_tok, R) the fp16 projections every key stored."""
     KV, hd, R = m.n_kv_heads, m.head_dim, kproj
     a = np.fromfile(path, dtype=np.float32).astype(np.float64)
-    per_layer = 3 * KV * hd + R * KV * hd + KV * n_tok * R
+    per_layer = R * KV * hd + KV * n_tok * R
     assert a.size == m.n_layers * per_layer, f"--stats file has {a.size} floats, want {m.n_layers}x{per_layer}"
     out = []
     for x in a.reshape(m.n_layers, per_layer):
-        kmu, vmu, w = (x[i * KV * hd:(i + 1) * KV * hd].reshape(KV, hd) for i in range(3))
-        o = 3 * KV * hd
-        U = x[o:o + R * KV * hd].reshape(KV, R, hd) if R else None
-        beta = x[o + R * KV * hd:].reshape(KV, n_tok, R)
-        out.append((kmu, vmu, w, U, beta))
+        U = x[:R * KV * hd].reshape(KV, R, hd) if R else None
+        beta = x[R * KV * hd:].reshape(KV, n_tok, R)
+        out.append((U, beta))
     return out
 
 
-def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FIRST_BATCH, kproj=False,
-                             koff=True, voff=True, kweights=True, stats=None, seen=None):
+def cache_transform_layer_fn(kfn, vfn, ktrans, group, sink=0, n_first=FIRST_BATCH, kproj=0,
+                             stats=None, seen=None):
     """layer_fn for ref_llama.forward: keys / values through kfn / vfn (None: kept in fp32),
-    with run's offsets and key channel weights where ktrans / vtrans (quantized formats), and
-    the first `sink` positions kept exact. kproj: run's key projection (run.c, "Key
-    projection") on that many directions: a key k' = w (k - mu) keeps beta_j = fp16(u_j.k')
-    and the codes hold k' - sum_j beta_j u_j, so what a query sees is
-    sum_j beta_j u_j + (I - U^T U) decode(k' - sum_j beta_j u_j).
+    the first `sink` positions kept exact, and run's key projection (run.c, "Key projection")
+    on kproj directions where ktrans (a quantized key format): a key k keeps
+    beta_j = fp16(u_j.k) and the codes hold k - sum_j beta_j u_j, so what a query sees is
+    sum_j beta_j u_j + (I - U^T U) decode(k - sum_j beta_j u_j).
 
     stats: run's own statistics (read_run_stats), used instead of computing them again: a
     statistic rounded to fp16 can sit on a rounding boundary, and float32 arithmetic with
     or without FMA / AVX-512 then lands on either side of it, which moves every code of a
     head (a different computation, not a wrong one). reference_stats() recomputes them and
     test_run_stats_match_the_reference checks run's against it. seen: a list that receives,
-    per layer, (the recomputed statistics, the recomputed betas)."""
+    per layer, (the recomputed directions, the recomputed betas)."""
     def code(fn, x, where):
         if where[2] < sink:
             return _f16(x)
@@ -748,23 +704,22 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
 
     def f(li, q, k, v):
         T, KV, hd = k.shape
-        q, k, v = q.copy(), k.copy(), v.copy()
-        mine = reference_stats(q, k, v, group, n_first, ktrans, vtrans, kproj, koff, voff, kweights)
-        kmu, vmu, w, U = stats[li][:4] if stats is not None else mine
-        q = q / np.repeat(w, group, axis=0)[None]
+        k, v = k.copy(), v.copy()
+        mine = reference_stats(q, k, group, n_first, kproj if ktrans else 0)
+        U = stats[li][0] if stats is not None else mine
         betas = np.zeros((KV, T, U.shape[1] if U is not None else 0))
         for t in range(T):
             for g in range(KV):
-                kt = w[g] * (k[t, g] - kmu[g])
+                kt = k[t, g].copy()
                 if U is not None:
                     betas[g, t] = _f16(U[g] @ kt)                            # (R,)
                 if U is None or t < sink:
                     k[t, g] = code(kfn, kt, ("k", li, t, g))
                 else:
-                    beta = stats[li][4][g, t] if stats is not None else betas[g, t]
+                    beta = stats[li][1][g, t] if stats is not None else betas[g, t]
                     kd = code(kfn, kt - beta @ U[g], ("k", li, t, g))
                     k[t, g] = beta @ U[g] + kd - (U[g] @ kd) @ U[g]
-                v[t, g] = vmu[g] + code(vfn, v[t, g] - vmu[g], ("v", li, t, g))
+                v[t, g] = code(vfn, v[t, g], ("v", li, t, g))
         if seen is not None:
             seen.append((mine, betas))
         return q, k, v
@@ -777,39 +732,20 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, vtrans, group, sink=0, n_first=FI
     ("gguf_tied", "fp16:tq3", "nc", 0, FIRST_BATCH), ("gguf", "tq3", "nc", 4, 50), ("gguf", "tq3", "nc", 0, 256),
     ("hf", "fp16:tq2p", "norm", 3, 7)])
 @pytest.mark.parametrize("kproj", [0, 1, 2])
-def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, batch, kproj):
-    """run with its default cache transforms (offsets and key weights on; --sink as given)
+def test_logits_cache_transforms(workdir, name, kspec, scale, sink, batch, kproj):
+    """run with the key projection on 0, 1 or 2 directions and --sink as given (--window 0)
     against the reference with those transforms modelled around the C codec (libtq), the
     statistics taken from the first `--batch` tokens (256: all of the N_TOK here)."""
     _need_run()
     _, out, m = _exported(name, str(workdir))
-    if not (_run_accepts(out, "--offsets", "1") and _run_accepts(out, "--kweights", "1")):
-        pytest.skip("this run has no --offsets/--kweights cache transforms to model")
-    if not _run_accepts(out, "--sink", str(sink)):
-        if sink:
-            pytest.skip("this run has no --sink option")
-        sink_opt = ()
-    else:
-        sink_opt = ("--sink", str(sink))
-    if _run_accepts(out, "--window", "0"):
-        sink_opt += ("--window", "0")
-    if _run_accepts(out, "--kproj", "0"):
-        sink_opt += ("--kproj", str(kproj))
-    elif kproj:
-        pytest.skip("this run has no --kproj option")
-    if _run_accepts(out, "--batch", str(FIRST_BATCH)):
-        sink_opt += ("--batch", str(batch))
-    elif batch != FIRST_BATCH:
-        pytest.skip("this run has no --batch option")
     kf, vf = (kspec.split(":") + [kspec])[:2]
     hd, group = m.head_dim, m.n_heads // m.n_kv_heads
     fns = {f: None if f == "fp32" else ref_llama.fp16_roundtrip if f == "fp16" else
            NearTies(libtq_roundtrip(f, hd, scale), hd) for f in {kf, vf}}
     quantized = {f: f not in ("fp32", "fp16") for f in {kf, vf}}
-    got, stats = run_logits(out, workdir, kspec, ("--scale", scale, "--offsets", "1", "--kweights", "1") + sink_opt,
-                            stats=True)
-    layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], quantized[kf], quantized[vf], group,
-                                        sink, n_first=batch, kproj=kproj,
+    got, stats = run_logits(out, workdir, kspec, ("--scale", scale, "--sink", str(sink), "--window", "0",
+                                                  "--kproj", str(kproj), "--batch", str(batch)), stats=True)
+    layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], quantized[kf], group, sink, n_first=batch, kproj=kproj,
                                         stats=read_run_stats(stats, m, N_TOK, kproj if quantized[kf] else 0))
     wrappers = [w for w in fns.values() if isinstance(w, NearTies)]
     ref, n_ties, switched = _match_with(
@@ -817,7 +753,7 @@ def test_logits_cache_default_transforms(workdir, name, kspec, scale, sink, batc
     diff = np.abs(got - ref)
     moved = np.abs(got - _ref_logits(name, str(workdir)))
     tol = FP16_TOL if "fp16" in (kf, vf) else 1e-3
-    what = f"{name} -k {kspec} --scale {scale} --sink {sink} --kproj {kproj} --batch {batch} (offsets + key weights)"
+    what = f"{name} -k {kspec} --scale {scale} --sink {sink} --kproj {kproj} --batch {batch}"
     assert diff.max() < tol, \
         (f"{what}: max |run - ref| = {diff.max():.3g} (tol {tol}; {_where(diff)}; cache "
          f"effect {moved.max():.3g}; near-tie vectors {n_ties}, {switched} switched)")
@@ -834,32 +770,31 @@ def _f16_ulp(x):
 @pytest.mark.parametrize("name,kspec,batch,kproj", [("gguf", "tq3", FIRST_BATCH, 2), ("hf", "tq2:q4", 20, 2),
                                                     ("gguf_tied", "q8", FIRST_BATCH, 1)])
 def test_run_stats_match_the_reference(workdir, name, kspec, batch, kproj):
-    """The statistics run measures and stores (--stats: offsets, key weights, key directions,
-    every key's projections beta) against the reference's float64 computation of them from
-    its own q, k, v (reference_stats): each within one fp16 step of the reference's value,
-    the most that float32 rounding can move a number that is stored in fp16. The reference
-    is advanced with run's statistics, so both see the same activations at every layer."""
+    """The statistics run measures and stores (--stats: key directions, every key's
+    projections beta) against the reference's float64 computation of them from its own q, k
+    (reference_stats): betas within one fp16 step of the reference's value, the most that
+    float32 rounding can move a number that is stored in fp16, directions within two. The
+    reference is advanced with run's statistics, so both see the same activations at every
+    layer."""
     _need_run()
     _, out, m = _exported(name, str(workdir))
     kf, vf = (kspec.split(":") + [kspec])[:2]
     hd, group = m.head_dim, m.n_heads // m.n_kv_heads
     fns = {f: NearTies(libtq_roundtrip(f, hd, "eden"), hd) for f in {kf, vf}}
-    got, path = run_logits(out, workdir, kspec, ("--offsets", "1", "--kweights", "1", "--kproj", str(kproj),
-                                                 "--sink", "1", "--window", "0", "--batch", str(batch)), stats=True)
+    got, path = run_logits(out, workdir, kspec, ("--kproj", str(kproj), "--sink", "1", "--window", "0",
+                                                 "--batch", str(batch)), stats=True)
     stats = read_run_stats(path, m, N_TOK, kproj)
     seen = []
-    layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], True, True, group, sink=1, n_first=batch,
+    layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], True, group, sink=1, n_first=batch,
                                         kproj=kproj, stats=stats, seen=seen)
     _match_with(lambda: (seen.clear(), ref_llama.forward(m, token_ids(), layer_fn=layer_fn))[1],
                 list(fns.values()), got, 1e-4)
     assert len(seen) == m.n_layers
-    for li, ((kmu, vmu, w, U), betas) in enumerate(seen):
-        r_kmu, r_vmu, r_w, r_U, r_beta = stats[li]
-        for what, a, b in (("key offset", r_kmu, kmu), ("value offset", r_vmu, vmu), ("key weight", r_w, w),
-                           ("beta", r_beta, betas)):
-            off = np.abs(a - b) / _f16_ulp(b)
-            assert off.max() <= 1.0 + 1e-6, f"layer {li}: {what} differs by {off.max():.3g} fp16 steps"
-        assert np.abs(r_w - 1).max() > 1e-3 and np.abs(r_kmu).max() > 1e-3, "statistics not measured"
+    for li, (U, betas) in enumerate(seen):
+        r_U, r_beta = stats[li]
+        off = np.abs(r_beta - betas) / _f16_ulp(betas)
+        assert off.max() <= 1.0 + 1e-6, f"layer {li}: beta differs by {off.max():.3g} fp16 steps"
+        assert np.abs(r_beta).max() > 1e-3, "projections not measured"
         # directions: fp16-rounded, then renormalized (and u_2 made orthogonal to u_1) in float
         for j in range(kproj):
             d = np.abs(r_U[:, j] - U[:, j]).max() / _f16_ulp(np.abs(U[:, j]).max())
@@ -867,49 +802,57 @@ def test_run_stats_match_the_reference(workdir, name, kspec, batch, kproj):
         assert np.abs(np.einsum("grd,gsd->grs", r_U, r_U) - np.eye(kproj)).max() < 1e-5
 
 
-@pytest.mark.parametrize("name,kspec,offsets,kproj", [
-    ("gguf", "tq3", "0", 2), ("hf", "tq4", "1:0", 2), ("gguf", "tq2:tq3", "0:1", 1), ("gguf_tied", "q4", "0", 2)])
-def test_logits_cache_run_defaults(workdir, name, kspec, offsets, kproj):
-    """run's default cache (no offsets, no key weights, --kproj 2, 1 fp16 sink) and its variants
-    with key or value offsets alone (--offsets K:V) against the reference modelling exactly those
+@pytest.mark.parametrize("name,kspec,kproj", [
+    ("gguf", "tq3", 2), ("hf", "tq4", 2), ("gguf", "tq2:tq3", 1), ("gguf_tied", "q4", 2)])
+def test_logits_cache_run_defaults(workdir, name, kspec, kproj):
+    """run's default cache (--scale eden, --kproj 2, 1 fp16 sink; the window off, see above) and
+    one variant with a single key direction, against the reference modelling exactly those
     transforms around the C codec."""
     _need_run()
     _, out, m = _exported(name, str(workdir))
-    if not _run_accepts(out, "--offsets", "1:0"):
-        pytest.skip("this run has no --offsets KEYS:VALUES")
-    koff, _, voff = offsets.partition(":")
-    koff, voff = koff == "1", (voff or koff) == "1"
     kf, vf = (kspec.split(":") + [kspec])[:2]
     hd, group = m.head_dim, m.n_heads // m.n_kv_heads
     fns = {f: NearTies(libtq_roundtrip(f, hd, "eden"), hd) for f in {kf, vf}}
-    got, stats = run_logits(out, workdir, kspec, ("--scale", "eden", "--offsets", offsets, "--kweights", "0",
-                                                  "--kproj", str(kproj), "--sink", "1", "--window", "0",
-                                                  "--batch", str(FIRST_BATCH)), stats=True)
-    layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], True, True, group, sink=1, kproj=kproj,
-                                        koff=koff, voff=voff, kweights=False,
+    extra = ("--window", "0", "--batch", str(FIRST_BATCH)) + (("--kproj", str(kproj)) if kproj != 2 else ())
+    got, stats = run_logits(out, workdir, kspec, extra, stats=True)
+    layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], True, group, sink=1, kproj=kproj,
                                         stats=read_run_stats(stats, m, N_TOK, kproj))
     ref, n_ties, switched = _match_with(
         lambda: ref_llama.forward(m, token_ids(), layer_fn=layer_fn), list(fns.values()), got, 1e-4)
     diff = np.abs(got - ref)
-    assert diff.max() < 1e-3, (f"{name} -k {kspec} --offsets {offsets} --kproj {kproj}: max |run - ref| = "
+    assert diff.max() < 1e-3, (f"{name} -k {kspec} --kproj {kproj}: max |run - ref| = "
                                f"{diff.max():.3g} ({_where(diff)}; near-tie vectors {n_ties}, {switched} switched)")
 
 
 @pytest.mark.parametrize("kspec", ["tq2", "tq3:q4"])
 def test_window_covering_everything_is_fp16(workdir, kspec):
     """With --window as long as the sequence every position is read from the fp16 exact store,
-    so a tq cache must give the logits of an fp16 cache (up to fp16 rounding of the offset and
-    weight transforms), and clearly not those of the same cache without the window."""
+    so a tq cache must give the logits of an fp16 cache (up to fp16 rounding), and clearly not
+    those of the same cache without the window."""
     _need_run()
     _, out, m = _exported("gguf", str(workdir))
-    if not _run_accepts(out, "--window", "0"):
-        pytest.skip("this run has no --window option")
     n = len(token_ids())
     fp16 = run_logits(out, workdir, "fp16", ())
     full = run_logits(out, workdir, kspec, ("--window", str(n), "--sink", "0"))
     none = run_logits(out, workdir, kspec, ("--window", "0", "--sink", "0"))
     assert np.abs(full - fp16).max() < FP16_TOL, np.abs(full - fp16).max()
     assert np.abs(none - fp16).max() > 10 * np.abs(full - fp16).max()
+
+
+@pytest.mark.parametrize("kspec", ["tq3", "q4:tq2p"])
+def test_paper_is_plain_turboquant(workdir, kspec):
+    """--paper is the paper's TurboQuant as written: the same logits, bit for bit, as the
+    flags it stands for (--scale norm --kproj 0 --sink 0 --window 0), and other logits than
+    run's default fixed cache; a later flag overrides it."""
+    _need_run()
+    _, out, m = _exported("gguf", str(workdir))
+    paper = run_logits(out, workdir, kspec, ("--paper",))
+    spelled = run_logits(out, workdir, kspec, ("--scale", "norm", "--kproj", "0", "--sink", "0", "--window", "0"))
+    default = run_logits(out, workdir, kspec, ())
+    assert np.array_equal(paper, spelled)
+    assert np.abs(paper - default).max() > 1e-3
+    eden = run_logits(out, workdir, kspec, ("--paper", "--scale", "eden"))
+    assert np.array_equal(eden, run_logits(out, workdir, kspec, ("--kproj", "0", "--sink", "0", "--window", "0")))
 
 
 # ----------------------------------------------------------------------------- int8 weights
@@ -968,7 +911,7 @@ def test_logits_int8_weights(workdir, name, kspec, qinput):
     _need_run()
     out, mq = _exported_q8(name, str(workdir))
     kfn, vfn = _kv_fns(kspec, mq.head_dim, "nc", libtq_roundtrip)
-    opts = ("--scale", "nc") + _plain_cache_opts(out) if kspec != "fp32" else ()
+    opts = ("--scale", "nc") + PLAIN_CACHE_OPTS if kspec != "fp32" else ()
     got = run_logits(out, workdir, kspec, opts + ("--qinput", str(qinput)))
     ids = token_ids()
     act = InputQuant()

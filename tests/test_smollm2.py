@@ -59,8 +59,7 @@ def test_memory_line(smollm2, R):
     """The codes take 30 layers x 3 KV heads x (26 B key + 26 B value) per token for tq3 (3-bit codes
     of 64 numbers = 24 B, plus a 2 B fp16 norm); fp16 would take 64 x 2 B per vector. The fixed cost
     is 1 sink + up to 8 recent positions kept in fp16 (64 x 2 B per key and value) plus the R
-    directions of the key projection per head (64 fp16 each; no offsets or key weights by
-    default); each key also keeps its projections on those directions (R fp16, 2 B each)."""
+    directions of the key projection per head (64 fp16 each); each key also keeps its projections on those directions (R fp16, 2 B each)."""
     out, err = generate(smollm2, "tq3", 10, extra=("--kproj", str(R)))
     m = re.search(r"kv: tq3/tq3 ([\d.]+) bits/elem, ([\d.]+) MiB for (\d+) tokens \(fp16 ([\d.]+) MiB, ([\d.]+)x smaller", err)
     assert m, err
@@ -81,7 +80,7 @@ def test_memory_line(smollm2, R):
 
 def test_memory_line_plain_tq3_is_4_9x_smaller(smollm2):
     """Without the fixes the cache is the codes alone: 128 B of fp16 against 26 B per vector."""
-    out, err = generate(smollm2, "tq3", 10, extra=("--offsets", "0", "--kweights", "0", "--kproj", "0", "--sink", "0", "--window", "0"))
+    out, err = generate(smollm2, "tq3", 10, extra=("--paper",))
     m = re.search(r"MiB for (\d+) tokens \(fp16 [\d.]+ MiB, ([\d.]+)x smaller", err)
     assert m and abs(float(m[2]) - 128 / 26) < 0.05, err
     assert "fixed cost" not in err

@@ -1,7 +1,7 @@
 """Independent numpy implementation of TurboQuant (the test oracle for tq.c).
 
 Written from the paper -- Zandieh, Daliri, Hadian, Mirrokni, "TurboQuant: Online Vector
-Quantization with Near-optimal Distortion Rate", arXiv 2504.19874 (REFERENCE.md section 1) --
+Quantization with Near-optimal Distortion Rate", arXiv 2504.19874 (sections 3.1 and 3.2) --
 and from the byte layout documented in tq.h, not from tq.c. Everything is float64. The
 codec's random choices (the rotation Pi and the QJL matrix S) are inputs, so that codes can
 be compared with tq.c's bit for bit; `haar_rotation` and `gaussian_qjl` draw independent

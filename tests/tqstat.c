@@ -4,7 +4,7 @@
  * bits        bits per element, every stored byte counted (norms, signs)
  * ratio_fp16  fp16 bytes / format bytes
  * mse         mean |x - x~|^2 over 10,000 seeded random unit vectors, with the
- *             paper's scale rule s = |x| (REFERENCE.md section 1 has the table)
+ *             paper's scale rule s = |x| (Theorem 1 bounds it)
  * ip_bias     mean of <q, x~> - <q, x> (paper's rule), q a random unit vector at
  *             60 degrees from x: q = x/2 + sqrt(3)/2 w, w a random unit vector
  *             orthogonal to x. A multiplicative bias (1 + beta) of inner products
