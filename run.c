@@ -654,8 +654,6 @@ static double build_state(RunState *s, const Config *c, const KVCache *kv, int b
         s->xqts = TAKE(tiled * (wn / QGROUP), "quantized activations");
     }
 #undef TAKE
-    const char *err = tq_simd_from_env(&s->simd);
-    if (err) die("%s", err);
     return bytes;
 }
 
@@ -666,9 +664,10 @@ static void free_state(RunState *s) {
     free(s->xq);
 }
 
-/* qinput: for int8 weights, quantize the input of each product too (RunState) */
+/* qinput: for int8 weights, quantize the input of each product too; simd: the attention
+ * kernels' instruction set (RunState) */
 static void build_transformer(Transformer *t, const char *path, const CacheOpts *o, int ctx, int batch, int all_logits,
-                              int qinput) {
+                              int qinput, tq_simd simd) {
     load_model(t, path);
     const Config *c = &t->config;
 #ifdef RUN_CUDA
@@ -699,6 +698,7 @@ static void build_transformer(Transformer *t, const char *path, const CacheOpts 
     build_cache(&t->cache, c, o, ctx, 1);
     build_state(&t->state, c, &t->cache, batch, all_logits, 1);
     t->state.qinput = qinput;
+    t->state.simd = simd;
 #ifdef RUN_CUDA
     gpu_build(t, o, all_logits);
 #endif
@@ -2302,7 +2302,7 @@ int main(int argc, char **argv) {
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
-    tq_simd simd;                     /* TQ_SIMD is checked before anything is read */
+    tq_simd simd;                     /* TQ_SIMD, else the best this CPU runs: checked before anything is read */
     const char *simd_err = tq_simd_from_env(&simd);
     if (simd_err) die("%s", simd_err);
     model_path = argv[1];
@@ -2361,7 +2361,7 @@ int main(int argc, char **argv) {
     int all_logits = m == EVAL || m == LOGITS || m == SCORE;
     if (m == EVAL && ctx == 0) ctx = 512;
     if (m == TOKENIZE || m == DETOKENIZE) ctx = 1;  /* no cache needed */
-    build_transformer(&t, model_path, &co, ctx, batch, all_logits, qinput);
+    build_transformer(&t, model_path, &co, ctx, batch, all_logits, qinput, simd);
     Config *c = &t.config;
 
     /* the tokenizer: from model.bin, or from another exported file with -z */
@@ -2392,7 +2392,7 @@ int main(int argc, char **argv) {
         CacheOpts fp32 = co;   /* projections, exact positions: none apply to fp32 */
         fp32.key_fmt = fp32.value_fmt = TQ_FP32;
         Transformer ref;
-        if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1, qinput);
+        if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1, qinput, simd);
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);
         if (!same) free_transformer(&ref);
     } else if (m == LOGITS) {

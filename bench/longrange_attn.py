@@ -18,7 +18,10 @@ layers here, so it ranks variants and finds the heads, it does not predict the c
 
 Variants: rR = run's directions (u_1 the mean query, then the keys' principal directions of
 what is left), R of them; rRq = u_1 the mean query, then the principal directions of the
-queries' second moment; tq4 = 4-bit keys with run's default R = 2."""
+queries' second moment; tq4 = 4-bit keys with run's default R = 2. A trailing "b" (r2b, tq4b)
+also takes each quantized key's expected score noise out of its score, s - Var(s) / 2 (a noisy
+score's softmax weight is biased up by exp(Var / 2); Var from the codec's distortion on Gaussian
+vectors, the key's residual norm and the query's part off the directions)."""
 import argparse
 import ctypes
 import importlib.machinery
