@@ -88,6 +88,9 @@ tests/test_q8_san: tests/test_q8.c run.c tq.c tq.h
 tests/test_q8_base: tests/test_q8.c run.c tq.c tq.h
 	$(CC) -O1 $(OMP) $(WARN) -o $@ tests/test_q8.c tq.c -lm
 
+tests/test_q8_v3: tests/test_q8.c run.c tq.c tq.h
+	$(CC) $(V3) $(OMP) $(WARN) -o $@ tests/test_q8.c tq.c -lm
+
 # tq.c as a shared library, so that the numpy oracle can call it through ctypes
 tests/libtq.so: tq.c tq.h
 	$(CC) -O2 $(WARN) -shared -fPIC -o $@ tq.c -lm
@@ -137,19 +140,22 @@ pytest: run run_san run_vg tests/libtq.so tests/tqstat $(MODEL) | $(VENV)/.test-
 
 # the codec's C tests and the forward tests (logits of every format against the numpy
 # reference) on the emulated CPU without AVX-512, where qemu-x86_64 is installed (.ci/run installs it)
-noavx512: run_haswell tests/test_tq_v3 tests/libtq.so | $(VENV)/.test-pkgs
+noavx512: run_haswell tests/test_tq_v3 tests/test_q8_v3 tests/test_q8_base tests/libtq.so | $(VENV)/.test-pkgs
 	@if ! command -v qemu-x86_64 >/dev/null; then \
 	    echo "make: qemu-x86_64 is missing (apt-get install qemu-user): no tests on a CPU without AVX-512" >&2; exit 0; fi; \
 	set -e; \
 	TQ_SIMD=avx512 ./run_haswell /nonexistent.bin 2>&1 | grep -q "lacks AVX-512F" || \
 	    { echo "make: the emulated CPU reports AVX-512" >&2; exit 1; }; \
 	./tests/haswell ./tests/test_tq_v3 attention softmax_chunk simd_env; \
+	q8=$$(./tests/haswell ./tests/test_q8_v3) || { echo "$$q8"; exit 1; }; echo "$$q8" | tail -1; \
+	test "$$(./tests/haswell ./tests/test_q8_v3 --hash)" = "$$(./tests/test_q8_base --hash)" || \
+	    { echo "test_q8: the x86-64-v3 build computes other bits" >&2; exit 1; }; \
 	TQ_RUN=$(CURDIR)/run_haswell $(PYTHON) -m pytest -q tests/test_forward.py -k "logits_fp32 or logits_cache_libtq or logits_int8"
 
 test: ctest noavx512 pytest
 
 clean:
-	rm -f run run_san run_vg run_v3 run_haswell run_cuda tests/test_tq_v3 tests/test_tq tests/test_tq_san tests/test_q8 tests/test_q8_san tests/test_q8_base \
+	rm -f run run_san run_vg run_v3 run_haswell run_cuda tests/test_tq_v3 tests/test_tq tests/test_tq_san tests/test_q8 tests/test_q8_san tests/test_q8_base tests/test_q8_v3 \
 	    tests/libtq.so tests/tqstat bench/tqbench bench/membw
 
 # ---- fuzzing (not part of `make test`) ------------------------------------------------

@@ -25,6 +25,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX2__)
+#include <immintrin.h>   /* the int8 product's one-token kernel (dot_q8_rows) */
+#endif
 
 #include "tq.h"
 
@@ -835,6 +838,79 @@ static float dot_q8(const int8_t *w, const float *ws, const int16_t *x, const fl
     return acc;
 }
 
+/* W8A8, one token against QLANES rows of W at once (rows w (QLANES, n), their scales ws
+ * (QLANES, n/QGROUP)): lane r of the accumulator holds row r and runs dot_q8's chain of
+ * fmaf over the groups, so out (QLANES) gets dot_q8's bits on any path. Per group each row's
+ * 64 products are summed in int16 pairs to int32 lanes (vpmaddwd), and sum_lanes gathers
+ * the QLANES rows' sums into one vector by a tree of integer additions, exact in any order. */
+#if defined(__AVX512BW__) && defined(__AVX512F__)
+#define QLANES 16
+static __m512i sum_lanes(__m512i v[16]) {   /* lane r of the result = the sum of v[r]'s lanes */
+    for (int r = 0; r < 8; r++)   /* each 128-bit lane: rows 2r, 2r+1, 2r, 2r+1 */
+        v[r] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * r], v[2 * r + 1]), _mm512_unpackhi_epi32(v[2 * r], v[2 * r + 1]));
+    for (int r = 0; r < 4; r++)   /* each 128-bit lane: rows 4r .. 4r+3 */
+        v[r] = _mm512_add_epi32(_mm512_unpacklo_epi64(v[2 * r], v[2 * r + 1]), _mm512_unpackhi_epi64(v[2 * r], v[2 * r + 1]));
+    for (int r = 0; r < 2; r++)   /* 128-bit lanes added in pairs, then the last pairs */
+        v[r] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * r], v[2 * r + 1], 0x88), _mm512_shuffle_i32x4(v[2 * r], v[2 * r + 1], 0xdd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(v[0], v[1], 0x88), _mm512_shuffle_i32x4(v[0], v[1], 0xdd));
+}
+
+static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
+    int G = n / QGROUP;
+    __m512i row = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                     _mm512_set1_epi32(G));   /* offset of row r's scales in ws */
+    __m512 acc = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m512i x0 = _mm512_loadu_si512(x + g * QGROUP), x1 = _mm512_loadu_si512(x + g * QGROUP + 32), v[QLANES];
+        for (int r = 0; r < QLANES; r++) {
+            const int8_t *wr = w + (size_t)r * n + (size_t)g * QGROUP;
+            _mm_prefetch((const char *)(wr + (size_t)QLANES * n), _MM_HINT_T0);   /* the next block: the hardware prefetcher misses 16 rows read side by side */
+            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)wr));
+            __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + 32)));
+            v[r] = _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1));
+        }
+        __m512 scale = _mm512_mul_ps(_mm512_i32gather_ps(row, ws + g, 4), _mm512_set1_ps(xs[g]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_lanes(v)), scale, acc);
+    }
+    _mm512_storeu_ps(out, acc);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define QLANES 8
+static __m256i sum_lanes(__m256i v[8]) {    /* lane r of the result = the sum of v[r]'s lanes */
+    for (int r = 0; r < 4; r++)   /* each 128-bit lane: rows 2r, 2r+1, 2r, 2r+1 */
+        v[r] = _mm256_add_epi32(_mm256_unpacklo_epi32(v[2 * r], v[2 * r + 1]), _mm256_unpackhi_epi32(v[2 * r], v[2 * r + 1]));
+    for (int r = 0; r < 2; r++)   /* each 128-bit lane: rows 4r .. 4r+3 */
+        v[r] = _mm256_add_epi32(_mm256_unpacklo_epi64(v[2 * r], v[2 * r + 1]), _mm256_unpackhi_epi64(v[2 * r], v[2 * r + 1]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(v[0], v[1], 0x20), _mm256_permute2x128_si256(v[0], v[1], 0x31));
+}
+
+static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
+    int G = n / QGROUP;
+    __m256i row = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(G));
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m256i xv[4], v[QLANES];
+        for (int k = 0; k < 4; k++) xv[k] = _mm256_loadu_si256((const __m256i *)(x + g * QGROUP + 16 * k));
+        for (int r = 0; r < QLANES; r++) {
+            const int8_t *wr = w + (size_t)r * n + (size_t)g * QGROUP;
+            _mm_prefetch((const char *)(wr + (size_t)QLANES * n), _MM_HINT_T0);
+            __m256i s = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++)
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wr + 16 * k))), xv[k]));
+            v[r] = s;
+        }
+        __m256 scale = _mm256_mul_ps(_mm256_i32gather_ps(ws + g, row, 4), _mm256_set1_ps(xs[g]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes(v)), scale, acc);
+    }
+    _mm256_storeu_ps(out, acc);
+}
+#else
+#define QLANES 1   /* portable: dot_q8 row by row */
+static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
+    *out = dot_q8(w, ws, x, xs, n);
+}
+#endif
+
 typedef float v16f __attribute__((vector_size(64)));   /* GCC/Clang's vector extension */
 
 /* W8A32: one row w (n codes, scales ws) against one fp32 token x (n): 4 x 16 lanes (one
@@ -888,24 +964,38 @@ static void matmul_q8_tile(float *out, const float *xt, const float *xts, const 
         for (int t = 0; t < QTOKS; t++) out[(size_t)(b + t) * d + i + r] = o[r][t];
 }
 
-/* out (B, d) = x (B, n) . W^T for int8 W (d, n) with scales ws: rows in tiles of QROWS
- * split over threads, tokens in tiles of QTOKS where they fit, one dot at a time for the
- * rest (a decoded token is all rest: it is bound by reading the weights). */
+/* Row r of W (codes w, scales ws) against token t of the product's input: W8A8 or W8A32. */
+static float q8_dot(const RunState *s, const int8_t *w, const float *ws, const float *x, int t, int r, int n) {
+    int G = n / QGROUP;
+    if (s->qinput) return dot_q8(w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n, s->xqs + (size_t)t * G, n);
+    return dot_w8(w + (size_t)r * n, ws + (size_t)r * G, x + (size_t)t * n, n);
+}
+
+/* out (B, d) = x (B, n) . W^T for int8 W (d, n) with scales ws: blocks of QBLOCK rows split
+ * over threads; in a block, tiles of QROWS rows x QTOKS tokens where they fit; the other
+ * tokens (a decoded token is all other: it is bound by reading the weights) QLANES rows at a
+ * time with W8A8, else one dot at a time. */
+#define QBLOCK (QLANES > QROWS ? QLANES : QROWS)
 static void matmul_q8(RunState *s, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d) {
     if (s->qinput) quantize_input(s, x, B, n);
     else tile_input(s, x, B, n);
-    int G = n / QGROUP, tiles = B / QTOKS, i;
+    int G = n / QGROUP, tiled = B / QTOKS * QTOKS, i;
 #pragma omp parallel for schedule(static)
-    for (i = 0; i < d; i += QROWS) {
-        int b = 0;
-        if (i + QROWS <= d)
-            for (; b < tiles * QTOKS; b += QTOKS)
-                matmul_q8_tile(out, s->xqt + (size_t)b * n, s->xqts + (size_t)b * G, w, ws, b, i, n, d);
-        for (int r = i; r < i + QROWS && r < d; r++)
-            for (int t = b; t < B; t++)
-                out[(size_t)t * d + r] = s->qinput ? dot_q8(w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n,
-                                                            s->xqs + (size_t)t * G, n)
-                                                   : dot_w8(w + (size_t)r * n, ws + (size_t)r * G, x + (size_t)t * n, n);
+    for (i = 0; i < d; i += QBLOCK) {
+        int end = i + QBLOCK < d ? i + QBLOCK : d, r = i;
+        for (; r + QROWS <= end; r += QROWS)
+            for (int b = 0; b < tiled; b += QTOKS)
+                matmul_q8_tile(out, s->xqt + (size_t)b * n, s->xqts + (size_t)b * G, w, ws, b, r, n, d);
+        for (; r < end; r++)
+            for (int t = 0; t < tiled; t++) out[(size_t)t * d + r] = q8_dot(s, w, ws, x, t, r, n);
+        for (int t = tiled; t < B; t++) {
+            r = i;
+            if (s->qinput)
+                for (; r + QLANES <= end; r += QLANES)
+                    dot_q8_rows(out + (size_t)t * d + r, w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n,
+                                s->xqs + (size_t)t * G, n);
+            for (; r < end; r++) out[(size_t)t * d + r] = q8_dot(s, w, ws, x, t, r, n);
+        }
     }
 }
 

@@ -4,7 +4,8 @@
  * The claim under test (run.c, "int8 weights"): the input is quantized per group of QGROUP
  * (scale max|x| / 127, codes rounded to nearest-even), each group's dot product of codes is
  * an exact integer, and the groups are summed as a chain of fmaf(sum, w_scale * x_scale, acc)
- * in group order. So the one-token kernel, the 4-row x 16-token tile and every leftover row
+ * in group order. So the one-token kernels (a row at a time, or 8 / 16 rows in the lanes of
+ * one AVX2 / AVX-512 vector), the 4-row x 16-token tile and every leftover row
  * or token give exactly what the scalar loops below give, whatever vector instructions the
  * compiler chose; `make ctest` also builds this file for the baseline x86-64 instruction set
  * (-O1, no -march) and checks that its --hash line equals the optimized build's, so the bits
@@ -64,9 +65,11 @@ static uint64_t fnv(uint64_t h, const void *p, size_t n) {
 int main(int argc, char **argv) {
     int hash_only = argc > 1 && !strcmp(argv[1], "--hash");
     /* (B tokens, n inputs, d outputs): one token; tiles with and without leftover tokens;
-     * row counts that are not a multiple of QROWS */
+     * row counts that are not a multiple of QROWS; leftover tokens over whole blocks of 8
+     * and 16 rows (the AVX2 and AVX-512 one-token kernels) and the rows after them */
     const int cases[][3] = {{1, 64, 8}, {1, 192, 7}, {3, 128, 5}, {16, 64, 4}, {17, 128, 9},
-                            {33, 192, 12}, {48, 64, 3}, {40, 320, 11}};
+                            {33, 192, 12}, {48, 64, 3}, {40, 320, 11}, {1, 128, 16}, {2, 64, 35},
+                            {19, 192, 48}, {1, 576, 64}};
     int failed = 0;
     uint64_t h = 0xCBF29CE484222325ull;
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
