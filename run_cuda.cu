@@ -1076,6 +1076,8 @@ static void gpu_check(const Config *c, const KVCache *kv) {
                 tq_fmt_name(cs[i]->fmt), hd);
 }
 
+static void gpu_warm_up(Transformer *t, int all_logits);
+
 /* Copies the model into GPU memory (fp16) and allocates the cache and
  * activations there (called by build_transformer once the host side is built). */
 static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
@@ -1203,6 +1205,7 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     CUDA(cudaDeviceSynchronize());
     (void)o;
     t->gpu = g;
+    gpu_warm_up(t, all_logits);
 }
 
 static void gpu_free(Transformer *t) {
@@ -1376,4 +1379,34 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     CUDA(cudaMemcpyAsync(g->host_logits, g->logits, rows * t->config.vocab_size * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
     CUDA(cudaStreamSynchronize(g->stream));
     return g->host_logits;
+}
+
+/* One-time work done at load rather than inside the first prompt: CUDA loads a module's
+ * kernels on their first launch, cuBLAS sets itself up and picks its kernels on its first
+ * products, and the decode graph is captured on the first decoded token. So a batch of the
+ * full size, one of an odd size and a single token run through forward() from position 0
+ * (statistics included), then one decoded token (the graph's capture and a replay); then
+ * every array of the cache is cleared, so the first real sequence finds the cache exactly as
+ * an unwarmed build would (its statistics are measured anew at position 0 in any case). */
+static void gpu_warm_up(Transformer *t, int all_logits) {
+    Gpu *g = t->gpu;
+    KVCache *kv = &g->kv;
+    const Config *c = &t->config;
+    int B = g->batch < kv->ctx - 1 ? g->batch : kv->ctx - 1, sizes[3] = {B, B / 2 + 1, 1};
+    int *tokens = (int *)xcalloc(B > 0 ? B : 1, sizeof(int), "warm-up tokens");
+    for (int i = 0; i < 3 && B > 0; i++) forward(t, tokens, sizes[i], 0, all_logits);
+    if (kv->ctx > 1) forward(t, tokens, 1, 1, 0);
+    free(tokens);
+    size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = c->head_dim, R = kv->kproj;
+    CUDA(cudaMemsetAsync(kv->key, 0, heads * kv->ctx * kv->kc.bytes, g->stream));
+    CUDA(cudaMemsetAsync(kv->value, 0, heads * kv->ctx * kv->vc.bytes, g->stream));
+    if (R) {
+        CUDA(cudaMemsetAsync(kv->kdir, 0, heads * R * hd * sizeof(float), g->stream));
+        CUDA(cudaMemsetAsync(kv->kbeta, 0, heads * kv->ctx * R * sizeof(uint16_t), g->stream));
+    }
+    if (kv->slots) {
+        CUDA(cudaMemsetAsync(kv->exact_k, 0, heads * kv->slots * hd * sizeof(uint16_t), g->stream));
+        CUDA(cudaMemsetAsync(kv->exact_v, 0, heads * kv->slots * hd * sizeof(uint16_t), g->stream));
+    }
+    CUDA(cudaStreamSynchronize(g->stream));
 }

@@ -8,8 +8,7 @@
  * window 8) whose cache holds max(ctx) positions. The cache is filled without a prefill: random
  * vectors (uniform in [-1, 1)) go through the encode kernel, so the codes, the key projections
  * and the byte count are those of a real cache while what they encode is noise; the statistics
- * stay at their defaults (zero offsets, unit key weights, zero key directions, whose betas are
- * still read). Then, in interleaved rounds (every format once per round, medians reported):
+ * stay at their defaults (zero key directions, whose projections beta are still stored and read). Then, in interleaved rounds (every format once per round, medians reported):
  *   decode:    one token at position ctx - 1 through forward() (graph replay, logits copied
  *              back), wall time per token;
  *   attention: layer 0's attention alone (partials over chunks of the coded keys + merge),
@@ -107,10 +106,10 @@ int main(int argc, char **argv) {
 
     static Transformer tr[MAX_FMT];
     for (int f = 0; f < nf; f++) {
-        CacheOpts o = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 0, 0, 0, 2, 1, 8};
-        parse_kv(fnames[f], &o.kf, &o.vf);
+        CacheOpts o = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 2, 1, 8};   /* run's defaults */
+        parse_kv(fnames[f], &o.key_fmt, &o.value_fmt);
         double t0 = now_s();
-        build_transformer(&tr[f], argv[1], &o, maxctx > npre ? maxctx : npre, 256, 0);
+        build_transformer(&tr[f], argv[1], &o, maxctx > npre ? maxctx : npre, 256, 0, 1, TQ_SIMD_PORTABLE);
         fill_cache(&tr[f], maxctx);
         fprintf(stderr, "gpubench: %s: built and filled %d positions in %.1f s\n", fnames[f], maxctx, now_s() - t0);
     }
