@@ -368,10 +368,69 @@ __device__ void fwht_team(float *y, int nvec, int d) {      /* d a power of two:
     team_sync<T>();
 }
 
+/* tq.c's fwht on one warp, in registers: lane holds elements EPL lane + j (d = 32 EPL).
+ * Spans below EPL are a lane's own butterflies, the others pair lane with lane ^ (span/EPL):
+ * the lower element becomes a + b, the upper a - b, as in tq.c, so the bits are tq.c's. */
+template <int EPL> __device__ __forceinline__ void fwht_regs(float v[EPL], int lane) {
+#pragma unroll
+    for (int len = 1; len < EPL; len *= 2)
+#pragma unroll
+        for (int j = 0; j < EPL; j++)
+            if (!(j & len)) { float a = v[j], b = v[j + len]; v[j] = a + b; v[j + len] = a - b; }
+#pragma unroll
+    for (int lm = 1; lm < 32; lm *= 2) {
+        const bool upper = lane & lm;
+#pragma unroll
+        for (int j = 0; j < EPL; j++) {
+            float o = __shfl_xor_sync(FULL_MASK, v[j], lm);
+            v[j] = upper ? o - v[j] : v[j] + o;
+        }
+    }
+    const float norm = 1.0f / sqrtf((float)(32 * EPL));
+#pragma unroll
+    for (int j = 0; j < EPL; j++) v[j] *= norm;
+}
+
+/* y (d = 32 EPL, shared memory) <- Pi y (inverse: Pi^T y) by the calling warp: tq_rotate's
+ * (tq_unrotate's) rounds of signs and butterflies */
+template <int EPL> __device__ void rotate_regs(const tq_codec *c, float *y, bool inverse) {
+    const int lane = threadIdx.x & 31, d = 32 * EPL;
+    float v[EPL];
+#pragma unroll
+    for (int j = 0; j < EPL; j++) v[j] = y[EPL * lane + j];
+    for (int k = 0; k < c->rounds; k++) {
+        const int r = inverse ? c->rounds - 1 - k : k;
+        const float *sg = c->signs + (size_t)r * d + EPL * lane;
+        if (inverse) fwht_regs<EPL>(v, lane);
+#pragma unroll
+        for (int j = 0; j < EPL; j++) v[j] *= sg[j];
+        if (!inverse) fwht_regs<EPL>(v, lane);
+    }
+#pragma unroll
+    for (int j = 0; j < EPL; j++) y[EPL * lane + j] = v[j];
+    __syncwarp();
+}
+
+/* whether rotate_warp applies: the Hadamard rotation of a d one warp holds in registers */
+__host__ __device__ static bool warp_rotation(const tq_codec *c) { return !c->dense && c->d >= 32 && c->d <= 256; }
+
+__device__ void rotate_warp(const tq_codec *c, float *y, bool inverse) {
+    switch (c->d) {
+    case 32: rotate_regs<1>(c, y, inverse); break;
+    case 64: rotate_regs<2>(c, y, inverse); break;
+    case 128: rotate_regs<4>(c, y, inverse); break;
+    default: rotate_regs<8>(c, y, inverse); break;
+    }
+}
+
 /* y = Pi y for each vector (tq_rotate); tmp: nvec*d floats, for the dense matrix */
 template <int T>
 __device__ void rotate_team(const tq_codec *c, float *y, int nvec, float *tmp) {
     int d = c->d;
+    if (T == TEAM_WARP && nvec == 1 && warp_rotation(c)) {
+        rotate_warp(c, y, false);
+        return;
+    }
     if (c->dense) {
         for (int i = team_tid<T>(); i < nvec * d; i += team_size<T>()) tmp[i] = dot8(c->dense + (size_t)(i % d) * d, y + (i / d) * d, d);
         team_sync<T>();
@@ -981,8 +1040,12 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
  * pre-multiplied by log2 e) runs on the score fragments; P goes to the value product's
  * operand through an 8x8 transpose in registers (movmatrix). The block's warps take tiles
  * in turn and merge at the end, writing one partial result per row, as attention_kernel.
- * Rounding: centroids, queries and probabilities in fp16 (relative 2^-11), far below the
- * codes' own error; the plain and prod formats keep attention_kernel.
+ * Rounding: each fp16 operand (centroid, query, probability times value scale) is the sum of
+ * two, x = fp16(x) + fp16(x - fp16(x)), good to about 2^-22 of x, and each product is three
+ * (hi hi + hi lo + lo hi): the sums come out as close to fp32 arithmetic as the CUDA-core
+ * kernel's (one fp16 rounding of each operand alone, 2^-11, would put the GPU's logits some
+ * 30 times farther from the CPU's than the CPU's own rounding noise: measured on an H200).
+ * The plain and prod formats keep attention_kernel.
  */
 #define MMA_WARPS 4
 #define MMA_ROWS 8        /* query rows of a block: the n of the products                  */
@@ -1015,6 +1078,13 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 __device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {   /* fp16 pair, lo in the low half; saturated */
     __half2 h = __floats2half2_rn(fminf(fmaxf(lo, -65504.0f), 65504.0f), fminf(fmaxf(hi, -65504.0f), 65504.0f));
     return *(uint32_t *)&h;
+}
+
+/* x = hi + lo to about 2^-22 of x: hi = fp16(x), lo = fp16(x - hi), as fp16 pairs of (x0, x1) */
+__device__ __forceinline__ void split_half2(float x0, float x1, uint32_t *hi, uint32_t *lo) {
+    *hi = half2_bits(x0, x1);
+    float2 h = __half22float2(*(const __half2 *)hi);
+    *lo = half2_bits(x0 - h.x, x1 - h.y);
 }
 
 /* 8 b-bit codes (bits [0, 8b) of x) to 8 nibbles: code j moves from bit b*j to bit 4*j,
@@ -1050,11 +1120,12 @@ template <int NW> __device__ __forceinline__ void load_words(const uint8_t *p, u
 }
 
 /* The codebook as two 8-byte tables: low bytes (t[0], t[1]) and high bytes (t[2], t[3]) of
- * the fp16 centroids */
-__device__ void codebook_bytes(const float *cent, int K, uint32_t t[4]) {
+ * the fp16 centroids: part 0 = fp16(c), part 1 = fp16(c - part 0) */
+__device__ void codebook_bytes(const float *cent, int K, int part, uint32_t t[4]) {
     t[0] = t[1] = t[2] = t[3] = 0;
     for (int i = 0; i < K; i++) {
-        uint16_t h = __half_as_ushort(__float2half_rn(cent[i]));
+        __half hc = __float2half_rn(cent[i]);
+        uint16_t h = __half_as_ushort(part ? __float2half_rn(cent[i] - __half2float(hc)) : hc);
         t[i >> 2] |= (uint32_t)(h & 255) << (8 * (i & 3));
         t[2 + (i >> 2)] |= (uint32_t)(h >> 8) << (8 * (i & 3));
     }
@@ -1126,21 +1197,24 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         for (int j = 0; j < KPROJ_MAX; j++)
             qu2[r][j] = rho < rows && j < R ? a.qu[((size_t)tok * c.n_heads + g * G + rho % G) * KPROJ_MAX + j] : 0.0f;
     }
-    /* the rotated query of row gq, coordinates D/4 tq + 4j + {0, 1 | 2, 3}: the score product's B */
-    uint32_t qf[KSTEPS][2];
+    /* the rotated query of row gq, coordinates D/4 tq + 4j + {0, 1 | 2, 3}: the score product's B,
+     * high and low fp16 parts */
+    uint32_t qf[KSTEPS][2], ql[KSTEPS][2];
     {
         int rho = rho0 + gq, tok = rho / G;
         const float *q = a.qext + ((size_t)tok * c.n_heads + g * G + rho % G) * a.dk + tq * (D / 4);
 #pragma unroll
         for (int j = 0; j < KSTEPS; j++) {
             float4 v = rho < rows ? *(const float4 *)(q + 4 * j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            qf[j][0] = half2_bits(v.x, v.y);
-            qf[j][1] = half2_bits(v.z, v.w);
+            split_half2(v.x, v.y, &qf[j][0], &ql[j][0]);
+            split_half2(v.z, v.w, &qf[j][1], &ql[j][1]);
         }
     }
-    uint32_t tk[4], tv[4];
-    codebook_bytes(kv.kc.centroids, 1 << KB, tk);
-    codebook_bytes(kv.vc.centroids, 1 << VB, tv);
+    uint32_t tk[4], tkl[4], tv[4], tvl[4];   /* the codebooks' high and low parts */
+    codebook_bytes(kv.kc.centroids, 1 << KB, 0, tk);
+    codebook_bytes(kv.kc.centroids, 1 << KB, 1, tkl);
+    codebook_bytes(kv.vc.centroids, 1 << VB, 0, tv);
+    codebook_bytes(kv.vc.centroids, 1 << VB, 1, tvl);
 
     /* the head's rows; a tile starts at a multiple of 16 keys, so at 16 k row bytes: its first
      * byte lies as far past a 16-byte boundary (mk, mv, mb) as the head's first row does */
@@ -1188,11 +1262,19 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         load_words<NWK>(st + (gq + 8) * S::KROW + tq * S::LK, wb);
 #pragma unroll
         for (int grp = 0; grp < D / 32; grp++) {          /* 8 codes: two of the product's k-steps */
-            uint32_t ha[4], hb[4];
-            decode_pairs(spread_nibbles<KB>(code_group<KB>(wa, grp)), tk, ha);
-            decode_pairs(spread_nibbles<KB>(code_group<KB>(wb, grp)), tk, hb);
-            mma16816(s, ha[0], hb[0], ha[1], hb[1], qf[2 * grp][0], qf[2 * grp][1]);
-            mma16816(s, ha[2], hb[2], ha[3], hb[3], qf[2 * grp + 1][0], qf[2 * grp + 1][1]);
+            uint32_t ha[4], hb[4], la[4], lb[4], na = spread_nibbles<KB>(code_group<KB>(wa, grp));
+            uint32_t nb = spread_nibbles<KB>(code_group<KB>(wb, grp));
+            decode_pairs(na, tk, ha);
+            decode_pairs(nb, tk, hb);
+            decode_pairs(na, tkl, la);
+            decode_pairs(nb, tkl, lb);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {                 /* c q = ch qh + ch ql + cl qh (+ cl ql, below fp32's rounding) */
+                const int j = 2 * grp + h;
+                mma16816(s, ha[2 * h], hb[2 * h], ha[2 * h + 1], hb[2 * h + 1], qf[j][0], qf[j][1]);
+                mma16816(s, ha[2 * h], hb[2 * h], ha[2 * h + 1], hb[2 * h + 1], ql[j][0], ql[j][1]);
+                mma16816(s, la[2 * h], lb[2 * h], la[2 * h + 1], lb[2 * h + 1], qf[j][0], qf[j][1]);
+            }
         }
         const float ska = __half2float(*(const __half *)(st + gq * S::KROW + S::KROW - 2));
         const float skb = __half2float(*(const __half *)(st + (gq + 8) * S::KROW + S::KROW - 2));
@@ -1230,8 +1312,10 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         /* P diag(s_v) as the value product's B: (row gq, keys 2tq, 2tq+1) and keys + 8 */
         const float sva = __half2float(*(const __half *)(vst + gq * S::VROW + S::VROW - 2));
         const float svb = __half2float(*(const __half *)(vst + (gq + 8) * S::VROW + S::VROW - 2));
-        const uint32_t pb0 = transpose8x8(half2_bits(p[0] * sva, p[1] * sva));
-        const uint32_t pb1 = transpose8x8(half2_bits(p[2] * svb, p[3] * svb));
+        uint32_t ph0, pl0, ph1, pl1;
+        split_half2(p[0] * sva, p[1] * sva, &ph0, &pl0);
+        split_half2(p[2] * svb, p[3] * svb, &ph1, &pl1);
+        const uint32_t pb0 = transpose8x8(ph0), pb1 = transpose8x8(ph1), pc0 = transpose8x8(pl0), pc1 = transpose8x8(pl1);
 
         /* values of keys 2tq, 2tq+1 (a, b) and 2tq+8, 2tq+9 (c, d), coordinates D/8 gq ..: the A of m-tiles */
         uint32_t va[NWV], vb[NWV], vc[NWV], vd[NWV];
@@ -1241,12 +1325,19 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         load_words<NWV>(vst + (2 * tq + 9) * S::VROW + gq * S::LV, vd);
 #pragma unroll
         for (int grp = 0; grp < D / 64; grp++) {          /* 8 coordinates: four m-tiles */
-            uint32_t hab[8], hcd[8];
-            decode_across(spread_nibbles<VB>(code_group<VB>(va, grp)), spread_nibbles<VB>(code_group<VB>(vb, grp)), tv, hab);
-            decode_across(spread_nibbles<VB>(code_group<VB>(vc, grp)), spread_nibbles<VB>(code_group<VB>(vd, grp)), tv, hcd);
+            uint32_t hab[8], hcd[8], lab[8], lcd[8];
+            const uint32_t na = spread_nibbles<VB>(code_group<VB>(va, grp)), nb = spread_nibbles<VB>(code_group<VB>(vb, grp));
+            const uint32_t nc = spread_nibbles<VB>(code_group<VB>(vc, grp)), nd = spread_nibbles<VB>(code_group<VB>(vd, grp));
+            decode_across(na, nb, tv, hab);
+            decode_across(nc, nd, tv, hcd);
+            decode_across(na, nb, tvl, lab);
+            decode_across(nc, nd, tvl, lcd);
 #pragma unroll
-            for (int k = 0; k < 4; k++)                   /* m-tile 4 grp + k: coordinates 8 grp + 2k (row gq), + 1 (row gq + 8) */
+            for (int k = 0; k < 4; k++) {                 /* m-tile 4 grp + k: coordinates 8 grp + 2k (row gq), + 1 (row gq + 8) */
                 mma16816(acc[4 * grp + k], hab[2 * k], hab[2 * k + 1], hcd[2 * k], hcd[2 * k + 1], pb0, pb1);
+                mma16816(acc[4 * grp + k], hab[2 * k], hab[2 * k + 1], hcd[2 * k], hcd[2 * k + 1], pc0, pc1);
+                mma16816(acc[4 * grp + k], lab[2 * k], lab[2 * k + 1], lcd[2 * k], lcd[2 * k + 1], pb0, pb1);
+            }
         }
     }
 #pragma unroll
@@ -1363,7 +1454,12 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
         yt[i] = s;
     }
     __syncthreads();
-    if (is_tq(vc->fmt)) unrotate_team<TEAM_BLOCK>(vc, yt, y);
+    if (is_tq(vc->fmt) && warp_rotation(vc)) {        /* one warp, in registers */
+        if (warp == 0) rotate_warp(vc, yt, true);
+        __syncthreads();
+    } else if (is_tq(vc->fmt)) {
+        unrotate_team<TEAM_BLOCK>(vc, yt, y);
+    }
     for (int i = tid; i < hd; i += nt) {            /* add_exact_values: p_t v_t */
         float o = yt[i];
         for (int e = 0; e < ne; e++) {

@@ -12,7 +12,7 @@
 #   gpubench  bench/gpubench on the same model at 1024 and 7400 (warm prefill of 1000 tokens),
 #             with the tensor-core attention and without it (TQ_CUDA_NO_MMA=1: fp16, tq3)
 #   long      bench/gpubench at 8K, 32K and 128K, random llama-3.1-8b shape cut to $LAYERS layers
-#             ($FORMATS, default all six), then fp16 and tq3 again with TQ_CUDA_NO_MMA=1
+#             ($FORMATS, default all six), then fp16 and tq3 again with TQ_CUDA_NO_MMA=1 (NOMMA=0: not)
 # Logs go to OUTDIR; each step goes on when another fails.
 set -u
 tok=$1 out=$2
@@ -75,8 +75,7 @@ for step in "$@"; do
         wait_gpubench
         ./bench/gpubench $big --formats ${FORMATS:-fp16,q8,q4,tq4,tq3,tq2} --ctx 8192,32768,131072 --rounds "${ROUNDS:-3}" \
             2>&1 | tee "$out/long.log" | grep -v "^$" | tail -24
-        echo "== the same, tensor-core attention off (TQ_CUDA_NO_MMA=1)"
-        TQ_CUDA_NO_MMA=1 ./bench/gpubench $big --formats fp16,tq3 --ctx 8192,32768,131072 --rounds "${ROUNDS:-3}" \
+        [ "${NOMMA:-1}" = 1 ] && echo "== the same, tensor-core attention off (TQ_CUDA_NO_MMA=1)" && TQ_CUDA_NO_MMA=1 ./bench/gpubench $big --formats fp16,tq3 --ctx 8192,32768,131072 --rounds "${ROUNDS:-3}" \
             2>&1 | tee "$out/long_nomma.log" | grep -v "^$" | tail -8 ;;
     *) echo "gpu_session: unknown step $step" ;;
     esac
