@@ -1030,10 +1030,13 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
  *   S (16 keys x 8 query rows) = K~ (16 keys x head_dim codes' centroids) . Q (rotated)^T
  *   O^T (head_dim x 8 rows)  += V~^T (head_dim x 16 keys) . (P diag(s_v))^T
  * A tile of 16 keys is copied to shared memory as it lies in the cache (cp.async, 16-byte
- * pieces from the boundary below its first byte, MMA_STAGES tiles ahead), and each lane decodes its share of the codes straight
- * into the products' fragments: 8 codes (b bytes) are spread to 8 nibbles with shifts,
- * and each nibble selects the low and the high byte of its fp16 centroid with a byte
- * permute (prmt) from the codebook held in four registers (up to 8 centroids, so b <= 3).
+ * pieces from the 16-byte boundary below its first byte, MMA_STAGES tiles ahead), and
+ * each lane decodes its share of the codes straight into the products' fragments. Keys: each
+ * pair of codes indexes a table of the codebook's pairs in shared memory (one 8-byte load
+ * gives both coordinates' fp16 parts). Values, whose fragments pair one coordinate of two
+ * keys: 8 codes (b bytes) are spread to 8 nibbles with shifts, and each nibble selects the
+ * low and the high byte of its fp16 centroid with a byte permute (prmt) from the codebook
+ * held in registers (up to 8 centroids, so b <= 3).
  * A lane's coordinates are a contiguous run of the row (the products sum over any order
  * of coordinates, as long as the query's fragment uses the same one): so each code is read
  * and decoded once, for all 8 query rows of the block. The online softmax (exp2 of scores
@@ -1156,7 +1159,19 @@ __device__ __forceinline__ void decode_across(uint32_t na, uint32_t nb, const ui
     }
 }
 
+/* the 2b-bit index of code pair p (codes 2p, 2p+1) of the little-endian words w */
+template <int B> __device__ __forceinline__ uint32_t pair_index(const uint32_t *w, int p) {
+    const int o = p * 2 * B, wi = o >> 5, sh = o & 31;
+    uint32_t x = w[wi] >> sh;
+    if (sh + 2 * B > 32) x |= w[wi + 1] << (32 - sh);
+    return x & ((1u << (2 * B)) - 1);
+}
+
 template <int D, int KB, int VB> struct MmaShape {
+    /* the key codebook's pairs: entry e = (code c0 | code c1 << KB) holds the fp16 pairs
+     * (c[c0], c[c1]) high and low parts, once per lane (lane l's copy at 8 (32 e + l) bytes:
+     * a warp's 8-byte loads never share a bank beyond the two passes 256 bytes take) */
+    static constexpr int PAIRS = 1 << (2 * KB), PTAB = PAIRS * 32 * 8;
     static constexpr int KROW = D * KB / 8 + 2, VROW = D * VB / 8 + 2;   /* bytes of a key, a value row */
     static constexpr int LK = D * KB / 32, LV = D * VB / 64;            /* bytes of a row a lane decodes */
     /* a tile in shared memory: its keys, values and betas as they lie in the cache, each from the
@@ -1165,7 +1180,7 @@ template <int D, int KB, int VB> struct MmaShape {
     static constexpr int TILE = KREG + VREG + BREG;
     static constexpr int WARP_BUF = MMA_STAGES * TILE + 16;                            /* + room for load_words */
     static constexpr int MERGE = (2 * MMA_WARPS * MMA_ROWS + MMA_WARPS * MMA_ROWS * D) * 4;
-    static constexpr int SHARED = MMA_WARPS * WARP_BUF > MERGE ? MMA_WARPS * WARP_BUF : MERGE;
+    static constexpr int SHARED = PTAB + MMA_WARPS * WARP_BUF > MERGE ? PTAB + MMA_WARPS * WARP_BUF : MERGE;
 };
 
 /* Block (chunk, row tile, KV head g) as attention_kernel's, with MMA_ROWS rows. */
@@ -1210,11 +1225,17 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
             split_half2(v.z, v.w, &qf[j][1], &ql[j][1]);
         }
     }
-    uint32_t tk[4], tkl[4], tv[4], tvl[4];   /* the codebooks' high and low parts */
-    codebook_bytes(kv.kc.centroids, 1 << KB, 0, tk);
-    codebook_bytes(kv.kc.centroids, 1 << KB, 1, tkl);
+    uint32_t tv[4], tvl[4];   /* the value codebook's high and low parts */
     codebook_bytes(kv.vc.centroids, 1 << VB, 0, tv);
     codebook_bytes(kv.vc.centroids, 1 << VB, 1, tvl);
+    uint2 *ptab = (uint2 *)smem;
+    for (int i = threadIdx.x; i < S::PAIRS * 32; i += blockDim.x) {
+        const int e = i >> 5, c0 = e & ((1 << KB) - 1), c1 = e >> KB;
+        uint32_t hi, lo;
+        split_half2(kv.kc.centroids[c0], kv.kc.centroids[c1], &hi, &lo);
+        ptab[i] = make_uint2(hi, lo);
+    }
+    __syncthreads();
 
     /* the head's rows; a tile starts at a multiple of 16 keys, so at 16 k row bytes: its first
      * byte lies as far past a 16-byte boundary (mk, mv, mb) as the head's first row does */
@@ -1226,7 +1247,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
     const int nb = R ? (mb + MMA_KEYS * R * 2 + 15) / 16 : 0;
     const int tfirst = (c0 & ~(MMA_KEYS - 1)) + MMA_KEYS * warp, tstep = MMA_KEYS * MMA_WARPS;
     const int ntiles = tfirst < c1 ? ceil_div(c1 - tfirst, tstep) : 0;
-    uint8_t *buf = smem + warp * S::WARP_BUF;
+    uint8_t *buf = smem + S::PTAB + warp * S::WARP_BUF;
     /* tile i's keys, values and betas in 16-byte pieces */
     auto load_tile = [&](int i) {
         if (i < ntiles) {
@@ -1261,20 +1282,13 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         load_words<NWK>(st + gq * S::KROW + tq * S::LK, wa);
         load_words<NWK>(st + (gq + 8) * S::KROW + tq * S::LK, wb);
 #pragma unroll
-        for (int grp = 0; grp < D / 32; grp++) {          /* 8 codes: two of the product's k-steps */
-            uint32_t ha[4], hb[4], la[4], lb[4], na = spread_nibbles<KB>(code_group<KB>(wa, grp));
-            uint32_t nb = spread_nibbles<KB>(code_group<KB>(wb, grp));
-            decode_pairs(na, tk, ha);
-            decode_pairs(nb, tk, hb);
-            decode_pairs(na, tkl, la);
-            decode_pairs(nb, tkl, lb);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {                 /* c q = ch qh + ch ql + cl qh (+ cl ql, below fp32's rounding) */
-                const int j = 2 * grp + h;
-                mma16816(s, ha[2 * h], hb[2 * h], ha[2 * h + 1], hb[2 * h + 1], qf[j][0], qf[j][1]);
-                mma16816(s, ha[2 * h], hb[2 * h], ha[2 * h + 1], hb[2 * h + 1], ql[j][0], ql[j][1]);
-                mma16816(s, la[2 * h], lb[2 * h], la[2 * h + 1], lb[2 * h + 1], qf[j][0], qf[j][1]);
-            }
+        for (int j = 0; j < KSTEPS; j++) {                /* coordinates 4j.. of the lane's run: code pairs 2j, 2j+1 */
+            const uint2 a0 = ptab[(pair_index<KB>(wa, 2 * j) << 5) + lane], a1 = ptab[(pair_index<KB>(wa, 2 * j + 1) << 5) + lane];
+            const uint2 b0 = ptab[(pair_index<KB>(wb, 2 * j) << 5) + lane], b1 = ptab[(pair_index<KB>(wb, 2 * j + 1) << 5) + lane];
+            /* c q = ch qh + ch ql + cl qh (cl ql is below fp32's rounding) */
+            mma16816(s, a0.x, b0.x, a1.x, b1.x, qf[j][0], qf[j][1]);
+            mma16816(s, a0.x, b0.x, a1.x, b1.x, ql[j][0], ql[j][1]);
+            mma16816(s, a0.y, b0.y, a1.y, b1.y, qf[j][0], qf[j][1]);
         }
         const float ska = __half2float(*(const __half *)(st + gq * S::KROW + S::KROW - 2));
         const float skb = __half2float(*(const __half *)(st + (gq + 8) * S::KROW + S::KROW - 2));
