@@ -1277,7 +1277,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         const int t = tfirst + i * tstep;
 
         /* scores of keys gq and gq+8 for rows 2tq, 2tq+1: s[0], s[1] and s[2], s[3] */
-        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s2[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s3[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         uint32_t wa[NWK], wb[NWK];
         load_words<NWK>(st + gq * S::KROW + tq * S::LK, wa);
         load_words<NWK>(st + (gq + 8) * S::KROW + tq * S::LK, wb);
@@ -1285,11 +1285,13 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         for (int j = 0; j < KSTEPS; j++) {                /* coordinates 4j.. of the lane's run: code pairs 2j, 2j+1 */
             const uint2 a0 = ptab[(pair_index<KB>(wa, 2 * j) << 5) + lane], a1 = ptab[(pair_index<KB>(wa, 2 * j + 1) << 5) + lane];
             const uint2 b0 = ptab[(pair_index<KB>(wb, 2 * j) << 5) + lane], b1 = ptab[(pair_index<KB>(wb, 2 * j + 1) << 5) + lane];
-            /* c q = ch qh + ch ql + cl qh (cl ql is below fp32's rounding) */
+            /* c q = ch qh + ch ql + cl qh (cl ql is below fp32's rounding), three independent sums */
             mma16816(s, a0.x, b0.x, a1.x, b1.x, qf[j][0], qf[j][1]);
-            mma16816(s, a0.x, b0.x, a1.x, b1.x, ql[j][0], ql[j][1]);
-            mma16816(s, a0.y, b0.y, a1.y, b1.y, qf[j][0], qf[j][1]);
+            mma16816(s2, a0.x, b0.x, a1.x, b1.x, ql[j][0], ql[j][1]);
+            mma16816(s3, a0.y, b0.y, a1.y, b1.y, qf[j][0], qf[j][1]);
         }
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[e] += s2[e] + s3[e];
         const float ska = __half2float(*(const __half *)(st + gq * S::KROW + S::KROW - 2));
         const float skb = __half2float(*(const __half *)(st + (gq + 8) * S::KROW + S::KROW - 2));
         const __half *beta = (const __half *)(tile + S::KREG + S::VREG + mb);
@@ -1412,7 +1414,7 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
     pdl_wait_then_release();
     extern __shared__ float sh[];
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, row = blockIdx.x, b = row / c.n_heads, h = row % c.n_heads;
-    const int g = h / G, l = a.layer, tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    const int g = h / G, l = a.layer, tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5;
     const int pos = a.step[0], T = pos + b + 1, lo = kv.sink, hi = T - kv.window, len = hi > lo ? hi - lo : 0;
     const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, dv = a.dv;
     const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(len, a.units), CHUNK_GRAIN) * CHUNK_GRAIN;
@@ -1429,18 +1431,23 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
                              : (const void *)(kv.exact_v + exact_row(&kv, &c, l, g, t)));
     }
 
-    for (int e = warp; e < ne; e += nt / 32) {      /* run.c's key_score for the exact positions */
-        int t = e < n1 ? e : e2 + e - n1;
+    /* run.c's key_score for the exact positions: 8 lanes a position, so that a block's 128
+     * threads score 16 positions (a sink and a window of 8: all) in one round of loads */
+    for (int e0 = 0; e0 < ne; e0 += nt / 8) {
+        const int e = e0 + tid / 8, part8 = tid & 7;
         float s = 0.0f;
-        if (t >= pos) {
-            const float *k = a.qkv + (size_t)(t - pos) * QKV + qd + (size_t)g * hd;
-            for (int i = lane; i < hd; i += 32) s += q[i] * k[i];
-        } else {
-            const uint16_t *k = kv.exact_k + exact_row(&kv, &c, l, g, t);
-            for (int i = lane; i < hd; i += 32) s += q[i] * tq_f16_to_f32(k[i]);
+        if (e < ne) {
+            const int t = e < n1 ? e : e2 + e - n1;
+            if (t >= pos) {
+                const float *k = a.qkv + (size_t)(t - pos) * QKV + qd + (size_t)g * hd;
+                for (int i = part8; i < hd; i += 8) s += q[i] * k[i];
+            } else {
+                const uint16_t *k = kv.exact_k + exact_row(&kv, &c, l, g, t);
+                for (int i = part8; i < hd; i += 8) s += q[i] * tq_f16_to_f32(k[i]);
+            }
         }
-        s = warp_sum(s);
-        if (lane == 0) es[e] = scale * s;
+        for (int o = 1; o < 8; o <<= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+        if (e < ne && part8 == 0) es[e] = scale * s;
     }
     __syncthreads();
     float mx = NO_SCORE;

@@ -27,6 +27,9 @@ gb=0
 wait_gpubench() { [ $gb = 0 ] || wait $gb; gb=0; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 make run >/dev/null 2>&1 || echo "gpu_session: make run failed"
+big=/tmp/rnd8b.bin bx=0     # the 8B model is written in the background while the first steps run
+case " $* " in *" long "*) [ -f $big ] || { $py export.py "$tok" $big --random llama-3.1-8b --layers "${LAYERS:-4}" \
+    > "$out/export8b.log" 2>&1 & bx=$!; } ;; esac
 [ -f $rnd ] || $py export.py "$tok" $rnd --random smollm2-135m
 [ -f $rnd4 ] || $py export.py "$tok" $rnd4 --random smollm2-135m --layers 4
 for step in "$@"; do
@@ -70,8 +73,8 @@ for step in "$@"; do
                 --ctx 1024,7400 --rounds 3 --prefill 1000 2>&1 | tee "$out/gpubench_smollm_mma_$mma.log" | grep -v "^$" | tail -24
         done ;;
     long)
-        big=/tmp/rnd8b.bin
-        [ -f $big ] || $py export.py "$tok" $big --random llama-3.1-8b --layers "${LAYERS:-4}"
+        [ $bx = 0 ] || wait $bx
+        cat "$out/export8b.log" 2>/dev/null
         wait_gpubench
         ./bench/gpubench $big --formats ${FORMATS:-fp16,q8,q4,tq4,tq3,tq2} --ctx 8192,32768,131072 --rounds "${ROUNDS:-3}" \
             2>&1 | tee "$out/long.log" | grep -v "^$" | tail -24

@@ -228,6 +228,24 @@ def test_gpu_statistics_match_host(model, run_cuda, run_other_rounding, ids_file
 
 
 @needs_gpu
+@pytest.mark.parametrize("fmt", ["tq3", "tq2:tq3"])
+def test_tensor_core_attention_matches_cuda_cores(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt):
+    """tq2/tq3 keys and values take the tensor-core attention (attention_mma_kernel: fp16 operands
+    split in high and low parts); TQ_CUDA_NO_MMA=1 takes the CUDA-core attention_kernel. The switch
+    takes effect (the logits are not the same bits) and both are as close to the CPU as the CPU's
+    other roundings are (3x, as for batches above). tq2:tq3: mixed key and value bits."""
+    extra = ["--batch", 64]
+    mma = logits_env(run_cuda, model, ids_file, tmp_path / "mma.f32", fmt, {}, *extra)
+    simt = logits_env(run_cuda, model, ids_file, tmp_path / "simt.f32", fmt, {"TQ_CUDA_NO_MMA": "1"}, *extra)
+    cpu = logits(RUN, model, ids_file, tmp_path / "cpu.f32", fmt, *extra)
+    ys, kls = yardstick(cpu, run_other_rounding, model, ids_file, tmp_path, fmt, *extra)
+    print(f"{fmt}: KL(cpu || tensor cores) {kl(cpu, mma):.3g}, KL(cpu || CUDA cores) {kl(cpu, simt):.3g}, "
+          f"KL(CUDA cores || tensor cores) {kl(simt, mma):.3g}, yardstick {kls}")
+    assert not np.array_equal(mma, simt)
+    assert kl(cpu, mma) <= 3 * ys + 1e-9 and kl(cpu, simt) <= 3 * ys + 1e-9, (kl(cpu, mma), kl(cpu, simt), kls)
+
+
+@needs_gpu
 @pytest.mark.parametrize("fmt,batch", [("tq3", 1), ("tq4p:q4", 64)])
 def test_gpu_is_deterministic(model, run_cuda, short_ids_file, tmp_path, fmt, batch):
     """Two runs, the same bits: no kernel depends on timing (a missing barrier would show here)."""
