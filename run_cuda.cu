@@ -569,6 +569,22 @@ static size_t enc_shared_bytes(const Config *c, const KVCache *kv) {
     return (tables + KPROJ_MAX * hd + (G + 2) * hd + enc + ENC_QWARPS * hd) * sizeof(float) + 33 * sizeof(double);
 }
 
+/* part[r] = u_r . x for r < R (0 beyond) by the calling warp: each lane's float sum over its
+ * coordinates, then the warp's sum in double; the R sums side by side (one chain of shuffles) */
+__device__ __forceinline__ void projections(const float *u, const float *x, int hd, int R, double part[KPROJ_MAX]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < KPROJ_MAX; r++) {
+        float pr = 0.0f;
+        if (r < R)
+            for (int i = lane; i < hd; i += 32) pr += u[r * hd + i] * x[i];
+        part[r] = pr;
+    }
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int r = 0; r < KPROJ_MAX; r++) part[r] += __shfl_xor_sync(FULL_MASK, part[r], o);
+}
+
 /* a copy of codec c whose signs, bounds and centroids sit in shared memory at *sm (advanced) */
 __device__ tq_codec codec_to_shared(const tq_codec *c, float **sm) {
     tq_codec s = *c;
@@ -625,12 +641,18 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
         float *src = warp == 0 ? sk : sv, *out = warp == 0 ? k : v;
         for (int i = lane; i < hd; i += 32) { x[i] = src[i]; xp[i] = x[i]; }
         __syncwarp();
-        for (int r = 0; warp == 0 && r < R; r++) {   /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
-            float part = 0.0f;
-            for (int i = lane; i < hd; i += 32) part += u[r * hd + i] * x[i];
-            uint16_t beta = tq_f32_to_f16((float)team_sum<TEAM_WARP>((double)part, (double *)NULL));
-            if (lane == 0) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
-            for (int i = lane; i < hd; i += 32) xp[i] -= tq_f16_to_f32(beta) * u[r * hd + i];
+        if (warp == 0 && R) {      /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
+            double part[KPROJ_MAX];
+            projections(u, x, hd, R, part);
+            float bf[KPROJ_MAX];
+#pragma unroll
+            for (int r = 0; r < KPROJ_MAX; r++) {
+                uint16_t beta = tq_f32_to_f16((float)part[r]);
+                if (lane == 0 && r < R) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
+                bf[r] = tq_f16_to_f32(beta);
+            }
+            for (int i = lane; i < hd; i += 32)
+                for (int r = 0; r < R; r++) xp[i] -= bf[r] * u[r * hd + i];
         }
         __syncwarp();
         if (warp == 0) encode_team<TEAM_WARP>(&kc, xp, cache_row(&kv, kv.key, kv.kc.bytes, &c, l, g, p), es);
@@ -650,11 +672,12 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
         float *qj = sq + j * hd, *qg = q + j * hd, quj[KPROJ_MAX];
         for (int i = lane; i < hd; i += 32) qg[i] = qj[i];   /* q after RoPE, for the exact positions */
         __syncwarp();
-        for (int r = 0; r < R; r++) {
-            float part = 0.0f;
-            for (int i = lane; i < hd; i += 32) part += qj[i] * u[r * hd + i];
-            quj[r] = (float)team_sum<TEAM_WARP>((double)part, (double *)NULL);
-            if (lane == 0) a.qu[((size_t)b * c.n_heads + g * G + j) * KPROJ_MAX + r] = quj[r];
+        double part[KPROJ_MAX];
+        projections(u, qj, hd, R, part);
+#pragma unroll
+        for (int r = 0; r < KPROJ_MAX; r++) {
+            quj[r] = (float)part[r];
+            if (lane == 0 && r < R) a.qu[((size_t)b * c.n_heads + g * G + j) * KPROJ_MAX + r] = quj[r];
         }
         for (int i = lane; i < hd; i += 32)
             for (int r = 0; r < R; r++) qj[i] -= quj[r] * u[r * hd + i];
@@ -1145,17 +1168,17 @@ __device__ __forceinline__ void decode_pairs(uint32_t n, const uint32_t t[4], ui
     h[3] = __byte_perm(lo, hi, 0x7362);
 }
 
-/* nibbles na, nb (codes of rows a and b) -> fp16 pairs h[j] = (a[j], b[j]), one coordinate of two rows */
-__device__ __forceinline__ void decode_across(uint32_t na, uint32_t nb, const uint32_t t[4], uint32_t h[8]) {
+/* nibbles na, nb (codes of rows a and b) -> fp16 pairs h[j] = (a[4 half + j], b[4 half + j]),
+ * one coordinate of two rows, for half 0 (codes 0..3) or 1 (codes 4..7) */
+__device__ __forceinline__ void decode_across(uint32_t na, uint32_t nb, const uint32_t t[4], int half, uint32_t h[4]) {
     const uint32_t x = (na & 0x0f0f0f0fu) | ((nb << 4) & 0xf0f0f0f0u);   /* a0 b0 a2 b2 a4 b4 a6 b6 */
     const uint32_t y = ((na >> 4) & 0x0f0f0f0fu) | (nb & 0xf0f0f0f0u);   /* a1 b1 a3 b3 a5 b5 a7 b7 */
-    const uint32_t sel[4] = {x, y, x >> 16, y >> 16};
+    const uint32_t sel[2] = {half ? x >> 16 : x, half ? y >> 16 : y};
 #pragma unroll
-    for (int s = 0; s < 4; s++) {
+    for (int s = 0; s < 2; s++) {                     /* coordinates 0, 2 (s = 0) and 1, 3 (s = 1) of the half */
         uint32_t lo = __byte_perm(t[0], t[1], sel[s]), hi = __byte_perm(t[2], t[3], sel[s]);
-        const int j = (s & 1) + 4 * (s >> 1);          /* the coordinates: 0,2 / 1,3 / 4,6 / 5,7 */
-        h[j] = __byte_perm(lo, hi, 0x5140);
-        h[j + 2] = __byte_perm(lo, hi, 0x7362);
+        h[s] = __byte_perm(lo, hi, 0x5140);
+        h[s + 2] = __byte_perm(lo, hi, 0x7362);
     }
 }
 
@@ -1180,12 +1203,13 @@ template <int D, int KB, int VB> struct MmaShape {
     static constexpr int TILE = KREG + VREG + BREG;
     static constexpr int WARP_BUF = MMA_STAGES * TILE + 16;                            /* + room for load_words */
     static constexpr int MERGE = (2 * MMA_WARPS * MMA_ROWS + MMA_WARPS * MMA_ROWS * D) * 4;
-    static constexpr int SHARED = PTAB + MMA_WARPS * WARP_BUF > MERGE ? PTAB + MMA_WARPS * WARP_BUF : MERGE;
+    static constexpr int QLO = MMA_WARPS * (D / 16) * 2 * 32 * 4;   /* each lane's low query parts (registers are short) */
+    static constexpr int SHARED = PTAB + MMA_WARPS * WARP_BUF + QLO > MERGE ? PTAB + MMA_WARPS * WARP_BUF + QLO : MERGE;
 };
 
 /* Block (chunk, row tile, KV head g) as attention_kernel's, with MMA_ROWS rows. */
 template <int KB, int VB, int D>
-__global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __grid_constant__ KVCache kv,
+__global__ void __launch_bounds__(MMA_WARPS * 32, 4) attention_mma_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
     typedef MmaShape<D, KB, VB> S;
     constexpr int KSTEPS = D / 16, MTILES = D / 16, NWK = (S::LK + 3) / 4, NWV = (S::LV + 3) / 4;
@@ -1213,16 +1237,16 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
             qu2[r][j] = rho < rows && j < R ? a.qu[((size_t)tok * c.n_heads + g * G + rho % G) * KPROJ_MAX + j] : 0.0f;
     }
     /* the rotated query of row gq, coordinates D/4 tq + 4j + {0, 1 | 2, 3}: the score product's B,
-     * high and low fp16 parts */
-    uint32_t qf[KSTEPS][2], ql[KSTEPS][2];
+     * high fp16 parts in registers, low parts in shared memory (this lane's own words: no barrier) */
+    uint32_t qf[KSTEPS][2], *ql = (uint32_t *)(smem + S::PTAB + MMA_WARPS * S::WARP_BUF) + warp * KSTEPS * 2 * 32 + lane;
     {
         int rho = rho0 + gq, tok = rho / G;
         const float *q = a.qext + ((size_t)tok * c.n_heads + g * G + rho % G) * a.dk + tq * (D / 4);
 #pragma unroll
         for (int j = 0; j < KSTEPS; j++) {
             float4 v = rho < rows ? *(const float4 *)(q + 4 * j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            split_half2(v.x, v.y, &qf[j][0], &ql[j][0]);
-            split_half2(v.z, v.w, &qf[j][1], &ql[j][1]);
+            split_half2(v.x, v.y, &qf[j][0], &ql[(2 * j) * 32]);
+            split_half2(v.z, v.w, &qf[j][1], &ql[(2 * j + 1) * 32]);
         }
     }
     uint32_t tv[4], tvl[4];   /* the value codebook's high and low parts */
@@ -1230,9 +1254,9 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
     codebook_bytes(kv.vc.centroids, 1 << VB, 1, tvl);
     uint2 *ptab = (uint2 *)smem;
     for (int i = threadIdx.x; i < S::PAIRS * 32; i += blockDim.x) {
-        const int e = i >> 5, c0 = e & ((1 << KB) - 1), c1 = e >> KB;
+        const int e = i >> 5, code0 = e & ((1 << KB) - 1), code1 = e >> KB;
         uint32_t hi, lo;
-        split_half2(kv.kc.centroids[c0], kv.kc.centroids[c1], &hi, &lo);
+        split_half2(kv.kc.centroids[code0], kv.kc.centroids[code1], &hi, &lo);
         ptab[i] = make_uint2(hi, lo);
     }
     __syncthreads();
@@ -1287,7 +1311,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
             const uint2 b0 = ptab[(pair_index<KB>(wb, 2 * j) << 5) + lane], b1 = ptab[(pair_index<KB>(wb, 2 * j + 1) << 5) + lane];
             /* c q = ch qh + ch ql + cl qh (cl ql is below fp32's rounding), three independent sums */
             mma16816(s, a0.x, b0.x, a1.x, b1.x, qf[j][0], qf[j][1]);
-            mma16816(s2, a0.x, b0.x, a1.x, b1.x, ql[j][0], ql[j][1]);
+            mma16816(s2, a0.x, b0.x, a1.x, b1.x, ql[(2 * j) * 32], ql[(2 * j + 1) * 32]);
             mma16816(s3, a0.y, b0.y, a1.y, b1.y, qf[j][0], qf[j][1]);
         }
 #pragma unroll
@@ -1341,18 +1365,22 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         load_words<NWV>(vst + (2 * tq + 9) * S::VROW + gq * S::LV, vd);
 #pragma unroll
         for (int grp = 0; grp < D / 64; grp++) {          /* 8 coordinates: four m-tiles */
-            uint32_t hab[8], hcd[8], lab[8], lcd[8];
             const uint32_t na = spread_nibbles<VB>(code_group<VB>(va, grp)), nb = spread_nibbles<VB>(code_group<VB>(vb, grp));
             const uint32_t nc = spread_nibbles<VB>(code_group<VB>(vc, grp)), nd = spread_nibbles<VB>(code_group<VB>(vd, grp));
-            decode_across(na, nb, tv, hab);
-            decode_across(nc, nd, tv, hcd);
-            decode_across(na, nb, tvl, lab);
-            decode_across(nc, nd, tvl, lcd);
 #pragma unroll
-            for (int k = 0; k < 4; k++) {                 /* m-tile 4 grp + k: coordinates 8 grp + 2k (row gq), + 1 (row gq + 8) */
-                mma16816(acc[4 * grp + k], hab[2 * k], hab[2 * k + 1], hcd[2 * k], hcd[2 * k + 1], pb0, pb1);
-                mma16816(acc[4 * grp + k], hab[2 * k], hab[2 * k + 1], hcd[2 * k], hcd[2 * k + 1], pc0, pc1);
-                mma16816(acc[4 * grp + k], lab[2 * k], lab[2 * k + 1], lcd[2 * k], lcd[2 * k + 1], pb0, pb1);
+            for (int half = 0; half < 2; half++) {        /* coordinates 4 half + 0..3: two m-tiles */
+                uint32_t hab[4], hcd[4], lab[4], lcd[4];
+                decode_across(na, nb, tv, half, hab);
+                decode_across(nc, nd, tv, half, hcd);
+                decode_across(na, nb, tvl, half, lab);
+                decode_across(nc, nd, tvl, half, lcd);
+#pragma unroll
+                for (int k = 0; k < 2; k++) {             /* m-tile 4 grp + 2 half + k: coordinates 8 grp + 4 half + 2k (row gq), + 1 (row gq + 8) */
+                    float *ak = acc[4 * grp + 2 * half + k];
+                    mma16816(ak, hab[2 * k], hab[2 * k + 1], hcd[2 * k], hcd[2 * k + 1], pb0, pb1);
+                    mma16816(ak, hab[2 * k], hab[2 * k + 1], hcd[2 * k], hcd[2 * k + 1], pc0, pc1);
+                    mma16816(ak, lab[2 * k], lab[2 * k + 1], lcd[2 * k], lcd[2 * k + 1], pb0, pb1);
+                }
             }
         }
     }
