@@ -28,7 +28,12 @@
  *     a KV head (all its query heads at decode: each code is read and decoded
  *     once for the whole group), with an online softmax; merge_kernel then
  *     combines the chunks, adds the exact positions (sink and window, outside
- *     the hot loop) and applies the value codec's inverse rotation once.
+ *     the hot loop) and applies the value codec's inverse rotation once. For
+ *     tq2/tq3 keys and values the block is attention_mma_kernel: the codes
+ *     decoded into fp16 fragments of tensor-core products (split in high and
+ *     low parts, so the sums are as close to fp32's as the CUDA cores' are).
+ *   - One-time work (CUDA's loading of kernels on first launch, cuBLAS's
+ *     set-up, the decode graph's capture) happens at load, in gpu_warm_up.
  *   - A sequence's statistics (the key directions) come from
  *     its first batch, measured on the GPU the way run.c's measure_stats does
  *     (stats_kernel; TQ_CUDA_HOST_STATS=1 runs run.c's own on the host instead).
@@ -1069,8 +1074,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
  * Rounding: each fp16 operand (centroid, query, probability times value scale) is the sum of
  * two, x = fp16(x) + fp16(x - fp16(x)), good to about 2^-22 of x, and each product is three
  * (hi hi + hi lo + lo hi): the sums come out as close to fp32 arithmetic as the CUDA-core
- * kernel's (one fp16 rounding of each operand alone, 2^-11, would put the GPU's logits some
- * 30 times farther from the CPU's than the CPU's own rounding noise: measured on an H200).
+ * kernel's (one fp16 rounding of each operand alone, 2^-11, puts the GPU's logits far outside
+ * the CPU's own rounding noise, which tests/test_cuda.py holds the GPU to: bench/gpu_notes.md).
  * The plain and prod formats keep attention_kernel.
  */
 #define MMA_WARPS 4

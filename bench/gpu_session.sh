@@ -13,7 +13,8 @@
 #             with the tensor-core attention and without it (TQ_CUDA_NO_MMA=1: fp16, tq3)
 #   long      bench/gpubench at 8K, 32K and 128K, random llama-3.1-8b shape cut to $LAYERS layers
 #             ($FORMATS, default all six), then fp16 and tq3 again with TQ_CUDA_NO_MMA=1 (NOMMA=0: not)
-# Logs go to OUTDIR; each step goes on when another fails.
+# Logs go to OUTDIR (at the end as one archive, OUTDIR/logs.tgz, but for a session.log the caller
+# tees there); each step goes on when another fails.
 set -u
 tok=$1 out=$2
 shift 2
@@ -84,3 +85,5 @@ for step in "$@"; do
     esac
     echo "gpu_session: step $step took $(( $(date +%s) - t0 )) s"
 done
+# at most 8 files come back from the device machine: the logs travel as one archive
+(cd "$out" && ls | grep -v '^logs.tgz$\|^session.log$' > /tmp/gpu_session_logs && tar czf logs.tgz -T /tmp/gpu_session_logs && xargs rm -f < /tmp/gpu_session_logs)
