@@ -28,7 +28,12 @@
  *     a KV head (all its query heads at decode: each code is read and decoded
  *     once for the whole group), with an online softmax; merge_kernel then
  *     combines the chunks, adds the exact positions (sink and window, outside
- *     the hot loop) and applies the value codec's inverse rotation once.
+ *     the hot loop) and applies the value codec's inverse rotation once. For
+ *     tq2/tq3 keys and values the block is attention_mma_kernel: the codes
+ *     decoded into fp16 fragments of tensor-core products (split in high and
+ *     low parts, so the sums are as close to fp32's as the CUDA cores' are).
+ *   - One-time work (CUDA's loading of kernels on first launch, cuBLAS's
+ *     set-up, the decode graph's capture) happens at load, in gpu_warm_up.
  *   - A sequence's statistics (the key directions) come from
  *     its first batch, measured on the GPU the way run.c's measure_stats does
  *     (stats_kernel; TQ_CUDA_HOST_STATS=1 runs run.c's own on the host instead).
@@ -96,6 +101,8 @@ typedef struct {
     float *escore;       /* (n * n_heads, emax) scores of the exact positions, then their weights */
 } AttArgs;
 
+typedef void (*AttKernel)(const KVCache, const Config, const AttArgs);   /* an attention kernel */
+
 /* The model on the GPU. */
 struct Gpu {
     GpuWeights w;
@@ -114,6 +121,8 @@ struct Gpu {
     int *host_step;       /* (1 + batch) pinned: position, token ids                       */
     float *host_logits;   /* pinned copy of logits                                         */
     size_t enc_shared, att_shared, merge_shared; /* dynamic shared memory per block        */
+    AttKernel att_kernel; /* attention_mma_kernel for tq2/tq3 keys and values, else attention_kernel */
+    int att_rows, att_threads; /* query rows and threads of one of its blocks             */
     int pdl;              /* 1: programmatic dependent launches (TQ_CUDA_NO_PDL unset) */
     int host_stats;       /* 1: statistics measured on the host by run.c (TQ_CUDA_HOST_STATS set) */
     double *stats_m;      /* (n_kv_heads, head_dim^2 + batch (head_dim + 1)) scratch of stats_kernel */
@@ -364,10 +373,69 @@ __device__ void fwht_team(float *y, int nvec, int d) {      /* d a power of two:
     team_sync<T>();
 }
 
+/* tq.c's fwht on one warp, in registers: lane holds elements EPL lane + j (d = 32 EPL).
+ * Spans below EPL are a lane's own butterflies, the others pair lane with lane ^ (span/EPL):
+ * the lower element becomes a + b, the upper a - b, as in tq.c, so the bits are tq.c's. */
+template <int EPL> __device__ __forceinline__ void fwht_regs(float v[EPL], int lane) {
+#pragma unroll
+    for (int len = 1; len < EPL; len *= 2)
+#pragma unroll
+        for (int j = 0; j < EPL; j++)
+            if (!(j & len)) { float a = v[j], b = v[j + len]; v[j] = a + b; v[j + len] = a - b; }
+#pragma unroll
+    for (int lm = 1; lm < 32; lm *= 2) {
+        const bool upper = lane & lm;
+#pragma unroll
+        for (int j = 0; j < EPL; j++) {
+            float o = __shfl_xor_sync(FULL_MASK, v[j], lm);
+            v[j] = upper ? o - v[j] : v[j] + o;
+        }
+    }
+    const float norm = 1.0f / sqrtf((float)(32 * EPL));
+#pragma unroll
+    for (int j = 0; j < EPL; j++) v[j] *= norm;
+}
+
+/* y (d = 32 EPL, shared memory) <- Pi y (inverse: Pi^T y) by the calling warp: tq_rotate's
+ * (tq_unrotate's) rounds of signs and butterflies */
+template <int EPL> __device__ void rotate_regs(const tq_codec *c, float *y, bool inverse) {
+    const int lane = threadIdx.x & 31, d = 32 * EPL;
+    float v[EPL];
+#pragma unroll
+    for (int j = 0; j < EPL; j++) v[j] = y[EPL * lane + j];
+    for (int k = 0; k < c->rounds; k++) {
+        const int r = inverse ? c->rounds - 1 - k : k;
+        const float *sg = c->signs + (size_t)r * d + EPL * lane;
+        if (inverse) fwht_regs<EPL>(v, lane);
+#pragma unroll
+        for (int j = 0; j < EPL; j++) v[j] *= sg[j];
+        if (!inverse) fwht_regs<EPL>(v, lane);
+    }
+#pragma unroll
+    for (int j = 0; j < EPL; j++) y[EPL * lane + j] = v[j];
+    __syncwarp();
+}
+
+/* whether rotate_warp applies: the Hadamard rotation of a d one warp holds in registers */
+__host__ __device__ static bool warp_rotation(const tq_codec *c) { return !c->dense && c->d >= 32 && c->d <= 256; }
+
+__device__ void rotate_warp(const tq_codec *c, float *y, bool inverse) {
+    switch (c->d) {
+    case 32: rotate_regs<1>(c, y, inverse); break;
+    case 64: rotate_regs<2>(c, y, inverse); break;
+    case 128: rotate_regs<4>(c, y, inverse); break;
+    default: rotate_regs<8>(c, y, inverse); break;
+    }
+}
+
 /* y = Pi y for each vector (tq_rotate); tmp: nvec*d floats, for the dense matrix */
 template <int T>
 __device__ void rotate_team(const tq_codec *c, float *y, int nvec, float *tmp) {
     int d = c->d;
+    if (T == TEAM_WARP && nvec == 1 && warp_rotation(c)) {
+        rotate_warp(c, y, false);
+        return;
+    }
     if (c->dense) {
         for (int i = team_tid<T>(); i < nvec * d; i += team_size<T>()) tmp[i] = dot8(c->dense + (size_t)(i % d) * d, y + (i / d) * d, d);
         team_sync<T>();
@@ -506,6 +574,22 @@ static size_t enc_shared_bytes(const Config *c, const KVCache *kv) {
     return (tables + KPROJ_MAX * hd + (G + 2) * hd + enc + ENC_QWARPS * hd) * sizeof(float) + 33 * sizeof(double);
 }
 
+/* part[r] = u_r . x for r < R (0 beyond) by the calling warp: each lane's float sum over its
+ * coordinates, then the warp's sum in double; the R sums side by side (one chain of shuffles) */
+__device__ __forceinline__ void projections(const float *u, const float *x, int hd, int R, double part[KPROJ_MAX]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < KPROJ_MAX; r++) {
+        float pr = 0.0f;
+        if (r < R)
+            for (int i = lane; i < hd; i += 32) pr += u[r * hd + i] * x[i];
+        part[r] = pr;
+    }
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int r = 0; r < KPROJ_MAX; r++) part[r] += __shfl_xor_sync(FULL_MASK, part[r], o);
+}
+
 /* a copy of codec c whose signs, bounds and centroids sit in shared memory at *sm (advanced) */
 __device__ tq_codec codec_to_shared(const tq_codec *c, float **sm) {
     tq_codec s = *c;
@@ -562,12 +646,18 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
         float *src = warp == 0 ? sk : sv, *out = warp == 0 ? k : v;
         for (int i = lane; i < hd; i += 32) { x[i] = src[i]; xp[i] = x[i]; }
         __syncwarp();
-        for (int r = 0; warp == 0 && r < R; r++) {   /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
-            float part = 0.0f;
-            for (int i = lane; i < hd; i += 32) part += u[r * hd + i] * x[i];
-            uint16_t beta = tq_f32_to_f16((float)team_sum<TEAM_WARP>((double)part, (double *)NULL));
-            if (lane == 0) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
-            for (int i = lane; i < hd; i += 32) xp[i] -= tq_f16_to_f32(beta) * u[r * hd + i];
+        if (warp == 0 && R) {      /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
+            double part[KPROJ_MAX];
+            projections(u, x, hd, R, part);
+            float bf[KPROJ_MAX];
+#pragma unroll
+            for (int r = 0; r < KPROJ_MAX; r++) {
+                uint16_t beta = tq_f32_to_f16((float)part[r]);
+                if (lane == 0 && r < R) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
+                bf[r] = tq_f16_to_f32(beta);
+            }
+            for (int i = lane; i < hd; i += 32)
+                for (int r = 0; r < R; r++) xp[i] -= bf[r] * u[r * hd + i];
         }
         __syncwarp();
         if (warp == 0) encode_team<TEAM_WARP>(&kc, xp, cache_row(&kv, kv.key, kv.kc.bytes, &c, l, g, p), es);
@@ -587,11 +677,12 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
         float *qj = sq + j * hd, *qg = q + j * hd, quj[KPROJ_MAX];
         for (int i = lane; i < hd; i += 32) qg[i] = qj[i];   /* q after RoPE, for the exact positions */
         __syncwarp();
-        for (int r = 0; r < R; r++) {
-            float part = 0.0f;
-            for (int i = lane; i < hd; i += 32) part += qj[i] * u[r * hd + i];
-            quj[r] = (float)team_sum<TEAM_WARP>((double)part, (double *)NULL);
-            if (lane == 0) a.qu[((size_t)b * c.n_heads + g * G + j) * KPROJ_MAX + r] = quj[r];
+        double part[KPROJ_MAX];
+        projections(u, qj, hd, R, part);
+#pragma unroll
+        for (int r = 0; r < KPROJ_MAX; r++) {
+            quj[r] = (float)part[r];
+            if (lane == 0 && r < R) a.qu[((size_t)b * c.n_heads + g * G + j) * KPROJ_MAX + r] = quj[r];
         }
         for (int i = lane; i < hd; i += 32)
             for (int r = 0; r < R; r++) qj[i] -= quj[r] * u[r * hd + i];
@@ -959,6 +1050,391 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
     }
 }
 
+/* ---------------------------------------------------------------------------
+ * Attention on the tensor cores, for tq2 and tq3 keys and values (head_dim 64 or 128).
+ * The scores and the value sums are matrix products in the rotated domain (the paper's
+ * Section 3: <q, k~> = s <Pi q, c[idx]>), so they run as mma.sync m16n8k16 products of
+ * fp16 operands with fp32 sums:
+ *   S (16 keys x 8 query rows) = K~ (16 keys x head_dim codes' centroids) . Q (rotated)^T
+ *   O^T (head_dim x 8 rows)  += V~^T (head_dim x 16 keys) . (P diag(s_v))^T
+ * A tile of 16 keys is copied to shared memory as it lies in the cache (cp.async, 16-byte
+ * pieces from the 16-byte boundary below its first byte, MMA_STAGES tiles ahead), and
+ * each lane decodes its share of the codes straight into the products' fragments. Keys: each
+ * pair of codes indexes a table of the codebook's pairs in shared memory (one 8-byte load
+ * gives both coordinates' fp16 parts). Values, whose fragments pair one coordinate of two
+ * keys: 8 codes (b bytes) are spread to 8 nibbles with shifts, and each nibble selects the
+ * low and the high byte of its fp16 centroid with a byte permute (prmt) from the codebook
+ * held in registers (up to 8 centroids, so b <= 3).
+ * A lane's coordinates are a contiguous run of the row (the products sum over any order
+ * of coordinates, as long as the query's fragment uses the same one): so each code is read
+ * and decoded once, for all 8 query rows of the block. The online softmax (exp2 of scores
+ * pre-multiplied by log2 e) runs on the score fragments; P goes to the value product's
+ * operand through an 8x8 transpose in registers (movmatrix). The block's warps take tiles
+ * in turn and merge at the end, writing one partial result per row, as attention_kernel.
+ * Rounding: each fp16 operand (centroid, query, probability times value scale) is the sum of
+ * two, x = fp16(x) + fp16(x - fp16(x)), good to about 2^-22 of x, and each product is three
+ * (hi hi + hi lo + lo hi): the sums come out as close to fp32 arithmetic as the CUDA-core
+ * kernel's (one fp16 rounding of each operand alone, 2^-11, puts the GPU's logits far outside
+ * the CPU's own rounding noise, which tests/test_cuda.py holds the GPU to: bench/gpu_notes.md).
+ * The plain and prod formats keep attention_kernel.
+ */
+#define MMA_WARPS 4
+#define MMA_ROWS 8        /* query rows of a block: the n of the products                  */
+#define MMA_KEYS 16       /* keys of a tile                                                */
+#define MMA_STAGES 3      /* tiles in flight per warp                                      */
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+__device__ __forceinline__ void mma16816(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* the 8x8 fp16 matrix whose row lane/4, columns 2(lane%4) + {0, 1} this lane holds, transposed */
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+    uint32_t y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+__device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {   /* fp16 pair, lo in the low half; saturated */
+    __half2 h = __floats2half2_rn(fminf(fmaxf(lo, -65504.0f), 65504.0f), fminf(fmaxf(hi, -65504.0f), 65504.0f));
+    return *(uint32_t *)&h;
+}
+
+/* x = hi + lo to about 2^-22 of x: hi = fp16(x), lo = fp16(x - hi), as fp16 pairs of (x0, x1) */
+__device__ __forceinline__ void split_half2(float x0, float x1, uint32_t *hi, uint32_t *lo) {
+    *hi = half2_bits(x0, x1);
+    float2 h = __half22float2(*(const __half2 *)hi);
+    *lo = half2_bits(x0 - h.x, x1 - h.y);
+}
+
+/* 8 b-bit codes (bits [0, 8b) of x) to 8 nibbles: code j moves from bit b*j to bit 4*j,
+ * in three steps (moves of 4, 2, 1 codes' widths for b = 3; 8, 4, 2 bits for b = 2) */
+template <int B> __device__ __forceinline__ uint32_t spread_nibbles(uint32_t x) {
+    if (B == 3) {
+        x = (x & 0x00000fffu) | ((x << 4) & 0x0fff0000u);
+        x = (x & 0x003f003fu) | ((x << 2) & 0x3f003f00u);
+        return (x & 0x07070707u) | ((x << 1) & 0x70707070u);
+    }
+    x = (x & 0x000000ffu) | ((x << 8) & 0x00ff0000u);
+    x = (x & 0x000f000fu) | ((x << 4) & 0x0f000f00u);
+    return (x & 0x03030303u) | ((x << 2) & 0x30303030u);
+}
+
+/* group i of 8 codes (8b bits from bit 8b*i) of the little-endian words w */
+template <int B> __device__ __forceinline__ uint32_t code_group(const uint32_t *w, int i) {
+    const int o = i * 8 * B, wi = o >> 5, sh = o & 31;
+    uint32_t x = w[wi] >> sh;
+    if (sh + 8 * B > 32) x |= w[wi + 1] << (32 - sh);
+    return x;
+}
+
+/* NW little-endian words from shared memory at p (2-byte aligned): aligned loads, funnel shifts
+ * (reads up to 4 bytes past the NW words) */
+template <int NW> __device__ __forceinline__ void load_words(const uint8_t *p, uint32_t w[NW]) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p), q = a & ~3u, sh = (a & 3) * 8;
+    uint32_t x[NW + 1];
+#pragma unroll
+    for (int i = 0; i <= NW; i++) asm volatile("ld.shared.b32 %0, [%1];" : "=r"(x[i]) : "r"(q + 4 * i));
+#pragma unroll
+    for (int i = 0; i < NW; i++) w[i] = __funnelshift_r(x[i], x[i + 1], sh);
+}
+
+/* The codebook as two 8-byte tables: low bytes (t[0], t[1]) and high bytes (t[2], t[3]) of
+ * the fp16 centroids: part 0 = fp16(c), part 1 = fp16(c - part 0) */
+__device__ void codebook_bytes(const float *cent, int K, int part, uint32_t t[4]) {
+    t[0] = t[1] = t[2] = t[3] = 0;
+    for (int i = 0; i < K; i++) {
+        __half hc = __float2half_rn(cent[i]);
+        uint16_t h = __half_as_ushort(part ? __float2half_rn(cent[i] - __half2float(hc)) : hc);
+        t[i >> 2] |= (uint32_t)(h & 255) << (8 * (i & 3));
+        t[2 + (i >> 2)] |= (uint32_t)(h >> 8) << (8 * (i & 3));
+    }
+}
+
+/* nibbles n (codes c0..c7 of one row) -> fp16 pairs h[j] = (c[2j], c[2j+1]) */
+__device__ __forceinline__ void decode_pairs(uint32_t n, const uint32_t t[4], uint32_t h[4]) {
+    uint32_t lo = __byte_perm(t[0], t[1], n), hi = __byte_perm(t[2], t[3], n);
+    h[0] = __byte_perm(lo, hi, 0x5140);
+    h[1] = __byte_perm(lo, hi, 0x7362);
+    lo = __byte_perm(t[0], t[1], n >> 16);
+    hi = __byte_perm(t[2], t[3], n >> 16);
+    h[2] = __byte_perm(lo, hi, 0x5140);
+    h[3] = __byte_perm(lo, hi, 0x7362);
+}
+
+/* nibbles na, nb (codes of rows a and b) -> fp16 pairs h[j] = (a[4 half + j], b[4 half + j]),
+ * one coordinate of two rows, for half 0 (codes 0..3) or 1 (codes 4..7) */
+__device__ __forceinline__ void decode_across(uint32_t na, uint32_t nb, const uint32_t t[4], int half, uint32_t h[4]) {
+    const uint32_t x = (na & 0x0f0f0f0fu) | ((nb << 4) & 0xf0f0f0f0u);   /* a0 b0 a2 b2 a4 b4 a6 b6 */
+    const uint32_t y = ((na >> 4) & 0x0f0f0f0fu) | (nb & 0xf0f0f0f0u);   /* a1 b1 a3 b3 a5 b5 a7 b7 */
+    const uint32_t sel[2] = {half ? x >> 16 : x, half ? y >> 16 : y};
+#pragma unroll
+    for (int s = 0; s < 2; s++) {                     /* coordinates 0, 2 (s = 0) and 1, 3 (s = 1) of the half */
+        uint32_t lo = __byte_perm(t[0], t[1], sel[s]), hi = __byte_perm(t[2], t[3], sel[s]);
+        h[s] = __byte_perm(lo, hi, 0x5140);
+        h[s + 2] = __byte_perm(lo, hi, 0x7362);
+    }
+}
+
+/* the 2b-bit index of code pair p (codes 2p, 2p+1) of the little-endian words w */
+template <int B> __device__ __forceinline__ uint32_t pair_index(const uint32_t *w, int p) {
+    const int o = p * 2 * B, wi = o >> 5, sh = o & 31;
+    uint32_t x = w[wi] >> sh;
+    if (sh + 2 * B > 32) x |= w[wi + 1] << (32 - sh);
+    return x & ((1u << (2 * B)) - 1);
+}
+
+template <int D, int KB, int VB> struct MmaShape {
+    /* the key codebook's pairs: entry e = (code c0 | code c1 << KB) holds the fp16 pairs
+     * (c[c0], c[c1]) high and low parts, once per lane (lane l's copy at 8 (32 e + l) bytes:
+     * a warp's 8-byte loads never share a bank beyond the two passes 256 bytes take) */
+    static constexpr int PAIRS = 1 << (2 * KB), PTAB = PAIRS * 32 * 8;
+    static constexpr int KROW = D * KB / 8 + 2, VROW = D * VB / 8 + 2;   /* bytes of a key, a value row */
+    static constexpr int LK = D * KB / 32, LV = D * VB / 64;            /* bytes of a row a lane decodes */
+    /* a tile in shared memory: its keys, values and betas as they lie in the cache, each from the
+     * 16-byte boundary below its first byte (so 16 bytes more each) */
+    static constexpr int KREG = MMA_KEYS * KROW + 16, VREG = MMA_KEYS * VROW + 16, BREG = MMA_KEYS * KPROJ_MAX * 2 + 16;
+    static constexpr int TILE = KREG + VREG + BREG;
+    static constexpr int WARP_BUF = MMA_STAGES * TILE + 16;                            /* + room for load_words */
+    static constexpr int MERGE = (2 * MMA_WARPS * MMA_ROWS + MMA_WARPS * MMA_ROWS * D) * 4;
+    static constexpr int QLO = MMA_WARPS * (D / 16) * 2 * 32 * 4;   /* each lane's low query parts (registers are short) */
+    static constexpr int SHARED = PTAB + MMA_WARPS * WARP_BUF + QLO > MERGE ? PTAB + MMA_WARPS * WARP_BUF + QLO : MERGE;
+};
+
+/* Block (chunk, row tile, KV head g) as attention_kernel's, with MMA_ROWS rows. */
+template <int KB, int VB, int D>
+__global__ void __launch_bounds__(MMA_WARPS * 32, 4) attention_mma_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
+    typedef MmaShape<D, KB, VB> S;
+    constexpr int KSTEPS = D / 16, MTILES = D / 16, NWK = (S::LK + 3) / 4, NWV = (S::LV + 3) / 4;
+    pdl_wait_then_release();
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int G = c.n_heads / c.n_kv_heads, g = blockIdx.z, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gq = lane >> 2, tq = lane & 3;    /* the products' fragments: row group, thread in group */
+    const int pos = a.step[0], rows = a.n * G, rho0 = blockIdx.y * MMA_ROWS, lo = kv.sink, R = kv.kproj;
+    const int last = min(rho0 + MMA_ROWS, rows) - 1, hi_max = pos + last / G + 1 - kv.window;
+    if (hi_max <= lo) return;
+    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(hi_max - lo, gridDim.x), CHUNK_GRAIN) * CHUNK_GRAIN;
+    const int c0 = lo + blockIdx.x * chunk, c1 = min(c0 + chunk, hi_max);
+    if (c0 >= c1) return;
+    const int hi_min = min(c1, pos + rho0 / G + 1 - kv.window);   /* keys below it count for every row */
+
+    /* this lane's score rows 2tq, 2tq+1: their key ranges and parts along the key directions */
+    int hi2[2];
+    float qu2[2][KPROJ_MAX];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int rho = rho0 + 2 * tq + r, tok = rho / G;
+        hi2[r] = rho < rows ? pos + tok + 1 - kv.window : hi_max;
+#pragma unroll
+        for (int j = 0; j < KPROJ_MAX; j++)
+            qu2[r][j] = rho < rows && j < R ? a.qu[((size_t)tok * c.n_heads + g * G + rho % G) * KPROJ_MAX + j] : 0.0f;
+    }
+    /* the rotated query of row gq, coordinates D/4 tq + 4j + {0, 1 | 2, 3}: the score product's B,
+     * high fp16 parts in registers, low parts in shared memory (this lane's own words: no barrier) */
+    uint32_t qf[KSTEPS][2], *ql = (uint32_t *)(smem + S::PTAB + MMA_WARPS * S::WARP_BUF) + warp * KSTEPS * 2 * 32 + lane;
+    {
+        int rho = rho0 + gq, tok = rho / G;
+        const float *q = a.qext + ((size_t)tok * c.n_heads + g * G + rho % G) * a.dk + tq * (D / 4);
+#pragma unroll
+        for (int j = 0; j < KSTEPS; j++) {
+            float4 v = rho < rows ? *(const float4 *)(q + 4 * j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            split_half2(v.x, v.y, &qf[j][0], &ql[(2 * j) * 32]);
+            split_half2(v.z, v.w, &qf[j][1], &ql[(2 * j + 1) * 32]);
+        }
+    }
+    uint32_t tv[4], tvl[4];   /* the value codebook's high and low parts */
+    codebook_bytes(kv.vc.centroids, 1 << VB, 0, tv);
+    codebook_bytes(kv.vc.centroids, 1 << VB, 1, tvl);
+    uint2 *ptab = (uint2 *)smem;
+    for (int i = threadIdx.x; i < S::PAIRS * 32; i += blockDim.x) {
+        const int e = i >> 5, code0 = e & ((1 << KB) - 1), code1 = e >> KB;
+        uint32_t hi, lo;
+        split_half2(kv.kc.centroids[code0], kv.kc.centroids[code1], &hi, &lo);
+        ptab[i] = make_uint2(hi, lo);
+    }
+    __syncthreads();
+
+    /* the head's rows; a tile starts at a multiple of 16 keys, so at 16 k row bytes: its first
+     * byte lies as far past a 16-byte boundary (mk, mv, mb) as the head's first row does */
+    const size_t head = (size_t)a.layer * c.n_kv_heads + g;
+    const uint8_t *kbase = kv.key + head * kv.ctx * S::KROW, *vbase = kv.value + head * kv.ctx * S::VROW;
+    const uint8_t *bbase = (const uint8_t *)(kv.kbeta + head * kv.ctx * R);
+    const int mk = (int)((uintptr_t)kbase & 15), mv = (int)((uintptr_t)vbase & 15), mb = (int)((uintptr_t)bbase & 15);
+    const int nk = (mk + MMA_KEYS * S::KROW + 15) / 16, nv = (mv + MMA_KEYS * S::VROW + 15) / 16;
+    const int nb = R ? (mb + MMA_KEYS * R * 2 + 15) / 16 : 0;
+    const int tfirst = (c0 & ~(MMA_KEYS - 1)) + MMA_KEYS * warp, tstep = MMA_KEYS * MMA_WARPS;
+    const int ntiles = tfirst < c1 ? ceil_div(c1 - tfirst, tstep) : 0;
+    uint8_t *buf = smem + S::PTAB + warp * S::WARP_BUF;
+    /* tile i's keys, values and betas in 16-byte pieces */
+    auto load_tile = [&](int i) {
+        if (i < ntiles) {
+            const size_t t = (size_t)(tfirst + i * tstep);
+            uint8_t *st = buf + (i % MMA_STAGES) * S::TILE;
+            const uint8_t *ks = kbase - mk + t * S::KROW, *vs = vbase - mv + t * S::VROW, *bs = bbase - mb + t * R * 2;
+            for (int p = lane; p < nk + nv + nb; p += 32) {
+                if (p < nk) cp_async16(st + 16 * p, ks + 16 * p);
+                else if (p < nk + nv) cp_async16(st + S::KREG + 16 * (p - nk), vs + 16 * (p - nk));
+                else cp_async16(st + S::KREG + S::VREG + 16 * (p - nk - nv), bs + 16 * (p - nk - nv));
+            }
+        }
+        cp_async_commit();
+    };
+    for (int i = 0; i < MMA_STAGES - 1; i++) load_tile(i);
+
+    const float sl = LOG2E / sqrtf((float)D);     /* scores in log2 units: exp2 below */
+    float m2[2] = {NO_SCORE, NO_SCORE}, l2[2] = {0.0f, 0.0f}, acc[MTILES][4];
+#pragma unroll
+    for (int i = 0; i < MTILES; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+
+    for (int i = 0; i < ntiles; i++) {
+        cp_async_wait<MMA_STAGES - 2>();
+        __syncwarp();
+        load_tile(i + MMA_STAGES - 1);
+        const uint8_t *tile = buf + (i % MMA_STAGES) * S::TILE, *st = tile + mk, *vst = tile + S::KREG + mv;
+        const int t = tfirst + i * tstep;
+
+        /* scores of keys gq and gq+8 for rows 2tq, 2tq+1: s[0], s[1] and s[2], s[3] */
+        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s2[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s3[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        uint32_t wa[NWK], wb[NWK];
+        load_words<NWK>(st + gq * S::KROW + tq * S::LK, wa);
+        load_words<NWK>(st + (gq + 8) * S::KROW + tq * S::LK, wb);
+#pragma unroll
+        for (int j = 0; j < KSTEPS; j++) {                /* coordinates 4j.. of the lane's run: code pairs 2j, 2j+1 */
+            const uint2 a0 = ptab[(pair_index<KB>(wa, 2 * j) << 5) + lane], a1 = ptab[(pair_index<KB>(wa, 2 * j + 1) << 5) + lane];
+            const uint2 b0 = ptab[(pair_index<KB>(wb, 2 * j) << 5) + lane], b1 = ptab[(pair_index<KB>(wb, 2 * j + 1) << 5) + lane];
+            /* c q = ch qh + ch ql + cl qh (cl ql is below fp32's rounding), three independent sums */
+            mma16816(s, a0.x, b0.x, a1.x, b1.x, qf[j][0], qf[j][1]);
+            mma16816(s2, a0.x, b0.x, a1.x, b1.x, ql[(2 * j) * 32], ql[(2 * j + 1) * 32]);
+            mma16816(s3, a0.y, b0.y, a1.y, b1.y, qf[j][0], qf[j][1]);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[e] += s2[e] + s3[e];
+        const float ska = __half2float(*(const __half *)(st + gq * S::KROW + S::KROW - 2));
+        const float skb = __half2float(*(const __half *)(st + (gq + 8) * S::KROW + S::KROW - 2));
+        const __half *beta = (const __half *)(tile + S::KREG + S::VREG + mb);
+        const float ba0 = R > 0 ? __half2float(beta[gq * R]) : 0.0f, bb0 = R > 0 ? __half2float(beta[(gq + 8) * R]) : 0.0f;
+        const float ba1 = R > 1 ? __half2float(beta[gq * R + 1]) : 0.0f, bb1 = R > 1 ? __half2float(beta[(gq + 8) * R + 1]) : 0.0f;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            s[r] = sl * (ska * s[r] + qu2[r][0] * ba0 + qu2[r][1] * ba1);
+            s[2 + r] = sl * (skb * s[2 + r] + qu2[r][0] * bb0 + qu2[r][1] * bb1);
+        }
+        if (t < c0 || t + MMA_KEYS > hi_min)              /* a tile at an end of the range: keys outside it out */
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                int ka = t + gq, kb = ka + 8, h = min(c1, hi2[r]);
+                if (ka < c0 || ka >= h) s[r] = -INFINITY;
+                if (kb < c0 || kb >= h) s[2 + r] = -INFINITY;
+            }
+
+        /* online softmax per row: the max over the tile's keys (lanes gq), rescale, p = 2^(s - m) */
+        float p[4];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = fmaxf(s[r], s[2 + r]);
+            for (int o = 4; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+            float mn = fmaxf(m2[r], mx), alpha = exp2f(m2[r] - mn);
+            m2[r] = mn;
+            p[r] = exp2f(s[r] - mn);
+            p[2 + r] = exp2f(s[2 + r] - mn);
+            l2[r] = l2[r] * alpha + p[r] + p[2 + r];
+            if (__any_sync(FULL_MASK, alpha != 1.0f))
+#pragma unroll
+                for (int k = 0; k < MTILES; k++) { acc[k][r] *= alpha; acc[k][2 + r] *= alpha; }
+        }
+        /* P diag(s_v) as the value product's B: (row gq, keys 2tq, 2tq+1) and keys + 8 */
+        const float sva = __half2float(*(const __half *)(vst + gq * S::VROW + S::VROW - 2));
+        const float svb = __half2float(*(const __half *)(vst + (gq + 8) * S::VROW + S::VROW - 2));
+        uint32_t ph0, pl0, ph1, pl1;
+        split_half2(p[0] * sva, p[1] * sva, &ph0, &pl0);
+        split_half2(p[2] * svb, p[3] * svb, &ph1, &pl1);
+        const uint32_t pb0 = transpose8x8(ph0), pb1 = transpose8x8(ph1), pc0 = transpose8x8(pl0), pc1 = transpose8x8(pl1);
+
+        /* values of keys 2tq, 2tq+1 (a, b) and 2tq+8, 2tq+9 (c, d), coordinates D/8 gq ..: the A of m-tiles */
+        uint32_t va[NWV], vb[NWV], vc[NWV], vd[NWV];
+        load_words<NWV>(vst + (2 * tq) * S::VROW + gq * S::LV, va);
+        load_words<NWV>(vst + (2 * tq + 1) * S::VROW + gq * S::LV, vb);
+        load_words<NWV>(vst + (2 * tq + 8) * S::VROW + gq * S::LV, vc);
+        load_words<NWV>(vst + (2 * tq + 9) * S::VROW + gq * S::LV, vd);
+#pragma unroll
+        for (int grp = 0; grp < D / 64; grp++) {          /* 8 coordinates: four m-tiles */
+            const uint32_t na = spread_nibbles<VB>(code_group<VB>(va, grp)), nb = spread_nibbles<VB>(code_group<VB>(vb, grp));
+            const uint32_t nc = spread_nibbles<VB>(code_group<VB>(vc, grp)), nd = spread_nibbles<VB>(code_group<VB>(vd, grp));
+#pragma unroll
+            for (int half = 0; half < 2; half++) {        /* coordinates 4 half + 0..3: two m-tiles */
+                uint32_t hab[4], hcd[4], lab[4], lcd[4];
+                decode_across(na, nb, tv, half, hab);
+                decode_across(nc, nd, tv, half, hcd);
+                decode_across(na, nb, tvl, half, lab);
+                decode_across(nc, nd, tvl, half, lcd);
+#pragma unroll
+                for (int k = 0; k < 2; k++) {             /* m-tile 4 grp + 2 half + k: coordinates 8 grp + 4 half + 2k (row gq), + 1 (row gq + 8) */
+                    float *ak = acc[4 * grp + 2 * half + k];
+                    mma16816(ak, hab[2 * k], hab[2 * k + 1], hcd[2 * k], hcd[2 * k + 1], pb0, pb1);
+                    mma16816(ak, hab[2 * k], hab[2 * k + 1], hcd[2 * k], hcd[2 * k + 1], pc0, pc1);
+                    mma16816(ak, lab[2 * k], lab[2 * k + 1], lcd[2 * k], lcd[2 * k + 1], pb0, pb1);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++)                           /* the row sums: over the lanes gq */
+        for (int o = 4; o < 32; o <<= 1) l2[r] += __shfl_xor_sync(FULL_MASK, l2[r], o);
+
+    /* merge the warps: wm, wl (MMA_WARPS, MMA_ROWS), wacc (MMA_WARPS, MMA_ROWS, D), over the staging buffers */
+    cp_async_wait<0>();
+    __syncthreads();
+    float *wm = (float *)smem, *wl = wm + MMA_WARPS * MMA_ROWS, *wacc = wl + MMA_WARPS * MMA_ROWS;
+    if (gq == 0)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            wm[warp * MMA_ROWS + 2 * tq + r] = m2[r] * (float)LN2;
+            wl[warp * MMA_ROWS + 2 * tq + r] = l2[r];
+        }
+#pragma unroll
+    for (int k = 0; k < MTILES; k++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)                       /* row 2tq + e%2, coordinate D/8 gq + 2k + e/2 */
+            wacc[(warp * MMA_ROWS + 2 * tq + (e & 1)) * D + gq * (D / 8) + 2 * k + (e >> 1)] = acc[k][e];
+    __syncthreads();
+    for (int i = threadIdx.x; i < MMA_ROWS * (2 + D); i += blockDim.x) {
+        int r = i / (2 + D), j = i % (2 + D), rho = rho0 + r, tok = rho / G;
+        if (rho >= rows) continue;
+        float mx = NO_SCORE, sum = 0.0f;
+        for (int w = 0; w < MMA_WARPS; w++) mx = fmaxf(mx, wm[w * MMA_ROWS + r]);
+        for (int w = 0; w < MMA_WARPS; w++) {
+            float e = expf(wm[w * MMA_ROWS + r] - mx);
+            sum += e * (j == 0 ? 0.0f : j == 1 ? wl[w * MMA_ROWS + r] : wacc[(w * MMA_ROWS + r) * D + j - 2]);
+        }
+        size_t gr = (size_t)tok * c.n_heads + g * G + rho % G;
+        a.part[(gr * MAX_PARTS + blockIdx.x) * (2 + D) + j] = j == 0 ? mx : sum;
+    }
+}
+
+/* the tensor-core kernel for these formats and head_dim, or NULL */
+static AttKernel mma_kernel(const KVCache *kv, int hd, size_t *shared) {
+    int kb = kv->kc.fmt == TQ_TQ2 ? 2 : kv->kc.fmt == TQ_TQ3 ? 3 : 0;
+    int vb = kv->vc.fmt == TQ_TQ2 ? 2 : kv->vc.fmt == TQ_TQ3 ? 3 : 0;
+#define MMA_CASE(KB, VB, D) \
+    if (kb == KB && vb == VB && hd == D) { *shared = MmaShape<D, KB, VB>::SHARED; return attention_mma_kernel<KB, VB, D>; }
+    MMA_CASE(2, 2, 64) MMA_CASE(2, 3, 64) MMA_CASE(3, 2, 64) MMA_CASE(3, 3, 64)
+    MMA_CASE(2, 2, 128) MMA_CASE(2, 3, 128) MMA_CASE(3, 2, 128) MMA_CASE(3, 3, 128)
+#undef MMA_CASE
+    return NULL;
+}
+
 #define MERGE_EXACT 64   /* exact positions whose scores the merge keeps in shared memory */
 static size_t merge_shared_bytes(int dv) { return (2 * (size_t)dv + MAX_PARTS + MERGE_EXACT + 32) * sizeof(float); }
 
@@ -971,7 +1447,7 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
     pdl_wait_then_release();
     extern __shared__ float sh[];
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, row = blockIdx.x, b = row / c.n_heads, h = row % c.n_heads;
-    const int g = h / G, l = a.layer, tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    const int g = h / G, l = a.layer, tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5;
     const int pos = a.step[0], T = pos + b + 1, lo = kv.sink, hi = T - kv.window, len = hi > lo ? hi - lo : 0;
     const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, dv = a.dv;
     const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(len, a.units), CHUNK_GRAIN) * CHUNK_GRAIN;
@@ -988,18 +1464,23 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
                              : (const void *)(kv.exact_v + exact_row(&kv, &c, l, g, t)));
     }
 
-    for (int e = warp; e < ne; e += nt / 32) {      /* run.c's key_score for the exact positions */
-        int t = e < n1 ? e : e2 + e - n1;
+    /* run.c's key_score for the exact positions: 8 lanes a position, so that a block's 128
+     * threads score 16 positions (a sink and a window of 8: all) in one round of loads */
+    for (int e0 = 0; e0 < ne; e0 += nt / 8) {
+        const int e = e0 + tid / 8, part8 = tid & 7;
         float s = 0.0f;
-        if (t >= pos) {
-            const float *k = a.qkv + (size_t)(t - pos) * QKV + qd + (size_t)g * hd;
-            for (int i = lane; i < hd; i += 32) s += q[i] * k[i];
-        } else {
-            const uint16_t *k = kv.exact_k + exact_row(&kv, &c, l, g, t);
-            for (int i = lane; i < hd; i += 32) s += q[i] * tq_f16_to_f32(k[i]);
+        if (e < ne) {
+            const int t = e < n1 ? e : e2 + e - n1;
+            if (t >= pos) {
+                const float *k = a.qkv + (size_t)(t - pos) * QKV + qd + (size_t)g * hd;
+                for (int i = part8; i < hd; i += 8) s += q[i] * k[i];
+            } else {
+                const uint16_t *k = kv.exact_k + exact_row(&kv, &c, l, g, t);
+                for (int i = part8; i < hd; i += 8) s += q[i] * tq_f16_to_f32(k[i]);
+            }
         }
-        s = warp_sum(s);
-        if (lane == 0) es[e] = scale * s;
+        for (int o = 1; o < 8; o <<= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+        if (e < ne && part8 == 0) es[e] = scale * s;
     }
     __syncthreads();
     float mx = NO_SCORE;
@@ -1027,7 +1508,12 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
         yt[i] = s;
     }
     __syncthreads();
-    if (is_tq(vc->fmt)) unrotate_team<TEAM_BLOCK>(vc, yt, y);
+    if (is_tq(vc->fmt) && warp_rotation(vc)) {        /* one warp, in registers */
+        if (warp == 0) rotate_warp(vc, yt, true);
+        __syncthreads();
+    } else if (is_tq(vc->fmt)) {
+        unrotate_team<TEAM_BLOCK>(vc, yt, y);
+    }
     for (int i = tid; i < hd; i += nt) {            /* add_exact_values: p_t v_t */
         float o = yt[i];
         for (int e = 0; e < ne; e++) {
@@ -1075,6 +1561,8 @@ static void gpu_check(const Config *c, const KVCache *kv) {
             die("format %s on the GPU handles head_dim up to 128, the model's is %d (use run, or another format)",
                 tq_fmt_name(cs[i]->fmt), hd);
 }
+
+static void gpu_warm_up(Transformer *t, int all_logits);
 
 /* Copies the model into GPU memory (fp16) and allocates the cache and
  * activations there (called by build_transformer once the host side is built). */
@@ -1137,10 +1625,12 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     g->kv = *kv;   /* flags, ctx, sink, window, slots; then every array on the GPU */
     g->kv.kc = gpu_codec(g, &kv->kc);
     g->kv.vc = gpu_codec(g, &kv->vc);
-    g->kv.key = (uint8_t *)gpu_alloc(g, NULL, heads * kv->ctx * kv->kc.bytes);
-    g->kv.value = (uint8_t *)gpu_alloc(g, NULL, heads * kv->ctx * kv->vc.bytes);
+    /* (+ 2 MMA_KEYS rows: attention_mma_kernel reads whole tiles of 16 rows and up to 16 bytes
+     * more, the last tile past the end) */
+    g->kv.key = (uint8_t *)gpu_alloc(g, NULL, (heads * kv->ctx + 2 * MMA_KEYS) * kv->kc.bytes);
+    g->kv.value = (uint8_t *)gpu_alloc(g, NULL, (heads * kv->ctx + 2 * MMA_KEYS) * kv->vc.bytes);
     g->kv.kdir = (float *)gpu_alloc(g, NULL, heads * R * hd * f);
-    g->kv.kbeta = (uint16_t *)gpu_alloc(g, NULL, heads * kv->ctx * R * 2);
+    g->kv.kbeta = (uint16_t *)gpu_alloc(g, NULL, (heads * kv->ctx + 2 * MMA_KEYS) * R * 2);
     g->kv.exact_k = (uint16_t *)gpu_alloc(g, NULL, heads * kv->slots * hd * 2);
     g->kv.exact_v = (uint16_t *)gpu_alloc(g, NULL, heads * kv->slots * hd * 2);
     free(kv->key); free(kv->value); free(kv->kbeta);   /* the host copies are never used */
@@ -1185,17 +1675,23 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     int shared_max;
     CUDA(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     g->enc_shared = enc_shared_bytes(c, kv);
-    g->att_shared = att_shared_bytes(dv);
+    /* the tensor-core kernel where it applies (TQ_CUDA_NO_MMA=1 keeps attention_kernel, for comparisons) */
+    size_t mma_shared = 0;
+    AttKernel mk = getenv("TQ_CUDA_NO_MMA") ? NULL : mma_kernel(kv, c->head_dim, &mma_shared);
+    g->att_kernel = mk ? mk : attention_kernel;
+    g->att_rows = mk ? MMA_ROWS : ATT_ROWS;
+    g->att_threads = 32 * (mk ? MMA_WARPS : ATT_WARPS);
+    g->att_shared = mk ? mma_shared : att_shared_bytes(dv);
     g->merge_shared = merge_shared_bytes(dv);
     if (g->enc_shared > (size_t)shared_max || g->att_shared > (size_t)shared_max)
         die("the GPU's %d bytes of shared memory per block are too few for head_dim %d", shared_max, c->head_dim);
     /* the attribute is the kernel's, for every model of the process: the device's limit */
     CUDA(cudaFuncSetAttribute(rope_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
-    CUDA(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
+    CUDA(cudaFuncSetAttribute(g->att_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
     /* decode: as many attention blocks per KV head as fill the GPU once (a second, partial
      * wave would leave most multiprocessors idle), at most MAX_PARTS */
     int per_sm = 1, sms = 1;
-    CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_kernel, ATT_WARPS * 32, g->att_shared));
+    CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, g->att_kernel, g->att_threads, g->att_shared));
     CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     a->units = per_sm * sms / c->n_kv_heads;
     if (a->units > MAX_PARTS) a->units = MAX_PARTS;
@@ -1203,6 +1699,7 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     CUDA(cudaDeviceSynchronize());
     (void)o;
     t->gpu = g;
+    gpu_warm_up(t, all_logits);
 }
 
 static void gpu_free(Transformer *t) {
@@ -1275,7 +1772,7 @@ static void attention_layer(Gpu *g, const Config *c, int l, int n, int pos) {
     AttArgs a = g->att;
     a.n = n;
     a.layer = l;
-    int G = c->n_heads / c->n_kv_heads, tiles = ceil_div(n * G, ATT_ROWS), chunks = a.units;
+    int G = c->n_heads / c->n_kv_heads, tiles = ceil_div(n * G, g->att_rows), chunks = a.units;
     a.chunk = 0;                                   /* decode: chunks follow the position on the GPU */
     if (n > 1) {                                   /* a batch: fixed chunks for its longest range */
         int len = pos + n - g->kv.window - g->kv.sink;
@@ -1284,7 +1781,7 @@ static void attention_layer(Gpu *g, const Config *c, int l, int n, int pos) {
         chunks = len > 0 ? ceil_div(len, a.chunk) : 1;
     }
     dim3 grid(chunks, tiles, c->n_kv_heads);
-    launch(g, attention_kernel, dim3(grid), dim3(ATT_WARPS * 32), g->att_shared, g->kv, *c, a);
+    launch(g, g->att_kernel, dim3(grid), dim3(g->att_threads), g->att_shared, g->kv, *c, a);
     launch(g, merge_kernel, dim3(n * c->n_heads), dim3(MERGE_THREADS), g->merge_shared, g->kv, *c, a, g->xb);
 }
 
@@ -1376,4 +1873,34 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     CUDA(cudaMemcpyAsync(g->host_logits, g->logits, rows * t->config.vocab_size * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
     CUDA(cudaStreamSynchronize(g->stream));
     return g->host_logits;
+}
+
+/* One-time work done at load rather than inside the first prompt: CUDA loads a module's
+ * kernels on their first launch, cuBLAS sets itself up and picks its kernels on its first
+ * products, and the decode graph is captured on the first decoded token. So a batch of the
+ * full size, one of an odd size and a single token run through forward() from position 0
+ * (statistics included), then one decoded token (the graph's capture and a replay); then
+ * every array of the cache is cleared, so the first real sequence finds the cache exactly as
+ * an unwarmed build would (its statistics are measured anew at position 0 in any case). */
+static void gpu_warm_up(Transformer *t, int all_logits) {
+    Gpu *g = t->gpu;
+    KVCache *kv = &g->kv;
+    const Config *c = &t->config;
+    int B = g->batch < kv->ctx - 1 ? g->batch : kv->ctx - 1, sizes[3] = {B, B / 2 + 1, 1};
+    int *tokens = (int *)xcalloc(B > 0 ? B : 1, sizeof(int), "warm-up tokens");
+    for (int i = 0; i < 3 && B > 0; i++) forward(t, tokens, sizes[i], 0, all_logits);
+    if (kv->ctx > 1) forward(t, tokens, 1, 1, 0);
+    free(tokens);
+    size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = c->head_dim, R = kv->kproj;
+    CUDA(cudaMemsetAsync(kv->key, 0, heads * kv->ctx * kv->kc.bytes, g->stream));
+    CUDA(cudaMemsetAsync(kv->value, 0, heads * kv->ctx * kv->vc.bytes, g->stream));
+    if (R) {
+        CUDA(cudaMemsetAsync(kv->kdir, 0, heads * R * hd * sizeof(float), g->stream));
+        CUDA(cudaMemsetAsync(kv->kbeta, 0, heads * kv->ctx * R * sizeof(uint16_t), g->stream));
+    }
+    if (kv->slots) {
+        CUDA(cudaMemsetAsync(kv->exact_k, 0, heads * kv->slots * hd * sizeof(uint16_t), g->stream));
+        CUDA(cudaMemsetAsync(kv->exact_v, 0, heads * kv->slots * hd * sizeof(uint16_t), g->stream));
+    }
+    CUDA(cudaStreamSynchronize(g->stream));
 }

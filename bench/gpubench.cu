@@ -8,12 +8,13 @@
  * window 8) whose cache holds max(ctx) positions. The cache is filled without a prefill: random
  * vectors (uniform in [-1, 1)) go through the encode kernel, so the codes, the key projections
  * and the byte count are those of a real cache while what they encode is noise; the statistics
- * stay at their defaults (zero offsets, unit key weights, zero key directions, whose betas are
- * still read). Then, in interleaved rounds (every format once per round, medians reported):
+ * stay at their defaults (zero key directions, whose projections beta are still stored and read). Then, in interleaved rounds (every format once per round, medians reported):
  *   decode:    one token at position ctx - 1 through forward() (graph replay, logits copied
  *              back), wall time per token;
  *   attention: layer 0's attention alone (partials over chunks of the coded keys + merge),
- *              CUDA events around each launch pair;
+ *              CUDA events around each launch pair; where the build uses the tensor-core
+ *              kernel (tq2/tq3), attention_kernel (CUDA cores) is timed too, on the same cache,
+ *              and the two outputs are compared once (relative L2 difference);
  *   prefill:   (--prefill N) N tokens from position 0 through prefill() in batches of 256,
  *              statistics included, wall time; the first round (cold: kernels and cuBLAS
  *              loaded on first use) is reported apart from the median of the others;
@@ -75,6 +76,41 @@ static double gpu_weight_bytes(const Config *c) {
     return 2.0 * (V * dim + L * dim * (qd + 2 * kvd + qd + 3 * hid));   /* what one token reads (the embedding: one row) */
 }
 
+/* The attention kernel a transformer uses, and the CUDA-core one (attention_kernel) to swap in:
+ * its block shape and the decode split its occupancy gives (gpu_build's rule). */
+typedef struct { AttKernel kernel; int rows, threads, units; size_t shared; } AttChoice;
+
+static AttChoice att_choice(const Gpu *g) { return AttChoice{g->att_kernel, g->att_rows, g->att_threads, g->att.units, g->att_shared}; }
+
+static AttChoice simt_choice(const Gpu *g, const Config *c) {
+    AttChoice s = {attention_kernel, ATT_ROWS, ATT_WARPS * 32, 1, att_shared_bytes(g->att.dv)};
+    int per_sm = 1, sms = 1, dev;
+    CUDA(cudaGetDevice(&dev));
+    CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_kernel, s.threads, s.shared));
+    CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    s.units = per_sm * sms / c->n_kv_heads;
+    s.units = s.units > MAX_PARTS ? MAX_PARTS : s.units < 1 ? 1 : s.units;
+    return s;
+}
+
+static void use_att(Gpu *g, AttChoice a) {
+    g->att_kernel = a.kernel; g->att_rows = a.rows; g->att_threads = a.threads; g->att.units = a.units; g->att_shared = a.shared;
+}
+
+/* layer 0's attention output at position pos (n_heads * head_dim floats) with kernel choice k */
+static std::vector<float> att_output(Transformer *t, AttChoice k, int pos) {
+    Gpu *g = t->gpu;
+    const Config *c = &t->config;
+    AttChoice keep = att_choice(g);
+    use_att(g, k);
+    attention_layer(g, c, 0, 1, pos);
+    std::vector<float> out((size_t)c->n_heads * c->head_dim);
+    CUDA(cudaMemcpyAsync(out.data(), g->xb, out.size() * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
+    CUDA(cudaStreamSynchronize(g->stream));
+    use_att(g, keep);
+    return out;
+}
+
 static double median(std::vector<double> v) {
     std::sort(v.begin(), v.end());
     size_t n = v.size();
@@ -107,10 +143,10 @@ int main(int argc, char **argv) {
 
     static Transformer tr[MAX_FMT];
     for (int f = 0; f < nf; f++) {
-        CacheOpts o = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 0, 0, 0, 2, 1, 8};
-        parse_kv(fnames[f], &o.kf, &o.vf);
+        CacheOpts o = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 2, 1, 8};   /* run's defaults */
+        parse_kv(fnames[f], &o.key_fmt, &o.value_fmt);
         double t0 = now_s();
-        build_transformer(&tr[f], argv[1], &o, maxctx > npre ? maxctx : npre, 256, 0);
+        build_transformer(&tr[f], argv[1], &o, maxctx > npre ? maxctx : npre, 256, 0, 1, TQ_SIMD_PORTABLE);
         fill_cache(&tr[f], maxctx);
         fprintf(stderr, "gpubench: %s: built and filled %d positions in %.1f s\n", fnames[f], maxctx, now_s() - t0);
     }
@@ -139,7 +175,7 @@ int main(int argc, char **argv) {
     CUDA(cudaFree(src));
     CUDA(cudaFree(dst));
 
-    static std::vector<double> dec[MAX_FMT][MAX_CTX], att[MAX_FMT][MAX_CTX], pre[MAX_FMT];
+    static std::vector<double> dec[MAX_FMT][MAX_CTX], att[MAX_FMT][MAX_CTX], simt[MAX_FMT][MAX_CTX], pre[MAX_FMT];
     int tok = c->bos_id >= 0 ? c->bos_id : 0;
     int *ptoks = (int *)xcalloc(npre > 0 ? npre : 1, sizeof(int), "prefill tokens");
     for (int i = 0; i < npre; i++) ptoks[i] = (int)((1103515245u * (unsigned)i + 12345u) % (unsigned)c->vocab_size);
@@ -158,15 +194,20 @@ int main(int argc, char **argv) {
                 double t0 = now_s();
                 for (int s = 0; s < steps; s++) forward(t, &tok, 1, pos, 0);
                 dec[f][ci].push_back((now_s() - t0) / steps);
-                for (int s = 0; s < reps; s++) {             /* the step's position is on the GPU already */
-                    CUDA(cudaEventRecord(e0, g->stream));
-                    attention_layer(g, c, 0, 1, pos);
-                    CUDA(cudaEventRecord(e1, g->stream));
-                    CUDA(cudaEventSynchronize(e1));
-                    float ms;
-                    CUDA(cudaEventElapsedTime(&ms, e0, e1));
-                    att[f][ci].push_back(ms * 1e-3);
+                AttChoice mine = att_choice(g), other = simt_choice(g, c);
+                for (int k = 0; k < (mine.kernel != attention_kernel ? 2 : 1); k++) {   /* this build's kernel, then attention_kernel */
+                    use_att(g, k ? other : mine);
+                    for (int s = 0; s < reps; s++) {         /* the step's position is on the GPU already */
+                        CUDA(cudaEventRecord(e0, g->stream));
+                        attention_layer(g, c, 0, 1, pos);
+                        CUDA(cudaEventRecord(e1, g->stream));
+                        CUDA(cudaEventSynchronize(e1));
+                        float ms;
+                        CUDA(cudaEventElapsedTime(&ms, e0, e1));
+                        (k ? simt : att)[f][ci].push_back(ms * 1e-3);
+                    }
                 }
+                use_att(g, mine);
                 CUDA(cudaGetLastError());
             }
     }
@@ -180,8 +221,18 @@ int main(int argc, char **argv) {
            "device copy %.0f GB/s (read + write); median of %d rounds (%d decode steps, %d attention runs each)\n\n",
            date, prop.name, argv[1], c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size,
            copy_bw / 1e9, rounds, steps, reps);
-    printf("| ctx | format | decode tok/s | vs fp16 | MB read/token | GB/s | attention us/layer | fp16/this | MB read/layer | GB/s | of copy |\n");
-    printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    /* the tensor-core kernel against attention_kernel on the same cache and queries (layer 0, last position) */
+    for (int f = 0; f < nf; f++) {
+        Gpu *g = tr[f].gpu;
+        if (g->att_kernel == attention_kernel) continue;
+        std::vector<float> a = att_output(&tr[f], att_choice(g), maxctx - 1), b = att_output(&tr[f], simt_choice(g, c), maxctx - 1);
+        double dd = 0, bb = 0;
+        for (size_t i = 0; i < a.size(); i++) { dd += (double)(a[i] - b[i]) * (a[i] - b[i]); bb += (double)b[i] * b[i]; }
+        printf("check %s at %d: |mma - attention_kernel| / |attention_kernel| = %.3g over %zu outputs%s\n", fnames[f], maxctx,
+               sqrt(dd / bb), a.size(), std::isfinite(dd) ? "" : " (NOT FINITE)");
+    }
+    printf("\n| ctx | format | decode tok/s | vs fp16 | MB read/token | GB/s | attention us/layer | fp16/this | MB read/layer | GB/s | of copy | attention_kernel us |\n");
+    printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (int ci = 0; ci < nc; ci++) {
         int base = 0;
         for (int f = 0; f < nf; f++) if (!strcmp(fnames[f], "fp16")) base = f;
@@ -189,8 +240,10 @@ int main(int argc, char **argv) {
         for (int f = 0; f < nf; f++) {
             double d = median(dec[f][ci]), a = median(att[f][ci]), ab = att_bytes(&tr[f], ctxs[ci]);
             double db = gpu_weight_bytes(c) + c->n_layers * ab;
-            printf("| %d | %s | %.1f | %.2fx | %.1f | %.0f | %.1f | %.2fx | %.2f | %.0f | %.0f%% |\n", ctxs[ci], fnames[f],
-                   1 / d, dbase / d, db / 1e6, db / d / 1e9, a * 1e6, abase / a, ab / 1e6, ab / a / 1e9, 100 * ab / a / copy_bw);
+            char other[32] = "-";
+            if (!simt[f][ci].empty()) snprintf(other, sizeof other, "%.1f", median(simt[f][ci]) * 1e6);
+            printf("| %d | %s | %.1f | %.2fx | %.1f | %.0f | %.1f | %.2fx | %.2f | %.0f | %.0f%% | %s |\n", ctxs[ci], fnames[f],
+                   1 / d, dbase / d, db / 1e6, db / d / 1e9, a * 1e6, abase / a, ab / 1e6, ab / a / 1e9, 100 * ab / a / copy_bw, other);
         }
     }
     if (npre > 0) {

@@ -29,8 +29,9 @@ formats where all are rounding noise) for batches; within 10x one token at a tim
 rounds differently in more places than either CPU build (every GEMV sums in its own order, where
 run.c's batched products and the GPU's cuBLAS products are comparably far apart; CUDA's expf;
 projections beta summed in double), so that more keys land on another code. Measured on an H200
-(4-layer random model): batches 0.3x to 1.5x the yardstick, every format; one token at a time
-2x to 7x for tq3, tq4p:q8, q4:tq2p, while the lossless fp16 cache stays at 1.1x. A real error
+(4-layer random model, 2026-12-01, tq2/tq3 through the tensor-core attention): batches 0.03x to
+1.3x the yardstick, every format; one token at a time 9.8x for tq3 over 120 tokens (the closest
+to its bound), 3.8x over 700 and for q4:tq2p, while the lossless fp16 cache stays at 0.9x. A real error
 (an exact position read wrongly, stale statistics) moves KL by orders of magnitude more: with the
 sink and window positions not kept exact, tq3's KL from the fp32 cache triples on the real model.
 And two runs of the GPU build must give the same bits (no atomics, no races)."""
@@ -225,6 +226,24 @@ def test_gpu_statistics_match_host(model, run_cuda, run_other_rounding, ids_file
           f"KL(cpu || gpu) {kl(cpu, gpu):.3g}")
     assert apart <= 3 * ys + 1e-9, (apart, kls)
     assert kl(cpu, gpu) <= 3 * ys + 1e-9, (kl(cpu, gpu), kls)
+
+
+@needs_gpu
+@pytest.mark.parametrize("fmt", ["tq3", "tq2:tq3"])
+def test_tensor_core_attention_matches_cuda_cores(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt):
+    """tq2/tq3 keys and values take the tensor-core attention (attention_mma_kernel: fp16 operands
+    split in high and low parts); TQ_CUDA_NO_MMA=1 takes the CUDA-core attention_kernel. The switch
+    takes effect (the logits are not the same bits) and both are as close to the CPU as the CPU's
+    other roundings are (3x, as for batches above). tq2:tq3: mixed key and value bits."""
+    extra = ["--batch", 64]
+    mma = logits_env(run_cuda, model, ids_file, tmp_path / "mma.f32", fmt, {}, *extra)
+    simt = logits_env(run_cuda, model, ids_file, tmp_path / "simt.f32", fmt, {"TQ_CUDA_NO_MMA": "1"}, *extra)
+    cpu = logits(RUN, model, ids_file, tmp_path / "cpu.f32", fmt, *extra)
+    ys, kls = yardstick(cpu, run_other_rounding, model, ids_file, tmp_path, fmt, *extra)
+    print(f"{fmt}: KL(cpu || tensor cores) {kl(cpu, mma):.3g}, KL(cpu || CUDA cores) {kl(cpu, simt):.3g}, "
+          f"KL(CUDA cores || tensor cores) {kl(simt, mma):.3g}, yardstick {kls}")
+    assert not np.array_equal(mma, simt)
+    assert kl(cpu, mma) <= 3 * ys + 1e-9 and kl(cpu, simt) <= 3 * ys + 1e-9, (kl(cpu, mma), kl(cpu, simt), kls)
 
 
 @needs_gpu
