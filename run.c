@@ -143,7 +143,7 @@ typedef struct {
     uint8_t *key;    /* (n_layers, n_kv_heads, ctx, kc.bytes)                 */
     uint8_t *value;  /* (n_layers, n_kv_heads, ctx, vc.bytes)                 */
     int ctx;         /* positions allocated                                   */
-    int kproj;       /* R: keys' components along R directions kept exactly (below) */
+    int kproj;       /* R: keys' components along R directions kept exactly (tq.h) */
     float *kdir;     /* (n_layers, n_kv_heads, R, head_dim) orthonormal directions u_j */
     uint16_t *kbeta; /* (n_layers, n_kv_heads, ctx, R) fp16 beta_tj = u_j.k_t of every key */
     int sink, window; /* exact positions: the first `sink` and the last `window` */
@@ -169,7 +169,7 @@ typedef struct {
     float *att;    /* (n_threads, att_floats) a work item's scores / weights and key projections */
     float *prepared; /* (n_kv_heads, batch, group, tq_query_floats) queries prepared by the key codec, a KV head's together */
     float *along;  /* (n_kv_heads, batch, group, KPROJ_MAX) the queries' parts along the key directions */
-    float *qperp;  /* (batch*n_heads, head_dim) queries less those parts (prepare_query's scratch) */
+    float *qperp;  /* (batch*n_heads, head_dim) queries less those parts (tq_prepare_query_head's scratch) */
     float *part;   /* (att_states, tq_state_floats) online-softmax states of the work items */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
     tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
@@ -394,7 +394,7 @@ TQ_HD static size_t exact_row(const KVCache *kv, const Config *c, int l, int g, 
 
 /* What the cache holds for n positions, as the memory line and kv_bits count it: the codes;
  * every key's R fp16 projections beta; a fixed cost, the fp16 exact rows in use and the R
- * directions per head (kept as fp16 numbers: store_direction). */
+ * directions per head (kept as fp16 numbers: tq_key_dirs). */
 typedef struct { size_t codes, projections, fixed; } CacheBytes;
 
 static CacheBytes cache_bytes(const KVCache *kv, const Config *c, int n) {
@@ -1463,14 +1463,11 @@ typedef struct {                 /* what the trade-off line reports          */
 } Stats;
 
 /* Where attention runs: the codec's SIMD path (CPU), or the GPU. */
-static const char *attention_path(const Transformer *t) {
 #ifdef RUN_CUDA
-    (void)t;
-    return "cuda";
+static const char *attention_path(const Transformer *t) { (void)t; return "cuda"; }
 #else
-    return tq_simd_name(t->state.simd);
+static const char *attention_path(const Transformer *t) { return tq_simd_name(t->state.simd); }
 #endif
-}
 
 /* The weights' line on stderr: their type and bytes (mmap'd from the file), e.g.
  * weights: int8 g64, 137.66 MiB (fp32 514.39 MiB); with the KV cache 138.05 MiB */
@@ -1852,16 +1849,9 @@ static void usage(int status) {
         "Research options, defaults shown (bench/README.md, \"Research options\"): --scale eden --kproj 2 "
         "--sink 1 --window 8 --batch 256 --qinput 1 --stats <file> -z <file>\n"
         "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n");
-    for (int f = 0; f < TQ_NFMT; f++) {
-        static const char *what[TQ_NFMT] = {
-            "float32, uncompressed", "float16, uncompressed", "int8 absmax, one fp16 scale (q8_0-like)",
-            "int4 absmax, fp16 scale per 32 (q4_0-like)", "TurboQuant mse, 2 bits + fp16 norm",
-            "TurboQuant mse, 3 bits + fp16 norm", "TurboQuant mse, 4 bits + fp16 norm",
-            "TurboQuant prod, 1-bit mse + 1-bit QJL", "TurboQuant prod, 2-bit mse + 1-bit QJL",
-            "TurboQuant prod, 3-bit mse + 1-bit QJL"};
-        fprintf(out, "  %-5s %6.3f / %6.3f  %s\n", tq_fmt_name((tq_fmt)f),
-                tq_bits_per_elem((tq_fmt)f, 64), tq_bits_per_elem((tq_fmt)f, 128), what[f]);
-    }
+    for (int f = 0; f < TQ_NFMT; f++)
+        fprintf(out, "  %-5s %6.3f / %6.3f  %s\n", tq_fmt_name((tq_fmt)f), tq_bits_per_elem((tq_fmt)f, 64),
+                tq_bits_per_elem((tq_fmt)f, 128), tq_fmt_about((tq_fmt)f));
     exit(status);
 }
 
@@ -1880,28 +1870,14 @@ static int parse_int(const char *flag, const char *s, long lo, long hi) {
     return (int)v;
 }
 
-/* "A" or "A:B" (keys:values) -> k = A, v = B (or A); k and v hold 32 bytes */
-static void split_kv(const char *flag, const char *arg, char *k, char *v) {
+/* -k and --scale: "A" or "A:B" (keys:values) -> kv[0] = A, kv[1] = B (or A), 32 bytes each */
+static void split_kv(const char *flag, const char *arg, char kv[2][32]) {
     const char *colon = strchr(arg, ':');
     size_t kl = colon ? (size_t)(colon - arg) : strlen(arg);
     if (kl == 0 || kl >= 32 || (colon && (!colon[1] || strlen(colon + 1) >= 32 || strchr(colon + 1, ':'))))
         die("bad %s \"%s\": give X or KEYS:VALUES (run -h)", flag, arg);
-    memcpy(k, arg, kl); k[kl] = 0;
-    snprintf(v, 32, "%s", colon ? colon + 1 : k);
-}
-
-static void parse_kv(const char *arg, tq_fmt *key_fmt, tq_fmt *value_fmt) {
-    char k[32], v[32];
-    split_kv("-k", arg, k, v);
-    if (tq_parse_fmt(k, key_fmt) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", k);
-    if (tq_parse_fmt(v, value_fmt) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", v);
-}
-
-static void parse_scales(const char *arg, tq_scale *key_scale, tq_scale *value_scale) {
-    char k[32], v[32];
-    split_kv("--scale", arg, k, v);
-    if (tq_parse_scale(k, key_scale) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", k);
-    if (tq_parse_scale(v, value_scale) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", v);
+    memcpy(kv[0], arg, kl); kv[0][kl] = 0;
+    snprintf(kv[1], 32, "%s", colon ? colon + 1 : kv[0]);
 }
 
 #ifndef RUN_NO_MAIN
@@ -1910,6 +1886,7 @@ int main(int argc, char **argv) {
     const char *mode = "generate", *system = NULL, *out = NULL, *stats = NULL;
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
+    char kv[2][32];
     int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
     CacheOpts co = {.key_fmt = TQ_TQ3, .value_fmt = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
                     .kproj = 2, .sink = 1, .window = 8};   /* chosen by bench/quality */
@@ -1943,7 +1920,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-z")) tok_path = v;
         else if (!strcmp(a, "-m")) mode = v;
         else if (!strcmp(a, "-y")) system = v;
-        else if (!strcmp(a, "-k")) parse_kv(v, &co.key_fmt, &co.value_fmt);
+        else if (!strcmp(a, "-k")) {
+            split_kv(a, v, kv);
+            for (int j = 0; j < 2; j++)
+                if (tq_parse_fmt(kv[j], j ? &co.value_fmt : &co.key_fmt)) die("unknown KV format \"%s\" (run -h lists the formats)", kv[j]);
+        }
         else if (!strcmp(a, "-c")) ctx = parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "-o")) out = v;
         else if (!strcmp(a, "--stats")) stats = v;
@@ -1953,7 +1934,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, KPROJ_MAX);
         else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--window")) co.window = parse_int(a, v, 0, 1 << 20);
-        else if (!strcmp(a, "--scale")) parse_scales(v, &co.kscale, &co.vscale);
+        else if (!strcmp(a, "--scale")) {
+            split_kv(a, v, kv);
+            for (int j = 0; j < 2; j++)
+                if (tq_parse_scale(kv[j], j ? &co.vscale : &co.kscale)) die("unknown --scale \"%s\" (norm, nc or eden)", kv[j]);
+        }
         else die("unknown option %s (run -h)", a);
     }
     enum { GENERATE, CHAT, EVAL, LOGITS, SCORE, TOKENIZE, DETOKENIZE, NMODES };
@@ -1994,14 +1979,16 @@ int main(int argc, char **argv) {
         die("%s: bad tokenizer section: %s", tok_path ? tok_path : model_path, err);
 
     Sampler sampler = {c->vocab_size, (ProbIndex *)xcalloc(c->vocab_size, sizeof(ProbIndex), "sampler"), temperature, topp, seed};
+    static const char *needs_prompt[NMODES] = {"no prompt: give one with -i or -f", NULL, "-m eval needs a text: -f FILE",
+        "-m logits needs token ids (-i or -f) and an output file (-o)", "-m score needs token ids (-i or -f)",
+        "-m tokenize needs text (-i or -f)", "-m detokenize needs token ids (-i or -f)"};
+    if ((!prompt && needs_prompt[m]) || (m == LOGITS && !out)) die("%s", needs_prompt[m]);
 
     if (m == GENERATE) {
-        if (!prompt) die("no prompt: give one with -i or -f");
         generate(&t, &tok, &sampler, prompt, steps);
     } else if (m == CHAT) {
         chat(&t, &tok, &sampler, prompt, system, steps);
     } else if (m == EVAL) {
-        if (!prompt) die("-m eval needs a text: -f FILE");
         int same = co.key_fmt == TQ_FP32 && co.value_fmt == TQ_FP32;  /* the reference would be identical */
         CacheOpts fp32 = co;   /* projections, exact positions: none apply to fp32 */
         fp32.key_fmt = fp32.value_fmt = TQ_FP32;
@@ -2010,23 +1997,19 @@ int main(int argc, char **argv) {
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);
         if (!same) free_transformer(&ref);
     } else if (m == LOGITS) {
-        if (!prompt || !out) die("-m logits needs token ids (-i or -f) and an output file (-o)");
 #ifdef RUN_CUDA
         if (stats) die("--stats: the GPU build keeps the key projections on the GPU; use ./run");
 #endif
         dump_logits(&t, prompt, out, stats);
     } else if (m == SCORE) {
-        if (!prompt) die("-m score needs token ids (-i or -f)");
         score_tokens(&t, prompt);
     } else if (m == TOKENIZE) {
-        if (!prompt) die("-m tokenize needs text (-i or -f)");
         int n;
         int *ids = encode_or_die(&tok, prompt, file_text ? file_len : strlen(prompt), -1, &n);
         for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
         printf("\n");
         free(ids);
     } else {
-        if (!prompt) die("-m detokenize needs token ids (-i or -f)");
         int n;
         int *ids = parse_ids(prompt, c->vocab_size, &n);
         for (int i = 0; i < n; i++) {

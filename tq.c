@@ -135,10 +135,13 @@ static uint64_t rng_stream(uint64_t seed, int k) { return seed + (uint64_t)k * 0
 
 /* ---- format table ------------------------------------------------------------*/
 
-static const struct { const char *name; int bits; int prod; } FMT[TQ_NFMT] = {
-    {"fp32", 0, 0}, {"fp16", 0, 0}, {"q8", 0, 0}, {"q4", 0, 0},
-    {"tq2", 2, 0}, {"tq3", 3, 0}, {"tq4", 4, 0},
-    {"tq2p", 1, 1}, {"tq3p", 2, 1}, {"tq4p", 3, 1},   /* bits = Lloyd-Max bits = B-1 */
+static const struct { const char *name; int bits; int prod; const char *about; } FMT[TQ_NFMT] = {
+    {"fp32", 0, 0, "float32, uncompressed"}, {"fp16", 0, 0, "float16, uncompressed"},
+    {"q8", 0, 0, "int8 absmax, one fp16 scale (q8_0-like)"}, {"q4", 0, 0, "int4 absmax, fp16 scale per 32 (q4_0-like)"},
+    {"tq2", 2, 0, "TurboQuant mse, 2 bits + fp16 norm"}, {"tq3", 3, 0, "TurboQuant mse, 3 bits + fp16 norm"},
+    {"tq4", 4, 0, "TurboQuant mse, 4 bits + fp16 norm"},
+    {"tq2p", 1, 1, "TurboQuant prod, 1-bit mse + 1-bit QJL"},   /* bits = Lloyd-Max bits = B-1 */
+    {"tq3p", 2, 1, "TurboQuant prod, 2-bit mse + 1-bit QJL"}, {"tq4p", 3, 1, "TurboQuant prod, 3-bit mse + 1-bit QJL"},
 };
 static const char *SCALE_NAME[TQ_NSCALE] = {"norm", "nc", "eden"};
 
@@ -148,6 +151,7 @@ int tq_parse_fmt(const char *name, tq_fmt *out) {
     return -1;
 }
 const char *tq_fmt_name(tq_fmt f) { return (unsigned)f < TQ_NFMT ? FMT[f].name : "?"; }
+const char *tq_fmt_about(tq_fmt f) { return (unsigned)f < TQ_NFMT ? FMT[f].about : "?"; }
 
 int tq_parse_scale(const char *name, tq_scale *out) {
     for (int s = 0; s < TQ_NSCALE; s++)

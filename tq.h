@@ -98,6 +98,7 @@ typedef struct {
 /* ---- format table --------------------------------------------------------*/
 int tq_parse_fmt(const char *name, tq_fmt *out);  /* 0 on success, -1 unknown  */
 const char *tq_fmt_name(tq_fmt f);
+const char *tq_fmt_about(tq_fmt f);               /* one line for -h: what the format stores */
 size_t tq_bytes(tq_fmt f, int d);                 /* bytes of one encoded vector; 0 if d unsupported */
 double tq_bits_per_elem(tq_fmt f, int d);         /* 8*bytes/d, every stored byte counted */
 const char *tq_scale_name(tq_scale s);            /* "norm", "nc", "eden" */
