@@ -1673,8 +1673,6 @@ static int *parse_ids(const char *text, int vocab, int *n_out) {
     return ids;
 }
 
-/* -m logits: feeds the given token ids (no bos added) and writes every
- * position's logits as float32 (n, vocab) to out. For the reference tests. */
 static void write_floats(const char *path, const float *x, size_t n) {
     FILE *f = fopen(path, "wb");
     if (!f) die("cannot write %s: %s", path, strerror(errno));
@@ -1703,6 +1701,8 @@ static void dump_stats(const Transformer *t, int n, const char *path) {
     free(x);
 }
 
+/* -m logits: feeds the given token ids (no bos added) and writes every
+ * position's logits as float32 (n, vocab) to out. For the reference tests. */
 static void dump_logits(Transformer *t, const char *ids_text, const char *out, const char *stats) {
     int n;
     int *ids = parse_ids(ids_text, t->config.vocab_size, &n);
