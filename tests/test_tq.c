@@ -685,7 +685,8 @@ static void head_case(tq_fmt f, int d, int R, int sink, int window) {
     uint16_t *kbeta = calloc((size_t)HC * R + 1, 2), *ek = calloc((size_t)slots * d + 1, 2), *ev = calloc((size_t)slots * d + 1, 2);
     float *q = malloc(sizeof(float) * nq * d), *prep = malloc(sizeof(float) * nq * qf), along[HB * HG * TQ_KPROJ_MAX];
     float *st = malloc(sizeof(float) * 3 * nq * sf), *scratch = malloc(sizeof(float) * tq_attend_scratch(nq));
-    float qperp[MAXD], kperp[MAXD], out[MAXD], dec[MAXD];
+    float qperp[MAXD], kperp[MAXD], out[MAXD];
+    float *dk = malloc(sizeof(float) * n * d), *dv = malloc(sizeof(float) * n * d);   /* what the codes decode to */
     tq_head h = {&kc, &vc, HC, key, value, R, R ? kdir : NULL, R ? kbeta : NULL, sink, window, slots, ek, ev};
     for (int j = 0; j < R; j++) {                       /* orthonormal directions, by Gram-Schmidt */
         float *u = kdir + j * d;
@@ -699,11 +700,39 @@ static void head_case(tq_fmt f, int d, int R, int sink, int window) {
         for (int i = 0; i < d && R; i++) k[i] += 6 * kdir[i];
         tq_store(&h, t, k, v, kperp);                   /* rounds k and v to fp16 in place */
         if (t < HP) tq_store_exact(&h, t, 0, 1, k, v);  /* earlier tokens, one at a time */
+        tq_decode(&kc, key + t * kc.bytes, dk + t * d);
+        tq_decode(&vc, value + t * vc.bytes, dv + t * d);
     }
     for (int r = 0; r < nq; r++) {
         randn(q + r * d, d);
         for (int i = 0; i < d && R; i++) q[r * d + i] += 2 * kdir[i];
         tq_prepare_query_head(&h, q + r * d, qperp, along + r * TQ_KPROJ_MAX, prep + r * qf);
+    }
+    double *want = malloc(sizeof(double) * nq * d), mag[HB * HG];   /* the float64 outputs, their largest |.| */
+    for (int r = 0; r < nq; r++) {
+        int T = HP + r / HG + 1;
+        double sc[HC], m = -INFINITY, l = 0, a[TQ_KPROJ_MAX], qp[MAXD], *o = want + r * d;
+        for (int j = 0; j < R; j++) a[j] = dotd(q + r * d, kdir + j * d, d);
+        for (int i = 0; i < d; i++) { qp[i] = q[r * d + i]; for (int j = 0; j < R; j++) qp[i] -= a[j] * kdir[j * d + i]; }
+        for (int t = 0; t < T; t++) {
+            double s = 0;
+            if (t < sink || t >= T - window) s = dotd(q + r * d, kr + t * d, d);
+            else {
+                for (int i = 0; i < d; i++) s += qp[i] * dk[t * d + i];
+                for (int j = 0; j < R; j++) s += a[j] * tq_f16_to_f32(kbeta[t * R + j]);
+            }
+            sc[t] = s / sqrt(d);
+            m = fmax(m, sc[t]);
+        }
+        memset(o, 0, sizeof(double) * d);
+        for (int t = 0; t < T; t++) {
+            double w = exp(sc[t] - m);
+            const float *val = t < sink || t >= T - window ? vr + t * d : dv + t * d;
+            for (int i = 0; i < d; i++) o[i] += w * val[i];
+            l += w;
+        }
+        mag[r] = 0;
+        for (int i = 0; i < d; i++) { o[i] /= l; mag[r] = fmax(mag[r], fabs(o[i])); }
     }
     tq_batch batch = {HP, kr + (size_t)HP * d, vr + (size_t)HP * d, (size_t)d};
     for (int p = 0; p < TQ_NSIMD; p++) {
@@ -712,30 +741,8 @@ static void head_case(tq_fmt f, int d, int R, int sink, int window) {
         tq_attend_codes(&h, (tq_simd)p, nq, HG, HP, prep, along, sink, tq_coded_end(n, sink, window), st, scratch);
         for (int r = 0; r < nq; r++) {
             int T = HP + r / HG + 1;
-            double sc[HC], m = -INFINITY, l = 0, want[MAXD] = {0}, mag = 0, a[TQ_KPROJ_MAX], qp[MAXD];
-            for (int j = 0; j < R; j++) a[j] = dotd(q + r * d, kdir + j * d, d);
-            for (int i = 0; i < d; i++) { qp[i] = q[r * d + i]; for (int j = 0; j < R; j++) qp[i] -= a[j] * kdir[j * d + i]; }
-            for (int t = 0; t < T; t++) {
-                double s = 0;
-                if (t < sink || t >= T - window) s = dotd(q + r * d, kr + t * d, d);
-                else {
-                    tq_decode(&kc, key + t * kc.bytes, dec);
-                    for (int i = 0; i < d; i++) s += qp[i] * dec[i];
-                    for (int j = 0; j < R; j++) s += a[j] * tq_f16_to_f32(kbeta[t * R + j]);
-                }
-                sc[t] = s / sqrt(d);
-                m = fmax(m, sc[t]);
-            }
-            for (int t = 0; t < T; t++) {
-                double w = exp(sc[t] - m);
-                if (t < sink || t >= T - window) memcpy(dec, vr + t * d, sizeof(float) * d);
-                else tq_decode(&vc, value + t * vc.bytes, dec);
-                for (int i = 0; i < d; i++) want[i] += w * dec[i];
-                l += w;
-            }
-            for (int i = 0; i < d; i++) mag = fmax(mag, fabs(want[i] / l));
             tq_attend_finish(&h, q + r * d, &batch, T, st + r * sf, 1, 0, out);
-            for (int i = 0; i < d; i++) err = fmax(err, fabs(out[i] - want[i] / l) / mag);
+            for (int i = 0; i < d; i++) err = fmax(err, fabs(out[i] - want[r * d + i]) / mag[r]);
             if (r / HG < HB - 1) continue;
             /* the last token's queries again, their coded positions in three parts */
             float *part = st + nq * sf, ref[MAXD];
@@ -745,15 +752,16 @@ static void head_case(tq_fmt f, int d, int R, int sink, int window) {
                 tq_attend_codes(&h, (tq_simd)p, HG, HG, T - 1, prep + (r - r % HG) * qf, along + (r - r % HG) * TQ_KPROJ_MAX,
                                 cut[k], cut[k + 1], part + k * HG * sf, scratch);
             tq_attend_finish(&h, q + r * d, &batch, T, part + (r % HG) * sf, 3, HG * sf, out);
-            for (int i = 0; i < d; i++) split_err = fmax(split_err, fabs(out[i] - ref[i]) / mag);
+            for (int i = 0; i < d; i++) split_err = fmax(split_err, fabs(out[i] - ref[i]) / mag[r]);
         }
         CHECK(err < 1e-4, "%s %s d=%d R=%d sink=%d window=%d: tq_attend_* off float64 attention by %.2e",
               tq_simd_name((tq_simd)p), tq_fmt_name(f), d, R, sink, window, err);
         CHECK(split_err < 1e-5, "%s %s d=%d R=%d: three merged parts differ from one by %.2e",
               tq_simd_name((tq_simd)p), tq_fmt_name(f), d, R, split_err);
     }
+    free(want);
     free(key); free(value); free(kdir); free(kr); free(vr); free(kbeta); free(ek); free(ev);
-    free(q); free(prep); free(st); free(scratch);
+    free(q); free(prep); free(st); free(scratch); free(dk); free(dv);
     tq_free(&kc); tq_free(&vc);
 }
 
