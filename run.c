@@ -1018,7 +1018,7 @@ static int utf8_decode(const unsigned char *s, size_t n, uint32_t *cp) {
 }
 
 /* 1 if the n bytes at s are whole, valid UTF-8 characters */
-static int utf8_valid(const unsigned char *s, size_t n) {
+static int is_utf8(const unsigned char *s, size_t n) {
     uint32_t cp;
     for (size_t i = 0, l; i < n; i += l)
         if ((l = (size_t)utf8_decode(s + i, n - i, &cp)) == 0) return 0;
@@ -1090,7 +1090,7 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
             /* special tokens are matched in the raw text only; BPE never produces them.
              * GPT-2 kind: one that is not whole UTF-8 characters could match inside a
              * character and leave the pre-tokenizer a stray continuation byte */
-            if (kind == 2 && !utf8_valid(p, (size_t)len)) TOK_FAIL("special token %d is not valid UTF-8", i);
+            if (kind == 2 && !is_utf8(p, (size_t)len)) TOK_FAIL("special token %d is not valid UTF-8", i);
             if (len > 0) t->special[t->n_special++] = i;
             continue;
         }
@@ -1343,7 +1343,7 @@ static int match_special(const Tokenizer *t, const unsigned char *s, size_t n) {
 int encode(const Tokenizer *t, const char *text, size_t len, int bos_id, int *tokens, int max_tokens) {
     const unsigned char *s = (const unsigned char *)text;
     /* byte-level BPE would encode any bytes, but the pre-tokenizer needs characters */
-    if (t->kind == 2 && !utf8_valid(s, len)) return -1;
+    if (t->kind == 2 && !is_utf8(s, len)) return -1;
     if (len > (size_t)INT32_MAX / 3 - 2) return -3;
     size_t cap = len + 2;   /* symbols of a piece at most: its bytes, and SentencePiece's dummy " " */
     Encoder e;
