@@ -126,11 +126,10 @@ typedef struct {
     QMatrix q_embedding, q_wq, q_wk, q_wv, q_wo, q_w1, q_w2, q_w3, q_wcls; /* int8 files */
 } TransformerWeights;
 
-#define KPROJ_MAX 2  /* --kproj: the mean query direction, then the keys' main direction */
+#define KPROJ_MAX TQ_KPROJ_MAX  /* --kproj: the mean query direction, then the keys' main one */
 
 /* How the KV cache is held: the -k formats and the fixes on top of the paper's
- * codec, each behind its own flag (see the comments on the key projection and the
- * exact positions below). */
+ * codec, each behind its own flag (tq.h: "Key projection", "Exact positions"). */
 typedef struct {
     tq_fmt key_fmt, value_fmt;     /* -k KEYS:VALUES                    */
     tq_scale kscale, vscale;       /* --scale: the tq formats' scale rules */
@@ -147,7 +146,7 @@ typedef struct {
     uint8_t *key;    /* (n_layers, n_kv_heads, ctx, kc.bytes)                 */
     uint8_t *value;  /* (n_layers, n_kv_heads, ctx, vc.bytes)                 */
     int ctx;         /* positions allocated                                   */
-    int kproj;       /* R: keys' components along R directions kept exactly (below) */
+    int kproj;       /* R: keys' components along R directions kept exactly (tq.h) */
     float *kdir;     /* (n_layers, n_kv_heads, R, head_dim) orthonormal directions u_j */
     uint16_t *kbeta; /* (n_layers, n_kv_heads, ctx, R) fp16 beta_tj = u_j.k_t of every key */
     int sink, window; /* exact positions: the first `sink` and the last `window` */
@@ -155,37 +154,6 @@ typedef struct {
     uint16_t *exact_k; /* (n_layers, n_kv_heads, slots, head_dim) fp16 keys as encoded */
     uint16_t *exact_v; /* (n_layers, n_kv_heads, slots, head_dim) fp16 values as encoded */
 } KVCache;
-
-/* Exact positions. Most of what a small model's attention looks at is the
- * attention sink (position 0) and the last few tokens; their quantization
- * error goes straight into the output. Keeping those positions also in fp16
- * (the same vectors that were encoded) removes that error for a fixed cost
- * (bench/README.md, round 1). The recent positions live in a ring of `window`
- * rows, so the cost does not grow with the context; it is counted in the
- * memory line and in kv_bits. The positions of the batch being processed are
- * read from the batch itself (rounded to fp16 the same way) and enter the ring
- * after attention. */
-
-/* Key projection. The queries of a head share a large common direction: the
- * mean query's direction u holds a large part of a head's query energy. The
- * score error of a quantized key is q.e = (q.u)(u.e) + q_perp.e, and the first
- * term, large because q.u is, moves every score of the key the same way for
- * all queries. So each key also keeps beta = u.k exactly (one fp16 number per
- * key and head: +0.25 bits/elem at head_dim 64) and only the rest, k - beta u,
- * is encoded. Scoring uses
- *     q.k ~= (q.u) beta + q_perp.k~,   q_perp = q - (q.u) u,
- * so the codes' error along u (which is not zero: the codec's error is spread
- * over all directions, paper section 3.1) never reaches the score. u is the
- * normalized mean query of the sequence's first batch (up to --batch tokens,
- * the sink token left out: statistics of the sequence itself, nothing fitted
- * offline), rounded to fp16 and normalized again; it costs 16 bits per head
- * dimension once per sequence. --kproj 2 adds a second direction u_2,
- * orthogonal to u: the keys' own main direction (their top principal direction
- * in the first batch, less the part along u), so the codes no longer carry the
- * largest remaining part of a key. With R directions, k - sum_j beta_j u_j is
- * encoded and
- *     q.k ~= sum_j (q.u_j) beta_j + q_perp.k~,   q_perp = q - sum_j (q.u_j) u_j.
- * What each direction gains is measured in bench/README.md (rounds 2 and 3). */
 
 /* Activations for up to `batch` tokens processed together (prompts are run in
  * batches so that every weight row read from memory serves many tokens; the
@@ -204,8 +172,8 @@ typedef struct {
     float *att;    /* (n_threads, att_floats) a work item's scores / weights and key projections */
     float *prepared; /* (n_kv_heads, batch, group, tq_query_floats) queries prepared by the key codec, a KV head's together */
     float *along;  /* (n_kv_heads, batch, group, KPROJ_MAX) the queries' parts along the key directions */
-    float *qperp;  /* (batch*n_heads, head_dim) queries less those parts (prepare_query's scratch) */
-    float *part;   /* (att_states, state_floats) online-softmax states of the work items */
+    float *qperp;  /* (batch*n_heads, head_dim) queries less those parts (tq_prepare_query_head's scratch) */
+    float *part;   /* (att_states, tq_state_floats) online-softmax states of the work items */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
     tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
     /* int8 weights only (else NULL): a matrix product's input x (B, n), n <= wide_n =
@@ -240,20 +208,47 @@ static uint64_t rd_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return 
 static size_t mul_sz(size_t a, size_t b) { size_t r; return __builtin_mul_overflow(a, b, &r) ? SIZE_MAX : r; }
 static size_t add_sz(size_t a, size_t b) { size_t r; return __builtin_add_overflow(a, b, &r) ? SIZE_MAX : r; }
 
-/* Bytes of the weights section, in the layout of README.md for the file's weight type:
- * fp32, or int8 codes plus one fp32 scale per QGROUP numbers of a matrix (the RMSNorm weights
- * fp32 in both); SIZE_MAX when a header's sizes overflow. */
-static size_t weights_bytes_needed(const Config *c) {
-    size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim;
+/* n fp32 numbers at base + *at (base NULL: only counted); *at moves past them, sticking at
+ * SIZE_MAX where a header's sizes overflow */
+static float *take_f32(uint8_t *base, size_t *at, size_t n) {
+    float *f = base ? (float *)(base + *at) : NULL;
+    *at = add_sz(*at, mul_sz(n, sizeof(float)));
+    return f;
+}
+
+/* A group of matrices, n numbers: fp32 (*f), or in an int8 file (*q) its n codes, then one
+ * fp32 scale per QGROUP of them. */
+static void take_matrix(uint8_t *base, size_t *at, size_t n, int int8, float **f, QMatrix *q) {
+    if (!int8) { *f = take_f32(base, at, n); return; }
+    q->q = base ? (int8_t *)(base + *at) : NULL;
+    *at = add_sz(*at, n);
+    q->s = take_f32(base, at, n / QGROUP);
+}
+
+/* The weights' layout (README.md), each group holding all layers' matrices; the RMSNorm
+ * weights stay fp32 in an int8 file (read_config checked that every part starts 4-aligned).
+ * Points w into base (NULL: only counts) and returns the section's bytes, SIZE_MAX when the
+ * header's sizes overflow. */
+static size_t map_weights(TransformerWeights *w, const Config *c, uint8_t *base) {
+    size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim, at = 0;
     size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     size_t emb = mul_sz((size_t)c->vocab_size, dim);
-    size_t layer = mul_sz(2 * qd + 2 * kvd + 3 * hid, dim);           /* wq wk wv wo, w1 w2 w3 */
-    size_t mats = add_sz(emb, mul_sz(L, layer));
-    if (!c->shared_classifier) mats = add_sz(mats, emb);              /* wcls */
-    size_t norms = add_sz(mul_sz(2 * L, dim), dim);                   /* rms_att, rms_ffn, rms_final */
-    size_t mat_bytes = c->weight_type == WEIGHTS_INT8 ? add_sz(mats, mul_sz(mats / QGROUP, sizeof(float)))
-                                                      : mul_sz(mats, sizeof(float));
-    return mats == SIZE_MAX || norms == SIZE_MAX ? SIZE_MAX : add_sz(mat_bytes, mul_sz(norms, sizeof(float)));
+    int q8 = c->weight_type == WEIGHTS_INT8;
+    memset(w, 0, sizeof *w);
+    take_matrix(base, &at, emb, q8, &w->token_embedding, &w->q_embedding);
+    w->rms_att = take_f32(base, &at, L * dim);
+    take_matrix(base, &at, mul_sz(L, qd * dim), q8, &w->wq, &w->q_wq);
+    take_matrix(base, &at, mul_sz(L, kvd * dim), q8, &w->wk, &w->q_wk);
+    take_matrix(base, &at, mul_sz(L, kvd * dim), q8, &w->wv, &w->q_wv);
+    take_matrix(base, &at, mul_sz(L, dim * qd), q8, &w->wo, &w->q_wo);
+    w->rms_ffn = take_f32(base, &at, L * dim);
+    take_matrix(base, &at, mul_sz(L, hid * dim), q8, &w->w1, &w->q_w1);
+    take_matrix(base, &at, mul_sz(L, dim * hid), q8, &w->w2, &w->q_w2);
+    take_matrix(base, &at, mul_sz(L, hid * dim), q8, &w->w3, &w->q_w3);
+    w->rms_final = take_f32(base, &at, dim);
+    if (c->shared_classifier) { w->wcls = w->token_embedding; w->q_wcls = w->q_embedding; }
+    else take_matrix(base, &at, emb, q8, &w->wcls, &w->q_wcls);
+    return at;
 }
 
 /* Reads the header of a model file (data: all file_size bytes of it) into c and refuses
@@ -316,7 +311,8 @@ static const char *read_config(Config *c, const uint8_t *h, size_t file_size, ch
         c->tokenizer_offset + c->tokenizer_bytes > c->weights_offset)
         BAD("tokenizer section [%zu, +%zu) or weights offset %zu is out of bounds (file of %zu bytes)",
             c->tokenizer_offset, c->tokenizer_bytes, c->weights_offset, file_size);
-    size_t need = weights_bytes_needed(c);
+    TransformerWeights none;
+    size_t need = map_weights(&none, c, NULL);
     if (need == SIZE_MAX) BAD("the config's weights overflow 64 bits");
     if (c->weights_bytes != need) BAD("header says %zu weight bytes, the config needs %zu", c->weights_bytes, need);
     if (file_size - c->weights_offset < need)
@@ -326,67 +322,6 @@ static const char *read_config(Config *c, const uint8_t *h, size_t file_size, ch
             file_size - c->weights_offset - need);
     return NULL;
 #undef BAD
-}
-
-static void map_weights(TransformerWeights *w, const Config *c, float *p) {
-    size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim;
-    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
-    w->token_embedding = p; p += (size_t)c->vocab_size * dim;
-    w->rms_att = p;         p += L * dim;
-    w->wq = p;              p += L * qd * dim;
-    w->wk = p;              p += L * kvd * dim;
-    w->wv = p;              p += L * kvd * dim;
-    w->wo = p;              p += L * dim * qd;
-    w->rms_ffn = p;         p += L * dim;
-    w->w1 = p;              p += L * hid * dim;
-    w->w2 = p;              p += L * dim * hid;
-    w->w3 = p;              p += L * hid * dim;
-    w->rms_final = p;       p += dim;
-    w->wcls = c->shared_classifier ? w->token_embedding : p;
-}
-
-/* int8 files: each matrix group (all its layers) is its codes, then its scales */
-static QMatrix take_q8(uint8_t **p, size_t n) {
-    QMatrix m;
-    m.q = (int8_t *)*p;  *p += n;
-    m.s = (float *)*p;   *p += n / QGROUP * sizeof(float);
-    return m;
-}
-
-static float *take_f32(uint8_t **p, size_t n) {
-    float *f = (float *)*p;
-    *p += n * sizeof(float);
-    return f;
-}
-
-/* The layout of README.md for int8 weights: the order of map_weights, each matrix group
- * as codes then scales (read_config checked the sizes, and every part starts 4-aligned). */
-static void map_weights_q8(TransformerWeights *w, const Config *c, uint8_t *p) {
-    size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim;
-    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
-    memset(w, 0, sizeof *w);
-    w->q_embedding = take_q8(&p, (size_t)c->vocab_size * dim);
-    w->rms_att = take_f32(&p, L * dim);
-    w->q_wq = take_q8(&p, L * qd * dim);
-    w->q_wk = take_q8(&p, L * kvd * dim);
-    w->q_wv = take_q8(&p, L * kvd * dim);
-    w->q_wo = take_q8(&p, L * dim * qd);
-    w->rms_ffn = take_f32(&p, L * dim);
-    w->q_w1 = take_q8(&p, L * hid * dim);
-    w->q_w2 = take_q8(&p, L * dim * hid);
-    w->q_w3 = take_q8(&p, L * hid * dim);
-    w->rms_final = take_f32(&p, dim);
-    w->q_wcls = c->shared_classifier ? w->q_embedding : take_q8(&p, (size_t)c->vocab_size * dim);
-}
-
-/* The weights of a file whose header read_config accepted, at data + weights_offset. */
-static void map_model_weights(TransformerWeights *w, const Config *c, uint8_t *data) {
-    if (c->weight_type == WEIGHTS_INT8) {
-        map_weights_q8(w, c, data + c->weights_offset);
-    } else {
-        memset(w, 0, sizeof *w);
-        map_weights(w, c, (float *)(data + c->weights_offset));
-    }
 }
 
 static void load_model(Transformer *t, const char *path) {
@@ -402,7 +337,7 @@ static void load_model(Transformer *t, const char *path) {
     Config *c = &t->config;
     char err[256];
     if (read_config(c, t->data, t->file_size, err, sizeof err)) die("%s: %s", path, err);
-    map_model_weights(&t->weights, c, t->data);
+    map_weights(&t->weights, c, t->data + c->weights_offset);
 }
 
 /* ---------------------------------------------------------------------------
@@ -453,15 +388,16 @@ TQ_HD static uint8_t *cache_row(const KVCache *kv, uint8_t *base, size_t bytes, 
     return base + (((size_t)l * c->n_kv_heads + g) * kv->ctx + pos) * bytes;
 }
 
+#ifdef RUN_CUDA   /* the GPU kernels' view of the exact store (the CPU's: cache_head) */
 /* Row of position pos in the exact store: the sinks first, then the ring. */
 TQ_HD static size_t exact_row(const KVCache *kv, const Config *c, int l, int g, int pos) {
-    int r = pos < kv->sink ? pos : kv->sink + (pos - kv->sink) % (kv->slots - kv->sink);
-    return (((size_t)l * c->n_kv_heads + g) * kv->slots + r) * c->head_dim;
+    return (((size_t)l * c->n_kv_heads + g) * kv->slots + tq_exact_slot(pos, kv->sink, kv->slots)) * c->head_dim;
 }
+#endif
 
 /* What the cache holds for n positions, as the memory line and kv_bits count it: the codes;
  * every key's R fp16 projections beta; a fixed cost, the fp16 exact rows in use and the R
- * directions per head (kept as fp16 numbers: store_direction). */
+ * directions per head (kept as fp16 numbers: tq_key_dirs). */
 typedef struct { size_t codes, projections, fixed; } CacheBytes;
 
 static CacheBytes cache_bytes(const KVCache *kv, const Config *c, int n) {
@@ -474,140 +410,34 @@ static CacheBytes cache_bytes(const KVCache *kv, const Config *c, int n) {
 
 static size_t cache_total(CacheBytes b) { return b.codes + b.projections + b.fixed; }
 
-/* ---- what the cache holds per KV head: statistics, codes, exact copies ---- */
-
-/* One KV head g of layer l: the unit the cache keeps its rows and statistics per. */
-typedef struct {
-    const KVCache *kv;
-    const Config *c;
-    int l, g;
-} Head;
-
-static size_t head_index(const Head *h) { return (size_t)h->l * h->c->n_kv_heads + h->g; }
-
-static float dot(const float *a, const float *b, int n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int j = 0; j < n; j++) s += a[j] * b[j];
-    return s;
-}
-
-/* fp16-rounds u (n) as it is stored, then makes it a unit vector orthogonal to the
- * unit vector prev (if given) again, in float, the way every reader recomputes it. */
-static void store_direction(float *u, const float *prev, int n) {
-    for (int i = 0; i < n; i++) u[i] = tq_f16_to_f32(tq_f32_to_f16(u[i]));
-    if (prev) {
-        float p = dot(u, prev, n);
-        for (int i = 0; i < n; i++) u[i] -= p * prev[i];
-    }
-    double norm = 0;
-    for (int i = 0; i < n; i++) norm += (double)u[i] * u[i];
-    for (int i = 0; i < n; i++) u[i] = norm > 0 ? (float)(u[i] / sqrt(norm)) : 0.0f;
-}
-
-/* Key projection directions (above, "Key projection"), per KV head g, from rows b >= 1 of the
- * first batch:
- * u_1 = the mean of the group's queries q (n, qd), normalized;
- * u_2 (R = 2) = the top principal direction of the keys k (n, kvd), less their part along
- *       u_1: the direction that holds most of what the codes would otherwise carry. Power
- *       iteration on the head_dim^2 second-moment matrix, started from the longest of those keys.
- * Each is rounded to fp16 (what is stored) and made orthonormal again. */
-static void set_key_dirs(float *u, int R, const float *q, const float *k, int n, const Config *c) {
-    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, first = n > 1 ? 1 : 0;
-    size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
-    double *m = (double *)xcalloc((size_t)hd * hd + 3 * (size_t)hd, sizeof(double), "key directions");
-    double *r = m + (size_t)hd * hd, *v = r + hd, *mv = v + hd;
-    for (int g = 0; g < c->n_kv_heads; g++) {
-        float *u1 = u + (size_t)g * R * hd;
-        double norm = 0;
-        for (int i = 0; i < hd; i++) {
-            double sum = 0;
-            for (int b = first; b < n; b++)
-                for (int h = g * group; h < (g + 1) * group; h++) sum += q[b * qd + (size_t)h * hd + i];
-            u1[i] = (float)sum;
-            norm += (double)u1[i] * u1[i];
-        }
-        for (int i = 0; i < hd; i++) u1[i] = norm > 0 ? (float)(u1[i] / sqrt(norm)) : 0.0f;
-        store_direction(u1, NULL, hd);
-        if (R < 2) continue;
-        memset(m, 0, ((size_t)hd * hd + hd) * sizeof(double));
-        double longest = -1;
-        for (int b = first; b < n; b++) {           /* m = sum_b r_b r_b^T, r_b = k_b - (u_1.k_b) u_1 */
-            double p = 0, len = 0;
-            for (int i = 0; i < hd; i++) {
-                r[i] = k[b * kvd + (size_t)g * hd + i];
-                p += r[i] * u1[i];
-            }
-            for (int i = 0; i < hd; i++) { r[i] -= p * u1[i]; len += r[i] * r[i]; }
-            for (int i = 0; i < hd; i++)
-                for (int j = 0; j < hd; j++) m[(size_t)i * hd + j] += r[i] * r[j];
-            if (len > longest) { longest = len; memcpy(v, r, hd * sizeof(double)); }
-        }
-        for (int it = 0; it < 200; it++) {          /* v <- m v / |m v| */
-            double len = 0;
-            for (int i = 0; i < hd; i++) {
-                mv[i] = 0;
-                for (int j = 0; j < hd; j++) mv[i] += m[(size_t)i * hd + j] * v[j];
-                len += mv[i] * mv[i];
-            }
-            for (int i = 0; i < hd; i++) v[i] = len > 0 ? mv[i] / sqrt(len) : 0.0;
-        }
-        float *u2 = u1 + hd;
-        for (int i = 0; i < hd; i++) u2[i] = (float)v[i];
-        store_direction(u2, u1, hd);
-    }
-    free(m);
+/* KV head g of layer l as tq.c keeps and reads it (tq_head): its rows of the cache. */
+static tq_head cache_head(const KVCache *kv, const Config *c, int l, int g) {
+    size_t head = (size_t)l * c->n_kv_heads + g, hd = (size_t)c->head_dim, R = (size_t)kv->kproj;
+    tq_head h = {&kv->kc, &kv->vc, kv->ctx, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, 0),
+                 cache_row(kv, kv->value, kv->vc.bytes, c, l, g, 0), kv->kproj, R ? kv->kdir + head * R * hd : NULL,
+                 R ? kv->kbeta + head * kv->ctx * R : NULL, kv->sink, kv->window, kv->slots,
+                 kv->exact_k + head * kv->slots * hd, kv->exact_v + head * kv->slots * hd};
+    return h;
 }
 
 /* A new sequence's statistics, from layer l's first batch: q (n, qd) and k (n, kvd) after
- * RoPE. Host code in both builds (run_cuda.cu copies them back). */
+ * RoPE (tq_key_dirs). Host code in both builds (run_cuda.cu copies them back). */
 static void measure_stats(KVCache *kv, const Config *c, int l, const float *q, const float *k, int n) {
-    size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
-    if (kv->kproj) set_key_dirs(kv->kdir + l * kv->kproj * kvd, kv->kproj, q, k, n, c);
-}
-
-#ifndef RUN_CUDA   /* run_cuda.cu encodes and stores on the GPU (rope_encode_kernel, store_exact_kernel) */
-/* Stores position pos's key k and value v (head_dim each) of head h in the cache: the key's
- * parts beta_j = u_j.k kept in fp16 and kperp = k - sum_j beta_j u_j encoded; then k and v are
- * rounded to fp16 in place, as the exact store keeps them. */
-static void encode_kv(const Head *h, int pos, float *k, float *v, float *kperp) {
-    const KVCache *kv = h->kv;
-    int hd = h->c->head_dim, R = kv->kproj;
-    size_t head = head_index(h);
-    if (R) {
-        const float *u = kv->kdir + head * R * hd;
-        uint16_t *beta = kv->kbeta + (head * kv->ctx + pos) * R;
-        memcpy(kperp, k, hd * sizeof(float));
-        for (int r = 0; r < R; r++) {
-            beta[r] = tq_f32_to_f16(dot(u + (size_t)r * hd, k, hd));
-            for (int j = 0; j < hd; j++) kperp[j] -= tq_f16_to_f32(beta[r]) * u[(size_t)r * hd + j];
-        }
+    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
+    for (int g = 0; g < c->n_kv_heads && kv->kproj; g++) {
+        tq_head h = cache_head(kv, c, l, g);
+        if (tq_key_dirs(&h, group, q + (size_t)g * group * hd, (size_t)c->n_heads * hd, k + (size_t)g * hd,
+                        (size_t)c->n_kv_heads * hd, n))
+            die("out of memory: key directions");
     }
-    tq_encode(&kv->kc, R ? kperp : k, cache_row(kv, kv->key, kv->kc.bytes, h->c, h->l, h->g, pos));
-    tq_encode(&kv->vc, v, cache_row(kv, kv->value, kv->vc.bytes, h->c, h->l, h->g, pos));
-    for (int j = 0; j < hd; j++) { k[j] = tq_f16_to_f32(tq_f32_to_f16(k[j])); v[j] = tq_f16_to_f32(tq_f32_to_f16(v[j])); }
 }
-
-/* After attention, token b of a batch of n at pos enters the exact store if it is a sink or
- * among the batch's last `window` (the ring keeps only those). */
-static void store_exact(const Head *h, int pos, int b, int n, const float *k, const float *v) {
-    const KVCache *kv = h->kv;
-    if (!(pos + b < kv->sink || (kv->window > 0 && b >= n - kv->window))) return;
-    size_t r = exact_row(kv, h->c, h->l, h->g, pos + b);
-    for (int j = 0; j < h->c->head_dim; j++) { kv->exact_k[r + j] = tq_f32_to_f16(k[j]); kv->exact_v[r + j] = tq_f32_to_f16(v[j]); }
-}
-#endif
 
 /* CPU attention runs in work items (attention() below): a KV head's queries of up to ATT_TILE
  * batch tokens against its coded positions, or, when the batch has a single tile (decode), against
  * ATT_SPLIT of them at a time so that every thread has work with only a few KV heads. */
-#define ATT_CHUNK 128   /* keys per call into the codec: a chunk's scores stay in L1 */
 #define ATT_TILE 16     /* batch tokens whose queries share one pass over the codes */
 #define ATT_SPLIT 256   /* coded positions per work item when the batch has one tile, at least */
 #define ATT_MAX_SPLITS 32 /* and at most this many items per KV head (longer splits beyond) */
-
-/* Floats of one query's online-softmax state: m, l, the codec's accumulator, the exact part. */
-static size_t state_floats(const tq_codec *vc, int head_dim) { return 2 + tq_acc_floats(vc) + (size_t)head_dim; }
 
 /* States that a pass over `batch` tokens can use at most: a tile's queries per work item. */
 static size_t att_states(const Config *c, int batch) {
@@ -615,10 +445,8 @@ static size_t att_states(const Config *c, int batch) {
     return (size_t)c->n_heads * ATT_TILE * (tiles > ATT_MAX_SPLITS ? tiles : ATT_MAX_SPLITS);
 }
 
-/* Scratch floats of one thread: a chunk's scores for a tile's queries, and its keys' projections. */
-static size_t att_floats(const Config *c) {
-    return ((size_t)ATT_TILE * (c->n_heads / c->n_kv_heads) + KPROJ_MAX) * ATT_CHUNK;
-}
+/* Scratch floats of one thread: tq_attend_codes' for a tile's queries. */
+static size_t att_floats(const Config *c) { return tq_attend_scratch(ATT_TILE * (c->n_heads / c->n_kv_heads)); }
 
 /* the longest input row of a matrix product: dim, q_dim (wo) or hidden_dim (w2) */
 static size_t wide_n(const Config *c) {
@@ -647,7 +475,7 @@ static double build_state(RunState *s, const Config *c, const KVCache *kv, int b
     s->prepared = TAKE(B * c->n_heads * tq_query_floats(&kv->kc), "queries");
     s->along = TAKE(B * c->n_heads * KPROJ_MAX, "queries");
     s->qperp = TAKE(B * qd, "queries");
-    s->part = TAKE(att_states(c, batch) * state_floats(&kv->vc, c->head_dim), "attention states");
+    s->part = TAKE(att_states(c, batch) * tq_state_floats(&kv->vc), "attention states");
     s->logits = TAKE((all_logits ? B : 1) * c->vocab_size, "logits");
     if (c->weight_type == WEIGHTS_INT8) {
         size_t wn = wide_n(c), tiled = B / QTOKS * QTOKS;
@@ -729,6 +557,13 @@ static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) 
 }
 
 #ifndef RUN_CUDA   /* run_cuda.cu multiplies with cuBLAS */
+static float dot(const float *a, const float *b, int n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int j = 0; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
 /* A 2-row x 6-token tile of the product, 8 floats at a time: 12 accumulators
  * and 2 weight vectors fit the 16 AVX registers, so every weight load serves
  * 6 tokens and every activation load 2 rows, where one dot at a time would load both
@@ -1083,229 +918,50 @@ static void softmax(float *x, int n) {
 }
 
 #ifndef RUN_CUDA   /* run_cuda.cu's attention_kernel and merge_kernel */
-/* ---- Attention ----
- * A query at position T-1 reads the coded positions [sink, T - window) from the codes and the
- * exact ones (the sinks and the last `window`) from their fp16 copies. Both parts are gathered
- * into an online-softmax state per query head (Milakov & Gimelshein 2018; FlashAttention):
- *   st = [ m | l | acc (tq_acc_floats) | ex (head_dim) ],  m the largest logit x_t seen,
- *   l = sum_t e^(x_t - m),  acc = sum_t e^(x_t - m) v~_t over coded positions, in the codec's
- *   accumulator form (rotated domain), ex the same over exact positions (plain domain);
- * so the output is (Pi^T acc + ex) / l, and states over disjoint positions merge by
- * rescaling to the larger m. The coded positions go through the codec's attention kernels a
- * chunk at a time for all the queries of a KV head at once (GQA: one pass over each row's codes
- * serves its group of query heads, and in prefill a tile of tokens too); the scores come straight
- * from the codes (paper, section 3: <q, x~> without decoding x~). */
-
-/* The batch being processed: its keys and values as stored (rounded to fp16),
- * read for exact positions >= pos. */
-typedef struct {
-    int pos;          /* position of the batch's first token                  */
-    const float *k;   /* (n, kv_dim) keys                                     */
-    const float *v;   /* (n, kv_dim) values                                   */
-} Batch;
-
-/* A query head as attention reads it (prepare_query). */
-typedef struct {
-    const float *q;        /* (head_dim) after RoPE: for the exact positions         */
-    const float *along;    /* (kproj) its parts q.u_j along the key directions        */
-    const float *prepared; /* (tq_query_floats) q_perp as the key codec scores it     */
-} Query;
-
-/* Readies query head q (head_dim) of head h for scoring: its parts along[j] = q.u_j along
- * the key directions are taken and the rest q_perp = q - sum_j along[j] u_j (qperp) is
- * prepared by the codec (rotated, lookup tables built) into prepared. */
-static void prepare_query(const Head *h, const float *q, float *qperp, float *along, float *prepared) {
-    int hd = h->c->head_dim, R = h->kv->kproj;
-    const float *u = R ? h->kv->kdir + head_index(h) * R * hd : NULL;
-    for (int j = 0; j < R; j++) along[j] = dot(q, u + (size_t)j * hd, hd);
-    memcpy(qperp, q, hd * sizeof(float));
-    for (int j = 0; j < R; j++)
-        for (int i = 0; i < hd; i++) qperp[i] -= along[j] * u[(size_t)j * hd + i];
-    tq_prepare_query(&h->kv->kc, R ? qperp : q, prepared);
-}
-
-/* 1 if position t is read from the exact store by a query at position T-1 */
-static int is_exact(const KVCache *kv, int t, int T) { return t < kv->sink || t >= T - kv->window; }
-
-/* The first position >= t that a query at T-1 reads from the exact store (T: none). */
-static int next_exact(const KVCache *kv, int t, int T) { return is_exact(kv, t, T) ? t : T - kv->window; }
-
-static float dot_f16(const float *a, const uint16_t *b, int n) {
-    float s = 0.0f;
-    for (int j = 0; j < n; j++) s += a[j] * tq_half(b[j]);
-    return s;
-}
-
-/* q.k for key t of a query at position T-1 (the caller scales it by 1/sqrt(head_dim) into a
- * logit): from the key's codes plus its exact parts along the u_j, or for an exact position
- * from its fp16 copy (or the batch itself). */
-static float key_score(const Head *h, const Query *q, const Batch *batch, int t, int T) {
-    const KVCache *kv = h->kv;
-    int hd = h->c->head_dim, R = kv->kproj;
-    if (!is_exact(kv, t, T)) {
-        float s = tq_dot(&kv->kc, q->prepared, cache_row(kv, kv->key, kv->kc.bytes, h->c, h->l, h->g, t));
-        size_t beta = (head_index(h) * kv->ctx + t) * R;
-        for (int j = 0; j < R; j++) s += q->along[j] * tq_f16_to_f32(kv->kbeta[beta + j]);
-        return s;
-    }
-    if (t >= batch->pos) return dot(q->q, batch->k + (size_t)(t - batch->pos) * h->c->n_kv_heads * hd + (size_t)h->g * hd, hd);
-    return dot_f16(q->q, kv->exact_k + exact_row(kv, h->c, h->l, h->g, t), hd);
-}
-
-/* out (head_dim) += w times the value of exact position t: its fp16 copy, or the batch itself. */
-static void add_exact_value(const Head *h, const Batch *batch, int t, float w, float *out) {
-    int hd = h->c->head_dim;
-    if (t >= batch->pos) {
-        const float *v = batch->v + (size_t)(t - batch->pos) * h->c->n_kv_heads * hd + (size_t)h->g * hd;
-        for (int i = 0; i < hd; i++) out[i] += w * v[i];
-    } else {
-        const uint16_t *v = h->kv->exact_v + exact_row(h->kv, h->c, h->l, h->g, t);
-        for (int i = 0; i < hd; i++) out[i] += w * tq_half(v[i]);
-    }
-}
-
-static void state_init(float *st, size_t sf) {
-    memset(st, 0, sf * sizeof(float));
-    st[0] = -INFINITY;
-}
-
-/* The end of the coded positions of a query at T-1: they are [sink, coded_end). */
-static int coded_end(const KVCache *kv, int T) { return T - kv->window > kv->sink ? T - kv->window : kv->sink; }
-
-/* A work item: head h's queries of batch tokens [b0, b1) over the coded positions [k0, k1). */
-typedef struct { int b0, b1, k0, k1; } WorkItem;
-
-/* Runs work item w (the group's heads of each token, nq queries in all, prepared in
- * s->prepared) one chunk at a time: scores from the key codes, plus the keys' exact parts
- * along.beta, logits past a query's own coded range masked (they are exact for it, or in its
- * future), an online-softmax step, then the value codes weighted into each query's state (st:
- * nq states). scores: att_floats of scratch. */
-static void attend_codes(const Head *h, const RunState *s, int pos, WorkItem w, float *st, float *scores) {
-    const KVCache *kv = h->kv;
-    const Config *c = h->c;
-    int group = c->n_heads / c->n_kv_heads, nq = (w.b1 - w.b0) * group, R = kv->kproj;
-    size_t qf = tq_query_floats(&kv->kc), sf = state_floats(&kv->vc, c->head_dim);
-    size_t first = ((size_t)h->g * s->batch + w.b0) * group;
-    const float *prepared = s->prepared + first * qf, *along = s->along + first * KPROJ_MAX;
-    float *beta = scores + (size_t)nq * ATT_CHUNK, scale = 1.0f / sqrtf((float)c->head_dim);
-    for (int t0 = w.k0; t0 < w.k1; t0 += ATT_CHUNK) {
-        int nk = w.k1 - t0 < ATT_CHUNK ? w.k1 - t0 : ATT_CHUNK;
-        tq_attn_scores(&kv->kc, s->simd, nq, prepared, qf, cache_row(kv, kv->key, kv->kc.bytes, c, h->l, h->g, t0), nk,
-                       scores, ATT_CHUNK);
-        if (R) {                                        /* + sum_j along_j beta_tj */
-            const uint16_t *kb = kv->kbeta + (head_index(h) * kv->ctx + t0) * R;
-            for (int j = 0; j < R; j++)
-                for (int t = 0; t < nk; t++) beta[j * ATT_CHUNK + t] = tq_half(kb[t * R + j]);
-            for (int r = 0; r < nq; r++)
-                for (int j = 0; j < R; j++) {
-                    float u = along[r * KPROJ_MAX + j], *x = scores + (size_t)r * ATT_CHUNK;
-                    const float *bj = beta + j * ATT_CHUNK;
-                    for (int t = 0; t < nk; t++) x[t] += u * bj[t];
-                }
-        }
-        for (int r = 0; r < nq; r++) {
-            float *x = scores + (size_t)r * ATT_CHUNK, *q = st + r * sf, rescale;
-            int end = coded_end(kv, pos + w.b0 + r / group + 1) - t0;
-            for (int t = end > 0 ? end : 0; t < nk; t++) x[t] = -INFINITY;
-            float sum = tq_softmax_chunk(s->simd, x, nk, scale, &q[0], &rescale);
-            for (size_t i = 1; i < sf; i++) q[i] *= rescale;
-            q[1] += sum;
-        }
-        tq_attn_values(&kv->vc, s->simd, nq, scores, ATT_CHUNK, cache_row(kv, kv->value, kv->vc.bytes, c, h->l, h->g, t0),
-                       nk, st + 2, sf);
-    }
-}
-
-/* [k0, k1) widened to whole SIMD tiles of 16 rows where the cache has them: the rows added lie
- * past every query's coded range (the attention masks them), and the codec's kernels need no
- * row-by-row tail. Splits are multiples of 16 rows from the sinks, so only the last one widens. */
-static int whole_tiles(const KVCache *kv, int k0, int k1) {
-    int k = k0 + (k1 - k0 + 15) / 16 * 16;
-    return k < kv->ctx ? k : kv->ctx;
-}
-
-/* dst <- the state of dst's and src's positions together (the same query, disjoint positions). */
-static void state_merge(float *dst, const float *src, size_t sf) {
-    float m = fmaxf(dst[0], src[0]);
-    if (m == -INFINITY) return;                         /* both empty */
-    float fd = expf(dst[0] - m), fs = expf(src[0] - m);
-    for (size_t i = 1; i < sf; i++) dst[i] = dst[i] * fd + src[i] * fs;
-    dst[0] = m;
-}
-
-/* Adds the exact positions of query q at T-1 to its state st: their scores (key_score: the
- * fp16 copies or the batch), one rescale, their weighted values. */
-static void attend_exact(const Head *h, const Query *q, const Batch *batch, int T, float *st) {
-    const KVCache *kv = h->kv;
-    size_t sf = state_floats(&kv->vc, h->c->head_dim);
-    float scale = 1.0f / sqrtf((float)h->c->head_dim), m = st[0];
-    float *ex = st + 2 + tq_acc_floats(&kv->vc);
-    for (int t = next_exact(kv, 0, T); t < T; t = next_exact(kv, t + 1, T))
-        m = fmaxf(m, scale * key_score(h, q, batch, t, T));
-    float f = expf(st[0] - m);                          /* 0 when nothing was coded */
-    for (size_t i = 1; i < sf; i++) st[i] *= f;
-    st[0] = m;
-    for (int t = next_exact(kv, 0, T); t < T; t = next_exact(kv, t + 1, T)) {
-        float p = expf(scale * key_score(h, q, batch, t, T) - m);
-        st[1] += p;
-        add_exact_value(h, batch, t, p, ex);
-    }
-}
-
-/* out (head_dim) = the attention output of a state that covers all of a query's positions. */
-static void finish_query(const KVCache *kv, const Config *c, const float *st, float *out) {
-    const float *ex = st + 2 + tq_acc_floats(&kv->vc);
-    tq_finish(&kv->vc, st + 2, out);                    /* Pi^T acc, once per query head */
-    float inv = 1.0f / st[1];
-    for (int i = 0; i < c->head_dim; i++) out[i] = (out[i] + ex[i]) * inv;
-}
-
-/* Layer l's attention for the n batch tokens at pos.. (keys and values already in the cache; the
- * queries in s->q, RoPE applied), into s->xb, in one parallel region: the queries are prepared;
- * work items (KV head, tile of ATT_TILE tokens, split of the coded positions) run: a batch of one
- * tile (decode) splits its coded positions so that every thread has work, longer batches do not;
- * then each query merges its splits, adds its exact positions and finishes. The item layout
- * depends on n and pos only, never on the thread count, so results do not either. */
+/* Layer l's attention (tq.h, "Attention") for the n batch tokens at pos.. (keys and values
+ * already in the cache; the queries in s->q, RoPE applied), into s->xb, in one parallel
+ * region: the queries are prepared; work items (KV head, tile of ATT_TILE tokens, split of the
+ * coded positions) run: a batch of one tile (decode) splits its coded positions so that every
+ * thread has work, longer batches do not; then each query merges its splits, adds its exact
+ * positions and finishes. The item layout depends on n and pos only, never on the thread
+ * count, so results do not either. */
 static void attention(const KVCache *kv, const Config *c, RunState *s, int l, int n, int pos) {
     int group = c->n_heads / c->n_kv_heads, hd = c->head_dim, qd = c->n_heads * hd;
-    int tiles = (n + ATT_TILE - 1) / ATT_TILE, coded = coded_end(kv, pos + n) - kv->sink;
+    int tiles = (n + ATT_TILE - 1) / ATT_TILE, coded = tq_coded_end(pos + n, kv->sink, kv->window) - kv->sink;
     int split = coded > ATT_SPLIT * ATT_MAX_SPLITS ? ((coded + ATT_MAX_SPLITS - 1) / ATT_MAX_SPLITS + 15) / 16 * 16 : ATT_SPLIT;
     int splits = tiles == 1 && coded > split ? (coded + split - 1) / split : 1, items = c->n_kv_heads * tiles * splits;
     int per_item = (n < ATT_TILE ? n : ATT_TILE) * group;   /* states of an item's queries */
-    size_t qf = tq_query_floats(&kv->kc), sf = state_floats(&kv->vc, hd);
-    Batch batch = {pos, s->k, s->v};
+    size_t qf = tq_query_floats(&kv->kc), sf = tq_state_floats(&kv->vc);
 #pragma omp parallel
     {
     int i;
 #pragma omp for schedule(static)
     for (i = 0; i < n * c->n_heads; i++) {          /* s->prepared, s->along: a KV head's queries together */
-        int b = i / c->n_heads, h = i % c->n_heads;
-        Head head = {kv, c, l, h / group};
-        size_t qi = ((size_t)head.g * s->batch + b) * group + h % group;
-        prepare_query(&head, s->q + (size_t)b * qd + (size_t)h * hd, s->qperp + (size_t)i * hd, s->along + qi * KPROJ_MAX,
-                      s->prepared + qi * qf);
+        int b = i / c->n_heads, h = i % c->n_heads, g = h / group;
+        tq_head head = cache_head(kv, c, l, g);
+        size_t qi = ((size_t)g * s->batch + b) * group + h % group;
+        tq_prepare_query_head(&head, s->q + (size_t)b * qd + (size_t)h * hd, s->qperp + (size_t)i * hd,
+                              s->along + qi * KPROJ_MAX, s->prepared + qi * qf);
     }
 #pragma omp for schedule(dynamic)
-    for (i = 0; i < items; i++) {
-        int tile = i / splits % tiles, sp = i % splits;
-        Head head = {kv, c, l, i / (tiles * splits)};
-        WorkItem w = {tile * ATT_TILE, tile * ATT_TILE + ATT_TILE < n ? tile * ATT_TILE + ATT_TILE : n, kv->sink + sp * split, 0};
-        w.k1 = splits > 1 ? (sp + 1 < splits ? w.k0 + split : kv->sink + coded) : coded_end(kv, pos + w.b1);
-        if (sp + 1 == splits) w.k1 = whole_tiles(kv, w.k0, w.k1);
-        float *st = s->part + (size_t)i * per_item * sf;
-        for (int r = 0; r < (w.b1 - w.b0) * group; r++) state_init(st + r * sf, sf);
-        attend_codes(&head, s, pos, w, st, s->att + (size_t)thread_id() * att_floats(c));
+    for (i = 0; i < items; i++) {                   /* KV head g's queries of tokens [b0, b1) over [k0, k1) */
+        int g = i / (tiles * splits), tile = i / splits % tiles, sp = i % splits;
+        int b0 = tile * ATT_TILE, b1 = b0 + ATT_TILE < n ? b0 + ATT_TILE : n, k0 = kv->sink + sp * split;
+        int k1 = splits == 1 ? tq_coded_end(pos + b1, kv->sink, kv->window) : sp + 1 < splits ? k0 + split : kv->sink + coded;
+        tq_head head = cache_head(kv, c, l, g);
+        size_t first = ((size_t)g * s->batch + b0) * group;
+        tq_attend_codes(&head, s->simd, (b1 - b0) * group, group, pos + b0, s->prepared + first * qf,
+                        s->along + first * KPROJ_MAX, k0, k1, s->part + (size_t)i * per_item * sf,
+                        s->att + (size_t)thread_id() * att_floats(c));
     }
 #pragma omp for schedule(static)
     for (i = 0; i < n * c->n_heads; i++) {
-        int b = i / c->n_heads, h = i % c->n_heads, tile = b / ATT_TILE;
-        Head head = {kv, c, l, h / group};
-        size_t qi = ((size_t)head.g * s->batch + b) * group + h % group;
-        float *st = s->part + (((size_t)head.g * tiles + tile) * splits * per_item + (size_t)(b % ATT_TILE) * group + h % group) * sf;
-        for (int sp = 1; sp < splits; sp++) state_merge(st, st + (size_t)sp * per_item * sf, sf);
-        Query q = {s->q + (size_t)b * qd + (size_t)h * hd, s->along + qi * KPROJ_MAX, s->prepared + qi * qf};
-        attend_exact(&head, &q, &batch, pos + b + 1, st);
-        finish_query(kv, c, st, s->xb + (size_t)b * qd + (size_t)h * hd);
+        int b = i / c->n_heads, h = i % c->n_heads, g = h / group, tile = b / ATT_TILE;
+        tq_head head = cache_head(kv, c, l, g);
+        tq_batch batch = {pos, s->k + (size_t)g * hd, s->v + (size_t)g * hd, (size_t)c->n_kv_heads * hd};
+        float *st = s->part + (((size_t)g * tiles + tile) * splits * per_item + (size_t)(b % ATT_TILE) * group + h % group) * sf;
+        tq_attend_finish(&head, s->q + (size_t)b * qd + (size_t)h * hd, &batch, pos + b + 1, st, splits,
+                         (size_t)per_item * sf, s->xb + (size_t)b * qd + (size_t)h * hd);
     }
     }
 }
@@ -1339,14 +995,14 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         if (pos == 0) measure_stats(kv, c, l, s->q, s->k, n);   /* a new sequence */
 #pragma omp parallel for schedule(static)
         for (i = 0; i < n * c->n_kv_heads; i++) {   /* encode k, v into the cache; i = b * n_kv_heads + g */
-            Head head = {kv, c, l, i % c->n_kv_heads};
+            tq_head head = cache_head(kv, c, l, i % c->n_kv_heads);
             size_t at = (size_t)i * hd;
-            encode_kv(&head, pos + i / c->n_kv_heads, s->k + at, s->v + at, s->kperp + at);
+            tq_store(&head, pos + i / c->n_kv_heads, s->k + at, s->v + at, s->kperp + at);
         }
         attention(kv, c, s, l, n, pos);             /* token b attends to positions 0..pos+b */
         for (i = 0; i < n * c->n_kv_heads; i++) {
-            Head head = {kv, c, l, i % c->n_kv_heads};
-            store_exact(&head, pos, i / c->n_kv_heads, n, s->k + (size_t)i * hd, s->v + (size_t)i * hd);
+            tq_head head = cache_head(kv, c, l, i % c->n_kv_heads);
+            tq_store_exact(&head, pos, i / c->n_kv_heads, n, s->k + (size_t)i * hd, s->v + (size_t)i * hd);
         }
         linear(s, s->xb2, s->xb, w->wo, &w->q_wo, (size_t)l * dim * qd, n, qd, dim);
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
@@ -1416,25 +1072,18 @@ typedef struct {
     int n_ranges;
     int *special;                  /* (n_special) ids of special tokens (flags bit 0), matched in raw text */
     int n_special;
-    unsigned char special_first[256]; /* 1 where some special token starts with this byte */
-    unsigned char ascii_cls[128];  /* the class of each ASCII code point, to skip the binary search */
     int byte_id[256];              /* GPT-2: the single-byte token of each byte; SentencePiece: <0xXX>, or -1 */
     unsigned char byte_pieces[256]; /* byte_pieces[b] == b: what decode returns for <0xXX> */
 } Tokenizer;
 
-/* little-endian reads that never look past the end of the section */
+/* Reads the section's next 4 bytes into *v (an int, uint32 or float: little-endian, the
+ * host's order, as the mmap'd weights assume); -1 at the end of the section. */
 typedef struct { const unsigned char *p; size_t left; } Cursor;
 
-static int cur_u32(Cursor *c, uint32_t *v) {
+static int cur_read(Cursor *c, void *v) {
     if (c->left < 4) return -1;
-    *v = (uint32_t)c->p[0] | (uint32_t)c->p[1] << 8 | (uint32_t)c->p[2] << 16 | (uint32_t)c->p[3] << 24;
+    memcpy(v, c->p, 4);
     c->p += 4; c->left -= 4;
-    return 0;
-}
-static int cur_i32(Cursor *c, int *v) {
-    uint32_t u;
-    if (cur_u32(c, &u)) return -1;
-    memcpy(v, &u, 4); /* two's complement reinterpretation without implementation-defined casts */
     return 0;
 }
 
@@ -1458,6 +1107,13 @@ static int vocab_lookup(const Tokenizer *t, const unsigned char *s, size_t n) {
     }
 }
 
+/* the token whose bytes are a's then b's, or -1 (cat: 2 * max_token_len + 1 bytes of scratch) */
+static int concat_lookup(const Tokenizer *t, unsigned char *cat, int a, int b) {
+    memcpy(cat, t->vocab[a], (size_t)t->vocab_len[a]);
+    memcpy(cat + t->vocab_len[a], t->vocab[b], (size_t)t->vocab_len[b]);
+    return vocab_lookup(t, cat, (size_t)t->vocab_len[a] + (size_t)t->vocab_len[b]);
+}
+
 /* slot of the merge rule (a, b) in t->merges, or -1 */
 static int merge_lookup(const Tokenizer *t, int a, int b) {
     if (t->merge_size == 0) return -1;
@@ -1467,127 +1123,6 @@ static int merge_lookup(const Tokenizer *t, int a, int b) {
         if (t->merges[h].left == a && t->merges[h].right == b) return (int)h;
     }
 }
-
-static int pow2_at_least(int n) { int p = 1; while (p < n) p *= 2; return p; }
-static int hex_val(unsigned char ch) {
-    return ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10 : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
-}
-
-void free_tokenizer(Tokenizer *t) {
-    free(t->vocab); free(t->vocab_len); free(t->scores); free(t->byte_val); free(t->vocab_hash);
-    free(t->merges); free(t->ranges); free(t->special);
-    memset(t, 0, sizeof(*t));
-}
-
-static int utf8_decode(const unsigned char *s, size_t n, uint32_t *cp);
-
-int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
-                    int kind, int pretok, char *err, size_t errlen) {
-    memset(t, 0, sizeof(*t));
-    Cursor c = { data, size };
-    int n, n_merges, n_ranges, file_max_len; /* our own max_token_len is measured below */
-    #define TOK_FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); free_tokenizer(t); return -1; } while (0)
-    if (kind != 1 && kind != 2) TOK_FAIL("unknown tokenizer kind %d", kind);
-    if (pretok < 0 || pretok > 2) TOK_FAIL("unknown pre-tokenizer %d", pretok);
-    if (cur_i32(&c, &n) || cur_i32(&c, &file_max_len)) TOK_FAIL("tokenizer section truncated in its header");
-    if (n <= 0 || n != vocab_size || n > (1 << 28))
-        TOK_FAIL("tokenizer has %d tokens, the header says vocab_size %d", n, vocab_size);
-    t->kind = kind; t->pretok = pretok; t->vocab_size = n;
-    t->vocab = (const unsigned char **)malloc((size_t)n * sizeof(*t->vocab));
-    t->vocab_len = (int *)malloc((size_t)n * sizeof(int));
-    t->scores = (float *)malloc((size_t)n * sizeof(float));
-    t->byte_val = (int *)malloc((size_t)n * sizeof(int));
-    t->hash_size = pow2_at_least(2 * n);
-    t->vocab_hash = (int *)calloc((size_t)t->hash_size, sizeof(int));
-    t->special = (int *)malloc((size_t)n * sizeof(int));
-    if (!t->vocab || !t->vocab_len || !t->scores || !t->byte_val || !t->vocab_hash || !t->special)
-        TOK_FAIL("out of memory for the tokenizer");
-    for (int b = 0; b < 256; b++) { t->byte_id[b] = -1; t->byte_pieces[b] = (unsigned char)b; }
-
-    /* the vocabulary: { float32 score; int32 flags; int32 len; bytes[len] } */
-    for (int i = 0; i < n; i++) {
-        uint32_t score_bits; int flags, len;
-        if (cur_u32(&c, &score_bits) || cur_i32(&c, &flags) || cur_i32(&c, &len))
-            TOK_FAIL("tokenizer section truncated at token %d", i);
-        if (len < 0 || (size_t)len > c.left) TOK_FAIL("token %d has a bad length %d", i, len);
-        memcpy(&t->scores[i], &score_bits, 4);
-        t->vocab[i] = c.p; t->vocab_len[i] = len;
-        c.p += len; c.left -= (size_t)len;
-        if (len > t->max_token_len) t->max_token_len = len;
-        /* SentencePiece byte tokens are the text "<0xXX>"; decode turns them into the raw byte */
-        t->byte_val[i] = -1;
-        const unsigned char *p = t->vocab[i];
-        if (kind == 1 && len == 6 && memcmp(p, "<0x", 3) == 0 && p[5] == '>' && hex_val(p[3]) >= 0 && hex_val(p[4]) >= 0) {
-            int v = hex_val(p[3]) * 16 + hex_val(p[4]);
-            t->byte_val[i] = v;
-            if (t->byte_id[v] < 0) t->byte_id[v] = i;
-        }
-        if (flags & 1) {
-            /* special tokens are matched in the raw text only; BPE never produces them.
-             * GPT-2 kind: one that is not whole UTF-8 characters could match inside a
-             * character and leave the pre-tokenizer a stray continuation byte */
-            uint32_t cp;
-            for (int k = 0, l; kind == 2 && k < len; k += l)
-                if ((l = utf8_decode(p + k, (size_t)(len - k), &cp)) == 0) TOK_FAIL("special token %d is not valid UTF-8", i);
-            if (len > 0) { t->special[t->n_special++] = i; t->special_first[t->vocab[i][0]] = 1; }
-            continue;
-        }
-        if (kind == 2 && len == 1 && t->byte_id[p[0]] < 0) t->byte_id[p[0]] = i;
-        if (vocab_lookup(t, p, (size_t)len) >= 0) continue; /* a duplicate keeps the lowest id */
-        uint32_t mask = (uint32_t)t->hash_size - 1, h = hash_bytes(p, (size_t)len) & mask;
-        while (t->vocab_hash[h]) h = (h + 1) & mask;
-        t->vocab_hash[h] = i + 1;
-    }
-
-    /* merges: { int32 left; int32 right }, rank = position; the result is the token whose
-     * bytes are left's + right's, found once here so that encode needs one hash probe per pair */
-    if (cur_i32(&c, &n_merges) || n_merges < 0 || n_merges > (1 << 28) || (size_t)n_merges > c.left / 8)
-        TOK_FAIL("tokenizer section: bad or truncated merges list");
-    if (n_merges > 0) {
-        t->merge_size = pow2_at_least(2 * n_merges);
-        t->merges = (MergeSlot *)malloc((size_t)t->merge_size * sizeof(MergeSlot));
-        unsigned char *cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1);
-        if (!t->merges || !cat) { free(cat); TOK_FAIL("out of memory for the merges"); }
-        for (int s = 0; s < t->merge_size; s++) t->merges[s].left = -1;
-        for (int r = 0; r < n_merges; r++) {
-            int a = -1, b = -1;
-            cur_i32(&c, &a); cur_i32(&c, &b); /* cannot fail: the size was checked above */
-            if (a < 0 || a >= n || b < 0 || b >= n) { free(cat); TOK_FAIL("merge %d refers to a token out of range", r); }
-            memcpy(cat, t->vocab[a], (size_t)t->vocab_len[a]);
-            memcpy(cat + t->vocab_len[a], t->vocab[b], (size_t)t->vocab_len[b]);
-            int res = vocab_lookup(t, cat, (size_t)t->vocab_len[a] + (size_t)t->vocab_len[b]);
-            if (res < 0) continue; /* merging into a token that is not in the vocabulary: never applies */
-            if (merge_lookup(t, a, b) >= 0) continue; /* a repeated rule keeps its first (lowest) rank */
-            uint32_t mask = (uint32_t)t->merge_size - 1, h = hash_pair(a, b) & mask;
-            while (t->merges[h].left >= 0) h = (h + 1) & mask;
-            t->merges[h] = (MergeSlot){ a, b, res, r };
-        }
-        free(cat);
-    }
-
-    /* Unicode classes: { uint32 lo; uint32 hi; int32 cls }, sorted, not overlapping */
-    if (cur_i32(&c, &n_ranges) || n_ranges < 0 || (size_t)n_ranges > c.left / 12)
-        TOK_FAIL("tokenizer section: bad or truncated Unicode ranges");
-    t->ranges = (CodeRange *)malloc((size_t)n_ranges * sizeof(CodeRange) + 1);
-    if (!t->ranges) TOK_FAIL("out of memory for the Unicode ranges");
-    t->n_ranges = n_ranges;
-    for (int i = 0; i < n_ranges; i++) {
-        CodeRange *r = &t->ranges[i];
-        cur_u32(&c, &r->lo); cur_u32(&c, &r->hi); cur_i32(&c, &r->cls);
-        if (r->lo > r->hi || r->hi > 0x10FFFF || r->cls < 0 || r->cls > 3 || (i > 0 && r->lo <= r[-1].hi))
-            TOK_FAIL("Unicode range %d is malformed or out of order", i);
-    }
-    for (uint32_t cp = 0; cp < 128; cp++) {
-        t->ascii_cls[cp] = CLS_OTHER;
-        for (int i = 0; i < n_ranges && t->ranges[i].lo <= cp; i++)
-            if (cp <= t->ranges[i].hi) t->ascii_cls[cp] = (unsigned char)t->ranges[i].cls;
-    }
-    #undef TOK_FAIL
-    return 0;
-}
-
-/* ---------------------------------------------------------------------------
- * UTF-8 and Unicode classes */
 
 /* length of the valid UTF-8 character at s (n bytes available) with its code point, or 0
  * when invalid: overlong forms, surrogates and values past U+10FFFF are invalid too */
@@ -1608,14 +1143,128 @@ static int utf8_decode(const unsigned char *s, size_t n, uint32_t *cp) {
     return len;
 }
 
+/* 1 if the n bytes at s are whole, valid UTF-8 characters */
+static int is_utf8(const unsigned char *s, size_t n) {
+    uint32_t cp;
+    for (size_t i = 0, l; i < n; i += l)
+        if ((l = (size_t)utf8_decode(s + i, n - i, &cp)) == 0) return 0;
+    return 1;
+}
+
+/* the Unicode class of code point cp: a binary search for the last range with lo <= cp */
 static int code_class(const Tokenizer *t, uint32_t cp) {
-    if (cp < 128) return t->ascii_cls[cp];
-    int lo = 0, hi = t->n_ranges - 1; /* binary search for the last range with lo <= cp */
+    int lo = 0, hi = t->n_ranges - 1;
     while (lo <= hi) {
         int mid = (lo + hi) / 2;
         if (t->ranges[mid].lo <= cp) lo = mid + 1; else hi = mid - 1;
     }
     return (hi >= 0 && cp <= t->ranges[hi].hi) ? t->ranges[hi].cls : CLS_OTHER;
+}
+
+static int pow2_at_least(int n) { int p = 1; while (p < n) p *= 2; return p; }
+static int hex_val(unsigned char ch) {
+    return ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10 : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
+}
+
+void free_tokenizer(Tokenizer *t) {
+    free(t->vocab); free(t->vocab_len); free(t->scores); free(t->byte_val); free(t->vocab_hash);
+    free(t->merges); free(t->ranges); free(t->special);
+    memset(t, 0, sizeof(*t));
+}
+
+int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
+                    int kind, int pretok, char *err, size_t errlen) {
+    memset(t, 0, sizeof(*t));
+    Cursor c = { data, size };
+    int n, n_merges, n_ranges, file_max_len; /* our own max_token_len is measured below */
+    unsigned char *cat = NULL;
+    #define TOK_FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); free(cat); free_tokenizer(t); return -1; } while (0)
+    if (kind != 1 && kind != 2) TOK_FAIL("unknown tokenizer kind %d", kind);
+    if (pretok < 0 || pretok > 2) TOK_FAIL("unknown pre-tokenizer %d", pretok);
+    if (cur_read(&c, &n) || cur_read(&c, &file_max_len)) TOK_FAIL("tokenizer section truncated in its header");
+    if (n <= 0 || n != vocab_size || n > (1 << 28))
+        TOK_FAIL("tokenizer has %d tokens, the header says vocab_size %d", n, vocab_size);
+    t->kind = kind; t->pretok = pretok; t->vocab_size = n;
+    t->vocab = (const unsigned char **)malloc((size_t)n * sizeof(*t->vocab));
+    t->vocab_len = (int *)malloc((size_t)n * sizeof(int));
+    t->scores = (float *)malloc((size_t)n * sizeof(float));
+    t->byte_val = (int *)malloc((size_t)n * sizeof(int));
+    t->hash_size = pow2_at_least(2 * n);
+    t->vocab_hash = (int *)calloc((size_t)t->hash_size, sizeof(int));
+    t->special = (int *)malloc((size_t)n * sizeof(int));
+    if (!t->vocab || !t->vocab_len || !t->scores || !t->byte_val || !t->vocab_hash || !t->special)
+        TOK_FAIL("out of memory for the tokenizer");
+    for (int b = 0; b < 256; b++) { t->byte_id[b] = -1; t->byte_pieces[b] = (unsigned char)b; }
+
+    /* the vocabulary: { float32 score; int32 flags; int32 len; bytes[len] } */
+    for (int i = 0; i < n; i++) {
+        int flags, len;
+        if (cur_read(&c, &t->scores[i]) || cur_read(&c, &flags) || cur_read(&c, &len))
+            TOK_FAIL("tokenizer section truncated at token %d", i);
+        if (len < 0 || (size_t)len > c.left) TOK_FAIL("token %d has a bad length %d", i, len);
+        const unsigned char *p = t->vocab[i] = c.p;
+        t->vocab_len[i] = len;
+        c.p += len; c.left -= (size_t)len;
+        if (len > t->max_token_len) t->max_token_len = len;
+        /* SentencePiece byte tokens are the text "<0xXX>"; decode turns them into the raw byte */
+        t->byte_val[i] = -1;
+        if (kind == 1 && len == 6 && memcmp(p, "<0x", 3) == 0 && p[5] == '>' && hex_val(p[3]) >= 0 && hex_val(p[4]) >= 0) {
+            int v = t->byte_val[i] = hex_val(p[3]) * 16 + hex_val(p[4]);
+            if (t->byte_id[v] < 0) t->byte_id[v] = i;
+        }
+        if (flags & 1) {
+            /* special tokens are matched in the raw text only; BPE never produces them.
+             * GPT-2 kind: one that is not whole UTF-8 characters could match inside a
+             * character and leave the pre-tokenizer a stray continuation byte */
+            if (kind == 2 && !is_utf8(p, (size_t)len)) TOK_FAIL("special token %d is not valid UTF-8", i);
+            if (len > 0) t->special[t->n_special++] = i;
+            continue;
+        }
+        if (kind == 2 && len == 1 && t->byte_id[p[0]] < 0) t->byte_id[p[0]] = i;
+        if (vocab_lookup(t, p, (size_t)len) >= 0) continue; /* a duplicate keeps the lowest id */
+        uint32_t mask = (uint32_t)t->hash_size - 1, h = hash_bytes(p, (size_t)len) & mask;
+        while (t->vocab_hash[h]) h = (h + 1) & mask;
+        t->vocab_hash[h] = i + 1;
+    }
+
+    /* merges: { int32 left; int32 right }, rank = position; the result is the token whose
+     * bytes are left's + right's, found once here so that encode needs one hash probe per pair */
+    if (cur_read(&c, &n_merges) || n_merges < 0 || n_merges > (1 << 28) || (size_t)n_merges > c.left / 8)
+        TOK_FAIL("tokenizer section: bad or truncated merges list");
+    t->merge_size = n_merges > 0 ? pow2_at_least(2 * n_merges) : 0;
+    t->merges = (MergeSlot *)malloc((size_t)t->merge_size * sizeof(MergeSlot) + 1);
+    cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1);
+    if (!t->merges || !cat) TOK_FAIL("out of memory for the merges");
+    for (int s = 0; s < t->merge_size; s++) t->merges[s].left = -1;
+    for (int r = 0; r < n_merges; r++) {
+        int a = -1, b = -1;
+        cur_read(&c, &a); cur_read(&c, &b); /* cannot fail: the size was checked above */
+        if (a < 0 || a >= n || b < 0 || b >= n) TOK_FAIL("merge %d refers to a token out of range", r);
+        /* a merge into a token that is not in the vocabulary never applies; a repeated rule
+         * keeps its first (lowest) rank */
+        int res = concat_lookup(t, cat, a, b);
+        if (res < 0 || merge_lookup(t, a, b) >= 0) continue;
+        uint32_t mask = (uint32_t)t->merge_size - 1, h = hash_pair(a, b) & mask;
+        while (t->merges[h].left >= 0) h = (h + 1) & mask;
+        t->merges[h] = (MergeSlot){ a, b, res, r };
+    }
+    free(cat);
+    cat = NULL;
+
+    /* Unicode classes: { uint32 lo; uint32 hi; int32 cls }, sorted, not overlapping */
+    if (cur_read(&c, &n_ranges) || n_ranges < 0 || (size_t)n_ranges > c.left / 12)
+        TOK_FAIL("tokenizer section: bad or truncated Unicode ranges");
+    t->ranges = (CodeRange *)malloc((size_t)n_ranges * sizeof(CodeRange) + 1);
+    if (!t->ranges) TOK_FAIL("out of memory for the Unicode ranges");
+    t->n_ranges = n_ranges;
+    for (int i = 0; i < n_ranges; i++) {
+        CodeRange *r = &t->ranges[i];
+        cur_read(&c, &r->lo); cur_read(&c, &r->hi); cur_read(&c, &r->cls);
+        if (r->lo > r->hi || r->hi > 0x10FFFF || r->cls < 0 || r->cls > 3 || (i > 0 && r->lo <= r[-1].hi))
+            TOK_FAIL("Unicode range %d is malformed or out of order", i);
+    }
+    #undef TOK_FAIL
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------
@@ -1628,24 +1277,13 @@ static int code_class(const Tokenizer *t, uint32_t cp) {
 
 typedef struct { float key; int pos; } HeapItem;
 typedef struct {
-    int *tok, *prev, *next;        /* (cap) per symbol: token id (-1: merged away), list links */
-    HeapItem *heap;                /* (3*cap) candidate pairs: n-1 at first, at most 2 more per merge */
-    int cap, n_heap;
+    int *tok, *prev, *next;        /* (text bytes + 2) per symbol: token id (-1: merged away), list links */
+    HeapItem *heap;                /* (3 * (text bytes + 2)) pairs: n-1 at first, at most 2 more per merge */
+    int n_heap;
     unsigned char *cat;            /* (2*max_token_len+1) SentencePiece: left's + right's bytes */
     int *out; int n_out, max_out;  /* the caller's token array */
     int full;                      /* set once max_out would be exceeded */
 } Encoder;
-
-static int enc_reserve(Encoder *e, int n) {
-    if (n <= e->cap) return 0;
-    int cap = n < 64 ? 64 : n;
-    int *a = (int *)realloc(e->tok, (size_t)cap * sizeof(int)); if (!a) return -1; e->tok = a;
-    a = (int *)realloc(e->prev, (size_t)cap * sizeof(int)); if (!a) return -1; e->prev = a;
-    a = (int *)realloc(e->next, (size_t)cap * sizeof(int)); if (!a) return -1; e->next = a;
-    HeapItem *h = (HeapItem *)realloc(e->heap, 3 * (size_t)cap * sizeof(HeapItem)); if (!h) return -1; e->heap = h;
-    e->cap = cap;
-    return 0;
-}
 
 static void emit(Encoder *e, int id) {
     if (e->n_out >= e->max_out) { e->full = 1; return; }
@@ -1683,9 +1321,7 @@ static int pair_merge(const Tokenizer *t, Encoder *e, int a, int b, int *res, fl
         *res = t->merges[s].result; *key = (float)t->merges[s].rank;
         return 1;
     }
-    memcpy(e->cat, t->vocab[a], (size_t)t->vocab_len[a]);
-    memcpy(e->cat + t->vocab_len[a], t->vocab[b], (size_t)t->vocab_len[b]);
-    int id = vocab_lookup(t, e->cat, (size_t)t->vocab_len[a] + (size_t)t->vocab_len[b]);
+    int id = concat_lookup(t, e->cat, a, b);
     if (id < 0) return 0;
     *res = id; *key = -t->scores[id];
     return 1;
@@ -1720,15 +1356,25 @@ static void bpe_merge(const Tokenizer *t, Encoder *e, int n) {
  * GPT-2: pre-tokenizer and byte-level BPE */
 
 /* byte-level BPE of one pre-tokenized piece: start from one token per byte */
-static int bpe_piece(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n) {
-    if (n == 0) return 0;
-    if (n > (size_t)(INT32_MAX / 3) || enc_reserve(e, (int)n)) return -1;
+static void bpe_piece(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n) {
     int m = 0;
     /* a byte without a token is dropped, as Hugging Face's BPE without an unk token does
      * (SmolLM2 has none for a few control bytes and for bytes that UTF-8 never uses) */
     for (size_t i = 0; i < n; i++) if (t->byte_id[s[i]] >= 0) e->tok[m++] = t->byte_id[s[i]];
     bpe_merge(t, e, m);
-    return 0;
+}
+
+/* the end of the run of code points of class cls that starts at s[j] (text s[0..n)); *last:
+ * where the run's last code point starts (unchanged for an empty run) */
+static size_t class_run(const Tokenizer *t, const unsigned char *s, size_t j, size_t n, int cls, size_t *last) {
+    uint32_t c;
+    while (j < n) {
+        size_t l = (size_t)utf8_decode(s + j, n - j, &c);
+        if (code_class(t, c) != cls) break;
+        *last = j;
+        j += l;
+    }
+    return j;
 }
 
 /* end of the GPT-2 regex match that starts at s[i], within s[0..n):
@@ -1736,7 +1382,7 @@ static int bpe_piece(const Tokenizer *t, Encoder *e, const unsigned char *s, siz
  * alternatives are tried in this order, as the regex engine does */
 static size_t gpt2_match(const Tokenizer *t, const unsigned char *s, size_t i, size_t n) {
     uint32_t c, c2;
-    size_t j = i + (size_t)utf8_decode(s + i, n - i, &c); /* the text was validated before */
+    size_t j = i + (size_t)utf8_decode(s + i, n - i, &c), last = i; /* the text was validated before */
     if (c == '\'' && j < n) { /* contractions, case-sensitive ("I'LL" is not one) */
         unsigned char a = s[j], b = j + 1 < n ? s[j + 1] : 0;
         if (a == 's' || a == 't' || a == 'm' || a == 'd') return j + 1;
@@ -1748,60 +1394,45 @@ static size_t gpt2_match(const Tokenizer *t, const unsigned char *s, size_t i, s
         int k2 = code_class(t, c2);
         if (k2 != CLS_SPACE) { k = k2; j = j2; }
     }
-    if (k != CLS_SPACE) { /* " ?\p{L}+", " ?\p{N}+", " ?[^\s\p{L}\p{N}]+" */
-        while (j < n) {
-            size_t l = (size_t)utf8_decode(s + j, n - j, &c2);
-            if (code_class(t, c2) != k) break;
-            j += l;
-        }
-        return j;
-    }
+    if (k != CLS_SPACE) return class_run(t, s, j, n, k, &last); /* " ?\p{L}+", " ?\p{N}+", " ?[^\s\p{L}\p{N}]+" */
     /* "\s+(?!\S)|\s+": a run of blanks that is followed by a non-blank gives up its last
      * blank, which then prefixes the next word (" word"); a single blank stands alone */
-    size_t last = i;
-    while (j < n) {
-        size_t l = (size_t)utf8_decode(s + j, n - j, &c2);
-        if (code_class(t, c2) != CLS_SPACE) break;
-        last = j; j += l;
-    }
+    j = class_run(t, s, j, n, CLS_SPACE, &last);
     return (j == n || last == i) ? j : last;
 }
 
-static int gpt2_regex_pieces(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n) {
-    for (size_t i = 0; i < n && !e->full;) {
-        size_t end = gpt2_match(t, s, i, n);
-        if (bpe_piece(t, e, s + i, end - i)) return -1;
-        i = end;
+static void gpt2_regex_pieces(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n) {
+    for (size_t i = 0, end; i < n && !e->full; i = end) {
+        end = gpt2_match(t, s, i, n);
+        bpe_piece(t, e, s + i, end - i);
     }
-    return 0;
 }
 
 /* one stretch of text without special tokens, GPT-2 kind */
-static int encode_gpt2(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n) {
-    if (t->pretok == 0) return bpe_piece(t, e, s, n);
-    if (t->pretok == 2) return gpt2_regex_pieces(t, e, s, n);
+static void encode_gpt2(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n) {
+    if (t->pretok == 0) { bpe_piece(t, e, s, n); return; }
+    if (t->pretok == 2) { gpt2_regex_pieces(t, e, s, n); return; }
     /* smollm: every \p{N} code point is a piece of its own (HF Digits(individual_digits)),
      * and the regex runs on the stretches between them (its lookahead stops at their ends) */
     size_t start = 0;
     for (size_t i = 0; i < n;) {
         uint32_t c;
-        int l = utf8_decode(s + i, n - i, &c);
+        size_t l = (size_t)utf8_decode(s + i, n - i, &c);
         if (code_class(t, c) == CLS_NUMBER) {
-            if (gpt2_regex_pieces(t, e, s + start, i - start) || bpe_piece(t, e, s + i, (size_t)l)) return -1;
-            start = i + (size_t)l;
+            gpt2_regex_pieces(t, e, s + start, i - start);
+            bpe_piece(t, e, s + i, l);
+            start = i + l;
         }
-        i += (size_t)l;
+        i += l;
     }
-    return gpt2_regex_pieces(t, e, s + start, n - start);
+    gpt2_regex_pieces(t, e, s + start, n - start);
 }
 
 /* ---------------------------------------------------------------------------
  * SentencePiece, as llama2.c: a dummy " " in front, each UTF-8 character its own token if it
  * is in the vocabulary, else its bytes as <0xXX> tokens; then greedy merges by score */
 
-static int encode_sp(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n, int dummy_prefix) {
-    if (n == 0) return 0;
-    if (n > (size_t)(INT32_MAX / 3) - 1 || enc_reserve(e, (int)n + 1)) return -1;
+static void encode_sp(const Tokenizer *t, Encoder *e, const unsigned char *s, size_t n, int dummy_prefix) {
     int m = 0;
     if (dummy_prefix) {
         int id = vocab_lookup(t, (const unsigned char *)" ", 1);
@@ -1818,14 +1449,12 @@ static int encode_sp(const Tokenizer *t, Encoder *e, const unsigned char *s, siz
         i += l;
     }
     bpe_merge(t, e, m);
-    return 0;
 }
 
 /* ---------------------------------------------------------------------------- */
 
 /* the longest special token that starts at s (n bytes left), or -1 */
 static int match_special(const Tokenizer *t, const unsigned char *s, size_t n) {
-    if (!t->special_first[s[0]]) return -1;
     int best = -1;
     for (int k = 0; k < t->n_special; k++) {
         int id = t->special[k];
@@ -1839,33 +1468,32 @@ static int match_special(const Tokenizer *t, const unsigned char *s, size_t n) {
  * -3: out of memory */
 int encode(const Tokenizer *t, const char *text, size_t len, int bos_id, int *tokens, int max_tokens) {
     const unsigned char *s = (const unsigned char *)text;
-    uint32_t cp;
-    if (t->kind == 2) /* byte-level BPE would encode any bytes, but the pre-tokenizer needs characters */
-        for (size_t i = 0; i < len;) {
-            int l = utf8_decode(s + i, len - i, &cp);
-            if (l == 0) return -1;
-            i += (size_t)l;
-        }
+    /* byte-level BPE would encode any bytes, but the pre-tokenizer needs characters */
+    if (t->kind == 2 && !is_utf8(s, len)) return -1;
+    if (len > (size_t)INT32_MAX / 3 - 2) return -3;
+    size_t cap = len + 2;   /* symbols of a piece at most: its bytes, and SentencePiece's dummy " " */
     Encoder e;
     memset(&e, 0, sizeof e);
     e.out = tokens; e.max_out = max_tokens < 0 ? 0 : max_tokens;
-    if (!(e.cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1))) return -3;
-    if (bos_id >= 0) emit(&e, bos_id);
-    int rc = 0;
+    e.tok = (int *)malloc(cap * sizeof(int)); e.prev = (int *)malloc(cap * sizeof(int));
+    e.next = (int *)malloc(cap * sizeof(int)); e.heap = (HeapItem *)malloc(3 * cap * sizeof(HeapItem));
+    e.cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1);
+    int ok = e.tok && e.prev && e.next && e.heap && e.cat;
+    if (ok && bos_id >= 0) emit(&e, bos_id);
     /* split out special tokens (leftmost, then longest); the stretches between are plain text */
     size_t seg = 0;
-    for (size_t i = 0; i <= len && !e.full && rc == 0;) {
+    for (size_t i = 0; ok && i <= len && !e.full;) {
         int sp = i < len ? match_special(t, s + i, len - i) : -1;
         if (sp < 0 && i < len) { i++; continue; }
-        if (i > seg) rc = t->kind == 2 ? encode_gpt2(t, &e, s + seg, i - seg)
-                                       : encode_sp(t, &e, s + seg, i - seg, seg == 0);
+        if (i > seg && t->kind == 2) encode_gpt2(t, &e, s + seg, i - seg);
+        else if (i > seg) encode_sp(t, &e, s + seg, i - seg, seg == 0);
         if (sp < 0) break;
         emit(&e, sp);
         i += (size_t)t->vocab_len[sp];
         seg = i;
     }
     free(e.tok); free(e.prev); free(e.next); free(e.heap); free(e.cat);
-    return rc ? -3 : e.full ? -2 : e.n_out;
+    return !ok ? -3 : e.full ? -2 : e.n_out;
 }
 
 const char *decode_piece(const Tokenizer *t, int prev_token, int bos_id, int token, size_t *len) {
@@ -1961,21 +1589,19 @@ typedef struct {                 /* what the trade-off line reports          */
 } Stats;
 
 /* Where attention runs: the codec's SIMD path (CPU), or the GPU. */
-static const char *attention_path(const Transformer *t) {
 #ifdef RUN_CUDA
-    (void)t;
-    return "cuda";
+static const char *attention_path(const Transformer *t) { (void)t; return "cuda"; }
 #else
-    return tq_simd_name(t->state.simd);
+static const char *attention_path(const Transformer *t) { return tq_simd_name(t->state.simd); }
 #endif
-}
 
 /* The weights' line on stderr: their type and bytes (mmap'd from the file), e.g.
  * weights: int8 g64, 137.66 MiB (fp32 514.39 MiB); with the KV cache 138.05 MiB */
 static void report_weights(const Config *c, double kv_mib) {
     Config f = *c;
     f.weight_type = WEIGHTS_FP32;
-    double mib = c->weights_bytes / 1048576.0, fp32 = weights_bytes_needed(&f) / 1048576.0;
+    TransformerWeights none;
+    double mib = c->weights_bytes / 1048576.0, fp32 = map_weights(&none, &f, NULL) / 1048576.0;
     if (c->weight_type == WEIGHTS_INT8)
         fprintf(stderr, "weights: int8 g%d, %.2f MiB (fp32 %.2f MiB); with the KV cache %.2f MiB\n",
                 c->group_size, mib, fp32, mib + kv_mib);
@@ -2036,6 +1662,36 @@ static int *encode_or_die(const Tokenizer *tok, const char *text, size_t len, in
 
 static int is_stop(const Config *c, int token) { return token == c->eos_id || token == c->chat_end_id; }
 
+/* Runs the n tokens at pos (prefill), timed into st; returns the last one's logits. */
+static float *feed(Transformer *t, const int *tokens, int n, int pos, Stats *st) {
+    double t0 = now_s();
+    float *logits = prefill(t, tokens, n, pos, NULL);
+    st->prefill_tokens += n; st->prefill_s += now_s() - t0;
+    return logits;
+}
+
+/* Samples up to steps tokens after logits (position pos - 1, token prev), printing each and
+ * feeding it to the cache, until a stop token or the end of the context; returns the next
+ * position. In chat the stop token (the end of the turn) goes into the cache too, and no token
+ * is sampled that the context could not take. */
+static int reply(Transformer *t, const Tokenizer *tok, Sampler *sampler, float *logits, int pos, int prev, int steps,
+                 int chat, Stats *st) {
+    double t0 = now_s();
+    for (int i = 0; i < steps && (!chat || pos < t->cache.ctx); i++) {
+        int next = sample(sampler, logits);
+        if (is_stop(&t->config, next)) {
+            if (chat) forward(t, &next, 1, pos++, 0);
+            break;
+        }
+        print_piece(tok, prev, t->config.bos_id, next);
+        if (pos >= t->cache.ctx) { fprintf(stderr, "\n[stopped: reached the end of the context, %d tokens]", t->cache.ctx); break; }
+        logits = forward(t, &next, 1, pos++, 0);
+        prev = next; st->decode_tokens++;
+    }
+    st->decode_s += now_s() - t0;
+    return pos;
+}
+
 /* Runs the prompt, then samples up to steps new tokens (stops at eos or at the end of the context). */
 static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, const char *prompt, int steps) {
     const Config *c = &t->config;
@@ -2043,49 +1699,13 @@ static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, con
     int *tokens = encode_or_die(tok, prompt, strlen(prompt), c->add_bos ? c->bos_id : -1, &n);
     if (n == 0) die("empty prompt: give one with -i or -f");
     if (n >= t->cache.ctx) die("the prompt is %d tokens; the context is %d (raise it with -c, up to %d)", n, t->cache.ctx, c->seq_len);
-    Stats st;
-    memset(&st, 0, sizeof st);
-    double t0 = now_s();
+    Stats st = {0, 0, 0, 0};
     for (int i = 0; i < n; i++) if (i > 0 || tokens[0] != c->bos_id) print_piece(tok, i ? tokens[i - 1] : -1, c->bos_id, tokens[i]);
-    float *logits = prefill(t, tokens, n, 0, NULL);
-    st.prefill_tokens = n; st.prefill_s = now_s() - t0;
-    int pos = n, prev = tokens[n - 1];
-    t0 = now_s();
-    for (int i = 0; i < steps; i++) {
-        int next = sample(sampler, logits);
-        if (is_stop(c, next)) break;
-        print_piece(tok, prev, c->bos_id, next);
-        if (pos >= t->cache.ctx) { fprintf(stderr, "\n[stopped: reached the end of the context, %d tokens]", t->cache.ctx); break; }
-        logits = forward(t, &next, 1, pos, 0);
-        pos++; prev = next; st.decode_tokens++;
-    }
-    st.decode_s = now_s() - t0;
+    int pos = reply(t, tok, sampler, feed(t, tokens, n, 0, &st), n, tokens[n - 1], steps, 0, &st);
     printf("\n");
     fflush(stdout);   /* the text before the report, also where stdout is a pipe */
     report(t, pos, &st);
     free(tokens);
-}
-
-/* printf into a malloc'd string of the right length */
-static char *format_alloc(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    char *s = (char *)xcalloc((size_t)n + 1, 1, "a chat turn");
-    va_start(ap, fmt);
-    vsnprintf(s, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    return s;
-}
-
-/* Reads one line from stdin into buf (without the newline); 0 at end of input. */
-static int read_line(const char *prompt, char *buf, size_t size) {
-    printf("%s", prompt);
-    fflush(stdout);
-    if (!fgets(buf, (int)size, stdin)) return 0;
-    buf[strcspn(buf, "\n")] = 0;
-    return 1;
 }
 
 /* Chat with the model's template: ChatML when the vocabulary has <|im_start|>
@@ -2094,23 +1714,25 @@ static int read_line(const char *prompt, char *buf, size_t size) {
 static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const char *user0, const char *system, int steps) {
     const Config *c = &t->config;
     static char line[8192];           /* one typed line; -i / -f messages may be any length */
-    int pos = 0, first = 1;
-    Stats st;
-    memset(&st, 0, sizeof st);
-    for (;;) {
-        const char *user = line;
-        if (first && user0) user = user0;
-        else if (!read_line("User: ", line, sizeof line)) break;
-        const char *sys = first && system ? system : NULL;
-        char *turn;
+    int pos = 0, first = 1, n, nl;
+    Stats st = {0, 0, 0, 0};
+    for (;; first = 0) {
+        const char *user = first && user0 ? user0 : line, *sys = first ? system : NULL;
+        if (user == line) {
+            printf("User: ");
+            fflush(stdout);
+            if (!fgets(line, sizeof line, stdin)) break;
+            line[strcspn(line, "\n")] = 0;
+        }
+        size_t cap = strlen(user) + (sys ? strlen(sys) : 0) + 128;
+        char *turn = (char *)xcalloc(cap, 1, "a chat turn");
         if (c->chat_start_id >= 0)
-            turn = format_alloc("%s%s%s<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys ? "<|im_start|>system\n" : "",
-                                sys ? sys : "", sys ? "<|im_end|>\n" : "", user);
+            snprintf(turn, cap, "%s%s%s<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys ? "<|im_start|>system\n" : "",
+                     sys ? sys : "", sys ? "<|im_end|>\n" : "", user);
         else if (sys)
-            turn = format_alloc("[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);
+            snprintf(turn, cap, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);
         else
-            turn = format_alloc("[INST] %s [/INST]", user);
-        int n;
+            snprintf(turn, cap, "[INST] %s [/INST]", user);
         int *tokens = encode_or_die(tok, turn, strlen(turn), (first && c->add_bos) ? c->bos_id : -1, &n);
         free(turn);
         if (pos + n >= t->cache.ctx) {
@@ -2119,28 +1741,17 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
             fprintf(stderr, "[stopped: the conversation reached the end of the context, %d tokens]\n", t->cache.ctx);
             break;
         }
-        double t0 = now_s();
-        float *logits = prefill(t, tokens, n, pos, NULL);
-        st.prefill_tokens += n; st.prefill_s += now_s() - t0;
-        pos += n;
-        int prev = tokens[n - 1];
-        free(tokens);
+        float *logits = feed(t, tokens, n, pos, &st);
         printf("Assistant: ");
-        t0 = now_s();
-        for (int i = 0; i < steps && pos < t->cache.ctx; i++) {
-            int next = sample(sampler, logits);
-            if (is_stop(c, next)) {  /* the end-of-turn token goes into the cache too */
-                logits = forward(t, &next, 1, pos++, 0);
-                break;
-            }
-            print_piece(tok, prev, c->bos_id, next);
-            logits = forward(t, &next, 1, pos++, 0);
-            prev = next; st.decode_tokens++;
-        }
-        st.decode_s += now_s() - t0;
+        pos = reply(t, tok, sampler, logits, pos + n, tokens[n - 1], steps, 1, &st);
+        free(tokens);
         printf("\n");
-        if (c->chat_start_id >= 0 && pos < t->cache.ctx) { int nl; int *t2 = encode_or_die(tok, "\n", 1, -1, &nl); prefill(t, t2, nl, pos, NULL); pos += nl; free(t2); }
-        first = 0;
+        if (c->chat_start_id >= 0 && pos < t->cache.ctx) {   /* ChatML's newline after <|im_end|> */
+            int *t2 = encode_or_die(tok, "\n", 1, -1, &nl);
+            prefill(t, t2, nl, pos, NULL);
+            pos += nl;
+            free(t2);
+        }
         if (pos >= t->cache.ctx) { fprintf(stderr, "[stopped: reached the end of the context, %d tokens]\n", t->cache.ctx); break; }
     }
     report(t, pos, &st);
@@ -2188,8 +1799,6 @@ static int *parse_ids(const char *text, int vocab, int *n_out) {
     return ids;
 }
 
-/* -m logits: feeds the given token ids (no bos added) and writes every
- * position's logits as float32 (n, vocab) to out. For the reference tests. */
 static void write_floats(const char *path, const float *x, size_t n) {
     FILE *f = fopen(path, "wb");
     if (!f) die("cannot write %s: %s", path, strerror(errno));
@@ -2218,6 +1827,8 @@ static void dump_stats(const Transformer *t, int n, const char *path) {
     free(x);
 }
 
+/* -m logits: feeds the given token ids (no bos added) and writes every
+ * position's logits as float32 (n, vocab) to out. For the reference tests. */
 static void dump_logits(Transformer *t, const char *ids_text, const char *out, const char *stats) {
     int n;
     int *ids = parse_ids(ids_text, t->config.vocab_size, &n);
@@ -2364,16 +1975,9 @@ static void usage(int status) {
         "Research options, defaults shown (bench/README.md, \"Research options\"): --scale eden --kproj 2 "
         "--sink 1 --window 8 --batch 256 --qinput 1 --stats <file> -z <file>\n"
         "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n");
-    for (int f = 0; f < TQ_NFMT; f++) {
-        static const char *what[TQ_NFMT] = {
-            "float32, uncompressed", "float16, uncompressed", "int8 absmax, one fp16 scale (q8_0-like)",
-            "int4 absmax, fp16 scale per 32 (q4_0-like)", "TurboQuant mse, 2 bits + fp16 norm",
-            "TurboQuant mse, 3 bits + fp16 norm", "TurboQuant mse, 4 bits + fp16 norm",
-            "TurboQuant prod, 1-bit mse + 1-bit QJL", "TurboQuant prod, 2-bit mse + 1-bit QJL",
-            "TurboQuant prod, 3-bit mse + 1-bit QJL"};
-        fprintf(out, "  %-5s %6.3f / %6.3f  %s\n", tq_fmt_name((tq_fmt)f),
-                tq_bits_per_elem((tq_fmt)f, 64), tq_bits_per_elem((tq_fmt)f, 128), what[f]);
-    }
+    for (int f = 0; f < TQ_NFMT; f++)
+        fprintf(out, "  %-5s %6.3f / %6.3f  %s\n", tq_fmt_name((tq_fmt)f), tq_bits_per_elem((tq_fmt)f, 64),
+                tq_bits_per_elem((tq_fmt)f, 128), tq_fmt_about((tq_fmt)f));
     exit(status);
 }
 
@@ -2392,28 +1996,14 @@ static int parse_int(const char *flag, const char *s, long lo, long hi) {
     return (int)v;
 }
 
-/* "A" or "A:B" (keys:values) -> k = A, v = B (or A); k and v hold 32 bytes */
-static void split_kv(const char *flag, const char *arg, char *k, char *v) {
+/* -k and --scale: "A" or "A:B" (keys:values) -> kv[0] = A, kv[1] = B (or A), 32 bytes each */
+static void split_kv(const char *flag, const char *arg, char kv[2][32]) {
     const char *colon = strchr(arg, ':');
     size_t kl = colon ? (size_t)(colon - arg) : strlen(arg);
     if (kl == 0 || kl >= 32 || (colon && (!colon[1] || strlen(colon + 1) >= 32 || strchr(colon + 1, ':'))))
         die("bad %s \"%s\": give X or KEYS:VALUES (run -h)", flag, arg);
-    memcpy(k, arg, kl); k[kl] = 0;
-    snprintf(v, 32, "%s", colon ? colon + 1 : k);
-}
-
-static void parse_kv(const char *arg, tq_fmt *key_fmt, tq_fmt *value_fmt) {
-    char k[32], v[32];
-    split_kv("-k", arg, k, v);
-    if (tq_parse_fmt(k, key_fmt) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", k);
-    if (tq_parse_fmt(v, value_fmt) != 0) die("unknown KV format \"%s\" (run -h lists the formats)", v);
-}
-
-static void parse_scales(const char *arg, tq_scale *key_scale, tq_scale *value_scale) {
-    char k[32], v[32];
-    split_kv("--scale", arg, k, v);
-    if (tq_parse_scale(k, key_scale) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", k);
-    if (tq_parse_scale(v, value_scale) != 0) die("unknown --scale \"%s\" (norm, nc or eden)", v);
+    memcpy(kv[0], arg, kl); kv[0][kl] = 0;
+    snprintf(kv[1], 32, "%s", colon ? colon + 1 : kv[0]);
 }
 
 #ifndef RUN_NO_MAIN
@@ -2422,6 +2012,7 @@ int main(int argc, char **argv) {
     const char *mode = "generate", *system = NULL, *out = NULL, *stats = NULL;
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
+    char kv[2][32];
     int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
     CacheOpts co = {.key_fmt = TQ_TQ3, .value_fmt = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
                     .kproj = 2, .sink = 1, .window = 8};   /* chosen by bench/quality */
@@ -2455,7 +2046,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-z")) tok_path = v;
         else if (!strcmp(a, "-m")) mode = v;
         else if (!strcmp(a, "-y")) system = v;
-        else if (!strcmp(a, "-k")) parse_kv(v, &co.key_fmt, &co.value_fmt);
+        else if (!strcmp(a, "-k")) {
+            split_kv(a, v, kv);
+            for (int j = 0; j < 2; j++)
+                if (tq_parse_fmt(kv[j], j ? &co.value_fmt : &co.key_fmt)) die("unknown KV format \"%s\" (run -h lists the formats)", kv[j]);
+        }
         else if (!strcmp(a, "-c")) ctx = parse_int(a, v, 1, 1 << 24);
         else if (!strcmp(a, "-o")) out = v;
         else if (!strcmp(a, "--stats")) stats = v;
@@ -2465,7 +2060,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, KPROJ_MAX);
         else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--window")) co.window = parse_int(a, v, 0, 1 << 20);
-        else if (!strcmp(a, "--scale")) parse_scales(v, &co.kscale, &co.vscale);
+        else if (!strcmp(a, "--scale")) {
+            split_kv(a, v, kv);
+            for (int j = 0; j < 2; j++)
+                if (tq_parse_scale(kv[j], j ? &co.vscale : &co.kscale)) die("unknown --scale \"%s\" (norm, nc or eden)", kv[j]);
+        }
         else die("unknown option %s (run -h)", a);
     }
     enum { GENERATE, CHAT, EVAL, LOGITS, SCORE, TOKENIZE, DETOKENIZE, NMODES };
@@ -2506,14 +2105,16 @@ int main(int argc, char **argv) {
         die("%s: bad tokenizer section: %s", tok_path ? tok_path : model_path, err);
 
     Sampler sampler = {c->vocab_size, (ProbIndex *)xcalloc(c->vocab_size, sizeof(ProbIndex), "sampler"), temperature, topp, seed};
+    static const char *needs_prompt[NMODES] = {"no prompt: give one with -i or -f", NULL, "-m eval needs a text: -f FILE",
+        "-m logits needs token ids (-i or -f) and an output file (-o)", "-m score needs token ids (-i or -f)",
+        "-m tokenize needs text (-i or -f)", "-m detokenize needs token ids (-i or -f)"};
+    if ((!prompt && needs_prompt[m]) || (m == LOGITS && !out)) die("%s", needs_prompt[m]);
 
     if (m == GENERATE) {
-        if (!prompt) die("no prompt: give one with -i or -f");
         generate(&t, &tok, &sampler, prompt, steps);
     } else if (m == CHAT) {
         chat(&t, &tok, &sampler, prompt, system, steps);
     } else if (m == EVAL) {
-        if (!prompt) die("-m eval needs a text: -f FILE");
         int same = co.key_fmt == TQ_FP32 && co.value_fmt == TQ_FP32;  /* the reference would be identical */
         CacheOpts fp32 = co;   /* projections, exact positions: none apply to fp32 */
         fp32.key_fmt = fp32.value_fmt = TQ_FP32;
@@ -2522,23 +2123,19 @@ int main(int argc, char **argv) {
         evaluate(&t, same ? NULL : &ref, &tok, prompt, chunks);
         if (!same) free_transformer(&ref);
     } else if (m == LOGITS) {
-        if (!prompt || !out) die("-m logits needs token ids (-i or -f) and an output file (-o)");
 #ifdef RUN_CUDA
         if (stats) die("--stats: the GPU build keeps the key projections on the GPU; use ./run");
 #endif
         dump_logits(&t, prompt, out, stats);
     } else if (m == SCORE) {
-        if (!prompt) die("-m score needs token ids (-i or -f)");
         score_tokens(&t, prompt);
     } else if (m == TOKENIZE) {
-        if (!prompt) die("-m tokenize needs text (-i or -f)");
         int n;
         int *ids = encode_or_die(&tok, prompt, file_text ? file_len : strlen(prompt), -1, &n);
         for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
         printf("\n");
         free(ids);
     } else {
-        if (!prompt) die("-m detokenize needs token ids (-i or -f)");
         int n;
         int *ids = parse_ids(prompt, c->vocab_size, &n);
         for (int i = 0; i < n; i++) {

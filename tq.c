@@ -135,10 +135,13 @@ static uint64_t rng_stream(uint64_t seed, int k) { return seed + (uint64_t)k * 0
 
 /* ---- format table ------------------------------------------------------------*/
 
-static const struct { const char *name; int bits; int prod; } FMT[TQ_NFMT] = {
-    {"fp32", 0, 0}, {"fp16", 0, 0}, {"q8", 0, 0}, {"q4", 0, 0},
-    {"tq2", 2, 0}, {"tq3", 3, 0}, {"tq4", 4, 0},
-    {"tq2p", 1, 1}, {"tq3p", 2, 1}, {"tq4p", 3, 1},   /* bits = Lloyd-Max bits = B-1 */
+static const struct { const char *name; int bits; int prod; const char *about; } FMT[TQ_NFMT] = {
+    {"fp32", 0, 0, "float32, uncompressed"}, {"fp16", 0, 0, "float16, uncompressed"},
+    {"q8", 0, 0, "int8 absmax, one fp16 scale (q8_0-like)"}, {"q4", 0, 0, "int4 absmax, fp16 scale per 32 (q4_0-like)"},
+    {"tq2", 2, 0, "TurboQuant mse, 2 bits + fp16 norm"}, {"tq3", 3, 0, "TurboQuant mse, 3 bits + fp16 norm"},
+    {"tq4", 4, 0, "TurboQuant mse, 4 bits + fp16 norm"},
+    {"tq2p", 1, 1, "TurboQuant prod, 1-bit mse + 1-bit QJL"},   /* bits = Lloyd-Max bits = B-1 */
+    {"tq3p", 2, 1, "TurboQuant prod, 2-bit mse + 1-bit QJL"}, {"tq4p", 3, 1, "TurboQuant prod, 3-bit mse + 1-bit QJL"},
 };
 static const char *SCALE_NAME[TQ_NSCALE] = {"norm", "nc", "eden"};
 
@@ -148,6 +151,7 @@ int tq_parse_fmt(const char *name, tq_fmt *out) {
     return -1;
 }
 const char *tq_fmt_name(tq_fmt f) { return (unsigned)f < TQ_NFMT ? FMT[f].name : "?"; }
+const char *tq_fmt_about(tq_fmt f) { return (unsigned)f < TQ_NFMT ? FMT[f].about : "?"; }
 
 int tq_parse_scale(const char *name, tq_scale *out) {
     for (int s = 0; s < TQ_NSCALE; s++)
@@ -1684,4 +1688,209 @@ float tq_softmax_chunk(tq_simd simd, float *s, int n, float scale, float *m, flo
     (void)simd;
 #endif
     return softmax_chunk_portable(s, n, scale, m, rescale);
+}
+
+/* ---- one KV head's cache: key directions, stores, attention (tq.h) ------------------------------ */
+
+#define ATT_CHUNK 128   /* rows per call into the kernels above: a chunk's scores stay in L1 */
+
+static float dotf(const float *a, const float *b, int n) {
+    float s = 0.0f;
+#ifdef _OPENMP
+#pragma omp simd reduction(+ : s)
+#endif
+    for (int j = 0; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+static float dot_f16(const float *a, const uint16_t *b, int n) {
+    float s = 0.0f;
+    for (int j = 0; j < n; j++) s += a[j] * tq_half(b[j]);
+    return s;
+}
+
+/* fp16-rounds u (n) as it is stored, then makes it a unit vector orthogonal to the
+ * unit vector prev (if given) again, in float, the way every reader recomputes it. */
+static void store_direction(float *u, const float *prev, int n) {
+    for (int i = 0; i < n; i++) u[i] = tq_f16_to_f32(tq_f32_to_f16(u[i]));
+    if (prev) {
+        float p = dotf(u, prev, n);
+        for (int i = 0; i < n; i++) u[i] -= p * prev[i];
+    }
+    double norm = 0;
+    for (int i = 0; i < n; i++) norm += (double)u[i] * u[i];
+    for (int i = 0; i < n; i++) u[i] = norm > 0 ? (float)(u[i] / sqrt(norm)) : 0.0f;
+}
+
+int tq_key_dirs(const tq_head *h, int group, const float *q, size_t ldq, const float *k, size_t ldk, int n) {
+    int hd = h->kc->d, first = n > 1 ? 1 : 0;
+    if (h->R == 0) return 0;
+    float *u1 = h->kdir, *u2 = h->kdir + hd;
+    double norm = 0;
+    for (int i = 0; i < hd; i++) {
+        double sum = 0;
+        for (int b = first; b < n; b++)
+            for (int j = 0; j < group; j++) sum += q[b * ldq + (size_t)j * hd + i];
+        u1[i] = (float)sum;
+        norm += (double)u1[i] * u1[i];
+    }
+    for (int i = 0; i < hd; i++) u1[i] = norm > 0 ? (float)(u1[i] / sqrt(norm)) : 0.0f;
+    store_direction(u1, NULL, hd);
+    if (h->R < 2) return 0;
+    double *m = (double *)calloc((size_t)hd * hd + 3 * (size_t)hd, sizeof(double));
+    if (!m) return -1;
+    double *r = m + (size_t)hd * hd, *v = r + hd, *mv = v + hd, longest = -1;
+    for (int b = first; b < n; b++) {           /* m = sum_b r_b r_b^T, r_b = k_b - (u_1.k_b) u_1 */
+        double p = 0, len = 0;
+        for (int i = 0; i < hd; i++) {
+            r[i] = k[b * ldk + i];
+            p += r[i] * u1[i];
+        }
+        for (int i = 0; i < hd; i++) { r[i] -= p * u1[i]; len += r[i] * r[i]; }
+        for (int i = 0; i < hd; i++)
+            for (int j = 0; j < hd; j++) m[(size_t)i * hd + j] += r[i] * r[j];
+        if (len > longest) { longest = len; memcpy(v, r, hd * sizeof(double)); }
+    }
+    for (int it = 0; it < 200; it++) {          /* v <- m v / |m v| */
+        double len = 0;
+        for (int i = 0; i < hd; i++) {
+            mv[i] = 0;
+            for (int j = 0; j < hd; j++) mv[i] += m[(size_t)i * hd + j] * v[j];
+            len += mv[i] * mv[i];
+        }
+        for (int i = 0; i < hd; i++) v[i] = len > 0 ? mv[i] / sqrt(len) : 0.0;
+    }
+    for (int i = 0; i < hd; i++) u2[i] = (float)v[i];
+    store_direction(u2, u1, hd);
+    free(m);
+    return 0;
+}
+
+void tq_store(const tq_head *h, int pos, float *k, float *v, float *kperp) {
+    int hd = h->kc->d, R = h->R;
+    if (R) {
+        const float *u = h->kdir;
+        uint16_t *beta = h->kbeta + (size_t)pos * R;
+        memcpy(kperp, k, hd * sizeof(float));
+        for (int r = 0; r < R; r++) {
+            beta[r] = tq_f32_to_f16(dotf(u + (size_t)r * hd, k, hd));
+            for (int j = 0; j < hd; j++) kperp[j] -= tq_f16_to_f32(beta[r]) * u[(size_t)r * hd + j];
+        }
+    }
+    tq_encode(h->kc, R ? kperp : k, h->key + (size_t)pos * h->kc->bytes);
+    tq_encode(h->vc, v, h->value + (size_t)pos * h->vc->bytes);
+    for (int j = 0; j < hd; j++) { k[j] = tq_f16_to_f32(tq_f32_to_f16(k[j])); v[j] = tq_f16_to_f32(tq_f32_to_f16(v[j])); }
+}
+
+void tq_store_exact(const tq_head *h, int pos, int b, int n, const float *k, const float *v) {
+    if (!(pos + b < h->sink || (h->window > 0 && b >= n - h->window))) return;
+    size_t hd = (size_t)h->kc->d, r = (size_t)tq_exact_slot(pos + b, h->sink, h->slots) * hd;
+    for (size_t j = 0; j < hd; j++) { h->exact_k[r + j] = tq_f32_to_f16(k[j]); h->exact_v[r + j] = tq_f32_to_f16(v[j]); }
+}
+
+void tq_prepare_query_head(const tq_head *h, const float *q, float *qperp, float *along, float *prepared) {
+    int hd = h->kc->d, R = h->R;
+    const float *u = h->kdir;
+    for (int j = 0; j < R; j++) along[j] = dotf(q, u + (size_t)j * hd, hd);
+    memcpy(qperp, q, hd * sizeof(float));
+    for (int j = 0; j < R; j++)
+        for (int i = 0; i < hd; i++) qperp[i] -= along[j] * u[(size_t)j * hd + i];
+    tq_prepare_query(h->kc, R ? qperp : q, prepared);
+}
+
+size_t tq_state_floats(const tq_codec *vc) { return 2 + tq_acc_floats(vc) + (size_t)vc->d; }
+size_t tq_attend_scratch(int nq) { return ((size_t)nq + TQ_KPROJ_MAX) * ATT_CHUNK; }
+
+/* Runs one chunk at a time: scores from the key codes, plus the keys' exact parts along.beta,
+ * masked logits, an online-softmax step per query, then the value codes weighted into each
+ * query's accumulator. */
+void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0, const float *prepared,
+                     const float *along, int k0, int k1, float *st, float *scratch) {
+    int R = h->R, k = k0 + (k1 - k0 + 15) / 16 * 16;
+    size_t qf = tq_query_floats(h->kc), sf = tq_state_floats(h->vc);
+    float *scores = scratch, *beta = scratch + (size_t)nq * ATT_CHUNK, scale = 1.0f / sqrtf((float)h->kc->d);
+    k1 = k < h->ctx ? k : h->ctx;
+    for (int r = 0; r < nq; r++) {
+        memset(st + r * sf, 0, sf * sizeof(float));
+        st[r * sf] = -INFINITY;
+    }
+    for (int t0 = k0; t0 < k1; t0 += ATT_CHUNK) {
+        int nk = k1 - t0 < ATT_CHUNK ? k1 - t0 : ATT_CHUNK;
+        tq_attn_scores(h->kc, simd, nq, prepared, qf, h->key + (size_t)t0 * h->kc->bytes, nk, scores, ATT_CHUNK);
+        if (R) {                                        /* + sum_j along_j beta_tj */
+            const uint16_t *kb = h->kbeta + (size_t)t0 * R;
+            for (int j = 0; j < R; j++)
+                for (int t = 0; t < nk; t++) beta[j * ATT_CHUNK + t] = tq_half(kb[t * R + j]);
+            for (int r = 0; r < nq; r++)
+                for (int j = 0; j < R; j++) {
+                    float u = along[r * TQ_KPROJ_MAX + j], *x = scores + (size_t)r * ATT_CHUNK;
+                    const float *bj = beta + j * ATT_CHUNK;
+                    for (int t = 0; t < nk; t++) x[t] += u * bj[t];
+                }
+        }
+        for (int r = 0; r < nq; r++) {
+            float *x = scores + (size_t)r * ATT_CHUNK, *q = st + r * sf, rescale;
+            int end = tq_coded_end(pos0 + r / group + 1, h->sink, h->window) - t0;
+            for (int t = end > 0 ? end : 0; t < nk; t++) x[t] = -INFINITY;
+            float sum = tq_softmax_chunk(simd, x, nk, scale, &q[0], &rescale);
+            for (size_t i = 1; i < sf; i++) q[i] *= rescale;
+            q[1] += sum;
+        }
+        tq_attn_values(h->vc, simd, nq, scores, ATT_CHUNK, h->value + (size_t)t0 * h->vc->bytes, nk, st + 2, sf);
+    }
+}
+
+/* dst <- the state of dst's and src's positions together (the same query, disjoint positions). */
+static void state_merge(float *dst, const float *src, size_t sf) {
+    float m = fmaxf(dst[0], src[0]);
+    if (m == -INFINITY) return;                         /* both empty */
+    float fd = expf(dst[0] - m), fs = expf(src[0] - m);
+    for (size_t i = 1; i < sf; i++) dst[i] = dst[i] * fd + src[i] * fs;
+    dst[0] = m;
+}
+
+/* 1 if position t is read from the exact store by a query at position T-1 */
+static int is_exact(const tq_head *h, int t, int T) { return t < h->sink || t >= T - h->window; }
+
+/* The first position >= t that a query at T-1 reads from the exact store (T: none). */
+static int next_exact(const tq_head *h, int t, int T) { return is_exact(h, t, T) ? t : T - h->window; }
+
+/* q.k_t for exact position t: its fp16 copy, or the batch's own key */
+static float exact_score(const tq_head *h, const float *q, const tq_batch *batch, int t) {
+    int hd = h->kc->d;
+    if (t >= batch->pos) return dotf(q, batch->k + (size_t)(t - batch->pos) * batch->ld, hd);
+    return dot_f16(q, h->exact_k + (size_t)tq_exact_slot(t, h->sink, h->slots) * hd, hd);
+}
+
+/* out (d) += w times the value of exact position t: its fp16 copy, or the batch's own. */
+static void add_exact_value(const tq_head *h, const tq_batch *batch, int t, float w, float *out) {
+    int hd = h->kc->d;
+    if (t >= batch->pos) {
+        const float *v = batch->v + (size_t)(t - batch->pos) * batch->ld;
+        for (int i = 0; i < hd; i++) out[i] += w * v[i];
+    } else {
+        const uint16_t *v = h->exact_v + (size_t)tq_exact_slot(t, h->sink, h->slots) * hd;
+        for (int i = 0; i < hd; i++) out[i] += w * tq_half(v[i]);
+    }
+}
+
+void tq_attend_finish(const tq_head *h, const float *q, const tq_batch *batch, int T, float *st, int parts,
+                      size_t stride, float *out) {
+    size_t sf = tq_state_floats(h->vc);
+    for (int p = 1; p < parts; p++) state_merge(st, st + (size_t)p * stride, sf);
+    /* the exact positions: their scores, one rescale, their weighted values */
+    float scale = 1.0f / sqrtf((float)h->kc->d), m = st[0];
+    float *ex = st + 2 + tq_acc_floats(h->vc);
+    for (int t = next_exact(h, 0, T); t < T; t = next_exact(h, t + 1, T)) m = fmaxf(m, scale * exact_score(h, q, batch, t));
+    float f = expf(st[0] - m);                          /* 0 when nothing was coded */
+    for (size_t i = 1; i < sf; i++) st[i] *= f;
+    st[0] = m;
+    for (int t = next_exact(h, 0, T); t < T; t = next_exact(h, t + 1, T)) {
+        float p = expf(scale * exact_score(h, q, batch, t) - m);
+        st[1] += p;
+        add_exact_value(h, batch, t, p, ex);
+    }
+    tq_finish(h->vc, st + 2, out);                      /* Pi^T acc, once per query */
+    float inv = 1.0f / st[1];
+    for (int i = 0; i < h->kc->d; i++) out[i] = (out[i] + ex[i]) * inv;
 }

@@ -98,6 +98,7 @@ typedef struct {
 /* ---- format table --------------------------------------------------------*/
 int tq_parse_fmt(const char *name, tq_fmt *out);  /* 0 on success, -1 unknown  */
 const char *tq_fmt_name(tq_fmt f);
+const char *tq_fmt_about(tq_fmt f);               /* one line for -h: what the format stores */
 size_t tq_bytes(tq_fmt f, int d);                 /* bytes of one encoded vector; 0 if d unsupported */
 double tq_bits_per_elem(tq_fmt f, int d);         /* 8*bytes/d, every stored byte counted */
 const char *tq_scale_name(tq_scale s);            /* "norm", "nc", "eden" */
@@ -172,6 +173,112 @@ void tq_attn_scores(const tq_codec *c, tq_simd simd, int nq, const float *qp /* 
 void tq_attn_values(const tq_codec *c, tq_simd simd, int nq, const float *w /* (nq, ldw) */, size_t ldw,
                     const uint8_t *rows /* (n, bytes) */, int n, float *acc /* (nq, lda) */, size_t lda);
 float tq_softmax_chunk(tq_simd simd, float *s /* (n) */, int n, float scale, float *m, float *rescale);
+
+/* ---- one KV head's cache, and attention over it ----------------------------------
+ * run.c keeps, per KV head, the codes of every position plus two fixes on top of
+ * the paper's codec (both off with --paper):
+ *
+ * Key projection. The queries of a head share a large common direction: the mean
+ * query's direction u holds a large part of a head's query energy. The score error
+ * of a quantized key is q.e = (q.u)(u.e) + q_perp.e, and the first term, large
+ * because q.u is, moves every score of the key the same way for all queries. So
+ * each key also keeps beta = u.k exactly (one fp16 number per key: +0.25 bits/elem
+ * at head_dim 64) and only the rest, k - beta u, is encoded. Scoring uses
+ *     q.k ~= (q.u) beta + q_perp.k~,   q_perp = q - (q.u) u,
+ * so the codes' error along u (not zero: the codec spreads its error over all
+ * directions, paper section 3.1) never reaches the score. u is the normalized mean
+ * query of the sequence's first batch (the sink token left out: statistics of the
+ * sequence itself, nothing fitted offline), rounded to fp16 and normalized again.
+ * A second direction u_2, orthogonal to u, is the keys' own main direction (their
+ * top principal direction in the first batch, less the part along u), so the codes
+ * no longer carry the largest remaining part of a key. With R directions,
+ * k - sum_j beta_j u_j is encoded and
+ *     q.k ~= sum_j (q.u_j) beta_j + q_perp.k~,   q_perp = q - sum_j (q.u_j) u_j.
+ *
+ * Exact positions. Most of what a small model's attention looks at is the attention
+ * sink (position 0) and the last few tokens; their quantization error goes straight
+ * into the output. Those positions are also kept in fp16 (the vectors that were
+ * encoded): the first `sink`, and the last `window` in a ring of rows, so the cost
+ * does not grow with the context. The positions of the batch being processed are
+ * read from the batch itself (rounded to fp16 the same way) and enter the ring after
+ * attention. bench/README.md measures what each fix gains.
+ *
+ * Attention of a query at position T-1 reads the coded positions [sink, T - window)
+ * from the codes and the exact ones from their fp16 copies, both gathered into an
+ * online-softmax state per query (Milakov & Gimelshein 2018; FlashAttention):
+ *   st = [ m | l | acc (tq_acc_floats) | ex (d) ],  m the largest logit x_t seen,
+ *   l = sum_t e^(x_t - m),  acc = sum_t e^(x_t - m) v~_t over coded positions in the
+ *   codec's accumulator form (rotated domain), ex the same over exact positions;
+ * the output is (Pi^T acc + ex) / l, and states over disjoint positions merge by
+ * rescaling to the larger m. The coded part runs a chunk of rows at a time for a
+ * group of queries at once (GQA: one pass over each row's codes serves the query
+ * heads of a KV head, and in prefill several tokens too); scores come straight from
+ * the codes (paper, section 3: <q, x~> without decoding x~). */
+#define TQ_KPROJ_MAX 2   /* key directions at most: the mean query's, the keys' main one */
+
+typedef struct {
+    const tq_codec *kc, *vc; /* key and value formats (d = kc->d = vc->d)            */
+    int ctx;                 /* positions allocated                                   */
+    uint8_t *key;            /* (ctx, kc->bytes) codes of k - sum_j beta_j u_j        */
+    uint8_t *value;          /* (ctx, vc->bytes) codes of the values                  */
+    int R;                   /* key directions, 0..TQ_KPROJ_MAX                       */
+    float *kdir;             /* (R, d) orthonormal directions u_j (NULL when R = 0)   */
+    uint16_t *kbeta;         /* (ctx, R) fp16 beta_tj = u_j.k_t (NULL when R = 0)     */
+    int sink, window;        /* exact positions: the first `sink` and the last `window` */
+    int slots;               /* rows of the exact store: the sinks, then a ring       */
+    uint16_t *exact_k;       /* (slots, d) fp16 keys as encoded                       */
+    uint16_t *exact_v;       /* (slots, d) fp16 values as encoded                     */
+} tq_head;
+
+/* The batch being processed: its keys and values as stored (fp16-rounded), read for
+ * exact positions >= pos. */
+typedef struct {
+    int pos;                 /* position of the batch's first token                  */
+    const float *k, *v;      /* (n, ld) this head's key and value of every token      */
+    size_t ld;
+} tq_batch;
+
+/* Row of position pos in the exact store: the sinks first, then the ring. */
+TQ_HD static inline int tq_exact_slot(int pos, int sink, int slots) {
+    return pos < sink ? pos : sink + (pos - sink) % (slots - sink);
+}
+/* the end of the coded positions of a query at T-1: they are [sink, tq_coded_end) */
+static inline int tq_coded_end(int T, int sink, int window) { return T - window > sink ? T - window : sink; }
+
+/* The key directions (R of them into h->kdir) from the first batch's n tokens: q + b*ldq
+ * holds token b's `group` query heads (group*d floats), k + b*ldk its key, both after RoPE;
+ * token 0 (the sink) is left out when n > 1. u_1 is the mean query, u_2 the top principal
+ * direction of the keys less their part along u_1 (power iteration on the d x d second
+ * moments, from the longest of those keys); each rounded to fp16 as stored and made
+ * orthonormal again. Returns 0, or -1 out of memory. */
+int tq_key_dirs(const tq_head *h, int group, const float *q, size_t ldq, const float *k, size_t ldk, int n);
+/* Stores position pos's key k and value v (d each): beta_j = u_j.k in fp16 and
+ * kperp = k - sum_j beta_j u_j encoded; then k and v are rounded to fp16 in place, as
+ * the exact store keeps them. kperp: d floats of scratch. */
+void tq_store(const tq_head *h, int pos, float *k, float *v, float *kperp);
+/* After attention, token b of a batch of n at pos enters the exact store if it is a sink
+ * or among the batch's last `window` (k, v as tq_store left them). */
+void tq_store_exact(const tq_head *h, int pos, int b, int n, const float *k, const float *v);
+/* Readies query q (d) for scoring: along[j] = q.u_j, and q_perp = q - sum_j along[j] u_j
+ * prepared by the key codec into prepared (tq_query_floats); qperp: d floats of scratch. */
+void tq_prepare_query_head(const tq_head *h, const float *q, float *qperp, float *along, float *prepared);
+
+size_t tq_state_floats(const tq_codec *vc);   /* floats of one query's state: 2 + acc + d */
+size_t tq_attend_scratch(int nq);             /* scratch floats of tq_attend_codes for nq queries */
+/* The coded positions [k0, k1) for nq queries, `group` per token (query r belongs to token
+ * r / group, at position pos0 + r / group), each query's logits past its own coded range
+ * masked (they are exact for it, or in its future): prepared (nq, tq_query_floats) and
+ * along (nq, TQ_KPROJ_MAX) as tq_prepare_query_head leaves them. Sets st (nq,
+ * tq_state_floats) to the states of those positions. scratch: tq_attend_scratch(nq) floats.
+ * k1 is widened to whole tiles of 16 rows where the cache has them (rows past every
+ * query's range: masked), so the codec's kernels need no row-by-row tail. */
+void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0, const float *prepared,
+                     const float *along, int k0, int k1, float *st, float *scratch);
+/* Query q (d, after RoPE) at position T-1: merges the `parts` states st, st + stride, ...
+ * (its coded positions, split) into st, adds its exact positions (their fp16 copies, or
+ * the batch's own rows), and writes the attention output to out (d). */
+void tq_attend_finish(const tq_head *h, const float *q, const tq_batch *batch, int T, float *st, int parts,
+                      size_t stride, float *out);
 
 /* fp16 helpers (round to nearest even), shared with run.c */
 TQ_HD uint16_t tq_f32_to_f16(float f);

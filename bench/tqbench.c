@@ -2,7 +2,7 @@
  *   make bench        (or: make bench/tqbench && ./bench/tqbench [options])
  * What decode does for one KV head: a group of G query heads attends over `keys` cached
  * positions with the codec's kernels, a chunk of 128 positions at a time: tq_attn_scores,
- * tq_softmax_chunk for each query, tq_attn_values (run.c's attend_codes without the key
+ * tq_softmax_chunk for each query, tq_attn_values (tq.c's tq_attend_codes without the key
  * projections and exact positions). The cache is one layer's codes copied into an arena of
  * --arena MiB of distinct memory (keys and values), swept layer after layer, so that the rows
  * come from DRAM as they do in decode, where the weights stream through the caches in between

@@ -3,7 +3,7 @@
  * One input is a whole model.bin, held in a buffer of exactly its size (so ASan sees any
  * read past its end, as a read past the end of the mmap'd file would fault):
  *   1. read_config checks the header against the size, as load_model does after mmap;
- *   2. when it accepts, every weight tensor that map_model_weights points at (fp32, or
+ *   2. when it accepts, every weight tensor that map_weights points at (fp32, or
  *      int8 codes and scales) must lie inside the buffer (its first and last byte are read);
  *   3. build_tokenizer parses the tokenizer section, as main does;
  *   4. when that succeeds too, a fixed text with special tokens, digits, contractions and
@@ -42,7 +42,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (read_config(&c, data, size, err, sizeof err)) return 0;
 
     TransformerWeights w;
-    map_model_weights(&w, &c, (uint8_t *)data);
+    map_weights(&w, &c, (uint8_t *)data + c.weights_offset);
     size_t L = (size_t)c.n_layers, dim = (size_t)c.dim, hid = (size_t)c.hidden_dim;
     size_t qd = (size_t)c.n_heads * c.head_dim, kvd = (size_t)c.n_kv_heads * c.head_dim;
     const uint8_t *end = data + size;
