@@ -175,7 +175,6 @@ typedef struct {
     float *qperp;  /* (batch*n_heads, head_dim) queries less those parts (tq_prepare_query_head's scratch) */
     float *part;   /* (att_states, tq_state_floats) online-softmax states of the work items */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
-    float *rope;   /* (batch, head_dim) RoPE's cosines and sines at the batch's positions (rope_table) */
     tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
     /* int8 weights only (else NULL): a matrix product's input x (B, n), n <= wide_n =
      * max(dim, q_dim, hidden_dim), quantized like the weights (qinput) or as it is */
@@ -478,7 +477,6 @@ static double build_state(RunState *s, const Config *c, const KVCache *kv, int b
     s->qperp = TAKE(B * qd, "queries");
     s->part = TAKE(att_states(c, batch) * tq_state_floats(&kv->vc), "attention states");
     s->logits = TAKE((all_logits ? B : 1) * c->vocab_size, "logits");
-    s->rope = TAKE(B * c->head_dim, "activations");
     if (c->weight_type == WEIGHTS_INT8) {
         size_t wn = wide_n(c), tiled = B / QTOKS * QTOKS;
         s->xq = (int16_t *)take_zeroed(B * wn, sizeof(int16_t), "quantized activations", alloc, &bytes);
@@ -492,7 +490,7 @@ static double build_state(RunState *s, const Config *c, const KVCache *kv, int b
 
 static void free_state(RunState *s) {
     float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->kperp, s->att, s->prepared, s->along, s->qperp,
-                  s->part, s->logits, s->rope, s->xqs, s->xqt, s->xqts};
+                  s->part, s->logits, s->xqs, s->xqt, s->xqts};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
     free(s->xq);
 }
@@ -891,35 +889,24 @@ static void embed(float *x, const TransformerWeights *w, int token, int dim) {
 }
 #endif
 
-/* RoPE's rotations at positions pos .. pos+n-1: row b of cs (n, head_dim) holds, for the pair
- * (2i, 2i+1), the cosine and sine of the angle (pos + b) * theta^(-2i/head_dim). Computed once a
- * forward pass (run_cuda.cu: once for the whole context) and shared by every layer and head. */
-static void rope_table(float *cs, int pos, int n, int head_dim, float theta) {
-    for (int b = 0; b < n; b++)
-        for (int i = 0; i < head_dim; i += 2) {
-            double ang = (double)(pos + b) * pow(theta, -(double)i / head_dim);
-            cs[(size_t)b * head_dim + i] = (float)cos(ang);
-            cs[(size_t)b * head_dim + i + 1] = (float)sin(ang);
-        }
-}
-
-/* RoPE on one head vector (interleaved pairs, the layout of model.bin): (v[2i], v[2i+1]) is
- * rotated by the angle whose cosine and sine are cs[2i], cs[2i+1] (rope_table). */
-static void rope(float *v, const float *cs, int head_dim) {
+/* RoPE on one head vector (interleaved pairs, the layout of model.bin):
+ * (v[2i], v[2i+1]) is rotated by the angle pos * theta^(-2i/head_dim). */
+static void rope(float *v, int head_dim, int pos, float theta) {
     for (int i = 0; i < head_dim; i += 2) {
+        double ang = pos * pow(theta, -(double)i / head_dim);
+        float c = (float)cos(ang), s = (float)sin(ang);
         float a = v[i], b = v[i + 1];
-        v[i] = a * cs[i] - b * cs[i + 1];
-        v[i + 1] = a * cs[i + 1] + b * cs[i];
+        v[i] = a * c - b * s;
+        v[i + 1] = a * s + b * c;
     }
 }
 
-/* RoPE on token b's key head g, and the query heads of its group: q (batch, n_heads*head_dim),
- * k (batch, n_kv_heads*head_dim), cs (batch, head_dim) the batch's rope_table. */
-static void rope_group(const Config *c, float *q, float *k, const float *cs, int b, int g) {
+/* RoPE on token b's key head g, and the query heads of its group, at position
+ * pos + b: q (batch, n_heads*head_dim), k (batch, n_kv_heads*head_dim). */
+static void rope_group(const Config *c, float *q, float *k, int b, int g, int pos) {
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
-    const float *r = cs + (size_t)b * hd;
-    rope(k + ((size_t)b * c->n_kv_heads + g) * hd, r, hd);
-    for (int h = g * group; h < (g + 1) * group; h++) rope(q + ((size_t)b * c->n_heads + h) * hd, r, hd);
+    rope(k + ((size_t)b * c->n_kv_heads + g) * hd, hd, pos + b, c->rope_theta);
+    for (int h = g * group; h < (g + 1) * group; h++) rope(q + ((size_t)b * c->n_heads + h) * hd, hd, pos + b, c->rope_theta);
 }
 
 static void softmax(float *x, int n) {
@@ -994,7 +981,6 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
 
     for (int b = 0; b < n; b++) embed(s->x + (size_t)b * dim, w, tokens[b], dim);
-    rope_table(s->rope, pos, n, hd, c->rope_theta);
 
     for (int l = 0; l < c->n_layers; l++) {
         /* attention block: x += Wo . attn(RoPE(Wq xn), RoPE(Wk xn), Wv xn) */
@@ -1005,7 +991,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         linear(s, s->v, s->xb, w->wv, &w->q_wv, (size_t)l * kvd * dim, n, dim, kvd);
         int i;
 #pragma omp parallel for schedule(static)
-        for (i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, s->rope, i / c->n_kv_heads, i % c->n_kv_heads);
+        for (i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
         if (pos == 0) measure_stats(kv, c, l, s->q, s->k, n);   /* a new sequence */
 #pragma omp parallel for schedule(static)
         for (i = 0; i < n * c->n_kv_heads; i++) {   /* encode k, v into the cache; i = b * n_kv_heads + g */

@@ -1650,7 +1650,12 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     a->dk = dk; a->dv = dv; a->emax = emax > 0 ? emax : 1;
     a->qkv = g->qkv;
     float *cs = (float *)xcalloc((size_t)kv->ctx * hd, sizeof(float), "RoPE table");
-    rope_table(cs, 0, kv->ctx, (int)hd, c->rope_theta);
+    for (size_t p = 0; p < (size_t)kv->ctx; p++)      /* run.c's rope(), angle for angle */
+        for (size_t i = 0; i < hd; i += 2) {
+            double ang = p * pow(c->rope_theta, -(double)i / hd);
+            cs[p * hd + i] = (float)cos(ang);
+            cs[p * hd + i + 1] = (float)sin(ang);
+        }
     a->rope = (float *)gpu_alloc(g, cs, (size_t)kv->ctx * hd * f);
     free(cs);
     a->qext = (float *)gpu_alloc(g, NULL, B * c->n_heads * dk * f);
