@@ -557,13 +557,6 @@ static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) 
 }
 
 #ifndef RUN_CUDA   /* run_cuda.cu multiplies with cuBLAS */
-static float dot(const float *a, const float *b, int n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int j = 0; j < n; j++) s += a[j] * b[j];
-    return s;
-}
-
 /* A 2-row x 6-token tile of the product, 8 floats at a time: 12 accumulators
  * and 2 weight vectors fit the 16 AVX registers, so every weight load serves
  * 6 tokens and every activation load 2 rows, where one dot at a time would load both
@@ -638,7 +631,7 @@ static void matmul(float *out, const float *x, const float *w, int B, int n, int
             continue;
         }
         for (int r = i; r < i + TILE_ROWS && r < d; r++)
-            for (int t = b; t < B; t++) out[(size_t)t * d + r] = dot(w + (size_t)r * n, x + (size_t)t * n, n);
+            for (int t = b; t < B; t++) out[(size_t)t * d + r] = tq_dot_f32(w + (size_t)r * n, x + (size_t)t * n, n);
     }
 }
 

@@ -1694,7 +1694,7 @@ float tq_softmax_chunk(tq_simd simd, float *s, int n, float scale, float *m, flo
 
 #define ATT_CHUNK 128   /* rows per call into the kernels above: a chunk's scores stay in L1 */
 
-static float dotf(const float *a, const float *b, int n) {
+float tq_dot_f32(const float *a, const float *b, int n) {
     float s = 0.0f;
 #ifdef _OPENMP
 #pragma omp simd reduction(+ : s)
@@ -1714,7 +1714,7 @@ static float dot_f16(const float *a, const uint16_t *b, int n) {
 static void store_direction(float *u, const float *prev, int n) {
     for (int i = 0; i < n; i++) u[i] = tq_f16_to_f32(tq_f32_to_f16(u[i]));
     if (prev) {
-        float p = dotf(u, prev, n);
+        float p = tq_dot_f32(u, prev, n);
         for (int i = 0; i < n; i++) u[i] -= p * prev[i];
     }
     double norm = 0;
@@ -1773,7 +1773,7 @@ void tq_store(const tq_head *h, int pos, float *k, float *v, float *kperp) {
         uint16_t *beta = h->kbeta + (size_t)pos * R;
         memcpy(kperp, k, hd * sizeof(float));
         for (int r = 0; r < R; r++) {
-            beta[r] = tq_f32_to_f16(dotf(u + (size_t)r * hd, k, hd));
+            beta[r] = tq_f32_to_f16(tq_dot_f32(u + (size_t)r * hd, k, hd));
             for (int j = 0; j < hd; j++) kperp[j] -= tq_f16_to_f32(beta[r]) * u[(size_t)r * hd + j];
         }
     }
@@ -1791,7 +1791,7 @@ void tq_store_exact(const tq_head *h, int pos, int b, int n, const float *k, con
 void tq_prepare_query_head(const tq_head *h, const float *q, float *qperp, float *along, float *prepared) {
     int hd = h->kc->d, R = h->R;
     const float *u = h->kdir;
-    for (int j = 0; j < R; j++) along[j] = dotf(q, u + (size_t)j * hd, hd);
+    for (int j = 0; j < R; j++) along[j] = tq_dot_f32(q, u + (size_t)j * hd, hd);
     memcpy(qperp, q, hd * sizeof(float));
     for (int j = 0; j < R; j++)
         for (int i = 0; i < hd; i++) qperp[i] -= along[j] * u[(size_t)j * hd + i];
@@ -1858,7 +1858,7 @@ static int next_exact(const tq_head *h, int t, int T) { return is_exact(h, t, T)
 /* q.k_t for exact position t: its fp16 copy, or the batch's own key */
 static float exact_score(const tq_head *h, const float *q, const tq_batch *batch, int t) {
     int hd = h->kc->d;
-    if (t >= batch->pos) return dotf(q, batch->k + (size_t)(t - batch->pos) * batch->ld, hd);
+    if (t >= batch->pos) return tq_dot_f32(q, batch->k + (size_t)(t - batch->pos) * batch->ld, hd);
     return dot_f16(q, h->exact_k + (size_t)tq_exact_slot(t, h->sink, h->slots) * hd, hd);
 }
 

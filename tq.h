@@ -280,6 +280,8 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
 void tq_attend_finish(const tq_head *h, const float *q, const tq_batch *batch, int T, float *st, int parts,
                       size_t stride, float *out);
 
+float tq_dot_f32(const float *a, const float *b, int n);   /* sum_j a[j] b[j], float */
+
 /* fp16 helpers (round to nearest even), shared with run.c */
 TQ_HD uint16_t tq_f32_to_f16(float f);
 TQ_HD float tq_f16_to_f32(uint16_t h);
