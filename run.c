@@ -882,24 +882,25 @@ static void embed(float *x, const TransformerWeights *w, int token, int dim) {
 }
 #endif
 
-/* RoPE on one head vector (interleaved pairs, the layout of model.bin):
- * (v[2i], v[2i+1]) is rotated by the angle pos * theta^(-2i/head_dim). */
-static void rope(float *v, int head_dim, int pos, float theta) {
-    for (int i = 0; i < head_dim; i += 2) {
-        double ang = pos * pow(theta, -(double)i / head_dim);
-        float c = (float)cos(ang), s = (float)sin(ang);
-        float a = v[i], b = v[i + 1];
-        v[i] = a * c - b * s;
-        v[i + 1] = a * s + b * c;
-    }
+/* RoPE (interleaved pairs, the layout of model.bin): (v[2i], v[2i+1]) is rotated by the
+ * angle pos * theta^(-2i/head_dim). */
+static void rotate_pair(float *v, float c, float s) {
+    float a = v[0], b = v[1];
+    v[0] = a * c - b * s;
+    v[1] = a * s + b * c;
 }
 
-/* RoPE on token b's key head g, and the query heads of its group, at position
- * pos + b: q (batch, n_heads*head_dim), k (batch, n_kv_heads*head_dim). */
+/* RoPE on token b's key head g and the query heads of its group, at position pos + b
+ * (they share every angle): q (batch, n_heads*head_dim), k (batch, n_kv_heads*head_dim). */
 static void rope_group(const Config *c, float *q, float *k, int b, int g, int pos) {
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
-    rope(k + ((size_t)b * c->n_kv_heads + g) * hd, hd, pos + b, c->rope_theta);
-    for (int h = g * group; h < (g + 1) * group; h++) rope(q + ((size_t)b * c->n_heads + h) * hd, hd, pos + b, c->rope_theta);
+    float *kh = k + ((size_t)b * c->n_kv_heads + g) * hd, *qh = q + ((size_t)b * c->n_heads + (size_t)g * group) * hd;
+    for (int i = 0; i < hd; i += 2) {
+        double ang = (pos + b) * pow(c->rope_theta, -(double)i / hd);
+        float cs = (float)cos(ang), sn = (float)sin(ang);
+        rotate_pair(kh + i, cs, sn);
+        for (int h = 0; h < group; h++) rotate_pair(qh + (size_t)h * hd + i, cs, sn);
+    }
 }
 
 static void softmax(float *x, int n) {

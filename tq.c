@@ -1819,14 +1819,15 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
         tq_attn_scores(h->kc, simd, nq, prepared, qf, h->key + (size_t)t0 * h->kc->bytes, nk, scores, ATT_CHUNK);
         if (R) {                                        /* + sum_j along_j beta_tj */
             const uint16_t *kb = h->kbeta + (size_t)t0 * R;
-            for (int j = 0; j < R; j++)
-                for (int t = 0; t < nk; t++) beta[j * ATT_CHUNK + t] = tq_half(kb[t * R + j]);
-            for (int r = 0; r < nq; r++)
-                for (int j = 0; j < R; j++) {
-                    float u = along[r * TQ_KPROJ_MAX + j], *x = scores + (size_t)r * ATT_CHUNK;
-                    const float *bj = beta + j * ATT_CHUNK;
-                    for (int t = 0; t < nk; t++) x[t] += u * bj[t];
-                }
+            for (int i = 0; i < nk * R; i++) beta[i] = tq_half(kb[i]);   /* (nk, R), as stored */
+            for (int r = 0; r < nq; r++) {
+                const float *u = along + r * TQ_KPROJ_MAX;
+                float *x = scores + (size_t)r * ATT_CHUNK;
+                if (R == 2)
+                    for (int t = 0; t < nk; t++) x[t] = x[t] + u[0] * beta[2 * t] + u[1] * beta[2 * t + 1];
+                else
+                    for (int t = 0; t < nk; t++) x[t] += u[0] * beta[t];
+            }
         }
         for (int r = 0; r < nq; r++) {
             float *x = scores + (size_t)r * ATT_CHUNK, *q = st + r * sf, rescale;
@@ -1874,19 +1875,26 @@ static void add_exact_value(const tq_head *h, const tq_batch *batch, int t, floa
     }
 }
 
+#define EXACT_KEPT 64   /* exact positions whose scores the second pass reuses (beyond: recomputed) */
 void tq_attend_finish(const tq_head *h, const float *q, const tq_batch *batch, int T, float *st, int parts,
                       size_t stride, float *out) {
     size_t sf = tq_state_floats(h->vc);
     for (int p = 1; p < parts; p++) state_merge(st, st + (size_t)p * stride, sf);
     /* the exact positions: their scores, one rescale, their weighted values */
-    float scale = 1.0f / sqrtf((float)h->kc->d), m = st[0];
+    float scale = 1.0f / sqrtf((float)h->kc->d), m = st[0], kept[EXACT_KEPT];
     float *ex = st + 2 + tq_acc_floats(h->vc);
-    for (int t = next_exact(h, 0, T); t < T; t = next_exact(h, t + 1, T)) m = fmaxf(m, scale * exact_score(h, q, batch, t));
+    int i = 0;
+    for (int t = next_exact(h, 0, T); t < T; t = next_exact(h, t + 1, T), i++) {
+        float x = scale * exact_score(h, q, batch, t);
+        if (i < EXACT_KEPT) kept[i] = x;
+        m = fmaxf(m, x);
+    }
     float f = expf(st[0] - m);                          /* 0 when nothing was coded */
-    for (size_t i = 1; i < sf; i++) st[i] *= f;
+    for (size_t j = 1; j < sf; j++) st[j] *= f;
     st[0] = m;
-    for (int t = next_exact(h, 0, T); t < T; t = next_exact(h, t + 1, T)) {
-        float p = expf(scale * exact_score(h, q, batch, t) - m);
+    i = 0;
+    for (int t = next_exact(h, 0, T); t < T; t = next_exact(h, t + 1, T), i++) {
+        float p = expf((i < EXACT_KEPT ? kept[i] : scale * exact_score(h, q, batch, t)) - m);
         st[1] += p;
         add_exact_value(h, batch, t, p, ex);
     }
