@@ -611,28 +611,23 @@ static void dot_rows(float *out, const float *w, const float *x, int n) {
     }
 }
 
-/* out (B, d) = x (B, n) . W^T with W (d, n): pairs of rows of W are split over
- * threads; tiles of 6 tokens where they fit, then the other tokens (a single decoded token
- * is all other: it is bound by reading the weights) a pair of rows at a time, else one dot
- * at a time. */
-static void matmul(float *out, const float *x, const float *w, int B, int n, int d) {
-    int i;
-#pragma omp parallel for schedule(static)
-    for (i = 0; i < d; i += TILE_ROWS) {
-        int b = 0, whole = n % 16 == 0 && i + TILE_ROWS <= d;
-        if (n % 8 == 0 && i + TILE_ROWS <= d)
-            for (; b + TILE_TOKS <= B; b += TILE_TOKS) matmul_tile(out, x, w, b, i, n, d);
-        if (whole) {
-            float o[TILE_ROWS];
-            for (int t = b; t < B; t++) {
-                dot_rows(o, w + (size_t)i * n, x + (size_t)t * n, n);
-                for (int r = 0; r < TILE_ROWS; r++) out[(size_t)t * d + i + r] = o[r];
-            }
-            continue;
+/* Rows [i, i + TILE_ROWS) of out (B, d) = x (B, n) . W^T with W (d, n): tiles of 6 tokens
+ * where they fit, then the other tokens (a single decoded token is all other: it is bound by
+ * reading the weights) a pair of rows at a time, else one dot at a time. */
+static void matmul_rows(float *out, const float *x, const float *w, int B, int n, int d, int i) {
+    int b = 0, whole = n % 16 == 0 && i + TILE_ROWS <= d;
+    if (n % 8 == 0 && i + TILE_ROWS <= d)
+        for (; b + TILE_TOKS <= B; b += TILE_TOKS) matmul_tile(out, x, w, b, i, n, d);
+    if (whole) {
+        float o[TILE_ROWS];
+        for (int t = b; t < B; t++) {
+            dot_rows(o, w + (size_t)i * n, x + (size_t)t * n, n);
+            for (int r = 0; r < TILE_ROWS; r++) out[(size_t)t * d + i + r] = o[r];
         }
-        for (int r = i; r < i + TILE_ROWS && r < d; r++)
-            for (int t = b; t < B; t++) out[(size_t)t * d + r] = tq_dot_f32(w + (size_t)r * n, x + (size_t)t * n, n);
+        return;
     }
+    for (int r = i; r < i + TILE_ROWS && r < d; r++)
+        for (int t = b; t < B; t++) out[(size_t)t * d + r] = tq_dot_f32(w + (size_t)r * n, x + (size_t)t * n, n);
 }
 
 /* ---- int8 weights (weight type 1) ----
@@ -835,40 +830,56 @@ static float q8_dot(const RunState *s, const int8_t *w, const float *ws, const f
     return dot_w8(w + (size_t)r * n, ws + (size_t)r * G, x + (size_t)t * n, n);
 }
 
-/* out (B, d) = x (B, n) . W^T for int8 W (d, n) with scales ws: blocks of QBLOCK rows split
- * over threads; in a block, tiles of QROWS rows x QTOKS tokens where they fit; the other
- * tokens (a decoded token is all other: it is bound by reading the weights) QLANES rows at a
- * time with W8A8, else one dot at a time. */
+/* Rows [i, i + QBLOCK) of out (B, d) = x (B, n) . W^T for int8 W (d, n) with scales ws, x
+ * already quantized (or tiled) by matmul_input: tiles of QROWS rows x QTOKS tokens where they
+ * fit; the other tokens (a decoded token is all other: it is bound by reading the weights)
+ * QLANES rows at a time with W8A8, else one dot at a time. */
 #define QBLOCK (QLANES > QROWS ? QLANES : QROWS)
-static void matmul_q8(RunState *s, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d) {
-    if (s->qinput) quantize_input(s, x, B, n);
-    else tile_input(s, x, B, n);
-    int G = n / QGROUP, tiled = B / QTOKS * QTOKS, i;
-#pragma omp parallel for schedule(static)
-    for (i = 0; i < d; i += QBLOCK) {
-        int end = i + QBLOCK < d ? i + QBLOCK : d, r = i;
-        for (; r + QROWS <= end; r += QROWS)
-            for (int b = 0; b < tiled; b += QTOKS)
-                matmul_q8_tile(out, s->xqt + (size_t)b * n, s->xqts + (size_t)b * G, w, ws, b, r, n, d);
-        for (; r < end; r++)
-            for (int t = 0; t < tiled; t++) out[(size_t)t * d + r] = q8_dot(s, w, ws, x, t, r, n);
-        for (int t = tiled; t < B; t++) {
-            r = i;
-            if (s->qinput)
-                for (; r + QLANES <= end; r += QLANES)
-                    dot_q8_rows(out + (size_t)t * d + r, w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n,
-                                s->xqs + (size_t)t * G, n);
-            for (; r < end; r++) out[(size_t)t * d + r] = q8_dot(s, w, ws, x, t, r, n);
-        }
+static void matmul_q8_rows(RunState *s, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d,
+                           int i) {
+    int G = n / QGROUP, tiled = B / QTOKS * QTOKS, end = i + QBLOCK < d ? i + QBLOCK : d, r = i;
+    for (; r + QROWS <= end; r += QROWS)
+        for (int b = 0; b < tiled; b += QTOKS)
+            matmul_q8_tile(out, s->xqt + (size_t)b * n, s->xqts + (size_t)b * G, w, ws, b, r, n, d);
+    for (; r < end; r++)
+        for (int t = 0; t < tiled; t++) out[(size_t)t * d + r] = q8_dot(s, w, ws, x, t, r, n);
+    for (int t = tiled; t < B; t++) {
+        r = i;
+        if (s->qinput)
+            for (; r + QLANES <= end; r += QLANES)
+                dot_q8_rows(out + (size_t)t * d + r, w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n,
+                            s->xqs + (size_t)t * G, n);
+        for (; r < end; r++) out[(size_t)t * d + r] = q8_dot(s, w, ws, x, t, r, n);
     }
 }
 
-/* out (B, d) = x (B, n) . W^T, W the (d, n) matrix `at` numbers into a weight group held as
- * fp32 (f) or, in an int8 file, as q. */
-static void linear(RunState *s, float *out, const float *x, const float *f, const QMatrix *q, size_t at,
-                   int B, int n, int d) {
-    if (f) matmul(out, x, f + at, B, n, d);
-    else matmul_q8(s, out, x, q->q + at, q->s + at / QGROUP, B, n, d);
+/* One matrix of a product: out (B, d) = x . W^T, W the (d, n) matrix `at` numbers into a
+ * weight group held as fp32 (f) or, in an int8 file, as q. */
+typedef struct {
+    float *out;              /* (B, d) */
+    const float *f;          /* fp32 weight group, or NULL in an int8 file */
+    const QMatrix *q;        /* int8 weight group */
+    size_t at;
+    int d;
+} Product;
+
+/* The np (<= 3) products of one input x (B, n), such as a layer's Wq, Wk and Wv, in one
+ * parallel loop over all their blocks of rows: the threads stream the weights of every
+ * matrix without a barrier between them. */
+static void linear(RunState *s, const float *x, int B, int n, const Product *p, int np) {
+    int step = p[0].f ? TILE_ROWS : QBLOCK, first[4] = {0}, j;   /* first[k]: product k's first block */
+    if (!p[0].f && s->qinput) quantize_input(s, x, B, n);
+    else if (!p[0].f) tile_input(s, x, B, n);
+    for (int k = 0; k < np; k++) first[k + 1] = first[k] + (p[k].d + step - 1) / step;
+#pragma omp parallel for schedule(static)
+    for (j = 0; j < first[np]; j++) {
+        int k = 0;
+        while (j >= first[k + 1]) k++;
+        const Product *m = &p[k];
+        int i = (j - first[k]) * step;
+        if (m->f) matmul_rows(m->out, x, m->f + m->at, B, n, m->d, i);
+        else matmul_q8_rows(s, m->out, x, m->q->q + m->at, m->q->s + m->at / QGROUP, B, n, m->d, i);
+    }
 }
 
 /* x (dim) = the embedding of token; int8 files dequantize its row */
@@ -980,9 +991,9 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         /* attention block: x += Wo . attn(RoPE(Wq xn), RoPE(Wk xn), Wv xn) */
         for (int b = 0; b < n; b++)
             rmsnorm(s->xb + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_att + (size_t)l * dim, dim, c->norm_eps);
-        linear(s, s->q, s->xb, w->wq, &w->q_wq, (size_t)l * qd * dim, n, dim, qd);
-        linear(s, s->k, s->xb, w->wk, &w->q_wk, (size_t)l * kvd * dim, n, dim, kvd);
-        linear(s, s->v, s->xb, w->wv, &w->q_wv, (size_t)l * kvd * dim, n, dim, kvd);
+        Product qkv[] = {{s->q, w->wq, &w->q_wq, (size_t)l * qd * dim, qd}, {s->k, w->wk, &w->q_wk, (size_t)l * kvd * dim, kvd},
+                         {s->v, w->wv, &w->q_wv, (size_t)l * kvd * dim, kvd}};
+        linear(s, s->xb, n, dim, qkv, 3);
         int i;
 #pragma omp parallel for schedule(static)
         for (i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
@@ -998,19 +1009,19 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
             tq_head head = cache_head(kv, c, l, i % c->n_kv_heads);
             tq_store_exact(&head, pos, i / c->n_kv_heads, n, s->k + (size_t)i * hd, s->v + (size_t)i * hd);
         }
-        linear(s, s->xb2, s->xb, w->wo, &w->q_wo, (size_t)l * dim * qd, n, qd, dim);
+        linear(s, s->xb, n, qd, &(Product){s->xb2, w->wo, &w->q_wo, (size_t)l * dim * qd, dim}, 1);
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
 
         /* feed-forward block: x += W2 . (silu(W1 xn) * W3 xn)   (SwiGLU) */
         for (int b = 0; b < n; b++)
             rmsnorm(s->xb + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
-        linear(s, s->hb, s->xb, w->w1, &w->q_w1, (size_t)l * hid * dim, n, dim, hid);
-        linear(s, s->hb2, s->xb, w->w3, &w->q_w3, (size_t)l * hid * dim, n, dim, hid);
+        Product up[] = {{s->hb, w->w1, &w->q_w1, (size_t)l * hid * dim, hid}, {s->hb2, w->w3, &w->q_w3, (size_t)l * hid * dim, hid}};
+        linear(s, s->xb, n, dim, up, 2);
         for (size_t j = 0; j < (size_t)n * hid; j++) {
             float g = s->hb[j];
             s->hb[j] = g / (1.0f + expf(-g)) * s->hb2[j];
         }
-        linear(s, s->xb2, s->hb, w->w2, &w->q_w2, (size_t)l * dim * hid, n, hid, dim);
+        linear(s, s->hb, n, hid, &(Product){s->xb2, w->w2, &w->q_w2, (size_t)l * dim * hid, dim}, 1);
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
     }
 
@@ -1018,7 +1029,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     int first = all_logits ? 0 : n - 1;
     for (int b = first; b < n; b++)
         rmsnorm(s->x + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_final, dim, c->norm_eps);
-    linear(s, s->logits, s->x + (size_t)first * dim, w->wcls, &w->q_wcls, 0, n - first, dim, c->vocab_size);
+    linear(s, s->x + (size_t)first * dim, n - first, dim, &(Product){s->logits, w->wcls, &w->q_wcls, 0, c->vocab_size}, 1);
     return s->logits;
 }
 #endif

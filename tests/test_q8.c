@@ -62,6 +62,25 @@ static uint64_t fnv(uint64_t h, const void *p, size_t n) {
     return h;
 }
 
+/* out (B, d) = x . W^T through run.c's linear(), W's rows given as `parts` products of uneven
+ * sizes (one parallel loop over all their blocks), their outputs put back side by side. */
+static void product(RunState *s, float *out, const float *x, int8_t *w, float *ws, int B, int n, int d, int parts) {
+    Product p[3];
+    QMatrix q = {w, ws};
+    int start[4] = {0, d / 3, d / 3 + (d + 1) / 3, d};   /* parts == 3: three runs of rows */
+    if (parts == 1) start[1] = d;
+    for (int k = 0; k < parts; k++) {
+        int dk = start[k + 1] - start[k];
+        p[k] = (Product){(float *)xcalloc((size_t)B * dk + 1, sizeof(float), "out"), NULL, &q, (size_t)start[k] * n, dk};
+    }
+    linear(s, x, B, n, p, parts);
+    for (int k = 0; k < parts; k++) {
+        for (int t = 0; t < B; t++)
+            for (int i = 0; i < p[k].d; i++) out[(size_t)t * d + start[k] + i] = p[k].out[(size_t)t * p[k].d + i];
+        free(p[k].out);
+    }
+}
+
 int main(int argc, char **argv) {
     int hash_only = argc > 1 && !strcmp(argv[1], "--hash");
     /* (B tokens, n inputs, d outputs): one token; tiles with and without leftover tokens;
@@ -94,23 +113,27 @@ int main(int argc, char **argv) {
         s.xqt = (float *)xcalloc(tiled * wn, sizeof(float), "xqt");
         s.xqts = (float *)xcalloc(tiled * (wn / QGROUP), sizeof(float), "xqts");
         s.qinput = 1;
-        matmul_q8(&s, out, x, w, ws, B, n, d);
-        int bad = 0;
-        for (int t = 0; t < B; t++)
-            for (int i = 0; i < d; i++) {
-                float want = reference(w, ws, x, n, i, t), got = out[(size_t)t * d + i];
-                if (memcmp(&want, &got, sizeof got) != 0) {
-                    if (bad++ < 3)
-                        fprintf(stderr, "test_q8: B %d n %d d %d: token %d row %d: %.9g, the definition gives %.9g\n",
-                                B, n, d, t, i, got, want);
+        for (int parts = 1; parts <= 3; parts += 2) {   /* one product, then the rows as three */
+            if (parts == 3 && d < 3) break;
+            product(&s, out, x, w, ws, B, n, d, parts);
+            int bad = 0;
+            for (int t = 0; t < B; t++)
+                for (int i = 0; i < d; i++) {
+                    float want = reference(w, ws, x, n, i, t), got = out[(size_t)t * d + i];
+                    if (memcmp(&want, &got, sizeof got) != 0) {
+                        if (bad++ < 3)
+                            fprintf(stderr, "test_q8: B %d n %d d %d in %d parts: token %d row %d: %.9g, the definition gives %.9g\n",
+                                    B, n, d, parts, t, i, got, want);
+                    }
                 }
-            }
-        if (bad) failed++;
-        if (!hash_only) printf("test_q8: B %2d n %3d d %2d: %s\n", B, n, d, bad ? "MISMATCH" : "bit-identical");
+            if (bad) failed++;
+            if (!hash_only) printf("test_q8: B %2d n %3d d %2d, %d part%s: %s\n", B, n, d, parts, parts > 1 ? "s" : "",
+                                   bad ? "MISMATCH" : "bit-identical");
+        }
         h = fnv(h, out, (size_t)B * d * sizeof(float));
 
         s.qinput = 0;                                   /* W8A32: within rounding of the float64 sum */
-        matmul_q8(&s, out, x, w, ws, B, n, d);
+        product(&s, out, x, w, ws, B, n, d, 1);
         double worst = 0;
         for (int t = 0; t < B; t++)
             for (int i = 0; i < d; i++) {
