@@ -14,11 +14,13 @@ ones the copy goes through). This is attention alone: the errors do not compound
 layers here, so it ranks variants and finds the heads, it does not predict the copy score.
 
     .venv/bin/python bench/longrange_attn.py [--length 2048] [--trial 0] [--fmt tq3]
-        [--variants r0,r2,r2q,r4,r4q,tq4]
+        [--variants r0,r2,r2q,r4,r4q,tq4,blk,lag] [--block 256]
 
 Variants: rR = run's directions (u_1 the mean query, then the keys' principal directions of
 what is left), R of them; rRq = u_1 the mean query, then the principal directions of the
-queries' second moment; tq4 = 4-bit keys with run's default R = 2. A trailing "b" (r2b, tq4b)
+queries' second moment; tq4 = 4-bit keys with run's default R = 2; blk / lag = run's two
+directions measured per block of --block positions, on the block's own queries and keys (blk)
+or on the previous block's (lag). A trailing "b" (r2b, tq4b)
 also takes each quantized key's expected score noise out of its score, s - Var(s) / 2 (a noisy
 score's softmax weight is biased up by exp(Var / 2); Var from the codec's distortion on Gaussian
 vectors, the key's residual norm and the query's part off the directions)."""
@@ -105,6 +107,26 @@ def quantized_keys(k, U, rt, sink, window_from):
     return kq
 
 
+def block_keys(q, k, rt, sink, window_from, block, lag):
+    """quantized_keys with run's two directions measured per block of `block` positions: on
+    the block's own queries and keys (lag 0, as if each block waited in fp16 until it was
+    complete), or on the previous block's (lag 1, known when the block starts; block 0 uses
+    the first 256 tokens as run does)."""
+    kq = np.empty_like(k)
+    for b0 in range(0, len(k), block):
+        b1 = min(len(k), b0 + block)
+        if lag and b0 == 0:
+            U = directions(q, k, 2, "k", 256)
+        else:
+            lo = max(b0 - block, 1) if lag else max(b0, 1)
+            hi = b0 if lag else b1                      # rows lo..hi-1, behind a dummy row 0
+            U = directions(np.concatenate([q[:1], q[lo:hi]]), np.concatenate([k[:1], k[lo:hi]]), 2, "k", hi - lo + 1)
+        kq[b0:b1] = quantized_keys(k[b0:b1], U, rt, 0, b1 - b0)
+    kq[:sink] = f16(k[:sink])
+    kq[window_from:] = f16(k[window_from:])
+    return kq
+
+
 def distortion(rt, d, n=4000):
     """The codec's mean squared error per unit of squared norm, E |x~ - x|^2 / |x|^2, on Gaussian
     vectors (after the random rotation every input looks like one: the paper's Theorem 1)."""
@@ -119,6 +141,7 @@ def main():
     ap.add_argument("--fmt", default="tq3")
     ap.add_argument("--variants", default="r0,r2,r2q,r4,r4q,tq4")
     ap.add_argument("--first", type=int, default=256, help="tokens the statistics come from (run's --batch)")
+    ap.add_argument("--block", type=int, default=256, help="positions per block of the blk / lag variants")
     ap.add_argument("--top", type=int, default=12, help="heads to list, by attention mass on the passage")
     a = ap.parse_args()
 
@@ -164,10 +187,14 @@ def main():
             for var in a.variants.split(","):
                 bias = var.endswith("b")
                 var0 = var[:-1] if bias else var
-                fmt, R, kind = (a.fmt, int(var0[1]), var0[2:] or "k") if var0.startswith("r") else (var0, 2, "k")
+                fmt, R, kind = (a.fmt, int(var0[1]), var0[2:] or "k") if var0.startswith("r") else \
+                    (a.fmt, 2, var0) if var0 in ("blk", "lag") else (var0, 2, "k")
                 rt = rts.setdefault(fmt, roundtrip_fn(fmt, hd))
-                U = directions(qg, kg, R, kind, a.first) if R else np.zeros((0, hd))
-                kq = quantized_keys(kg, U, rt, 1, first - 8)   # the window is behind the repeat's start
+                U = directions(qg, kg, R, "k" if kind in ("blk", "lag") else kind, a.first) if R else np.zeros((0, hd))
+                if kind in ("blk", "lag"):
+                    kq = block_keys(qg, kg, rt, 1, first - 8, a.block, kind == "lag")
+                else:
+                    kq = quantized_keys(kg, U, rt, 1, first - 8)   # the window is behind the repeat's start
                 s = np.einsum("thd,sd->ths", qg[qpos], kq) / np.sqrt(hd)
                 if bias:    # E exp(s + e) = exp(s + var(e) / 2): take the noise's mean weight back out
                     Dm = dist.setdefault(fmt, distortion(rt, hd))
