@@ -14,13 +14,14 @@ ones the copy goes through). This is attention alone: the errors do not compound
 layers here, so it ranks variants and finds the heads, it does not predict the copy score.
 
     .venv/bin/python bench/longrange_attn.py [--length 2048] [--trial 0] [--fmt tq3]
-        [--variants r0,r2,r2q,r4,r4q,tq4,blk,lag] [--block 256]
+        [--variants r0,r2,r2q,r4,r4q,tq4,blk,lag,blk8,lag8,r2i8] [--block 256]
 
 Variants: rR = run's directions (u_1 the mean query, then the keys' principal directions of
 what is left), R of them; rRq = u_1 the mean query, then the principal directions of the
 queries' second moment; tq4 = 4-bit keys with run's default R = 2; blk / lag = run's two
 directions measured per block of --block positions, on the block's own queries and keys (blk)
-or on the previous block's (lag). A trailing "b" (r2b, tq4b)
+or on the previous block's (lag); blk8 / lag8 the same with the betas as int8 numbers and one
+fp16 scale per block and direction; r2i8 run's directions with such betas. A trailing "b" (r2b, tq4b)
 also takes each quantized key's expected score noise out of its score, s - Var(s) / 2 (a noisy
 score's softmax weight is biased up by exp(Var / 2); Var from the codec's distortion on Gaussian
 vectors, the key's residual norm and the query's part off the directions)."""
@@ -93,11 +94,17 @@ def directions(q, k, R, kind, n_first):
     return np.array(U).reshape(R, -1)
 
 
-def quantized_keys(k, U, rt, sink, window_from):
+def quantized_keys(k, U, rt, sink, window_from, beta8=False):
     """What a query at the repeat sees of keys k (T, hd): sum_j beta_j u_j + the decoded rest
-    (less its part along U), exact for the sink and the recent window."""
+    (less its part along U), exact for the sink and the recent window. beta8: the betas as
+    int8 numbers times one fp16 scale per direction (max |beta| / 127 over these keys), not fp16."""
     if len(U):
-        beta = f16(k @ U.T)
+        beta = k @ U.T
+        if beta8:
+            sc = f16(np.abs(beta).max(axis=0) / 127)
+            beta = np.round(beta / np.where(sc > 0, sc, 1)) * sc
+        else:
+            beta = f16(beta)
         rest = rt(k - beta @ U)
         kq = beta @ U + rest - (rest @ U.T) @ U
     else:
@@ -107,7 +114,7 @@ def quantized_keys(k, U, rt, sink, window_from):
     return kq
 
 
-def block_keys(q, k, rt, sink, window_from, block, lag):
+def block_keys(q, k, rt, sink, window_from, block, lag, beta8=False, fixed=None):
     """quantized_keys with run's two directions measured per block of `block` positions: on
     the block's own queries and keys (lag 0, as if each block waited in fp16 until it was
     complete), or on the previous block's (lag 1, known when the block starts; block 0 uses
@@ -115,13 +122,15 @@ def block_keys(q, k, rt, sink, window_from, block, lag):
     kq = np.empty_like(k)
     for b0 in range(0, len(k), block):
         b1 = min(len(k), b0 + block)
-        if lag and b0 == 0:
+        if fixed is not None:
+            U = fixed
+        elif lag and b0 == 0:
             U = directions(q, k, 2, "k", 256)
         else:
             lo = max(b0 - block, 1) if lag else max(b0, 1)
             hi = b0 if lag else b1                      # rows lo..hi-1, behind a dummy row 0
             U = directions(np.concatenate([q[:1], q[lo:hi]]), np.concatenate([k[:1], k[lo:hi]]), 2, "k", hi - lo + 1)
-        kq[b0:b1] = quantized_keys(k[b0:b1], U, rt, 0, b1 - b0)
+        kq[b0:b1] = quantized_keys(k[b0:b1], U, rt, 0, b1 - b0, beta8)
     kq[:sink] = f16(k[:sink])
     kq[window_from:] = f16(k[window_from:])
     return kq
@@ -187,12 +196,14 @@ def main():
             for var in a.variants.split(","):
                 bias = var.endswith("b")
                 var0 = var[:-1] if bias else var
-                fmt, R, kind = (a.fmt, int(var0[1]), var0[2:] or "k") if var0.startswith("r") else \
-                    (a.fmt, 2, var0) if var0 in ("blk", "lag") else (var0, 2, "k")
+                blocked = var0 in ("blk", "lag", "blk8", "lag8", "r2i8")
+                fmt, R, kind = (a.fmt, 2, var0) if blocked else \
+                    (a.fmt, int(var0[1]), var0[2:] or "k") if var0.startswith("r") else (var0, 2, "k")
                 rt = rts.setdefault(fmt, roundtrip_fn(fmt, hd))
-                U = directions(qg, kg, R, "k" if kind in ("blk", "lag") else kind, a.first) if R else np.zeros((0, hd))
-                if kind in ("blk", "lag"):
-                    kq = block_keys(qg, kg, rt, 1, first - 8, a.block, kind == "lag")
+                U = directions(qg, kg, R, "k" if blocked else kind, a.first) if R else np.zeros((0, hd))
+                if kind in ("blk", "lag", "blk8", "lag8", "r2i8"):
+                    kq = block_keys(qg, kg, rt, 1, first - 8, a.block, kind.startswith("lag"), kind.endswith("8"),
+                                    U if kind == "r2i8" else None)
                 else:
                     kq = quantized_keys(kg, U, rt, 1, first - 8)   # the window is behind the repeat's start
                 s = np.einsum("thd,sd->ths", qg[qpos], kq) / np.sqrt(hd)
