@@ -14,25 +14,21 @@
  *     SwiGLU of its output fused in. A batch (prefill) widens each matrix to
  *     fp32 once and multiplies with cuBLAS SGEMM (TF32 is never enabled).
  *     wq|wk|wv and w1|w3 are stored as one matrix each: one launch apiece.
- *   - One token's whole forward pass (5 kernels a layer) is captured once as
+ *   - One token's whole forward pass (7 kernels a layer) is captured once as
  *     a CUDA graph and replayed: the position and the token are read from
  *     device memory, so the graph never changes. Kernels are programmatic
  *     dependent launches: the next one's launch overlaps this one's end.
  *   - RoPE, the cache encode and the query preparation of a (token, KV head)
- *     are one thread block (rope_encode_block) whose warps encode the key,
+ *     are one thread block (rope_encode_kernel) whose warps encode the key,
  *     the value and prepare the query heads side by side; the TurboQuant
  *     encode runs in parallel over the coordinates (the rotation's butterflies
  *     in the order tq.c uses, so the codes are the CPU's).
  *   - Attention is split over the sequence (flash-decoding): a block scores
  *     and accumulates one chunk of coded keys for up to ATT_ROWS query rows of
  *     a KV head (all its query heads at decode: each code is read and decoded
- *     once for the whole group), with an online softmax; the last block of the
- *     launch to finish (an atomic count per row tile and KV head) combines the
- *     chunks, adds the exact positions (sink and window, outside the hot loop)
- *     and applies the value codec's inverse rotation once. A decoded token's
- *     RoPE and encode run in the same launch (a fused step): its codes are not
- *     read by its own attention, so one more block writes them while the
- *     others score, each preparing its own queries. For
+ *     once for the whole group), with an online softmax; merge_kernel then
+ *     combines the chunks, adds the exact positions (sink and window, outside
+ *     the hot loop) and applies the value codec's inverse rotation once. For
  *     tq2/tq3 keys and values the block is attention_mma_kernel: the codes
  *     decoded into fp16 fragments of tensor-core products (split in high and
  *     low parts, so the sums are as close to fp32's as the CUDA cores' are).
@@ -71,6 +67,7 @@
 #define ATT_IT 8          /* keys a lane group scores per batch                             */
 #define CHUNK_GRAIN 128   /* keys per attention block: a multiple of this                   */
 #define MAX_PARTS 64      /* attention blocks per (row, KV head): partial results to merge  */
+#define MERGE_THREADS 128
 #define MAX_ALLOCS 64
 #define NO_SCORE -1e30f   /* running max before any key: finite, so exp(m - m) = 1, not NaN */
 
@@ -92,10 +89,7 @@ typedef struct {
     const int *step;     /* (1 + batch) the position of the batch's first token, then its token ids */
     int n;               /* tokens in the batch                                              */
     int chunk;           /* coded keys per attention block; 0 (decode): ceil(len / units) rounded up to CHUNK_GRAIN */
-    int units;           /* attention blocks per KV head at decode (chunks of the coded keys) */
-    int fused;           /* 1: a fused decode step (RoPE, encode, attention, merge in one launch) */
-    int window;          /* positions at the end outside the coded range: the cache's window, or 1
-                            in a fused step of a lossless cache (the token itself, merged from the batch) */
+    int units;           /* attention blocks per KV head at decode                           */
     int layer;
     int dk, dv;          /* floats of a prepared query and of a value accumulator (head_dim, or 2 head_dim for tq*p) */
     int emax;            /* exact positions a query reads at most                           */
@@ -105,10 +99,6 @@ typedef struct {
     float *qu;           /* (n * n_heads, KPROJ_MAX) queries' parts along the key directions */
     float *part;         /* (n * n_heads, MAX_PARTS, 2 + dv) per block: running max, sum, accumulator */
     float *escore;       /* (n * n_heads, emax) scores of the exact positions, then their weights */
-    float *kept;         /* (2 kv_dim) a fused step's key | value as kept for its exact positions */
-    int *count;          /* (row tiles, n_kv_heads) attention blocks done; 0 between launches */
-    size_t prep_off;     /* bytes into an attention block's shared memory: its prepared queries (Prep) */
-    float *out;          /* (n, q_dim) the attention's output                                */
 } AttArgs;
 
 typedef void (*AttKernel)(const KVCache, const Config, const AttArgs);   /* an attention kernel */
@@ -130,11 +120,10 @@ struct Gpu {
     int *step;            /* (1 + batch) device copy of host_step                          */
     int *host_step;       /* (1 + batch) pinned: position, token ids                       */
     float *host_logits;   /* pinned copy of logits                                         */
-    size_t enc_shared, att_shared; /* dynamic shared memory per block                       */
+    size_t enc_shared, att_shared, merge_shared; /* dynamic shared memory per block        */
     AttKernel att_kernel; /* attention_mma_kernel for tq2/tq3 keys and values, else attention_kernel */
     int att_rows, att_threads; /* query rows and threads of one of its blocks             */
     int pdl;              /* 1: programmatic dependent launches (TQ_CUDA_NO_PDL unset) */
-    int fusable;          /* 1: a decoded token's attention may run fused (TQ_CUDA_NO_FUSE unset): fused_decode */
     int host_stats;       /* 1: statistics measured on the host by run.c (TQ_CUDA_HOST_STATS set) */
     double *stats_m;      /* (n_kv_heads, head_dim^2 + batch (head_dim + 1)) scratch of stats_kernel */
     cudaStream_t stream;
@@ -560,12 +549,11 @@ __device__ void encode_team(const tq_codec *c, const float *x, uint8_t *code, En
 }
 
 /* ---------------------------------------------------------------------------
- * RoPE, cache encode and query preparation of token b's KV head g, by one thread
- * block: rope_encode_block, called by rope_encode_kernel (a block per (token, KV
- * head) of a batch) and by the attention kernels' encode block in a fused decode
- * step (attention_layer). mode: ROPE rotates q and k; ENCODE stores the key and
- * value (run.c's encode_kv: projections beta, codes) and prepares the group's
- * queries (run.c's prepare_query: qu, and qext = Pi q_perp, plus S Pi q_perp for
+ * RoPE, cache encode and query preparation of token b's KV head g: block
+ * (b * n_kv_heads + g) of 2 + ENC_QWARPS warps. mode: ROPE rotates q and k;
+ * ENCODE stores the key and value (run.c's encode_kv: projections beta, codes)
+ * and prepares the group's queries (run.c's prepare_query: qu, and
+ * qext = Pi q_perp, plus S Pi q_perp for
  * tq*p); EXACT also puts the token in the exact store right away (one token: the
  * ring row it takes is no longer read by this step's attention). The block first
  * copies the codecs' small tables, the head's statistics and the token's q, k, v
@@ -577,16 +565,13 @@ __device__ void encode_team(const tq_codec *c, const float *x, uint8_t *code, En
 enum { MODE_ROPE = 1, MODE_ENCODE = 2, MODE_EXACT = 4 };
 #define ENC_QWARPS 4   /* warps preparing queries (a group's heads are shared among them) */
 
-/* floats of one encoder's scratch (encode_warp) */
-__host__ __device__ static int enc_scratch_floats(int hd) { return 5 * hd + hd / 4 + 2; }
-
-/* floats of shared memory: the two codecs' tables, RoPE's angles, the head's statistics, q, k, v,
+/* floats of shared memory: the two codecs' tables, the head's statistics, q, k, v,
  * two encoders' scratch, a query warp's scratch each (+ 33 doubles for reductions) */
 static size_t enc_shared_bytes(const Config *c, const KVCache *kv) {
     size_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
     size_t tables = (size_t)(kv->kc.rounds + kv->vc.rounds) * hd + 64;
-    size_t enc = 2 * (size_t)enc_scratch_floats((int)hd);
-    return (tables + hd + KPROJ_MAX * hd + (G + 2) * hd + enc + ENC_QWARPS * hd) * sizeof(float) + 33 * sizeof(double);
+    size_t enc = 2 * (5 * hd + hd / 4 + 2);
+    return (tables + KPROJ_MAX * hd + (G + 2) * hd + enc + ENC_QWARPS * hd) * sizeof(float) + 33 * sizeof(double);
 }
 
 /* part[r] = u_r . x for r < R (0 beyond) by the calling warp: each lane's float sum over its
@@ -605,23 +590,13 @@ __device__ __forceinline__ void projections(const float *u, const float *x, int 
         for (int r = 0; r < KPROJ_MAX; r++) part[r] += __shfl_xor_sync(FULL_MASK, part[r], o);
 }
 
-/* floats of codec c's signs, bounds and centroids in shared memory (codec_at) */
-__host__ __device__ static int codec_table_floats(const tq_codec *c) { return (c->signs ? c->rounds * c->d : 0) + (c->bits ? 32 : 0); }
-
-/* a copy of codec c that reads its signs, bounds and centroids at tab (codec_table_floats) */
-__device__ tq_codec codec_at(const tq_codec *c, float *tab) {
-    tq_codec s = *c;
-    if (c->signs) { s.signs = tab; tab += c->rounds * c->d; }
-    if (c->bits) { s.bounds = tab; s.centroids = tab + 16; }
-    return s;
-}
-
-/* codec_at the shared memory at *sm (advanced), its tables copied there by the block */
+/* a copy of codec c whose signs, bounds and centroids sit in shared memory at *sm (advanced) */
 __device__ tq_codec codec_to_shared(const tq_codec *c, float **sm) {
-    tq_codec s = codec_at(c, *sm);
-    int K = c->bits ? 1 << c->bits : 0;
-    *sm += codec_table_floats(c);
-    for (int i = threadIdx.x; i < c->rounds * c->d; i += blockDim.x) s.signs[i] = c->signs[i];
+    tq_codec s = *c;
+    int d = c->d, K = c->bits ? 1 << c->bits : 0;
+    if (c->signs) { s.signs = *sm; *sm += c->rounds * d; }
+    if (K) { s.bounds = *sm; s.centroids = *sm + 16; *sm += 32; }
+    for (int i = threadIdx.x; i < c->rounds * d; i += blockDim.x) s.signs[i] = c->signs[i];
     for (int i = threadIdx.x; i < K; i += blockDim.x) {
         s.centroids[i] = c->centroids[i];
         if (i + 1 < K) s.bounds[i] = c->bounds[i];
@@ -629,133 +604,96 @@ __device__ tq_codec codec_to_shared(const tq_codec *c, float **sm) {
     return s;
 }
 
-/* run.c's rope() on nvec vectors of head_dim hd, one after another in shared memory, by the
- * block: pair (2i, 2i+1) turned by the angle of table row cs (pos * theta^(-2i/head_dim)) */
-__device__ void rope_block(float *vec, int nvec, int hd, const float *cs) {
-    const int lhd = __ffs(hd) - 1;
-    for (int t = threadIdx.x; t < nvec * (hd / 2); t += blockDim.x) {
-        int j = t >> (lhd - 1), i = 2 * (t & (hd / 2 - 1));
-        float *x = vec + j * hd, co = cs[i], si = cs[i + 1], x0 = x[i], x1 = x[i + 1];
-        x[i] = x0 * co - x1 * si;
-        x[i + 1] = x0 * si + x1 * co;
-    }
-}
-
-/* What the cache stores of one vector src (shared memory, after RoPE), by the calling warp:
- * for a key (u: its R directions) the projections beta_r = u_r . k in fp16 at beta and the
- * codes of k - sum_r beta_r u_r, for a value its codes; the fp16 row of the exact store at
- * exact (NULL: none); and at kept the vector as the cache keeps it for this step's exact
- * positions (fp16, as the exact store; fp32 itself in a lossless fp32 cache). */
-__device__ void encode_warp(const KVCache &kv, const tq_codec *cc, const float *u, int R, const float *src, float *scratch,
-                            uint8_t *code, uint16_t *beta, uint16_t *exact, float *kept) {
-    const int lane = threadIdx.x & 31, hd = cc->d;
-    float *x = scratch, *xp = x + hd;
-    EncScratch es = {xp + hd, xp + 2 * hd, xp + 3 * hd, (uint8_t *)(xp + 4 * hd), NULL, xp + 4 * hd + hd / 4};
-    for (int i = lane; i < hd; i += 32) { x[i] = src[i]; xp[i] = x[i]; }
-    __syncwarp();
-    if (R) {
-        double part[KPROJ_MAX];
-        projections(u, x, hd, R, part);
-        float bf[KPROJ_MAX];
-#pragma unroll
-        for (int r = 0; r < KPROJ_MAX; r++) {
-            uint16_t b = tq_f32_to_f16((float)part[r]);
-            if (lane == 0 && r < R) beta[r] = b;
-            bf[r] = tq_f16_to_f32(b);
-        }
-        for (int i = lane; i < hd; i += 32)
-            for (int r = 0; r < R; r++) xp[i] -= bf[r] * u[r * hd + i];
-    }
-    __syncwarp();
-    encode_team<TEAM_WARP>(cc, xp, code, es);
-    const bool whole = cc->fmt == TQ_FP32 && kv.slots == 0;
-    for (int i = lane; i < hd; i += 32) {   /* store_exact's rule */
-        uint16_t h = tq_f32_to_f16(x[i]);
-        kept[i] = whole ? x[i] : tq_f16_to_f32(h);
-        if (exact) exact[i] = h;
-    }
-}
-
-/* Query head qj (shared memory, after RoPE) by the calling warp, run.c's prepare_query:
- * qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated: qj becomes Pi q_perp; qe (dk floats)
- * its copy, then S Pi q_perp for tq*p; qu (R floats) the parts. tmp: head_dim floats. */
-__device__ void prepare_query_warp(const tq_codec *kc, const float *u, int R, float *qj, float *tmp, float *qe, float *qu) {
-    const int lane = threadIdx.x & 31, hd = kc->d;
-    double part[KPROJ_MAX];
-    float quj[KPROJ_MAX];
-    projections(u, qj, hd, R, part);
-#pragma unroll
-    for (int r = 0; r < KPROJ_MAX; r++) {
-        quj[r] = (float)part[r];
-        if (lane == 0 && r < R) qu[r] = quj[r];
-    }
-    for (int i = lane; i < hd; i += 32)
-        for (int r = 0; r < R; r++) qj[i] -= quj[r] * u[r * hd + i];
-    __syncwarp();
-    if (is_tq(kc->fmt)) rotate_team<TEAM_WARP>(kc, qj, 1, tmp);
-    for (int i = lane; i < hd; i += 32) qe[i] = qj[i];
-    if (is_prod(kc->fmt))             /* S Pi q_perp: the QJL half of the prepared query */
-        for (int i = lane; i < hd; i += 32) qe[hd + i] = dot8(kc->qjl + (size_t)i * hd, qj, hd);
-    __syncwarp();
-}
-
-/* Token b (of the batch at a.step[0]), KV head g of layer l, by the block (2 warps and more):
- * nq of the group's query heads (0 or all), written back to a.qkv after RoPE; the kept key and
- * value (encode_warp) at kept_k, kept_v. sm: enc_shared_bytes of shared memory. */
-__device__ void rope_encode_block(const KVCache &kv, const Config &c, int l, const AttArgs &a, int mode, int b, int g,
-                                  int nq, float *kept_k, float *kept_v, double *sm_d) {
-    float *sm = (float *)(sm_d + 33);
-    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, R = kv.kproj, tid = threadIdx.x, nt = blockDim.x;
-    const int lane = tid & 31, warp = tid >> 5, p = a.step[0] + b;
-    const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, head = (size_t)l * c.n_kv_heads + g;
-    float *row = a.qkv + (size_t)b * (qd + 2 * kvd), *q = row + (size_t)g * G * hd, *k = row + qd + g * hd, *v = k + kvd;
-
-    tq_codec kc = codec_to_shared(&kv.kc, &sm), vc = codec_to_shared(&kv.vc, &sm);
-    float *cs = sm, *u = cs + hd, *sq = u + KPROJ_MAX * hd, *sk = sq + nq * hd, *sv = sk + hd;   /* q heads, then k: one run for RoPE */
-    float *scratch = sv + hd;
-    for (int i = tid; i < hd; i += nt) {             /* one round trip: tables, angles, directions, q, k, v */
-        if (mode & MODE_ROPE) cs[i] = a.rope[(size_t)p * hd + i];
-        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
-        sk[i] = k[i]; sv[i] = v[i];
-    }
-    for (int i = tid; i < nq * hd; i += nt) sq[i] = q[i];
-    __syncthreads();
-    if (mode & MODE_ROPE) {
-        rope_block(sq, nq + 1, hd, cs);
-        __syncthreads();
-    }
-    if (!(mode & MODE_ENCODE)) {         /* RoPE alone (statistics come next): back to memory */
-        for (int i = tid; i < nq * hd; i += nt) q[i] = sq[i];
-        for (int i = tid; i < hd; i += nt) k[i] = sk[i];
-        return;
-    }
-    if (warp < 2) {              /* warp 0: the key; warp 1: the value */
-        const bool key = warp == 0;
-        size_t er = (mode & MODE_EXACT) && (p < kv.sink || kv.window > 0) ? exact_row(&kv, &c, l, g, p) : SIZE_MAX;
-        uint16_t *ex = er == SIZE_MAX ? NULL : (key ? kv.exact_k : kv.exact_v) + er;
-        encode_warp(kv, key ? &kc : &vc, u, key ? R : 0, key ? sk : sv, scratch + warp * enc_scratch_floats(hd),
-                    key ? cache_row(&kv, kv.key, kv.kc.bytes, &c, l, g, p) : cache_row(&kv, kv.value, kv.vc.bytes, &c, l, g, p),
-                    R ? kv.kbeta + (head * kv.ctx + p) * R : NULL, ex, key ? kept_k : kept_v);
-        return;
-    }
-    /* the other warps, a query head each */
-    float *tmp = scratch + 2 * enc_scratch_floats(hd) + (size_t)(warp - 2) * hd;
-    for (int j = warp - 2; j < nq; j += nt / 32 - 2) {
-        float *qj = sq + j * hd;
-        for (int i = lane; i < hd; i += 32) q[j * hd + i] = qj[i];   /* q after RoPE, for the exact positions */
-        __syncwarp();
-        size_t gr = (size_t)b * c.n_heads + g * G + j;
-        prepare_query_warp(&kc, u, R, qj, tmp, a.qext + gr * a.dk, a.qu + gr * KPROJ_MAX);
-    }
-}
-
 __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, int mode) {
     pdl_wait_then_release();
     extern __shared__ double shd[];
-    const int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads, G = c.n_heads / c.n_kv_heads;
-    float *k = a.qkv + (size_t)b * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + (size_t)(c.n_heads + g) * c.head_dim;
-    rope_encode_block(kv, c, l, a, mode, b, g, G, k, k + (size_t)c.n_kv_heads * c.head_dim, shd);
+    float *sm = (float *)(shd + 33);
+    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, R = kv.kproj, tid = threadIdx.x, nt = blockDim.x;
+    const int lane = tid & 31, warp = tid >> 5, lhd = __ffs(hd) - 1;
+    const int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads, pos = a.step[0], p = pos + b;
+    const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, head = (size_t)l * c.n_kv_heads + g;
+    float *row = a.qkv + (size_t)b * (qd + 2 * kvd), *q = row + (size_t)g * G * hd, *k = row + qd + g * hd, *v = k + kvd;
+
+    tq_codec kc = codec_to_shared(&kv.kc, &sm), vc = codec_to_shared(&kv.vc, &sm);
+    float *u = sm, *sq = u + KPROJ_MAX * hd, *sk = sq + G * hd, *sv = sk + hd;
+    float *scratch = sv + hd;
+    for (int i = tid; i < hd; i += nt) {
+        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
+        sk[i] = k[i]; sv[i] = v[i];
+    }
+    for (int i = tid; i < G * hd; i += nt) sq[i] = q[i];
+    __syncthreads();
+    if (mode & MODE_ROPE) {      /* run.c's rope(): pair (2i, 2i+1) turned by pos * theta^(-2i/head_dim) */
+        const float *cs = a.rope + (size_t)p * hd;
+        for (int t = tid; t < (G + 1) * (hd / 2); t += nt) {
+            int j = t >> (lhd - 1), i = 2 * (t & (hd / 2 - 1));
+            float *vec = j < G ? sq + j * hd : sk, co = cs[i], si = cs[i + 1], x0 = vec[i], x1 = vec[i + 1];
+            vec[i] = x0 * co - x1 * si;
+            vec[i + 1] = x0 * si + x1 * co;
+            if (!(mode & MODE_ENCODE)) {         /* RoPE alone (statistics come next): back to memory */
+                float *out = j < G ? q + j * hd : k;
+                out[i] = vec[i]; out[i + 1] = vec[i + 1];
+            }
+        }
+        __syncthreads();
+    }
+    if (!(mode & MODE_ENCODE)) return;
+
+    if (warp < 2) {              /* warp 0: the key; warp 1: the value */
+        float *x = scratch + warp * (5 * hd + hd / 4 + 2), *xp = x + hd;
+        EncScratch es = {xp + hd, xp + 2 * hd, xp + 3 * hd, (uint8_t *)(xp + 4 * hd), NULL, xp + 4 * hd + hd / 4};
+        float *src = warp == 0 ? sk : sv, *out = warp == 0 ? k : v;
+        for (int i = lane; i < hd; i += 32) { x[i] = src[i]; xp[i] = x[i]; }
+        __syncwarp();
+        if (warp == 0 && R) {      /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
+            double part[KPROJ_MAX];
+            projections(u, x, hd, R, part);
+            float bf[KPROJ_MAX];
+#pragma unroll
+            for (int r = 0; r < KPROJ_MAX; r++) {
+                uint16_t beta = tq_f32_to_f16((float)part[r]);
+                if (lane == 0 && r < R) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
+                bf[r] = tq_f16_to_f32(beta);
+            }
+            for (int i = lane; i < hd; i += 32)
+                for (int r = 0; r < R; r++) xp[i] -= bf[r] * u[r * hd + i];
+        }
+        __syncwarp();
+        if (warp == 0) encode_team<TEAM_WARP>(&kc, xp, cache_row(&kv, kv.key, kv.kc.bytes, &c, l, g, p), es);
+        else encode_team<TEAM_WARP>(&vc, xp, cache_row(&kv, kv.value, kv.vc.bytes, &c, l, g, p), es);
+        uint16_t *ex = warp == 0 ? kv.exact_k : kv.exact_v;
+        size_t er = (mode & MODE_EXACT) && (p < kv.sink || kv.window > 0) ? exact_row(&kv, &c, l, g, p) : SIZE_MAX;
+        for (int i = lane; i < hd; i += 32) {   /* the vector as the exact store keeps it (store_exact's rule) */
+            uint16_t h = tq_f32_to_f16(x[i]);
+            out[i] = tq_f16_to_f32(h);
+            if (er != SIZE_MAX) ex[er + i] = h;
+        }
+        return;
+    }
+    /* the other warps, a query head each: qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated */
+    float *tmp = scratch + 2 * (5 * hd + hd / 4 + 2) + (size_t)(warp - 2) * hd;
+    for (int j = warp - 2; j < G; j += nt / 32 - 2) {
+        float *qj = sq + j * hd, *qg = q + j * hd, quj[KPROJ_MAX];
+        for (int i = lane; i < hd; i += 32) qg[i] = qj[i];   /* q after RoPE, for the exact positions */
+        __syncwarp();
+        double part[KPROJ_MAX];
+        projections(u, qj, hd, R, part);
+#pragma unroll
+        for (int r = 0; r < KPROJ_MAX; r++) {
+            quj[r] = (float)part[r];
+            if (lane == 0 && r < R) a.qu[((size_t)b * c.n_heads + g * G + j) * KPROJ_MAX + r] = quj[r];
+        }
+        for (int i = lane; i < hd; i += 32)
+            for (int r = 0; r < R; r++) qj[i] -= quj[r] * u[r * hd + i];
+        __syncwarp();
+        if (is_tq(kc.fmt)) rotate_team<TEAM_WARP>(&kc, qj, 1, tmp);
+        float *qe = a.qext + ((size_t)b * c.n_heads + g * G + j) * a.dk;
+        for (int i = lane; i < hd; i += 32) qe[i] = qj[i];
+        if (is_prod(kc.fmt))             /* S Pi q_perp: the QJL half of the prepared query */
+            for (int i = lane; i < hd; i += 32) qe[hd + i] = dot8(kc.qjl + (size_t)i * hd, qj, hd);
+        __syncwarp();
+    }
 }
 
 /* ---------------------------------------------------------------------------
@@ -892,23 +830,6 @@ __device__ __forceinline__ void prefetch_rows(const uint8_t *base, size_t bytes,
     for (int it = 0; it < its; it++) prefetch_l1(base + (size_t)min(t0 + kl + kpw * it, c1 - 1) * bytes + off);
 }
 
-/* asks L2 for the first PREFETCH_KEYS rows of the coded keys [c0, c1) of head (l, g): codes,
- * values, projections. A hint that cannot return stale data (L2 is where writes land), so it
- * may be issued before the wait for the previous kernel: the first tiles then come from L2. */
-#define PREFETCH_KEYS 256
-__device__ void prefetch_chunk_l2(const KVCache &kv, const Config &c, int l, int g, int c0, int c1) {
-    const size_t head = (size_t)l * c.n_kv_heads + g;
-    const int t1 = min(c1, c0 + PREFETCH_KEYS);
-    const uint8_t *base[3] = {kv.key + head * kv.ctx * kv.kc.bytes, kv.value + head * kv.ctx * kv.vc.bytes,
-                              (const uint8_t *)(kv.kbeta + head * kv.ctx * kv.kproj)};
-    const size_t bytes[3] = {kv.kc.bytes, kv.vc.bytes, (size_t)kv.kproj * 2};
-    for (int s = 0; s < (kv.kproj ? 3 : 2); s++) {
-        const uintptr_t p0 = (uintptr_t)(base[s] + (size_t)c0 * bytes[s]) & ~(uintptr_t)127;
-        const uintptr_t p1 = (uintptr_t)(base[s] + (size_t)t1 * bytes[s]);
-        for (uintptr_t p = p0 + 128 * threadIdx.x; p < p1; p += 128 * blockDim.x) asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
-    }
-}
-
 template <int B>     /* B bytes at p, little-endian (B <= 4) */
 __device__ __forceinline__ uint32_t load_bytes(const uint8_t *p) {
     uint32_t w = 0;
@@ -953,300 +874,6 @@ __device__ __forceinline__ float decode_group(const uint8_t *row, int gi, int d,
         for (int k = 0; k < 8; k++) v[k] = (sg >> k) & 1 ? 1.0f : -1.0f;
         return sqrtf((float)(PI / 2)) / d * ld_f16(row + so + d / 8 + 2);
     }
-}
-
-/* ---------------------------------------------------------------------------
- * The merge: a row's partial results (one per chunk of coded keys), its exact positions
- * (the first `sink` and the last `window`, from the batch or the fp16 store) and the value
- * codec's finish (S^T for tq*p, then Pi^T): run.c's attention() output for that head, into
- * a.out. It runs in the attention launch itself: every block counts itself done once its
- * partial results are written (last_block), and the last block of a (row tile, KV head)
- * merges the tile's rows, a warp each in turn (merge_row_warp): one launch and one round
- * trip to memory less a layer than a merge kernel of its own.
- */
-/* Where prepare_rows puts a block's rows in its shared memory, from a.prep_off on: the key and
- * value codecs' tables, RoPE's angles, the head's key directions, then qr (rmax, head_dim) after
- * RoPE, qe (rmax, dk) as the key codec scores them, qu (rmax, KPROJ_MAX) their key projections,
- * and a head_dim of scratch per warp. Pure arithmetic: the merge finds them again. */
-typedef struct { float *ktab, *vtab, *cs, *u, *qr, *qe, *qu, *tmp; } Prep;
-
-__device__ Prep prep_layout(const KVCache &kv, const Config &c, const AttArgs &a, uint8_t *smem, int rmax) {
-    const int hd = c.head_dim;
-    Prep p;
-    p.ktab = (float *)(smem + a.prep_off);
-    p.vtab = p.ktab + codec_table_floats(&kv.kc);
-    p.cs = p.vtab + codec_table_floats(&kv.vc);
-    p.u = p.cs + hd;
-    p.qr = p.u + KPROJ_MAX * hd;
-    p.qe = p.qr + rmax * hd;
-    p.qu = p.qe + rmax * a.dk;
-    p.tmp = p.qu + rmax * KPROJ_MAX;
-    return p;
-}
-
-/* floats of prep_layout's shared memory for rmax rows and nw warps */
-static int prep_floats(const KVCache *kv, int dk, int rmax, int nw) {
-    int hd = kv->kc.d;
-    return codec_table_floats(&kv->kc) + codec_table_floats(&kv->vc) + hd + KPROJ_MAX * hd + rmax * (hd + dk + KPROJ_MAX) + nw * hd;
-}
-
-#define MERGE_EXACT 64   /* exact positions whose scores a merging warp keeps in shared memory */
-#define MERGE_SUMS 4     /* the merge's sums over partials and exact positions are kept in the order of a
-                            block of MERGE_SUMS warps (each warp's tree, then the warps in turn) */
-
-/* floats of one merging warp's scratch: exact scores, chunk weights, accumulator, output */
-__host__ __device__ static int merge_warp_floats(int hd, int dv) { return MERGE_EXACT + MAX_PARTS + dv + hd; }
-
-/* floats of a merging block's shared memory (merge_tile): the value codec's tables, nw warps' scratch */
-static int merge_shared_floats(const tq_codec *vc, int dv, int nw) { return codec_table_floats(vc) + nw * merge_warp_floats(vc->d, dv); }
-
-/* Whether this block is the last of its (row tile, KV head) to finish, once all its threads
- * have written their results: a fence before the count (the writes are visible to whoever
- * counts last), one after it (what the others wrote is visible to this block); the last
- * sets the count back to 0, for the next launch (the next layer, a replay of the graph). */
-__device__ bool last_block(const AttArgs &a) {
-    __shared__ int last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int *count = a.count + (size_t)blockIdx.z * gridDim.y + blockIdx.y;
-        last = atomicAdd(count, 1) == (int)gridDim.x - 1;
-        if (last) atomicExch(count, 0);
-        __threadfence();
-    }
-    __syncthreads();
-    return last;
-}
-
-/* Row (token tok, head h) by the calling warp, for head_dim <= 32 EPL (the lane's elements
- * i = lane + 32 k, k < EPL); q: its query after RoPE; vc: the value codec (its tables in shared
- * memory); ws: merge_warp_floats. Other blocks' results are read past L1 (__ldcg), each batch of
- * loads issued before the first is used (a round trip for 16 registers' worth); the sums
- * run in the order of a merge by MERGE_SUMS warps of 8-lane groups (each group's pairwise tree,
- * each warp's tree, the warps in turn), whatever the lanes that compute them. */
-template <int EPL>
-__device__ void merge_row_warp(const KVCache &kv, const Config &c, const AttArgs &a, int tok, int h, const float *q,
-                               const tq_codec *vc, float *ws) {
-    constexpr int UG = EPL < 16 ? 16 / EPL : 1;   /* partials or exact positions loaded in one batch */
-    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = h / G, l = a.layer, lane = threadIdx.x & 31, dv = a.dv;
-    const int pos = a.step[0], T = pos + tok + 1, lo = kv.sink, hi = T - a.window, len = hi > lo ? hi - lo : 0;
-    const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, row = (size_t)tok * c.n_heads + h;
-    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(len, a.units), CHUNK_GRAIN) * CHUNK_GRAIN;
-    const int nparts = len > 0 ? ceil_div(len, chunk) : 0;
-    const int n1 = min(kv.sink, T), e2 = max(hi, kv.sink), ne = n1 + max(0, T - e2);   /* exact: [0, n1), [e2, T) */
-    float *es = ws, *wu = es + MERGE_EXACT, *y = wu + MAX_PARTS, *yt = y + dv;
-    if (a.emax > MERGE_EXACT) es = a.escore + row * a.emax;    /* many exact positions: global memory */
-    const float *part = a.part + row * MAX_PARTS * (2 + dv);
-    /* the batch's own keys as kept (values kvd further): its rows of qkv, or the fused step's token */
-    const float *kb = a.fused ? a.kept : a.qkv + qd;
-    const size_t ks = a.fused ? 0 : qd + 2 * kvd;
-    const float scale = 1.0f / sqrtf((float)hd);
-
-    /* the chunks' maxima and sums (u = lane + 32 w), loaded with the exact keys below */
-    float pm[MAX_PARTS / 32], pl[MAX_PARTS / 32];
-#pragma unroll
-    for (int w = 0; w < MAX_PARTS / 32; w++) {
-        const int u = 32 * w + lane;
-        pm[w] = u < nparts ? __ldcg(part + (size_t)u * (2 + dv)) : NO_SCORE;
-        pl[w] = u < nparts ? __ldcg(part + (size_t)u * (2 + dv) + 1) : 0.0f;
-    }
-    /* run.c's key_score for the exact positions, a lane a position: 8 sums over i = p mod 8, added pairwise */
-    for (int e0 = 0; e0 < ne; e0 += 32) {
-        const int e = e0 + lane;
-        if (e >= ne) continue;
-        const int t = e < n1 ? e : e2 + e - n1;
-        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        if (t >= pos) {
-            const float *k = kb + (size_t)(t - pos) * ks + (size_t)g * hd;
-#pragma unroll 2
-            for (int i = 0; i < hd; i += 8) {
-                float4 k0 = __ldcg((const float4 *)(k + i)), k1 = __ldcg((const float4 *)(k + i + 4));
-                float kv8[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
-#pragma unroll
-                for (int j = 0; j < 8; j++) acc[j] += q[i + j] * kv8[j];
-            }
-        } else {
-            const uint16_t *k = kv.exact_k + exact_row(&kv, &c, l, g, t);
-#pragma unroll 4
-            for (int i = 0; i < hd; i += 8) {
-                uint4 w = __ldcg((const uint4 *)(k + i));
-                uint32_t ww[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-                for (int j = 0; j < 8; j++) acc[j] += q[i + j] * tq_f16_to_f32((uint16_t)(ww[j >> 1] >> (16 * (j & 1))));
-            }
-        }
-        es[e] = scale * sum8(acc);
-    }
-    __syncwarp();
-    float mx = NO_SCORE;
-#pragma unroll
-    for (int w = 0; w < MAX_PARTS / 32; w++) mx = fmaxf(mx, pm[w]);
-    for (int e = lane; e < ne; e += 32) mx = fmaxf(mx, es[e]);
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
-    float z = 0.0f;           /* the normalizer: sum of w_u l_u and of the exact weights */
-#pragma unroll
-    for (int w = 0; w < MERGE_SUMS; w++) {
-        float zw = 0.0f;
-        const int u = 32 * w + lane;
-        if (w < MAX_PARTS / 32 && u < nparts) {
-            wu[u] = expf(pm[w] - mx);
-            zw += wu[u] * pl[w];
-        }
-        for (int e = 32 * w + lane; e < ne; e += 32 * MERGE_SUMS) { es[e] = expf(es[e] - mx); zw += es[e]; }
-        for (int o = 16; o > 0; o >>= 1) zw += __shfl_xor_sync(FULL_MASK, zw, o);
-        z += zw;
-    }
-    __syncwarp();
-    for (int hf = 0; hf < dv / hd; hf++) {           /* the accumulator: its codes' part (and the QJL part of tq*p) */
-        float acc[EPL];
-#pragma unroll
-        for (int k = 0; k < EPL; k++) acc[k] = 0.0f;
-        for (int u0 = 0; u0 < nparts; u0 += UG) {
-            float pv[UG][EPL];
-#pragma unroll
-            for (int j = 0; j < UG; j++)
-#pragma unroll
-                for (int k = 0; k < EPL; k++) {
-                    const int i = lane + 32 * k;
-                    pv[j][k] = u0 + j < nparts && i < hd ? __ldcg(part + (size_t)(u0 + j) * (2 + dv) + 2 + hf * hd + i) : 0.0f;
-                }
-#pragma unroll
-            for (int j = 0; j < UG; j++)
-                if (u0 + j < nparts)
-#pragma unroll
-                    for (int k = 0; k < EPL; k++) acc[k] += wu[u0 + j] * pv[j][k];
-        }
-#pragma unroll
-        for (int k = 0; k < EPL; k++)
-            if (lane + 32 * k < hd) y[hf * hd + lane + 32 * k] = acc[k] / z;
-    }
-    __syncwarp();
-    for (int i = lane; i < hd; i += 32) {            /* tq_finish: yt = acc + S^T acc_qjl, then Pi^T */
-        float s = y[i];
-        if (is_prod(vc->fmt))
-            for (int k = 0; k < hd; k++) s += y[hd + k] * vc->qjl[(size_t)k * hd + i];
-        yt[i] = s;
-    }
-    __syncwarp();
-    if (is_tq(vc->fmt) && warp_rotation(vc)) rotate_warp(vc, yt, true);
-    else if (is_tq(vc->fmt)) unrotate_team<TEAM_WARP>(vc, yt, y);
-    float o[EPL];                                    /* add_exact_values: p_t v_t */
-#pragma unroll
-    for (int k = 0; k < EPL; k++) o[k] = lane + 32 * k < hd ? yt[lane + 32 * k] : 0.0f;
-    for (int e0 = 0; e0 < ne; e0 += UG) {
-        float xv[UG][EPL];
-#pragma unroll
-        for (int j = 0; j < UG; j++) {
-            const int e = e0 + j, t = e < n1 ? e : e2 + e - n1;
-            const float *vk = e < ne && t >= pos ? kb + (size_t)(t - pos) * ks + kvd + (size_t)g * hd : NULL;
-            const uint16_t *vx = e < ne && t < pos ? kv.exact_v + exact_row(&kv, &c, l, g, t) : NULL;
-#pragma unroll
-            for (int k = 0; k < EPL; k++) {
-                const int i = lane + 32 * k;
-                xv[j][k] = e >= ne || i >= hd ? 0.0f : t >= pos ? __ldcg(vk + i) : tq_f16_to_f32(__ldcg(vx + i));
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < UG; j++)
-            if (e0 + j < ne) {
-                const float p = es[e0 + j] / z;
-#pragma unroll
-                for (int k = 0; k < EPL; k++) o[k] += p * xv[j][k];
-            }
-    }
-#pragma unroll
-    for (int k = 0; k < EPL; k++)
-        if (lane + 32 * k < hd) a.out[(size_t)tok * qd + (size_t)h * hd + lane + 32 * k] = o[k];
-    __syncwarp();
-}
-
-/* The last block's merge of its tile: rows rho0 .. rho0 + nr - 1 of the batch (row = token *
- * group + j) of KV head g, by the block, in its shared memory smem (merge_shared_floats of it
- * from the start). A fused step's queries after RoPE and value codec's tables are where
- * prepare_rows put them (prep_layout with rmax rows); a batch's are a.qkv's and kv.vc's (the
- * tables copied first). EMAX: the largest head_dim / 32 the kernel takes. */
-template <int EMAX>
-__device__ __noinline__ void merge_tile(const KVCache &kv, const Config &c, const AttArgs &a, int g, int rho0, int nr, int rmax, uint8_t *smem) {
-    const int warp = threadIdx.x >> 5, hd = c.head_dim, G = c.n_heads / c.n_kv_heads;
-    float *sm = (float *)smem, *ws = sm + codec_table_floats(&kv.vc) + (size_t)warp * merge_warp_floats(hd, a.dv);
-    const float *qr = NULL;
-    tq_codec vs;
-    if (a.fused) {
-        const Prep p = prep_layout(kv, c, a, smem, rmax);
-        vs = codec_at(&kv.vc, p.vtab);
-        qr = p.qr;
-    } else {
-        vs = codec_to_shared(&kv.vc, &sm);
-        __syncthreads();
-    }
-    for (int r = warp; r < nr; r += blockDim.x >> 5) {
-        const int rho = rho0 + r, tok = rho / G, h = g * G + rho % G;
-        const float *q = qr ? qr + (size_t)r * hd : a.qkv + (size_t)tok * (c.n_heads + 2 * c.n_kv_heads) * hd + (size_t)h * hd;
-        if (EMAX >= 8 && hd == 256) merge_row_warp<EMAX >= 8 ? 8 : 1>(kv, c, a, tok, h, q, &vs, ws);
-        else if (EMAX >= 4 && hd == 128) merge_row_warp<EMAX >= 4 ? 4 : 1>(kv, c, a, tok, h, q, &vs, ws);
-        else if (EMAX >= 2 && hd == 64) merge_row_warp<EMAX >= 2 ? 2 : 1>(kv, c, a, tok, h, q, &vs, ws);
-        else merge_row_warp<1>(kv, c, a, tok, h, q, &vs, ws);
-    }
-}
-
-/* ---------------------------------------------------------------------------
- * A fused decode step (attention_layer): one token's RoPE, cache encode, attention and merge
- * in one launch. Its token's codes are not read by its own attention (they are past the coded
- * range: an exact position of the window, or, in a lossless cache, the token itself merged
- * from the batch), so they can be written while the other blocks score: block x = units of
- * the launch encodes them (rope_encode_block), every other block prepares its own query rows
- * (prepare_rows) in its shared memory from the token's q, as rope_encode_block prepares a
- * batch's in memory. The chains of a layer's attention, which were three launches (encode,
- * attention, merge), are one.
- */
-
-/* The fused step's query rows rho0 + r (r < nr: heads g G + rho0 + r of its one token), by the
- * block, into prep_layout(smem, rmax): the codecs' tables; the rows after RoPE; with full also
- * prepared for the key codec (prepare_query_warp, a warp a row). */
-__device__ void prepare_rows(const KVCache &kv, const Config &c, const AttArgs &a, int g, int rho0, int nr, int rmax,
-                             uint8_t *smem, bool full) {
-    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, R = kv.kproj, tid = threadIdx.x, nt = blockDim.x;
-    const int lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
-    const size_t head = (size_t)a.layer * c.n_kv_heads + g;
-    const Prep p = prep_layout(kv, c, a, smem, rmax);
-    float *sm = p.ktab;
-    tq_codec kc = codec_to_shared(&kv.kc, &sm);
-    codec_to_shared(&kv.vc, &sm);
-    float *cs = p.cs, *u = p.u, *qr = p.qr, *qe = p.qe, *qu = p.qu, *tmp = p.tmp + warp * hd;
-    const float *rope = a.rope + (size_t)a.step[0] * hd, *q = a.qkv + (size_t)(g * G + rho0) * hd;
-    for (int i = tid; i < hd; i += nt) {             /* one round trip: tables, directions, queries */
-        cs[i] = rope[i];
-        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
-    }
-    for (int i = tid; i < nr * hd; i += nt) qr[i] = q[i];
-    __syncthreads();
-    rope_block(qr, nr, hd, cs);
-    __syncthreads();
-    if (full) {
-        for (int r = warp; r < nr; r += nw) {
-            float *qj = qe + r * a.dk;
-            for (int i = lane; i < hd; i += 32) qj[i] = qr[r * hd + i];
-            __syncwarp();
-            prepare_query_warp(&kc, u, R, qj, tmp, qj, qu + r * KPROJ_MAX);
-        }
-        __syncthreads();
-    }
-}
-
-/* The encode block of a fused step (block x = units; row tile 0): the token's key and value
- * into the cache and the exact store, kept for the merge; then its rows' queries after RoPE,
- * in case it is the last block and merges. */
-template <int EMAX>
-__device__ __noinline__ void fused_encode_block(const KVCache &kv, const Config &c, const AttArgs &a, int rmax, uint8_t *smem) {
-    const int g = blockIdx.z, G = c.n_heads / c.n_kv_heads, hd = c.head_dim;
-    const size_t kvd = (size_t)c.n_kv_heads * hd;
-    if (blockIdx.y == 0)
-        rope_encode_block(kv, c, a.layer, a, MODE_ROPE | MODE_ENCODE | MODE_EXACT, 0, g, 0, a.kept + (size_t)g * hd,
-                          a.kept + kvd + (size_t)g * hd, (double *)smem);
-    __syncthreads();
-    const int rho0 = blockIdx.y * rmax, nr = min(rmax, G - rho0);
-    prepare_rows(kv, c, a, g, rho0, nr, rmax, smem, false);
-    if (last_block(a)) merge_tile<EMAX>(kv, c, a, g, rho0, nr, rmax, smem);
 }
 
 /* The rows of one attention block and their running softmax state. */
@@ -1316,18 +943,27 @@ static size_t att_shared_bytes(int dv) {
     return (32 + ATT_WARPS * (ATT_IT * 32 * ATT_ROWS) + ATT_WARPS * ATT_ROWS * (2 + dv)) * sizeof(float);
 }
 
-/* The keys [c0, c1) of the coded range [sink, T - window) for query rows rho0.. of the
- * batch (row = token * group + j: head g*group + j of that token), KV head g. The block's
- * warps take batches of KB keys in turn, each with its own online softmax (running max m,
- * sum l, accumulator acc); the block then merges its warps and writes one partial result
- * per row. A fused step's prepared queries are where prepare_rows put them, a batch's a.qext's. */
-__device__ void attention_simt_chunk(const KVCache &kv, const Config &c, const AttArgs &a, float *sh, int rho0, int c0, int c1) {
+/* Block (chunk, row tile, KV head g): query rows rt*ATT_ROWS.. of the batch (row =
+ * token * group + j: head g*group + j of that token), keys [c0, c1) of the coded
+ * range [sink, T - window). Its warps take batches of KB keys in turn, each with
+ * its own online softmax (running max m, sum l, accumulator acc); the block then
+ * merges its warps and writes one partial result per row. */
+__global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
+    pdl_wait_then_release();
+    extern __shared__ float sh[];
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = blockIdx.z, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int pos = a.step[0], rows = a.n * G, lo = kv.sink;
+    const int pos = a.step[0], rows = a.n * G, rho0 = blockIdx.y * ATT_ROWS, lo = kv.sink;
+    const int last = min(rho0 + ATT_ROWS, rows) - 1, hi_max = pos + last / G + 1 - kv.window;
+    if (hi_max <= lo) return;
+    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(hi_max - lo, gridDim.x), CHUNK_GRAIN) * CHUNK_GRAIN;
+    const int c0 = lo + blockIdx.x * chunk, c1 = min(c0 + chunk, hi_max);
+    if (c0 >= c1) return;
+
     AttRows rw;
     for (int r = 0; r < ATT_ROWS; r++) {
         int rho = min(rho0 + r, rows - 1), tok = rho / G;
-        rw.hi[r] = rho0 + r < rows ? pos + tok + 1 - a.window : lo;
+        rw.hi[r] = rho0 + r < rows ? pos + tok + 1 - kv.window : lo;
         rw.gr[r] = tok * c.n_heads + g * G + rho % G;
     }
     const int gk = a.dk / 8, kpwk = 32 / gk, gv = a.dv / 8, kpwv = 32 / gv;
@@ -1339,13 +975,9 @@ __device__ void attention_simt_chunk(const KVCache &kv, const Config &c, const A
     __syncthreads();
 
     float q[ATT_ROWS][8], qu[ATT_ROWS][KPROJ_MAX], m[ATT_ROWS], l[ATT_ROWS], acc[ATT_ROWS][8];
-    const Prep pr = prep_layout(kv, c, a, (uint8_t *)sh, ATT_ROWS);
     for (int r = 0; r < ATT_ROWS; r++) {
-        const int lr = min(rho0 + r, rows - 1) - rho0;      /* the row's place in pr */
-        const float *qe = a.fused ? pr.qe + (size_t)lr * a.dk : a.qext + (size_t)rw.gr[r] * a.dk;
-        const float *qp = a.fused ? pr.qu + (size_t)lr * KPROJ_MAX : a.qu + (size_t)rw.gr[r] * KPROJ_MAX;
-        load8(qe + 8 * gik, q[r]);
-        for (int j = 0; j < KPROJ_MAX; j++) qu[r][j] = j < kv.kproj ? qp[j] : 0.0f;
+        load8(a.qext + (size_t)rw.gr[r] * a.dk + 8 * gik, q[r]);
+        for (int j = 0; j < KPROJ_MAX; j++) qu[r][j] = j < kv.kproj ? a.qu[(size_t)rw.gr[r] * KPROJ_MAX + j] : 0.0f;
         m[r] = NO_SCORE; l[r] = 0.0f;
         for (int k = 0; k < 8; k++) acc[r][k] = 0.0f;
     }
@@ -1416,28 +1048,6 @@ __device__ void attention_simt_chunk(const KVCache &kv, const Config &c, const A
         }
         a.part[((size_t)rw.gr[r] * MAX_PARTS + blockIdx.x) * (2 + a.dv) + j] = j == 0 ? mx : sum;
     }
-}
-
-/* Block (chunk, row tile, KV head): attention_simt_chunk over the chunk's keys, then the
- * merge if it is the last block (last_block); in a fused step the encode block's work or
- * the rows' queries first. */
-__global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __grid_constant__ KVCache kv,
-        const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
-    extern __shared__ float sh[];
-    const int G = c.n_heads / c.n_kv_heads, g = blockIdx.z, pos = a.step[0], rows = a.n * G, rho0 = blockIdx.y * ATT_ROWS;
-    const int nr = min(ATT_ROWS, rows - rho0), lo = kv.sink, hi_max = pos + (rho0 + nr - 1) / G + 1 - a.window;
-    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(hi_max - lo, a.units), CHUNK_GRAIN) * CHUNK_GRAIN;
-    const int c0 = lo + blockIdx.x * chunk, c1 = min(c0 + chunk, hi_max);
-    const bool encoder = a.fused && (int)blockIdx.x == a.units, work = !encoder && hi_max > lo && c0 < c1;
-    if (work) prefetch_chunk_l2(kv, c, a.layer, g, c0, c1);   /* before waiting for the previous kernel */
-    pdl_wait_then_release();
-    if (encoder) {
-        fused_encode_block<8>(kv, c, a, ATT_ROWS, (uint8_t *)sh);
-        return;
-    }
-    if (a.fused) prepare_rows(kv, c, a, g, rho0, nr, ATT_ROWS, (uint8_t *)sh, true);
-    if (work) attention_simt_chunk(kv, c, a, sh, rho0, c0, c1);
-    if (last_block(a)) merge_tile<8>(kv, c, a, g, rho0, nr, ATT_ROWS, (uint8_t *)sh);
 }
 
 /* ---------------------------------------------------------------------------
@@ -1598,31 +1208,27 @@ template <int D, int KB, int VB> struct MmaShape {
     static constexpr int TILE = KREG + VREG + BREG;
     static constexpr int WARP_BUF = MMA_STAGES * TILE + 16;                            /* + room for load_words */
     static constexpr int MERGE = (2 * MMA_WARPS * MMA_ROWS + MMA_WARPS * MMA_ROWS * D) * 4;
-    static constexpr int SHARED = PTAB + MMA_WARPS * WARP_BUF > MERGE ? PTAB + MMA_WARPS * WARP_BUF : MERGE;
+    static constexpr int QLO = MMA_WARPS * (D / 16) * 2 * 32 * 4;   /* each lane's low query parts (registers are short) */
+    static constexpr int SHARED = PTAB + MMA_WARPS * WARP_BUF + QLO > MERGE ? PTAB + MMA_WARPS * WARP_BUF + QLO : MERGE;
 };
 
-/* the key codebook's pairs as MmaShape's PTAB describes, at the start of shared memory, by the block */
-template <int KB> __device__ void pair_table(const KVCache &kv, uint2 *ptab) {
-    for (int i = threadIdx.x; i < (1 << (2 * KB)) * 32; i += blockDim.x) {
-        const int e = i >> 5, code0 = e & ((1 << KB) - 1), code1 = e >> KB;
-        uint32_t hi, lo;
-        split_half2(kv.kc.centroids[code0], kv.kc.centroids[code1], &hi, &lo);
-        ptab[i] = make_uint2(hi, lo);
-    }
-}
-
-/* The keys [c0, c1) (hi_max: the tile's last row's end) for query rows rho0.. of KV head g,
- * as attention_simt_chunk's, with MMA_ROWS rows. */
+/* Block (chunk, row tile, KV head g) as attention_kernel's, with MMA_ROWS rows. */
 template <int KB, int VB, int D>
-__device__ void attention_mma_chunk(const KVCache &kv, const Config &c, const AttArgs &a, uint8_t *smem, int rho0,
-                                    int c0, int c1, int hi_max) {
+__global__ void __launch_bounds__(MMA_WARPS * 32, 4) attention_mma_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
     typedef MmaShape<D, KB, VB> S;
     constexpr int KSTEPS = D / 16, MTILES = D / 16, NWK = (S::LK + 3) / 4, NWV = (S::LV + 3) / 4;
+    pdl_wait_then_release();
+    extern __shared__ __align__(16) uint8_t smem[];
     const int G = c.n_heads / c.n_kv_heads, g = blockIdx.z, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gq = lane >> 2, tq = lane & 3;    /* the products' fragments: row group, thread in group */
-    const int pos = a.step[0], rows = a.n * G, R = kv.kproj;
-    const int hi_min = min(c1, pos + rho0 / G + 1 - a.window);   /* keys below it count for every row */
-    const Prep pr = prep_layout(kv, c, a, smem, MMA_ROWS);
+    const int pos = a.step[0], rows = a.n * G, rho0 = blockIdx.y * MMA_ROWS, lo = kv.sink, R = kv.kproj;
+    const int last = min(rho0 + MMA_ROWS, rows) - 1, hi_max = pos + last / G + 1 - kv.window;
+    if (hi_max <= lo) return;
+    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(hi_max - lo, gridDim.x), CHUNK_GRAIN) * CHUNK_GRAIN;
+    const int c0 = lo + blockIdx.x * chunk, c1 = min(c0 + chunk, hi_max);
+    if (c0 >= c1) return;
+    const int hi_min = min(c1, pos + rho0 / G + 1 - kv.window);   /* keys below it count for every row */
 
     /* this lane's score rows 2tq, 2tq+1: their key ranges and parts along the key directions */
     int hi2[2];
@@ -1630,28 +1236,34 @@ __device__ void attention_mma_chunk(const KVCache &kv, const Config &c, const At
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         int rho = rho0 + 2 * tq + r, tok = rho / G;
-        const float *qp = a.fused ? pr.qu + (size_t)(2 * tq + r) * KPROJ_MAX : a.qu + ((size_t)tok * c.n_heads + g * G + rho % G) * KPROJ_MAX;
-        hi2[r] = rho < rows ? pos + tok + 1 - a.window : hi_max;
+        hi2[r] = rho < rows ? pos + tok + 1 - kv.window : hi_max;
 #pragma unroll
-        for (int j = 0; j < KPROJ_MAX; j++) qu2[r][j] = rho < rows && j < R ? qp[j] : 0.0f;
+        for (int j = 0; j < KPROJ_MAX; j++)
+            qu2[r][j] = rho < rows && j < R ? a.qu[((size_t)tok * c.n_heads + g * G + rho % G) * KPROJ_MAX + j] : 0.0f;
     }
     /* the rotated query of row gq, coordinates D/4 tq + 4j + {0, 1 | 2, 3}: the score product's B,
-     * high and low fp16 parts */
-    uint32_t qf[KSTEPS][2], ql[KSTEPS][2];
+     * high fp16 parts in registers, low parts in shared memory (this lane's own words: no barrier) */
+    uint32_t qf[KSTEPS][2], *ql = (uint32_t *)(smem + S::PTAB + MMA_WARPS * S::WARP_BUF) + warp * KSTEPS * 2 * 32 + lane;
     {
         int rho = rho0 + gq, tok = rho / G;
-        const float *q = (a.fused ? pr.qe + (size_t)gq * a.dk : a.qext + ((size_t)tok * c.n_heads + g * G + rho % G) * a.dk) + tq * (D / 4);
+        const float *q = a.qext + ((size_t)tok * c.n_heads + g * G + rho % G) * a.dk + tq * (D / 4);
 #pragma unroll
         for (int j = 0; j < KSTEPS; j++) {
             float4 v = rho < rows ? *(const float4 *)(q + 4 * j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            split_half2(v.x, v.y, &qf[j][0], &ql[j][0]);
-            split_half2(v.z, v.w, &qf[j][1], &ql[j][1]);
+            split_half2(v.x, v.y, &qf[j][0], &ql[(2 * j) * 32]);
+            split_half2(v.z, v.w, &qf[j][1], &ql[(2 * j + 1) * 32]);
         }
     }
     uint32_t tv[4], tvl[4];   /* the value codebook's high and low parts */
     codebook_bytes(kv.vc.centroids, 1 << VB, 0, tv);
     codebook_bytes(kv.vc.centroids, 1 << VB, 1, tvl);
-    const uint2 *ptab = (const uint2 *)smem;   /* pair_table's, built before the kernel's wait */
+    uint2 *ptab = (uint2 *)smem;
+    for (int i = threadIdx.x; i < S::PAIRS * 32; i += blockDim.x) {
+        const int e = i >> 5, code0 = e & ((1 << KB) - 1), code1 = e >> KB;
+        uint32_t hi, lo;
+        split_half2(kv.kc.centroids[code0], kv.kc.centroids[code1], &hi, &lo);
+        ptab[i] = make_uint2(hi, lo);
+    }
     __syncthreads();
 
     /* the head's rows; a tile starts at a multiple of 16 keys, so at 16 k row bytes: its first
@@ -1704,7 +1316,7 @@ __device__ void attention_mma_chunk(const KVCache &kv, const Config &c, const At
             const uint2 b0 = ptab[(pair_index<KB>(wb, 2 * j) << 5) + lane], b1 = ptab[(pair_index<KB>(wb, 2 * j + 1) << 5) + lane];
             /* c q = ch qh + ch ql + cl qh (cl ql is below fp32's rounding), three independent sums */
             mma16816(s, a0.x, b0.x, a1.x, b1.x, qf[j][0], qf[j][1]);
-            mma16816(s2, a0.x, b0.x, a1.x, b1.x, ql[j][0], ql[j][1]);
+            mma16816(s2, a0.x, b0.x, a1.x, b1.x, ql[(2 * j) * 32], ql[(2 * j + 1) * 32]);
             mma16816(s3, a0.y, b0.y, a1.y, b1.y, qf[j][0], qf[j][1]);
         }
 #pragma unroll
@@ -1811,30 +1423,6 @@ __device__ void attention_mma_chunk(const KVCache &kv, const Config &c, const At
     }
 }
 
-/* Block (chunk, row tile, KV head) as attention_kernel's, with MMA_ROWS rows. */
-template <int KB, int VB, int D>
-__global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __grid_constant__ KVCache kv,
-        const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
-    extern __shared__ __align__(16) uint8_t smem[];
-    const int G = c.n_heads / c.n_kv_heads, g = blockIdx.z, pos = a.step[0], rows = a.n * G, rho0 = blockIdx.y * MMA_ROWS;
-    const int nr = min(MMA_ROWS, rows - rho0), lo = kv.sink, hi_max = pos + (rho0 + nr - 1) / G + 1 - a.window;
-    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(hi_max - lo, a.units), CHUNK_GRAIN) * CHUNK_GRAIN;
-    const int c0 = lo + blockIdx.x * chunk, c1 = min(c0 + chunk, hi_max);
-    const bool encoder = a.fused && (int)blockIdx.x == a.units, work = !encoder && hi_max > lo && c0 < c1;
-    if (work) {                 /* what does not depend on the previous kernel, before waiting for it */
-        pair_table<KB>(kv, (uint2 *)smem);
-        prefetch_chunk_l2(kv, c, a.layer, g, c0, c1);
-    }
-    pdl_wait_then_release();
-    if (encoder) {
-        fused_encode_block<D / 32>(kv, c, a, MMA_ROWS, smem);
-        return;
-    }
-    if (a.fused) prepare_rows(kv, c, a, g, rho0, nr, MMA_ROWS, smem, true);
-    if (work) attention_mma_chunk<KB, VB, D>(kv, c, a, smem, rho0, c0, c1, hi_max);
-    if (last_block(a)) merge_tile<D / 32>(kv, c, a, g, rho0, nr, MMA_ROWS, smem);
-}
-
 /* the tensor-core kernel for these formats and head_dim, or NULL */
 static AttKernel mma_kernel(const KVCache *kv, int hd, size_t *shared) {
     int kb = kv->kc.fmt == TQ_TQ2 ? 2 : kv->kc.fmt == TQ_TQ3 ? 3 : 0;
@@ -1845,6 +1433,97 @@ static AttKernel mma_kernel(const KVCache *kv, int hd, size_t *shared) {
     MMA_CASE(2, 2, 128) MMA_CASE(2, 3, 128) MMA_CASE(3, 2, 128) MMA_CASE(3, 3, 128)
 #undef MMA_CASE
     return NULL;
+}
+
+#define MERGE_EXACT 64   /* exact positions whose scores the merge keeps in shared memory */
+static size_t merge_shared_bytes(int dv) { return (2 * (size_t)dv + MAX_PARTS + MERGE_EXACT + 32) * sizeof(float); }
+
+/* Row (token b, head h): the partials of its chunks, the exact positions (the
+ * first `sink` and the last `window`, from the batch or the fp16 store), the
+ * value codec's finish (S^T for tq*p, then Pi^T): run.c's
+ * attention() output for that head, into out (n, q_dim). */
+__global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_constant__ KVCache kv,
+        const __grid_constant__ Config c, const __grid_constant__ AttArgs a, float *out) {
+    pdl_wait_then_release();
+    extern __shared__ float sh[];
+    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, row = blockIdx.x, b = row / c.n_heads, h = row % c.n_heads;
+    const int g = h / G, l = a.layer, tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5;
+    const int pos = a.step[0], T = pos + b + 1, lo = kv.sink, hi = T - kv.window, len = hi > lo ? hi - lo : 0;
+    const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, dv = a.dv;
+    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(len, a.units), CHUNK_GRAIN) * CHUNK_GRAIN;
+    const int nparts = len > 0 ? ceil_div(len, chunk) : 0;
+    const int n1 = min(kv.sink, T), e2 = max(hi, kv.sink), ne = n1 + max(0, T - e2);   /* exact: [0, n1), [e2, T) */
+    float *y = sh, *yt = y + dv, *wu = yt + dv, *red = wu + MAX_PARTS, *es = red + 32;
+    if (a.emax > MERGE_EXACT) es = a.escore + (size_t)row * a.emax;    /* many exact positions: global memory */
+    const float *part = a.part + (size_t)row * MAX_PARTS * (2 + dv), *q = a.qkv + b * QKV + (size_t)h * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (size_t i = (size_t)tid * 32; i < (size_t)nparts * (2 + dv); i += (size_t)nt * 32) prefetch_l1(part + i);
+    for (int e = tid; e < ne; e += nt) {            /* the exact values, needed last */
+        int t = e < n1 ? e : e2 + e - n1;
+        prefetch_l1(t >= pos ? (const void *)(a.qkv + (size_t)(t - pos) * QKV + qd + kvd + (size_t)g * hd)
+                             : (const void *)(kv.exact_v + exact_row(&kv, &c, l, g, t)));
+    }
+
+    /* run.c's key_score for the exact positions: 8 lanes a position, so that a block's 128
+     * threads score 16 positions (a sink and a window of 8: all) in one round of loads */
+    for (int e0 = 0; e0 < ne; e0 += nt / 8) {
+        const int e = e0 + tid / 8, part8 = tid & 7;
+        float s = 0.0f;
+        if (e < ne) {
+            const int t = e < n1 ? e : e2 + e - n1;
+            if (t >= pos) {
+                const float *k = a.qkv + (size_t)(t - pos) * QKV + qd + (size_t)g * hd;
+                for (int i = part8; i < hd; i += 8) s += q[i] * k[i];
+            } else {
+                const uint16_t *k = kv.exact_k + exact_row(&kv, &c, l, g, t);
+                for (int i = part8; i < hd; i += 8) s += q[i] * tq_f16_to_f32(k[i]);
+            }
+        }
+        for (int o = 1; o < 8; o <<= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+        if (e < ne && part8 == 0) es[e] = scale * s;
+    }
+    __syncthreads();
+    float mx = NO_SCORE;
+    for (int u = tid; u < nparts; u += nt) mx = fmaxf(mx, part[(size_t)u * (2 + dv)]);
+    for (int e = tid; e < ne; e += nt) mx = fmaxf(mx, es[e]);
+    mx = block_max(mx, red);
+    float z = 0.0f;
+    for (int u = tid; u < nparts; u += nt) {
+        wu[u] = expf(part[(size_t)u * (2 + dv)] - mx);
+        z += wu[u] * part[(size_t)u * (2 + dv) + 1];
+    }
+    for (int e = tid; e < ne; e += nt) { es[e] = expf(es[e] - mx); z += es[e]; }
+    z = block_sum(z, red);          /* (synchronizes wu and es too) */
+    for (size_t i = tid; i < dv; i += nt) {
+        float s = 0.0f;
+        for (int u = 0; u < nparts; u++) s += wu[u] * part[(size_t)u * (2 + dv) + 2 + i];
+        y[i] = s / z;
+    }
+    __syncthreads();
+    const tq_codec *vc = &kv.vc;
+    for (int i = tid; i < hd; i += nt) {            /* tq_finish: yt = acc + S^T acc_qjl, then Pi^T */
+        float s = y[i];
+        if (is_prod(vc->fmt))
+            for (int k = 0; k < hd; k++) s += y[hd + k] * vc->qjl[(size_t)k * hd + i];
+        yt[i] = s;
+    }
+    __syncthreads();
+    if (is_tq(vc->fmt) && warp_rotation(vc)) {        /* one warp, in registers */
+        if (warp == 0) rotate_warp(vc, yt, true);
+        __syncthreads();
+    } else if (is_tq(vc->fmt)) {
+        unrotate_team<TEAM_BLOCK>(vc, yt, y);
+    }
+    for (int i = tid; i < hd; i += nt) {            /* add_exact_values: p_t v_t */
+        float o = yt[i];
+        for (int e = 0; e < ne; e++) {
+            int t = e < n1 ? e : e2 + e - n1;
+            float p = es[e] / z;
+            o += t >= pos ? p * a.qkv[(size_t)(t - pos) * QKV + qd + kvd + (size_t)g * hd + i]
+                          : p * tq_f16_to_f32(kv.exact_v[exact_row(&kv, &c, l, g, t) + i]);
+        }
+        out[(size_t)b * qd + (size_t)h * hd + i] = o;
+    }
 }
 
 /* ---------------------------------------------------------------------------
@@ -1884,38 +1563,6 @@ static void gpu_check(const Config *c, const KVCache *kv) {
 }
 
 static void gpu_warm_up(Transformer *t, int all_logits);
-
-/* lets kernel take the device's limit of shared memory per block (less its static shared memory):
- * the attribute is the kernel's, for every model of the process */
-template <typename K> static void allow_shared(K kernel, int shared_max) {
-    cudaFuncAttributes fa;
-    CUDA(cudaFuncGetAttributes(&fa, kernel));
-    CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max - (int)fa.sharedSizeBytes));
-}
-
-/* Dynamic shared memory of an attention block of `warps` warps and `rows` query rows whose chunk
- * takes `own` bytes: the merge's scratch (a warp each) and a fused step's encode block
- * (rope_encode_block) use the same bytes; the rows' prepared queries follow, at *prep_off. */
-static size_t attention_shared(const Config *c, const KVCache *kv, size_t own, int rows, int warps, size_t *prep_off) {
-    size_t f = sizeof(float), base = own, merge = (size_t)merge_shared_floats(&kv->vc, ext_floats(&kv->vc), warps) * f;
-    size_t enc = enc_shared_bytes(c, kv);
-    if (merge > base) base = merge;
-    if (enc > base) base = enc;
-    *prep_off = (base + 15) & ~(size_t)15;
-    return *prep_off + (size_t)prep_floats(kv, ext_floats(&kv->kc), rows, warps) * f;
-}
-
-/* Attention blocks per KV head at decode: as many as fill the GPU once with one more block per
- * KV head for a fused step's encode (a second, partial wave would leave most multiprocessors
- * idle), at most MAX_PARTS. */
-static int decode_units(AttKernel k, int threads, size_t shared, int n_kv_heads) {
-    int per_sm = 1, sms = 1, dev;
-    CUDA(cudaGetDevice(&dev));
-    CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, threads, shared));
-    CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    int units = per_sm * sms / n_kv_heads - 1;
-    return units > MAX_PARTS ? MAX_PARTS : units < 1 ? 1 : units;
-}
 
 /* Copies the model into GPU memory (fp16) and allocates the cache and
  * activations there (called by build_transformer once the host side is built). */
@@ -2002,7 +1649,6 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     a->units = MAX_PARTS;       /* set below, once the kernel's occupancy is known */
     a->dk = dk; a->dv = dv; a->emax = emax > 0 ? emax : 1;
     a->qkv = g->qkv;
-    a->out = g->xb;
     float *cs = (float *)xcalloc((size_t)kv->ctx * hd, sizeof(float), "RoPE table");
     for (size_t p = 0; p < (size_t)kv->ctx; p++)      /* run.c's rope(), angle for angle */
         for (size_t i = 0; i < hd; i += 2) {
@@ -2016,8 +1662,6 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     a->qu = (float *)gpu_alloc(g, NULL, B * c->n_heads * KPROJ_MAX * f);
     a->part = (float *)gpu_alloc(g, NULL, B * c->n_heads * MAX_PARTS * (2 + dv) * f);
     a->escore = (float *)gpu_alloc(g, NULL, B * c->n_heads * a->emax * f);
-    a->kept = (float *)gpu_alloc(g, NULL, 2 * kvd * f);
-    a->count = (int *)gpu_alloc(g, NULL, (B * c->n_heads / c->n_kv_heads / ATT_ROWS + 1) * c->n_kv_heads * sizeof(int));
     g->stats_m = (double *)gpu_alloc(g, NULL, (size_t)c->n_kv_heads * (hd * hd + B * (hd + 1)) * sizeof(double));
     CUDA(cudaMallocHost((void **)&g->host_step, (1 + B) * sizeof(int)));
     CUDA(cudaMallocHost((void **)&g->host_logits, logit_rows * V * f));
@@ -2037,15 +1681,21 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     g->att_kernel = mk ? mk : attention_kernel;
     g->att_rows = mk ? MMA_ROWS : ATT_ROWS;
     g->att_threads = 32 * (mk ? MMA_WARPS : ATT_WARPS);
-    g->att_shared = attention_shared(c, kv, mk ? mma_shared : att_shared_bytes(dv), g->att_rows, g->att_threads / 32, &a->prep_off);
-    /* a fused decode step leaves the token's codes out of its own attention: a window, or a lossless cache */
-    g->fusable = getenv("TQ_CUDA_NO_FUSE") == NULL && (kv->window > 0 || (!tq_is_lossy(kv->kc.fmt) && !tq_is_lossy(kv->vc.fmt)));
+    g->att_shared = mk ? mma_shared : att_shared_bytes(dv);
+    g->merge_shared = merge_shared_bytes(dv);
     if (g->enc_shared > (size_t)shared_max || g->att_shared > (size_t)shared_max)
         die("the GPU's %d bytes of shared memory per block are too few for head_dim %d", shared_max, c->head_dim);
-    allow_shared(rope_encode_kernel, shared_max);
-    allow_shared(attention_kernel, shared_max);
-    allow_shared(g->att_kernel, shared_max);
-    a->units = decode_units(g->att_kernel, g->att_threads, g->att_shared, c->n_kv_heads);
+    /* the attribute is the kernel's, for every model of the process: the device's limit */
+    CUDA(cudaFuncSetAttribute(rope_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
+    CUDA(cudaFuncSetAttribute(g->att_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
+    /* decode: as many attention blocks per KV head as fill the GPU once (a second, partial
+     * wave would leave most multiprocessors idle), at most MAX_PARTS */
+    int per_sm = 1, sms = 1;
+    CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, g->att_kernel, g->att_threads, g->att_shared));
+    CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    a->units = per_sm * sms / c->n_kv_heads;
+    if (a->units > MAX_PARTS) a->units = MAX_PARTS;
+    if (a->units < 1) a->units = 1;
     CUDA(cudaDeviceSynchronize());
     (void)o;
     t->gpu = g;
@@ -2116,19 +1766,12 @@ static void gpu_stats(Transformer *t, int l, int n) {
     CUDA(cudaStreamSynchronize(g->stream));   /* the host arrays may change before the copies ran otherwise */
 }
 
-/* whether a decoded token's attention runs fused (attention_layer): the cache allows it and one
- * block's query rows hold the KV head's group (the merging block has all its queries) */
-static int fused_decode(const Gpu *g, const Config *c) { return g->fusable && c->n_heads / c->n_kv_heads <= g->att_rows; }
-
-/* Layer l's attention for the batch of n tokens at pos (RoPE'd, encoded, prepared already;
- * fused: one token, for which the launch does that too): partials per chunk of coded keys,
- * merged into g->xb by the last block of each (row tile, KV head). */
-static void attention_layer(Gpu *g, const Config *c, int l, int n, int pos, int fused) {
+/* Layer l's attention for the batch of n tokens at pos (RoPE'd, encoded, prepared
+ * already): partials per chunk of coded keys, then the merge into g->xb. */
+static void attention_layer(Gpu *g, const Config *c, int l, int n, int pos) {
     AttArgs a = g->att;
     a.n = n;
     a.layer = l;
-    a.fused = fused;
-    a.window = fused && g->kv.window == 0 ? 1 : g->kv.window;
     int G = c->n_heads / c->n_kv_heads, tiles = ceil_div(n * G, g->att_rows), chunks = a.units;
     a.chunk = 0;                                   /* decode: chunks follow the position on the GPU */
     if (n > 1) {                                   /* a batch: fixed chunks for its longest range */
@@ -2137,8 +1780,9 @@ static void attention_layer(Gpu *g, const Config *c, int l, int n, int pos, int 
         if (a.chunk < 2 * CHUNK_GRAIN) a.chunk = 2 * CHUNK_GRAIN;
         chunks = len > 0 ? ceil_div(len, a.chunk) : 1;
     }
-    dim3 grid(chunks + fused, tiles, c->n_kv_heads);
+    dim3 grid(chunks, tiles, c->n_kv_heads);
     launch(g, g->att_kernel, dim3(grid), dim3(g->att_threads), g->att_shared, g->kv, *c, a);
+    launch(g, merge_kernel, dim3(n * c->n_heads), dim3(MERGE_THREADS), g->merge_shared, g->kv, *c, a, g->xb);
 }
 
 /* Every kernel of run.c's forward() for n tokens at pos (read from g->step). */
@@ -2149,7 +1793,7 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
     const KVCache *kv = &t->cache;
     int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim, V = c->vocab_size;
     int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, nkv = n * c->n_kv_heads;
-    int stats = pos == 0 && kv->kproj, fused = n == 1 && !stats && fused_decode(g, c);
+    int stats = pos == 0 && kv->kproj;
     float eps = c->norm_eps;
     AttArgs a = g->att;
     a.n = n;
@@ -2173,8 +1817,8 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
             else launch(g, stats_kernel, dim3(c->n_kv_heads), dim3(STATS_THREADS), 3 * hd * sizeof(double), g->kv, *c, l, a, g->stats_m);
         }
         int mode = (stats ? 0 : MODE_ROPE) | MODE_ENCODE | (n == 1 ? MODE_EXACT : 0);
-        if (!fused) launch(g, rope_encode_kernel, dim3(nkv), dim3(32 * (2 + ENC_QWARPS)), g->enc_shared, g->kv, *c, l, a, mode);
-        attention_layer(g, c, l, n, pos, fused);
+        launch(g, rope_encode_kernel, dim3(nkv), dim3(32 * (2 + ENC_QWARPS)), g->enc_shared, g->kv, *c, l, a, mode);
+        attention_layer(g, c, l, n, pos);
         if (n > 1) launch(g, store_exact_kernel, dim3(nkv), dim3(64), 0, g->kv, *c, l, a);
         if (n == 1) launch(g, (gemv_kernel<EPI_ADD, false>), dim3(gemv_blocks_dim), dim3(GEMV_WARPS * 32), 0, g->x, wo, g->xb, (const float *)NULL, qd, dim, eps);
         else gemm(g, g->x, dim, g->xb, qd, wo, n, qd, dim, 1.0f);

@@ -10,8 +10,7 @@
 #             (through a wrapper that drops the generated text: a random model's bytes are not
 #             UTF-8, which bench/speed cannot read), formats $FORMATS (default all six)
 #   gpubench  bench/gpubench on the same model at 1024 and 7400 (warm prefill of 1000 tokens),
-#             then fp16 and tq3 without the tensor-core attention (TQ_CUDA_NO_MMA=1) and without
-#             the fused decode step (TQ_CUDA_NO_FUSE=1)
+#             with the tensor-core attention and without it (TQ_CUDA_NO_MMA=1: fp16, tq3)
 #   long      bench/gpubench at 8K, 32K and 128K, random llama-3.1-8b shape cut to $LAYERS layers
 #             ($FORMATS, default all six), then fp16 and tq3 again with TQ_CUDA_NO_MMA=1 (NOMMA=0: not)
 # Logs go to OUTDIR (at the end as one archive, OUTDIR/logs.tgz, but for a session.log the caller
@@ -69,10 +68,10 @@ for step in "$@"; do
         done ;;
     gpubench)
         wait_gpubench
-        for knob in none TQ_CUDA_NO_MMA TQ_CUDA_NO_FUSE; do
-            echo "== gpubench, knob $knob"
-            env $([ $knob != none ] && echo $knob=1) ./bench/gpubench $rnd --formats $([ $knob = none ] && echo ${FORMATS:-fp16,q8,q4,tq4,tq3,tq2} || echo fp16,tq3) \
-                --ctx 1024,7400 --rounds 3 --prefill 1000 2>&1 | tee "$out/gpubench_smollm_$knob.log" | grep -v "^$" | tail -24
+        for mma in on off; do
+            echo "== gpubench, tensor-core attention $mma"
+            env $([ $mma = off ] && echo TQ_CUDA_NO_MMA=1) ./bench/gpubench $rnd --formats $([ $mma = on ] && echo ${FORMATS:-fp16,q8,q4,tq4,tq3,tq2} || echo fp16,tq3) \
+                --ctx 1024,7400 --rounds 3 --prefill 1000 2>&1 | tee "$out/gpubench_smollm_mma_$mma.log" | grep -v "^$" | tail -24
         done ;;
     long)
         [ $bx = 0 ] || wait $bx

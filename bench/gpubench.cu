@@ -11,10 +11,8 @@
  * stay at their defaults (zero key directions, whose projections beta are still stored and read). Then, in interleaved rounds (every format once per round, medians reported):
  *   decode:    one token at position ctx - 1 through forward() (graph replay, logits copied
  *              back), wall time per token;
- *   attention: layer 0's attention alone (one launch: the partials over chunks of the coded keys
- *              and their merge; in a fused decode step, the default where the cache allows it,
- *              also the token's RoPE, encode and query preparation), CUDA events around each
- *              launch; where the build uses the tensor-core
+ *   attention: layer 0's attention alone (partials over chunks of the coded keys + merge),
+ *              CUDA events around each launch pair; where the build uses the tensor-core
  *              kernel (tq2/tq3), attention_kernel (CUDA cores) is timed too, on the same cache,
  *              and the two outputs are compared once (relative L2 difference);
  *   prefill:   (--prefill N) N tokens from position 0 through prefill() in batches of 256,
@@ -80,22 +78,23 @@ static double gpu_weight_bytes(const Config *c) {
 
 /* The attention kernel a transformer uses, and the CUDA-core one (attention_kernel) to swap in:
  * its block shape and the decode split its occupancy gives (gpu_build's rule). */
-typedef struct { AttKernel kernel; int rows, threads, units; size_t shared, prep_off; } AttChoice;
+typedef struct { AttKernel kernel; int rows, threads, units; size_t shared; } AttChoice;
 
-static AttChoice att_choice(const Gpu *g) {
-    return AttChoice{g->att_kernel, g->att_rows, g->att_threads, g->att.units, g->att_shared, g->att.prep_off};
-}
+static AttChoice att_choice(const Gpu *g) { return AttChoice{g->att_kernel, g->att_rows, g->att_threads, g->att.units, g->att_shared}; }
 
 static AttChoice simt_choice(const Gpu *g, const Config *c) {
-    AttChoice s = {attention_kernel, ATT_ROWS, ATT_WARPS * 32, 1, 0, 0};
-    s.shared = attention_shared(c, &g->kv, att_shared_bytes(g->att.dv), s.rows, ATT_WARPS, &s.prep_off);
-    s.units = decode_units(attention_kernel, s.threads, s.shared, c->n_kv_heads);
+    AttChoice s = {attention_kernel, ATT_ROWS, ATT_WARPS * 32, 1, att_shared_bytes(g->att.dv)};
+    int per_sm = 1, sms = 1, dev;
+    CUDA(cudaGetDevice(&dev));
+    CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_kernel, s.threads, s.shared));
+    CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    s.units = per_sm * sms / c->n_kv_heads;
+    s.units = s.units > MAX_PARTS ? MAX_PARTS : s.units < 1 ? 1 : s.units;
     return s;
 }
 
 static void use_att(Gpu *g, AttChoice a) {
     g->att_kernel = a.kernel; g->att_rows = a.rows; g->att_threads = a.threads; g->att.units = a.units; g->att_shared = a.shared;
-    g->att.prep_off = a.prep_off;
 }
 
 /* layer 0's attention output at position pos (n_heads * head_dim floats) with kernel choice k */
@@ -104,7 +103,7 @@ static std::vector<float> att_output(Transformer *t, AttChoice k, int pos) {
     const Config *c = &t->config;
     AttChoice keep = att_choice(g);
     use_att(g, k);
-    attention_layer(g, c, 0, 1, pos, fused_decode(g, c));
+    attention_layer(g, c, 0, 1, pos);
     std::vector<float> out((size_t)c->n_heads * c->head_dim);
     CUDA(cudaMemcpyAsync(out.data(), g->xb, out.size() * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
     CUDA(cudaStreamSynchronize(g->stream));
@@ -203,7 +202,7 @@ int main(int argc, char **argv) {
                     use_att(g, k ? other : mine);
                     for (int s = 0; s < reps; s++) {         /* the step's position is on the GPU already */
                         CUDA(cudaEventRecord(e0, g->stream));
-                        attention_layer(g, c, 0, 1, pos, fused_decode(g, c));
+                        attention_layer(g, c, 0, 1, pos);
                         CUDA(cudaEventRecord(e1, g->stream));
                         CUDA(cudaEventSynchronize(e1));
                         float ms;
