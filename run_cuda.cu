@@ -1208,13 +1208,12 @@ template <int D, int KB, int VB> struct MmaShape {
     static constexpr int TILE = KREG + VREG + BREG;
     static constexpr int WARP_BUF = MMA_STAGES * TILE + 16;                            /* + room for load_words */
     static constexpr int MERGE = (2 * MMA_WARPS * MMA_ROWS + MMA_WARPS * MMA_ROWS * D) * 4;
-    static constexpr int QLO = MMA_WARPS * (D / 16) * 2 * 32 * 4;   /* each lane's low query parts (registers are short) */
-    static constexpr int SHARED = PTAB + MMA_WARPS * WARP_BUF + QLO > MERGE ? PTAB + MMA_WARPS * WARP_BUF + QLO : MERGE;
+    static constexpr int SHARED = PTAB + MMA_WARPS * WARP_BUF > MERGE ? PTAB + MMA_WARPS * WARP_BUF : MERGE;
 };
 
 /* Block (chunk, row tile, KV head g) as attention_kernel's, with MMA_ROWS rows. */
 template <int KB, int VB, int D>
-__global__ void __launch_bounds__(MMA_WARPS * 32, 4) attention_mma_kernel(const __grid_constant__ KVCache kv,
+__global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
     typedef MmaShape<D, KB, VB> S;
     constexpr int KSTEPS = D / 16, MTILES = D / 16, NWK = (S::LK + 3) / 4, NWV = (S::LV + 3) / 4;
@@ -1242,16 +1241,18 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, 4) attention_mma_kernel(const 
             qu2[r][j] = rho < rows && j < R ? a.qu[((size_t)tok * c.n_heads + g * G + rho % G) * KPROJ_MAX + j] : 0.0f;
     }
     /* the rotated query of row gq, coordinates D/4 tq + 4j + {0, 1 | 2, 3}: the score product's B,
-     * high fp16 parts in registers, low parts in shared memory (this lane's own words: no barrier) */
-    uint32_t qf[KSTEPS][2], *ql = (uint32_t *)(smem + S::PTAB + MMA_WARPS * S::WARP_BUF) + warp * KSTEPS * 2 * 32 + lane;
+     * high and low fp16 parts, in registers: the kernel takes what ptxas gives it (104-161), since
+     * a cap of 128 for a fourth block per multiprocessor (these low parts then in shared memory, a
+     * few spills) costs more than the extra warps give (bench/gpu_notes.md) */
+    uint32_t qf[KSTEPS][2], ql[KSTEPS][2];
     {
         int rho = rho0 + gq, tok = rho / G;
         const float *q = a.qext + ((size_t)tok * c.n_heads + g * G + rho % G) * a.dk + tq * (D / 4);
 #pragma unroll
         for (int j = 0; j < KSTEPS; j++) {
             float4 v = rho < rows ? *(const float4 *)(q + 4 * j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            split_half2(v.x, v.y, &qf[j][0], &ql[(2 * j) * 32]);
-            split_half2(v.z, v.w, &qf[j][1], &ql[(2 * j + 1) * 32]);
+            split_half2(v.x, v.y, &qf[j][0], &ql[j][0]);
+            split_half2(v.z, v.w, &qf[j][1], &ql[j][1]);
         }
     }
     uint32_t tv[4], tvl[4];   /* the value codebook's high and low parts */
@@ -1316,7 +1317,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, 4) attention_mma_kernel(const 
             const uint2 b0 = ptab[(pair_index<KB>(wb, 2 * j) << 5) + lane], b1 = ptab[(pair_index<KB>(wb, 2 * j + 1) << 5) + lane];
             /* c q = ch qh + ch ql + cl qh (cl ql is below fp32's rounding), three independent sums */
             mma16816(s, a0.x, b0.x, a1.x, b1.x, qf[j][0], qf[j][1]);
-            mma16816(s2, a0.x, b0.x, a1.x, b1.x, ql[(2 * j) * 32], ql[(2 * j + 1) * 32]);
+            mma16816(s2, a0.x, b0.x, a1.x, b1.x, ql[j][0], ql[j][1]);
             mma16816(s3, a0.y, b0.y, a1.y, b1.y, qf[j][0], qf[j][1]);
         }
 #pragma unroll

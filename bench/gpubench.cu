@@ -144,7 +144,10 @@ int main(int argc, char **argv) {
     static Transformer tr[MAX_FMT];
     for (int f = 0; f < nf; f++) {
         CacheOpts o = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 2, 1, 8};   /* run's defaults */
-        parse_kv(fnames[f], &o.key_fmt, &o.value_fmt);
+        char *colon = strchr(fnames[f], ':'), *vname = colon ? colon + 1 : fnames[f];   /* KEYS or KEYS:VALUES, as -k */
+        if (colon) *colon = 0;
+        if (tq_parse_fmt(fnames[f], &o.key_fmt) || tq_parse_fmt(vname, &o.value_fmt)) die("unknown KV format in --formats");
+        if (colon) *colon = ':';
         double t0 = now_s();
         build_transformer(&tr[f], argv[1], &o, maxctx > npre ? maxctx : npre, 256, 0, 1, TQ_SIMD_PORTABLE);
         fill_cache(&tr[f], maxctx);
