@@ -560,7 +560,7 @@ __device__ void encode_team(const tq_codec *c, const float *x, uint8_t *code, En
  * to shared memory (one round trip to memory); then three independent chains run
  * side by side: warp 0 encodes the key, warp 1 the value, the other warps
  * prepare a query head each. RoPE's cos and sin come from a table the host
- * computed exactly as run.c's rope() does.
+ * computed exactly as run.c's rope_group() does.
  */
 enum { MODE_ROPE = 1, MODE_ENCODE = 2, MODE_EXACT = 4 };
 #define ENC_QWARPS 4   /* warps preparing queries (a group's heads are shared among them) */
@@ -624,7 +624,7 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
     }
     for (int i = tid; i < G * hd; i += nt) sq[i] = q[i];
     __syncthreads();
-    if (mode & MODE_ROPE) {      /* run.c's rope(): pair (2i, 2i+1) turned by pos * theta^(-2i/head_dim) */
+    if (mode & MODE_ROPE) {      /* run.c's rope_group(): pair (2i, 2i+1) turned by pos * theta^(-2i/head_dim) */
         const float *cs = a.rope + (size_t)p * hd;
         for (int t = tid; t < (G + 1) * (hd / 2); t += nt) {
             int j = t >> (lhd - 1), i = 2 * (t & (hd / 2 - 1));
@@ -1651,7 +1651,7 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     a->dk = dk; a->dv = dv; a->emax = emax > 0 ? emax : 1;
     a->qkv = g->qkv;
     float *cs = (float *)xcalloc((size_t)kv->ctx * hd, sizeof(float), "RoPE table");
-    for (size_t p = 0; p < (size_t)kv->ctx; p++)      /* run.c's rope(), angle for angle */
+    for (size_t p = 0; p < (size_t)kv->ctx; p++)      /* run.c's rope_group(), angle for angle */
         for (size_t i = 0; i < hd; i += 2) {
             double ang = p * pow(c->rope_theta, -(double)i / hd);
             cs[p * hd + i] = (float)cos(ang);
