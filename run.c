@@ -831,7 +831,7 @@ static float q8_dot(const RunState *s, const int8_t *w, const float *ws, const f
 }
 
 /* Rows [i, i + QBLOCK) of out (B, d) = x (B, n) . W^T for int8 W (d, n) with scales ws, x
- * already quantized (or tiled) by matmul_input: tiles of QROWS rows x QTOKS tokens where they
+ * already quantized (or tiled) into s by linear(): tiles of QROWS rows x QTOKS tokens where they
  * fit; the other tokens (a decoded token is all other: it is bound by reading the weights)
  * QLANES rows at a time with W8A8, else one dot at a time. */
 #define QBLOCK (QLANES > QROWS ? QLANES : QROWS)
@@ -859,8 +859,8 @@ typedef struct {
     float *out;              /* (B, d) */
     const float *f;          /* fp32 weight group, or NULL in an int8 file */
     const QMatrix *q;        /* int8 weight group */
-    size_t at;
-    int d;
+    size_t at;               /* offset of W (d, n) in its group, in numbers */
+    int d;                   /* rows of W */
 } Product;
 
 /* The np (<= 3) products of one input x (B, n), such as a layer's Wq, Wk and Wv, in one

@@ -1693,6 +1693,9 @@ float tq_softmax_chunk(tq_simd simd, float *s, int n, float scale, float *m, flo
 /* ---- one KV head's cache: key directions, stores, attention (tq.h) ------------------------------ */
 
 #define ATT_CHUNK 128   /* rows per call into the kernels above: a chunk's scores stay in L1 */
+#if TQ_KPROJ_MAX > 2
+#error "tq_attend_codes adds at most two key projections"
+#endif
 
 float tq_dot_f32(const float *a, const float *b, int n) {
     float s = 0.0f;
@@ -1823,7 +1826,7 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
             for (int r = 0; r < nq; r++) {
                 const float *u = along + r * TQ_KPROJ_MAX;
                 float *x = scores + (size_t)r * ATT_CHUNK;
-                if (R == 2)
+                if (R == 2)                             /* R <= TQ_KPROJ_MAX = 2 */
                     for (int t = 0; t < nk; t++) x[t] = x[t] + u[0] * beta[2 * t] + u[1] * beta[2 * t + 1];
                 else
                     for (int t = 0; t < nk; t++) x[t] += u[0] * beta[t];
