@@ -134,6 +134,7 @@ typedef struct {
     tq_fmt key_fmt, value_fmt;     /* -k KEYS:VALUES                    */
     tq_scale kscale, vscale;       /* --scale: the tq formats' scale rules */
     int kproj;       /* directions along which keys are kept exactly, 0..KPROJ_MAX */
+    int kblock;      /* positions per block of key directions (0: one set per sequence) */
     int sink;        /* the first `sink` positions also kept in fp16          */
     int window;      /* the last `window` positions also kept in fp16         */
 } CacheOpts;
@@ -147,7 +148,9 @@ typedef struct {
     uint8_t *value;  /* (n_layers, n_kv_heads, ctx, vc.bytes)                 */
     int ctx;         /* positions allocated                                   */
     int kproj;       /* R: keys' components along R directions kept exactly (tq.h) */
-    float *kdir;     /* (n_layers, n_kv_heads, R, head_dim) orthonormal directions u_j */
+    int kblock, blocks; /* positions per block of directions (ctx: one block), blocks per head */
+    float *kdir;     /* (n_layers, n_kv_heads, blocks, R, head_dim) orthonormal directions u_j */
+    float *kdir_rot; /* (n_layers, n_kv_heads, blocks, R, head_dim) the same rotated, Pi u_j */
     uint16_t *kbeta; /* (n_layers, n_kv_heads, ctx, R) fp16 beta_tj = u_j.k_t of every key */
     int sink, window; /* exact positions: the first `sink` and the last `window` */
     int slots;       /* rows per head of the exact store: sink + a ring of window */
@@ -169,10 +172,8 @@ typedef struct {
     float *k;      /* (batch, kv_dim)  kv_dim = n_kv_heads*head_dim           */
     float *v;      /* (batch, kv_dim)                                         */
     float *kperp;  /* (batch, kv_dim) keys less their parts along the key directions, as encoded */
-    float *att;    /* (n_threads, att_floats) a work item's scores / weights and key projections */
-    float *prepared; /* (n_kv_heads, batch, group, tq_query_floats) queries prepared by the key codec, a KV head's together */
-    float *along;  /* (n_kv_heads, batch, group, KPROJ_MAX) the queries' parts along the key directions */
-    float *qperp;  /* (batch*n_heads, head_dim) queries less those parts (tq_prepare_query_head's scratch) */
+    float *att;    /* (n_threads, att_floats) a work item's scores, weights and queries readied per block */
+    float *rq;     /* (n_kv_heads, batch, group, head_dim) queries rotated by the key codec, a KV head's together */
     float *part;   /* (att_states, tq_state_floats) online-softmax states of the work items */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
     tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
@@ -365,14 +366,18 @@ static double build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int 
     int lossy = tq_is_lossy(o->key_fmt) || tq_is_lossy(o->value_fmt);
     kv->ctx = ctx;
     kv->kproj = tq_is_lossy(o->key_fmt) ? o->kproj : 0;
+    kv->kblock = o->kblock > 0 && o->kblock < ctx ? o->kblock : ctx;
+    kv->blocks = (ctx + kv->kblock - 1) / kv->kblock;
     kv->sink = lossy ? (o->sink < ctx ? o->sink : ctx) : 0;
     kv->window = lossy ? o->window : 0;
     kv->slots = kv->sink + (kv->window < ctx - kv->sink ? kv->window : ctx - kv->sink);
     size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = (size_t)c->head_dim, R = (size_t)kv->kproj;
+    size_t dirs = heads * kv->blocks * R * hd;
     double bytes = 0;
     kv->key = (uint8_t *)take_zeroed(heads * ctx, kv->kc.bytes, "the key cache", alloc, &bytes);
     kv->value = (uint8_t *)take_zeroed(heads * ctx, kv->vc.bytes, "the value cache", alloc, &bytes);
-    kv->kdir = R ? (float *)take_zeroed(heads * R * hd, sizeof(float), "key directions", alloc, &bytes) : NULL;
+    kv->kdir = R ? (float *)take_zeroed(dirs, sizeof(float), "key directions", alloc, &bytes) : NULL;
+    kv->kdir_rot = R ? (float *)take_zeroed(dirs, sizeof(float), "key directions", alloc, &bytes) : NULL;
     kv->kbeta = R ? (uint16_t *)take_zeroed(heads * ctx * R, sizeof(uint16_t), "key projections", alloc, &bytes) : NULL;
     kv->exact_k = (uint16_t *)take_zeroed(heads * kv->slots * hd, sizeof(uint16_t), "exact keys", alloc, &bytes);
     kv->exact_v = (uint16_t *)take_zeroed(heads * kv->slots * hd, sizeof(uint16_t), "exact values", alloc, &bytes);
@@ -380,7 +385,7 @@ static double build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int 
 }
 
 static void free_cache(KVCache *kv) {
-    free(kv->key); free(kv->value); free(kv->kdir); free(kv->kbeta); free(kv->exact_k); free(kv->exact_v);
+    free(kv->key); free(kv->value); free(kv->kdir); free(kv->kdir_rot); free(kv->kbeta); free(kv->exact_k); free(kv->exact_v);
     tq_free(&kv->kc); tq_free(&kv->vc);
 }
 
@@ -397,14 +402,16 @@ TQ_HD static size_t exact_row(const KVCache *kv, const Config *c, int l, int g, 
 
 /* What the cache holds for n positions, as the memory line and kv_bits count it: the codes;
  * every key's R fp16 projections beta; a fixed cost, the fp16 exact rows in use and the R
- * directions per head (kept as fp16 numbers: tq_key_dirs). */
+ * directions per head and block in use (kept as fp16 numbers: tq_key_dirs; their rotated
+ * copies are derived, not stored information). */
 typedef struct { size_t codes, projections, fixed; } CacheBytes;
 
 static CacheBytes cache_bytes(const KVCache *kv, const Config *c, int n) {
     size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = (size_t)c->head_dim, R = (size_t)kv->kproj;
     size_t sink = (size_t)(n < kv->sink ? n : kv->sink), rest = (size_t)n - sink;
     size_t exact = sink + (rest < (size_t)kv->window ? rest : (size_t)kv->window);   /* fp16 rows in use */
-    CacheBytes b = {heads * n * (kv->kc.bytes + kv->vc.bytes), heads * n * R * 2, heads * (exact * hd * 2 * 2 + R * hd * 2)};
+    size_t blocks = n > 0 ? ((size_t)n + kv->kblock - 1) / kv->kblock : 1;
+    CacheBytes b = {heads * n * (kv->kc.bytes + kv->vc.bytes), heads * n * R * 2, heads * (exact * hd * 2 * 2 + blocks * R * hd * 2)};
     return b;
 }
 
@@ -412,23 +419,33 @@ static size_t cache_total(CacheBytes b) { return b.codes + b.projections + b.fix
 
 /* KV head g of layer l as tq.c keeps and reads it (tq_head): its rows of the cache. */
 static tq_head cache_head(const KVCache *kv, const Config *c, int l, int g) {
-    size_t head = (size_t)l * c->n_kv_heads + g, hd = (size_t)c->head_dim, R = (size_t)kv->kproj;
+    size_t head = (size_t)l * c->n_kv_heads + g, hd = (size_t)c->head_dim, R = (size_t)kv->kproj, dirs = kv->blocks * R * hd;
     tq_head h = {&kv->kc, &kv->vc, kv->ctx, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, 0),
-                 cache_row(kv, kv->value, kv->vc.bytes, c, l, g, 0), kv->kproj, R ? kv->kdir + head * R * hd : NULL,
+                 cache_row(kv, kv->value, kv->vc.bytes, c, l, g, 0), kv->kproj, kv->kblock,
+                 R ? kv->kdir + head * dirs : NULL, R ? kv->kdir_rot + head * dirs : NULL,
                  R ? kv->kbeta + head * kv->ctx * R : NULL, kv->sink, kv->window, kv->slots,
                  kv->exact_k + head * kv->slots * hd, kv->exact_v + head * kv->slots * hd};
     return h;
 }
 
-/* A new sequence's statistics, from layer l's first batch: q (n, qd) and k (n, kvd) after
- * RoPE (tq_key_dirs). Host code in both builds (run_cuda.cu copies them back). */
-static void measure_stats(KVCache *kv, const Config *c, int l, const float *q, const float *k, int n) {
-    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
-    for (int g = 0; g < c->n_kv_heads && kv->kproj; g++) {
-        tq_head h = cache_head(kv, c, l, g);
-        if (tq_key_dirs(&h, group, q + (size_t)g * group * hd, (size_t)c->n_heads * hd, k + (size_t)g * hd,
-                        (size_t)c->n_kv_heads * hd, n))
-            die("out of memory: key directions");
+#define KBLOCK_MIN 16   /* a block's own tokens needed in its first batch to measure its directions on */
+
+/* The key directions of the blocks that start in layer l's batch of n tokens at pos (tq.h, "Key
+ * projection"), q (n, qd) and k (n, kvd) after RoPE: measured on the block's own tokens of the
+ * batch (the first block on whatever the first batch holds), or, with fewer than KBLOCK_MIN
+ * of them, the previous block's. Host code in both builds (run_cuda.cu copies them back). */
+static void measure_stats(KVCache *kv, const Config *c, int l, const float *q, const float *k, int n, int pos) {
+    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, B = kv->kblock;
+    size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
+    for (int p = (pos + B - 1) / B * B; p < pos + n && kv->kproj; p += B) {
+        int m = pos + n - p < B ? pos + n - p : B;
+        for (int g = 0; g < c->n_kv_heads; g++) {
+            tq_head h = cache_head(kv, c, l, g);
+            if (p > 0 && m < KBLOCK_MIN) tq_key_dirs_inherit(&h, p);
+            else if (tq_key_dirs(&h, p, group, q + (size_t)(p - pos) * qd + (size_t)g * group * hd, qd,
+                                 k + (size_t)(p - pos) * kvd + (size_t)g * hd, kvd, m))
+                die("out of memory: key directions");
+        }
     }
 }
 
@@ -446,7 +463,7 @@ static size_t att_states(const Config *c, int batch) {
 }
 
 /* Scratch floats of one thread: tq_attend_codes' for a tile's queries. */
-static size_t att_floats(const Config *c) { return tq_attend_scratch(ATT_TILE * (c->n_heads / c->n_kv_heads)); }
+static size_t att_floats(const Config *c, const KVCache *kv) { return tq_attend_scratch(&kv->kc, ATT_TILE * (c->n_heads / c->n_kv_heads)); }
 
 /* the longest input row of a matrix product: dim, q_dim (wo) or hidden_dim (w2) */
 static size_t wide_n(const Config *c) {
@@ -471,10 +488,8 @@ static double build_state(RunState *s, const Config *c, const KVCache *kv, int b
     s->k = TAKE(B * kvd, "activations");
     s->v = TAKE(B * kvd, "activations");
     s->kperp = TAKE(B * kvd, "activations");
-    s->att = TAKE((size_t)n_threads() * att_floats(c), "attention scores");
-    s->prepared = TAKE(B * c->n_heads * tq_query_floats(&kv->kc), "queries");
-    s->along = TAKE(B * c->n_heads * KPROJ_MAX, "queries");
-    s->qperp = TAKE(B * qd, "queries");
+    s->att = TAKE((size_t)n_threads() * att_floats(c, kv), "attention scores");
+    s->rq = TAKE(B * qd, "queries");
     s->part = TAKE(att_states(c, batch) * tq_state_floats(&kv->vc), "attention states");
     s->logits = TAKE((all_logits ? B : 1) * c->vocab_size, "logits");
     if (c->weight_type == WEIGHTS_INT8) {
@@ -489,7 +504,7 @@ static double build_state(RunState *s, const Config *c, const KVCache *kv, int b
 }
 
 static void free_state(RunState *s) {
-    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->kperp, s->att, s->prepared, s->along, s->qperp,
+    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->kperp, s->att, s->rq,
                   s->part, s->logits, s->xqs, s->xqt, s->xqts};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
     free(s->xq);
@@ -932,32 +947,30 @@ static void softmax(float *x, int n) {
  * count, so results do not either. */
 static void attention(const KVCache *kv, const Config *c, RunState *s, int l, int n, int pos) {
     int group = c->n_heads / c->n_kv_heads, hd = c->head_dim, qd = c->n_heads * hd;
-    int tiles = (n + ATT_TILE - 1) / ATT_TILE, coded = tq_coded_end(pos + n, kv->sink, kv->window) - kv->sink;
-    int split = coded > ATT_SPLIT * ATT_MAX_SPLITS ? ((coded + ATT_MAX_SPLITS - 1) / ATT_MAX_SPLITS + 15) / 16 * 16 : ATT_SPLIT;
-    int splits = tiles == 1 && coded > split ? (coded + split - 1) / split : 1, items = c->n_kv_heads * tiles * splits;
+    int tiles = (n + ATT_TILE - 1) / ATT_TILE, end = tq_coded_end(pos + n, kv->sink, kv->window);
+    int split = end > ATT_SPLIT * ATT_MAX_SPLITS ? ((end + ATT_MAX_SPLITS - 1) / ATT_MAX_SPLITS + 15) / 16 * 16 : ATT_SPLIT;
+    int splits = tiles == 1 && end > split ? (end + split - 1) / split : 1, items = c->n_kv_heads * tiles * splits;
     int per_item = (n < ATT_TILE ? n : ATT_TILE) * group;   /* states of an item's queries */
-    size_t qf = tq_query_floats(&kv->kc), sf = tq_state_floats(&kv->vc);
+    size_t sf = tq_state_floats(&kv->vc);
 #pragma omp parallel
     {
     int i;
 #pragma omp for schedule(static)
-    for (i = 0; i < n * c->n_heads; i++) {          /* s->prepared, s->along: a KV head's queries together */
+    for (i = 0; i < n * c->n_heads; i++) {          /* s->rq: a KV head's queries together */
         int b = i / c->n_heads, h = i % c->n_heads, g = h / group;
-        tq_head head = cache_head(kv, c, l, g);
         size_t qi = ((size_t)g * s->batch + b) * group + h % group;
-        tq_prepare_query_head(&head, s->q + (size_t)b * qd + (size_t)h * hd, s->qperp + (size_t)i * hd,
-                              s->along + qi * KPROJ_MAX, s->prepared + qi * qf);
+        tq_rotate(&kv->kc, s->q + (size_t)b * qd + (size_t)h * hd, s->rq + qi * hd);
     }
 #pragma omp for schedule(dynamic)
     for (i = 0; i < items; i++) {                   /* KV head g's queries of tokens [b0, b1) over [k0, k1) */
         int g = i / (tiles * splits), tile = i / splits % tiles, sp = i % splits;
-        int b0 = tile * ATT_TILE, b1 = b0 + ATT_TILE < n ? b0 + ATT_TILE : n, k0 = kv->sink + sp * split;
-        int k1 = splits == 1 ? tq_coded_end(pos + b1, kv->sink, kv->window) : sp + 1 < splits ? k0 + split : kv->sink + coded;
+        int b0 = tile * ATT_TILE, b1 = b0 + ATT_TILE < n ? b0 + ATT_TILE : n;
+        int k0 = sp == 0 ? kv->sink : sp * split;   /* splits start at multiples of split (of 16 rows) */
+        int k1 = splits == 1 ? tq_coded_end(pos + b1, kv->sink, kv->window) : sp + 1 < splits ? (sp + 1) * split : end;
         tq_head head = cache_head(kv, c, l, g);
         size_t first = ((size_t)g * s->batch + b0) * group;
-        tq_attend_codes(&head, s->simd, (b1 - b0) * group, group, pos + b0, s->prepared + first * qf,
-                        s->along + first * KPROJ_MAX, k0, k1, s->part + (size_t)i * per_item * sf,
-                        s->att + (size_t)thread_id() * att_floats(c));
+        tq_attend_codes(&head, s->simd, (b1 - b0) * group, group, pos + b0, s->rq + first * hd, k0, k1 > k0 ? k1 : k0,
+                        s->part + (size_t)i * per_item * sf, s->att + (size_t)thread_id() * att_floats(c, kv));
     }
 #pragma omp for schedule(static)
     for (i = 0; i < n * c->n_heads; i++) {
@@ -997,7 +1010,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         int i;
 #pragma omp parallel for schedule(static)
         for (i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
-        if (pos == 0) measure_stats(kv, c, l, s->q, s->k, n);   /* a new sequence */
+        measure_stats(kv, c, l, s->q, s->k, n, pos);     /* the blocks of directions this batch starts */
 #pragma omp parallel for schedule(static)
         for (i = 0; i < n * c->n_kv_heads; i++) {   /* encode k, v into the cache; i = b * n_kv_heads + g */
             tq_head head = cache_head(kv, c, l, i % c->n_kv_heads);
@@ -1811,19 +1824,19 @@ static void write_floats(const char *path, const float *x, size_t n) {
 }
 
 /* --stats: the cache statistics this sequence measured and stored, as float32, layer by
- * layer: the key directions (n_kv_heads, R, head_dim), then every position's projections beta
- * (n_kv_heads, n, R). A reference model of the cache can take these instead of computing
+ * layer: the key directions of the blocks in use (n_kv_heads, blocks, R, head_dim), then every
+ * position's projections beta (n_kv_heads, n, R). A reference model of the cache can take these instead of computing
  * them again, so that a statistic on an fp16 rounding boundary cannot differ between the
  * two (tests/test_forward.py). */
 static void dump_stats(const Transformer *t, int n, const char *path) {
     const Config *c = &t->config;
     const KVCache *kv = &t->cache;
-    size_t kvd = (size_t)c->n_kv_heads * c->head_dim, R = (size_t)kv->kproj;
-    size_t per_layer = R * kvd + (size_t)c->n_kv_heads * n * R;
+    size_t hd = (size_t)c->head_dim, R = (size_t)kv->kproj, used = ((size_t)n + kv->kblock - 1) / kv->kblock;
+    size_t per_layer = c->n_kv_heads * used * R * hd + (size_t)c->n_kv_heads * n * R;
     float *x = (float *)xcalloc(c->n_layers * per_layer, sizeof(float), "statistics"), *p = x;
     for (int l = 0; l < c->n_layers; l++) {
-        if (R) memcpy(p, kv->kdir + l * R * kvd, R * kvd * sizeof(float));
-        p += R * kvd;
+        for (int g = 0; g < c->n_kv_heads && R; g++, p += used * R * hd)
+            memcpy(p, kv->kdir + (((size_t)l * c->n_kv_heads + g) * kv->blocks) * R * hd, used * R * hd * sizeof(float));
         for (int g = 0; g < c->n_kv_heads; g++)
             for (size_t j = 0; j < (size_t)n * R; j++)
                 *p++ = tq_f16_to_f32(kv->kbeta[((size_t)l * c->n_kv_heads + g) * kv->ctx * R + j]);
@@ -1978,7 +1991,7 @@ static void usage(int status) {
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
         "  --paper     the paper's plain TurboQuant, without the fixes: --scale norm --kproj 0 --sink 0 --window 0\n"
         "Research options, defaults shown (bench/README.md, \"Research options\"): --scale eden --kproj 2 "
-        "--sink 1 --window 8 --batch 256 --qinput 1 --stats <file> -z <file>\n"
+        "--kblock 0 --sink 1 --window 8 --batch 256 --qinput 1 --stats <file> -z <file>\n"
         "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n");
     for (int f = 0; f < TQ_NFMT; f++)
         fprintf(out, "  %-5s %6.3f / %6.3f  %s\n", tq_fmt_name((tq_fmt)f), tq_bits_per_elem((tq_fmt)f, 64),
@@ -2020,7 +2033,7 @@ int main(int argc, char **argv) {
     char kv[2][32];
     int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
     CacheOpts co = {.key_fmt = TQ_TQ3, .value_fmt = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
-                    .kproj = 2, .sink = 1, .window = 8};   /* chosen by bench/quality */
+                    .kproj = 2, .kblock = 0, .sink = 1, .window = 8};   /* chosen by bench/quality */
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
@@ -2063,6 +2076,13 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--batch")) batch = parse_int(a, v, 1, 4096);
         else if (!strcmp(a, "--qinput")) qinput = parse_int(a, v, 0, 1);
         else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, KPROJ_MAX);
+        else if (!strcmp(a, "--kblock")) {
+            co.kblock = parse_int(a, v, 0, 1 << 24);
+            if (co.kblock % 16) die("--kblock %s: positions per block of key directions must be a multiple of 16 (0: one set)", v);
+#ifdef RUN_CUDA
+            if (co.kblock) die("--kblock: the GPU build measures one set of key directions per sequence; use --kblock 0 or ./run");
+#endif
+        }
         else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--window")) co.window = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--scale")) {

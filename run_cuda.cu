@@ -1762,7 +1762,7 @@ static void gpu_stats(Transformer *t, int l, int n) {
     CUDA(cudaMemcpy2DAsync(hs->q, qd * f, g->qkv, QKV * f, qd * f, n, cudaMemcpyDeviceToHost, g->stream));
     CUDA(cudaMemcpy2DAsync(hs->k, kvd * f, g->qkv + qd, QKV * f, kvd * f, n, cudaMemcpyDeviceToHost, g->stream));
     CUDA(cudaStreamSynchronize(g->stream));
-    measure_stats(kv, c, l, hs->q, hs->k, n);
+    measure_stats(kv, c, l, hs->q, hs->k, n, 0);
     if (R) CUDA(cudaMemcpyAsync(g->kv.kdir + l * R * kvd, kv->kdir + l * R * kvd, R * kvd * f, cudaMemcpyHostToDevice, g->stream));
     CUDA(cudaStreamSynchronize(g->stream));   /* the host arrays may change before the copies ran otherwise */
 }

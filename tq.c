@@ -562,10 +562,17 @@ TQ_HD size_t tq_query_floats(const tq_codec *c) {
 TQ_HD size_t tq_acc_floats(const tq_codec *c) { return is_prod(c->fmt) ? 2 * (size_t)c->d : (size_t)c->d; }
 
 TQ_HD void tq_prepare_query(const tq_codec *c, const float *q, float *qp) {
-    int d = c->d, K = 1 << c->bits;
-    if (!is_tq(c->fmt)) { memcpy(qp, q, (size_t)d * sizeof(float)); return; }
-    float *lut = qp + d;
+    if (!is_tq(c->fmt)) { memcpy(qp, q, (size_t)c->d * sizeof(float)); return; }
     tq_rotate(c, q, qp);
+    tq_prepare_rotated(c, qp, qp);
+}
+
+/* qp from y = Pi q (y may be qp: only qp's first d floats alias it) */
+TQ_HD void tq_prepare_rotated(const tq_codec *c, const float *y, float *qp) {
+    int d = c->d, K = 1 << c->bits;
+    if (y != qp) memcpy(qp, y, (size_t)d * sizeof(float));
+    if (!is_tq(c->fmt)) return;
+    float *lut = qp + d;
     for (int i = 0; i < d; i++)
         for (int k = 0; k < K; k++) lut[(size_t)i * K + k] = qp[i] * c->centroids[k];
     if (!is_prod(c->fmt)) return;
@@ -1725,10 +1732,22 @@ static void store_direction(float *u, const float *prev, int n) {
     for (int i = 0; i < n; i++) u[i] = norm > 0 ? (float)(u[i] / sqrt(norm)) : 0.0f;
 }
 
-int tq_key_dirs(const tq_head *h, int group, const float *q, size_t ldq, const float *k, size_t ldk, int n) {
-    int hd = h->kc->d, first = n > 1 ? 1 : 0;
+/* the rotated copies of the directions of the block at pos (tq_attend_codes reads those) */
+static void rotate_dirs(const tq_head *h, int pos) {
+    size_t at = (size_t)(pos / h->kblock) * h->R * h->kc->d;
+    for (int j = 0; j < h->R; j++) tq_rotate(h->kc, h->kdir + at + (size_t)j * h->kc->d, h->kdir_rot + at + (size_t)j * h->kc->d);
+}
+
+void tq_key_dirs_inherit(const tq_head *h, int pos) {
+    size_t n = (size_t)h->R * h->kc->d, at = (size_t)(pos / h->kblock) * n;
+    memcpy(h->kdir + at, h->kdir + at - n, n * sizeof(float));
+    memcpy(h->kdir_rot + at, h->kdir_rot + at - n, n * sizeof(float));
+}
+
+int tq_key_dirs(const tq_head *h, int pos, int group, const float *q, size_t ldq, const float *k, size_t ldk, int n) {
+    int hd = h->kc->d, first = pos == 0 && n > 1 ? 1 : 0;
     if (h->R == 0) return 0;
-    float *u1 = h->kdir, *u2 = h->kdir + hd;
+    float *u1 = h->kdir + (size_t)(pos / h->kblock) * h->R * hd, *u2 = u1 + hd;
     double norm = 0;
     for (int i = 0; i < hd; i++) {
         double sum = 0;
@@ -1739,7 +1758,7 @@ int tq_key_dirs(const tq_head *h, int group, const float *q, size_t ldq, const f
     }
     for (int i = 0; i < hd; i++) u1[i] = norm > 0 ? (float)(u1[i] / sqrt(norm)) : 0.0f;
     store_direction(u1, NULL, hd);
-    if (h->R < 2) return 0;
+    if (h->R < 2) { rotate_dirs(h, pos); return 0; }
     double *m = (double *)calloc((size_t)hd * hd + 3 * (size_t)hd, sizeof(double));
     if (!m) return -1;
     double *r = m + (size_t)hd * hd, *v = r + hd, *mv = v + hd, longest = -1;
@@ -1766,13 +1785,14 @@ int tq_key_dirs(const tq_head *h, int group, const float *q, size_t ldq, const f
     for (int i = 0; i < hd; i++) u2[i] = (float)v[i];
     store_direction(u2, u1, hd);
     free(m);
+    rotate_dirs(h, pos);
     return 0;
 }
 
 void tq_store(const tq_head *h, int pos, float *k, float *v, float *kperp) {
     int hd = h->kc->d, R = h->R;
     if (R) {
-        const float *u = h->kdir;
+        const float *u = h->kdir + (size_t)(pos / h->kblock) * R * hd;
         uint16_t *beta = h->kbeta + (size_t)pos * R;
         memcpy(kperp, k, hd * sizeof(float));
         for (int r = 0; r < R; r++) {
@@ -1791,34 +1811,49 @@ void tq_store_exact(const tq_head *h, int pos, int b, int n, const float *k, con
     for (size_t j = 0; j < hd; j++) { h->exact_k[r + j] = tq_f32_to_f16(k[j]); h->exact_v[r + j] = tq_f32_to_f16(v[j]); }
 }
 
-void tq_prepare_query_head(const tq_head *h, const float *q, float *qperp, float *along, float *prepared) {
-    int hd = h->kc->d, R = h->R;
-    const float *u = h->kdir;
-    for (int j = 0; j < R; j++) along[j] = tq_dot_f32(q, u + (size_t)j * hd, hd);
-    memcpy(qperp, q, hd * sizeof(float));
-    for (int j = 0; j < R; j++)
-        for (int i = 0; i < hd; i++) qperp[i] -= along[j] * u[(size_t)j * hd + i];
-    tq_prepare_query(h->kc, R ? qperp : q, prepared);
+size_t tq_state_floats(const tq_codec *vc) { return 2 + tq_acc_floats(vc) + (size_t)vc->d; }
+size_t tq_attend_scratch(const tq_codec *kc, int nq) {
+    return ((size_t)nq + TQ_KPROJ_MAX) * ATT_CHUNK + (size_t)nq * (tq_query_floats(kc) + TQ_KPROJ_MAX) + (size_t)kc->d;
 }
 
-size_t tq_state_floats(const tq_codec *vc) { return 2 + tq_acc_floats(vc) + (size_t)vc->d; }
-size_t tq_attend_scratch(int nq) { return ((size_t)nq + TQ_KPROJ_MAX) * ATT_CHUNK; }
+/* The nq rotated queries rq (nq, d) readied for the directions of the block at pos (tq.h, "Key
+ * projection"): along (nq, TQ_KPROJ_MAX) = <Pi q, Pi u_j> = q.u_j, and prepared (nq,
+ * tq_query_floats) from Pi q_perp = Pi q - sum_j along_j Pi u_j. y: d floats of scratch. */
+static void prepare_block(const tq_head *h, int nq, const float *rq, int pos, float *prepared, float *along, float *y) {
+    int d = h->kc->d, R = h->R;
+    const float *ur = R ? h->kdir_rot + (size_t)(pos / h->kblock) * R * d : NULL;
+    size_t qf = tq_query_floats(h->kc);
+    for (int r = 0; r < nq; r++) {
+        const float *x = rq + (size_t)r * d;
+        memcpy(y, x, d * sizeof(float));
+        for (int j = 0; j < R; j++) {
+            float a = tq_dot_f32(x, ur + (size_t)j * d, d);
+            along[r * TQ_KPROJ_MAX + j] = a;
+            for (int i = 0; i < d; i++) y[i] -= a * ur[(size_t)j * d + i];
+        }
+        tq_prepare_rotated(h->kc, y, prepared + r * qf);
+    }
+}
 
-/* Runs one chunk at a time: scores from the key codes, plus the keys' exact parts along.beta,
- * masked logits, an online-softmax step per query, then the value codes weighted into each
- * query's accumulator. */
-void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0, const float *prepared,
-                     const float *along, int k0, int k1, float *st, float *scratch) {
-    int R = h->R, k = k0 + (k1 - k0 + 15) / 16 * 16;
+/* Runs one chunk at a time (chunks end at the blocks' edges): scores from the key codes, plus
+ * the keys' exact parts along.beta, masked logits, an online-softmax step per query, then the
+ * value codes weighted into each query's accumulator. */
+void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0, const float *rq,
+                     int k0, int k1, float *st, float *scratch) {
+    int R = h->R, k = k0 + (k1 - k0 + 15) / 16 * 16, last = k1;   /* last: past the last unmasked row */
     size_t qf = tq_query_floats(h->kc), sf = tq_state_floats(h->vc);
-    float *scores = scratch, *beta = scratch + (size_t)nq * ATT_CHUNK, scale = 1.0f / sqrtf((float)h->kc->d);
+    float *scores = scratch, *beta = scores + (size_t)nq * ATT_CHUNK, *prepared = beta + (size_t)TQ_KPROJ_MAX * ATT_CHUNK;
+    float *along = prepared + (size_t)nq * qf, *y = along + (size_t)nq * TQ_KPROJ_MAX, scale = 1.0f / sqrtf((float)h->kc->d);
     k1 = k < h->ctx ? k : h->ctx;
     for (int r = 0; r < nq; r++) {
         memset(st + r * sf, 0, sf * sizeof(float));
         st[r * sf] = -INFINITY;
     }
-    for (int t0 = k0; t0 < k1; t0 += ATT_CHUNK) {
-        int nk = k1 - t0 < ATT_CHUNK ? k1 - t0 : ATT_CHUNK;
+    for (int t0 = k0, nk; t0 < k1; t0 += nk) {
+        int edge = (t0 / h->kblock + 1) * h->kblock;  /* the next block's first position */
+        nk = k1 - t0 < ATT_CHUNK ? k1 - t0 : ATT_CHUNK;
+        if (R && edge < last && t0 + nk > edge) nk = edge - t0;
+        if (t0 == k0 || (R && t0 % h->kblock == 0 && t0 < last)) prepare_block(h, nq, rq, t0, prepared, along, y);
         tq_attn_scores(h->kc, simd, nq, prepared, qf, h->key + (size_t)t0 * h->kc->bytes, nk, scores, ATT_CHUNK);
         if (R) {                                        /* + sum_j along_j beta_tj */
             const uint16_t *kb = h->kbeta + (size_t)t0 * R;

@@ -129,6 +129,7 @@ TQ_HD void tq_unrotate(const tq_codec *c, const float *y /* (d) */, float *x /* 
 TQ_HD size_t tq_query_floats(const tq_codec *c);  /* floats in a prepared query    */
 TQ_HD size_t tq_acc_floats(const tq_codec *c);    /* floats in an accumulator      */
 TQ_HD void tq_prepare_query(const tq_codec *c, const float *q /* (d) */, float *qp /* (query_floats) */);
+TQ_HD void tq_prepare_rotated(const tq_codec *c, const float *y /* (d) = Pi q */, float *qp /* (query_floats) */);
 TQ_HD float tq_dot(const tq_codec *c, const float *qp /* (query_floats) */, const uint8_t *code);
 TQ_HD void tq_axpy(const tq_codec *c, float w, const uint8_t *code, float *acc /* (acc_floats) */);
 TQ_HD void tq_finish(const tq_codec *c, const float *acc /* (acc_floats) */, float *out /* (d) */);
@@ -194,6 +195,12 @@ float tq_softmax_chunk(tq_simd simd, float *s /* (n) */, int n, float scale, flo
  * no longer carry the largest remaining part of a key. With R directions,
  * k - sum_j beta_j u_j is encoded and
  *     q.k ~= sum_j (q.u_j) beta_j + q_perp.k~,   q_perp = q - sum_j (q.u_j) u_j.
+ * Both directions drift as a sequence goes on (the text changes, and RoPE turns the
+ * keys with position), so they can be measured per block of `kblock` positions
+ * instead of once: a block's directions come from its own queries and keys in the
+ * batch that starts it (a prompt is run in batches), or, when that batch holds too
+ * few of them (decoding one token at a time), are the previous block's. The cost is
+ * R fp16 directions per block and head (2 x 64 x 2 bytes per 256 positions).
  *
  * Exact positions. Most of what a small model's attention looks at is the attention
  * sink (position 0) and the last few tokens; their quantization error goes straight
@@ -222,7 +229,9 @@ typedef struct {
     uint8_t *key;            /* (ctx, kc->bytes) codes of k - sum_j beta_j u_j        */
     uint8_t *value;          /* (ctx, vc->bytes) codes of the values                  */
     int R;                   /* key directions, 0..TQ_KPROJ_MAX                       */
-    float *kdir;             /* (R, d) orthonormal directions u_j (NULL when R = 0)   */
+    int kblock;              /* positions per block of directions: block j is [j kblock, (j+1) kblock) */
+    float *kdir;             /* (blocks, R, d) each block's orthonormal u_j (NULL when R = 0) */
+    float *kdir_rot;         /* (blocks, R, d) the same rotated, Pi u_j: what queries meet */
     uint16_t *kbeta;         /* (ctx, R) fp16 beta_tj = u_j.k_t (NULL when R = 0)     */
     int sink, window;        /* exact positions: the first `sink` and the last `window` */
     int slots;               /* rows of the exact store: the sinks, then a ring       */
@@ -245,35 +254,38 @@ TQ_HD static inline int tq_exact_slot(int pos, int sink, int slots) {
 /* the end of the coded positions of a query at T-1: they are [sink, tq_coded_end) */
 static inline int tq_coded_end(int T, int sink, int window) { return T - window > sink ? T - window : sink; }
 
-/* The key directions (R of them into h->kdir) from the first batch's n tokens: q + b*ldq
- * holds token b's `group` query heads (group*d floats), k + b*ldk its key, both after RoPE;
- * token 0 (the sink) is left out when n > 1. u_1 is the mean query, u_2 the top principal
- * direction of the keys less their part along u_1 (power iteration on the d x d second
- * moments, from the longest of those keys); each rounded to fp16 as stored and made
- * orthonormal again. Returns 0, or -1 out of memory. */
-int tq_key_dirs(const tq_head *h, int group, const float *q, size_t ldq, const float *k, size_t ldk, int n);
-/* Stores position pos's key k and value v (d each): beta_j = u_j.k in fp16 and
+/* The key directions of the block that starts at position pos (R of them into its rows of
+ * h->kdir, and rotated into h->kdir_rot) from the n tokens at pos..: q + b*ldq holds token b's
+ * `group` query heads (group*d floats), k + b*ldk its key, both after RoPE; position 0 (the
+ * sink) is left out when n > 1. u_1 is the mean query, u_2 the top principal direction of the
+ * keys less their part along u_1 (power iteration on the d x d second moments, from the
+ * longest of those keys); each rounded to fp16 as stored and made orthonormal again.
+ * Returns 0, or -1 out of memory. */
+int tq_key_dirs(const tq_head *h, int pos, int group, const float *q, size_t ldq, const float *k, size_t ldk, int n);
+/* The block that starts at pos (> 0) takes the previous block's directions: for a block whose
+ * first batch holds too few of its tokens to measure them on. */
+void tq_key_dirs_inherit(const tq_head *h, int pos);
+/* Stores position pos's key k and value v (d each): beta_j = u_j.k in fp16 (u_j: pos's block's) and
  * kperp = k - sum_j beta_j u_j encoded; then k and v are rounded to fp16 in place, as
  * the exact store keeps them. kperp: d floats of scratch. */
 void tq_store(const tq_head *h, int pos, float *k, float *v, float *kperp);
 /* After attention, token b of a batch of n at pos enters the exact store if it is a sink
  * or among the batch's last `window` (k, v as tq_store left them). */
 void tq_store_exact(const tq_head *h, int pos, int b, int n, const float *k, const float *v);
-/* Readies query q (d) for scoring: along[j] = q.u_j, and q_perp = q - sum_j along[j] u_j
- * prepared by the key codec into prepared (tq_query_floats); qperp: d floats of scratch. */
-void tq_prepare_query_head(const tq_head *h, const float *q, float *qperp, float *along, float *prepared);
 
 size_t tq_state_floats(const tq_codec *vc);   /* floats of one query's state: 2 + acc + d */
-size_t tq_attend_scratch(int nq);             /* scratch floats of tq_attend_codes for nq queries */
+size_t tq_attend_scratch(const tq_codec *kc, int nq); /* scratch floats of tq_attend_codes for nq queries */
 /* The coded positions [k0, k1) for nq queries, `group` per token (query r belongs to token
  * r / group, at position pos0 + r / group), each query's logits past its own coded range
- * masked (they are exact for it, or in its future): prepared (nq, tq_query_floats) and
- * along (nq, TQ_KPROJ_MAX) as tq_prepare_query_head leaves them. Sets st (nq,
+ * masked (they are exact for it, or in its future): rq (nq, d) the queries rotated, Pi q
+ * (tq_rotate). Each block of positions meets the queries readied for its own directions:
+ * along_j = q.u_j = <Pi q, Pi u_j>, and Pi q_perp = Pi q - sum_j along_j Pi u_j (the
+ * rotation is linear, so no query is rotated again per block). Sets st (nq,
  * tq_state_floats) to the states of those positions. scratch: tq_attend_scratch(nq) floats.
  * k1 is widened to whole tiles of 16 rows where the cache has them (rows past every
  * query's range: masked), so the codec's kernels need no row-by-row tail. */
-void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0, const float *prepared,
-                     const float *along, int k0, int k1, float *st, float *scratch);
+void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0, const float *rq,
+                     int k0, int k1, float *st, float *scratch);
 /* Query q (d, after RoPE) at position T-1: merges the `parts` states st, st + stride, ...
  * (its coded positions, split) into st, adds its exact positions (their fp16 copies, or
  * the batch's own rows), and writes the attention output to out (d). */

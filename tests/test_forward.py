@@ -634,18 +634,36 @@ def _f16(x):
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
 
 
-def reference_stats(q, k, group, n_first, kproj):
-    """The key directions of run.c ("Key projection"), computed again in float64 from one
-    layer's q (T, H, hd) and k (T, KV, hd) of the reference: U (KV, R, hd), or None for
-    kproj 0. u_1 = the fp16-rounded, renormalized mean of the group's queries over the first
-    batch; u_2 = the top eigenvector of sum r r^T over the first batch's keys less their part
-    along u_1 (by power iteration from the longest r, as run finds it), fp16-rounded and made
-    orthonormal to u_1."""
-    T, KV, hd = k.shape
-    n = min(T, n_first)
-    first = 1 if n > 1 else 0
+KBLOCK_MIN = 16   # run.c: a block's own tokens its first batch needs to measure its directions
+
+
+def reference_stats(q, k, group, batch, kproj, kblock=None):
+    """The key directions of run.c ("Key projection") per block of kblock positions (None:
+    one block), computed again in float64 from one layer's q (T, H, hd) and k (T, KV, hd) of
+    the reference, run in batches of `batch` tokens from position 0: U (KV, blocks, R, hd), or
+    None for kproj 0. A block's directions come from its tokens in the batch that holds its
+    first position (block_dirs), or are the previous block's when those are fewer than
+    KBLOCK_MIN (but for the first block)."""
+    T = k.shape[0]
     if not kproj:
         return None
+    kblock = kblock or T
+    blocks = []
+    for p in range(0, T, kblock):
+        m = min(min((p // batch + 1) * batch, T) - p, kblock)
+        blocks.append(blocks[-1] if p > 0 and m < KBLOCK_MIN else
+                      block_dirs(q[p:p + m], k[p:p + m], group, kproj, skip_first=p == 0))
+    return np.stack(blocks, axis=1)
+
+
+def block_dirs(q, k, group, kproj, skip_first):
+    """One block's directions U (KV, R, hd) from its tokens' q (n, H, hd) and k (n, KV, hd):
+    u_1 = the fp16-rounded, renormalized mean of the group's queries; u_2 = the top eigenvector
+    of sum r r^T over the keys less their part along u_1 (by power iteration from the longest
+    r, as run finds it), fp16-rounded and made orthonormal to u_1. Position 0 (the sink) is
+    left out when skip_first and n > 1."""
+    n, KV, hd = k.shape
+    first = 1 if skip_first and n > 1 else 0
     u = q[first:n].sum(axis=0).reshape(KV, group, hd).sum(axis=1)   # (KV, hd)
     u = _f16(u / np.linalg.norm(u, axis=1, keepdims=True))
     U = (u / np.linalg.norm(u, axis=1, keepdims=True))[:, None, :]    # (KV, R, hd)
@@ -666,35 +684,37 @@ def reference_stats(q, k, group, n_first, kproj):
     return U
 
 
-def read_run_stats(path, m, n_tok, kproj):
-    """run's --stats file (run.c, dump_stats): per layer (U or None, beta) with U (KV, R, hd)
-    the key directions and beta (KV, n_tok, R) the fp16 projections every key stored."""
-    KV, hd, R = m.n_kv_heads, m.head_dim, kproj
+def read_run_stats(path, m, n_tok, kproj, kblock=None):
+    """run's --stats file (run.c, dump_stats): per layer (U or None, beta) with U (KV, blocks,
+    R, hd) the key directions of each block of kblock positions (None: one block) and beta
+    (KV, n_tok, R) the fp16 projections every key stored."""
+    KV, hd, R, nb = m.n_kv_heads, m.head_dim, kproj, -(-n_tok // (kblock or n_tok))
     a = np.fromfile(path, dtype=np.float32).astype(np.float64)
-    per_layer = R * KV * hd + KV * n_tok * R
+    per_layer = R * KV * nb * hd + KV * n_tok * R
     assert a.size == m.n_layers * per_layer, f"--stats file has {a.size} floats, want {m.n_layers}x{per_layer}"
     out = []
     for x in a.reshape(m.n_layers, per_layer):
-        U = x[:R * KV * hd].reshape(KV, R, hd) if R else None
-        beta = x[R * KV * hd:].reshape(KV, n_tok, R)
+        U = x[:R * KV * nb * hd].reshape(KV, nb, R, hd) if R else None
+        beta = x[R * KV * nb * hd:].reshape(KV, n_tok, R)
         out.append((U, beta))
     return out
 
 
 def cache_transform_layer_fn(kfn, vfn, ktrans, group, sink=0, n_first=FIRST_BATCH, kproj=0,
-                             stats=None, seen=None):
+                             stats=None, seen=None, kblock=None):
     """layer_fn for ref_llama.forward: keys / values through kfn / vfn (None: kept in fp32),
     the first `sink` positions kept exact, and run's key projection (run.c, "Key projection")
     on kproj directions where ktrans (a quantized key format): a key k keeps
     beta_j = fp16(u_j.k) and the codes hold k - sum_j beta_j u_j, so what a query sees is
-    sum_j beta_j u_j + (I - U^T U) decode(k - sum_j beta_j u_j).
+    sum_j beta_j u_j + (I - U^T U) decode(k - sum_j beta_j u_j), with U the directions of
+    k's block of kblock positions (None: one block; n_first: the batch size).
 
     stats: run's own statistics (read_run_stats), used instead of computing them again: a
     statistic rounded to fp16 can sit on a rounding boundary, and float32 arithmetic with
     or without FMA / AVX-512 then lands on either side of it, which moves every code of a
     head (a different computation, not a wrong one). reference_stats() recomputes them and
     test_run_stats_match_the_reference checks run's against it. seen: a list that receives,
-    per layer, (the recomputed directions, the recomputed betas)."""
+    per layer, (the recomputed directions, the recomputed betas, |k| (KV, T))."""
     def code(fn, x, where):
         if where[2] < sink:
             return _f16(x)
@@ -704,24 +724,25 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, group, sink=0, n_first=FIRST_BATC
 
     def f(li, q, k, v):
         T, KV, hd = k.shape
-        k, v = k.copy(), v.copy()
-        mine = reference_stats(q, k, group, n_first, kproj if ktrans else 0)
+        k_in, k, v = k, k.copy(), v.copy()
+        mine = reference_stats(q, k, group, n_first, kproj if ktrans else 0, kblock)
         U = stats[li][0] if stats is not None else mine
-        betas = np.zeros((KV, T, U.shape[1] if U is not None else 0))
+        betas = np.zeros((KV, T, U.shape[2] if U is not None else 0))
         for t in range(T):
             for g in range(KV):
                 kt = k[t, g].copy()
                 if U is not None:
-                    betas[g, t] = _f16(U[g] @ kt)                            # (R,)
+                    Ut = U[g, t // (kblock or T)]                            # (R, hd): t's block's
+                    betas[g, t] = _f16(Ut @ kt)                              # (R,)
                 if U is None or t < sink:
                     k[t, g] = code(kfn, kt, ("k", li, t, g))
                 else:
                     beta = stats[li][1][g, t] if stats is not None else betas[g, t]
-                    kd = code(kfn, kt - beta @ U[g], ("k", li, t, g))
-                    k[t, g] = beta @ U[g] + kd - (U[g] @ kd) @ U[g]
+                    kd = code(kfn, kt - beta @ Ut, ("k", li, t, g))
+                    k[t, g] = beta @ Ut + kd - (Ut @ kd) @ Ut
                 v[t, g] = code(vfn, v[t, g], ("v", li, t, g))
         if seen is not None:
-            seen.append((mine, betas))
+            seen.append((mine, betas, np.linalg.norm(k_in, axis=2).T))
         return q, k, v
     return f
 
@@ -767,13 +788,18 @@ def _f16_ulp(x):
     return 2.0 ** (e - 10)
 
 
-@pytest.mark.parametrize("name,kspec,batch,kproj", [("gguf", "tq3", FIRST_BATCH, 2), ("hf", "tq2:q4", 20, 2),
-                                                    ("gguf_tied", "q8", FIRST_BATCH, 1)])
-def test_run_stats_match_the_reference(workdir, name, kspec, batch, kproj):
+@pytest.mark.parametrize("name,kspec,batch,kproj,kblock", [
+    ("gguf", "tq3", FIRST_BATCH, 2, None), ("hf", "tq2:q4", 20, 2, None), ("gguf_tied", "q8", FIRST_BATCH, 1, None),
+    ("gguf", "tq3", FIRST_BATCH, 2, 16), ("hf", "tq2:q4", 24, 2, 16), ("gguf_tied", "tq4", 40, 1, 32)])
+def test_run_stats_match_the_reference(workdir, name, kspec, batch, kproj, kblock):
     """The statistics run measures and stores (--stats: key directions, every key's
     projections beta) against the reference's float64 computation of them from its own q, k
     (reference_stats): betas within one fp16 step of the reference's value, the most that
-    float32 rounding can move a number that is stored in fp16, directions within two. The
+    float32 rounding can move a number that is stored in fp16, plus the float32 noise of the
+    key it is taken from (1e-6 |k|: near zero, fp16 steps are finer than that), directions
+    within two. With --kblock, per block of positions: measured on the block's own tokens of
+    the batch that starts it, or the previous block's (batch 24, kblock 16: block 16
+    takes block 0's; batch 40, kblock 32: block 32 takes block 0's). The
     reference is advanced with run's statistics, so both see the same activations at every
     layer."""
     _need_run()
@@ -782,45 +808,48 @@ def test_run_stats_match_the_reference(workdir, name, kspec, batch, kproj):
     hd, group = m.head_dim, m.n_heads // m.n_kv_heads
     fns = {f: NearTies(libtq_roundtrip(f, hd, "eden"), hd) for f in {kf, vf}}
     got, path = run_logits(out, workdir, kspec, ("--kproj", str(kproj), "--sink", "1", "--window", "0",
-                                                 "--batch", str(batch)), stats=True)
-    stats = read_run_stats(path, m, N_TOK, kproj)
+                                                 "--batch", str(batch), "--kblock", str(kblock or 0)), stats=True)
+    stats = read_run_stats(path, m, N_TOK, kproj, kblock)
     seen = []
     layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], True, group, sink=1, n_first=batch,
-                                        kproj=kproj, stats=stats, seen=seen)
+                                        kproj=kproj, stats=stats, seen=seen, kblock=kblock)
     _match_with(lambda: (seen.clear(), ref_llama.forward(m, token_ids(), layer_fn=layer_fn))[1],
                 list(fns.values()), got, 1e-4)
     assert len(seen) == m.n_layers
-    for li, (U, betas) in enumerate(seen):
+    for li, (U, betas, knorm) in enumerate(seen):
         r_U, r_beta = stats[li]
-        off = np.abs(r_beta - betas) / _f16_ulp(betas)
+        off = np.abs(r_beta - betas) / (_f16_ulp(betas) + 1e-6 * knorm[:, :, None])
         assert off.max() <= 1.0 + 1e-6, f"layer {li}: beta differs by {off.max():.3g} fp16 steps"
         assert np.abs(r_beta).max() > 1e-3, "projections not measured"
         # directions: fp16-rounded, then renormalized (and u_2 made orthogonal to u_1) in float
+        assert r_U.shape == U.shape, f"layer {li}: run stored {r_U.shape} directions, the reference has {U.shape}"
         for j in range(kproj):
-            d = np.abs(r_U[:, j] - U[:, j]).max() / _f16_ulp(np.abs(U[:, j]).max())
+            d = np.abs(r_U[:, :, j] - U[:, :, j]).max() / _f16_ulp(np.abs(U[:, :, j]).max())
             assert d <= 2.0, f"layer {li}: key direction {j + 1} differs by {d:.3g} fp16 steps"
-        assert np.abs(np.einsum("grd,gsd->grs", r_U, r_U) - np.eye(kproj)).max() < 1e-5
+        assert np.abs(np.einsum("gbrd,gbsd->gbrs", r_U, r_U) - np.eye(kproj)).max() < 1e-5
 
 
-@pytest.mark.parametrize("name,kspec,kproj", [
-    ("gguf", "tq3", 2), ("hf", "tq4", 2), ("gguf", "tq2:tq3", 1), ("gguf_tied", "q4", 2)])
-def test_logits_cache_run_defaults(workdir, name, kspec, kproj):
-    """run's default cache (--scale eden, --kproj 2, 1 fp16 sink; the window off, see above) and
-    one variant with a single key direction, against the reference modelling exactly those
-    transforms around the C codec."""
+@pytest.mark.parametrize("name,kspec,kproj,kblock", [
+    ("gguf", "tq3", 2, None), ("hf", "tq4", 2, None), ("gguf", "tq2:tq3", 1, None), ("gguf_tied", "q4", 2, None),
+    ("gguf", "tq3", 2, 16), ("hf", "tq2:tq3", 1, 32)])
+def test_logits_cache_run_defaults(workdir, name, kspec, kproj, kblock):
+    """run's default cache (--scale eden, --kproj 2, 1 fp16 sink; the window off, see above), a
+    variant with a single key direction and key directions per block of 16 or 32 positions
+    (--kblock), against the reference modelling exactly those transforms around the C codec."""
     _need_run()
     _, out, m = _exported(name, str(workdir))
     kf, vf = (kspec.split(":") + [kspec])[:2]
     hd, group = m.head_dim, m.n_heads // m.n_kv_heads
     fns = {f: NearTies(libtq_roundtrip(f, hd, "eden"), hd) for f in {kf, vf}}
-    extra = ("--window", "0", "--batch", str(FIRST_BATCH)) + (("--kproj", str(kproj)) if kproj != 2 else ())
+    extra = (("--window", "0", "--batch", str(FIRST_BATCH)) + (("--kproj", str(kproj)) if kproj != 2 else ())
+             + (("--kblock", str(kblock)) if kblock else ()))
     got, stats = run_logits(out, workdir, kspec, extra, stats=True)
     layer_fn = cache_transform_layer_fn(fns[kf], fns[vf], True, group, sink=1, kproj=kproj,
-                                        stats=read_run_stats(stats, m, N_TOK, kproj))
+                                        stats=read_run_stats(stats, m, N_TOK, kproj, kblock), kblock=kblock)
     ref, n_ties, switched = _match_with(
         lambda: ref_llama.forward(m, token_ids(), layer_fn=layer_fn), list(fns.values()), got, 1e-4)
     diff = np.abs(got - ref)
-    assert diff.max() < 1e-3, (f"{name} -k {kspec} --kproj {kproj}: max |run - ref| = "
+    assert diff.max() < 1e-3, (f"{name} -k {kspec} --kproj {kproj} --kblock {kblock}: max |run - ref| = "
                                f"{diff.max():.3g} ({_where(diff)}; near-tie vectors {n_ties}, {switched} switched)")
 
 

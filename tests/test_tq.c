@@ -664,40 +664,44 @@ static void test_attn_paths(void) {
         }
 }
 
-/* ---- one KV head (tq_head): tq_store, tq_store_exact, tq_prepare_query_head, tq_attend_codes and
- * tq_attend_finish on every SIMD path, against attention written out in float64 over tq_decode: a
- * query at T-1 reads position t from its fp16 copy when t < sink or t >= T - window, else scores
- * sum_j (q.u_j) beta_tj + <q - sum_j (q.u_j) u_j, decode(key t)> and adds decode(value t). A batch
- * of HB tokens at HP (their rows read from the batch), G queries a token, the coded positions in
- * one work item and, for the batch's last token, split in three and merged. --------------------*/
+/* ---- one KV head (tq_head): tq_store, tq_store_exact, tq_attend_codes and tq_attend_finish on
+ * every SIMD path, against attention written out in float64 over tq_decode: a query at T-1 reads
+ * position t from its fp16 copy when t < sink or t >= T - window, else scores
+ * sum_j (q.u_j) beta_tj + <q - sum_j (q.u_j) u_j, decode(key t)> and adds decode(value t), with
+ * u_j the directions of t's block of kblock positions. A batch of HB tokens at HP (their rows read
+ * from the batch), G queries a token, the coded positions in one work item and, for the batch's
+ * last token, split in three and merged. ----------------------------------------------------*/
 #define HC 300   /* positions allocated */
 #define HP 280   /* the batch's first position */
 #define HB 10    /* batch tokens */
 #define HG 3     /* queries per token (GQA group) */
 
-static void head_case(tq_fmt f, int d, int R, int sink, int window) {
+static void head_case(tq_fmt f, int d, int R, int sink, int window, int kblock) {
     tq_codec kc, vc;
     if (tq_init(&kc, f, d, TQ_SCALE_EDEN, 5) != 0 || tq_init(&vc, f == TQ_TQ3 ? TQ_TQ4 : f, d, TQ_SCALE_NC, 6) != 0) return;
-    int slots = sink + window, nq = HB * HG, n = HP + HB;
-    size_t qf = tq_query_floats(&kc), sf = tq_state_floats(&vc);
+    int slots = sink + window, nq = HB * HG, n = HP + HB, blocks = (HC + kblock - 1) / kblock;
+    size_t sf = tq_state_floats(&vc);
     uint8_t *key = calloc(HC, kc.bytes), *value = calloc(HC, vc.bytes);
-    float *kdir = calloc((size_t)R * d + 1, 4), *kr = malloc(sizeof(float) * n * d), *vr = malloc(sizeof(float) * n * d);
+    float *kdir = calloc((size_t)blocks * R * d + 1, 4), *krot = calloc((size_t)blocks * R * d + 1, 4), *kr = malloc(sizeof(float) * n * d), *vr = malloc(sizeof(float) * n * d);
     uint16_t *kbeta = calloc((size_t)HC * R + 1, 2), *ek = calloc((size_t)slots * d + 1, 2), *ev = calloc((size_t)slots * d + 1, 2);
-    float *q = malloc(sizeof(float) * nq * d), *prep = malloc(sizeof(float) * nq * qf), along[HB * HG * TQ_KPROJ_MAX];
-    float *st = malloc(sizeof(float) * 3 * nq * sf), *scratch = malloc(sizeof(float) * tq_attend_scratch(nq));
-    float qperp[MAXD], kperp[MAXD], out[MAXD];
+    float *q = malloc(sizeof(float) * nq * d), *rq = malloc(sizeof(float) * nq * d);
+    float *st = malloc(sizeof(float) * 3 * nq * sf), *scratch = malloc(sizeof(float) * tq_attend_scratch(&kc, nq));
+    float kperp[MAXD], out[MAXD];
     float *dk = malloc(sizeof(float) * n * d), *dv = malloc(sizeof(float) * n * d);   /* what the codes decode to */
-    tq_head h = {&kc, &vc, HC, key, value, R, R ? kdir : NULL, R ? kbeta : NULL, sink, window, slots, ek, ev};
-    for (int j = 0; j < R; j++) {                       /* orthonormal directions, by Gram-Schmidt */
+    tq_head h = {&kc, &vc, HC, key, value, R, kblock, R ? kdir : NULL, R ? krot : NULL, R ? kbeta : NULL, sink, window,
+                 slots, ek, ev};
+    for (int j = 0; j < blocks * R; j++) {              /* orthonormal directions per block, by Gram-Schmidt */
         float *u = kdir + j * d;
         randn(u, d);
-        for (int i = 0; i < j; i++) { double p = dotd(u, kdir + i * d, d); for (int k = 0; k < d; k++) u[k] -= (float)(p * kdir[i * d + k]); }
+        if (j >= R) for (int k = 0; k < d; k++) u[k] += 2.0f * u[k - R * d];   /* near the previous block's: drift */
+        for (int i = j - j % R; i < j; i++) { double p = dotd(u, kdir + i * d, d); for (int k = 0; k < d; k++) u[k] -= (float)(p * kdir[i * d + k]); }
         unit(u, d);
+        tq_rotate(&kc, u, krot + j * d);
     }
     for (int t = 0; t < n; t++) {                       /* keys with a large part along u_1, as real ones have */
-        float *k = kr + t * d, *v = vr + t * d;
+        float *k = kr + t * d, *v = vr + t * d, *u1 = kdir + (size_t)(t / kblock) * R * d;
         randn(k, d); randn(v, d);
-        for (int i = 0; i < d && R; i++) k[i] += 6 * kdir[i];
+        for (int i = 0; i < d && R; i++) k[i] += 6 * u1[i];
         tq_store(&h, t, k, v, kperp);                   /* rounds k and v to fp16 in place */
         if (t < HP) tq_store_exact(&h, t, 0, 1, k, v);  /* earlier tokens, one at a time */
         tq_decode(&kc, key + t * kc.bytes, dk + t * d);
@@ -706,16 +710,19 @@ static void head_case(tq_fmt f, int d, int R, int sink, int window) {
     for (int r = 0; r < nq; r++) {
         randn(q + r * d, d);
         for (int i = 0; i < d && R; i++) q[r * d + i] += 2 * kdir[i];
-        tq_prepare_query_head(&h, q + r * d, qperp, along + r * TQ_KPROJ_MAX, prep + r * qf);
+        tq_rotate(&kc, q + r * d, rq + r * d);
     }
     double *want = malloc(sizeof(double) * nq * d), mag[HB * HG];   /* the float64 outputs, their largest |.| */
     for (int r = 0; r < nq; r++) {
         int T = HP + r / HG + 1;
         double sc[HC], m = -INFINITY, l = 0, a[TQ_KPROJ_MAX], qp[MAXD], *o = want + r * d;
-        for (int j = 0; j < R; j++) a[j] = dotd(q + r * d, kdir + j * d, d);
-        for (int i = 0; i < d; i++) { qp[i] = q[r * d + i]; for (int j = 0; j < R; j++) qp[i] -= a[j] * kdir[j * d + i]; }
         for (int t = 0; t < T; t++) {
             double s = 0;
+            if (t % kblock == 0) {                      /* block t / kblock's directions */
+                const float *u = kdir + (size_t)(t / kblock) * R * d;
+                for (int j = 0; j < R; j++) a[j] = dotd(q + r * d, u + j * d, d);
+                for (int i = 0; i < d; i++) { qp[i] = q[r * d + i]; for (int j = 0; j < R; j++) qp[i] -= a[j] * u[j * d + i]; }
+            }
             if (t < sink || t >= T - window) s = dotd(q + r * d, kr + t * d, d);
             else {
                 for (int i = 0; i < d; i++) s += qp[i] * dk[t * d + i];
@@ -738,7 +745,7 @@ static void head_case(tq_fmt f, int d, int R, int sink, int window) {
     for (int p = 0; p < TQ_NSIMD; p++) {
         if (!tq_simd_supported((tq_simd)p)) continue;
         double err = 0, split_err = 0;
-        tq_attend_codes(&h, (tq_simd)p, nq, HG, HP, prep, along, sink, tq_coded_end(n, sink, window), st, scratch);
+        tq_attend_codes(&h, (tq_simd)p, nq, HG, HP, rq, sink, tq_coded_end(n, sink, window), st, scratch);
         for (int r = 0; r < nq; r++) {
             int T = HP + r / HG + 1;
             tq_attend_finish(&h, q + r * d, &batch, T, st + r * sf, 1, 0, out);
@@ -749,19 +756,19 @@ static void head_case(tq_fmt f, int d, int R, int sink, int window) {
             int end = tq_coded_end(T, sink, window), cut[4] = {sink, sink + 96, sink + 192, end};
             memcpy(ref, out, sizeof ref);
             for (int k = 0; k < 3; k++)
-                tq_attend_codes(&h, (tq_simd)p, HG, HG, T - 1, prep + (r - r % HG) * qf, along + (r - r % HG) * TQ_KPROJ_MAX,
-                                cut[k], cut[k + 1], part + k * HG * sf, scratch);
+                tq_attend_codes(&h, (tq_simd)p, HG, HG, T - 1, rq + (r - r % HG) * d, cut[k], cut[k + 1], part + k * HG * sf,
+                                scratch);
             tq_attend_finish(&h, q + r * d, &batch, T, part + (r % HG) * sf, 3, HG * sf, out);
             for (int i = 0; i < d; i++) split_err = fmax(split_err, fabs(out[i] - ref[i]) / mag[r]);
         }
-        CHECK(err < 1e-4, "%s %s d=%d R=%d sink=%d window=%d: tq_attend_* off float64 attention by %.2e",
-              tq_simd_name((tq_simd)p), tq_fmt_name(f), d, R, sink, window, err);
-        CHECK(split_err < 1e-5, "%s %s d=%d R=%d: three merged parts differ from one by %.2e",
-              tq_simd_name((tq_simd)p), tq_fmt_name(f), d, R, split_err);
+        CHECK(err < 1e-4, "%s %s d=%d R=%d kblock=%d sink=%d window=%d: tq_attend_* off float64 attention by %.2e",
+              tq_simd_name((tq_simd)p), tq_fmt_name(f), d, R, kblock, sink, window, err);
+        CHECK(split_err < 1e-5, "%s %s d=%d R=%d kblock=%d: three merged parts differ from one by %.2e",
+              tq_simd_name((tq_simd)p), tq_fmt_name(f), d, R, kblock, split_err);
     }
     free(want);
-    free(key); free(value); free(kdir); free(kr); free(vr); free(kbeta); free(ek); free(ev);
-    free(q); free(prep); free(st); free(scratch); free(dk); free(dv);
+    free(key); free(value); free(kdir); free(krot); free(kr); free(vr); free(kbeta); free(ek); free(ev);
+    free(q); free(rq); free(st); free(scratch); free(dk); free(dv);
     tq_free(&kc); tq_free(&vc);
 }
 
@@ -769,8 +776,9 @@ static void test_head_attention(void) {
     const tq_fmt fmts[4] = {TQ_TQ3, TQ_Q8, TQ_TQ3P, TQ_FP16};
     for (int f = 0; f < 4; f++)
         for (int R = 0; R <= TQ_KPROJ_MAX; R++) {
-            head_case(fmts[f], 64, R, 1, 8);
-            head_case(fmts[f], 80, R, f == 0 ? 0 : 2, f == 0 ? 0 : 3);
+            head_case(fmts[f], 64, R, 1, 8, HC);
+            head_case(fmts[f], 64, R, 1, 8, 48);        /* blocks cut the chunks and the splits */
+            head_case(fmts[f], 80, R, f == 0 ? 0 : 2, f == 0 ? 0 : 3, f == 0 ? 32 : HC);
         }
 }
 
