@@ -127,6 +127,13 @@ typedef struct {
 } TransformerWeights;
 
 #define KPROJ_MAX TQ_KPROJ_MAX  /* --kproj: the mean query direction, then the keys' main one */
+#ifdef RUN_CUDA
+#define KBLOCK_DEFAULT 0        /* --kblock: the GPU kernels take one set of key directions */
+#else
+#define KBLOCK_DEFAULT 256      /* --kblock: key directions per 256 positions (bench/README.md) */
+#endif
+#define STR_(x) #x
+#define STR(x) STR_(x)
 
 /* How the KV cache is held: the -k formats and the fixes on top of the paper's
  * codec, each behind its own flag (tq.h: "Key projection", "Exact positions"). */
@@ -1989,9 +1996,9 @@ static void usage(int status) {
         "  -c <int>    context length in tokens, default the model's (eval: the chunk length, default 512)\n"
         "  --chunks <int> eval: score at most this many chunks, default all\n"
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
-        "  --paper     the paper's plain TurboQuant, without the fixes: --scale norm --kproj 0 --sink 0 --window 0\n"
+        "  --paper     the paper's plain TurboQuant, without the fixes: --scale norm --kproj 0 --kblock 0 --sink 0 --window 0\n"
         "Research options, defaults shown (bench/README.md, \"Research options\"): --scale eden --kproj 2 "
-        "--kblock 0 --sink 1 --window 8 --batch 256 --qinput 1 --stats <file> -z <file>\n"
+        "--kblock " STR(KBLOCK_DEFAULT) " --sink 1 --window 8 --batch 256 --qinput 1 --stats <file> -z <file>\n"
         "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n");
     for (int f = 0; f < TQ_NFMT; f++)
         fprintf(out, "  %-5s %6.3f / %6.3f  %s\n", tq_fmt_name((tq_fmt)f), tq_bits_per_elem((tq_fmt)f, 64),
@@ -2033,7 +2040,7 @@ int main(int argc, char **argv) {
     char kv[2][32];
     int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
     CacheOpts co = {.key_fmt = TQ_TQ3, .value_fmt = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
-                    .kproj = 2, .kblock = 0, .sink = 1, .window = 8};   /* chosen by bench/quality */
+                    .kproj = 2, .kblock = KBLOCK_DEFAULT, .sink = 1, .window = 8};   /* chosen by bench/quality */
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
@@ -2047,7 +2054,7 @@ int main(int argc, char **argv) {
         if (a[0] != '-' || !a[1]) die("expected an option, got \"%s\" (run -h)", a);
         if (!strcmp(a, "--paper")) {    /* the paper's TurboQuant as written: none of the fixes */
             co.kscale = co.vscale = TQ_SCALE_NORM;
-            co.kproj = co.sink = co.window = 0;
+            co.kproj = co.kblock = co.sink = co.window = 0;
             continue;
         }
         if (++i >= argc) die("option %s needs a value (run -h)", a);

@@ -241,6 +241,7 @@ OPTION_CASES = {        # name: (arguments after the model, phrases)
     "scale_empty_values": (["--scale", "eden:"], ['bad --scale "eden:"']),
     "scale_three": (["--scale", "nc:nc:nc"], ["bad --scale"]),
     "kproj_three": (["--kproj", "3"], ["--kproj 3 is out of range [0, 2]"]),
+    "kblock_not_16": (["--kblock", "100"], ["--kblock 100", "multiple of 16"]),
     "offsets_retired": (["--offsets", "0"], ["unknown option --offsets"]),
     "kweights_retired": (["--kweights", "0"], ["unknown option --kweights"]),
     "batch_zero": (["--batch", "0"], ["--batch 0 is out of range"]),
@@ -286,7 +287,7 @@ def test_options_under_sanitizers(tiny):
 # a value for every option -h names, each valid with `-m logits -i "1 2" -o FILE`
 HELP_VALUES = {"-t": "0", "-p": "0.5", "-s": "7", "-n": "1", "-i": "1 2", "-f": None, "-m": "logits",
                "-y": "be brief", "-k": "tq3:q8", "-c": "8", "--chunks": "1", "-o": None, "--paper": (),
-               "--scale": "nc:eden", "--kproj": "1", "--sink": "2", "--window": "3", "--batch": "1",
+               "--scale": "nc:eden", "--kproj": "1", "--kblock": "16", "--sink": "2", "--window": "3", "--batch": "1",
                "--qinput": "0", "--stats": None, "-z": None}
 
 
