@@ -158,7 +158,9 @@ typedef struct {
     int kblock, blocks; /* positions per block of directions (ctx: one block), blocks per head */
     float *kdir;     /* (n_layers, n_kv_heads, blocks, R, head_dim) orthonormal directions u_j */
     float *kdir_rot; /* (n_layers, n_kv_heads, blocks, R, head_dim) the same rotated, Pi u_j */
-    uint16_t *kbeta; /* (n_layers, n_kv_heads, ctx, R) fp16 beta_tj = u_j.k_t of every key */
+    uint16_t *kbeta; /* (n_layers, n_kv_heads, ctx, R) fp16 beta_tj = u_j.k_t of every key (--kblock 0), or NULL */
+    int8_t *kbeta8;  /* (n_layers, n_kv_heads, ctx, R) the same as int8 codes (--kblock N), or NULL */
+    float *kscale;   /* (n_layers, n_kv_heads, blocks, R) their steps, fp16-rounded, or NULL */
     int sink, window; /* exact positions: the first `sink` and the last `window` */
     int slots;       /* rows per head of the exact store: sink + a ring of window */
     uint16_t *exact_k; /* (n_layers, n_kv_heads, slots, head_dim) fp16 keys as encoded */
@@ -379,20 +381,22 @@ static double build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int 
     kv->window = lossy ? o->window : 0;
     kv->slots = kv->sink + (kv->window < ctx - kv->sink ? kv->window : ctx - kv->sink);
     size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = (size_t)c->head_dim, R = (size_t)kv->kproj;
-    size_t dirs = heads * kv->blocks * R * hd;
+    size_t dirs = heads * kv->blocks * R * hd, R8 = o->kblock > 0 ? R : 0, R16 = R - R8;   /* int8 betas with blocks */
     double bytes = 0;
     kv->key = (uint8_t *)take_zeroed(heads * ctx, kv->kc.bytes, "the key cache", alloc, &bytes);
     kv->value = (uint8_t *)take_zeroed(heads * ctx, kv->vc.bytes, "the value cache", alloc, &bytes);
     kv->kdir = R ? (float *)take_zeroed(dirs, sizeof(float), "key directions", alloc, &bytes) : NULL;
     kv->kdir_rot = R ? (float *)take_zeroed(dirs, sizeof(float), "key directions", alloc, &bytes) : NULL;
-    kv->kbeta = R ? (uint16_t *)take_zeroed(heads * ctx * R, sizeof(uint16_t), "key projections", alloc, &bytes) : NULL;
+    kv->kbeta = R16 ? (uint16_t *)take_zeroed(heads * ctx * R, sizeof(uint16_t), "key projections", alloc, &bytes) : NULL;
+    kv->kbeta8 = R8 ? (int8_t *)take_zeroed(heads * ctx * R, 1, "key projections", alloc, &bytes) : NULL;
+    kv->kscale = R8 ? (float *)take_zeroed(heads * kv->blocks * R, sizeof(float), "key projections", alloc, &bytes) : NULL;
     kv->exact_k = (uint16_t *)take_zeroed(heads * kv->slots * hd, sizeof(uint16_t), "exact keys", alloc, &bytes);
     kv->exact_v = (uint16_t *)take_zeroed(heads * kv->slots * hd, sizeof(uint16_t), "exact values", alloc, &bytes);
     return bytes;
 }
 
 static void free_cache(KVCache *kv) {
-    free(kv->key); free(kv->value); free(kv->kdir); free(kv->kdir_rot); free(kv->kbeta); free(kv->exact_k); free(kv->exact_v);
+    free(kv->key); free(kv->value); free(kv->kdir); free(kv->kdir_rot); free(kv->kbeta); free(kv->kbeta8); free(kv->kscale); free(kv->exact_k); free(kv->exact_v);
     tq_free(&kv->kc); tq_free(&kv->vc);
 }
 
@@ -408,9 +412,9 @@ TQ_HD static size_t exact_row(const KVCache *kv, const Config *c, int l, int g, 
 #endif
 
 /* What the cache holds for n positions, as the memory line and kv_bits count it: the codes;
- * every key's R fp16 projections beta; a fixed cost, the fp16 exact rows in use and the R
- * directions per head and block in use (kept as fp16 numbers: tq_key_dirs; their rotated
- * copies are derived, not stored information). */
+ * every key's R projections beta (fp16, or int8 codes); a fixed cost, the fp16 exact rows in
+ * use and, per head and block in use, the R directions and int8 steps (kept as fp16 numbers:
+ * tq_key_dirs; the directions' rotated copies are derived, not stored information). */
 typedef struct { size_t codes, projections, fixed; } CacheBytes;
 
 static CacheBytes cache_bytes(const KVCache *kv, const Config *c, int n) {
@@ -418,7 +422,9 @@ static CacheBytes cache_bytes(const KVCache *kv, const Config *c, int n) {
     size_t sink = (size_t)(n < kv->sink ? n : kv->sink), rest = (size_t)n - sink;
     size_t exact = sink + (rest < (size_t)kv->window ? rest : (size_t)kv->window);   /* fp16 rows in use */
     size_t blocks = n > 0 ? ((size_t)n + kv->kblock - 1) / kv->kblock : 1;
-    CacheBytes b = {heads * n * (kv->kc.bytes + kv->vc.bytes), heads * n * R * 2, heads * (exact * hd * 2 * 2 + blocks * R * hd * 2)};
+    size_t beta = kv->kbeta8 ? 1 : 2, steps = kv->kbeta8 ? blocks * R * 2 : 0;
+    CacheBytes b = {heads * n * (kv->kc.bytes + kv->vc.bytes), heads * n * R * beta,
+                    heads * (exact * hd * 2 * 2 + blocks * R * hd * 2 + steps)};
     return b;
 }
 
@@ -430,7 +436,8 @@ static tq_head cache_head(const KVCache *kv, const Config *c, int l, int g) {
     tq_head h = {&kv->kc, &kv->vc, kv->ctx, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, 0),
                  cache_row(kv, kv->value, kv->vc.bytes, c, l, g, 0), kv->kproj, kv->kblock,
                  R ? kv->kdir + head * dirs : NULL, R ? kv->kdir_rot + head * dirs : NULL,
-                 R ? kv->kbeta + head * kv->ctx * R : NULL, kv->sink, kv->window, kv->slots,
+                 kv->kbeta ? kv->kbeta + head * kv->ctx * R : NULL, kv->kbeta8 ? kv->kbeta8 + head * kv->ctx * R : NULL,
+                 kv->kscale ? kv->kscale + head * kv->blocks * R : NULL, kv->sink, kv->window, kv->slots,
                  kv->exact_k + head * kv->slots * hd, kv->exact_v + head * kv->slots * hd};
     return h;
 }
@@ -1653,10 +1660,11 @@ static void report(const Transformer *t, int n_pos, const Stats *speed) {
             tq_fmt_name(kv->kc.fmt), tq_fmt_name(kv->vc.fmt), bits, mib, n_pos, fp16,
             ratio >= 1 ? ratio : 1 / ratio, ratio >= 1 ? "smaller" : "larger", 2 * fp16);
     if (b.projections + b.fixed > 0)
-        fprintf(stderr, "kv: of which %.3f MiB codes, %.3f MiB key projections (%d fp16 per key), %.3f MiB fixed cost "
+        fprintf(stderr, "kv: of which %.3f MiB codes, %.3f MiB key projections (%d %s per key), %.3f MiB fixed cost "
                 "(%d sink + %d recent positions in fp16%s): %.2f bits/elem in all\n",
-                b.codes / MiB, b.projections / MiB, kv->kproj, b.fixed / MiB, kv->sink, kv->window,
-                kv->kproj ? ", projection directions" : "", kv_bits(kv, c, n_pos));
+                b.codes / MiB, b.projections / MiB, kv->kproj, kv->kbeta8 ? "int8" : "fp16", b.fixed / MiB, kv->sink,
+                kv->window, kv->kproj ? (kv->kbeta8 ? ", projection directions per block" : ", projection directions") : "",
+                kv_bits(kv, c, n_pos));
     report_weights(c, mib);
     if (speed)
         fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens), attention %s\n",
@@ -1845,8 +1853,9 @@ static void dump_stats(const Transformer *t, int n, const char *path) {
         for (int g = 0; g < c->n_kv_heads && R; g++, p += used * R * hd)
             memcpy(p, kv->kdir + (((size_t)l * c->n_kv_heads + g) * kv->blocks) * R * hd, used * R * hd * sizeof(float));
         for (int g = 0; g < c->n_kv_heads; g++)
-            for (size_t j = 0; j < (size_t)n * R; j++)
-                *p++ = tq_f16_to_f32(kv->kbeta[((size_t)l * c->n_kv_heads + g) * kv->ctx * R + j]);
+            for (size_t j = 0, head = (size_t)l * c->n_kv_heads + g; j < (size_t)n * R; j++)
+                *p++ = kv->kbeta8 ? kv->kbeta8[head * kv->ctx * R + j] * kv->kscale[(head * kv->blocks + j / R / kv->kblock) * R + j % R]
+                                  : tq_f16_to_f32(kv->kbeta[head * kv->ctx * R + j]);
     }
     write_floats(path, x, c->n_layers * per_layer);
     free(x);

@@ -1739,9 +1739,22 @@ static void rotate_dirs(const tq_head *h, int pos) {
 }
 
 void tq_key_dirs_inherit(const tq_head *h, int pos) {
-    size_t n = (size_t)h->R * h->kc->d, at = (size_t)(pos / h->kblock) * n;
+    size_t n = (size_t)h->R * h->kc->d, at = (size_t)(pos / h->kblock) * n, R = (size_t)h->R;
     memcpy(h->kdir + at, h->kdir + at - n, n * sizeof(float));
     memcpy(h->kdir_rot + at, h->kdir_rot + at - n, n * sizeof(float));
+    if (h->kbeta8) memcpy(h->kscale + (size_t)(pos / h->kblock) * R, h->kscale + (size_t)(pos / h->kblock - 1) * R, R * sizeof(float));
+}
+
+/* the int8 betas' steps of the block at pos from its n measured keys k + b*ldk (b >= first):
+ * 2 max_b |u_j.k_b| / 127, fp16-rounded as stored */
+static void beta_steps(const tq_head *h, int pos, const float *k, size_t ldk, int first, int n) {
+    int hd = h->kc->d, blk = pos / h->kblock;
+    for (int j = 0; j < h->R; j++) {
+        const float *u = h->kdir + ((size_t)blk * h->R + j) * hd;
+        float mx = 0;
+        for (int b = first; b < n; b++) mx = fmaxf(mx, fabsf(tq_dot_f32(u, k + b * ldk, hd)));
+        h->kscale[(size_t)blk * h->R + j] = mx > 0 ? tq_f16_to_f32(tq_f32_to_f16(2 * mx / 127)) : 1.0f;
+    }
 }
 
 int tq_key_dirs(const tq_head *h, int pos, int group, const float *q, size_t ldq, const float *k, size_t ldk, int n) {
@@ -1758,7 +1771,11 @@ int tq_key_dirs(const tq_head *h, int pos, int group, const float *q, size_t ldq
     }
     for (int i = 0; i < hd; i++) u1[i] = norm > 0 ? (float)(u1[i] / sqrt(norm)) : 0.0f;
     store_direction(u1, NULL, hd);
-    if (h->R < 2) { rotate_dirs(h, pos); return 0; }
+    if (h->R < 2) {
+        rotate_dirs(h, pos);
+        if (h->kbeta8) beta_steps(h, pos, k, ldk, first, n);
+        return 0;
+    }
     double *m = (double *)calloc((size_t)hd * hd + 3 * (size_t)hd, sizeof(double));
     if (!m) return -1;
     double *r = m + (size_t)hd * hd, *v = r + hd, *mv = v + hd, longest = -1;
@@ -1786,18 +1803,26 @@ int tq_key_dirs(const tq_head *h, int pos, int group, const float *q, size_t ldq
     store_direction(u2, u1, hd);
     free(m);
     rotate_dirs(h, pos);
+    if (h->kbeta8) beta_steps(h, pos, k, ldk, first, n);
     return 0;
 }
 
 void tq_store(const tq_head *h, int pos, float *k, float *v, float *kperp) {
     int hd = h->kc->d, R = h->R;
     if (R) {
-        const float *u = h->kdir + (size_t)(pos / h->kblock) * R * hd;
-        uint16_t *beta = h->kbeta + (size_t)pos * R;
+        const float *u = h->kdir + (size_t)(pos / h->kblock) * R * hd, *step = h->kscale + (size_t)(pos / h->kblock) * R;
         memcpy(kperp, k, hd * sizeof(float));
         for (int r = 0; r < R; r++) {
-            beta[r] = tq_f32_to_f16(tq_dot_f32(u + (size_t)r * hd, k, hd));
-            for (int j = 0; j < hd; j++) kperp[j] -= tq_f16_to_f32(beta[r]) * u[(size_t)r * hd + j];
+            float beta = tq_dot_f32(u + (size_t)r * hd, k, hd);
+            if (h->kbeta8) {                            /* int8 codes of the block's step, clamped */
+                float q = rintf(beta / step[r]);
+                h->kbeta8[(size_t)pos * R + r] = (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+                beta = h->kbeta8[(size_t)pos * R + r] * step[r];
+            } else {
+                h->kbeta[(size_t)pos * R + r] = tq_f32_to_f16(beta);
+                beta = tq_f16_to_f32(h->kbeta[(size_t)pos * R + r]);
+            }
+            for (int j = 0; j < hd; j++) kperp[j] -= beta * u[(size_t)r * hd + j];
         }
     }
     tq_encode(h->kc, R ? kperp : k, h->key + (size_t)pos * h->kc->bytes);
@@ -1856,8 +1881,15 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
         if (t0 == k0 || (R && t0 % h->kblock == 0 && t0 < last)) prepare_block(h, nq, rq, t0, prepared, along, y);
         tq_attn_scores(h->kc, simd, nq, prepared, qf, h->key + (size_t)t0 * h->kc->bytes, nk, scores, ATT_CHUNK);
         if (R) {                                        /* + sum_j along_j beta_tj */
-            const uint16_t *kb = h->kbeta + (size_t)t0 * R;
-            for (int i = 0; i < nk * R; i++) beta[i] = tq_half(kb[i]);   /* (nk, R), as stored */
+            if (h->kbeta8) {                            /* (nk, R), as stored: int8 codes times the block's steps */
+                const int8_t *kb = h->kbeta8 + (size_t)t0 * R;
+                const float *step = h->kscale + (size_t)(t0 / h->kblock) * R;
+                for (int t = 0; t < nk; t++)
+                    for (int j = 0; j < R; j++) beta[t * R + j] = kb[t * R + j] * step[j];
+            } else {
+                const uint16_t *kb = h->kbeta + (size_t)t0 * R;
+                for (int i = 0; i < nk * R; i++) beta[i] = tq_half(kb[i]);
+            }
             for (int r = 0; r < nq; r++) {
                 const float *u = along + r * TQ_KPROJ_MAX;
                 float *x = scores + (size_t)r * ATT_CHUNK;

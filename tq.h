@@ -200,7 +200,10 @@ float tq_softmax_chunk(tq_simd simd, float *s /* (n) */, int n, float scale, flo
  * instead of once: a block's directions come from its own queries and keys in the
  * batch that starts it (a prompt is run in batches), or, when that batch holds too
  * few of them (decoding one token at a time), are the previous block's. The cost is
- * R fp16 directions per block and head (2 x 64 x 2 bytes per 256 positions).
+ * R fp16 directions per block and head (2 x 64 x 2 bytes per 256 positions), paid back
+ * by storing the betas as int8 codes with one step per block and direction: 2 max|beta|
+ * / 127 over the tokens the block was measured on, so that keys up to twice as far out
+ * as any of those still fit (beyond: clamped to +-127 steps).
  *
  * Exact positions. Most of what a small model's attention looks at is the attention
  * sink (position 0) and the last few tokens; their quantization error goes straight
@@ -232,7 +235,9 @@ typedef struct {
     int kblock;              /* positions per block of directions: block j is [j kblock, (j+1) kblock) */
     float *kdir;             /* (blocks, R, d) each block's orthonormal u_j (NULL when R = 0) */
     float *kdir_rot;         /* (blocks, R, d) the same rotated, Pi u_j: what queries meet */
-    uint16_t *kbeta;         /* (ctx, R) fp16 beta_tj = u_j.k_t (NULL when R = 0)     */
+    uint16_t *kbeta;         /* (ctx, R) fp16 beta_tj = u_j.k_t, or NULL (R = 0, or int8 betas) */
+    int8_t *kbeta8;          /* (ctx, R) beta_tj as int8 codes times kscale, or NULL  */
+    float *kscale;           /* (blocks, R) each block's int8 step per direction (fp16-rounded) */
     int sink, window;        /* exact positions: the first `sink` and the last `window` */
     int slots;               /* rows of the exact store: the sinks, then a ring       */
     uint16_t *exact_k;       /* (slots, d) fp16 keys as encoded                       */
@@ -255,17 +260,18 @@ TQ_HD static inline int tq_exact_slot(int pos, int sink, int slots) {
 static inline int tq_coded_end(int T, int sink, int window) { return T - window > sink ? T - window : sink; }
 
 /* The key directions of the block that starts at position pos (R of them into its rows of
- * h->kdir, and rotated into h->kdir_rot) from the n tokens at pos..: q + b*ldq holds token b's
+ * h->kdir, rotated into h->kdir_rot, and the int8 betas' steps into h->kscale if it has
+ * them) from the n tokens at pos..: q + b*ldq holds token b's
  * `group` query heads (group*d floats), k + b*ldk its key, both after RoPE; position 0 (the
  * sink) is left out when n > 1. u_1 is the mean query, u_2 the top principal direction of the
  * keys less their part along u_1 (power iteration on the d x d second moments, from the
  * longest of those keys); each rounded to fp16 as stored and made orthonormal again.
  * Returns 0, or -1 out of memory. */
 int tq_key_dirs(const tq_head *h, int pos, int group, const float *q, size_t ldq, const float *k, size_t ldk, int n);
-/* The block that starts at pos (> 0) takes the previous block's directions: for a block whose
+/* The block that starts at pos (> 0) takes the previous block's directions (and steps): for a block whose
  * first batch holds too few of its tokens to measure them on. */
 void tq_key_dirs_inherit(const tq_head *h, int pos);
-/* Stores position pos's key k and value v (d each): beta_j = u_j.k in fp16 (u_j: pos's block's) and
+/* Stores position pos's key k and value v (d each): beta_j = u_j.k in fp16 or int8 (u_j: pos's block's) and
  * kperp = k - sum_j beta_j u_j encoded; then k and v are rounded to fp16 in place, as
  * the exact store keeps them. kperp: d floats of scratch. */
 void tq_store(const tq_head *h, int pos, float *k, float *v, float *kperp);

@@ -656,6 +656,24 @@ def reference_stats(q, k, group, batch, kproj, kblock=None):
     return np.stack(blocks, axis=1)
 
 
+def reference_steps(k, U, batch, kblock):
+    """The int8 betas' steps of run.c (--kblock: tq.h, "Key projection") from one layer's k (T,
+    KV, hd) and the directions U (KV, blocks, R, hd): per block and direction 2 max |u_j.k| / 127
+    over the tokens the block's directions were measured on (the previous block's step where
+    it took the previous block's directions), fp16-rounded: (KV, blocks, R)."""
+    T = k.shape[0]
+    steps = []
+    for i, p in enumerate(range(0, T, kblock)):
+        m = min(min((p // batch + 1) * batch, T) - p, kblock)
+        if p > 0 and m < KBLOCK_MIN:
+            steps.append(steps[-1])
+            continue
+        first = 1 if p == 0 and m > 1 else 0
+        mx = np.abs(np.einsum("tgd,grd->tgr", k[p + first:p + m], U[:, i])).max(axis=0)   # (KV, R)
+        steps.append(np.where(mx > 0, _f16(2 * mx / 127), 1.0))
+    return np.stack(steps, axis=1)
+
+
 def block_dirs(q, k, group, kproj, skip_first):
     """One block's directions U (KV, R, hd) from its tokens' q (n, H, hd) and k (n, KV, hd):
     u_1 = the fp16-rounded, renormalized mean of the group's queries; u_2 = the top eigenvector
@@ -707,14 +725,16 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, group, sink=0, n_first=FIRST_BATC
     on kproj directions where ktrans (a quantized key format): a key k keeps
     beta_j = fp16(u_j.k) and the codes hold k - sum_j beta_j u_j, so what a query sees is
     sum_j beta_j u_j + (I - U^T U) decode(k - sum_j beta_j u_j), with U the directions of
-    k's block of kblock positions (None: one block; n_first: the batch size).
+    k's block of kblock positions (None: one block; n_first: the batch size) and beta_j in
+    int8 steps of the block (reference_steps) where kblock is given.
 
     stats: run's own statistics (read_run_stats), used instead of computing them again: a
     statistic rounded to fp16 can sit on a rounding boundary, and float32 arithmetic with
     or without FMA / AVX-512 then lands on either side of it, which moves every code of a
     head (a different computation, not a wrong one). reference_stats() recomputes them and
     test_run_stats_match_the_reference checks run's against it. seen: a list that receives,
-    per layer, (the recomputed directions, the recomputed betas, |k| (KV, T))."""
+    per layer, (the recomputed directions, the recomputed betas, |k| (KV, T), the int8 steps
+    or None)."""
     def code(fn, x, where):
         if where[2] < sink:
             return _f16(x)
@@ -728,12 +748,17 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, group, sink=0, n_first=FIRST_BATC
         mine = reference_stats(q, k, group, n_first, kproj if ktrans else 0, kblock)
         U = stats[li][0] if stats is not None else mine
         betas = np.zeros((KV, T, U.shape[2] if U is not None else 0))
+        steps = reference_steps(k, U, n_first, kblock) if U is not None and kblock else None
         for t in range(T):
             for g in range(KV):
                 kt = k[t, g].copy()
                 if U is not None:
                     Ut = U[g, t // (kblock or T)]                            # (R, hd): t's block's
-                    betas[g, t] = _f16(Ut @ kt)                              # (R,)
+                    if steps is None:
+                        betas[g, t] = _f16(Ut @ kt)                          # (R,)
+                    else:
+                        st = steps[g, t // kblock]
+                        betas[g, t] = np.clip(np.round(Ut @ kt / st), -127, 127) * st
                 if U is None or t < sink:
                     k[t, g] = code(kfn, kt, ("k", li, t, g))
                 else:
@@ -742,7 +767,7 @@ def cache_transform_layer_fn(kfn, vfn, ktrans, group, sink=0, n_first=FIRST_BATC
                     k[t, g] = beta @ Ut + kd - (Ut @ kd) @ Ut
                 v[t, g] = code(vfn, v[t, g], ("v", li, t, g))
         if seen is not None:
-            seen.append((mine, betas, np.linalg.norm(k_in, axis=2).T))
+            seen.append((mine, betas, np.linalg.norm(k_in, axis=2).T, steps))
         return q, k, v
     return f
 
@@ -795,9 +820,9 @@ def test_run_stats_match_the_reference(workdir, name, kspec, batch, kproj, kbloc
     """The statistics run measures and stores (--stats: key directions, every key's
     projections beta) against the reference's float64 computation of them from its own q, k
     (reference_stats): betas within one fp16 step of the reference's value, the most that
-    float32 rounding can move a number that is stored in fp16, plus the float32 noise of the
-    key it is taken from (1e-6 |k|: near zero, fp16 steps are finer than that), directions
-    within two. With --kblock, per block of positions: measured on the block's own tokens of
+    float32 rounding can move a number that is stored in fp16 (with --kblock: one int8 step),
+    plus the float32 noise of the key it is taken from (1e-6 |k|: near zero, fp16 steps are
+    finer than that), directions within two. With --kblock, per block of positions: measured on the block's own tokens of
     the batch that starts it, or the previous block's (batch 24, kblock 16: block 16
     takes block 0's; batch 40, kblock 32: block 32 takes block 0's). The
     reference is advanced with run's statistics, so both see the same activations at every
@@ -816,9 +841,10 @@ def test_run_stats_match_the_reference(workdir, name, kspec, batch, kproj, kbloc
     _match_with(lambda: (seen.clear(), ref_llama.forward(m, token_ids(), layer_fn=layer_fn))[1],
                 list(fns.values()), got, 1e-4)
     assert len(seen) == m.n_layers
-    for li, (U, betas, knorm) in enumerate(seen):
+    for li, (U, betas, knorm, steps) in enumerate(seen):
         r_U, r_beta = stats[li]
-        off = np.abs(r_beta - betas) / (_f16_ulp(betas) + 1e-6 * knorm[:, :, None])
+        unit = _f16_ulp(betas) if steps is None else np.repeat(steps, kblock, axis=1)[:, :N_TOK]   # fp16 or int8 steps
+        off = np.abs(r_beta - betas) / (unit + 1e-6 * knorm[:, :, None])
         assert off.max() <= 1.0 + 1e-6, f"layer {li}: beta differs by {off.max():.3g} fp16 steps"
         assert np.abs(r_beta).max() > 1e-3, "projections not measured"
         # directions: fp16-rounded, then renormalized (and u_2 made orthogonal to u_1) in float

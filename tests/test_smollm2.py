@@ -54,23 +54,27 @@ def test_fp32_and_q8_agree_on_first_20_tokens(smollm2):
     assert a == b, f"fp32: {a!r}\nq8:   {b!r}"
 
 
-@pytest.mark.parametrize("R", [1, 2])
-def test_memory_line(smollm2, R):
+@pytest.mark.parametrize("R,kblock", [(1, 0), (2, 0), (2, 256), (1, 16)])
+def test_memory_line(smollm2, R, kblock):
     """The codes take 30 layers x 3 KV heads x (26 B key + 26 B value) per token for tq3 (3-bit codes
     of 64 numbers = 24 B, plus a 2 B fp16 norm); fp16 would take 64 x 2 B per vector. The fixed cost
     is 1 sink + up to 8 recent positions kept in fp16 (64 x 2 B per key and value) plus the R
-    directions of the key projection per head (64 fp16 each); each key also keeps its projections on those directions (R fp16, 2 B each)."""
-    out, err = generate(smollm2, "tq3", 10, extra=("--kproj", str(R)))
+    directions of the key projection per head (64 fp16 each); each key also keeps its projections
+    on those directions (R fp16, 2 B each). With --kblock N: R directions and R fp16 int8 steps
+    per head and block of N positions in use, and the projections as int8 codes (1 B each)."""
+    out, err = generate(smollm2, "tq3", 10, extra=("--kproj", str(R), "--kblock", str(kblock)))
     m = re.search(r"kv: tq3/tq3 ([\d.]+) bits/elem, ([\d.]+) MiB for (\d+) tokens \(fp16 ([\d.]+) MiB, ([\d.]+)x smaller", err)
     assert m, err
     bits, mib, n, fp16, ratio = float(m[1]), float(m[2]), int(m[3]), float(m[4]), float(m[5])
     assert bits == 3.25
+    blocks = -(-n // kblock) if kblock else 1
     codes = n * 30 * 3 * 2 * 26
     exact = (1 + min(8, n - 1)) * 30 * 3 * 2 * 64 * 2
-    proj = n * 30 * 3 * 2 * R             # beta_j = u_j.k of every key, fp16
-    stats = R * 30 * 3 * 64 * 2          # projection directions
+    proj = n * 30 * 3 * R * (1 if kblock else 2)       # beta_j = u_j.k of every key, int8 or fp16
+    stats = blocks * R * 30 * 3 * (64 + (1 if kblock else 0)) * 2   # directions (and steps), fp16
     assert abs(mib - (codes + proj + exact + stats) / 2**20) < 0.01, (mib, codes, proj, exact, stats)
-    f = re.search(rf"of which ([\d.]+) MiB codes, ([\d.]+) MiB key projections \({R} fp16 per key\), ([\d.]+) MiB fixed cost", err)
+    kind = "int8" if kblock else "fp16"
+    f = re.search(rf"of which ([\d.]+) MiB codes, ([\d.]+) MiB key projections \({R} {kind} per key\), ([\d.]+) MiB fixed cost", err)
     assert f and abs(float(f[1]) - codes / 2**20) < 0.001, err
     assert abs(float(f[2]) - proj / 2**20) < 0.001 and abs(float(f[3]) - (exact + stats) / 2**20) < 0.001, err
     assert abs(fp16 - n * 30 * 3 * 2 * 64 * 2 / 2**20) < 0.01

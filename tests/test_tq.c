@@ -683,13 +683,17 @@ static void head_case(tq_fmt f, int d, int R, int sink, int window, int kblock) 
     size_t sf = tq_state_floats(&vc);
     uint8_t *key = calloc(HC, kc.bytes), *value = calloc(HC, vc.bytes);
     float *kdir = calloc((size_t)blocks * R * d + 1, 4), *krot = calloc((size_t)blocks * R * d + 1, 4), *kr = malloc(sizeof(float) * n * d), *vr = malloc(sizeof(float) * n * d);
+    int8_t *kbeta8 = calloc((size_t)HC * R + 1, 1);    /* int8 betas with blocks (run.c's choice) */
+    float *kscale = calloc((size_t)blocks * R + 1, 4);
     uint16_t *kbeta = calloc((size_t)HC * R + 1, 2), *ek = calloc((size_t)slots * d + 1, 2), *ev = calloc((size_t)slots * d + 1, 2);
     float *q = malloc(sizeof(float) * nq * d), *rq = malloc(sizeof(float) * nq * d);
     float *st = malloc(sizeof(float) * 3 * nq * sf), *scratch = malloc(sizeof(float) * tq_attend_scratch(&kc, nq));
     float kperp[MAXD], out[MAXD];
     float *dk = malloc(sizeof(float) * n * d), *dv = malloc(sizeof(float) * n * d);   /* what the codes decode to */
-    tq_head h = {&kc, &vc, HC, key, value, R, kblock, R ? kdir : NULL, R ? krot : NULL, R ? kbeta : NULL, sink, window,
-                 slots, ek, ev};
+    int i8 = R && kblock < HC;
+    tq_head h = {&kc, &vc, HC, key, value, R, kblock, R ? kdir : NULL, R ? krot : NULL, R && !i8 ? kbeta : NULL,
+                 i8 ? kbeta8 : NULL, i8 ? kscale : NULL, sink, window, slots, ek, ev};
+    for (int j = 0; j < blocks * R; j++) kscale[j] = j % R ? 0.02f : 0.1f;   /* steps: |beta_1| ~ 6 + noise, beta_2 ~ noise */
     for (int j = 0; j < blocks * R; j++) {              /* orthonormal directions per block, by Gram-Schmidt */
         float *u = kdir + j * d;
         randn(u, d);
@@ -726,7 +730,8 @@ static void head_case(tq_fmt f, int d, int R, int sink, int window, int kblock) 
             if (t < sink || t >= T - window) s = dotd(q + r * d, kr + t * d, d);
             else {
                 for (int i = 0; i < d; i++) s += qp[i] * dk[t * d + i];
-                for (int j = 0; j < R; j++) s += a[j] * tq_f16_to_f32(kbeta[t * R + j]);
+                for (int j = 0; j < R; j++)
+                    s += a[j] * (i8 ? kbeta8[t * R + j] * kscale[t / kblock * R + j] : tq_f16_to_f32(kbeta[t * R + j]));
             }
             sc[t] = s / sqrt(d);
             m = fmax(m, sc[t]);
@@ -767,7 +772,7 @@ static void head_case(tq_fmt f, int d, int R, int sink, int window, int kblock) 
               tq_simd_name((tq_simd)p), tq_fmt_name(f), d, R, kblock, split_err);
     }
     free(want);
-    free(key); free(value); free(kdir); free(krot); free(kr); free(vr); free(kbeta); free(ek); free(ev);
+    free(key); free(value); free(kdir); free(krot); free(kr); free(vr); free(kbeta); free(kbeta8); free(kscale); free(ek); free(ev);
     free(q); free(rq); free(st); free(scratch); free(dk); free(dv);
     tq_free(&kc); tq_free(&vc);
 }
