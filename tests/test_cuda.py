@@ -124,9 +124,15 @@ def long_ids_file(model, tmp_path_factory):
     return token_file(model, tmp_path_factory.mktemp("cuda") / "long_ids.txt", 700)
 
 
+# run_cuda keeps one set of key directions per sequence (--kblock 0, its default); the CPU build
+# is compared at that setting (its own default is --kblock 256)
+ONE_SET = ("--kblock", 0)
+
+
 def logits(binary, model, ids_file, out, fmt, *extra):
     n = len(ids_file.read_text().split())
-    run_cmd([model, "-m", "logits", "-k", fmt, "-c", max(512, n), "-f", ids_file, "-o", out, *extra], binary=binary)
+    run_cmd([model, "-m", "logits", "-k", fmt, "-c", max(512, n), "-f", ids_file, "-o", out, *ONE_SET, *extra],
+            binary=binary)
     return np.fromfile(out, dtype=np.float32).reshape(n, -1).astype(np.float64)
 
 
@@ -153,7 +159,8 @@ def run_other_rounding(tmp_path_factory):
 
 def logits_env(binary, model, ids_file, out, fmt, env, *extra):
     n = len(ids_file.read_text().split())
-    args = [str(binary), str(model), "-m", "logits", "-k", fmt, "-c", str(max(512, n)), "-f", str(ids_file), "-o", str(out)]
+    args = [str(binary), str(model), "-m", "logits", "-k", fmt, "-c", str(max(512, n)), "-f", str(ids_file), "-o", str(out),
+            *map(str, ONE_SET)]
     subprocess.run(args + [str(a) for a in extra], check=True, capture_output=True, env={**os.environ, **env})
     return np.fromfile(out, dtype=np.float32).reshape(n, -1).astype(np.float64)
 
@@ -256,7 +263,7 @@ def test_gpu_is_deterministic(model, run_cuda, short_ids_file, tmp_path, fmt, ba
 
 
 def eval_line(binary, model, text, fmt):
-    p = run_cmd([model, "-m", "eval", "-f", text, "-k", fmt, "-c", 256, "--chunks", 4], binary=binary)
+    p = run_cmd([model, "-m", "eval", "-f", text, "-k", fmt, "-c", 256, "--chunks", 4, *ONE_SET], binary=binary)
     line = p.stdout.decode().strip().splitlines()[-1]
     return {k: float(v) if k != "fmt" else v for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
 
@@ -281,7 +288,7 @@ def test_generate_and_memory_line(model, run_cuda):
     """Greedy generation with the default cache: the memory line (bytes of the same layout) is
     the CPU's, and the text is the CPU's for the first 8 tokens (and names Berlin, on the real
     model)."""
-    args = [model, "-t", 0, "-n", 8, "-i", "The capital of France is Paris. The capital of Germany is"]
+    args = [model, "-t", 0, "-n", 8, *ONE_SET, "-i", "The capital of France is Paris. The capital of Germany is"]
     cpu, gpu = run_cmd(args), run_cmd(args, binary=run_cuda)
     mem = lambda p: [l for l in p.stderr.decode().splitlines() if l.startswith("kv:")]
     assert mem(cpu) == mem(gpu) and len(mem(cpu)) == 2
@@ -292,9 +299,13 @@ def test_generate_and_memory_line(model, run_cuda):
 
 @needs_gpu
 def test_help_and_errors_are_runs(model, run_cuda):
-    """One CLI: the same -h (but the name) and the same error messages."""
+    """One CLI: the same -h (but the name and --kblock's default) and the same error messages;
+    run_cuda refuses key directions per block."""
     a, b = run_cmd(["-h"]).stdout.decode(), run_cmd(["-h"], binary=run_cuda).stdout.decode()
-    assert a.replace("run ", "RUN ") == b.replace("run_cuda ", "RUN ")
+    assert "--kblock 256 " in a and "--kblock 0 " in b
+    assert a.replace("run ", "RUN ").replace("--kblock 256 ", "--kblock 0 ") == b.replace("run_cuda ", "RUN ")
+    p = run_cmd([model, "--kblock", "16", "-i", "x"], binary=run_cuda, check=False)
+    assert p.returncode == 1 and b"--kblock: the GPU build" in p.stderr, p.stderr
     for bad in (["-k", "tq9"], ["-c", "100000"], ["--kproj", "3"]):
         pa = run_cmd([model, *bad, "-i", "x"], check=False)
         pb = run_cmd([model, *bad, "-i", "x"], binary=run_cuda, check=False)

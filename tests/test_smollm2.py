@@ -166,10 +166,11 @@ def test_eval_matches_its_definition(smollm2, tmp_path, kspec):
     assert abs(float(got["dppl_pct"]) - 100 * (np.exp((nll - nll_ref) / n) - 1)) < 0.01
     assert abs(float(got["kld"]) - kld / n) < 1e-5 + 1e-3 * kld / n and kld > 0
     assert abs(float(got["top1"]) - top1 / n) < 1e-4
-    # kv_bits: every byte held for a full chunk (codes, 2 fp16 projections per key, 1 + 8 fp16 rows,
-    # 2 fp16 directions per head), per cached number; SmolLM2: 30 layers x 3 KV heads x head_dim 64
+    # kv_bits: every byte held for a full chunk (codes, 2 int8 projections per key, 1 + 8 fp16 rows,
+    # 2 fp16 directions and 2 fp16 int8 steps per head and block: one block of --kblock 256 here),
+    # per cached number; SmolLM2: 30 layers x 3 KV heads x head_dim 64
     code = {"tq3": 26, "tq2": 18, "q4": 36}
-    per_head = ctx * (code[kf] + code[vf or kf] + 2 * 2) + 9 * 64 * 2 * 2 + 2 * 64 * 2
+    per_head = ctx * (code[kf] + code[vf or kf] + 2 * 1) + 9 * 64 * 2 * 2 + 2 * 64 * 2 + 2 * 2
     assert abs(float(got["kv_bits"]) - 8 * per_head / (ctx * 64 * 2)) < 1e-3, line
     m = re.search(r"95 % interval from the spread over the 3 chunks: ([+-][\d.]+) \.\. ([+-][\d.]+) %", err)
     se = np.std(d, ddof=1) / np.sqrt(chunks)
