@@ -452,14 +452,15 @@ static void measure_stats(KVCache *kv, const Config *c, int l, const float *q, c
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, B = kv->kblock;
     size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
     for (int p = (pos + B - 1) / B * B; p < pos + n && kv->kproj; p += B) {
-        int m = pos + n - p < B ? pos + n - p : B;
-        for (int g = 0; g < c->n_kv_heads; g++) {
+        int m = pos + n - p < B ? pos + n - p : B, g, oom = 0;
+#pragma omp parallel for schedule(dynamic) reduction(| : oom)
+        for (g = 0; g < c->n_kv_heads; g++) {
             tq_head h = cache_head(kv, c, l, g);
             if (p > 0 && m < KBLOCK_MIN) tq_key_dirs_inherit(&h, p);
-            else if (tq_key_dirs(&h, p, group, q + (size_t)(p - pos) * qd + (size_t)g * group * hd, qd,
-                                 k + (size_t)(p - pos) * kvd + (size_t)g * hd, kvd, m))
-                die("out of memory: key directions");
+            else oom |= tq_key_dirs(&h, p, group, q + (size_t)(p - pos) * qd + (size_t)g * group * hd, qd,
+                                    k + (size_t)(p - pos) * kvd + (size_t)g * hd, kvd, m) != 0;
         }
+        if (oom) die("out of memory: key directions");
     }
 }
 

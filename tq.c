@@ -1786,10 +1786,12 @@ int tq_key_dirs(const tq_head *h, int pos, int group, const float *q, size_t ldq
             p += r[i] * u1[i];
         }
         for (int i = 0; i < hd; i++) { r[i] -= p * u1[i]; len += r[i] * r[i]; }
-        for (int i = 0; i < hd; i++)
-            for (int j = 0; j < hd; j++) m[(size_t)i * hd + j] += r[i] * r[j];
+        for (int i = 0; i < hd; i++)                    /* the upper triangle; mirrored below */
+            for (int j = i; j < hd; j++) m[(size_t)i * hd + j] += r[i] * r[j];
         if (len > longest) { longest = len; memcpy(v, r, hd * sizeof(double)); }
     }
+    for (int i = 0; i < hd; i++)
+        for (int j = 0; j < i; j++) m[(size_t)i * hd + j] = m[(size_t)j * hd + i];
     for (int it = 0; it < 200; it++) {          /* v <- m v / |m v| */
         double len = 0;
         for (int i = 0; i < hd; i++) {
