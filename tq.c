@@ -1792,14 +1792,19 @@ int tq_key_dirs(const tq_head *h, int pos, int group, const float *q, size_t ldq
     }
     for (int i = 0; i < hd; i++)
         for (int j = 0; j < i; j++) m[(size_t)i * hd + j] = m[(size_t)j * hd + i];
-    for (int it = 0; it < 200; it++) {          /* v <- m v / |m v| */
-        double len = 0;
+    for (int it = 0; it < 200; it++) {          /* v <- m v / |m v|, until it stops moving */
+        double len = 0, moved = 0;
         for (int i = 0; i < hd; i++) {
             mv[i] = 0;
             for (int j = 0; j < hd; j++) mv[i] += m[(size_t)i * hd + j] * v[j];
             len += mv[i] * mv[i];
         }
-        for (int i = 0; i < hd; i++) v[i] = len > 0 ? mv[i] / sqrt(len) : 0.0;
+        for (int i = 0; i < hd; i++) {
+            double x = len > 0 ? mv[i] / sqrt(len) : 0.0;
+            moved = fmax(moved, fabs(x - v[i]));
+            v[i] = x;
+        }
+        if (moved < 1e-12) break;               /* far below the fp16 step it is rounded to */
     }
     for (int i = 0; i < hd; i++) u2[i] = (float)v[i];
     store_direction(u2, u1, hd);
