@@ -265,7 +265,8 @@ __global__ void swiglu_kernel(float *h, const float *hb, int n, int hid) {
  * GEMV: one token's out (n_out) = W (n_out, n_in) . xn, W fp16, fp32 sums.
  * A warp per output row; each lane streams 16 bytes (8 weights) at a time, so a
  * row is read once at full width, GEMV_DEPTH loads ahead of the arithmetic (the
- * first ones issued before the norm is computed). NORM: xn = run.c's rmsnorm of x with weights
+ * first ones issued before the kernel waits for its predecessor, whose output x is:
+ * the weights do not depend on it). NORM: xn = run.c's rmsnorm of x with weights
  * norm_w, computed by every block (x is a few KiB, read from L2). Epilogues:
  * store; add into out (the residual stream); SwiGLU, out[i] = silu(W_i xn) *
  * (W_{n_out+i} xn) with the up rows right after the gate rows.
@@ -286,17 +287,17 @@ __device__ __forceinline__ float dot8_half(uint4 u, const float x[8]) {
 template <int EPI, bool NORM>
 __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const __half *W, const float *x,
         const float *norm_w, int n_in, int n_out, float eps) {
-    pdl_wait_then_release();
     __shared__ double red[32];
     const int lane = threadIdx.x & 31, row = min((int)(blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)), n_out - 1);
     const __half *w0 = W + (size_t)row * n_in, *w1 = w0 + (size_t)n_out * n_in;
-    uint4 a[GEMV_DEPTH], b[GEMV_DEPTH];       /* the first weights, in flight while the norm is computed */
+    uint4 a[GEMV_DEPTH], b[GEMV_DEPTH];       /* the first weights, in flight while x is computed and normed */
 #pragma unroll
     for (int u = 0; u < GEMV_DEPTH; u++) {
         int j = lane * 8 + u * 256;
         if (j < n_in) a[u] = __ldcs((const uint4 *)(w0 + j));
         if (EPI == EPI_SWIGLU && j < n_in) b[u] = __ldcs((const uint4 *)(w1 + j));
     }
+    pdl_wait_then_release();
     float r = 1.0f;
     if (NORM) {
         double ss = 0;
