@@ -1096,11 +1096,9 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
  * each lane decodes its share of the codes straight into the products' fragments. Keys: each
  * pair of codes indexes a table of the codebook's pairs in shared memory (one 8-byte load
  * gives both coordinates' fp16 parts). Values, whose fragments pair one coordinate of two
- * keys: with the keys' codebook (tq3:tq3, tq2:tq2) the two keys' codes of the coordinate
- * index the same pair table; else 8 codes (b bytes) are spread to 8 nibbles with shifts, and
- * each nibble selects the low and the high byte of its fp16 centroid with a byte permute
- * (prmt) from the codebook held in registers (up to 8 centroids, so b <= 3). Either way the
- * fragments hold the same fp16 numbers.
+ * keys: 8 codes (b bytes) are spread to 8 nibbles with shifts, and each nibble selects the
+ * low and the high byte of its fp16 centroid with a byte permute (prmt) from the codebook
+ * held in registers (up to 8 centroids, so b <= 3).
  * A lane's coordinates are a contiguous run of the row (the products sum over any order
  * of coordinates, as long as the query's fragment uses the same one): so each code is read
  * and decoded once, for all 8 query rows of the block. The online softmax (exp2 of scores
@@ -1231,14 +1229,6 @@ template <int B> __device__ __forceinline__ uint32_t pair_index(const uint32_t *
     return x & ((1u << (2 * B)) - 1);
 }
 
-/* the 2b-bit index (code of row a | code of row b << b) of coordinate i of two rows' words wa, wb */
-template <int B> __device__ __forceinline__ uint32_t pair_across(const uint32_t *wa, const uint32_t *wb, int i) {
-    const int o = i * B, wi = o >> 5, sh = o & 31;
-    const uint32_t xa = sh + B > 32 ? __funnelshift_r(wa[wi], wa[wi + 1], sh) : wa[wi] >> sh;
-    const uint32_t xb = sh + B > 32 ? __funnelshift_r(wb[wi], wb[wi + 1], sh) : wb[wi] >> sh;
-    return (xa & ((1u << B) - 1)) | (xb & ((1u << B) - 1)) << B;
-}
-
 template <int D, int KB, int VB> struct MmaShape {
     /* the key codebook's pairs: entry e = (code c0 | code c1 << KB) holds the fp16 pairs
      * (c[c0], c[c1]) high and low parts, once per lane (lane l's copy at 8 (32 e + l) bytes:
@@ -1276,11 +1266,9 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
      * them; a tile's rows past the range, masked out below, may be being written meanwhile: any
      * bytes decode to finite numbers, which the zero weights cancel). The value codebook's high
      * and low parts: */
-    uint32_t tv[4] = {0, 0, 0, 0}, tvl[4] = {0, 0, 0, 0};
-    if constexpr (KB != VB) {
-        codebook_bytes(kv.vc.centroids, 1 << VB, 0, tv);
-        codebook_bytes(kv.vc.centroids, 1 << VB, 1, tvl);
-    }
+    uint32_t tv[4], tvl[4];
+    codebook_bytes(kv.vc.centroids, 1 << VB, 0, tv);
+    codebook_bytes(kv.vc.centroids, 1 << VB, 1, tvl);
     uint2 *ptab = (uint2 *)smem;
     for (int i = threadIdx.x; i < S::PAIRS * 32; i += blockDim.x) {
         const int e = i >> 5, code0 = e & ((1 << KB) - 1), code1 = e >> KB;
@@ -1425,17 +1413,6 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         load_words<NWV>(vst + (2 * tq + 1) * S::VROW + gq * S::LV, vb);
         load_words<NWV>(vst + (2 * tq + 8) * S::VROW + gq * S::LV, vc);
         load_words<NWV>(vst + (2 * tq + 9) * S::VROW + gq * S::LV, vd);
-        if constexpr (KB == VB) {   /* one codebook (mma_kernel checks): the keys' pair table decodes two keys' coordinate */
-#pragma unroll
-            for (int ci = 0; ci < D / 8; ci += 2) {       /* m-tile ci/2: coordinates ci (row gq), ci + 1 (row gq + 8) */
-                const uint2 e0 = ptab[(pair_across<VB>(va, vb, ci) << 5) + lane], e1 = ptab[(pair_across<VB>(va, vb, ci + 1) << 5) + lane];
-                const uint2 e2 = ptab[(pair_across<VB>(vc, vd, ci) << 5) + lane], e3 = ptab[(pair_across<VB>(vc, vd, ci + 1) << 5) + lane];
-                float *ak = acc[ci / 2];
-                mma16816(ak, e0.x, e1.x, e2.x, e3.x, pb0, pb1);
-                mma16816(ak, e0.x, e1.x, e2.x, e3.x, pc0, pc1);
-                mma16816(ak, e0.y, e1.y, e2.y, e3.y, pb0, pb1);
-            }
-        } else
 #pragma unroll
         for (int grp = 0; grp < D / 64; grp++) {          /* 8 coordinates: four m-tiles */
             const uint32_t na = spread_nibbles<VB>(code_group<VB>(va, grp)), nb = spread_nibbles<VB>(code_group<VB>(vb, grp));
@@ -1495,9 +1472,6 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
 static AttKernel mma_kernel(const KVCache *kv, int hd, size_t *shared) {
     int kb = kv->kc.fmt == TQ_TQ2 ? 2 : kv->kc.fmt == TQ_TQ3 ? 3 : 0;
     int vb = kv->vc.fmt == TQ_TQ2 ? 2 : kv->vc.fmt == TQ_TQ3 ? 3 : 0;
-    /* kb == vb: the values decode through the keys' pair table, so the codebooks must be one
-     * (they are: both are the Lloyd-Max codebook of that head_dim and bit count) */
-    if (kb && kb == vb && memcmp(kv->kc.centroids, kv->vc.centroids, sizeof(float) << kb)) return NULL;
 #define MMA_CASE(KB, VB, D) \
     if (kb == KB && vb == VB && hd == D) { *shared = MmaShape<D, KB, VB>::SHARED; return attention_mma_kernel<KB, VB, D>; }
     MMA_CASE(2, 2, 64) MMA_CASE(2, 3, 64) MMA_CASE(3, 2, 64) MMA_CASE(3, 3, 64)
