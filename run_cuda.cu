@@ -69,7 +69,6 @@
 #define MAX_PARTS 64      /* attention blocks per (row, KV head): partial results to merge  */
 #define MERGE_THREADS 128
 #define MAX_ALLOCS 64
-#define SMEM_CARVEOUT 58  /* percent of a multiprocessor's 228 KiB as shared memory, every kernel (gpu_build) */
 #define NO_SCORE -1e30f   /* running max before any key: finite, so exp(m - m) = 1, not NaN */
 
 /* The weights on the GPU, fp16 (norms fp32). Row-major like run.c's. */
@@ -1646,24 +1645,6 @@ static void gpu_check(const Config *c, const KVCache *kv) {
 
 static void gpu_warm_up(Transformer *t, int all_logits);
 
-/* One split of a multiprocessor's memory into shared memory and L1 for every kernel of a
- * decode step: a multiprocessor changes its split only when idle, so blocks of kernels of
- * different splits cannot share one, and a kernel's blocks, started early (PDL), could not
- * move in beside its predecessor's. SMEM_CARVEOUT: what the attention kernels need at their
- * occupancy (4 blocks of 28 KiB for tq3 at head_dim 64, 3 of 37 at 128), leaving L1 the rest. */
-static void set_carveout(const Gpu *g) {
-    const cudaFuncAttribute at = cudaFuncAttributePreferredSharedMemoryCarveout;
-    const int p = SMEM_CARVEOUT;
-    CUDA(cudaFuncSetAttribute(embed_kernel, at, p));
-    CUDA(cudaFuncSetAttribute(gemv_kernel<EPI_STORE, true>, at, p));
-    CUDA(cudaFuncSetAttribute(gemv_kernel<EPI_ADD, false>, at, p));
-    CUDA(cudaFuncSetAttribute(gemv_kernel<EPI_SWIGLU, true>, at, p));
-    CUDA(cudaFuncSetAttribute(rope_encode_kernel, at, p));
-    CUDA(cudaFuncSetAttribute(attention_kernel, at, p));
-    CUDA(cudaFuncSetAttribute(g->att_kernel, at, p));
-    CUDA(cudaFuncSetAttribute(merge_kernel, at, p));
-}
-
 /* Copies the model into GPU memory (fp16) and allocates the cache and
  * activations there (called by build_transformer once the host side is built). */
 static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
@@ -1790,7 +1771,6 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     /* the attribute is the kernel's, for every model of the process: the device's limit */
     CUDA(cudaFuncSetAttribute(rope_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
     CUDA(cudaFuncSetAttribute(g->att_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
-    set_carveout(g);
     /* decode: as many attention blocks per KV head as fill the GPU once (a second, partial
      * wave would leave most multiprocessors idle), at most MAX_PARTS */
     int per_sm = 1, sms = 1;
