@@ -17,12 +17,16 @@
  *   - One token's whole forward pass (7 kernels a layer) is captured once as
  *     a CUDA graph and replayed: the position and the token are read from
  *     device memory, so the graph never changes. Kernels are programmatic
- *     dependent launches: the next one's launch overlaps this one's end.
+ *     dependent launches: the next one's blocks start while this one runs, and
+ *     do what does not depend on it (weights, codec tables, older cache rows)
+ *     before they wait for it (pdl_wait_then_release).
  *   - RoPE, the cache encode and the query preparation of a (token, KV head)
  *     are one thread block (rope_encode_kernel) whose warps encode the key,
  *     the value and prepare the query heads side by side; the TurboQuant
  *     encode runs in parallel over the coordinates (the rotation's butterflies
- *     in the order tq.c uses, so the codes are the CPU's).
+ *     in the order tq.c uses, so the codes are the CPU's). A decoded token's
+ *     key and value, exact positions of the window, are encoded later, by
+ *     merge_kernel's extra blocks beside the attention: off the path the step waits on.
  *   - Attention is split over the sequence (flash-decoding): a block scores
  *     and accumulates one chunk of coded keys for up to ATT_ROWS query rows of
  *     a KV head (all its query heads at decode: each code is read and decoded
