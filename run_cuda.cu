@@ -17,12 +17,16 @@
  *   - One token's whole forward pass (7 kernels a layer) is captured once as
  *     a CUDA graph and replayed: the position and the token are read from
  *     device memory, so the graph never changes. Kernels are programmatic
- *     dependent launches: the next one's launch overlaps this one's end.
+ *     dependent launches: the next one's blocks start while this one runs, and
+ *     do what does not depend on it (weights, codec tables, older cache rows)
+ *     before they wait for it (pdl_wait_then_release).
  *   - RoPE, the cache encode and the query preparation of a (token, KV head)
  *     are one thread block (rope_encode_kernel) whose warps encode the key,
  *     the value and prepare the query heads side by side; the TurboQuant
  *     encode runs in parallel over the coordinates (the rotation's butterflies
- *     in the order tq.c uses, so the codes are the CPU's).
+ *     in the order tq.c uses, so the codes are the CPU's). A decoded token's
+ *     key and value, exact positions of the window, are encoded later, by
+ *     merge_kernel's extra blocks beside the attention: off the path the step waits on.
  *   - Attention is split over the sequence (flash-decoding): a block scores
  *     and accumulates one chunk of coded keys for up to ATT_ROWS query rows of
  *     a KV head (all its query heads at decode: each code is read and decoded
@@ -99,6 +103,8 @@ typedef struct {
     float *qu;           /* (n * n_heads, KPROJ_MAX) queries' parts along the key directions */
     float *part;         /* (n * n_heads, MAX_PARTS, 2 + dv) per block: running max, sum, accumulator */
     float *escore;       /* (n * n_heads, emax) scores of the exact positions, then their weights */
+    float *knew;         /* (n_kv_heads, 2, head_dim) a decoded token's key (after RoPE) and value, which
+                            merge_kernel stores in the cache (rope_encode_kernel's deferred STORE) */
 } AttArgs;
 
 typedef void (*AttKernel)(const KVCache, const Config, const AttArgs);   /* an attention kernel */
@@ -124,6 +130,7 @@ struct Gpu {
     AttKernel att_kernel; /* attention_mma_kernel for tq2/tq3 keys and values, else attention_kernel */
     int att_rows, att_threads; /* query rows and threads of one of its blocks             */
     int pdl;              /* 1: programmatic dependent launches (TQ_CUDA_NO_PDL unset) */
+    int defer;            /* 1: a decoded token's key and value stored by merge_kernel (TQ_CUDA_NO_DEFER unset) */
     int host_stats;       /* 1: statistics measured on the host by run.c (TQ_CUDA_HOST_STATS set) */
     double *stats_m;      /* (n_kv_heads, head_dim^2 + batch (head_dim + 1)) scratch of stats_kernel */
     cudaStream_t stream;
@@ -262,7 +269,8 @@ __global__ void swiglu_kernel(float *h, const float *hb, int n, int hid) {
  * GEMV: one token's out (n_out) = W (n_out, n_in) . xn, W fp16, fp32 sums.
  * A warp per output row; each lane streams 16 bytes (8 weights) at a time, so a
  * row is read once at full width, GEMV_DEPTH loads ahead of the arithmetic (the
- * first ones issued before the norm is computed). NORM: xn = run.c's rmsnorm of x with weights
+ * first ones issued before the kernel waits for its predecessor, whose output x is:
+ * the weights do not depend on it). NORM: xn = run.c's rmsnorm of x with weights
  * norm_w, computed by every block (x is a few KiB, read from L2). Epilogues:
  * store; add into out (the residual stream); SwiGLU, out[i] = silu(W_i xn) *
  * (W_{n_out+i} xn) with the up rows right after the gate rows.
@@ -283,17 +291,17 @@ __device__ __forceinline__ float dot8_half(uint4 u, const float x[8]) {
 template <int EPI, bool NORM>
 __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const __half *W, const float *x,
         const float *norm_w, int n_in, int n_out, float eps) {
-    pdl_wait_then_release();
     __shared__ double red[32];
     const int lane = threadIdx.x & 31, row = min((int)(blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)), n_out - 1);
     const __half *w0 = W + (size_t)row * n_in, *w1 = w0 + (size_t)n_out * n_in;
-    uint4 a[GEMV_DEPTH], b[GEMV_DEPTH];       /* the first weights, in flight while the norm is computed */
+    uint4 a[GEMV_DEPTH], b[GEMV_DEPTH];       /* the first weights, in flight while x is computed and normed */
 #pragma unroll
     for (int u = 0; u < GEMV_DEPTH; u++) {
         int j = lane * 8 + u * 256;
         if (j < n_in) a[u] = __ldcs((const uint4 *)(w0 + j));
         if (EPI == EPI_SWIGLU && j < n_in) b[u] = __ldcs((const uint4 *)(w1 + j));
     }
+    pdl_wait_then_release();
     float r = 1.0f;
     if (NORM) {
         double ss = 0;
@@ -551,27 +559,37 @@ __device__ void encode_team(const tq_codec *c, const float *x, uint8_t *code, En
 /* ---------------------------------------------------------------------------
  * RoPE, cache encode and query preparation of token b's KV head g: block
  * (b * n_kv_heads + g) of 2 + ENC_QWARPS warps. mode: ROPE rotates q and k;
- * ENCODE stores the key and value (run.c's encode_kv: projections beta, codes)
- * and prepares the group's queries (run.c's prepare_query: qu, and
- * qext = Pi q_perp, plus S Pi q_perp for
- * tq*p); EXACT also puts the token in the exact store right away (one token: the
- * ring row it takes is no longer read by this step's attention). The block first
- * copies the codecs' small tables, the head's statistics and the token's q, k, v
- * to shared memory (one round trip to memory); then three independent chains run
- * side by side: warp 0 encodes the key, warp 1 the value, the other warps
- * prepare a query head each. RoPE's cos and sin come from a table the host
- * computed exactly as run.c's rope_group() does.
+ * STORE stores the key and value (run.c's encode_kv: projections beta, codes);
+ * QUERY prepares the group's queries (run.c's prepare_query: qu, and
+ * qext = Pi q_perp, plus S Pi q_perp for tq*p); EXACT also puts the token in the
+ * exact store right away (one token: the ring row it takes is no longer read by
+ * this step's attention). A decoded token with a window of exact positions is
+ * QUERY | EXACT without STORE: its codes are read only once it has left the
+ * window, so the key and value go to AttArgs.knew and merge_kernel stores them,
+ * in blocks of their own that run beside the attention (the query's chain alone
+ * is then what the attention waits for). The block copies the codecs' small tables
+ * and RoPE's cos and sin of its position to shared memory before it waits for its
+ * predecessor (they do not depend on it: pdl_wait_then_release), then the head's
+ * statistics and the token's q, k, v (one round trip to memory); then the chains
+ * run side by side: warp 0 the key, warp 1 the value, the other warps prepare a
+ * query head each. RoPE's table is the host's, computed exactly as run.c's
+ * rope_group() does.
  */
-enum { MODE_ROPE = 1, MODE_ENCODE = 2, MODE_EXACT = 4 };
+enum { MODE_ROPE = 1, MODE_STORE = 2, MODE_QUERY = 4, MODE_EXACT = 8, MODE_ENCODE = MODE_STORE | MODE_QUERY };
 #define ENC_QWARPS 4   /* warps preparing queries (a group's heads are shared among them) */
 
-/* floats of shared memory: the two codecs' tables, the head's statistics, q, k, v,
- * two encoders' scratch, a query warp's scratch each (+ 33 doubles for reductions) */
+/* floats of a warp's scratch in store_kv_warp: the vector, encode_team's y, cy, tmp, idx, scale */
+__host__ __device__ static int enc_warp_floats(int hd) { return 4 * hd + hd / 4 + 2; }
+
+/* floats of the codecs' tables in shared memory (codec_to_shared, both codecs) */
+static size_t enc_table_floats(const KVCache *kv, int hd) { return (size_t)(kv->kc.rounds + kv->vc.rounds) * hd + 64; }
+
+/* floats of shared memory: the two codecs' tables, the head's statistics, q, k, v, RoPE's
+ * cos and sin, two encoders' scratch, a query warp's scratch each (+ 33 doubles for reductions) */
 static size_t enc_shared_bytes(const Config *c, const KVCache *kv) {
     size_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
-    size_t tables = (size_t)(kv->kc.rounds + kv->vc.rounds) * hd + 64;
-    size_t enc = 2 * (5 * hd + hd / 4 + 2);
-    return (tables + KPROJ_MAX * hd + (G + 2) * hd + enc + ENC_QWARPS * hd) * sizeof(float) + 33 * sizeof(double);
+    return (enc_table_floats(kv, (int)hd) + KPROJ_MAX * hd + (G + 2) * hd + hd + 2 * enc_warp_floats((int)hd)
+            + ENC_QWARPS * hd) * sizeof(float) + 33 * sizeof(double);
 }
 
 /* part[r] = u_r . x for r < R (0 beyond) by the calling warp: each lane's float sum over its
@@ -604,9 +622,37 @@ __device__ tq_codec codec_to_shared(const tq_codec *c, float **sm) {
     return s;
 }
 
+/* Warp `which` (0: the key, 1: the value) stores x (head_dim, shared memory), position p of
+ * (layer l, KV head g), in the cache with codec cod: for the key its projections
+ * beta_r = u_r . x in fp16 (u: the head's R directions, shared memory) and the codes of
+ * x - sum_r beta_r u_r (run.c's encode_kv), for the value its codes. scratch: enc_warp_floats. */
+__device__ __forceinline__ void store_kv_warp(const KVCache &kv, const Config &c, int l, int g, int p, int which, const float *x,
+                              const float *u, const tq_codec *cod, float *scratch) {
+    const int lane = threadIdx.x & 31, hd = c.head_dim, R = kv.kproj;
+    const size_t head = (size_t)l * c.n_kv_heads + g;
+    float *xp = scratch;
+    EncScratch es = {xp + hd, xp + 2 * hd, xp + 3 * hd, (uint8_t *)(xp + 4 * hd), NULL, xp + 4 * hd + hd / 4};
+    for (int i = lane; i < hd; i += 32) xp[i] = x[i];
+    __syncwarp();
+    if (which == 0 && R) {      /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
+        double part[KPROJ_MAX];
+        projections(u, x, hd, R, part);
+        float bf[KPROJ_MAX];
+#pragma unroll
+        for (int r = 0; r < KPROJ_MAX; r++) {
+            uint16_t beta = tq_f32_to_f16((float)part[r]);
+            if (lane == 0 && r < R) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
+            bf[r] = tq_f16_to_f32(beta);
+        }
+        for (int i = lane; i < hd; i += 32)
+            for (int r = 0; r < R; r++) xp[i] -= bf[r] * u[r * hd + i];
+    }
+    __syncwarp();
+    encode_team<TEAM_WARP>(cod, xp, cache_row(&kv, which ? kv.value : kv.key, cod->bytes, &c, l, g, p), es);
+}
+
 __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, int mode) {
-    pdl_wait_then_release();
     extern __shared__ double shd[];
     float *sm = (float *)(shd + 33);
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, R = kv.kproj, tid = threadIdx.x, nt = blockDim.x;
@@ -615,9 +661,13 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
     const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, head = (size_t)l * c.n_kv_heads + g;
     float *row = a.qkv + (size_t)b * (qd + 2 * kvd), *q = row + (size_t)g * G * hd, *k = row + qd + g * hd, *v = k + kvd;
 
+    /* before the wait: what does not depend on the predecessor (constants, the position) */
     tq_codec kc = codec_to_shared(&kv.kc, &sm), vc = codec_to_shared(&kv.vc, &sm);
-    float *u = sm, *sq = u + KPROJ_MAX * hd, *sk = sq + G * hd, *sv = sk + hd;
-    float *scratch = sv + hd;
+    float *u = sm, *sq = u + KPROJ_MAX * hd, *sk = sq + G * hd, *sv = sk + hd, *cs = sv + hd;
+    float *scratch = cs + hd;
+    if (mode & MODE_ROPE)
+        for (int i = tid; i < hd; i += nt) cs[i] = a.rope[(size_t)p * hd + i];
+    pdl_wait_then_release();
     for (int i = tid; i < hd; i += nt) {
         for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
         sk[i] = k[i]; sv[i] = v[i];
@@ -625,7 +675,6 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
     for (int i = tid; i < G * hd; i += nt) sq[i] = q[i];
     __syncthreads();
     if (mode & MODE_ROPE) {      /* run.c's rope_group(): pair (2i, 2i+1) turned by pos * theta^(-2i/head_dim) */
-        const float *cs = a.rope + (size_t)p * hd;
         for (int t = tid; t < (G + 1) * (hd / 2); t += nt) {
             int j = t >> (lhd - 1), i = 2 * (t & (hd / 2 - 1));
             float *vec = j < G ? sq + j * hd : sk, co = cs[i], si = cs[i + 1], x0 = vec[i], x1 = vec[i + 1];
@@ -641,27 +690,14 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
     if (!(mode & MODE_ENCODE)) return;
 
     if (warp < 2) {              /* warp 0: the key; warp 1: the value */
-        float *x = scratch + warp * (5 * hd + hd / 4 + 2), *xp = x + hd;
-        EncScratch es = {xp + hd, xp + 2 * hd, xp + 3 * hd, (uint8_t *)(xp + 4 * hd), NULL, xp + 4 * hd + hd / 4};
-        float *src = warp == 0 ? sk : sv, *out = warp == 0 ? k : v;
-        for (int i = lane; i < hd; i += 32) { x[i] = src[i]; xp[i] = x[i]; }
-        __syncwarp();
-        if (warp == 0 && R) {      /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
-            double part[KPROJ_MAX];
-            projections(u, x, hd, R, part);
-            float bf[KPROJ_MAX];
-#pragma unroll
-            for (int r = 0; r < KPROJ_MAX; r++) {
-                uint16_t beta = tq_f32_to_f16((float)part[r]);
-                if (lane == 0 && r < R) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
-                bf[r] = tq_f16_to_f32(beta);
-            }
-            for (int i = lane; i < hd; i += 32)
-                for (int r = 0; r < R; r++) xp[i] -= bf[r] * u[r * hd + i];
-        }
-        __syncwarp();
-        if (warp == 0) encode_team<TEAM_WARP>(&kc, xp, cache_row(&kv, kv.key, kv.kc.bytes, &c, l, g, p), es);
-        else encode_team<TEAM_WARP>(&vc, xp, cache_row(&kv, kv.value, kv.vc.bytes, &c, l, g, p), es);
+        const float *x = warp == 0 ? sk : sv;
+        float *out = warp == 0 ? k : v;
+        if (mode & MODE_STORE) {  /* (a branch per codec: one known at compile time keeps it in registers) */
+            float *ws = scratch + warp * enc_warp_floats(hd);
+            if (warp == 0) store_kv_warp(kv, c, l, g, p, 0, x, u, &kc, ws);
+            else store_kv_warp(kv, c, l, g, p, 1, x, u, &vc, ws);
+        } else                     /* for merge_kernel's store */
+            for (int i = lane; i < hd; i += 32) a.knew[((size_t)g * 2 + warp) * hd + i] = x[i];
         uint16_t *ex = warp == 0 ? kv.exact_k : kv.exact_v;
         size_t er = (mode & MODE_EXACT) && (p < kv.sink || kv.window > 0) ? exact_row(&kv, &c, l, g, p) : SIZE_MAX;
         for (int i = lane; i < hd; i += 32) {   /* the vector as the exact store keeps it (store_exact's rule) */
@@ -671,8 +707,9 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
         }
         return;
     }
+    if (!(mode & MODE_QUERY)) return;
     /* the other warps, a query head each: qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated */
-    float *tmp = scratch + 2 * (5 * hd + hd / 4 + 2) + (size_t)(warp - 2) * hd;
+    float *tmp = scratch + 2 * enc_warp_floats(hd) + (size_t)(warp - 2) * hd;
     for (int j = warp - 2; j < G; j += nt / 32 - 2) {
         float *qj = sq + j * hd, *qg = q + j * hd, quj[KPROJ_MAX];
         for (int i = lane; i < hd; i += 32) qg[i] = qj[i];   /* q after RoPE, for the exact positions */
@@ -1217,16 +1254,64 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
     typedef MmaShape<D, KB, VB> S;
     constexpr int KSTEPS = D / 16, MTILES = D / 16, NWK = (S::LK + 3) / 4, NWV = (S::LV + 3) / 4;
-    pdl_wait_then_release();
     extern __shared__ __align__(16) uint8_t smem[];
     const int G = c.n_heads / c.n_kv_heads, g = blockIdx.z, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gq = lane >> 2, tq = lane & 3;    /* the products' fragments: row group, thread in group */
     const int pos = a.step[0], rows = a.n * G, rho0 = blockIdx.y * MMA_ROWS, lo = kv.sink, R = kv.kproj;
     const int last = min(rho0 + MMA_ROWS, rows) - 1, hi_max = pos + last / G + 1 - kv.window;
-    if (hi_max <= lo) return;
     const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(hi_max - lo, gridDim.x), CHUNK_GRAIN) * CHUNK_GRAIN;
     const int c0 = lo + blockIdx.x * chunk, c1 = min(c0 + chunk, hi_max);
-    if (c0 >= c1) return;
+    const bool work = hi_max > lo && c0 < c1;
+
+    /* Before the wait for the predecessor (pdl_wait_then_release), what does not depend on it:
+     * the codebooks' tables, and for a decoded token with a window of exact positions its first
+     * tiles, whose keys were all stored by earlier steps (its own is in the window, not among
+     * them; a tile's rows past the range, masked out below, may be being written meanwhile: any
+     * bytes decode to finite numbers, which the zero weights cancel). The value codebook's high
+     * and low parts: */
+    uint32_t tv[4], tvl[4];
+    codebook_bytes(kv.vc.centroids, 1 << VB, 0, tv);
+    codebook_bytes(kv.vc.centroids, 1 << VB, 1, tvl);
+    uint2 *ptab = (uint2 *)smem;
+    for (int i = threadIdx.x; i < S::PAIRS * 32; i += blockDim.x) {
+        const int e = i >> 5, code0 = e & ((1 << KB) - 1), code1 = e >> KB;
+        uint32_t hi, lo;
+        split_half2(kv.kc.centroids[code0], kv.kc.centroids[code1], &hi, &lo);
+        ptab[i] = make_uint2(hi, lo);
+    }
+    /* the head's rows; a tile starts at a multiple of 16 keys, so at 16 k row bytes: its first
+     * byte lies as far past a 16-byte boundary (mk, mv, mb) as the head's first row does */
+    const size_t head = (size_t)a.layer * c.n_kv_heads + g;
+    const uint8_t *kbase = kv.key + head * kv.ctx * S::KROW, *vbase = kv.value + head * kv.ctx * S::VROW;
+    const uint8_t *bbase = (const uint8_t *)(kv.kbeta + head * kv.ctx * R);
+    const int mk = (int)((uintptr_t)kbase & 15), mv = (int)((uintptr_t)vbase & 15), mb = (int)((uintptr_t)bbase & 15);
+    const int nk = (mk + MMA_KEYS * S::KROW + 15) / 16, nv = (mv + MMA_KEYS * S::VROW + 15) / 16;
+    const int nb = R ? (mb + MMA_KEYS * R * 2 + 15) / 16 : 0;
+    const int tfirst = (c0 & ~(MMA_KEYS - 1)) + MMA_KEYS * warp, tstep = MMA_KEYS * MMA_WARPS;
+    const int ntiles = work && tfirst < c1 ? ceil_div(c1 - tfirst, tstep) : 0;
+    uint8_t *buf = smem + S::PTAB + warp * S::WARP_BUF;
+    /* tile i's keys, values and betas in 16-byte pieces */
+    auto load_tile = [&](int i) {
+        if (i < ntiles) {
+            const size_t t = (size_t)(tfirst + i * tstep);
+            uint8_t *st = buf + (i % MMA_STAGES) * S::TILE;
+            const uint8_t *ks = kbase - mk + t * S::KROW, *vs = vbase - mv + t * S::VROW, *bs = bbase - mb + t * R * 2;
+            for (int p = lane; p < nk + nv + nb; p += 32) {
+                if (p < nk) cp_async16(st + 16 * p, ks + 16 * p);
+                else if (p < nk + nv) cp_async16(st + S::KREG + 16 * (p - nk), vs + 16 * (p - nk));
+                else cp_async16(st + S::KREG + S::VREG + 16 * (p - nk - nv), bs + 16 * (p - nk - nv));
+            }
+        }
+        cp_async_commit();
+    };
+    const bool early = a.n == 1 && kv.window > 0;
+    if (early)
+        for (int i = 0; i < MMA_STAGES - 1; i++) load_tile(i);
+    __syncthreads();
+    pdl_wait_then_release();
+    if (!work) return;
+    if (!early)
+        for (int i = 0; i < MMA_STAGES - 1; i++) load_tile(i);
     const int hi_min = min(c1, pos + rho0 / G + 1 - kv.window);   /* keys below it count for every row */
 
     /* this lane's score rows 2tq, 2tq+1: their key ranges and parts along the key directions */
@@ -1255,44 +1340,6 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
             split_half2(v.z, v.w, &qf[j][1], &ql[j][1]);
         }
     }
-    uint32_t tv[4], tvl[4];   /* the value codebook's high and low parts */
-    codebook_bytes(kv.vc.centroids, 1 << VB, 0, tv);
-    codebook_bytes(kv.vc.centroids, 1 << VB, 1, tvl);
-    uint2 *ptab = (uint2 *)smem;
-    for (int i = threadIdx.x; i < S::PAIRS * 32; i += blockDim.x) {
-        const int e = i >> 5, code0 = e & ((1 << KB) - 1), code1 = e >> KB;
-        uint32_t hi, lo;
-        split_half2(kv.kc.centroids[code0], kv.kc.centroids[code1], &hi, &lo);
-        ptab[i] = make_uint2(hi, lo);
-    }
-    __syncthreads();
-
-    /* the head's rows; a tile starts at a multiple of 16 keys, so at 16 k row bytes: its first
-     * byte lies as far past a 16-byte boundary (mk, mv, mb) as the head's first row does */
-    const size_t head = (size_t)a.layer * c.n_kv_heads + g;
-    const uint8_t *kbase = kv.key + head * kv.ctx * S::KROW, *vbase = kv.value + head * kv.ctx * S::VROW;
-    const uint8_t *bbase = (const uint8_t *)(kv.kbeta + head * kv.ctx * R);
-    const int mk = (int)((uintptr_t)kbase & 15), mv = (int)((uintptr_t)vbase & 15), mb = (int)((uintptr_t)bbase & 15);
-    const int nk = (mk + MMA_KEYS * S::KROW + 15) / 16, nv = (mv + MMA_KEYS * S::VROW + 15) / 16;
-    const int nb = R ? (mb + MMA_KEYS * R * 2 + 15) / 16 : 0;
-    const int tfirst = (c0 & ~(MMA_KEYS - 1)) + MMA_KEYS * warp, tstep = MMA_KEYS * MMA_WARPS;
-    const int ntiles = tfirst < c1 ? ceil_div(c1 - tfirst, tstep) : 0;
-    uint8_t *buf = smem + S::PTAB + warp * S::WARP_BUF;
-    /* tile i's keys, values and betas in 16-byte pieces */
-    auto load_tile = [&](int i) {
-        if (i < ntiles) {
-            const size_t t = (size_t)(tfirst + i * tstep);
-            uint8_t *st = buf + (i % MMA_STAGES) * S::TILE;
-            const uint8_t *ks = kbase - mk + t * S::KROW, *vs = vbase - mv + t * S::VROW, *bs = bbase - mb + t * R * 2;
-            for (int p = lane; p < nk + nv + nb; p += 32) {
-                if (p < nk) cp_async16(st + 16 * p, ks + 16 * p);
-                else if (p < nk + nv) cp_async16(st + S::KREG + 16 * (p - nk), vs + 16 * (p - nk));
-                else cp_async16(st + S::KREG + S::VREG + 16 * (p - nk - nv), bs + 16 * (p - nk - nv));
-            }
-        }
-        cp_async_commit();
-    };
-    for (int i = 0; i < MMA_STAGES - 1; i++) load_tile(i);
 
     const float sl = LOG2E / sqrtf((float)D);     /* scores in log2 units: exp2 below */
     float m2[2] = {NO_SCORE, NO_SCORE}, l2[2] = {0.0f, 0.0f}, acc[MTILES][4];
@@ -1437,16 +1484,51 @@ static AttKernel mma_kernel(const KVCache *kv, int hd, size_t *shared) {
 }
 
 #define MERGE_EXACT 64   /* exact positions whose scores the merge keeps in shared memory */
-static size_t merge_shared_bytes(int dv) { return (2 * (size_t)dv + MAX_PARTS + MERGE_EXACT + 32) * sizeof(float); }
+
+/* bytes of merge_kernel's shared memory: a row's (the value codec's tables, y, yt, the parts'
+ * weights, reductions, exact scores) or a deferred store's (the codecs' tables, the directions,
+ * the key and the value, two encoders' scratch) */
+static size_t merge_shared_bytes(const Config *c, const KVCache *kv, int dv) {
+    size_t hd = c->head_dim, tables = enc_table_floats(kv, (int)hd);
+    size_t row = tables + 2 * (size_t)dv + MAX_PARTS + MERGE_EXACT + 32;
+    size_t store = tables + (KPROJ_MAX + 2) * hd + 2 * (size_t)enc_warp_floats((int)hd);
+    return (row > store ? row : store) * sizeof(float);
+}
+
+/* merge_kernel's blocks past its rows: KV head g's key and value of a decoded token
+ * (AttArgs.knew) into the cache, while the attention runs. Nothing of this step reads those
+ * rows (the token is an exact position of the window), and knew was written two kernels back
+ * (every kernel waits for its predecessor before it lets its successor start), so the block
+ * never waits. */
+__device__ __forceinline__ void store_deferred(const KVCache &kv, const Config &c, const AttArgs &a, int g, float *sm) {
+    const int hd = c.head_dim, R = kv.kproj, tid = threadIdx.x, warp = tid >> 5;
+    const size_t head = (size_t)a.layer * c.n_kv_heads + g;
+    tq_codec kc = codec_to_shared(&kv.kc, &sm), vc = codec_to_shared(&kv.vc, &sm);
+    float *u = sm, *x = u + KPROJ_MAX * hd, *scratch = x + 2 * hd;
+    for (int i = tid; i < hd; i += blockDim.x) {
+        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
+        x[i] = a.knew[(size_t)g * 2 * hd + i];
+        x[hd + i] = a.knew[(size_t)g * 2 * hd + hd + i];
+    }
+    __syncthreads();
+    if (warp == 0) store_kv_warp(kv, c, a.layer, g, a.step[0], 0, x, u, &kc, scratch);
+    if (warp == 1) store_kv_warp(kv, c, a.layer, g, a.step[0], 1, x + hd, u, &vc, scratch + enc_warp_floats(hd));
+}
 
 /* Row (token b, head h): the partials of its chunks, the exact positions (the
  * first `sink` and the last `window`, from the batch or the fp16 store), the
  * value codec's finish (S^T for tq*p, then Pi^T): run.c's
- * attention() output for that head, into out (n, q_dim). */
+ * attention() output for that head, into out (n, q_dim). Blocks past the rows: store_deferred.
+ * What does not depend on the attention's partials (the codec's tables, the exact positions'
+ * scores: q, k and the exact store were written two kernels back or earlier) is done before the
+ * block waits for the attention to finish. */
 __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, const __grid_constant__ AttArgs a, float *out) {
-    pdl_wait_then_release();
     extern __shared__ float sh[];
+    if (blockIdx.x >= a.n * c.n_heads) {
+        store_deferred(kv, c, a, blockIdx.x - a.n * c.n_heads, sh);
+        return;
+    }
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, row = blockIdx.x, b = row / c.n_heads, h = row % c.n_heads;
     const int g = h / G, l = a.layer, tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5;
     const int pos = a.step[0], T = pos + b + 1, lo = kv.sink, hi = T - kv.window, len = hi > lo ? hi - lo : 0;
@@ -1454,11 +1536,12 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
     const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(len, a.units), CHUNK_GRAIN) * CHUNK_GRAIN;
     const int nparts = len > 0 ? ceil_div(len, chunk) : 0;
     const int n1 = min(kv.sink, T), e2 = max(hi, kv.sink), ne = n1 + max(0, T - e2);   /* exact: [0, n1), [e2, T) */
-    float *y = sh, *yt = y + dv, *wu = yt + dv, *red = wu + MAX_PARTS, *es = red + 32;
+    float *sm = sh;
+    const tq_codec vcs = codec_to_shared(&kv.vc, &sm), *vc = &vcs;
+    float *y = sm, *yt = y + dv, *wu = yt + dv, *red = wu + MAX_PARTS, *es = red + 32;
     if (a.emax > MERGE_EXACT) es = a.escore + (size_t)row * a.emax;    /* many exact positions: global memory */
     const float *part = a.part + (size_t)row * MAX_PARTS * (2 + dv), *q = a.qkv + b * QKV + (size_t)h * hd;
     const float scale = 1.0f / sqrtf((float)hd);
-    for (size_t i = (size_t)tid * 32; i < (size_t)nparts * (2 + dv); i += (size_t)nt * 32) prefetch_l1(part + i);
     for (int e = tid; e < ne; e += nt) {            /* the exact values, needed last */
         int t = e < n1 ? e : e2 + e - n1;
         prefetch_l1(t >= pos ? (const void *)(a.qkv + (size_t)(t - pos) * QKV + qd + kvd + (size_t)g * hd)
@@ -1483,6 +1566,8 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
         for (int o = 1; o < 8; o <<= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
         if (e < ne && part8 == 0) es[e] = scale * s;
     }
+    pdl_wait_then_release();
+    for (size_t i = (size_t)tid * 32; i < (size_t)nparts * (2 + dv); i += (size_t)nt * 32) prefetch_l1(part + i);
     __syncthreads();
     float mx = NO_SCORE;
     for (int u = tid; u < nparts; u += nt) mx = fmaxf(mx, part[(size_t)u * (2 + dv)]);
@@ -1501,7 +1586,6 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
         y[i] = s / z;
     }
     __syncthreads();
-    const tq_codec *vc = &kv.vc;
     for (int i = tid; i < hd; i += nt) {            /* tq_finish: yt = acc + S^T acc_qjl, then Pi^T */
         float s = y[i];
         if (is_prod(vc->fmt))
@@ -1663,11 +1747,13 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     a->qu = (float *)gpu_alloc(g, NULL, B * c->n_heads * KPROJ_MAX * f);
     a->part = (float *)gpu_alloc(g, NULL, B * c->n_heads * MAX_PARTS * (2 + dv) * f);
     a->escore = (float *)gpu_alloc(g, NULL, B * c->n_heads * a->emax * f);
+    a->knew = (float *)gpu_alloc(g, NULL, 2 * kvd * f);
     g->stats_m = (double *)gpu_alloc(g, NULL, (size_t)c->n_kv_heads * (hd * hd + B * (hd + 1)) * sizeof(double));
     CUDA(cudaMallocHost((void **)&g->host_step, (1 + B) * sizeof(int)));
     CUDA(cudaMallocHost((void **)&g->host_logits, logit_rows * V * f));
 
     g->pdl = getenv("TQ_CUDA_NO_PDL") == NULL;   /* a knob for measuring what PDL gains */
+    g->defer = getenv("TQ_CUDA_NO_DEFER") == NULL;   /* and one for the deferred store */
     g->host_stats = getenv("TQ_CUDA_HOST_STATS") != NULL;   /* run.c's own statistics, to check stats_kernel */
     CUDA(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
     BLAS(cublasCreate(&g->blas));
@@ -1683,8 +1769,8 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     g->att_rows = mk ? MMA_ROWS : ATT_ROWS;
     g->att_threads = 32 * (mk ? MMA_WARPS : ATT_WARPS);
     g->att_shared = mk ? mma_shared : att_shared_bytes(dv);
-    g->merge_shared = merge_shared_bytes(dv);
-    if (g->enc_shared > (size_t)shared_max || g->att_shared > (size_t)shared_max)
+    g->merge_shared = merge_shared_bytes(c, kv, dv);
+    if (g->enc_shared > (size_t)shared_max || g->att_shared > (size_t)shared_max || g->merge_shared > (size_t)shared_max)
         die("the GPU's %d bytes of shared memory per block are too few for head_dim %d", shared_max, c->head_dim);
     /* the attribute is the kernel's, for every model of the process: the device's limit */
     CUDA(cudaFuncSetAttribute(rope_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
@@ -1767,6 +1853,10 @@ static void gpu_stats(Transformer *t, int l, int n) {
     CUDA(cudaStreamSynchronize(g->stream));   /* the host arrays may change before the copies ran otherwise */
 }
 
+/* whether a batch of n tokens stores its keys and values in merge_kernel (store_deferred) rather
+ * than in rope_encode_kernel: one decoded token that is an exact position of the window */
+static bool defer_store(const Gpu *g, int n) { return g->defer && n == 1 && g->kv.window > 0; }
+
 /* Layer l's attention for the batch of n tokens at pos (RoPE'd, encoded, prepared
  * already): partials per chunk of coded keys, then the merge into g->xb. */
 static void attention_layer(Gpu *g, const Config *c, int l, int n, int pos) {
@@ -1783,7 +1873,8 @@ static void attention_layer(Gpu *g, const Config *c, int l, int n, int pos) {
     }
     dim3 grid(chunks, tiles, c->n_kv_heads);
     launch(g, g->att_kernel, dim3(grid), dim3(g->att_threads), g->att_shared, g->kv, *c, a);
-    launch(g, merge_kernel, dim3(n * c->n_heads), dim3(MERGE_THREADS), g->merge_shared, g->kv, *c, a, g->xb);
+    int stores = defer_store(g, n) ? c->n_kv_heads : 0;   /* the token's key and value: store_deferred */
+    launch(g, merge_kernel, dim3(n * c->n_heads + stores), dim3(MERGE_THREADS), g->merge_shared, g->kv, *c, a, g->xb);
 }
 
 /* Every kernel of run.c's forward() for n tokens at pos (read from g->step). */
@@ -1817,7 +1908,7 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
             if (g->host_stats) gpu_stats(t, l, n);
             else launch(g, stats_kernel, dim3(c->n_kv_heads), dim3(STATS_THREADS), 3 * hd * sizeof(double), g->kv, *c, l, a, g->stats_m);
         }
-        int mode = (stats ? 0 : MODE_ROPE) | MODE_ENCODE | (n == 1 ? MODE_EXACT : 0);
+        int mode = (stats ? 0 : MODE_ROPE) | MODE_QUERY | (defer_store(g, n) ? 0 : MODE_STORE) | (n == 1 ? MODE_EXACT : 0);
         launch(g, rope_encode_kernel, dim3(nkv), dim3(32 * (2 + ENC_QWARPS)), g->enc_shared, g->kv, *c, l, a, mode);
         attention_layer(g, c, l, n, pos);
         if (n > 1) launch(g, store_exact_kernel, dim3(nkv), dim3(64), 0, g->kv, *c, l, a);

@@ -11,7 +11,10 @@
  * stay at their defaults (zero key directions, whose projections beta are still stored and read). Then, in interleaved rounds (every format once per round, medians reported):
  *   decode:    one token at position ctx - 1 through forward() (graph replay, logits copied
  *              back), wall time per token;
- *   attention: layer 0's attention alone (partials over chunks of the coded keys + merge),
+ *   attention: the last layer's attention alone (partials over chunks of the coded keys + merge,
+ *              whose extra blocks store the decoded token's key and value beside it: the last
+ *              forward()'s queries and key and value are that layer's, so the cache stays as
+ *              forward() left it),
  *              CUDA events around each launch pair; where the build uses the tensor-core
  *              kernel (tq2/tq3), attention_kernel (CUDA cores) is timed too, on the same cache,
  *              and the two outputs are compared once (relative L2 difference);
@@ -97,13 +100,13 @@ static void use_att(Gpu *g, AttChoice a) {
     g->att_kernel = a.kernel; g->att_rows = a.rows; g->att_threads = a.threads; g->att.units = a.units; g->att_shared = a.shared;
 }
 
-/* layer 0's attention output at position pos (n_heads * head_dim floats) with kernel choice k */
+/* the last layer's attention output at position pos (n_heads * head_dim floats) with kernel choice k */
 static std::vector<float> att_output(Transformer *t, AttChoice k, int pos) {
     Gpu *g = t->gpu;
     const Config *c = &t->config;
     AttChoice keep = att_choice(g);
     use_att(g, k);
-    attention_layer(g, c, 0, 1, pos);
+    attention_layer(g, c, c->n_layers - 1, 1, pos);
     std::vector<float> out((size_t)c->n_heads * c->head_dim);
     CUDA(cudaMemcpyAsync(out.data(), g->xb, out.size() * sizeof(float), cudaMemcpyDeviceToHost, g->stream));
     CUDA(cudaStreamSynchronize(g->stream));
@@ -202,7 +205,7 @@ int main(int argc, char **argv) {
                     use_att(g, k ? other : mine);
                     for (int s = 0; s < reps; s++) {         /* the step's position is on the GPU already */
                         CUDA(cudaEventRecord(e0, g->stream));
-                        attention_layer(g, c, 0, 1, pos);
+                        attention_layer(g, c, c->n_layers - 1, 1, pos);
                         CUDA(cudaEventRecord(e1, g->stream));
                         CUDA(cudaEventSynchronize(e1));
                         float ms;
@@ -224,7 +227,7 @@ int main(int argc, char **argv) {
            "device copy %.0f GB/s (read + write); median of %d rounds (%d decode steps, %d attention runs each)\n\n",
            date, prop.name, argv[1], c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size,
            copy_bw / 1e9, rounds, steps, reps);
-    /* the tensor-core kernel against attention_kernel on the same cache and queries (layer 0, last position) */
+    /* the tensor-core kernel against attention_kernel on the same cache and queries (last layer, last position) */
     for (int f = 0; f < nf; f++) {
         Gpu *g = tr[f].gpu;
         if (g->att_kernel == attention_kernel) continue;
