@@ -1908,7 +1908,8 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
         }
         for (int r = 0; r < nq; r++) {
             float *x = scores + (size_t)r * ATT_CHUNK, *q = st + r * sf, rescale;
-            int end = tq_coded_end(pos0 + r / group + 1, h->sink, h->window) - t0;
+            int end = tq_coded_end(pos0 + r / group + 1, h->sink, h->window);   /* the query's, and the call's */
+            end = (end < last ? end : last) - t0;
             for (int t = end > 0 ? end : 0; t < nk; t++) x[t] = -INFINITY;
             float sum = tq_softmax_chunk(simd, x, nk, scale, &q[0], &rescale);
             for (size_t i = 1; i < sf; i++) q[i] *= rescale;

@@ -756,9 +756,9 @@ static void head_case(tq_fmt f, int d, int R, int sink, int window, int kblock) 
             tq_attend_finish(&h, q + r * d, &batch, T, st + r * sf, 1, 0, out);
             for (int i = 0; i < d; i++) err = fmax(err, fabs(out[i] - want[r * d + i]) / mag[r]);
             if (r / HG < HB - 1) continue;
-            /* the last token's queries again, their coded positions in three parts */
+            /* the last token's queries again, their coded positions in three parts (the first not a whole number of 16-row tiles) */
             float *part = st + nq * sf, ref[MAXD];
-            int end = tq_coded_end(T, sink, window), cut[4] = {sink, sink + 96, sink + 192, end};
+            int end = tq_coded_end(T, sink, window), cut[4] = {sink, sink + 100, sink + 192, end};
             memcpy(ref, out, sizeof ref);
             for (int k = 0; k < 3; k++)
                 tq_attend_codes(&h, (tq_simd)p, HG, HG, T - 1, rq + (r - r % HG) * d, cut[k], cut[k + 1], part + k * HG * sf,
