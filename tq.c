@@ -1817,7 +1817,8 @@ int tq_key_dirs(const tq_head *h, int pos, int group, const float *q, size_t ldq
 void tq_store(const tq_head *h, int pos, float *k, float *v, float *kperp) {
     int hd = h->kc->d, R = h->R;
     if (R) {
-        const float *u = h->kdir + (size_t)(pos / h->kblock) * R * hd, *step = h->kscale + (size_t)(pos / h->kblock) * R;
+        const float *u = h->kdir + (size_t)(pos / h->kblock) * R * hd;
+        const float *step = h->kbeta8 ? h->kscale + (size_t)(pos / h->kblock) * R : NULL;
         memcpy(kperp, k, hd * sizeof(float));
         for (int r = 0; r < R; r++) {
             float beta = tq_dot_f32(u + (size_t)r * hd, k, hd);
