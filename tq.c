@@ -567,18 +567,22 @@ TQ_HD void tq_prepare_query(const tq_codec *c, const float *q, float *qp) {
     tq_prepare_rotated(c, qp, qp);
 }
 
-/* qp from y = Pi q (y may be qp: only qp's first d floats alias it) */
-TQ_HD void tq_prepare_rotated(const tq_codec *c, const float *y, float *qp) {
+/* qp from y = Pi q (y may be qp: only qp's first d floats alias it); with lut 0 the table is
+ * left out (the SIMD kernels read only Pi q, and S Pi q after the table's place) */
+TQ_HD static void prepare_rotated(const tq_codec *c, const float *y, float *qp, int lut_too) {
     int d = c->d, K = 1 << c->bits;
     if (y != qp) memcpy(qp, y, (size_t)d * sizeof(float));
     if (!is_tq(c->fmt)) return;
     float *lut = qp + d;
-    for (int i = 0; i < d; i++)
-        for (int k = 0; k < K; k++) lut[(size_t)i * K + k] = qp[i] * c->centroids[k];
+    if (lut_too)
+        for (int i = 0; i < d; i++)
+            for (int k = 0; k < K; k++) lut[(size_t)i * K + k] = qp[i] * c->centroids[k];
     if (!is_prod(c->fmt)) return;
     float *sq = lut + (size_t)d * K;
     for (int k = 0; k < d; k++) sq[k] = dot8(c->qjl + (size_t)k * d, qp, d);   /* S (Pi q) */
 }
+
+TQ_HD void tq_prepare_rotated(const tq_codec *c, const float *y, float *qp) { prepare_rotated(c, y, qp, 1); }
 
 /* Table lookups: GCC's vectorizer turns 8 independent lookups into gather
  * instructions, which are 2x slower than plain loads on the x86 CPUs we measured
@@ -1852,7 +1856,8 @@ size_t tq_attend_scratch(const tq_codec *kc, int nq) {
 /* The nq rotated queries rq (nq, d) readied for the directions of the block at pos (tq.h, "Key
  * projection"): along (nq, TQ_KPROJ_MAX) = <Pi q, Pi u_j> = q.u_j, and prepared (nq,
  * tq_query_floats) from Pi q_perp = Pi q - sum_j along_j Pi u_j. y: d floats of scratch. */
-static void prepare_block(const tq_head *h, int nq, const float *rq, int pos, float *prepared, float *along, float *y) {
+static void prepare_block(const tq_head *h, int nq, const float *rq, int pos, int lut, float *prepared, float *along,
+                          float *y) {
     int d = h->kc->d, R = h->R;
     const float *ur = R ? h->kdir_rot + (size_t)(pos / h->kblock) * R * d : NULL;
     size_t qf = tq_query_floats(h->kc);
@@ -1864,7 +1869,7 @@ static void prepare_block(const tq_head *h, int nq, const float *rq, int pos, fl
             along[r * TQ_KPROJ_MAX + j] = a;
             for (int i = 0; i < d; i++) y[i] -= a * ur[(size_t)j * d + i];
         }
-        tq_prepare_rotated(h->kc, y, prepared + r * qf);
+        prepare_rotated(h->kc, y, prepared + r * qf, lut);
     }
 }
 
@@ -1873,11 +1878,14 @@ static void prepare_block(const tq_head *h, int nq, const float *rq, int pos, fl
  * value codes weighted into each query's accumulator. */
 void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0, const float *rq,
                      int k0, int k1, float *st, float *scratch) {
-    int R = h->R, k = k0 + (k1 - k0 + 15) / 16 * 16, last = k1;   /* last: past the last unmasked row */
+    int R = h->R, first = k0, last = k1;            /* [first, last): the rows not masked */
+    k0 = k0 / 16 * 16;                              /* whole tiles of 16 rows, the rows outside masked */
+    int k = k0 + (k1 - k0 + 15) / 16 * 16;
     size_t qf = tq_query_floats(h->kc), sf = tq_state_floats(h->vc);
     float *scores = scratch, *beta = scores + (size_t)nq * ATT_CHUNK, *prepared = beta + (size_t)TQ_KPROJ_MAX * ATT_CHUNK;
     float *along = prepared + (size_t)nq * qf, *y = along + (size_t)nq * TQ_KPROJ_MAX, scale = 1.0f / sqrtf((float)h->kc->d);
     k1 = k < h->ctx ? k : h->ctx;
+    int lut = simd_lanes(h->kc, simd) == 0 || h->kc->d % simd_lanes(h->kc, simd) || (k1 - k0) % 16;   /* a row-by-row tail */
     for (int r = 0; r < nq; r++) {
         memset(st + r * sf, 0, sf * sizeof(float));
         st[r * sf] = -INFINITY;
@@ -1886,25 +1894,24 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
         int edge = (t0 / h->kblock + 1) * h->kblock;  /* the next block's first position */
         nk = k1 - t0 < ATT_CHUNK ? k1 - t0 : ATT_CHUNK;
         if (R && edge < last && t0 + nk > edge) nk = edge - t0;
-        if (t0 == k0 || (R && t0 % h->kblock == 0 && t0 < last)) prepare_block(h, nq, rq, t0, prepared, along, y);
+        if (t0 == k0 || (R && t0 % h->kblock == 0 && t0 < last)) prepare_block(h, nq, rq, t0, lut, prepared, along, y);
         tq_attn_scores(h->kc, simd, nq, prepared, qf, h->key + (size_t)t0 * h->kc->bytes, nk, scores, ATT_CHUNK);
         if (R) {                                        /* + sum_j along_j beta_tj */
-            if (h->kbeta8) {                            /* (nk, R), as stored: int8 codes times the block's steps */
-                const int8_t *kb = h->kbeta8 + (size_t)t0 * R;
-                const float *step = h->kscale + (size_t)(t0 / h->kblock) * R;
-                for (int t = 0; t < nk; t++)
-                    for (int j = 0; j < R; j++) beta[t * R + j] = kb[t * R + j] * step[j];
-            } else {
-                const uint16_t *kb = h->kbeta + (size_t)t0 * R;
-                for (int i = 0; i < nk * R; i++) beta[i] = tq_half(kb[i]);
+            /* beta (R, nk): the stored betas, int8 codes (their block's steps go into along) or fp16 */
+            const float *step = h->kbeta8 ? h->kscale + (size_t)(t0 / h->kblock) * R : NULL;
+            for (int j = 0; j < R; j++) {
+                float *bj = beta + j * ATT_CHUNK;
+                if (step) for (int t = 0; t < nk; t++) bj[t] = (float)h->kbeta8[(size_t)(t0 + t) * R + j];
+                else for (int t = 0; t < nk; t++) bj[t] = tq_half(h->kbeta[(size_t)(t0 + t) * R + j]);
             }
             for (int r = 0; r < nq; r++) {
                 const float *u = along + r * TQ_KPROJ_MAX;
-                float *x = scores + (size_t)r * ATT_CHUNK;
-                if (R == 2)                             /* R <= TQ_KPROJ_MAX = 2 */
-                    for (int t = 0; t < nk; t++) x[t] = x[t] + u[0] * beta[2 * t] + u[1] * beta[2 * t + 1];
-                else
-                    for (int t = 0; t < nk; t++) x[t] += u[0] * beta[t];
+                float *x = scores + (size_t)r * ATT_CHUNK, a0 = step ? u[0] * step[0] : u[0];
+                if (R == 2) {                           /* R <= TQ_KPROJ_MAX = 2 */
+                    float a1 = step ? u[1] * step[1] : u[1];
+                    for (int t = 0; t < nk; t++) x[t] = x[t] + a0 * beta[t] + a1 * beta[ATT_CHUNK + t];
+                } else
+                    for (int t = 0; t < nk; t++) x[t] += a0 * beta[t];
             }
         }
         for (int r = 0; r < nq; r++) {
@@ -1912,6 +1919,7 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
             int end = tq_coded_end(pos0 + r / group + 1, h->sink, h->window);   /* the query's, and the call's */
             end = (end < last ? end : last) - t0;
             for (int t = end > 0 ? end : 0; t < nk; t++) x[t] = -INFINITY;
+            for (int t = 0; t < first - t0 && t < nk; t++) x[t] = -INFINITY;
             float sum = tq_softmax_chunk(simd, x, nk, scale, &q[0], &rescale);
             for (size_t i = 1; i < sf; i++) q[i] *= rescale;
             q[1] += sum;

@@ -288,8 +288,8 @@ size_t tq_attend_scratch(const tq_codec *kc, int nq); /* scratch floats of tq_at
  * along_j = q.u_j = <Pi q, Pi u_j>, and Pi q_perp = Pi q - sum_j along_j Pi u_j (the
  * rotation is linear, so no query is rotated again per block). Sets st (nq,
  * tq_state_floats) to the states of those positions. scratch: tq_attend_scratch(kc, nq)
- * floats. k1 is widened to whole tiles of 16 rows where the cache has them (the rows past
- * k1: masked), so the codec's kernels need no row-by-row tail. */
+ * floats. k0 is lowered and k1 widened to whole tiles of 16 rows where the cache has them (the
+ * rows outside [k0, k1): masked), so the codec's kernels need no row-by-row tail. */
 void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0, const float *rq,
                      int k0, int k1, float *st, float *scratch);
 /* Query q (d, after RoPE) at position T-1: merges the `parts` states st, st + stride, ...
