@@ -1881,7 +1881,7 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
     int R = h->R, first = k0, last = k1;            /* [first, last): the rows not masked */
     k0 = k0 / 16 * 16;                              /* whole tiles of 16 rows, the rows outside masked */
     int k = k0 + (k1 - k0 + 15) / 16 * 16;
-    size_t qf = tq_query_floats(h->kc), sf = tq_state_floats(h->vc);
+    size_t qf = tq_query_floats(h->kc), sf = tq_state_floats(h->vc), acc_end = 2 + tq_acc_floats(h->vc);
     float *scores = scratch, *beta = scores + (size_t)nq * ATT_CHUNK, *prepared = beta + (size_t)TQ_KPROJ_MAX * ATT_CHUNK;
     float *along = prepared + (size_t)nq * qf, *y = along + (size_t)nq * TQ_KPROJ_MAX, scale = 1.0f / sqrtf((float)h->kc->d);
     k1 = k < h->ctx ? k : h->ctx;
@@ -1899,11 +1899,14 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
         if (R) {                                        /* + sum_j along_j beta_tj */
             /* beta (R, nk): the stored betas, int8 codes (their block's steps go into along) or fp16 */
             const float *step = h->kbeta8 ? h->kscale + (size_t)(t0 / h->kblock) * R : NULL;
-            for (int j = 0; j < R; j++) {
-                float *bj = beta + j * ATT_CHUNK;
-                if (step) for (int t = 0; t < nk; t++) bj[t] = (float)h->kbeta8[(size_t)(t0 + t) * R + j];
-                else for (int t = 0; t < nk; t++) bj[t] = tq_half(h->kbeta[(size_t)(t0 + t) * R + j]);
-            }
+            const int8_t *b8 = step ? h->kbeta8 + (size_t)t0 * R : NULL;
+            const uint16_t *b16 = step ? NULL : h->kbeta + (size_t)t0 * R;
+            if (R == 2 && step)                         /* (a constant stride: vectorized) */
+                for (int t = 0; t < nk; t++) { beta[t] = (float)b8[2 * t]; beta[ATT_CHUNK + t] = (float)b8[2 * t + 1]; }
+            else if (R == 2)
+                for (int t = 0; t < nk; t++) { beta[t] = tq_half(b16[2 * t]); beta[ATT_CHUNK + t] = tq_half(b16[2 * t + 1]); }
+            else
+                for (int t = 0; t < nk; t++) beta[t] = step ? (float)b8[t] : tq_half(b16[t]);
             for (int r = 0; r < nq; r++) {
                 const float *u = along + r * TQ_KPROJ_MAX;
                 float *x = scores + (size_t)r * ATT_CHUNK, a0 = step ? u[0] * step[0] : u[0];
@@ -1921,7 +1924,7 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
             for (int t = end > 0 ? end : 0; t < nk; t++) x[t] = -INFINITY;
             for (int t = 0; t < first - t0 && t < nk; t++) x[t] = -INFINITY;
             float sum = tq_softmax_chunk(simd, x, nk, scale, &q[0], &rescale);
-            for (size_t i = 1; i < sf; i++) q[i] *= rescale;
+            for (size_t i = 1; i < acc_end; i++) q[i] *= rescale;   /* (the exact part is 0 here) */
             q[1] += sum;
         }
         tq_attn_values(h->vc, simd, nq, scores, ATT_CHUNK, h->value + (size_t)t0 * h->vc->bytes, nk, st + 2, sf);
