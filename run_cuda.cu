@@ -162,26 +162,6 @@ __host__ __device__ static int ceil_div(int a, int b) { return (a + b - 1) / b; 
 __host__ __device__ static size_t dir_at(const KVCache &kv, size_t head, int blk, int hd) {
     return (head * kv.blocks + blk) * kv.kproj * hd;
 }
-/* whether a sequence has more than one block of directions, so that attention chunks end at block edges */
-__host__ __device__ static bool block_edges(const KVCache &kv) { return kv.kproj > 0 && kv.kblock < kv.ctx; }
-
-/* A KV head's coded positions [lo, hi) are split into attention chunks of `chunk` positions from
- * base: chunk i is [max(lo, base + i chunk), min(hi, base + (i + 1) chunk)). With blocks of
- * directions, base is the block edge at or below lo and chunk a multiple or a divisor of kblock
- * (both multiples of 16), so that no chunk straddles two blocks: a chunk's keys meet the query
- * readied once for one block's directions (tq.c's prepare_block), and the tensor-core kernel's
- * tiles of 16 keys never straddle either. */
-__host__ __device__ static int chunk_base(const KVCache &kv, int lo) { return block_edges(kv) ? lo / kv.kblock * kv.kblock : lo; }
-__host__ __device__ static int chunk_align(const KVCache &kv, int chunk) {
-    if (block_edges(kv) && chunk % kv.kblock && kv.kblock % chunk) chunk = ceil_div(chunk, kv.kblock) * kv.kblock;
-    return chunk;
-}
-/* chunks of span positions (from base) for `parts` attention blocks: at least CHUNK_GRAIN, a multiple of it */
-__host__ __device__ static int split_chunk(const KVCache &kv, int span, int parts, int least) {
-    int chunk = ceil_div(ceil_div(span > 1 ? span : 1, parts), CHUNK_GRAIN) * CHUNK_GRAIN;
-    return chunk_align(kv, chunk > least ? chunk : least);
-}
-
 /* ---------------------------------------------------------------------------
  * Small device helpers
  */
@@ -1096,10 +1076,11 @@ static size_t att_shared_bytes(int dv) {
 
 /* Block (chunk, row tile, KV head g): query rows rt*ATT_ROWS.. of the batch (row =
  * token * group + j: head g*group + j of that token), keys [c0, c1) of the coded
- * range [sink, T - window) (chunk_base: all of one block of key directions). The rows'
- * rotated queries are readied for that block first (prepare_rows). Its warps take batches
- * of KB keys in turn, each with its own online softmax (running max m, sum l, accumulator
- * acc); the block then merges its warps and writes one partial result per row. */
+ * range [sink, T - window), in pieces that end at the edges of the blocks of key directions:
+ * for each, the rows' rotated queries are readied for its block (prepare), then the warps take
+ * batches of KB keys in turn, each with its own online softmax (running max m, sum l,
+ * accumulator acc) across the pieces; the block then merges its warps and writes one partial
+ * result per row. */
 __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
     pdl_wait_then_release();
@@ -1108,8 +1089,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
     const int pos = a.step[0], rows = a.n * G, rho0 = blockIdx.y * ATT_ROWS, lo = kv.sink;
     const int last = min(rho0 + ATT_ROWS, rows) - 1, hi_max = pos + last / G + 1 - kv.window;
     if (hi_max <= lo) return;
-    const int base = chunk_base(kv, lo), chunk = a.chunk ? a.chunk : split_chunk(kv, hi_max - base, gridDim.x, 0);
-    const int c0 = max(lo, base + (int)blockIdx.x * chunk), c1 = min(base + ((int)blockIdx.x + 1) * chunk, hi_max);
+    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(hi_max - lo, gridDim.x), CHUNK_GRAIN) * CHUNK_GRAIN;
+    const int c0 = lo + blockIdx.x * chunk, c1 = min(c0 + chunk, hi_max);
     if (c0 >= c1) return;
 
     AttRows rw;
@@ -1126,31 +1107,37 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
     if (threadIdx.x < 16 && kv.vc.centroids && threadIdx.x < (1u << kv.vc.bits)) cent_v[threadIdx.x] = kv.vc.centroids[threadIdx.x];
     __syncthreads();
 
-    float q[ATT_ROWS][8], qu[ATT_ROWS][KPROJ_MAX], m[ATT_ROWS], l[ATT_ROWS], acc[ATT_ROWS][8], st[KPROJ_MAX] = {0.0f, 0.0f};
-    const size_t head = (size_t)a.layer * c.n_kv_heads + g, at = dir_at(kv, head, c0 / kv.kblock, hd);
+    float q[ATT_ROWS][8], qu[ATT_ROWS][KPROJ_MAX], m[ATT_ROWS], l[ATT_ROWS], acc[ATT_ROWS][8], bst[KPROJ_MAX] = {0.0f, 0.0f};
+    const size_t head = (size_t)a.layer * c.n_kv_heads + g;
     const int R = kv.kproj;
-    /* the lane's 8 coordinates of the block's rotated directions (tq*p: of their sketches S Pi u_j
-     * for the lane groups past head_dim) */
-    float ud[KPROJ_MAX][8];
-    for (int j = 0; j < KPROJ_MAX; j++)
-        if (j < R) load8(8 * gik < hd ? kv.kdir_rot + at + (size_t)j * hd + 8 * gik : a.kdir_qjl + at + (size_t)j * hd + 8 * gik - hd, ud[j]);
-    for (int j = 0; j < R; j++) st[j] = kv.kbeta8 ? kv.kscale[at / hd + j] : 0.0f;
     for (int r = 0; r < ATT_ROWS; r++) {
-        load8(a.qext + (size_t)rw.gr[r] * a.dk + 8 * gik, q[r]);
-        /* prepare_block: along_j = <Pi q, Pi u_j> = q.u_j (over the first head_dim coordinates),
-         * then Pi q_perp = Pi q - sum_j along_j Pi u_j (and S Pi q_perp likewise) */
-        for (int j = 0; j < KPROJ_MAX; j++) {
-            float pr = 0.0f;
-            if (j < R && 8 * gik < hd)
-                for (int k = 0; k < 8; k++) pr += q[r][k] * ud[j][k];
-            for (int o = 1; o < gk; o <<= 1) pr += __shfl_xor_sync(FULL_MASK, pr, o);
-            qu[r][j] = j < R ? pr : 0.0f;
-        }
-        for (int j = 0; j < R; j++)
-            for (int k = 0; k < 8; k++) q[r][k] -= qu[r][j] * ud[j][k];
         m[r] = NO_SCORE; l[r] = 0.0f;
         for (int k = 0; k < 8; k++) acc[r][k] = 0.0f;
     }
+    /* the rows' rotated queries readied for block blk's directions (tq.c's prepare_block):
+     * along_j = <Pi q, Pi u_j> = q.u_j (over the first head_dim coordinates: the lane groups of
+     * a key lane), then Pi q_perp = Pi q - sum_j along_j Pi u_j (tq*p: the lane groups past
+     * head_dim hold S Pi q, less along_j S Pi u_j); bst: the block's int8 steps */
+    auto prepare = [&](int blk) {
+        const size_t at = dir_at(kv, head, blk, hd);
+        float ud[KPROJ_MAX][8];
+        for (int j = 0; j < R; j++) {
+            load8(8 * gik < hd ? kv.kdir_rot + at + (size_t)j * hd + 8 * gik : a.kdir_qjl + at + (size_t)j * hd + 8 * gik - hd, ud[j]);
+            bst[j] = kv.kbeta8 ? kv.kscale[at / hd + j] : 0.0f;
+        }
+        for (int r = 0; r < ATT_ROWS; r++) {
+            load8(a.qext + (size_t)rw.gr[r] * a.dk + 8 * gik, q[r]);
+            for (int j = 0; j < KPROJ_MAX; j++) {
+                float pr = 0.0f;
+                if (j < R && 8 * gik < hd)
+                    for (int k = 0; k < 8; k++) pr += q[r][k] * ud[j][k];
+                for (int o = 1; o < gk; o <<= 1) pr += __shfl_xor_sync(FULL_MASK, pr, o);
+                qu[r][j] = j < R ? pr : 0.0f;
+            }
+            for (int j = 0; j < R; j++)
+                for (int k = 0; k < 8; k++) q[r][k] -= qu[r][j] * ud[j][k];
+        }
+    };
     const uint8_t *kbase = cache_row(&kv, kv.key, kv.kc.bytes, &c, a.layer, g, 0);
     const uint8_t *vbase = cache_row(&kv, kv.value, kv.vc.bytes, &c, a.layer, g, 0);
     const uint16_t *beta = R && kv.kbeta ? kv.kbeta + head * kv.ctx * R : NULL;
@@ -1158,15 +1145,20 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
     const float scale = 1.0f / sqrtf((float)hd);
     const size_t koff_lane = gik * kv.kc.bytes / gk, voff_lane = giv * kv.vc.bytes / gv;
 
-    for (int t0 = c0 + warp * kb; t0 < c1; t0 += ATT_WARPS * kb) {
+    /* the chunk in pieces [p0, p1) that end at the blocks' edges (tq.h, "Key projection"): each
+     * meets the queries readied for its block's directions */
+    for (int p0 = c0, p1; p0 < c1; p0 = p1) {
+    p1 = R ? min(c1, (p0 / kv.kblock + 1) * kv.kblock) : c1;
+    prepare(p0 / kv.kblock);
+    for (int t0 = p0 + warp * kb; t0 < p1; t0 += ATT_WARPS * kb) {
         float s[ATT_IT][ATT_ROWS];
         /* the values of this batch and the keys of the next are on their way while this one is scored */
-        prefetch_rows(vbase, kv.vc.bytes, voff_lane, t0, c1, klv, kpwv, itv);
-        if (t0 + ATT_WARPS * kb < c1) prefetch_rows(kbase, kv.kc.bytes, koff_lane, t0 + ATT_WARPS * kb, c1, kl, kpwk, itk);
+        prefetch_rows(vbase, kv.vc.bytes, voff_lane, t0, p1, klv, kpwv, itv);
+        if (t0 + ATT_WARPS * kb < p1) prefetch_rows(kbase, kv.kc.bytes, koff_lane, t0 + ATT_WARPS * kb, p1, kl, kpwk, itk);
         for (int it = 0; it < ATT_IT; it++)
             for (int r = 0; r < ATT_ROWS; r++) s[it][r] = -INFINITY;
         switch (kv.kc.fmt) {     /* one branch per batch of keys, never per key */
-#define SCORE_CASE(F) case F: score_keys<F>(kv, kbase, beta, beta8, st, t0, c1, kl, gik, gk, kpwk, itk, q, qu, rw, cent_k, scale, s); break;
+#define SCORE_CASE(F) case F: score_keys<F>(kv, kbase, beta, beta8, bst, t0, p1, kl, gik, gk, kpwk, itk, q, qu, rw, cent_k, scale, s); break;
         FMT_CASES(SCORE_CASE)
         default: break;
         }
@@ -1188,11 +1180,12 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
                     for (int r = 0; r < ATT_ROWS; r++) p[(kl + kpwk * it) * ATT_ROWS + r] = s[it][r];
         __syncwarp();
         switch (kv.vc.fmt) {
-#define VALUE_CASE(F) case F: accumulate_values<F>(kv, vbase, t0, c1, klv, giv, kpwv, itv, p, cent_v, acc); break;
+#define VALUE_CASE(F) case F: accumulate_values<F>(kv, vbase, t0, p1, klv, giv, kpwv, itv, p, cent_v, acc); break;
         FMT_CASES(VALUE_CASE)
         default: break;
         }
         __syncwarp();
+    }
     }
     /* the lanes of one group hold sums over different keys: add them up */
     for (int o = gv; o < 32; o <<= 1)
@@ -1392,8 +1385,8 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
     const int gq = lane >> 2, tq = lane & 3;    /* the products' fragments: row group, thread in group */
     const int pos = a.step[0], rows = a.n * G, rho0 = blockIdx.y * MMA_ROWS, lo = kv.sink, R = kv.kproj;
     const int last = min(rho0 + MMA_ROWS, rows) - 1, hi_max = pos + last / G + 1 - kv.window;
-    const int base = chunk_base(kv, lo), chunk = a.chunk ? a.chunk : split_chunk(kv, hi_max - base, gridDim.x, 0);
-    const int c0 = max(lo, base + (int)blockIdx.x * chunk), c1 = min(base + ((int)blockIdx.x + 1) * chunk, hi_max);
+    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(hi_max - lo, gridDim.x), CHUNK_GRAIN) * CHUNK_GRAIN;
+    const int c0 = lo + blockIdx.x * chunk, c1 = min(c0 + chunk, hi_max);
     const bool work = hi_max > lo && c0 < c1;
 
     /* Before the wait for the predecessor (pdl_wait_then_release), what does not depend on it:
@@ -1455,18 +1448,20 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         int rho = rho0 + 2 * tq + r, tok = rho / G;
         hi2[r] = rho < rows ? pos + tok + 1 - kv.window : hi_max;
     }
-    /* the rotated query of row gq, coordinates D/4 tq + 4j + {0, 1 | 2, 3}, readied for the chunk's
-     * block of directions (tq.c's prepare_block: along_j = <Pi q, Pi u_j>, summed over the row's
-     * four lanes, then Pi q_perp = Pi q - sum_j along_j Pi u_j): the score product's B,
-     * high and low fp16 parts, in registers: the kernel takes what ptxas gives it (104-161), since
-     * a cap of 128 for a fourth block per multiprocessor (these low parts then in shared memory, a
-     * few spills) costs more than the extra warps give (bench/gpu_notes.md). The parts along the
-     * directions of rows 2tq, 2tq+1 (qu2) come from those rows' lanes. */
+    /* the rotated query of row gq, coordinates D/4 tq + 4j + {0, 1 | 2, 3}, readied for block blk's
+     * directions (tq.c's prepare_block: along_j = <Pi q, Pi u_j>, summed over the row's four
+     * lanes, then Pi q_perp = Pi q - sum_j along_j Pi u_j): the score product's B, high and low
+     * fp16 parts, in registers: the kernel takes what ptxas gives it (104-161), since a cap of 128
+     * for a fourth block per multiprocessor (these low parts then in shared memory, a few spills)
+     * costs more than the extra warps give (bench/gpu_notes.md). The parts along the directions
+     * of rows 2tq, 2tq+1 (qu2) come from those rows' lanes; bstep: the block's int8 steps. A
+     * warp readies them again where its tiles enter another block (a tile of 16 keys never
+     * straddles two: blocks are multiples of 16). */
     uint32_t qf[KSTEPS][2], ql[KSTEPS][2];
-    float qu2[2][KPROJ_MAX], st[KPROJ_MAX] = {0.0f, 0.0f};
-    {
+    float qu2[2][KPROJ_MAX], bstep[KPROJ_MAX] = {0.0f, 0.0f};
+    auto prepare = [&](int blk) {
         int rho = rho0 + gq, tok = rho / G;
-        const size_t at = R ? dir_at(kv, head, c0 / kv.kblock, D) : 0;
+        const size_t at = R ? dir_at(kv, head, blk, D) : 0;
         const float *q = a.qext + ((size_t)tok * c.n_heads + g * G + rho % G) * a.dk + tq * (D / 4);
         float4 v[KSTEPS];
 #pragma unroll
@@ -1482,7 +1477,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
                     float4 w = *(const float4 *)(u + 4 * j);
                     pr += v[j].x * w.x + v[j].y * w.y + v[j].z * w.z + v[j].w * w.w;
                 }
-                st[d] = kv.kbeta8 ? kv.kscale[at / D + d] : 0.0f;
+                bstep[d] = kv.kbeta8 ? kv.kscale[at / D + d] : 0.0f;
             }
             pr += __shfl_xor_sync(FULL_MASK, pr, 1);
             pr += __shfl_xor_sync(FULL_MASK, pr, 2);
@@ -1509,7 +1504,8 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
             split_half2(v[j].x, v[j].y, &qf[j][0], &ql[j][0]);
             split_half2(v[j].z, v[j].w, &qf[j][1], &ql[j][1]);
         }
-    }
+    };
+    int ready = -1;                                   /* the block the query is readied for */
 
     const float sl = LOG2E / sqrtf((float)D);     /* scores in log2 units: exp2 below */
     float m2[2] = {NO_SCORE, NO_SCORE}, l2[2] = {0.0f, 0.0f}, acc[MTILES][4];
@@ -1522,6 +1518,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         load_tile(i + MMA_STAGES - 1);
         const uint8_t *tile = buf + (i % MMA_STAGES) * S::TILE, *st = tile + mk, *vst = tile + S::KREG + mv;
         const int t = tfirst + i * tstep;
+        if (t / kv.kblock != ready) { ready = t / kv.kblock; prepare(ready); }
 
         /* scores of keys gq and gq+8 for rows 2tq, 2tq+1: s[0], s[1] and s[2], s[3] */
         float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s2[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s3[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -1544,8 +1541,8 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         float ba0 = 0.0f, bb0 = 0.0f, ba1 = 0.0f, bb1 = 0.0f;   /* the keys' betas, as stored */
         if (kv.kbeta8) {
             const int8_t *beta = (const int8_t *)(tile + S::KREG + S::VREG + mb);
-            if (R > 0) { ba0 = beta[gq * R] * st[0]; bb0 = beta[(gq + 8) * R] * st[0]; }
-            if (R > 1) { ba1 = beta[gq * R + 1] * st[1]; bb1 = beta[(gq + 8) * R + 1] * st[1]; }
+            if (R > 0) { ba0 = beta[gq * R] * bstep[0]; bb0 = beta[(gq + 8) * R] * bstep[0]; }
+            if (R > 1) { ba1 = beta[gq * R + 1] * bstep[1]; bb1 = beta[(gq + 8) * R + 1] * bstep[1]; }
         } else {
             const __half *beta = (const __half *)(tile + S::KREG + S::VREG + mb);
             if (R > 0) { ba0 = __half2float(beta[gq * R]); bb0 = __half2float(beta[(gq + 8) * R]); }
@@ -1711,8 +1708,8 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
     const int g = h / G, l = a.layer, tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5;
     const int pos = a.step[0], T = pos + b + 1, lo = kv.sink, hi = T - kv.window, len = hi > lo ? hi - lo : 0;
     const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, dv = a.dv;
-    const int base = chunk_base(kv, lo), chunk = a.chunk ? a.chunk : split_chunk(kv, hi - base, a.units, 0);
-    const int nparts = len > 0 ? ceil_div(hi - base, chunk) : 0;   /* the attention's chunks (chunk_base) */
+    const int chunk = a.chunk ? a.chunk : ceil_div(ceil_div(len, a.units), CHUNK_GRAIN) * CHUNK_GRAIN;
+    const int nparts = len > 0 ? ceil_div(len, chunk) : 0;
     const int n1 = min(kv.sink, T), e2 = max(hi, kv.sink), ne = n1 + max(0, T - e2);   /* exact: [0, n1), [e2, T) */
     float *sm = sh;
     const tq_codec vcs = codec_to_shared(&kv.vc, &sm), *vc = &vcs;
@@ -2068,10 +2065,11 @@ static void attention_layer(Gpu *g, const Config *c, int l, int n, int pos) {
     a.layer = l;
     int G = c->n_heads / c->n_kv_heads, tiles = ceil_div(n * G, g->att_rows), chunks = a.units;
     a.chunk = 0;                                   /* decode: chunks follow the position on the GPU */
-    if (n > 1) {                                   /* a batch: fixed chunks for its longest range (chunk_base) */
-        int span = pos + n - g->kv.window - chunk_base(g->kv, g->kv.sink);
-        a.chunk = split_chunk(g->kv, span, MAX_PARTS, 2 * CHUNK_GRAIN);
-        chunks = span > 0 ? ceil_div(span, a.chunk) : 1;
+    if (n > 1) {                                   /* a batch: fixed chunks for its longest range */
+        int len = pos + n - g->kv.window - g->kv.sink;
+        a.chunk = len > 0 ? ceil_div(ceil_div(len, MAX_PARTS), CHUNK_GRAIN) * CHUNK_GRAIN : CHUNK_GRAIN;
+        if (a.chunk < 2 * CHUNK_GRAIN) a.chunk = 2 * CHUNK_GRAIN;
+        chunks = len > 0 ? ceil_div(len, a.chunk) : 1;
     }
     dim3 grid(chunks, tiles, c->n_kv_heads);
     launch(g, g->att_kernel, dim3(grid), dim3(g->att_threads), g->att_shared, g->kv, *c, a);
