@@ -20,9 +20,9 @@
  *     dependent launches: the next one's blocks start while this one runs, and
  *     do what does not depend on it (weights, codec tables, older cache rows)
  *     before they wait for it (pdl_wait_then_release).
- *   - RoPE, the cache encode and the query preparation of a (token, KV head)
+ *   - RoPE, the cache encode and the query rotation of a (token, KV head)
  *     are one thread block (rope_encode_kernel) whose warps encode the key,
- *     the value and prepare the query heads side by side; the TurboQuant
+ *     the value and rotate the query heads side by side; the TurboQuant
  *     encode runs in parallel over the coordinates (the rotation's butterflies
  *     in the order tq.c uses, so the codes are the CPU's). A decoded token's
  *     key and value, exact positions of the window, are encoded later, by
@@ -30,7 +30,11 @@
  *   - Attention is split over the sequence (flash-decoding): a block scores
  *     and accumulates one chunk of coded keys for up to ATT_ROWS query rows of
  *     a KV head (all its query heads at decode: each code is read and decoded
- *     once for the whole group), with an online softmax; merge_kernel then
+ *     once for the whole group), with an online softmax, the rotated queries
+ *     readied for each block of key directions the chunk meets (tq.c's
+ *     prepare_block: Pi q_perp = Pi q - sum_j <Pi q, Pi u_j> Pi u_j, the
+ *     rotation being linear; a chunk is split at the blocks' edges, the
+ *     tensor-core kernel's tiles of 16 never straddle one); merge_kernel then
  *     combines the chunks, adds the exact positions (sink and window, outside
  *     the hot loop) and applies the value codec's inverse rotation once. For
  *     tq2/tq3 keys and values the block is attention_mma_kernel: the codes
@@ -38,9 +42,16 @@
  *     low parts, so the sums are as close to fp32's as the CUDA cores' are).
  *   - One-time work (CUDA's loading of kernels on first launch, cuBLAS's
  *     set-up, the decode graph's capture) happens at load, in gpu_warm_up.
- *   - A sequence's statistics (the key directions) come from
- *     its first batch, measured on the GPU the way run.c's measure_stats does
- *     (stats_kernel; TQ_CUDA_HOST_STATS=1 runs run.c's own on the host instead).
+ *   - The key directions per block of --kblock positions (tq.h, "Key
+ *     projection"; the cache in build_cache's layout: per-block kdir and
+ *     kdir_rot, int8 betas with per-block steps, fp16 betas at --kblock 0)
+ *     are measured on the GPU the way run.c's measure_stats does: on a
+ *     block's own tokens of the batch that starts it (stats_kernel, a thread
+ *     block per KV head and block), or inherited from the previous block when
+ *     that batch holds fewer than KBLOCK_MIN of them (inherit_kernel; a
+ *     decoded token that starts a block: rope_encode_kernel, a branch on the
+ *     position read from device memory, so the graph stays one).
+ *     TQ_CUDA_HOST_STATS=1 runs run.c's own on the host instead.
  *
  * The GPU rounds differently (fused multiply-adds, sums in another order), so
  * its logits match the CPU build's on the same (fp16-representable) weights
@@ -567,18 +578,20 @@ __device__ void encode_team(const tq_codec *c, const float *x, uint8_t *code, En
 /* ---------------------------------------------------------------------------
  * RoPE, cache encode and query preparation of token b's KV head g: block
  * (b * n_kv_heads + g) of 2 + ENC_QWARPS warps. mode: ROPE rotates q and k;
- * STORE stores the key and value (run.c's encode_kv: projections beta, codes);
- * QUERY prepares the group's queries (run.c's prepare_query: qu, and
- * qext = Pi q_perp, plus S Pi q_perp for tq*p); EXACT also puts the token in the
- * exact store right away (one token: the ring row it takes is no longer read by
- * this step's attention). A decoded token with a window of exact positions is
+ * STORE stores the key and value (tq.c's tq_store: projections beta on the directions of
+ * the token's block, fp16 or int8, and codes); QUERY rotates the group's queries (qext = Pi q,
+ * plus S Pi q for tq*p: the attention readies them per block of directions); EXACT also puts
+ * the token in the exact store right away (one token: the ring row it takes is no longer read
+ * by this step's attention); INHERIT (a decoded token, inside the replayed graph): a token that
+ * starts a block of directions first gives it the previous block's (run.c's measure_stats:
+ * one token is too few to measure on). A decoded token with a window of exact positions is
  * QUERY | EXACT without STORE: its codes are read only once it has left the
  * window, so the key and value go to AttArgs.knew and merge_kernel stores them,
  * in blocks of their own that run beside the attention (the query's chain alone
  * is then what the attention waits for). The block copies the codecs' small tables
  * and RoPE's cos and sin of its position to shared memory before it waits for its
- * predecessor (they do not depend on it: pdl_wait_then_release), then the head's
- * statistics and the token's q, k, v (one round trip to memory); then the chains
+ * predecessor (they do not depend on it: pdl_wait_then_release), then its block's
+ * directions and steps and the token's q, k, v (one round trip to memory); then the chains
  * run side by side: warp 0 the key, warp 1 the value, the other warps prepare a
  * query head each. RoPE's table is the host's, computed exactly as run.c's
  * rope_group() does.
