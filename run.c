@@ -127,11 +127,7 @@ typedef struct {
 } TransformerWeights;
 
 #define KPROJ_MAX TQ_KPROJ_MAX  /* --kproj: the mean query direction, then the keys' main one */
-#ifdef RUN_CUDA
-#define KBLOCK_DEFAULT 0        /* --kblock: the GPU kernels take one set of key directions */
-#else
 #define KBLOCK_DEFAULT 256      /* --kblock: key directions per 256 positions (bench/README.md) */
-#endif
 #define STR_(x) #x
 #define STR(x) STR_(x)
 
@@ -2096,9 +2092,6 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--kblock")) {
             co.kblock = parse_int(a, v, 0, 1 << 24);
             if (co.kblock % 16) die("--kblock %s: positions per block of key directions must be a multiple of 16 (0: one set)", v);
-#ifdef RUN_CUDA
-            if (co.kblock) die("--kblock: the GPU build measures one set of key directions per sequence; use --kblock 0 or ./run");
-#endif
         }
         else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--window")) co.window = parse_int(a, v, 0, 1 << 20);

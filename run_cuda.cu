@@ -20,9 +20,9 @@
  *     dependent launches: the next one's blocks start while this one runs, and
  *     do what does not depend on it (weights, codec tables, older cache rows)
  *     before they wait for it (pdl_wait_then_release).
- *   - RoPE, the cache encode and the query preparation of a (token, KV head)
+ *   - RoPE, the cache encode and the query rotation of a (token, KV head)
  *     are one thread block (rope_encode_kernel) whose warps encode the key,
- *     the value and prepare the query heads side by side; the TurboQuant
+ *     the value and rotate the query heads side by side; the TurboQuant
  *     encode runs in parallel over the coordinates (the rotation's butterflies
  *     in the order tq.c uses, so the codes are the CPU's). A decoded token's
  *     key and value, exact positions of the window, are encoded later, by
@@ -30,7 +30,11 @@
  *   - Attention is split over the sequence (flash-decoding): a block scores
  *     and accumulates one chunk of coded keys for up to ATT_ROWS query rows of
  *     a KV head (all its query heads at decode: each code is read and decoded
- *     once for the whole group), with an online softmax; merge_kernel then
+ *     once for the whole group), with an online softmax, the rotated queries
+ *     readied for each block of key directions the chunk meets (tq.c's
+ *     prepare_block: Pi q_perp = Pi q - sum_j <Pi q, Pi u_j> Pi u_j, the
+ *     rotation being linear; a chunk is split at the blocks' edges, the
+ *     tensor-core kernel's tiles of 16 never straddle one); merge_kernel then
  *     combines the chunks, adds the exact positions (sink and window, outside
  *     the hot loop) and applies the value codec's inverse rotation once. For
  *     tq2/tq3 keys and values the block is attention_mma_kernel: the codes
@@ -38,9 +42,16 @@
  *     low parts, so the sums are as close to fp32's as the CUDA cores' are).
  *   - One-time work (CUDA's loading of kernels on first launch, cuBLAS's
  *     set-up, the decode graph's capture) happens at load, in gpu_warm_up.
- *   - A sequence's statistics (the key directions) come from
- *     its first batch, measured on the GPU the way run.c's measure_stats does
- *     (stats_kernel; TQ_CUDA_HOST_STATS=1 runs run.c's own on the host instead).
+ *   - The key directions per block of --kblock positions (tq.h, "Key
+ *     projection"; the cache in build_cache's layout: per-block kdir and
+ *     kdir_rot, int8 betas with per-block steps, fp16 betas at --kblock 0)
+ *     are measured on the GPU the way run.c's measure_stats does: on a
+ *     block's own tokens of the batch that starts it (stats_kernel, a thread
+ *     block per KV head and block), or inherited from the previous block when
+ *     that batch holds fewer than KBLOCK_MIN of them (inherit_kernel; a
+ *     decoded token that starts a block: rope_encode_kernel, a branch on the
+ *     position read from device memory, so the graph stays one).
+ *     TQ_CUDA_HOST_STATS=1 runs run.c's own on the host instead.
  *
  * The GPU rounds differently (fused multiply-adds, sums in another order), so
  * its logits match the CPU build's on the same (fp16-representable) weights
@@ -99,8 +110,9 @@ typedef struct {
     int emax;            /* exact positions a query reads at most                           */
     float *qkv;          /* (n, q_dim + 2 kv_dim) q (after RoPE) | k | v as stored */
     const float *rope;   /* (ctx, head_dim/2, 2) cos and sin of RoPE's angle for every position and pair */
-    float *qext;         /* (n * n_heads, dk) queries as the key codec scores them           */
-    float *qu;           /* (n * n_heads, KPROJ_MAX) queries' parts along the key directions */
+    float *qext;         /* (n * n_heads, dk) queries rotated, Pi q (tq*p: then S Pi q); the attention
+                            readies them for each chunk's block of key directions (tq.h, "Key projection") */
+    float *kdir_qjl;     /* (n_layers, n_kv_heads, blocks, R, head_dim) S Pi u_j for tq*p keys, else NULL */
     float *part;         /* (n * n_heads, MAX_PARTS, 2 + dv) per block: running max, sum, accumulator */
     float *escore;       /* (n * n_heads, emax) scores of the exact positions, then their weights */
     float *knew;         /* (n_kv_heads, 2, head_dim) a decoded token's key (after RoPE) and value, which
@@ -132,7 +144,8 @@ struct Gpu {
     int pdl;              /* 1: programmatic dependent launches (TQ_CUDA_NO_PDL unset) */
     int defer;            /* 1: a decoded token's key and value stored by merge_kernel (TQ_CUDA_NO_DEFER unset) */
     int host_stats;       /* 1: statistics measured on the host by run.c (TQ_CUDA_HOST_STATS set) */
-    double *stats_m;      /* (n_kv_heads, head_dim^2 + batch (head_dim + 1)) scratch of stats_kernel */
+    double *stats_m;      /* (n_kv_heads, stats_blocks head_dim^2 + batch (head_dim + 1)) scratch of stats_kernel */
+    int stats_blocks;     /* blocks of key directions a batch can start, at most                  */
     cudaStream_t stream;
     cublasHandle_t blas;
     cudaGraphExec_t decode; /* one token's forward pass at pos > 0, captured on first use  */
@@ -154,6 +167,12 @@ static void *gpu_alloc(Gpu *g, const void *host, size_t bytes) {
 static unsigned blocks(size_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
 __host__ __device__ static int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+/* Key directions per block of kblock positions (tq.h, "Key projection"): block j of a KV head holds
+ * R rows of head_dim at kdir + dir_at(head, j) (likewise kdir_rot, AttArgs.kdir_qjl) and R steps at
+ * kscale + dir_at(head, j) / head_dim. */
+__host__ __device__ static size_t dir_at(const KVCache &kv, size_t head, int blk, int hd) {
+    return (head * kv.blocks + blk) * kv.kproj * hd;
+}
 /* ---------------------------------------------------------------------------
  * Small device helpers
  */
@@ -559,23 +578,25 @@ __device__ void encode_team(const tq_codec *c, const float *x, uint8_t *code, En
 /* ---------------------------------------------------------------------------
  * RoPE, cache encode and query preparation of token b's KV head g: block
  * (b * n_kv_heads + g) of 2 + ENC_QWARPS warps. mode: ROPE rotates q and k;
- * STORE stores the key and value (run.c's encode_kv: projections beta, codes);
- * QUERY prepares the group's queries (run.c's prepare_query: qu, and
- * qext = Pi q_perp, plus S Pi q_perp for tq*p); EXACT also puts the token in the
- * exact store right away (one token: the ring row it takes is no longer read by
- * this step's attention). A decoded token with a window of exact positions is
+ * STORE stores the key and value (tq.c's tq_store: projections beta on the directions of
+ * the token's block, fp16 or int8, and codes); QUERY rotates the group's queries (qext = Pi q,
+ * plus S Pi q for tq*p: the attention readies them per block of directions); EXACT also puts
+ * the token in the exact store right away (one token: the ring row it takes is no longer read
+ * by this step's attention); INHERIT (a decoded token, inside the replayed graph): a token that
+ * starts a block of directions first gives it the previous block's (run.c's measure_stats:
+ * one token is too few to measure on). A decoded token with a window of exact positions is
  * QUERY | EXACT without STORE: its codes are read only once it has left the
  * window, so the key and value go to AttArgs.knew and merge_kernel stores them,
  * in blocks of their own that run beside the attention (the query's chain alone
  * is then what the attention waits for). The block copies the codecs' small tables
  * and RoPE's cos and sin of its position to shared memory before it waits for its
- * predecessor (they do not depend on it: pdl_wait_then_release), then the head's
- * statistics and the token's q, k, v (one round trip to memory); then the chains
+ * predecessor (they do not depend on it: pdl_wait_then_release), then its block's
+ * directions and steps and the token's q, k, v (one round trip to memory); then the chains
  * run side by side: warp 0 the key, warp 1 the value, the other warps prepare a
  * query head each. RoPE's table is the host's, computed exactly as run.c's
  * rope_group() does.
  */
-enum { MODE_ROPE = 1, MODE_STORE = 2, MODE_QUERY = 4, MODE_EXACT = 8, MODE_ENCODE = MODE_STORE | MODE_QUERY };
+enum { MODE_ROPE = 1, MODE_STORE = 2, MODE_QUERY = 4, MODE_EXACT = 8, MODE_INHERIT = 16, MODE_ENCODE = MODE_STORE | MODE_QUERY };
 #define ENC_QWARPS 4   /* warps preparing queries (a group's heads are shared among them) */
 
 /* floats of a warp's scratch in store_kv_warp: the vector, encode_team's y, cy, tmp, idx, scale */
@@ -584,12 +605,25 @@ __host__ __device__ static int enc_warp_floats(int hd) { return 4 * hd + hd / 4 
 /* floats of the codecs' tables in shared memory (codec_to_shared, both codecs) */
 static size_t enc_table_floats(const KVCache *kv, int hd) { return (size_t)(kv->kc.rounds + kv->vc.rounds) * hd + 64; }
 
-/* floats of shared memory: the two codecs' tables, the head's statistics, q, k, v, RoPE's
- * cos and sin, two encoders' scratch, a query warp's scratch each (+ 33 doubles for reductions) */
+/* floats of shared memory: the two codecs' tables, the block's directions and steps, q, k, v,
+ * RoPE's cos and sin, two encoders' scratch, a query warp's scratch each (+ 33 doubles for reductions) */
 static size_t enc_shared_bytes(const Config *c, const KVCache *kv) {
     size_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
-    return (enc_table_floats(kv, (int)hd) + KPROJ_MAX * hd + (G + 2) * hd + hd + 2 * enc_warp_floats((int)hd)
+    return (enc_table_floats(kv, (int)hd) + KPROJ_MAX * (hd + 1) + (G + 2) * hd + hd + 2 * enc_warp_floats((int)hd)
             + ENC_QWARPS * hd) * sizeof(float) + 33 * sizeof(double);
+}
+
+/* Block blk (> 0) of KV head `head` takes block blk - 1's directions, rotated copies, sketches and
+ * steps (tq_key_dirs_inherit), by the calling block's threads. */
+__device__ void inherit_dirs(const KVCache &kv, const AttArgs &a, size_t head, int blk, int hd) {
+    const size_t n = (size_t)kv.kproj * hd, at = dir_at(kv, head, blk, hd);
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
+        kv.kdir[at + i] = kv.kdir[at - n + i];
+        kv.kdir_rot[at + i] = kv.kdir_rot[at - n + i];
+        if (a.kdir_qjl) a.kdir_qjl[at + i] = a.kdir_qjl[at - n + i];
+    }
+    if (kv.kscale)
+        for (int i = threadIdx.x; i < kv.kproj; i += blockDim.x) kv.kscale[at / hd + i] = kv.kscale[at / hd - kv.kproj + i];
 }
 
 /* part[r] = u_r . x for r < R (0 beyond) by the calling warp: each lane's float sum over its
@@ -624,25 +658,34 @@ __device__ tq_codec codec_to_shared(const tq_codec *c, float **sm) {
 
 /* Warp `which` (0: the key, 1: the value) stores x (head_dim, shared memory), position p of
  * (layer l, KV head g), in the cache with codec cod: for the key its projections
- * beta_r = u_r . x in fp16 (u: the head's R directions, shared memory) and the codes of
- * x - sum_r beta_r u_r (run.c's encode_kv), for the value its codes. scratch: enc_warp_floats. */
+ * beta_r = u_r . x (u: the R directions of p's block, shared memory) in fp16, or as int8 codes of
+ * the block's steps step (R, shared memory; NULL: fp16), clamped at +-127 (tq.c's tq_store), and the
+ * codes of x - sum_r beta_r u_r with beta_r as stored; for the value its codes. scratch: enc_warp_floats. */
 __device__ __forceinline__ void store_kv_warp(const KVCache &kv, const Config &c, int l, int g, int p, int which, const float *x,
-                              const float *u, const tq_codec *cod, float *scratch) {
+                              const float *u, const float *step, const tq_codec *cod, float *scratch) {
     const int lane = threadIdx.x & 31, hd = c.head_dim, R = kv.kproj;
     const size_t head = (size_t)l * c.n_kv_heads + g;
     float *xp = scratch;
     EncScratch es = {xp + hd, xp + 2 * hd, xp + 3 * hd, (uint8_t *)(xp + 4 * hd), NULL, xp + 4 * hd + hd / 4};
     for (int i = lane; i < hd; i += 32) xp[i] = x[i];
     __syncwarp();
-    if (which == 0 && R) {      /* beta_r = u_r . k in fp16; the codes get k - sum_r beta_r u_r */
+    if (which == 0 && R) {      /* beta_r = u_r . k, as stored; the codes get k - sum_r beta_r u_r */
         double part[KPROJ_MAX];
         projections(u, x, hd, R, part);
         float bf[KPROJ_MAX];
 #pragma unroll
         for (int r = 0; r < KPROJ_MAX; r++) {
-            uint16_t beta = tq_f32_to_f16((float)part[r]);
-            if (lane == 0 && r < R) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
-            bf[r] = tq_f16_to_f32(beta);
+            if (r >= R) { bf[r] = 0.0f; continue; }
+            if (step) {                  /* int8 codes of the block's step */
+                float q = rintf((float)part[r] / step[r]);
+                int8_t code = (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+                if (lane == 0) kv.kbeta8[(head * kv.ctx + p) * R + r] = code;
+                bf[r] = code * step[r];
+            } else {
+                uint16_t beta = tq_f32_to_f16((float)part[r]);
+                if (lane == 0) kv.kbeta[(head * kv.ctx + p) * R + r] = beta;
+                bf[r] = tq_f16_to_f32(beta);
+            }
         }
         for (int i = lane; i < hd; i += 32)
             for (int r = 0; r < R; r++) xp[i] -= bf[r] * u[r * hd + i];
@@ -663,15 +706,24 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
 
     /* before the wait: what does not depend on the predecessor (constants, the position) */
     tq_codec kc = codec_to_shared(&kv.kc, &sm), vc = codec_to_shared(&kv.vc, &sm);
-    float *u = sm, *sq = u + KPROJ_MAX * hd, *sk = sq + G * hd, *sv = sk + hd, *cs = sv + hd;
+    float *u = sm, *step = u + KPROJ_MAX * hd, *sq = step + KPROJ_MAX, *sk = sq + G * hd, *sv = sk + hd, *cs = sv + hd;
     float *scratch = cs + hd;
     if (mode & MODE_ROPE)
         for (int i = tid; i < hd; i += nt) cs[i] = a.rope[(size_t)p * hd + i];
     pdl_wait_then_release();
+    /* the directions of p's block; a decoded token that starts a block (one token: too few to
+     * measure on, run.c's measure_stats) first gives it the previous block's, read from there */
+    int blk = p / kv.kblock, src = blk;
+    if ((mode & MODE_INHERIT) && R && blk > 0 && p % kv.kblock == 0) {
+        inherit_dirs(kv, a, head, blk, hd);
+        src = blk - 1;
+    }
+    const size_t du = R ? dir_at(kv, head, src, hd) : 0;
     for (int i = tid; i < hd; i += nt) {
-        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
+        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[du + r * hd + i];
         sk[i] = k[i]; sv[i] = v[i];
     }
+    if (tid < R && kv.kbeta8) step[tid] = kv.kscale[du / hd + tid];
     for (int i = tid; i < G * hd; i += nt) sq[i] = q[i];
     __syncthreads();
     if (mode & MODE_ROPE) {      /* run.c's rope_group(): pair (2i, 2i+1) turned by pos * theta^(-2i/head_dim) */
@@ -694,8 +746,8 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
         float *out = warp == 0 ? k : v;
         if (mode & MODE_STORE) {  /* (a branch per codec: one known at compile time keeps it in registers) */
             float *ws = scratch + warp * enc_warp_floats(hd);
-            if (warp == 0) store_kv_warp(kv, c, l, g, p, 0, x, u, &kc, ws);
-            else store_kv_warp(kv, c, l, g, p, 1, x, u, &vc, ws);
+            if (warp == 0) store_kv_warp(kv, c, l, g, p, 0, x, u, kv.kbeta8 ? step : NULL, &kc, ws);
+            else store_kv_warp(kv, c, l, g, p, 1, x, u, NULL, &vc, ws);
         } else                     /* for merge_kernel's store */
             for (int i = lane; i < hd; i += 32) a.knew[((size_t)g * 2 + warp) * hd + i] = x[i];
         uint16_t *ex = warp == 0 ? kv.exact_k : kv.exact_v;
@@ -708,39 +760,32 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
         return;
     }
     if (!(mode & MODE_QUERY)) return;
-    /* the other warps, a query head each: qu_r = q . u_r, q_perp = q - sum_r qu_r u_r, rotated */
+    /* the other warps, a query head each: Pi q (the attention takes off the parts along each
+     * chunk's block of directions, in the rotated domain: tq.c's prepare_block) */
     float *tmp = scratch + 2 * enc_warp_floats(hd) + (size_t)(warp - 2) * hd;
     for (int j = warp - 2; j < G; j += nt / 32 - 2) {
-        float *qj = sq + j * hd, *qg = q + j * hd, quj[KPROJ_MAX];
+        float *qj = sq + j * hd, *qg = q + j * hd;
         for (int i = lane; i < hd; i += 32) qg[i] = qj[i];   /* q after RoPE, for the exact positions */
-        __syncwarp();
-        double part[KPROJ_MAX];
-        projections(u, qj, hd, R, part);
-#pragma unroll
-        for (int r = 0; r < KPROJ_MAX; r++) {
-            quj[r] = (float)part[r];
-            if (lane == 0 && r < R) a.qu[((size_t)b * c.n_heads + g * G + j) * KPROJ_MAX + r] = quj[r];
-        }
-        for (int i = lane; i < hd; i += 32)
-            for (int r = 0; r < R; r++) qj[i] -= quj[r] * u[r * hd + i];
         __syncwarp();
         if (is_tq(kc.fmt)) rotate_team<TEAM_WARP>(&kc, qj, 1, tmp);
         float *qe = a.qext + ((size_t)b * c.n_heads + g * G + j) * a.dk;
         for (int i = lane; i < hd; i += 32) qe[i] = qj[i];
-        if (is_prod(kc.fmt))             /* S Pi q_perp: the QJL half of the prepared query */
+        if (is_prod(kc.fmt))             /* S Pi q: the QJL half of the query */
             for (int i = lane; i < hd; i += 32) qe[hd + i] = dot8(kc.qjl + (size_t)i * hd, qj, hd);
         __syncwarp();
     }
 }
 
 /* ---------------------------------------------------------------------------
- * A new sequence's statistics from its first batch (n tokens of layer l, after
- * RoPE), run.c's measure_stats on the GPU: block g for KV head g. The sums over
- * tokens run in run.c's order (one thread per channel or pair); the sums over
- * channels (norms, projections) are the block's reductions, so the last bits of
- * a double may differ from run.c's before they are rounded to float and fp16.
- * m: per KV head, scratch of head_dim^2 + n (head_dim + 1) doubles: the keys' second
- * moment, every token's r_b and its squared length.
+ * The key directions of the blocks that start in a batch (n tokens of layer l at pos, after
+ * RoPE), run.c's measure_stats on the GPU: block (g, j) for KV head g and the j-th block of
+ * positions that starts in the batch, measured on its own tokens of the batch (a block with fewer
+ * than KBLOCK_MIN of them, past position 0, is inherit_kernel's). The sums over tokens run in
+ * run.c's order (one thread per channel or pair); the sums over channels (norms, projections)
+ * are the block's reductions, so the last bits of a double may differ from run.c's before they
+ * are rounded to float and fp16. m: per KV head, scratch of stats_blocks head_dim^2 +
+ * batch (head_dim + 1) doubles: each block's second moment of the keys, every token's r_b and
+ * its squared length.
  */
 #define STATS_THREADS 256
 
@@ -764,23 +809,55 @@ __device__ void store_direction_block(float *u, const float *prev, int n, double
     __syncthreads();
 }
 
+/* What follows the R directions u (R, hd) of a block, at `at` (dir_at): their rotated copies Pi u_j
+ * (tq_rotate; the identity for the plain formats), for tq*p keys their sketches S Pi u_j, and with
+ * int8 betas the steps 2 max_b |u_j.k_b| / 127 over the block's measured keys k + b*ldk, b < nk
+ * (tq.c's beta_steps). y, tmp: R hd floats of shared memory each. */
+__device__ void finish_dirs(const KVCache &kv, const AttArgs &a, size_t at, const float *k, size_t ldk, int nk,
+                            float *y, float *tmp, double *red) {
+    const int hd = kv.kc.d, R = kv.kproj, tid = threadIdx.x, nt = blockDim.x;
+    for (int i = tid; i < R * hd; i += nt) y[i] = kv.kdir[at + i];
+    __syncthreads();
+    if (is_tq(kv.kc.fmt)) rotate_team<TEAM_BLOCK>(&kv.kc, y, R, tmp);
+    for (int i = tid; i < R * hd; i += nt) kv.kdir_rot[at + i] = y[i];
+    if (a.kdir_qjl)
+        for (int i = tid; i < R * hd; i += nt) a.kdir_qjl[at + i] = dot8(kv.kc.qjl + (size_t)(i % hd) * hd, y + (i / hd) * hd, hd);
+    if (!kv.kbeta8) return;
+    const int lane = tid & 31, warp = tid >> 5;
+    for (int j = 0; j < R; j++) {
+        const float *u = kv.kdir + at + (size_t)j * hd;
+        float mx = 0.0f;
+        for (int b = warp; b < nk; b += nt / 32) {       /* a warp per key: |u_j . k_b| in float */
+            float pr = 0.0f;
+            for (int i = lane; i < hd; i += 32) pr += u[i] * k[b * ldk + i];
+            mx = fmaxf(mx, fabsf(warp_sum(pr)));
+        }
+        mx = block_max(mx, (float *)red);
+        if (tid == 0) kv.kscale[at / hd + j] = mx > 0 ? f16_round(2 * mx / 127) : 1.0f;
+    }
+}
+
 __global__ void __launch_bounds__(STATS_THREADS) stats_kernel(const __grid_constant__ KVCache kv,
-        const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, double *m) {
+        const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, double *scratch, int blocks_max) {
     pdl_wait_then_release();
     __shared__ double red[33];
-    extern __shared__ double sd[];     /* v, mv: (head_dim) doubles each */
-    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = blockIdx.x, n = a.n, first = n > 1 ? 1 : 0;
+    extern __shared__ double sd[];     /* v, mv: (head_dim) doubles each; y, tmp: (R, head_dim) floats each */
+    const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = blockIdx.x, n = a.n, B = kv.kblock, pos = a.step[0];
+    const int p = ceil_div(pos, B) * B + blockIdx.y * B, b0 = p - pos, m_tok = min(B, pos + n - p);
     const int tid = threadIdx.x, nt = blockDim.x, R = kv.kproj;
+    if (!R || p >= pos + n || (p > 0 && m_tok < KBLOCK_MIN)) return;
+    const int first = b0 + (p == 0 && m_tok > 1 ? 1 : 0), end = b0 + m_tok;   /* tokens [first, end) of the batch */
     const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, head = (size_t)l * c.n_kv_heads + g;
     const float *q = a.qkv + (size_t)g * G * hd, *k = a.qkv + qd + (size_t)g * hd;
-    float *u1 = kv.kdir + head * R * hd;
-    m += (size_t)g * ((size_t)hd * hd + (size_t)n * (hd + 1));
-    if (!R) return;
-    /* set_key_dirs: u_1 = the group's mean query, normalized */
+    const size_t at = dir_at(kv, head, p / B, hd);
+    float *u1 = kv.kdir + at, *y = (float *)(sd + 3 * hd), *tmp = y + R * hd;
+    double *mine = scratch + (size_t)g * ((size_t)blocks_max * hd * hd + (size_t)n * (hd + 1));
+    double *m = mine + (size_t)blockIdx.y * hd * hd, *rs = mine + (size_t)blocks_max * hd * hd, *lens = rs + (size_t)n * hd;
+    /* tq_key_dirs: u_1 = the group's mean query, normalized */
     double ss = 0;
     for (int i = tid; i < hd; i += nt) {
         double sum = 0;
-        for (int b = first; b < n; b++)
+        for (int b = first; b < end; b++)
             for (int h = 0; h < G; h++) sum += q[b * QKV + h * hd + i];
         u1[i] = (float)sum;
         ss += (double)u1[i] * u1[i];
@@ -789,48 +866,70 @@ __global__ void __launch_bounds__(STATS_THREADS) stats_kernel(const __grid_const
     for (int i = tid; i < hd; i += nt) u1[i] = norm > 0 ? (float)(u1[i] / sqrt(norm)) : 0.0f;
     __syncthreads();
     store_direction_block(u1, NULL, hd, red);
-    if (R < 2) return;
-    /* u_2: top principal direction of the keys, less their part along u_1. A warp
-     * per token b: r_b = k_b less its part along u_1, and |r_b|^2; then the second
-     * moment m = sum_b r_b r_b^T (a thread per element, tokens in order) */
-    double *rs = m + (size_t)hd * hd, *lens = rs + (size_t)n * hd, *vv = sd, *mv = vv + hd;
-    const int lane = tid & 31, warp = tid >> 5, lhd = __ffs(hd) - 1;
-    for (int b = first + warp; b < n; b += nt / 32) {
-        double part = 0, *r = rs + (size_t)b * hd;
-        for (int i = lane; i < hd; i += 32) { r[i] = k[b * QKV + i]; part += r[i] * u1[i]; }
-        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(FULL_MASK, part, o);
-        double len = 0;
-        for (int i = lane; i < hd; i += 32) { r[i] -= part * u1[i]; len += r[i] * r[i]; }
-        for (int o = 16; o > 0; o >>= 1) len += __shfl_xor_sync(FULL_MASK, len, o);
-        if (lane == 0) lens[b] = len;
-    }
-    __syncthreads();
-    int best = first;                             /* the longest, the first of equals (run.c's start) */
-    for (int b = first + 1; b < n; b++) if (lens[b] > lens[best]) best = b;
-    for (int i = tid; i < hd; i += nt) vv[i] = rs[(size_t)best * hd + i];
-    for (int i = tid; i < hd * hd; i += nt) {
-        double acc = 0;
-        const double *ri = rs + (i >> lhd), *rj = rs + (i & (hd - 1));
-        for (int b = first; b < n; b++) acc += ri[(size_t)b * hd] * rj[(size_t)b * hd];
-        m[i] = acc;
-    }
-    __syncthreads();
-    for (int it = 0; it < 200; it++) {              /* power iteration: v <- m v / |m v| */
-        double part = 0;
-        for (int i = tid; i < hd; i += nt) {
-            double s2 = 0;
-            for (int j = 0; j < hd; j++) s2 += m[(size_t)j * hd + i] * vv[j];   /* m is symmetric: coalesced */
-            mv[i] = s2;
-            part += s2 * s2;
+    if (R >= 2) {
+        /* u_2: top principal direction of the keys, less their part along u_1. A warp
+         * per token b: r_b = k_b less its part along u_1, and |r_b|^2; then the second
+         * moment m = sum_b r_b r_b^T (a thread per element, tokens in order) */
+        double *vv = sd, *mv = vv + hd;
+        const int lane = tid & 31, warp = tid >> 5, lhd = __ffs(hd) - 1;
+        for (int b = first + warp; b < end; b += nt / 32) {
+            double part = 0, *r = rs + (size_t)b * hd;
+            for (int i = lane; i < hd; i += 32) { r[i] = k[b * QKV + i]; part += r[i] * u1[i]; }
+            for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(FULL_MASK, part, o);
+            double len = 0;
+            for (int i = lane; i < hd; i += 32) { r[i] -= part * u1[i]; len += r[i] * r[i]; }
+            for (int o = 16; o > 0; o >>= 1) len += __shfl_xor_sync(FULL_MASK, len, o);
+            if (lane == 0) lens[b] = len;
         }
-        double len = block_sum(part, red);
-        for (int i = tid; i < hd; i += nt) vv[i] = len > 0 ? mv[i] / sqrt(len) : 0.0;
         __syncthreads();
+        int best = first;                             /* the longest, the first of equals (tq.c's start) */
+        for (int b = first + 1; b < end; b++) if (lens[b] > lens[best]) best = b;
+        for (int i = tid; i < hd; i += nt) vv[i] = rs[(size_t)best * hd + i];
+        for (int i = tid; i < hd * hd; i += nt) {
+            double acc = 0;
+            const double *ri = rs + (i >> lhd), *rj = rs + (i & (hd - 1));
+            for (int b = first; b < end; b++) acc += ri[(size_t)b * hd] * rj[(size_t)b * hd];
+            m[i] = acc;
+        }
+        __syncthreads();
+        for (int it = 0; it < 200; it++) {              /* power iteration: v <- m v / |m v| */
+            double part = 0;
+            for (int i = tid; i < hd; i += nt) {
+                double s2 = 0;
+                for (int j = 0; j < hd; j++) s2 += m[(size_t)j * hd + i] * vv[j];   /* m is symmetric: coalesced */
+                mv[i] = s2;
+                part += s2 * s2;
+            }
+            double len = block_sum(part, red);
+            for (int i = tid; i < hd; i += nt) vv[i] = len > 0 ? mv[i] / sqrt(len) : 0.0;
+            __syncthreads();
+        }
+        float *u2 = u1 + hd;
+        for (int i = tid; i < hd; i += nt) u2[i] = (float)vv[i];
+        __syncthreads();
+        store_direction_block(u2, u1, hd, red);
     }
-    float *u2 = u1 + hd;
-    for (int i = tid; i < hd; i += nt) u2[i] = (float)vv[i];
-    __syncthreads();
-    store_direction_block(u2, u1, hd, red);
+    finish_dirs(kv, a, at, k + (size_t)first * QKV, QKV, end - first, y, tmp, red);
+}
+
+/* The block of positions that starts at pos (> 0) with fewer than KBLOCK_MIN of its tokens in
+ * this batch takes the previous block's directions (block g: KV head g), after stats_kernel
+ * measured that one. */
+__global__ void inherit_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
+                               const __grid_constant__ AttArgs a, int pos) {
+    pdl_wait_then_release();
+    inherit_dirs(kv, a, (size_t)l * c.n_kv_heads + blockIdx.x, pos / kv.kblock, c.head_dim);
+}
+
+/* S Pi u_j of the directions of layer l's blocks [blk0, blk0 + nblk) (block (g, j)), when the
+ * host measured them (TQ_CUDA_HOST_STATS) */
+__global__ void sketch_kernel(const __grid_constant__ KVCache kv, const __grid_constant__ Config c, int l,
+                              const __grid_constant__ AttArgs a, int blk0) {
+    pdl_wait_then_release();
+    const int hd = c.head_dim;
+    const size_t at = dir_at(kv, (size_t)l * c.n_kv_heads + blockIdx.x, blk0 + blockIdx.y, hd);
+    for (int i = threadIdx.x; i < kv.kproj * hd; i += blockDim.x)
+        a.kdir_qjl[at + i] = dot8(kv.kc.qjl + (size_t)(i % hd) * hd, kv.kdir_rot + at + (i / hd) * hd, hd);
 }
 
 /* a batch's tokens enter the exact store after its attention (run.c's store_exact, its
@@ -920,10 +1019,12 @@ typedef struct {
 } AttRows;
 
 /* s[it][r] = q_r . k_t for the batch's keys t = t0 + kl + kpw*it (it < itk), from the
- * codes of key format F, plus the exact parts along the key directions, scaled
- * by 1/sqrt(head_dim); -inf outside [.., c1) and the row's range. */
+ * codes of key format F, plus the exact parts along the key directions (betas fp16, or int8
+ * codes beta8 times the chunk's block's steps st), scaled by 1/sqrt(head_dim); -inf outside
+ * [.., c1) and the row's range. */
 template <int F>
-__device__ __forceinline__ void score_keys(const KVCache &kv, const uint8_t *base, const uint16_t *beta, int t0,
+__device__ __forceinline__ void score_keys(const KVCache &kv, const uint8_t *base, const uint16_t *beta,
+        const int8_t *beta8, const float st[KPROJ_MAX], int t0,
         int c1, int kl, int gi, int gk, int kpw, int itk, const float q[ATT_ROWS][8], const float qu[ATT_ROWS][KPROJ_MAX],
         const AttRows &rw, const float *cent, float scale, float s[ATT_IT][ATT_ROWS]) {
     const int d = kv.kc.d, R = kv.kproj;
@@ -947,8 +1048,14 @@ __device__ __forceinline__ void score_keys(const KVCache &kv, const uint8_t *bas
     for (int it = 0; it < ATT_IT; it++) {
         if (it >= itk) break;
         int t = t0 + kl + kpw * it, tc = min(t, c1 - 1);
-        float b0 = R > 0 ? tq_f16_to_f32(__ldg(beta + (size_t)tc * R)) : 0.0f;
-        float b1 = R > 1 ? tq_f16_to_f32(__ldg(beta + (size_t)tc * R + 1)) : 0.0f;
+        float b0 = 0.0f, b1 = 0.0f;
+        if (beta8) {
+            b0 = R > 0 ? (float)__ldg(beta8 + (size_t)tc * R) * st[0] : 0.0f;
+            b1 = R > 1 ? (float)__ldg(beta8 + (size_t)tc * R + 1) * st[1] : 0.0f;
+        } else {
+            b0 = R > 0 ? tq_f16_to_f32(__ldg(beta + (size_t)tc * R)) : 0.0f;
+            b1 = R > 1 ? tq_f16_to_f32(__ldg(beta + (size_t)tc * R + 1)) : 0.0f;
+        }
         for (int r = 0; r < ATT_ROWS; r++) {
             float x = s[it][r] + qu[r][0] * b0 + qu[r][1] * b1;
             s[it][r] = t < c1 && t < rw.hi[r] ? scale * x : -INFINITY;
@@ -982,9 +1089,11 @@ static size_t att_shared_bytes(int dv) {
 
 /* Block (chunk, row tile, KV head g): query rows rt*ATT_ROWS.. of the batch (row =
  * token * group + j: head g*group + j of that token), keys [c0, c1) of the coded
- * range [sink, T - window). Its warps take batches of KB keys in turn, each with
- * its own online softmax (running max m, sum l, accumulator acc); the block then
- * merges its warps and writes one partial result per row. */
+ * range [sink, T - window), in pieces that end at the edges of the blocks of key directions:
+ * for each, the rows' rotated queries are readied for its block (prepare), then the warps take
+ * batches of KB keys in turn, each with its own online softmax (running max m, sum l,
+ * accumulator acc) across the pieces; the block then merges its warps and writes one partial
+ * result per row. */
 __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __grid_constant__ KVCache kv,
         const __grid_constant__ Config c, const __grid_constant__ AttArgs a) {
     pdl_wait_then_release();
@@ -1011,29 +1120,58 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
     if (threadIdx.x < 16 && kv.vc.centroids && threadIdx.x < (1u << kv.vc.bits)) cent_v[threadIdx.x] = kv.vc.centroids[threadIdx.x];
     __syncthreads();
 
-    float q[ATT_ROWS][8], qu[ATT_ROWS][KPROJ_MAX], m[ATT_ROWS], l[ATT_ROWS], acc[ATT_ROWS][8];
+    float q[ATT_ROWS][8], qu[ATT_ROWS][KPROJ_MAX], m[ATT_ROWS], l[ATT_ROWS], acc[ATT_ROWS][8], bst[KPROJ_MAX] = {0.0f, 0.0f};
+    const size_t head = (size_t)a.layer * c.n_kv_heads + g;
+    const int R = kv.kproj;
     for (int r = 0; r < ATT_ROWS; r++) {
-        load8(a.qext + (size_t)rw.gr[r] * a.dk + 8 * gik, q[r]);
-        for (int j = 0; j < KPROJ_MAX; j++) qu[r][j] = j < kv.kproj ? a.qu[(size_t)rw.gr[r] * KPROJ_MAX + j] : 0.0f;
         m[r] = NO_SCORE; l[r] = 0.0f;
         for (int k = 0; k < 8; k++) acc[r][k] = 0.0f;
     }
-    const size_t head = (size_t)a.layer * c.n_kv_heads + g;
+    /* the rows' rotated queries readied for block blk's directions (tq.c's prepare_block):
+     * along_j = <Pi q, Pi u_j> = q.u_j (over the first head_dim coordinates: the lane groups of
+     * a key lane), then Pi q_perp = Pi q - sum_j along_j Pi u_j (tq*p: the lane groups past
+     * head_dim hold S Pi q, less along_j S Pi u_j); bst: the block's int8 steps */
+    auto prepare = [&](int blk) {
+        const size_t at = dir_at(kv, head, blk, hd);
+        float ud[KPROJ_MAX][8];
+        for (int j = 0; j < R; j++) {
+            load8(8 * gik < hd ? kv.kdir_rot + at + (size_t)j * hd + 8 * gik : a.kdir_qjl + at + (size_t)j * hd + 8 * gik - hd, ud[j]);
+            bst[j] = kv.kbeta8 ? kv.kscale[at / hd + j] : 0.0f;
+        }
+        for (int r = 0; r < ATT_ROWS; r++) {
+            load8(a.qext + (size_t)rw.gr[r] * a.dk + 8 * gik, q[r]);
+            for (int j = 0; j < KPROJ_MAX; j++) {
+                float pr = 0.0f;
+                if (j < R && 8 * gik < hd)
+                    for (int k = 0; k < 8; k++) pr += q[r][k] * ud[j][k];
+                for (int o = 1; o < gk; o <<= 1) pr += __shfl_xor_sync(FULL_MASK, pr, o);
+                qu[r][j] = j < R ? pr : 0.0f;
+            }
+            for (int j = 0; j < R; j++)
+                for (int k = 0; k < 8; k++) q[r][k] -= qu[r][j] * ud[j][k];
+        }
+    };
     const uint8_t *kbase = cache_row(&kv, kv.key, kv.kc.bytes, &c, a.layer, g, 0);
     const uint8_t *vbase = cache_row(&kv, kv.value, kv.vc.bytes, &c, a.layer, g, 0);
-    const uint16_t *beta = kv.kproj ? kv.kbeta + head * kv.ctx * kv.kproj : NULL;
+    const uint16_t *beta = R && kv.kbeta ? kv.kbeta + head * kv.ctx * R : NULL;
+    const int8_t *beta8 = R && kv.kbeta8 ? kv.kbeta8 + head * kv.ctx * R : NULL;
     const float scale = 1.0f / sqrtf((float)hd);
     const size_t koff_lane = gik * kv.kc.bytes / gk, voff_lane = giv * kv.vc.bytes / gv;
 
-    for (int t0 = c0 + warp * kb; t0 < c1; t0 += ATT_WARPS * kb) {
+    /* the chunk in pieces [p0, p1) that end at the blocks' edges (tq.h, "Key projection"): each
+     * meets the queries readied for its block's directions */
+    for (int p0 = c0, p1; p0 < c1; p0 = p1) {
+    p1 = R ? min(c1, (p0 / kv.kblock + 1) * kv.kblock) : c1;
+    prepare(p0 / kv.kblock);
+    for (int t0 = p0 + warp * kb; t0 < p1; t0 += ATT_WARPS * kb) {
         float s[ATT_IT][ATT_ROWS];
         /* the values of this batch and the keys of the next are on their way while this one is scored */
-        prefetch_rows(vbase, kv.vc.bytes, voff_lane, t0, c1, klv, kpwv, itv);
-        if (t0 + ATT_WARPS * kb < c1) prefetch_rows(kbase, kv.kc.bytes, koff_lane, t0 + ATT_WARPS * kb, c1, kl, kpwk, itk);
+        prefetch_rows(vbase, kv.vc.bytes, voff_lane, t0, p1, klv, kpwv, itv);
+        if (t0 + ATT_WARPS * kb < p1) prefetch_rows(kbase, kv.kc.bytes, koff_lane, t0 + ATT_WARPS * kb, p1, kl, kpwk, itk);
         for (int it = 0; it < ATT_IT; it++)
             for (int r = 0; r < ATT_ROWS; r++) s[it][r] = -INFINITY;
         switch (kv.kc.fmt) {     /* one branch per batch of keys, never per key */
-#define SCORE_CASE(F) case F: score_keys<F>(kv, kbase, beta, t0, c1, kl, gik, gk, kpwk, itk, q, qu, rw, cent_k, scale, s); break;
+#define SCORE_CASE(F) case F: score_keys<F>(kv, kbase, beta, beta8, bst, t0, p1, kl, gik, gk, kpwk, itk, q, qu, rw, cent_k, scale, s); break;
         FMT_CASES(SCORE_CASE)
         default: break;
         }
@@ -1055,11 +1193,12 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
                     for (int r = 0; r < ATT_ROWS; r++) p[(kl + kpwk * it) * ATT_ROWS + r] = s[it][r];
         __syncwarp();
         switch (kv.vc.fmt) {
-#define VALUE_CASE(F) case F: accumulate_values<F>(kv, vbase, t0, c1, klv, giv, kpwv, itv, p, cent_v, acc); break;
+#define VALUE_CASE(F) case F: accumulate_values<F>(kv, vbase, t0, p1, klv, giv, kpwv, itv, p, cent_v, acc); break;
         FMT_CASES(VALUE_CASE)
         default: break;
         }
         __syncwarp();
+    }
     }
     /* the lanes of one group hold sums over different keys: add them up */
     for (int o = gv; o < 32; o <<= 1)
@@ -1283,10 +1422,11 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
      * byte lies as far past a 16-byte boundary (mk, mv, mb) as the head's first row does */
     const size_t head = (size_t)a.layer * c.n_kv_heads + g;
     const uint8_t *kbase = kv.key + head * kv.ctx * S::KROW, *vbase = kv.value + head * kv.ctx * S::VROW;
-    const uint8_t *bbase = (const uint8_t *)(kv.kbeta + head * kv.ctx * R);
+    const int bsz = kv.kbeta8 ? 1 : 2;              /* bytes of a beta: int8 code, or fp16 */
+    const uint8_t *bbase = kv.kbeta8 ? (const uint8_t *)(kv.kbeta8 + head * kv.ctx * R) : (const uint8_t *)(kv.kbeta + head * kv.ctx * R);
     const int mk = (int)((uintptr_t)kbase & 15), mv = (int)((uintptr_t)vbase & 15), mb = (int)((uintptr_t)bbase & 15);
     const int nk = (mk + MMA_KEYS * S::KROW + 15) / 16, nv = (mv + MMA_KEYS * S::VROW + 15) / 16;
-    const int nb = R ? (mb + MMA_KEYS * R * 2 + 15) / 16 : 0;
+    const int nb = R ? (mb + MMA_KEYS * R * bsz + 15) / 16 : 0;
     const int tfirst = (c0 & ~(MMA_KEYS - 1)) + MMA_KEYS * warp, tstep = MMA_KEYS * MMA_WARPS;
     const int ntiles = work && tfirst < c1 ? ceil_div(c1 - tfirst, tstep) : 0;
     uint8_t *buf = smem + S::PTAB + warp * S::WARP_BUF;
@@ -1295,7 +1435,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         if (i < ntiles) {
             const size_t t = (size_t)(tfirst + i * tstep);
             uint8_t *st = buf + (i % MMA_STAGES) * S::TILE;
-            const uint8_t *ks = kbase - mk + t * S::KROW, *vs = vbase - mv + t * S::VROW, *bs = bbase - mb + t * R * 2;
+            const uint8_t *ks = kbase - mk + t * S::KROW, *vs = vbase - mv + t * S::VROW, *bs = bbase - mb + t * R * bsz;
             for (int p = lane; p < nk + nv + nb; p += 32) {
                 if (p < nk) cp_async16(st + 16 * p, ks + 16 * p);
                 else if (p < nk + nv) cp_async16(st + S::KREG + 16 * (p - nk), vs + 16 * (p - nk));
@@ -1314,32 +1454,71 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         for (int i = 0; i < MMA_STAGES - 1; i++) load_tile(i);
     const int hi_min = min(c1, pos + rho0 / G + 1 - kv.window);   /* keys below it count for every row */
 
-    /* this lane's score rows 2tq, 2tq+1: their key ranges and parts along the key directions */
+    /* this lane's score rows 2tq, 2tq+1: their key ranges */
     int hi2[2];
-    float qu2[2][KPROJ_MAX];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         int rho = rho0 + 2 * tq + r, tok = rho / G;
         hi2[r] = rho < rows ? pos + tok + 1 - kv.window : hi_max;
-#pragma unroll
-        for (int j = 0; j < KPROJ_MAX; j++)
-            qu2[r][j] = rho < rows && j < R ? a.qu[((size_t)tok * c.n_heads + g * G + rho % G) * KPROJ_MAX + j] : 0.0f;
     }
-    /* the rotated query of row gq, coordinates D/4 tq + 4j + {0, 1 | 2, 3}: the score product's B,
-     * high and low fp16 parts, in registers: the kernel takes what ptxas gives it (104-161), since
-     * a cap of 128 for a fourth block per multiprocessor (these low parts then in shared memory, a
-     * few spills) costs more than the extra warps give (bench/gpu_notes.md) */
+    /* the rotated query of row gq, coordinates D/4 tq + 4j + {0, 1 | 2, 3}, readied for block blk's
+     * directions (tq.c's prepare_block: along_j = <Pi q, Pi u_j>, summed over the row's four
+     * lanes, then Pi q_perp = Pi q - sum_j along_j Pi u_j): the score product's B, high and low
+     * fp16 parts, in registers: the kernel takes what ptxas gives it (104-161), since a cap of 128
+     * for a fourth block per multiprocessor (these low parts then in shared memory, a few spills)
+     * costs more than the extra warps give (bench/gpu_notes.md). The parts along the directions
+     * of rows 2tq, 2tq+1 (qu2) come from those rows' lanes; bstep: the block's int8 steps. A
+     * warp readies them again where its tiles enter another block (a tile of 16 keys never
+     * straddles two: blocks are multiples of 16). */
     uint32_t qf[KSTEPS][2], ql[KSTEPS][2];
-    {
+    float qu2[2][KPROJ_MAX], bstep[KPROJ_MAX] = {0.0f, 0.0f};
+    auto prepare = [&](int blk) {
         int rho = rho0 + gq, tok = rho / G;
+        const size_t at = R ? dir_at(kv, head, blk, D) : 0;
         const float *q = a.qext + ((size_t)tok * c.n_heads + g * G + rho % G) * a.dk + tq * (D / 4);
+        float4 v[KSTEPS];
+#pragma unroll
+        for (int j = 0; j < KSTEPS; j++) v[j] = rho < rows ? *(const float4 *)(q + 4 * j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        float along[KPROJ_MAX];
+#pragma unroll
+        for (int d = 0; d < KPROJ_MAX; d++) {
+            float pr = 0.0f;
+            if (d < R) {
+                const float *u = kv.kdir_rot + at + (size_t)d * D + tq * (D / 4);
+#pragma unroll
+                for (int j = 0; j < KSTEPS; j++) {
+                    float4 w = *(const float4 *)(u + 4 * j);
+                    pr += v[j].x * w.x + v[j].y * w.y + v[j].z * w.z + v[j].w * w.w;
+                }
+                bstep[d] = kv.kbeta8 ? kv.kscale[at / D + d] : 0.0f;
+            }
+            pr += __shfl_xor_sync(FULL_MASK, pr, 1);
+            pr += __shfl_xor_sync(FULL_MASK, pr, 2);
+            along[d] = pr;
+        }
+#pragma unroll
+        for (int d = 0; d < KPROJ_MAX; d++) {
+            if (d < R) {
+                const float *u = kv.kdir_rot + at + (size_t)d * D + tq * (D / 4);
+#pragma unroll
+                for (int j = 0; j < KSTEPS; j++) {
+                    float4 w = *(const float4 *)(u + 4 * j);
+                    v[j].x -= along[d] * w.x; v[j].y -= along[d] * w.y; v[j].z -= along[d] * w.z; v[j].w -= along[d] * w.w;
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                float x = __shfl_sync(FULL_MASK, along[d], 4 * (2 * tq + r));
+                qu2[r][d] = rho0 + 2 * tq + r < rows && d < R ? x : 0.0f;
+            }
+        }
 #pragma unroll
         for (int j = 0; j < KSTEPS; j++) {
-            float4 v = rho < rows ? *(const float4 *)(q + 4 * j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            split_half2(v.x, v.y, &qf[j][0], &ql[j][0]);
-            split_half2(v.z, v.w, &qf[j][1], &ql[j][1]);
+            split_half2(v[j].x, v[j].y, &qf[j][0], &ql[j][0]);
+            split_half2(v[j].z, v[j].w, &qf[j][1], &ql[j][1]);
         }
-    }
+    };
+    int ready = -1;                                   /* the block the query is readied for */
 
     const float sl = LOG2E / sqrtf((float)D);     /* scores in log2 units: exp2 below */
     float m2[2] = {NO_SCORE, NO_SCORE}, l2[2] = {0.0f, 0.0f}, acc[MTILES][4];
@@ -1352,6 +1531,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         load_tile(i + MMA_STAGES - 1);
         const uint8_t *tile = buf + (i % MMA_STAGES) * S::TILE, *st = tile + mk, *vst = tile + S::KREG + mv;
         const int t = tfirst + i * tstep;
+        if (t / kv.kblock != ready) { ready = t / kv.kblock; prepare(ready); }
 
         /* scores of keys gq and gq+8 for rows 2tq, 2tq+1: s[0], s[1] and s[2], s[3] */
         float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s2[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s3[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -1371,9 +1551,16 @@ __global__ void __launch_bounds__(MMA_WARPS * 32) attention_mma_kernel(const __g
         for (int e = 0; e < 4; e++) s[e] += s2[e] + s3[e];
         const float ska = __half2float(*(const __half *)(st + gq * S::KROW + S::KROW - 2));
         const float skb = __half2float(*(const __half *)(st + (gq + 8) * S::KROW + S::KROW - 2));
-        const __half *beta = (const __half *)(tile + S::KREG + S::VREG + mb);
-        const float ba0 = R > 0 ? __half2float(beta[gq * R]) : 0.0f, bb0 = R > 0 ? __half2float(beta[(gq + 8) * R]) : 0.0f;
-        const float ba1 = R > 1 ? __half2float(beta[gq * R + 1]) : 0.0f, bb1 = R > 1 ? __half2float(beta[(gq + 8) * R + 1]) : 0.0f;
+        float ba0 = 0.0f, bb0 = 0.0f, ba1 = 0.0f, bb1 = 0.0f;   /* the keys' betas, as stored */
+        if (kv.kbeta8) {
+            const int8_t *beta = (const int8_t *)(tile + S::KREG + S::VREG + mb);
+            if (R > 0) { ba0 = beta[gq * R] * bstep[0]; bb0 = beta[(gq + 8) * R] * bstep[0]; }
+            if (R > 1) { ba1 = beta[gq * R + 1] * bstep[1]; bb1 = beta[(gq + 8) * R + 1] * bstep[1]; }
+        } else {
+            const __half *beta = (const __half *)(tile + S::KREG + S::VREG + mb);
+            if (R > 0) { ba0 = __half2float(beta[gq * R]); bb0 = __half2float(beta[(gq + 8) * R]); }
+            if (R > 1) { ba1 = __half2float(beta[gq * R + 1]); bb1 = __half2float(beta[(gq + 8) * R + 1]); }
+        }
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             s[r] = sl * (ska * s[r] + qu2[r][0] * ba0 + qu2[r][1] * ba1);
@@ -1491,7 +1678,7 @@ static AttKernel mma_kernel(const KVCache *kv, int hd, size_t *shared) {
 static size_t merge_shared_bytes(const Config *c, const KVCache *kv, int dv) {
     size_t hd = c->head_dim, tables = enc_table_floats(kv, (int)hd);
     size_t row = tables + 2 * (size_t)dv + MAX_PARTS + MERGE_EXACT + 32;
-    size_t store = tables + (KPROJ_MAX + 2) * hd + 2 * (size_t)enc_warp_floats((int)hd);
+    size_t store = tables + KPROJ_MAX * (hd + 1) + 2 * hd + 2 * (size_t)enc_warp_floats((int)hd);
     return (row > store ? row : store) * sizeof(float);
 }
 
@@ -1501,18 +1688,19 @@ static size_t merge_shared_bytes(const Config *c, const KVCache *kv, int dv) {
  * (every kernel waits for its predecessor before it lets its successor start), so the block
  * never waits. */
 __device__ __forceinline__ void store_deferred(const KVCache &kv, const Config &c, const AttArgs &a, int g, float *sm) {
-    const int hd = c.head_dim, R = kv.kproj, tid = threadIdx.x, warp = tid >> 5;
-    const size_t head = (size_t)a.layer * c.n_kv_heads + g;
+    const int hd = c.head_dim, R = kv.kproj, tid = threadIdx.x, warp = tid >> 5, p = a.step[0];
+    const size_t head = (size_t)a.layer * c.n_kv_heads + g, du = R ? dir_at(kv, head, p / kv.kblock, hd) : 0;
     tq_codec kc = codec_to_shared(&kv.kc, &sm), vc = codec_to_shared(&kv.vc, &sm);
-    float *u = sm, *x = u + KPROJ_MAX * hd, *scratch = x + 2 * hd;
+    float *u = sm, *step = u + KPROJ_MAX * hd, *x = step + KPROJ_MAX, *scratch = x + 2 * hd;
     for (int i = tid; i < hd; i += blockDim.x) {
-        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[(head * R + r) * hd + i];
+        for (int r = 0; r < R; r++) u[r * hd + i] = kv.kdir[du + r * hd + i];
         x[i] = a.knew[(size_t)g * 2 * hd + i];
         x[hd + i] = a.knew[(size_t)g * 2 * hd + hd + i];
     }
+    if (tid < R && kv.kbeta8) step[tid] = kv.kscale[du / hd + tid];
     __syncthreads();
-    if (warp == 0) store_kv_warp(kv, c, a.layer, g, a.step[0], 0, x, u, &kc, scratch);
-    if (warp == 1) store_kv_warp(kv, c, a.layer, g, a.step[0], 1, x + hd, u, &vc, scratch + enc_warp_floats(hd));
+    if (warp == 0) store_kv_warp(kv, c, a.layer, g, p, 0, x, u, kv.kbeta8 ? step : NULL, &kc, scratch);
+    if (warp == 1) store_kv_warp(kv, c, a.layer, g, p, 1, x + hd, u, NULL, &vc, scratch + enc_warp_floats(hd));
 }
 
 /* Row (token b, head h): the partials of its chunks, the exact positions (the
@@ -1666,9 +1854,13 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     if (2 * hid * dim > wide_floats) wide_floats = 2 * hid * dim;
     if (qd * dim > wide_floats) wide_floats = qd * dim;
     size_t wbytes = h2 * (V * dim * (c->shared_classifier ? 1 : 2) + L * dim * (QKV + qd + 3 * hid)) + f * (2 * L + 1) * dim;
-    double act = (double)f * (B * (2 * dim + wide + QKV + 3 * hid + c->n_heads * (dk + KPROJ_MAX + MAX_PARTS * (2.0 + dv) + emax))
+    double act = (double)f * (B * (2 * dim + wide + QKV + 3 * hid + c->n_heads * (dk + MAX_PARTS * (2.0 + dv) + emax))
                               + logit_rows * V + wide_floats);
-    double cache = (double)heads * kv->ctx * (kv->kc.bytes + kv->vc.bytes + 2 * R) + 4.0 * heads * kv->slots * hd;
+    size_t dirs = heads * kv->blocks * R * hd, beta_bytes = kv->kbeta8 ? 1 : 2;   /* (heads, blocks, R, head_dim) */
+    int stats_blocks = ceil_div((int)B, kv->kblock) + 1;   /* blocks a batch can start */
+    double cache = (double)heads * kv->ctx * (kv->kc.bytes + kv->vc.bytes + beta_bytes * R) + 4.0 * heads * kv->slots * hd
+                   + (double)f * dirs * (is_prod(kv->kc.fmt) ? 3 : 2) + (double)f * heads * kv->blocks * R
+                   + 8.0 * c->n_kv_heads * ((double)stats_blocks * hd * hd + B * (hd + 1));
     double need = wbytes + act + cache;
     size_t free_b, total_b;
     CUDA(cudaMemGetInfo(&free_b, &total_b));
@@ -1714,12 +1906,17 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
      * more, the last tile past the end) */
     g->kv.key = (uint8_t *)gpu_alloc(g, NULL, (heads * kv->ctx + 2 * MMA_KEYS) * kv->kc.bytes);
     g->kv.value = (uint8_t *)gpu_alloc(g, NULL, (heads * kv->ctx + 2 * MMA_KEYS) * kv->vc.bytes);
-    g->kv.kdir = (float *)gpu_alloc(g, NULL, heads * R * hd * f);
-    g->kv.kbeta = (uint16_t *)gpu_alloc(g, NULL, (heads * kv->ctx + 2 * MMA_KEYS) * R * 2);
+    /* the key directions in build_cache's layout (the host's copies stay: TQ_CUDA_HOST_STATS
+     * measures into them), the betas fp16 (--kblock 0) or int8 with their steps */
+    g->kv.kdir = (float *)gpu_alloc(g, NULL, dirs * f);
+    g->kv.kdir_rot = (float *)gpu_alloc(g, NULL, dirs * f);
+    g->kv.kbeta = kv->kbeta ? (uint16_t *)gpu_alloc(g, NULL, (heads * kv->ctx + 2 * MMA_KEYS) * R * 2) : NULL;
+    g->kv.kbeta8 = kv->kbeta8 ? (int8_t *)gpu_alloc(g, NULL, (heads * kv->ctx + 2 * MMA_KEYS) * R) : NULL;
+    g->kv.kscale = kv->kscale ? (float *)gpu_alloc(g, NULL, heads * kv->blocks * R * f) : NULL;
     g->kv.exact_k = (uint16_t *)gpu_alloc(g, NULL, heads * kv->slots * hd * 2);
     g->kv.exact_v = (uint16_t *)gpu_alloc(g, NULL, heads * kv->slots * hd * 2);
-    free(kv->key); free(kv->value); free(kv->kbeta);   /* the host copies are never used */
-    kv->key = kv->value = NULL;
+    free(kv->key); free(kv->value); free(kv->kbeta);   /* the host copies are never used (kbeta8: its being */
+    kv->key = kv->value = NULL;                        /* there tells tq_key_dirs and cache_bytes the betas are int8) */
     kv->kbeta = NULL;
 
     g->x = (float *)gpu_alloc(g, NULL, B * dim * f);
@@ -1744,11 +1941,12 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     a->rope = (float *)gpu_alloc(g, cs, (size_t)kv->ctx * hd * f);
     free(cs);
     a->qext = (float *)gpu_alloc(g, NULL, B * c->n_heads * dk * f);
-    a->qu = (float *)gpu_alloc(g, NULL, B * c->n_heads * KPROJ_MAX * f);
+    a->kdir_qjl = is_prod(kv->kc.fmt) ? (float *)gpu_alloc(g, NULL, dirs * f) : NULL;
     a->part = (float *)gpu_alloc(g, NULL, B * c->n_heads * MAX_PARTS * (2 + dv) * f);
     a->escore = (float *)gpu_alloc(g, NULL, B * c->n_heads * a->emax * f);
     a->knew = (float *)gpu_alloc(g, NULL, 2 * kvd * f);
-    g->stats_m = (double *)gpu_alloc(g, NULL, (size_t)c->n_kv_heads * (hd * hd + B * (hd + 1)) * sizeof(double));
+    g->stats_blocks = stats_blocks;
+    g->stats_m = (double *)gpu_alloc(g, NULL, (size_t)c->n_kv_heads * (stats_blocks * hd * hd + B * (hd + 1)) * sizeof(double));
     CUDA(cudaMallocHost((void **)&g->host_step, (1 + B) * sizeof(int)));
     CUDA(cudaMallocHost((void **)&g->host_logits, logit_rows * V * f));
 
@@ -1836,20 +2034,35 @@ static void gemm(Gpu *g, float *out, int ldo, const float *x, int ldx, const __h
     }
 }
 
-/* A new sequence the host's way (TQ_CUDA_HOST_STATS): layer l's first-batch q, k
- * go to the host, run.c's measure_stats fills the host cache's statistics, and they
- * come back. stats_kernel does the same on the GPU. */
-static void gpu_stats(Transformer *t, int l, int n) {
+/* The blocks of key directions that start in layer l's batch of n tokens at pos, the host's way
+ * (TQ_CUDA_HOST_STATS): the batch's q, k and the block before those (which a block with too few
+ * tokens inherits) go to the host, run.c's measure_stats fills the host cache's blocks, and they
+ * come back (for tq*p keys sketch_kernel adds S Pi u_j). stats_kernel does the same on the GPU. */
+static void gpu_stats(Transformer *t, int l, int n, int pos) {
     const Config *c = &t->config;
     Gpu *g = t->gpu;
     KVCache *kv = &t->cache;
     RunState *hs = &t->state;
     size_t hd = c->head_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, R = kv->kproj, f = sizeof(float);
+    int B = kv->kblock, blk0 = ceil_div(pos, B), nblk = ceil_div(pos + n - blk0 * B, B), nkv = c->n_kv_heads;
     CUDA(cudaMemcpy2DAsync(hs->q, qd * f, g->qkv, QKV * f, qd * f, n, cudaMemcpyDeviceToHost, g->stream));
     CUDA(cudaMemcpy2DAsync(hs->k, kvd * f, g->qkv + qd, QKV * f, kvd * f, n, cudaMemcpyDeviceToHost, g->stream));
+    /* blocks [j, j + nb) of layer l's KV heads, one way or the other: (heads, blocks, R, hd) rows of a pitch */
+    auto copy = [&](int j, int nb, cudaMemcpyKind dir) {
+        size_t at = dir_at(*kv, (size_t)l * nkv, j, (int)hd), pitch = kv->blocks * R * hd * f, w = nb * R * hd * f;
+        float *hsrc[2] = {kv->kdir + at, kv->kdir_rot + at}, *dsrc[2] = {g->kv.kdir + at, g->kv.kdir_rot + at};
+        for (int i = 0; i < 2; i++)
+            CUDA(cudaMemcpy2DAsync(dir == cudaMemcpyHostToDevice ? dsrc[i] : hsrc[i], pitch, dir == cudaMemcpyHostToDevice ? hsrc[i] : dsrc[i],
+                                   pitch, w, nkv, dir, g->stream));
+        if (kv->kscale)
+            CUDA(cudaMemcpy2DAsync(dir == cudaMemcpyHostToDevice ? g->kv.kscale + at / hd : kv->kscale + at / hd, pitch / hd,
+                                   dir == cudaMemcpyHostToDevice ? kv->kscale + at / hd : g->kv.kscale + at / hd, pitch / hd, w / hd, nkv, dir, g->stream));
+    };
+    if (blk0 > 0) copy(blk0 - 1, 1, cudaMemcpyDeviceToHost);
     CUDA(cudaStreamSynchronize(g->stream));
-    measure_stats(kv, c, l, hs->q, hs->k, n, 0);
-    if (R) CUDA(cudaMemcpyAsync(g->kv.kdir + l * R * kvd, kv->kdir + l * R * kvd, R * kvd * f, cudaMemcpyHostToDevice, g->stream));
+    measure_stats(kv, c, l, hs->q, hs->k, n, pos);
+    copy(blk0, nblk, cudaMemcpyHostToDevice);
+    if (g->att.kdir_qjl) launch(g, sketch_kernel, dim3(nkv, nblk), dim3(128), 0, g->kv, *c, l, g->att, blk0);
     CUDA(cudaStreamSynchronize(g->stream));   /* the host arrays may change before the copies ran otherwise */
 }
 
@@ -1885,7 +2098,10 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
     const KVCache *kv = &t->cache;
     int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim, V = c->vocab_size;
     int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, QKV = qd + 2 * kvd, nkv = n * c->n_kv_heads;
-    int stats = pos == 0 && kv->kproj;
+    /* the blocks of key directions that start in this batch (a decoded token inherits in rope_encode_kernel) */
+    int B = kv->kblock, p0 = ceil_div(pos, B) * B, nblk = p0 < pos + n ? ceil_div(pos + n - p0, B) : 0;
+    int stats = kv->kproj && nblk && (n > 1 || pos == 0), plast = p0 + (nblk - 1) * B;
+    int inherit = stats && plast > 0 && pos + n - plast < KBLOCK_MIN;   /* the last one, on too few tokens */
     float eps = c->norm_eps;
     AttArgs a = g->att;
     a.n = n;
@@ -1905,10 +2121,15 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
         }
         if (stats) {
             launch(g, rope_encode_kernel, dim3(nkv), dim3(32 * (2 + ENC_QWARPS)), g->enc_shared, g->kv, *c, l, a, MODE_ROPE);
-            if (g->host_stats) gpu_stats(t, l, n);
-            else launch(g, stats_kernel, dim3(c->n_kv_heads), dim3(STATS_THREADS), 3 * hd * sizeof(double), g->kv, *c, l, a, g->stats_m);
+            if (g->host_stats) gpu_stats(t, l, n, pos);
+            else {
+                launch(g, stats_kernel, dim3(c->n_kv_heads, nblk), dim3(STATS_THREADS), 3 * hd * sizeof(double) + 2 * KPROJ_MAX * hd * sizeof(float),
+                       g->kv, *c, l, a, g->stats_m, g->stats_blocks);
+                if (inherit) launch(g, inherit_kernel, dim3(c->n_kv_heads), dim3(128), 0, g->kv, *c, l, a, plast);
+            }
         }
-        int mode = (stats ? 0 : MODE_ROPE) | MODE_QUERY | (defer_store(g, n) ? 0 : MODE_STORE) | (n == 1 ? MODE_EXACT : 0);
+        int mode = (stats ? 0 : MODE_ROPE) | MODE_QUERY | (defer_store(g, n) ? 0 : MODE_STORE) | (n == 1 ? MODE_EXACT : 0)
+                   | (n == 1 && !stats ? MODE_INHERIT : 0);
         launch(g, rope_encode_kernel, dim3(nkv), dim3(32 * (2 + ENC_QWARPS)), g->enc_shared, g->kv, *c, l, a, mode);
         attention_layer(g, c, l, n, pos);
         if (n > 1) launch(g, store_exact_kernel, dim3(nkv), dim3(64), 0, g->kv, *c, l, a);
@@ -1987,8 +2208,13 @@ static void gpu_warm_up(Transformer *t, int all_logits) {
     CUDA(cudaMemsetAsync(kv->key, 0, heads * kv->ctx * kv->kc.bytes, g->stream));
     CUDA(cudaMemsetAsync(kv->value, 0, heads * kv->ctx * kv->vc.bytes, g->stream));
     if (R) {
-        CUDA(cudaMemsetAsync(kv->kdir, 0, heads * R * hd * sizeof(float), g->stream));
-        CUDA(cudaMemsetAsync(kv->kbeta, 0, heads * kv->ctx * R * sizeof(uint16_t), g->stream));
+        size_t dirs = heads * kv->blocks * R * hd * sizeof(float);
+        CUDA(cudaMemsetAsync(kv->kdir, 0, dirs, g->stream));
+        CUDA(cudaMemsetAsync(kv->kdir_rot, 0, dirs, g->stream));
+        if (g->att.kdir_qjl) CUDA(cudaMemsetAsync(g->att.kdir_qjl, 0, dirs, g->stream));
+        if (kv->kbeta) CUDA(cudaMemsetAsync(kv->kbeta, 0, heads * kv->ctx * R * sizeof(uint16_t), g->stream));
+        if (kv->kbeta8) CUDA(cudaMemsetAsync(kv->kbeta8, 0, heads * kv->ctx * R, g->stream));
+        if (kv->kscale) CUDA(cudaMemsetAsync(kv->kscale, 0, heads * kv->blocks * R * sizeof(float), g->stream));
     }
     if (kv->slots) {
         CUDA(cudaMemsetAsync(kv->exact_k, 0, heads * kv->slots * hd * sizeof(uint16_t), g->stream));

@@ -124,14 +124,17 @@ def long_ids_file(model, tmp_path_factory):
     return token_file(model, tmp_path_factory.mktemp("cuda") / "long_ids.txt", 700)
 
 
-# run_cuda keeps one set of key directions per sequence (--kblock 0, its default); the CPU build
-# is compared at that setting (its own default is --kblock 256)
+# Both builds at their default, key directions per block of 256 positions (--kblock 256), and at
+# --kblock 0 (one set per sequence, fp16 betas) and --kblock 48 (several blocks to a batch of 64,
+# chunks that are not a multiple of 128, and a block at 288 with 12 tokens of the last batch,
+# which inherits the previous block's directions)
 ONE_SET = ("--kblock", 0)
+SMALL_BLOCKS = ("--kblock", 48)
 
 
 def logits(binary, model, ids_file, out, fmt, *extra):
     n = len(ids_file.read_text().split())
-    run_cmd([model, "-m", "logits", "-k", fmt, "-c", max(512, n), "-f", ids_file, "-o", out, *ONE_SET, *extra],
+    run_cmd([model, "-m", "logits", "-k", fmt, "-c", max(512, n), "-f", ids_file, "-o", out, *extra],
             binary=binary)
     return np.fromfile(out, dtype=np.float32).reshape(n, -1).astype(np.float64)
 
@@ -159,8 +162,7 @@ def run_other_rounding(tmp_path_factory):
 
 def logits_env(binary, model, ids_file, out, fmt, env, *extra):
     n = len(ids_file.read_text().split())
-    args = [str(binary), str(model), "-m", "logits", "-k", fmt, "-c", str(max(512, n)), "-f", str(ids_file), "-o", str(out),
-            *map(str, ONE_SET)]
+    args = [str(binary), str(model), "-m", "logits", "-k", fmt, "-c", str(max(512, n)), "-f", str(ids_file), "-o", str(out)]
     subprocess.run(args + [str(a) for a in extra], check=True, capture_output=True, env={**os.environ, **env})
     return np.fromfile(out, dtype=np.float32).reshape(n, -1).astype(np.float64)
 
@@ -189,41 +191,46 @@ def compare(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt, *extra
 
 
 @needs_gpu
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_logits_match_cpu(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt):
-    """Batches: 300 tokens in batches of 64 (statistics from the first, later batches reading
-    earlier ones from the cache and the exact ring; cuBLAS products, chunks of 256 keys).
-    KL(CPU || GPU) of the next-token distributions against KL(CPU || CPU rounded differently).
-    Measured with the previous fp32-weights GPU build on an H200, 2026-11-28 (real SmolLM2): the
-    two within a factor 1.4 of each other for every format."""
-    compare(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt, "--batch", 64)
+@pytest.mark.parametrize("fmt,blocks", [(f, ()) for f in FORMATS] + [("tq3", ONE_SET), ("tq4p:q8", ONE_SET),
+                                                                      ("tq3", SMALL_BLOCKS), ("q4:tq3p", SMALL_BLOCKS)])
+def test_logits_match_cpu(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt, blocks):
+    """Batches: 300 tokens in batches of 64 (the key directions of block 0 from the first batch,
+    of block 1 from the batch at 256; later batches reading earlier ones from the cache and the
+    exact ring; cuBLAS products, chunks of 256 keys). KL(CPU || GPU) of the next-token
+    distributions against KL(CPU || CPU rounded differently). Measured with the previous
+    fp32-weights GPU build on an H200, 2026-11-28 (real SmolLM2): the two within a factor 1.4 of
+    each other for every format."""
+    compare(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt, "--batch", 64, *blocks)
 
 
 @needs_gpu
-@pytest.mark.parametrize("fmt", ["fp32", "fp16", "tq3", "tq4p:q8"])
-def test_decode_logits_match_cpu(model, run_cuda, run_other_rounding, short_ids_file, tmp_path, fmt):
+@pytest.mark.parametrize("fmt,blocks", [("fp32", ()), ("fp16", ()), ("tq3", ()), ("tq4p:q8", ()), ("tq3", ONE_SET)])
+def test_decode_logits_match_cpu(model, run_cuda, run_other_rounding, short_ids_file, tmp_path, fmt, blocks):
     """120 tokens one at a time (--batch 1): the decode path (GEMV kernels, the replayed CUDA
     graph, the exact ring written by the encode kernel, attention chunks that follow the
     position), statistics from the first token. tq4p:q8 scores keys of 2 head_dim floats
     (prepared query and QJL signs) and accumulates values of head_dim."""
-    compare(model, run_cuda, run_other_rounding, short_ids_file, tmp_path, fmt, "--batch", 1, factor=10)
+    compare(model, run_cuda, run_other_rounding, short_ids_file, tmp_path, fmt, "--batch", 1, *blocks, factor=10)
 
 
 @needs_gpu
-@pytest.mark.parametrize("fmt", ["tq3", "q4:tq2p"])
-def test_long_decode_matches_cpu(model, run_cuda, run_other_rounding, long_ids_file, tmp_path, fmt):
+@pytest.mark.parametrize("fmt,blocks", [("tq3", ()), ("q4:tq2p", ()), ("tq3", ONE_SET)])
+def test_long_decode_matches_cpu(model, run_cuda, run_other_rounding, long_ids_file, tmp_path, fmt, blocks):
     """700 tokens one at a time: decode attention merges up to 6 chunks of 128 keys and the
-    window ring wraps many times. q4:tq2p: 1-bit centroids plus signs for the values."""
-    compare(model, run_cuda, run_other_rounding, long_ids_file, tmp_path, fmt, "--batch", 1, factor=10)
+    window ring wraps many times; the blocks of directions at 256 and 512 start with one decoded
+    token and inherit the previous block's inside the replayed graph (rope_encode_kernel). q4:tq2p:
+    1-bit centroids plus signs for the values."""
+    compare(model, run_cuda, run_other_rounding, long_ids_file, tmp_path, fmt, "--batch", 1, *blocks, factor=10)
 
 
 @needs_gpu
-@pytest.mark.parametrize("fmt", ["tq3", "q8:tq4p"])
-def test_gpu_statistics_match_host(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt):
-    """The statistics of a sequence (the two key directions of the default --kproj 2) measured
-    on the GPU (stats_kernel) against run.c's measure_stats on the host (TQ_CUDA_HOST_STATS=1),
-    both in the GPU build: the same logits up to the CPU builds' rounding yardstick."""
-    extra = ["--batch", 64]
+@pytest.mark.parametrize("fmt,blocks", [("tq3", ()), ("q8:tq4p", ()), ("tq4p", SMALL_BLOCKS), ("tq3", ONE_SET)])
+def test_gpu_statistics_match_host(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt, blocks):
+    """The statistics of a sequence (the two key directions of the default --kproj 2, per block,
+    with the int8 betas' steps) measured on the GPU (stats_kernel, inherit_kernel) against run.c's
+    measure_stats on the host (TQ_CUDA_HOST_STATS=1), both in the GPU build: the same logits up to
+    the CPU builds' rounding yardstick."""
+    extra = ["--batch", 64, *blocks]
     host = logits_env(run_cuda, model, ids_file, tmp_path / "host.f32", fmt, {"TQ_CUDA_HOST_STATS": "1"}, *extra)
     gpu = logits_env(run_cuda, model, ids_file, tmp_path / "gpu.f32", fmt, {}, *extra)
     cpu = logits(RUN, model, ids_file, tmp_path / "cpu.f32", fmt, *extra)
@@ -263,7 +270,7 @@ def test_gpu_is_deterministic(model, run_cuda, short_ids_file, tmp_path, fmt, ba
 
 
 def eval_line(binary, model, text, fmt):
-    p = run_cmd([model, "-m", "eval", "-f", text, "-k", fmt, "-c", 256, "--chunks", 4, *ONE_SET], binary=binary)
+    p = run_cmd([model, "-m", "eval", "-f", text, "-k", fmt, "-c", 256, "--chunks", 4], binary=binary)
     line = p.stdout.decode().strip().splitlines()[-1]
     return {k: float(v) if k != "fmt" else v for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
 
@@ -288,7 +295,7 @@ def test_generate_and_memory_line(model, run_cuda):
     """Greedy generation with the default cache: the memory line (bytes of the same layout) is
     the CPU's, and the text is the CPU's for the first 8 tokens (and names Berlin, on the real
     model)."""
-    args = [model, "-t", 0, "-n", 8, *ONE_SET, "-i", "The capital of France is Paris. The capital of Germany is"]
+    args = [model, "-t", 0, "-n", 8, "-i", "The capital of France is Paris. The capital of Germany is"]
     cpu, gpu = run_cmd(args), run_cmd(args, binary=run_cuda)
     mem = lambda p: [l for l in p.stderr.decode().splitlines() if l.startswith("kv:")]
     assert mem(cpu) == mem(gpu) and len(mem(cpu)) == 2
@@ -299,14 +306,12 @@ def test_generate_and_memory_line(model, run_cuda):
 
 @needs_gpu
 def test_help_and_errors_are_runs(model, run_cuda):
-    """One CLI: the same -h (but the name and --kblock's default) and the same error messages;
-    run_cuda refuses key directions per block."""
+    """One CLI: the same -h (but the name; --kblock 256 the default of both) and the same error
+    messages."""
     a, b = run_cmd(["-h"]).stdout.decode(), run_cmd(["-h"], binary=run_cuda).stdout.decode()
-    assert "--kblock 256 " in a and "--kblock 0 " in b
-    assert a.replace("run ", "RUN ").replace("--kblock 256 ", "--kblock 0 ") == b.replace("run_cuda ", "RUN ")
-    p = run_cmd([model, "--kblock", "16", "-i", "x"], binary=run_cuda, check=False)
-    assert p.returncode == 1 and b"--kblock: the GPU build" in p.stderr, p.stderr
-    for bad in (["-k", "tq9"], ["-c", "100000"], ["--kproj", "3"]):
+    assert "--kblock 256 " in a
+    assert a.replace("run ", "RUN ") == b.replace("run_cuda ", "RUN ")
+    for bad in (["-k", "tq9"], ["-c", "100000"], ["--kproj", "3"], ["--kblock", "17"]):
         pa = run_cmd([model, *bad, "-i", "x"], check=False)
         pb = run_cmd([model, *bad, "-i", "x"], binary=run_cuda, check=False)
         assert pa.returncode == pb.returncode == 1
