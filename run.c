@@ -4,8 +4,8 @@
  * Structure follows karpathy/llama2.c, in sections: config and weights, the cache,
  * the forward pass, the tokenizer, the sampler, the modes (generate, chat,
  * logits, score, eval), main. What is new is the KV cache: keys and values are
- * encoded by tq.c as they are produced (encode_kv), and attention scores keys
- * and accumulates values straight from their codes (attention(), attend_codes).
+ * encoded by tq.c as they are produced (tq_store), and attention scores keys
+ * and accumulates values straight from their codes (attention(), tq_attend_codes).
  *
  * Build: make run    Usage: ./run model.bin -h
  */
@@ -62,8 +62,7 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 }
 
 /* ---------------------------------------------------------------------------
- * Config and weights: the header and the weights, mmap'd from model.bin (format in README.md)
- */
+ * Config and weights: the header and the weights, mmap'd from model.bin (format in README.md) */
 
 #define MODEL_MAGIC "TQLM"
 #define MODEL_VERSION 1
@@ -575,8 +574,7 @@ static void free_transformer(Transformer *t) {
 }
 
 /* ---------------------------------------------------------------------------
- * The forward pass
- */
+ * The forward pass */
 
 /* RMSNorm: o = w * x / sqrt(mean(x^2) + eps) */
 static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
@@ -675,43 +673,31 @@ static void matmul_rows(float *out, const float *x, const float *w, int B, int n
  * It reads the same bytes of weights and skips the rounding of x, which costs more than
  * the weights' own: README, "int8 weights". */
 
-/* W8A32: the full tiles of QTOKS tokens of x (B, n) into s->xqt, the tile's tokens side by
- * side, with scales 1 in s->xqts, for matmul_q8_tile. */
-static void tile_input(RunState *s, const float *x, int B, int n) {
+/* An int8 product's input x (B, n): W8A8 quantizes it into s->xq / s->xqs; then the full
+ * tiles of QTOKS tokens are laid side by side in s->xqt / s->xqts for matmul_q8_tile (W8A8:
+ * the codes as floats and their scales; W8A32: x itself and scales 1). */
+static void prepare_input(RunState *s, const float *x, int B, int n) {
     int G = n / QGROUP, tiles = B / QTOKS, b;
-#pragma omp parallel for schedule(static) if (tiles > 1)
-    for (b = 0; b < tiles; b++) {
-        float *xt = s->xqt + (size_t)b * n * QTOKS, *st = s->xqts + (size_t)b * G * QTOKS;
-        for (int t = 0; t < QTOKS; t++) {
-            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = x[(size_t)(b * QTOKS + t) * n + j];
-            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = 1.0f;
-        }
-    }
-}
-
-/* W8A8: quantizes x (B, n) into s->xq / s->xqs, and the full tiles of QTOKS tokens also into
- * s->xqt / s->xqts (floats, the tile's tokens side by side) for matmul_q8_tile. */
-static void quantize_input(RunState *s, const float *x, int B, int n) {
-    int G = n / QGROUP, b;
+    if (s->qinput) {
 #pragma omp parallel for schedule(static) if (B > 1)
-    for (b = 0; b < B; b++)
-        for (int g = 0; g < G; g++) {
-            const float *xg = x + (size_t)b * n + (size_t)g * QGROUP;
-            int16_t *q = s->xq + (size_t)b * n + (size_t)g * QGROUP;
-            float amax = 0.0f;
-            for (int k = 0; k < QGROUP; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;  /* not fmaxf: a libm call */
-            float scale = amax / 127.0f, div = scale > 0 ? scale : 1.0f;   /* all zeros: codes 0 */
-            for (int k = 0; k < QGROUP; k++) q[k] = (int16_t)rintf(xg[k] / div);
-            s->xqs[(size_t)b * G + g] = scale;
-        }
-    int tiles = B / QTOKS;
+        for (b = 0; b < B; b++)
+            for (int g = 0; g < G; g++) {
+                const float *xg = x + (size_t)b * n + (size_t)g * QGROUP;
+                int16_t *q = s->xq + (size_t)b * n + (size_t)g * QGROUP;
+                float amax = 0.0f;
+                for (int k = 0; k < QGROUP; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;  /* not fmaxf: a libm call */
+                float scale = amax / 127.0f, div = scale > 0 ? scale : 1.0f;   /* all zeros: codes 0 */
+                for (int k = 0; k < QGROUP; k++) q[k] = (int16_t)rintf(xg[k] / div);
+                s->xqs[(size_t)b * G + g] = scale;
+            }
+    }
 #pragma omp parallel for schedule(static) if (tiles > 1)
-    for (b = 0; b < tiles; b++) {   /* transpose: xqt[b][j][t] = xq[b*QTOKS + t][j] */
+    for (b = 0; b < tiles; b++) {   /* transpose: xqt[b][j][t] = xq[b*QTOKS + t][j] (W8A32: x) */
         float *xt = s->xqt + (size_t)b * n * QTOKS, *st = s->xqts + (size_t)b * G * QTOKS;
         for (int t = 0; t < QTOKS; t++) {
-            const int16_t *q = s->xq + (size_t)(b * QTOKS + t) * n;
-            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = q[j];
-            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = s->xqs[(size_t)(b * QTOKS + t) * G + g];
+            size_t row = (size_t)b * QTOKS + t;
+            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = s->qinput ? s->xq[row * n + j] : x[row * n + j];
+            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = s->qinput ? s->xqs[row * G + g] : 1.0f;
         }
     }
 }
@@ -898,8 +884,7 @@ typedef struct {
  * matrix without a barrier between them. */
 static void linear(RunState *s, const float *x, int B, int n, const Product *p, int np) {
     int step = p[0].f ? TILE_ROWS : QBLOCK, first[4] = {0}, j;   /* first[k]: product k's first block */
-    if (!p[0].f && s->qinput) quantize_input(s, x, B, n);
-    else if (!p[0].f) tile_input(s, x, B, n);
+    if (!p[0].f) prepare_input(s, x, B, n);
     for (int k = 0; k < np; k++) first[k + 1] = first[k] + (p[k].d + step - 1) / step;
 #pragma omp parallel for schedule(static)
     for (j = 0; j < first[np]; j++) {
@@ -1484,8 +1469,6 @@ static void encode_sp(const Tokenizer *t, Encoder *e, const unsigned char *s, si
     bpe_merge(t, e, m);
 }
 
-/* ---------------------------------------------------------------------------- */
-
 /* the longest special token that starts at s (n bytes left), or -1 */
 static int match_special(const Tokenizer *t, const unsigned char *s, size_t n) {
     int best = -1;
@@ -1544,8 +1527,7 @@ const char *decode_piece(const Tokenizer *t, int prev_token, int bos_id, int tok
 }
 
 /* ---------------------------------------------------------------------------
- * The sampler: greedy, temperature, top-p (nucleus)
- */
+ * The sampler: greedy, temperature, top-p (nucleus) */
 
 typedef struct { float prob; int index; } ProbIndex;
 
@@ -1607,8 +1589,7 @@ static int sample(Sampler *s, float *logits) {
 }
 
 /* ---------------------------------------------------------------------------
- * The modes: generate, chat
- */
+ * The modes: generate and chat; logits (and --stats) and score; eval. tokenize and detokenize are in main */
 
 static double now_s(void) {
     struct timespec ts;
@@ -1694,8 +1675,6 @@ static int *encode_or_die(const Tokenizer *tok, const char *text, size_t len, in
     return tokens;
 }
 
-static int is_stop(const Config *c, int token) { return token == c->eos_id || token == c->chat_end_id; }
-
 /* Runs the n tokens at pos (prefill), timed into st; returns the last one's logits. */
 static float *feed(Transformer *t, const int *tokens, int n, int pos, Stats *st) {
     double t0 = now_s();
@@ -1713,7 +1692,7 @@ static int reply(Transformer *t, const Tokenizer *tok, Sampler *sampler, float *
     double t0 = now_s();
     for (int i = 0; i < steps && (!chat || pos < t->cache.ctx); i++) {
         int next = sample(sampler, logits);
-        if (is_stop(&t->config, next)) {
+        if (next == t->config.eos_id || next == t->config.chat_end_id) {
             if (chat) forward(t, &next, 1, pos++, 0);
             break;
         }
@@ -1791,16 +1770,11 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
     report(t, pos, &st);
 }
 
-/* ---------------------------------------------------------------------------
- * The modes: logits (and --stats), reading ids and files; tokenize and detokenize are in main
- */
-
 static char *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot read %s: %s", path, strerror(errno));
-    size_t cap = 1 << 16, n = 0;
+    size_t cap = 1 << 16, n = 0, got;
     char *buf = (char *)xcalloc(cap, 1, "the input file");
-    size_t got;
     while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
         n += got;
         if (n + 1 == cap) { cap *= 2; buf = (char *)realloc(buf, cap); if (!buf) die("out of memory reading %s", path); }
@@ -1814,8 +1788,7 @@ static char *read_file(const char *path, size_t *len) {
 
 /* Parses whitespace-separated token ids; every id must be in the vocabulary. */
 static int *parse_ids(const char *text, int vocab, int *n_out) {
-    size_t cap = 256;
-    int n = 0, *ids = (int *)xcalloc(cap, sizeof(int), "token ids");
+    int n = 0, *ids = (int *)xcalloc(strlen(text) / 2 + 1, sizeof(int), "token ids");   /* an id and a blank: 2 bytes */
     const char *p = text;
     for (;;) {
         while (isspace((unsigned char)*p)) p++;
@@ -1825,7 +1798,6 @@ static int *parse_ids(const char *text, int vocab, int *n_out) {
         long v = strtol(p, &end, 10);
         if (end == p || errno || v < 0 || v >= vocab || (*end && !isspace((unsigned char)*end)))
             die("bad token id near \"%.20s\" (ids are integers in [0, %d))", p, vocab);
-        if ((size_t)n == cap) { cap *= 2; ids = (int *)realloc(ids, cap * sizeof(int)); if (!ids) die("out of memory"); }
         ids[n++] = (int)v;
         p = end;
     }
@@ -1876,10 +1848,6 @@ static void dump_logits(Transformer *t, const char *ids_text, const char *out, c
     report(t, n, NULL);
     free(all); free(ids);
 }
-
-/* ---------------------------------------------------------------------------
- * The modes: score, and eval (perplexity and divergence from the fp32 cache, llama-perplexity's method)
- */
 
 /* log-softmax of n logits into out, in double for stable KL sums */
 static void log_softmax(const float *x, int n, double *out) {
@@ -1984,8 +1952,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
 }
 
 /* ---------------------------------------------------------------------------
- * main: the options
- */
+ * main: the options */
 
 /* -h prints this to stdout and exits 0; a missing model path prints it to stderr, exit 1 */
 static void usage(int status) {
@@ -2051,6 +2018,14 @@ int main(int argc, char **argv) {
     int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
     CacheOpts co = {.key_fmt = TQ_TQ3, .value_fmt = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
                     .kproj = 2, .kblock = KBLOCK_DEFAULT, .sink = 1, .window = 8};   /* chosen by bench/quality */
+    struct { const char *flag; char type; void *value; double lo, hi; } opts[] = {   /* s string, i int, f float, u seed */
+        {"-t", 'f', &temperature, 0, 1e6}, {"-p", 'f', &topp, 0, 1}, {"-s", 'u', &seed, 0, 1.8e19},
+        {"-n", 'i', &steps, 0, 1 << 30}, {"-c", 'i', &ctx, 1, 1 << 24}, {"--chunks", 'i', &chunks, 1, 1 << 30},
+        {"--batch", 'i', &batch, 1, 4096}, {"--qinput", 'i', &qinput, 0, 1}, {"--kproj", 'i', &co.kproj, 0, KPROJ_MAX},
+        {"--sink", 'i', &co.sink, 0, 1 << 20}, {"--window", 'i', &co.window, 0, 1 << 20}, {"-i", 's', &prompt, 0, 0},
+        {"-f", 's', &prompt_file, 0, 0}, {"-z", 's', &tok_path, 0, 0}, {"-m", 's', &mode, 0, 0}, {"-y", 's', &system, 0, 0},
+        {"-o", 's', &out, 0, 0}, {"--stats", 's', &stats, 0, 0}};
+    int n_opts = (int)(sizeof opts / sizeof *opts);
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
@@ -2069,30 +2044,17 @@ int main(int argc, char **argv) {
         }
         if (++i >= argc) die("option %s needs a value (run -h)", a);
         const char *v = argv[i];
-        if (!strcmp(a, "-t")) {
-            temperature = (float)parse_num(a, v, 0, 1e6);  /* logits / t must stay finite */
-            if (temperature > 0 && temperature < 1e-3f) die("-t %s is too small: 0 (greedy) or at least 0.001", v);
-        }
-        else if (!strcmp(a, "-p")) topp = (float)parse_num(a, v, 0, 1);
-        else if (!strcmp(a, "-s")) seed = (unsigned long long)parse_num(a, v, 0, 1.8e19);
-        else if (!strcmp(a, "-n")) steps = parse_int(a, v, 0, 1 << 30);
-        else if (!strcmp(a, "-i")) prompt = v;
-        else if (!strcmp(a, "-f")) prompt_file = v;
-        else if (!strcmp(a, "-z")) tok_path = v;
-        else if (!strcmp(a, "-m")) mode = v;
-        else if (!strcmp(a, "-y")) system = v;
+        int o = 0;
+        while (o < n_opts && strcmp(a, opts[o].flag)) o++;
+        if (o < n_opts && opts[o].type == 's') *(const char **)opts[o].value = v;
+        else if (o < n_opts && opts[o].type == 'i') *(int *)opts[o].value = parse_int(a, v, (long)opts[o].lo, (long)opts[o].hi);
+        else if (o < n_opts && opts[o].type == 'f') *(float *)opts[o].value = (float)parse_num(a, v, opts[o].lo, opts[o].hi);
+        else if (o < n_opts) *(unsigned long long *)opts[o].value = (unsigned long long)parse_num(a, v, opts[o].lo, opts[o].hi);
         else if (!strcmp(a, "-k")) {
             split_kv(a, v, kv);
             for (int j = 0; j < 2; j++)
                 if (tq_parse_fmt(kv[j], j ? &co.value_fmt : &co.key_fmt)) die("unknown KV format \"%s\" (run -h lists the formats)", kv[j]);
         }
-        else if (!strcmp(a, "-c")) ctx = parse_int(a, v, 1, 1 << 24);
-        else if (!strcmp(a, "-o")) out = v;
-        else if (!strcmp(a, "--stats")) stats = v;
-        else if (!strcmp(a, "--chunks")) chunks = parse_int(a, v, 1, 1 << 30);
-        else if (!strcmp(a, "--batch")) batch = parse_int(a, v, 1, 4096);
-        else if (!strcmp(a, "--qinput")) qinput = parse_int(a, v, 0, 1);
-        else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, KPROJ_MAX);
         else if (!strcmp(a, "--kblock")) {
             co.kblock = parse_int(a, v, 0, 1 << 24);
             if (co.kblock % 16) die("--kblock %s: positions per block of key directions must be a multiple of 16 (0: one set)", v);
@@ -2100,14 +2062,14 @@ int main(int argc, char **argv) {
             if (co.kblock) die("--kblock: the GPU build measures one set of key directions per sequence; use --kblock 0 or ./run");
 #endif
         }
-        else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
-        else if (!strcmp(a, "--window")) co.window = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--scale")) {
             split_kv(a, v, kv);
             for (int j = 0; j < 2; j++)
                 if (tq_parse_scale(kv[j], j ? &co.vscale : &co.kscale)) die("unknown --scale \"%s\" (norm, nc or eden)", kv[j]);
         }
         else die("unknown option %s (run -h)", a);
+        if (!strcmp(a, "-t") && temperature > 0 && temperature < 1e-3f)
+            die("-t %s is too small: 0 (greedy) or at least 0.001", v);   /* logits / t must stay finite */
     }
     enum { GENERATE, CHAT, EVAL, LOGITS, SCORE, TOKENIZE, DETOKENIZE, NMODES };
     const char *modes[NMODES] = {"generate", "chat", "eval", "logits", "score", "tokenize", "detokenize"};
