@@ -685,7 +685,7 @@ static void prepare_input(RunState *s, const float *x, int B, int n) {
                 const float *xg = x + (size_t)b * n + (size_t)g * QGROUP;
                 int16_t *q = s->xq + (size_t)b * n + (size_t)g * QGROUP;
                 float amax = 0.0f;
-                for (int k = 0; k < QGROUP; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;  /* not fmaxf: a libm call */
+                for (int k = 0; k < QGROUP; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;   /* not fmaxf: libm */
                 float scale = amax / 127.0f, div = scale > 0 ? scale : 1.0f;   /* all zeros: codes 0 */
                 for (int k = 0; k < QGROUP; k++) q[k] = (int16_t)rintf(xg[k] / div);
                 s->xqs[(size_t)b * G + g] = scale;
@@ -840,7 +840,7 @@ static void matmul_q8_tile(float *out, const float *xt, const float *xts, const 
 }
 
 /* Row r of W (codes w, scales ws) against token t of the product's input: W8A8 or W8A32. */
-static float q8_dot(const RunState *s, const int8_t *w, const float *ws, const float *x, int t, int r, int n) {
+static float dot_int8_row(const RunState *s, const int8_t *w, const float *ws, const float *x, int t, int r, int n) {
     int G = n / QGROUP;
     if (s->qinput) return dot_q8(w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n, s->xqs + (size_t)t * G, n);
     return dot_w8(w + (size_t)r * n, ws + (size_t)r * G, x + (size_t)t * n, n);
@@ -858,14 +858,14 @@ static void matmul_q8_rows(RunState *s, float *out, const float *x, const int8_t
         for (int b = 0; b < tiled; b += QTOKS)
             matmul_q8_tile(out, s->xqt + (size_t)b * n, s->xqts + (size_t)b * G, w, ws, b, r, n, d);
     for (; r < end; r++)
-        for (int t = 0; t < tiled; t++) out[(size_t)t * d + r] = q8_dot(s, w, ws, x, t, r, n);
+        for (int t = 0; t < tiled; t++) out[(size_t)t * d + r] = dot_int8_row(s, w, ws, x, t, r, n);
     for (int t = tiled; t < B; t++) {
         r = i;
         if (s->qinput)
             for (; r + QLANES <= end; r += QLANES)
                 dot_q8_rows(out + (size_t)t * d + r, w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n,
                             s->xqs + (size_t)t * G, n);
-        for (; r < end; r++) out[(size_t)t * d + r] = q8_dot(s, w, ws, x, t, r, n);
+        for (; r < end; r++) out[(size_t)t * d + r] = dot_int8_row(s, w, ws, x, t, r, n);
     }
 }
 
@@ -1115,14 +1115,18 @@ static uint32_t hash_pair(int a, int b) {
     return h ^ (h >> 15);
 }
 
+/* the slot of t->vocab_hash that holds the non-special token with exactly these bytes, else the
+ * empty slot where it would go (linear probing) */
+static uint32_t vocab_slot(const Tokenizer *t, const unsigned char *s, size_t n) {
+    uint32_t mask = (uint32_t)t->hash_size - 1, h = hash_bytes(s, n) & mask;
+    for (int id; (id = t->vocab_hash[h] - 1) >= 0; h = (h + 1) & mask)
+        if ((size_t)t->vocab_len[id] == n && memcmp(t->vocab[id], s, n) == 0) break;
+    return h;
+}
+
 /* id of the non-special token with exactly these bytes, or -1 */
 static int vocab_lookup(const Tokenizer *t, const unsigned char *s, size_t n) {
-    uint32_t mask = (uint32_t)t->hash_size - 1;
-    for (uint32_t h = hash_bytes(s, n) & mask;; h = (h + 1) & mask) {
-        int id = t->vocab_hash[h] - 1;
-        if (id < 0) return -1;
-        if ((size_t)t->vocab_len[id] == n && memcmp(t->vocab[id], s, n) == 0) return id;
-    }
+    return t->vocab_hash[vocab_slot(t, s, n)] - 1;
 }
 
 /* the token whose bytes are a's then b's, or -1 (cat: 2 * max_token_len + 1 bytes of scratch) */
@@ -1132,14 +1136,13 @@ static int concat_lookup(const Tokenizer *t, unsigned char *cat, int a, int b) {
     return vocab_lookup(t, cat, (size_t)t->vocab_len[a] + (size_t)t->vocab_len[b]);
 }
 
-/* slot of the merge rule (a, b) in t->merges, or -1 */
-static int merge_lookup(const Tokenizer *t, int a, int b) {
+/* the slot of t->merges that holds the rule (a, b), else the empty slot where it would go;
+ * -1 when there are no merges */
+static int merge_slot(const Tokenizer *t, int a, int b) {
     if (t->merge_size == 0) return -1;
-    uint32_t mask = (uint32_t)t->merge_size - 1;
-    for (uint32_t h = hash_pair(a, b) & mask;; h = (h + 1) & mask) {
-        if (t->merges[h].left < 0) return -1;
-        if (t->merges[h].left == a && t->merges[h].right == b) return (int)h;
-    }
+    uint32_t mask = (uint32_t)t->merge_size - 1, h = hash_pair(a, b) & mask;
+    while (t->merges[h].left >= 0 && (t->merges[h].left != a || t->merges[h].right != b)) h = (h + 1) & mask;
+    return (int)h;
 }
 
 /* length of the valid UTF-8 character at s (n bytes available) with its code point, or 0
@@ -1239,10 +1242,8 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
             continue;
         }
         if (kind == 2 && len == 1 && t->byte_id[p[0]] < 0) t->byte_id[p[0]] = i;
-        if (vocab_lookup(t, p, (size_t)len) >= 0) continue; /* a duplicate keeps the lowest id */
-        uint32_t mask = (uint32_t)t->hash_size - 1, h = hash_bytes(p, (size_t)len) & mask;
-        while (t->vocab_hash[h]) h = (h + 1) & mask;
-        t->vocab_hash[h] = i + 1;
+        uint32_t h = vocab_slot(t, p, (size_t)len);
+        if (!t->vocab_hash[h]) t->vocab_hash[h] = i + 1;   /* a duplicate keeps the lowest id */
     }
 
     /* merges: { int32 left; int32 right }, rank = position; the result is the token whose
@@ -1260,11 +1261,8 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
         if (a < 0 || a >= n || b < 0 || b >= n) TOK_FAIL("merge %d refers to a token out of range", r);
         /* a merge into a token that is not in the vocabulary never applies; a repeated rule
          * keeps its first (lowest) rank */
-        int res = concat_lookup(t, cat, a, b);
-        if (res < 0 || merge_lookup(t, a, b) >= 0) continue;
-        uint32_t mask = (uint32_t)t->merge_size - 1, h = hash_pair(a, b) & mask;
-        while (t->merges[h].left >= 0) h = (h + 1) & mask;
-        t->merges[h] = (MergeSlot){ a, b, res, r };
+        int res = concat_lookup(t, cat, a, b), h = merge_slot(t, a, b);
+        if (res >= 0 && t->merges[h].left < 0) t->merges[h] = (MergeSlot){ a, b, res, r };
     }
     free(cat);
     cat = NULL;
@@ -1334,8 +1332,8 @@ static HeapItem heap_pop(Encoder *e) {
 /* can tokens a and b merge? Returns 1 with the merged token and its priority */
 static int pair_merge(const Tokenizer *t, Encoder *e, int a, int b, int *res, float *key) {
     if (t->kind == 2) {
-        int s = merge_lookup(t, a, b);
-        if (s < 0) return 0;
+        int s = merge_slot(t, a, b);
+        if (s < 0 || t->merges[s].left < 0) return 0;
         *res = t->merges[s].result; *key = (float)t->merges[s].rank;
         return 1;
     }
@@ -2018,14 +2016,15 @@ int main(int argc, char **argv) {
     int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
     CacheOpts co = {.key_fmt = TQ_TQ3, .value_fmt = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
                     .kproj = 2, .kblock = KBLOCK_DEFAULT, .sink = 1, .window = 8};   /* chosen by bench/quality */
-    struct { const char *flag; char type; void *value; double lo, hi; } opts[] = {   /* s string, i int, f float, u seed */
+    /* the options with one value, in [lo, hi] where it is a number (type: s string, i int, f float, u the seed) */
+    struct { const char *flag; char type; void *value; double lo, hi; } opts[] = {
         {"-t", 'f', &temperature, 0, 1e6}, {"-p", 'f', &topp, 0, 1}, {"-s", 'u', &seed, 0, 1.8e19},
         {"-n", 'i', &steps, 0, 1 << 30}, {"-c", 'i', &ctx, 1, 1 << 24}, {"--chunks", 'i', &chunks, 1, 1 << 30},
         {"--batch", 'i', &batch, 1, 4096}, {"--qinput", 'i', &qinput, 0, 1}, {"--kproj", 'i', &co.kproj, 0, KPROJ_MAX},
-        {"--sink", 'i', &co.sink, 0, 1 << 20}, {"--window", 'i', &co.window, 0, 1 << 20}, {"-i", 's', &prompt, 0, 0},
-        {"-f", 's', &prompt_file, 0, 0}, {"-z", 's', &tok_path, 0, 0}, {"-m", 's', &mode, 0, 0}, {"-y", 's', &system, 0, 0},
-        {"-o", 's', &out, 0, 0}, {"--stats", 's', &stats, 0, 0}};
-    int n_opts = (int)(sizeof opts / sizeof *opts);
+        {"--sink", 'i', &co.sink, 0, 1 << 20}, {"--window", 'i', &co.window, 0, 1 << 20},
+        {"-i", 's', &prompt, 0, 0}, {"-f", 's', &prompt_file, 0, 0}, {"-z", 's', &tok_path, 0, 0},
+        {"-m", 's', &mode, 0, 0}, {"-y", 's', &system, 0, 0},
+        {"-o", 's', &out, 0, 0}, {"--stats", 's', &stats, 0, 0}, {NULL, 0, NULL, 0, 0}};
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
@@ -2045,11 +2044,13 @@ int main(int argc, char **argv) {
         if (++i >= argc) die("option %s needs a value (run -h)", a);
         const char *v = argv[i];
         int o = 0;
-        while (o < n_opts && strcmp(a, opts[o].flag)) o++;
-        if (o < n_opts && opts[o].type == 's') *(const char **)opts[o].value = v;
-        else if (o < n_opts && opts[o].type == 'i') *(int *)opts[o].value = parse_int(a, v, (long)opts[o].lo, (long)opts[o].hi);
-        else if (o < n_opts && opts[o].type == 'f') *(float *)opts[o].value = (float)parse_num(a, v, opts[o].lo, opts[o].hi);
-        else if (o < n_opts) *(unsigned long long *)opts[o].value = (unsigned long long)parse_num(a, v, opts[o].lo, opts[o].hi);
+        while (opts[o].flag && strcmp(a, opts[o].flag)) o++;
+        char type = opts[o].type;   /* 0: not in the table */
+        double lo = opts[o].lo, hi = opts[o].hi;
+        if (type == 's') *(const char **)opts[o].value = v;
+        else if (type == 'i') *(int *)opts[o].value = parse_int(a, v, (long)lo, (long)hi);
+        else if (type == 'f') *(float *)opts[o].value = (float)parse_num(a, v, lo, hi);
+        else if (type == 'u') *(unsigned long long *)opts[o].value = (unsigned long long)parse_num(a, v, lo, hi);
         else if (!strcmp(a, "-k")) {
             split_kv(a, v, kv);
             for (int j = 0; j < 2; j++)
