@@ -4,8 +4,8 @@
  * Structure follows karpathy/llama2.c, in sections: config and weights, the cache,
  * the forward pass, the tokenizer, the sampler, the modes (generate, chat,
  * logits, score, eval), main. What is new is the KV cache: keys and values are
- * encoded by tq.c as they are produced (encode_kv), and attention scores keys
- * and accumulates values straight from their codes (attention(), attend_codes).
+ * encoded by tq.c as they are produced (tq_store), and attention scores keys
+ * and accumulates values straight from their codes (attention(), tq_attend_codes).
  *
  * Build: make run    Usage: ./run model.bin -h
  */
@@ -62,8 +62,7 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 }
 
 /* ---------------------------------------------------------------------------
- * Config and weights: the header and the weights, mmap'd from model.bin (format in README.md)
- */
+ * Config and weights: the header and the weights, mmap'd from model.bin (format in README.md) */
 
 #define MODEL_MAGIC "TQLM"
 #define MODEL_VERSION 1
@@ -571,8 +570,7 @@ static void free_transformer(Transformer *t) {
 }
 
 /* ---------------------------------------------------------------------------
- * The forward pass
- */
+ * The forward pass */
 
 /* RMSNorm: o = w * x / sqrt(mean(x^2) + eps) */
 static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
@@ -671,43 +669,31 @@ static void matmul_rows(float *out, const float *x, const float *w, int B, int n
  * It reads the same bytes of weights and skips the rounding of x, which costs more than
  * the weights' own: README, "int8 weights". */
 
-/* W8A32: the full tiles of QTOKS tokens of x (B, n) into s->xqt, the tile's tokens side by
- * side, with scales 1 in s->xqts, for matmul_q8_tile. */
-static void tile_input(RunState *s, const float *x, int B, int n) {
+/* An int8 product's input x (B, n): W8A8 quantizes it into s->xq / s->xqs; then the full
+ * tiles of QTOKS tokens are laid side by side in s->xqt / s->xqts for matmul_q8_tile (W8A8:
+ * the codes as floats and their scales; W8A32: x itself and scales 1). */
+static void prepare_input(RunState *s, const float *x, int B, int n) {
     int G = n / QGROUP, tiles = B / QTOKS, b;
-#pragma omp parallel for schedule(static) if (tiles > 1)
-    for (b = 0; b < tiles; b++) {
-        float *xt = s->xqt + (size_t)b * n * QTOKS, *st = s->xqts + (size_t)b * G * QTOKS;
-        for (int t = 0; t < QTOKS; t++) {
-            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = x[(size_t)(b * QTOKS + t) * n + j];
-            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = 1.0f;
-        }
-    }
-}
-
-/* W8A8: quantizes x (B, n) into s->xq / s->xqs, and the full tiles of QTOKS tokens also into
- * s->xqt / s->xqts (floats, the tile's tokens side by side) for matmul_q8_tile. */
-static void quantize_input(RunState *s, const float *x, int B, int n) {
-    int G = n / QGROUP, b;
+    if (s->qinput) {
 #pragma omp parallel for schedule(static) if (B > 1)
-    for (b = 0; b < B; b++)
-        for (int g = 0; g < G; g++) {
-            const float *xg = x + (size_t)b * n + (size_t)g * QGROUP;
-            int16_t *q = s->xq + (size_t)b * n + (size_t)g * QGROUP;
-            float amax = 0.0f;
-            for (int k = 0; k < QGROUP; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;  /* not fmaxf: a libm call */
-            float scale = amax / 127.0f, div = scale > 0 ? scale : 1.0f;   /* all zeros: codes 0 */
-            for (int k = 0; k < QGROUP; k++) q[k] = (int16_t)rintf(xg[k] / div);
-            s->xqs[(size_t)b * G + g] = scale;
-        }
-    int tiles = B / QTOKS;
+        for (b = 0; b < B; b++)
+            for (int g = 0; g < G; g++) {
+                const float *xg = x + (size_t)b * n + (size_t)g * QGROUP;
+                int16_t *q = s->xq + (size_t)b * n + (size_t)g * QGROUP;
+                float amax = 0.0f;
+                for (int k = 0; k < QGROUP; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;   /* not fmaxf: libm */
+                float scale = amax / 127.0f, div = scale > 0 ? scale : 1.0f;   /* all zeros: codes 0 */
+                for (int k = 0; k < QGROUP; k++) q[k] = (int16_t)rintf(xg[k] / div);
+                s->xqs[(size_t)b * G + g] = scale;
+            }
+    }
 #pragma omp parallel for schedule(static) if (tiles > 1)
-    for (b = 0; b < tiles; b++) {   /* transpose: xqt[b][j][t] = xq[b*QTOKS + t][j] */
+    for (b = 0; b < tiles; b++) {   /* transpose: xqt[b][j][t] = xq[b*QTOKS + t][j] (W8A32: x) */
         float *xt = s->xqt + (size_t)b * n * QTOKS, *st = s->xqts + (size_t)b * G * QTOKS;
         for (int t = 0; t < QTOKS; t++) {
-            const int16_t *q = s->xq + (size_t)(b * QTOKS + t) * n;
-            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = q[j];
-            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = s->xqs[(size_t)(b * QTOKS + t) * G + g];
+            size_t row = (size_t)b * QTOKS + t;
+            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = s->qinput ? s->xq[row * n + j] : x[row * n + j];
+            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = s->qinput ? s->xqs[row * G + g] : 1.0f;
         }
     }
 }
@@ -850,7 +836,7 @@ static void matmul_q8_tile(float *out, const float *xt, const float *xts, const 
 }
 
 /* Row r of W (codes w, scales ws) against token t of the product's input: W8A8 or W8A32. */
-static float q8_dot(const RunState *s, const int8_t *w, const float *ws, const float *x, int t, int r, int n) {
+static float dot_int8_row(const RunState *s, const int8_t *w, const float *ws, const float *x, int t, int r, int n) {
     int G = n / QGROUP;
     if (s->qinput) return dot_q8(w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n, s->xqs + (size_t)t * G, n);
     return dot_w8(w + (size_t)r * n, ws + (size_t)r * G, x + (size_t)t * n, n);
@@ -868,14 +854,14 @@ static void matmul_q8_rows(RunState *s, float *out, const float *x, const int8_t
         for (int b = 0; b < tiled; b += QTOKS)
             matmul_q8_tile(out, s->xqt + (size_t)b * n, s->xqts + (size_t)b * G, w, ws, b, r, n, d);
     for (; r < end; r++)
-        for (int t = 0; t < tiled; t++) out[(size_t)t * d + r] = q8_dot(s, w, ws, x, t, r, n);
+        for (int t = 0; t < tiled; t++) out[(size_t)t * d + r] = dot_int8_row(s, w, ws, x, t, r, n);
     for (int t = tiled; t < B; t++) {
         r = i;
         if (s->qinput)
             for (; r + QLANES <= end; r += QLANES)
                 dot_q8_rows(out + (size_t)t * d + r, w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n,
                             s->xqs + (size_t)t * G, n);
-        for (; r < end; r++) out[(size_t)t * d + r] = q8_dot(s, w, ws, x, t, r, n);
+        for (; r < end; r++) out[(size_t)t * d + r] = dot_int8_row(s, w, ws, x, t, r, n);
     }
 }
 
@@ -894,8 +880,7 @@ typedef struct {
  * matrix without a barrier between them. */
 static void linear(RunState *s, const float *x, int B, int n, const Product *p, int np) {
     int step = p[0].f ? TILE_ROWS : QBLOCK, first[4] = {0}, j;   /* first[k]: product k's first block */
-    if (!p[0].f && s->qinput) quantize_input(s, x, B, n);
-    else if (!p[0].f) tile_input(s, x, B, n);
+    if (!p[0].f) prepare_input(s, x, B, n);
     for (int k = 0; k < np; k++) first[k + 1] = first[k] + (p[k].d + step - 1) / step;
 #pragma omp parallel for schedule(static)
     for (j = 0; j < first[np]; j++) {
@@ -1126,14 +1111,18 @@ static uint32_t hash_pair(int a, int b) {
     return h ^ (h >> 15);
 }
 
+/* the slot of t->vocab_hash that holds the non-special token with exactly these bytes, else the
+ * empty slot where it would go (linear probing) */
+static uint32_t vocab_slot(const Tokenizer *t, const unsigned char *s, size_t n) {
+    uint32_t mask = (uint32_t)t->hash_size - 1, h = hash_bytes(s, n) & mask;
+    for (int id; (id = t->vocab_hash[h] - 1) >= 0; h = (h + 1) & mask)
+        if ((size_t)t->vocab_len[id] == n && memcmp(t->vocab[id], s, n) == 0) break;
+    return h;
+}
+
 /* id of the non-special token with exactly these bytes, or -1 */
 static int vocab_lookup(const Tokenizer *t, const unsigned char *s, size_t n) {
-    uint32_t mask = (uint32_t)t->hash_size - 1;
-    for (uint32_t h = hash_bytes(s, n) & mask;; h = (h + 1) & mask) {
-        int id = t->vocab_hash[h] - 1;
-        if (id < 0) return -1;
-        if ((size_t)t->vocab_len[id] == n && memcmp(t->vocab[id], s, n) == 0) return id;
-    }
+    return t->vocab_hash[vocab_slot(t, s, n)] - 1;
 }
 
 /* the token whose bytes are a's then b's, or -1 (cat: 2 * max_token_len + 1 bytes of scratch) */
@@ -1143,14 +1132,13 @@ static int concat_lookup(const Tokenizer *t, unsigned char *cat, int a, int b) {
     return vocab_lookup(t, cat, (size_t)t->vocab_len[a] + (size_t)t->vocab_len[b]);
 }
 
-/* slot of the merge rule (a, b) in t->merges, or -1 */
-static int merge_lookup(const Tokenizer *t, int a, int b) {
+/* the slot of t->merges that holds the rule (a, b), else the empty slot where it would go;
+ * -1 when there are no merges */
+static int merge_slot(const Tokenizer *t, int a, int b) {
     if (t->merge_size == 0) return -1;
-    uint32_t mask = (uint32_t)t->merge_size - 1;
-    for (uint32_t h = hash_pair(a, b) & mask;; h = (h + 1) & mask) {
-        if (t->merges[h].left < 0) return -1;
-        if (t->merges[h].left == a && t->merges[h].right == b) return (int)h;
-    }
+    uint32_t mask = (uint32_t)t->merge_size - 1, h = hash_pair(a, b) & mask;
+    while (t->merges[h].left >= 0 && (t->merges[h].left != a || t->merges[h].right != b)) h = (h + 1) & mask;
+    return (int)h;
 }
 
 /* length of the valid UTF-8 character at s (n bytes available) with its code point, or 0
@@ -1250,10 +1238,8 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
             continue;
         }
         if (kind == 2 && len == 1 && t->byte_id[p[0]] < 0) t->byte_id[p[0]] = i;
-        if (vocab_lookup(t, p, (size_t)len) >= 0) continue; /* a duplicate keeps the lowest id */
-        uint32_t mask = (uint32_t)t->hash_size - 1, h = hash_bytes(p, (size_t)len) & mask;
-        while (t->vocab_hash[h]) h = (h + 1) & mask;
-        t->vocab_hash[h] = i + 1;
+        uint32_t h = vocab_slot(t, p, (size_t)len);
+        if (!t->vocab_hash[h]) t->vocab_hash[h] = i + 1;   /* a duplicate keeps the lowest id */
     }
 
     /* merges: { int32 left; int32 right }, rank = position; the result is the token whose
@@ -1271,11 +1257,8 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
         if (a < 0 || a >= n || b < 0 || b >= n) TOK_FAIL("merge %d refers to a token out of range", r);
         /* a merge into a token that is not in the vocabulary never applies; a repeated rule
          * keeps its first (lowest) rank */
-        int res = concat_lookup(t, cat, a, b);
-        if (res < 0 || merge_lookup(t, a, b) >= 0) continue;
-        uint32_t mask = (uint32_t)t->merge_size - 1, h = hash_pair(a, b) & mask;
-        while (t->merges[h].left >= 0) h = (h + 1) & mask;
-        t->merges[h] = (MergeSlot){ a, b, res, r };
+        int res = concat_lookup(t, cat, a, b), h = merge_slot(t, a, b);
+        if (res >= 0 && t->merges[h].left < 0) t->merges[h] = (MergeSlot){ a, b, res, r };
     }
     free(cat);
     cat = NULL;
@@ -1345,8 +1328,8 @@ static HeapItem heap_pop(Encoder *e) {
 /* can tokens a and b merge? Returns 1 with the merged token and its priority */
 static int pair_merge(const Tokenizer *t, Encoder *e, int a, int b, int *res, float *key) {
     if (t->kind == 2) {
-        int s = merge_lookup(t, a, b);
-        if (s < 0) return 0;
+        int s = merge_slot(t, a, b);
+        if (s < 0 || t->merges[s].left < 0) return 0;
         *res = t->merges[s].result; *key = (float)t->merges[s].rank;
         return 1;
     }
@@ -1480,8 +1463,6 @@ static void encode_sp(const Tokenizer *t, Encoder *e, const unsigned char *s, si
     bpe_merge(t, e, m);
 }
 
-/* ---------------------------------------------------------------------------- */
-
 /* the longest special token that starts at s (n bytes left), or -1 */
 static int match_special(const Tokenizer *t, const unsigned char *s, size_t n) {
     int best = -1;
@@ -1540,8 +1521,7 @@ const char *decode_piece(const Tokenizer *t, int prev_token, int bos_id, int tok
 }
 
 /* ---------------------------------------------------------------------------
- * The sampler: greedy, temperature, top-p (nucleus)
- */
+ * The sampler: greedy, temperature, top-p (nucleus) */
 
 typedef struct { float prob; int index; } ProbIndex;
 
@@ -1603,8 +1583,7 @@ static int sample(Sampler *s, float *logits) {
 }
 
 /* ---------------------------------------------------------------------------
- * The modes: generate, chat
- */
+ * The modes: generate and chat; logits (and --stats) and score; eval. tokenize and detokenize are in main */
 
 static double now_s(void) {
     struct timespec ts;
@@ -1690,8 +1669,6 @@ static int *encode_or_die(const Tokenizer *tok, const char *text, size_t len, in
     return tokens;
 }
 
-static int is_stop(const Config *c, int token) { return token == c->eos_id || token == c->chat_end_id; }
-
 /* Runs the n tokens at pos (prefill), timed into st; returns the last one's logits. */
 static float *feed(Transformer *t, const int *tokens, int n, int pos, Stats *st) {
     double t0 = now_s();
@@ -1709,7 +1686,7 @@ static int reply(Transformer *t, const Tokenizer *tok, Sampler *sampler, float *
     double t0 = now_s();
     for (int i = 0; i < steps && (!chat || pos < t->cache.ctx); i++) {
         int next = sample(sampler, logits);
-        if (is_stop(&t->config, next)) {
+        if (next == t->config.eos_id || next == t->config.chat_end_id) {
             if (chat) forward(t, &next, 1, pos++, 0);
             break;
         }
@@ -1787,16 +1764,11 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
     report(t, pos, &st);
 }
 
-/* ---------------------------------------------------------------------------
- * The modes: logits (and --stats), reading ids and files; tokenize and detokenize are in main
- */
-
 static char *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot read %s: %s", path, strerror(errno));
-    size_t cap = 1 << 16, n = 0;
+    size_t cap = 1 << 16, n = 0, got;
     char *buf = (char *)xcalloc(cap, 1, "the input file");
-    size_t got;
     while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
         n += got;
         if (n + 1 == cap) { cap *= 2; buf = (char *)realloc(buf, cap); if (!buf) die("out of memory reading %s", path); }
@@ -1810,8 +1782,7 @@ static char *read_file(const char *path, size_t *len) {
 
 /* Parses whitespace-separated token ids; every id must be in the vocabulary. */
 static int *parse_ids(const char *text, int vocab, int *n_out) {
-    size_t cap = 256;
-    int n = 0, *ids = (int *)xcalloc(cap, sizeof(int), "token ids");
+    int n = 0, *ids = (int *)xcalloc(strlen(text) / 2 + 1, sizeof(int), "token ids");   /* an id and a blank: 2 bytes */
     const char *p = text;
     for (;;) {
         while (isspace((unsigned char)*p)) p++;
@@ -1821,7 +1792,6 @@ static int *parse_ids(const char *text, int vocab, int *n_out) {
         long v = strtol(p, &end, 10);
         if (end == p || errno || v < 0 || v >= vocab || (*end && !isspace((unsigned char)*end)))
             die("bad token id near \"%.20s\" (ids are integers in [0, %d))", p, vocab);
-        if ((size_t)n == cap) { cap *= 2; ids = (int *)realloc(ids, cap * sizeof(int)); if (!ids) die("out of memory"); }
         ids[n++] = (int)v;
         p = end;
     }
@@ -1872,10 +1842,6 @@ static void dump_logits(Transformer *t, const char *ids_text, const char *out, c
     report(t, n, NULL);
     free(all); free(ids);
 }
-
-/* ---------------------------------------------------------------------------
- * The modes: score, and eval (perplexity and divergence from the fp32 cache, llama-perplexity's method)
- */
 
 /* log-softmax of n logits into out, in double for stable KL sums */
 static void log_softmax(const float *x, int n, double *out) {
@@ -1980,8 +1946,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
 }
 
 /* ---------------------------------------------------------------------------
- * main: the options
- */
+ * main: the options */
 
 /* -h prints this to stdout and exits 0; a missing model path prints it to stderr, exit 1 */
 static void usage(int status) {
@@ -2047,6 +2012,15 @@ int main(int argc, char **argv) {
     int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
     CacheOpts co = {.key_fmt = TQ_TQ3, .value_fmt = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
                     .kproj = 2, .kblock = KBLOCK_DEFAULT, .sink = 1, .window = 8};   /* chosen by bench/quality */
+    /* the options with one value, in [lo, hi] where it is a number (type: s string, i int, f float, u the seed) */
+    struct { const char *flag; char type; void *value; double lo, hi; } opts[] = {
+        {"-t", 'f', &temperature, 0, 1e6}, {"-p", 'f', &topp, 0, 1}, {"-s", 'u', &seed, 0, 1.8e19},
+        {"-n", 'i', &steps, 0, 1 << 30}, {"-c", 'i', &ctx, 1, 1 << 24}, {"--chunks", 'i', &chunks, 1, 1 << 30},
+        {"--batch", 'i', &batch, 1, 4096}, {"--qinput", 'i', &qinput, 0, 1}, {"--kproj", 'i', &co.kproj, 0, KPROJ_MAX},
+        {"--sink", 'i', &co.sink, 0, 1 << 20}, {"--window", 'i', &co.window, 0, 1 << 20},
+        {"-i", 's', &prompt, 0, 0}, {"-f", 's', &prompt_file, 0, 0}, {"-z", 's', &tok_path, 0, 0},
+        {"-m", 's', &mode, 0, 0}, {"-y", 's', &system, 0, 0},
+        {"-o", 's', &out, 0, 0}, {"--stats", 's', &stats, 0, 0}, {NULL, 0, NULL, 0, 0}};
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
@@ -2065,42 +2039,31 @@ int main(int argc, char **argv) {
         }
         if (++i >= argc) die("option %s needs a value (run -h)", a);
         const char *v = argv[i];
-        if (!strcmp(a, "-t")) {
-            temperature = (float)parse_num(a, v, 0, 1e6);  /* logits / t must stay finite */
-            if (temperature > 0 && temperature < 1e-3f) die("-t %s is too small: 0 (greedy) or at least 0.001", v);
-        }
-        else if (!strcmp(a, "-p")) topp = (float)parse_num(a, v, 0, 1);
-        else if (!strcmp(a, "-s")) seed = (unsigned long long)parse_num(a, v, 0, 1.8e19);
-        else if (!strcmp(a, "-n")) steps = parse_int(a, v, 0, 1 << 30);
-        else if (!strcmp(a, "-i")) prompt = v;
-        else if (!strcmp(a, "-f")) prompt_file = v;
-        else if (!strcmp(a, "-z")) tok_path = v;
-        else if (!strcmp(a, "-m")) mode = v;
-        else if (!strcmp(a, "-y")) system = v;
+        int o = 0;
+        while (opts[o].flag && strcmp(a, opts[o].flag)) o++;
+        char type = opts[o].type;   /* 0: not in the table */
+        double lo = opts[o].lo, hi = opts[o].hi;
+        if (type == 's') *(const char **)opts[o].value = v;
+        else if (type == 'i') *(int *)opts[o].value = parse_int(a, v, (long)lo, (long)hi);
+        else if (type == 'f') *(float *)opts[o].value = (float)parse_num(a, v, lo, hi);
+        else if (type == 'u') *(unsigned long long *)opts[o].value = (unsigned long long)parse_num(a, v, lo, hi);
         else if (!strcmp(a, "-k")) {
             split_kv(a, v, kv);
             for (int j = 0; j < 2; j++)
                 if (tq_parse_fmt(kv[j], j ? &co.value_fmt : &co.key_fmt)) die("unknown KV format \"%s\" (run -h lists the formats)", kv[j]);
         }
-        else if (!strcmp(a, "-c")) ctx = parse_int(a, v, 1, 1 << 24);
-        else if (!strcmp(a, "-o")) out = v;
-        else if (!strcmp(a, "--stats")) stats = v;
-        else if (!strcmp(a, "--chunks")) chunks = parse_int(a, v, 1, 1 << 30);
-        else if (!strcmp(a, "--batch")) batch = parse_int(a, v, 1, 4096);
-        else if (!strcmp(a, "--qinput")) qinput = parse_int(a, v, 0, 1);
-        else if (!strcmp(a, "--kproj")) co.kproj = parse_int(a, v, 0, KPROJ_MAX);
         else if (!strcmp(a, "--kblock")) {
             co.kblock = parse_int(a, v, 0, 1 << 24);
             if (co.kblock % 16) die("--kblock %s: positions per block of key directions must be a multiple of 16 (0: one set)", v);
         }
-        else if (!strcmp(a, "--sink")) co.sink = parse_int(a, v, 0, 1 << 20);
-        else if (!strcmp(a, "--window")) co.window = parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--scale")) {
             split_kv(a, v, kv);
             for (int j = 0; j < 2; j++)
                 if (tq_parse_scale(kv[j], j ? &co.vscale : &co.kscale)) die("unknown --scale \"%s\" (norm, nc or eden)", kv[j]);
         }
         else die("unknown option %s (run -h)", a);
+        if (!strcmp(a, "-t") && temperature > 0 && temperature < 1e-3f)
+            die("-t %s is too small: 0 (greedy) or at least 0.001", v);   /* logits / t must stay finite */
     }
     enum { GENERATE, CHAT, EVAL, LOGITS, SCORE, TOKENIZE, DETOKENIZE, NMODES };
     const char *modes[NMODES] = {"generate", "chat", "eval", "logits", "score", "tokenize", "detokenize"};
