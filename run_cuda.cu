@@ -677,8 +677,7 @@ __device__ __forceinline__ void store_kv_warp(const KVCache &kv, const Config &c
         for (int r = 0; r < KPROJ_MAX; r++) {
             if (r >= R) { bf[r] = 0.0f; continue; }
             if (step) {                  /* int8 codes of the block's step */
-                float q = rintf((float)part[r] / step[r]);
-                int8_t code = (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+                int8_t code = beta_code((float)part[r], step[r]);
                 if (lane == 0) kv.kbeta8[(head * kv.ctx + p) * R + r] = code;
                 bf[r] = code * step[r];
             } else {
@@ -833,7 +832,7 @@ __device__ void finish_dirs(const KVCache &kv, const AttArgs &a, size_t at, cons
             mx = fmaxf(mx, fabsf(warp_sum(pr)));
         }
         mx = block_max(mx, (float *)red);
-        if (tid == 0) kv.kscale[at / hd + j] = mx > 0 ? f16_round(2 * mx / 127) : 1.0f;
+        if (tid == 0) kv.kscale[at / hd + j] = beta_step(mx);
     }
 }
 

@@ -1749,15 +1749,23 @@ void tq_key_dirs_inherit(const tq_head *h, int pos) {
     if (h->kbeta8) memcpy(h->kscale + (size_t)(pos / h->kblock) * R, h->kscale + (size_t)(pos / h->kblock - 1) * R, R * sizeof(float));
 }
 
-/* the int8 betas' steps of the block at pos from its n measured keys k + b*ldk (b >= first):
- * 2 max_b |u_j.k_b| / 127, fp16-rounded as stored */
+/* An int8 beta: the code of beta in steps of `step`, clamped (keys up to twice as far out as the
+ * measured ones fit); the step of a block and direction from the largest |beta| measured there,
+ * 2 max|beta| / 127, fp16-rounded as stored. Both builds store with these. */
+TQ_HD static inline int8_t beta_code(float beta, float step) {
+    float q = rintf(beta / step);
+    return (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+}
+TQ_HD static inline float beta_step(float max_abs) { return max_abs > 0 ? tq_f16_to_f32(tq_f32_to_f16(2 * max_abs / 127)) : 1.0f; }
+
+/* the int8 betas' steps of the block at pos from its n measured keys k + b*ldk (b >= first) */
 static void beta_steps(const tq_head *h, int pos, const float *k, size_t ldk, int first, int n) {
     int hd = h->kc->d, blk = pos / h->kblock;
     for (int j = 0; j < h->R; j++) {
         const float *u = h->kdir + ((size_t)blk * h->R + j) * hd;
         float mx = 0;
         for (int b = first; b < n; b++) mx = fmaxf(mx, fabsf(tq_dot_f32(u, k + b * ldk, hd)));
-        h->kscale[(size_t)blk * h->R + j] = mx > 0 ? tq_f16_to_f32(tq_f32_to_f16(2 * mx / 127)) : 1.0f;
+        h->kscale[(size_t)blk * h->R + j] = beta_step(mx);
     }
 }
 
@@ -1826,9 +1834,8 @@ void tq_store(const tq_head *h, int pos, float *k, float *v, float *kperp) {
         memcpy(kperp, k, hd * sizeof(float));
         for (int r = 0; r < R; r++) {
             float beta = tq_dot_f32(u + (size_t)r * hd, k, hd);
-            if (h->kbeta8) {                            /* int8 codes of the block's step, clamped */
-                float q = rintf(beta / step[r]);
-                h->kbeta8[(size_t)pos * R + r] = (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+            if (h->kbeta8) {                            /* int8 codes of the block's step */
+                h->kbeta8[(size_t)pos * R + r] = beta_code(beta, step[r]);
                 beta = h->kbeta8[(size_t)pos * R + r] * step[r];
             } else {
                 h->kbeta[(size_t)pos * R + r] = tq_f32_to_f16(beta);
@@ -1885,7 +1892,8 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
     float *scores = scratch, *beta = scores + (size_t)nq * ATT_CHUNK, *prepared = beta + (size_t)TQ_KPROJ_MAX * ATT_CHUNK;
     float *along = prepared + (size_t)nq * qf, *y = along + (size_t)nq * TQ_KPROJ_MAX, scale = 1.0f / sqrtf((float)h->kc->d);
     k1 = k < h->ctx ? k : h->ctx;
-    int lut = simd_lanes(h->kc, simd) == 0 || h->kc->d % simd_lanes(h->kc, simd) || (k1 - k0) % 16;   /* a row-by-row tail */
+    int lanes = simd_lanes(h->kc, simd);             /* the lookup table: for the portable path and row-by-row tails */
+    int lut = lanes == 0 || h->kc->d % lanes || (k1 - k0) % 16 || (R && h->kblock % 16);
     for (int r = 0; r < nq; r++) {
         memset(st + r * sf, 0, sf * sizeof(float));
         st[r * sf] = -INFINITY;
@@ -1921,8 +1929,7 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
             float *x = scores + (size_t)r * ATT_CHUNK, *q = st + r * sf, rescale;
             int end = tq_coded_end(pos0 + r / group + 1, h->sink, h->window);   /* the query's, and the call's */
             end = (end < last ? end : last) - t0;
-            for (int t = end > 0 ? end : 0; t < nk; t++) x[t] = -INFINITY;
-            for (int t = 0; t < first - t0 && t < nk; t++) x[t] = -INFINITY;
+            for (int t = 0; t < nk; t++) if (t < first - t0 || t >= end) x[t] = -INFINITY;
             float sum = tq_softmax_chunk(simd, x, nk, scale, &q[0], &rescale);
             for (size_t i = 1; i < acc_end; i++) q[i] *= rescale;   /* (the exact part is 0 here) */
             q[1] += sum;
