@@ -144,8 +144,9 @@ struct Gpu {
     int pdl;              /* 1: programmatic dependent launches (TQ_CUDA_NO_PDL unset) */
     int defer;            /* 1: a decoded token's key and value stored by merge_kernel (TQ_CUDA_NO_DEFER unset) */
     int host_stats;       /* 1: statistics measured on the host by run.c (TQ_CUDA_HOST_STATS set) */
-    double *stats_m;      /* (n_kv_heads, stats_blocks head_dim^2 + batch (head_dim + 1)) scratch of stats_kernel */
+    double *stats_m;      /* (n_kv_heads, stats_blocks head_dim^2 + batch) scratch of stats_kernel */
     int stats_blocks;     /* blocks of key directions a batch can start, at most                  */
+    int stats_m_shared;   /* 1: stats_kernel keeps the second moment in shared memory            */
     cudaStream_t stream;
     cublasHandle_t blas;
     cudaGraphExec_t decode; /* one token's forward pass at pos > 0, captured on first use  */
@@ -779,14 +780,24 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
  * The key directions of the blocks that start in a batch (n tokens of layer l at pos, after
  * RoPE), run.c's measure_stats on the GPU: block (g, j) for KV head g and the j-th block of
  * positions that starts in the batch, measured on its own tokens of the batch (a block with fewer
- * than KBLOCK_MIN of them, past position 0, is inherit_kernel's). The sums over tokens run in
- * run.c's order (one thread per channel or pair); the sums over channels (norms, projections)
- * are the block's reductions, so the last bits of a double may differ from run.c's before they
- * are rounded to float and fp16. m: per KV head, scratch of stats_blocks head_dim^2 +
- * batch (head_dim + 1) doubles: each block's second moment of the keys, every token's r_b and
- * its squared length.
+ * than KBLOCK_MIN of them, past position 0, is inherit_kernel's). Every step is spread over the
+ * block's threads, so the sums run in another order than run.c's and the last bits of a double
+ * may differ before they are rounded to float and fp16; the second moment's sums over tokens
+ * keep run.c's order. Scratch: per KV head, stats_blocks head_dim^2 doubles for each block's
+ * second moment where shared memory cannot hold it (m_shared 0), then a batch of doubles: every
+ * token's |r_b|^2.
  */
 #define STATS_THREADS 256
+#define STATS_LANES 8                            /* threads per key where a step takes one key each */
+#define STATS_TILE (STATS_THREADS / STATS_LANES) /* keys whose r_b sit in shared memory at once */
+
+/* stats_kernel's dynamic shared memory: v, mv (head_dim doubles each), the second moment m
+ * (head_dim^2 doubles) when m_shared, a tile of r_b (STATS_TILE, head_dim) doubles, and y, tmp
+ * (R, head_dim) floats each */
+static size_t stats_shared_bytes(int hd, int m_shared) {
+    size_t doubles = 2 * (size_t)hd + (m_shared ? (size_t)hd * hd : 0) + (size_t)STATS_TILE * hd;
+    return doubles * sizeof(double) + 2 * (size_t)KPROJ_MAX * hd * sizeof(float);
+}
 
 __device__ float f16_round(float x) { return tq_f16_to_f32(tq_f32_to_f16(x)); }
 
@@ -822,42 +833,72 @@ __device__ void finish_dirs(const KVCache &kv, const AttArgs &a, size_t at, cons
     if (a.kdir_qjl)
         for (int i = tid; i < R * hd; i += nt) a.kdir_qjl[at + i] = dot8(kv.kc.qjl + (size_t)(i % hd) * hd, y + (i / hd) * hd, hd);
     if (!kv.kbeta8) return;
-    const int lane = tid & 31, warp = tid >> 5;
+    const int sub = tid % STATS_LANES;
     for (int j = 0; j < R; j++) {
         const float *u = kv.kdir + at + (size_t)j * hd;
         float mx = 0.0f;
-        for (int b = warp; b < nk; b += nt / 32) {       /* a warp per key: |u_j . k_b| in float */
+        for (int b0 = 0; b0 < nk; b0 += nt / STATS_LANES) {   /* STATS_LANES threads per key: |u_j . k_b| */
+            int b = b0 + tid / STATS_LANES;
             float pr = 0.0f;
-            for (int i = lane; i < hd; i += 32) pr += u[i] * k[b * ldk + i];
-            mx = fmaxf(mx, fabsf(warp_sum(pr)));
+            if (b < nk)
+                for (int i = sub; i < hd; i += STATS_LANES) pr += u[i] * k[b * ldk + i];
+            for (int o = 1; o < STATS_LANES; o <<= 1) pr += __shfl_xor_sync(FULL_MASK, pr, o);
+            mx = fmaxf(mx, fabsf(pr));
         }
         mx = block_max(mx, (float *)red);
         if (tid == 0) kv.kscale[at / hd + j] = beta_step(mx);
     }
 }
 
+/* r = k - (u.k) u for one key k (hd), as STATS_LANES threads (sub = 0..STATS_LANES-1, neighbouring
+ * lanes, all of `mask`'s lanes calling) compute it: each a strided share of the channels, so that
+ * every caller gets the same bits; returns |r|^2 to all of them */
+__device__ double key_rest(const float *k, const float *u, double *r, int hd, int sub, unsigned mask) {
+    double p = 0, len = 0;
+    for (int i = sub; i < hd; i += STATS_LANES) p += (double)k[i] * u[i];
+    for (int o = 1; o < STATS_LANES; o <<= 1) p += __shfl_xor_sync(mask, p, o);
+    for (int i = sub; i < hd; i += STATS_LANES) { r[i] = k[i] - p * u[i]; len += r[i] * r[i]; }
+    for (int o = 1; o < STATS_LANES; o <<= 1) len += __shfl_xor_sync(mask, len, o);
+    return len;
+}
+
 __global__ void __launch_bounds__(STATS_THREADS) stats_kernel(const __grid_constant__ KVCache kv,
-        const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, double *scratch, int blocks_max) {
+        const __grid_constant__ Config c, int l, const __grid_constant__ AttArgs a, double *scratch, int blocks_max,
+        int m_shared) {
     pdl_wait_then_release();
     __shared__ double red[33];
-    extern __shared__ double sd[];     /* v, mv: (head_dim) doubles each; y, tmp: (R, head_dim) floats each */
+    __shared__ int best_at;
+    extern __shared__ double sd[];     /* stats_shared_bytes' layout */
     const int hd = c.head_dim, G = c.n_heads / c.n_kv_heads, g = blockIdx.x, n = a.n, B = kv.kblock, pos = a.step[0];
     const int p = ceil_div(pos, B) * B + blockIdx.y * B, b0 = p - pos, m_tok = min(B, pos + n - p);
-    const int tid = threadIdx.x, nt = blockDim.x, R = kv.kproj;
+    const int tid = threadIdx.x, nt = blockDim.x, R = kv.kproj, lane = tid & 31, warp = tid >> 5;
     if (!R || p >= pos + n || (p > 0 && m_tok < KBLOCK_MIN)) return;
     const int first = b0 + (p == 0 && m_tok > 1 ? 1 : 0), end = b0 + m_tok;   /* tokens [first, end) of the batch */
     const size_t qd = (size_t)c.n_heads * hd, kvd = (size_t)c.n_kv_heads * hd, QKV = qd + 2 * kvd, head = (size_t)l * c.n_kv_heads + g;
     const float *q = a.qkv + (size_t)g * G * hd, *k = a.qkv + qd + (size_t)g * hd;
     const size_t at = dir_at(kv, head, p / B, hd);
-    float *u1 = kv.kdir + at, *y = (float *)(sd + 3 * hd), *tmp = y + R * hd;
-    double *mine = scratch + (size_t)g * ((size_t)blocks_max * hd * hd + (size_t)n * (hd + 1));
-    double *m = mine + (size_t)blockIdx.y * hd * hd, *rs = mine + (size_t)blocks_max * hd * hd, *lens = rs + (size_t)n * hd;
-    /* tq_key_dirs: u_1 = the group's mean query, normalized */
+    double *vv = sd, *mv = vv + hd, *m_sh = mv + hd, *tile = m_sh + (m_shared ? (size_t)hd * hd : 0);
+    float *u1 = kv.kdir + at, *y = (float *)(tile + (size_t)STATS_TILE * hd), *tmp = y + R * hd;
+    double *mine = scratch + (size_t)g * ((size_t)blocks_max * hd * hd + n);
+    double *m = m_shared ? m_sh : mine + (size_t)blockIdx.y * hd * hd, *lens = mine + (size_t)blocks_max * hd * hd;
+    /* tq_key_dirs: u_1 = the group's mean query, normalized. Thread (quad, slice) sums four channels
+     * over a slice of the tokens; the slices' sums meet in the tile's memory */
+    const int quads = hd / 4, slices = min(nt / quads, STATS_TILE), quad = tid % quads, slice = tid / quads;
+    const int per = ceil_div(end - first, slices), s0 = first + slice * per, s1 = min(end, s0 + per);
+    if (slice < slices) {
+        double qs[4] = {0, 0, 0, 0};
+        for (int b = s0; b < s1; b++)
+            for (int h = 0; h < G; h++) {
+                float4 v = *(const float4 *)(q + b * QKV + h * hd + 4 * quad);
+                qs[0] += v.x; qs[1] += v.y; qs[2] += v.z; qs[3] += v.w;
+            }
+        for (int x = 0; x < 4; x++) tile[(size_t)slice * hd + 4 * quad + x] = qs[x];
+    }
+    __syncthreads();
     double ss = 0;
     for (int i = tid; i < hd; i += nt) {
         double sum = 0;
-        for (int b = first; b < end; b++)
-            for (int h = 0; h < G; h++) sum += q[b * QKV + h * hd + i];
+        for (int sl = 0; sl < slices; sl++) sum += tile[(size_t)sl * hd + i];
         u1[i] = (float)sum;
         ss += (double)u1[i] * u1[i];
     }
@@ -866,43 +907,80 @@ __global__ void __launch_bounds__(STATS_THREADS) stats_kernel(const __grid_const
     __syncthreads();
     store_direction_block(u1, NULL, hd, red);
     if (R >= 2) {
-        /* u_2: top principal direction of the keys, less their part along u_1. A warp
-         * per token b: r_b = k_b less its part along u_1, and |r_b|^2; then the second
-         * moment m = sum_b r_b r_b^T (a thread per element, tokens in order) */
-        double *vv = sd, *mv = vv + hd;
-        const int lane = tid & 31, warp = tid >> 5, lhd = __ffs(hd) - 1;
-        for (int b = first + warp; b < end; b += nt / 32) {
-            double part = 0, *r = rs + (size_t)b * hd;
-            for (int i = lane; i < hd; i += 32) { r[i] = k[b * QKV + i]; part += r[i] * u1[i]; }
-            for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(FULL_MASK, part, o);
-            double len = 0;
-            for (int i = lane; i < hd; i += 32) { r[i] -= part * u1[i]; len += r[i] * r[i]; }
-            for (int o = 16; o > 0; o >>= 1) len += __shfl_xor_sync(FULL_MASK, len, o);
-            if (lane == 0) lens[b] = len;
-        }
-        __syncthreads();
-        int best = first;                             /* the longest, the first of equals (tq.c's start) */
-        for (int b = first + 1; b < end; b++) if (lens[b] > lens[best]) best = b;
-        for (int i = tid; i < hd; i += nt) vv[i] = rs[(size_t)best * hd + i];
-        for (int i = tid; i < hd * hd; i += nt) {
-            double acc = 0;
-            const double *ri = rs + (i >> lhd), *rj = rs + (i & (hd - 1));
-            for (int b = first; b < end; b++) acc += ri[(size_t)b * hd] * rj[(size_t)b * hd];
-            m[i] = acc;
-        }
-        __syncthreads();
-        for (int it = 0; it < 200; it++) {              /* power iteration: v <- m v / |m v| */
-            double part = 0;
-            for (int i = tid; i < hd; i += nt) {
-                double s2 = 0;
-                for (int j = 0; j < hd; j++) s2 += m[(size_t)j * hd + i] * vv[j];   /* m is symmetric: coalesced */
-                mv[i] = s2;
-                part += s2 * s2;
+        /* u_2: top principal direction of the keys, less their part along u_1: the second moment
+         * m = sum_b r_b r_b^T, r_b = k_b - (u_1.k_b) u_1, a tile of STATS_TILE keys' r_b at a time
+         * (STATS_LANES threads each); every thread sums a 4 x 4 block of m in registers, tokens in
+         * order, and as many passes over the tokens run as there are blocks per thread */
+        const int sub = tid % STATS_LANES, kt = tid / STATS_LANES, nb = hd / 4, nblocks = nb * nb;
+        for (int pass = 0; pass * nt < nblocks; pass++) {
+            const int bi = pass * nt + tid, rb = 4 * (bi / nb), cb = 4 * (bi % nb);
+            double acc[16] = {0};
+            for (int t0 = first; t0 < end; t0 += STATS_TILE) {
+                const int tn = min(STATS_TILE, end - t0);
+                __syncthreads();                         /* the previous tile is read */
+                {   /* every lane takes part in the shuffles: those past the tile's end redo its last key */
+                    double len = key_rest(k + (size_t)min(t0 + kt, end - 1) * QKV, u1, tile + (size_t)kt * hd, hd, sub, FULL_MASK);
+                    if (sub == 0 && kt < tn) lens[t0 + kt] = len;
+                }
+                __syncthreads();
+                if (bi < nblocks)
+                    for (int t = 0; t < tn; t++) {
+                        const double *r = tile + (size_t)t * hd;
+#pragma unroll
+                        for (int x = 0; x < 4; x++)
+#pragma unroll
+                            for (int z = 0; z < 4; z++) acc[4 * x + z] += r[rb + x] * r[cb + z];
+                    }
             }
-            double len = block_sum(part, red);
-            for (int i = tid; i < hd; i += nt) vv[i] = len > 0 ? mv[i] / sqrt(len) : 0.0;
-            __syncthreads();
+            if (bi < nblocks)
+#pragma unroll
+                for (int x = 0; x < 4; x++)
+#pragma unroll
+                    for (int z = 0; z < 4; z++) m[(size_t)(rb + x) * hd + cb + z] = acc[4 * x + z];
         }
+        __syncthreads();
+        /* the start vector: the longest r_b, the first of equals (tq.c's), warp 0's argmax */
+        if (warp == 0) {
+            double top = -1;
+            int best = end;
+            for (int b = first + lane; b < end; b += 32)
+                if (lens[b] > top) { top = lens[b]; best = b; }
+            for (int o = 16; o > 0; o >>= 1) {
+                double t2 = __shfl_xor_sync(FULL_MASK, top, o);
+                int b2 = __shfl_xor_sync(FULL_MASK, best, o);
+                if (t2 > top || (t2 == top && b2 < best)) { top = t2; best = b2; }
+            }
+            if (lane == 0) best_at = best;
+            __syncwarp();
+            if (lane < STATS_LANES) key_rest(k + (size_t)best_at * QKV, u1, vv, hd, lane, (1u << STATS_LANES) - 1);   /* its tile row's bits */
+        }
+        __syncthreads();
+        /* power iteration v <- m v / |m v| until it stops moving (tq.c's), in warp 0 alone: no
+         * block barrier per step; each lane's outputs sum over j in 4 chains */
+        if (warp == 0)
+            for (int it = 0; it < 200; it++) {
+                double part = 0, moved = 0;
+                for (int i = lane; i < hd; i += 32) {
+                    double s4[4] = {0, 0, 0, 0};
+                    for (int j = 0; j < hd; j += 4)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) s4[e] += m[(size_t)(j + e) * hd + i] * vv[j + e];   /* m is symmetric: coalesced */
+                    mv[i] = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+                    part += mv[i] * mv[i];
+                }
+                for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(FULL_MASK, part, o);
+                __syncwarp();
+                double inv = part > 0 ? 1.0 / sqrt(part) : 0.0;
+                for (int i = lane; i < hd; i += 32) {
+                    double x = mv[i] * inv;
+                    moved = fmax(moved, fabs(x - vv[i]));
+                    vv[i] = x;
+                }
+                for (int o = 16; o > 0; o >>= 1) moved = fmax(moved, __shfl_xor_sync(FULL_MASK, moved, o));
+                __syncwarp();
+                if (moved < 1e-12) break;            /* far below the fp16 step it is rounded to */
+            }
+        __syncthreads();
         float *u2 = u1 + hd;
         for (int i = tid; i < hd; i += nt) u2[i] = (float)vv[i];
         __syncthreads();
@@ -1859,7 +1937,7 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     int stats_blocks = ceil_div((int)B, kv->kblock) + 1;   /* blocks a batch can start */
     double cache = (double)heads * kv->ctx * (kv->kc.bytes + kv->vc.bytes + beta_bytes * R) + 4.0 * heads * kv->slots * hd
                    + (double)f * dirs * (is_prod(kv->kc.fmt) ? 3 : 2) + (double)f * heads * kv->blocks * R
-                   + 8.0 * c->n_kv_heads * ((double)stats_blocks * hd * hd + B * (hd + 1));
+                   + 8.0 * c->n_kv_heads * ((double)stats_blocks * hd * hd + B);
     double need = wbytes + act + cache;
     size_t free_b, total_b;
     CUDA(cudaMemGetInfo(&free_b, &total_b));
@@ -1945,7 +2023,7 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     a->escore = (float *)gpu_alloc(g, NULL, B * c->n_heads * a->emax * f);
     a->knew = (float *)gpu_alloc(g, NULL, 2 * kvd * f);
     g->stats_blocks = stats_blocks;
-    g->stats_m = (double *)gpu_alloc(g, NULL, (size_t)c->n_kv_heads * (stats_blocks * hd * hd + B * (hd + 1)) * sizeof(double));
+    g->stats_m = (double *)gpu_alloc(g, NULL, (size_t)c->n_kv_heads * (stats_blocks * hd * hd + B) * sizeof(double));
     CUDA(cudaMallocHost((void **)&g->host_step, (1 + B) * sizeof(int)));
     CUDA(cudaMallocHost((void **)&g->host_logits, logit_rows * V * f));
 
@@ -1972,6 +2050,11 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     /* the attribute is the kernel's, for every model of the process: the device's limit */
     CUDA(cudaFuncSetAttribute(rope_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
     CUDA(cudaFuncSetAttribute(g->att_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_max));
+    cudaFuncAttributes fa;                 /* stats_kernel has static shared memory besides */
+    CUDA(cudaFuncGetAttributes(&fa, stats_kernel));
+    int stats_max = shared_max - (int)fa.sharedSizeBytes;
+    CUDA(cudaFuncSetAttribute(stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, stats_max));
+    g->stats_m_shared = stats_shared_bytes(c->head_dim, 1) <= (size_t)stats_max;
     /* decode: as many attention blocks per KV head as fill the GPU once (a second, partial
      * wave would leave most multiprocessors idle), at most MAX_PARTS */
     int per_sm = 1, sms = 1;
@@ -2122,8 +2205,8 @@ static void forward_kernels(Transformer *t, int n, int pos, int all_logits) {
             launch(g, rope_encode_kernel, dim3(nkv), dim3(32 * (2 + ENC_QWARPS)), g->enc_shared, g->kv, *c, l, a, MODE_ROPE);
             if (g->host_stats) gpu_stats(t, l, n, pos);
             else {
-                launch(g, stats_kernel, dim3(c->n_kv_heads, nblk), dim3(STATS_THREADS), 3 * hd * sizeof(double) + 2 * KPROJ_MAX * hd * sizeof(float),
-                       g->kv, *c, l, a, g->stats_m, g->stats_blocks);
+                launch(g, stats_kernel, dim3(c->n_kv_heads, nblk), dim3(STATS_THREADS), stats_shared_bytes(hd, g->stats_m_shared),
+                       g->kv, *c, l, a, g->stats_m, g->stats_blocks, g->stats_m_shared);
                 if (inherit) launch(g, inherit_kernel, dim3(c->n_kv_heads), dim3(128), 0, g->kv, *c, l, a, plast);
             }
         }

@@ -5,7 +5,8 @@
 # random-weight models can be made there (model.bin itself is too large to carry). Steps:
 #   tests     tests/test_cuda.py on a random SmolLM2-shaped model (TQ_CUDA_MODEL; $TESTS_K: pytest -k)
 #   sanitize  compute-sanitizer memcheck on short generations (tq3, tq4p:q4, fp16), racecheck (tq3, tq4p:q4)
-#   profile   ncu: GPU time of every kernel of a 1000-token prefill and 3 decode steps (tq3)
+#   profile   ncu: GPU time of every kernel of a 1000-token prefill and 3 decode steps ($PROFILE_FORMATS,
+#             default tq3 and fp16)
 #   speed     bench/speed --run ./run_cuda at ~1000 and ~7400 prompt tokens, random SmolLM2 shape
 #             (through a wrapper that drops the generated text: a random model's bytes are not
 #             UTF-8, which bench/speed cannot read), formats $FORMATS (default all six)
@@ -53,7 +54,7 @@ for step in "$@"; do
         done ;;
     profile)
         [ -x run_cuda ] || make run_cuda >/dev/null
-        for k in tq3 fp16; do
+        for k in ${PROFILE_FORMATS:-tq3 fp16}; do
             ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv ./run_cuda $rnd -k $k -n 3 -t 0 \
                 -c 1100 -i "$(head -c 3800 tests/data/wiki.test.raw)" > "$out/ncu_$k.csv" 2>/dev/null
             echo "== profile $k"; $py bench/ncu_summary.py "$out/ncu_$k.csv" --tokens 3 | head -40 | sed "s/^ */  /"
@@ -63,7 +64,7 @@ for step in "$@"; do
         mkdir -p /tmp/w && printf '#!/bin/bash\ncase " $* " in *" tokenize "*) exec %s "$@";; esac\nexec %s "$@" >/dev/null\n' \
             "$PWD/run_cuda" "$PWD/run_cuda" > /tmp/w/run_cuda && chmod +x /tmp/w/run_cuda
         for n in 1000 7400; do
-            $py bench/speed --run /tmp/w/run_cuda --model $rnd --formats ${FORMATS:-fp16,q8,q4,tq4,tq3,tq2} --rounds 3 \
+            $py bench/speed --run /tmp/w/run_cuda --model $rnd --formats "${FORMATS:-fp16,q8,q4,tq4,tq3,tq2}" --rounds 3 \
                 --prompt-tokens $n -n 128 2>&1 | tee "$out/speed_$n.log" | tail -9
         done ;;
     gpubench)
