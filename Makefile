@@ -6,6 +6,7 @@
 CC      ?= gcc
 CFLAGS  ?= -O3 -march=native
 WARN     = -Wall -Wextra
+# every build of tq.c takes $(OMP) too: tq_cache_attention's loops are parallel
 OMP      = -fopenmp
 SAN      = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
@@ -69,13 +70,13 @@ run_haswell: run_v3 tests/haswell
 	printf '#!/bin/sh\nexec "%s/tests/haswell" "%s/run_v3" "$$@"\n' "$(CURDIR)" "$(CURDIR)" > $@ && chmod +x $@
 
 tests/test_tq_v3: tests/test_tq.c tq.c tq.h
-	$(CC) $(V3) $(WARN) -o $@ tests/test_tq.c tq.c -lm
+	$(CC) $(V3) $(OMP) $(WARN) -o $@ tests/test_tq.c tq.c -lm
 
 tests/test_tq: tests/test_tq.c tq.c tq.h
-	$(CC) $(CFLAGS) $(WARN) -o $@ tests/test_tq.c tq.c -lm
+	$(CC) $(CFLAGS) $(OMP) $(WARN) -o $@ tests/test_tq.c tq.c -lm
 
 tests/test_tq_san: tests/test_tq.c tq.c tq.h
-	$(CC) $(SAN) $(WARN) -o $@ tests/test_tq.c tq.c -lm
+	$(CC) $(SAN) $(OMP) $(WARN) -o $@ tests/test_tq.c tq.c -lm
 
 # run.c's int8-weight products against their definition, bit for bit: optimized, under the
 # sanitizers, and for the baseline x86-64 instruction set, whose output must hash the same
@@ -93,13 +94,13 @@ tests/test_q8_v3: tests/test_q8.c run.c tq.c tq.h
 
 # tq.c as a shared library, so that the numpy oracle can call it through ctypes
 tests/libtq.so: tq.c tq.h
-	$(CC) -O2 $(WARN) -shared -fPIC -o $@ tq.c -lm
+	$(CC) -O2 $(OMP) $(WARN) -shared -fPIC -o $@ tq.c -lm
 
 tests/tqstat: tests/tqstat.c tq.c tq.h
-	$(CC) $(CFLAGS) $(WARN) -o $@ tests/tqstat.c tq.c -lm
+	$(CC) $(CFLAGS) $(OMP) $(WARN) -o $@ tests/tqstat.c tq.c -lm
 
 bench/tqbench: bench/tqbench.c tq.c tq.h
-	$(CC) $(CFLAGS) $(WARN) -o $@ bench/tqbench.c tq.c -lm
+	$(CC) $(CFLAGS) $(OMP) $(WARN) -o $@ bench/tqbench.c tq.c -lm
 
 bench/membw: bench/membw.c
 	$(CC) $(CFLAGS) $(OMP) $(WARN) -o $@ bench/membw.c

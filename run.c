@@ -3,9 +3,9 @@
  *
  * Structure follows karpathy/llama2.c, in sections: config and weights, the cache,
  * the forward pass, the tokenizer, the sampler, the modes (generate, chat,
- * logits, score, eval), main. What is new is the KV cache: keys and values are
- * encoded by tq.c as they are produced (tq_store), and attention scores keys
- * and accumulates values straight from their codes (attention(), tq_attend_codes).
+ * logits, score, eval), main. What is new is the KV cache (tq.h, tq_cache): keys and
+ * values are encoded by tq.c as they are produced, and attention scores keys and
+ * accumulates values straight from their codes (tq_cache_attention, tq_attend_codes).
  *
  * Build: make run    Usage: ./run model.bin -h
  */
@@ -22,9 +22,6 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX2__)
 #include <immintrin.h>   /* the int8 product's one-token kernel (dot_q8_rows) */
 #endif
@@ -33,15 +30,6 @@
 
 #ifndef PROG
 #define PROG "run"   /* run_cuda.cu includes this file with its own name */
-#endif
-
-/* threads of the parallel loops (1 without OpenMP) and the one running this */
-#ifdef _OPENMP
-static int n_threads(void) { return omp_get_max_threads(); }
-static int thread_id(void) { return omp_get_thread_num(); }
-#else
-static int n_threads(void) { return 1; }
-static int thread_id(void) { return 0; }
 #endif
 
 /* Every bad input ends here: one line that names the problem, exit status 1. */
@@ -130,38 +118,6 @@ typedef struct {
 #define STR_(x) #x
 #define STR(x) STR_(x)
 
-/* How the KV cache is held: the -k formats and the fixes on top of the paper's
- * codec, each behind its own flag (tq.h: "Key projection", "Exact positions"). */
-typedef struct {
-    tq_fmt key_fmt, value_fmt;     /* -k KEYS:VALUES                    */
-    tq_scale kscale, vscale;       /* --scale: the tq formats' scale rules */
-    int kproj;       /* directions along which keys are kept exactly, 0..KPROJ_MAX */
-    int kblock;      /* positions per block of key directions (0: one set per sequence) */
-    int sink;        /* the first `sink` positions also kept in fp16          */
-    int window;      /* the last `window` positions also kept in fp16         */
-} CacheOpts;
-
-/* The KV cache, head-major so that attention streams one head's codes from
- * contiguous memory. A position's key for (layer l, kv head g) sits at
- * key + ((l*n_kv_heads + g)*ctx + pos) * kc.bytes; the same for values. */
-typedef struct {
-    tq_codec kc, vc; /* key and value formats (-k KFMT:VFMT)                  */
-    uint8_t *key;    /* (n_layers, n_kv_heads, ctx, kc.bytes)                 */
-    uint8_t *value;  /* (n_layers, n_kv_heads, ctx, vc.bytes)                 */
-    int ctx;         /* positions allocated                                   */
-    int kproj;       /* R: keys' components along R directions kept exactly (tq.h) */
-    int kblock, blocks; /* positions per block of directions (ctx: one block), blocks per head */
-    float *kdir;     /* (n_layers, n_kv_heads, blocks, R, head_dim) orthonormal directions u_j */
-    float *kdir_rot; /* (n_layers, n_kv_heads, blocks, R, head_dim) the same rotated, Pi u_j */
-    uint16_t *kbeta; /* (n_layers, n_kv_heads, ctx, R) fp16 beta_tj = u_j.k_t of every key (--kblock 0), or NULL */
-    int8_t *kbeta8;  /* (n_layers, n_kv_heads, ctx, R) the same as int8 codes (--kblock N), or NULL */
-    float *kscale;   /* (n_layers, n_kv_heads, blocks, R) their steps, fp16-rounded, or NULL */
-    int sink, window; /* exact positions: the first `sink` and the last `window` */
-    int slots;       /* rows per head of the exact store: sink + a ring of window */
-    uint16_t *exact_k; /* (n_layers, n_kv_heads, slots, head_dim) fp16 keys as encoded */
-    uint16_t *exact_v; /* (n_layers, n_kv_heads, slots, head_dim) fp16 values as encoded */
-} KVCache;
-
 /* Activations for up to `batch` tokens processed together (prompts are run in
  * batches so that every weight row read from memory serves many tokens; the
  * first batch of a sequence is also where the cache's statistics come from). */
@@ -175,10 +131,7 @@ typedef struct {
     float *q;      /* (batch, q_dim)   q_dim = n_heads*head_dim               */
     float *k;      /* (batch, kv_dim)  kv_dim = n_kv_heads*head_dim           */
     float *v;      /* (batch, kv_dim)                                         */
-    float *kperp;  /* (batch, kv_dim) keys less their parts along the key directions, as encoded */
-    float *att;    /* (n_threads, att_floats) a work item's scores, weights and queries readied per block */
-    float *rq;     /* (n_kv_heads, batch, group, head_dim) queries rotated by the key codec, a KV head's together */
-    float *part;   /* (att_states, tq_state_floats) online-softmax states of the work items */
+    float *work;   /* (tq_cache_work_floats) the cache's scratch for attention                */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
     tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
     /* int8 weights only (else NULL): a matrix product's input x (B, n), n <= wide_n =
@@ -193,7 +146,7 @@ typedef struct {
 typedef struct {
     Config config;
     TransformerWeights weights;
-    KVCache cache;
+    tq_cache cache;
     RunState state;
     uint8_t *data;     /* the mmap'd file                                      */
     size_t file_size;
@@ -201,7 +154,7 @@ typedef struct {
 } Transformer;
 
 #ifdef RUN_CUDA  /* run_cuda.cu includes this file and defines these, and its own forward() */
-static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits);
+static void gpu_build(Transformer *t, const tq_cache_opts *o, int all_logits);
 static void gpu_free(Transformer *t);
 #endif
 
@@ -346,134 +299,17 @@ static void load_model(Transformer *t, const char *path) {
 }
 
 /* ---------------------------------------------------------------------------
- * The cache (and the activations): allocation, layout, what it holds
+ * The cache and the activations. The KV cache is tq.h's tq_cache: tq_cache_build lays it out
+ * (head-major: one head's codes contiguous) and counts it; the forward pass hands each layer's
+ * batch to tq_cache_attention, which encodes its keys and values and attends over the cache.
  */
 
-/* n zeroed items of `size` bytes, added to *bytes; with alloc 0 only counted (NULL). The one
- * place where the cache's and the activations' sizes are computed: build_transformer counts
- * them before allocating anything. */
+/* n zeroed items of `size` bytes, added to *bytes; with alloc 0 only counted (NULL), so that
+ * build_transformer can count the activations (and the cache) before allocating anything. */
 static void *take_zeroed(size_t n, size_t size, const char *what, int alloc, double *bytes) {
     *bytes += (double)n * (double)size;
     return alloc ? xcalloc(n, size, what) : NULL;
 }
-
-/* Sets up the codecs and the cache's layout for ctx positions; allocates it (alloc 1) or only
- * counts it. Returns its bytes. The fixes apply to lossy formats only: the key projection to
- * lossy keys, the exact positions to a cache with a lossy side. */
-static double build_cache(KVCache *kv, const Config *c, const CacheOpts *o, int ctx, int alloc) {
-    tq_fmt fmts[2] = {o->key_fmt, o->value_fmt};
-    tq_scale scales[2] = {o->kscale, o->vscale};
-    tq_codec *codecs[2] = {&kv->kc, &kv->vc};
-    for (int i = 0; i < 2; i++)   /* head_dim was checked against the formats before */
-        if (tq_init(codecs[i], fmts[i], c->head_dim, scales[i], TQ_DEFAULT_SEED) != 0)
-            die("out of memory setting up format %s", tq_fmt_name(fmts[i]));
-    int lossy = tq_is_lossy(o->key_fmt) || tq_is_lossy(o->value_fmt);
-    kv->ctx = ctx;
-    kv->kproj = tq_is_lossy(o->key_fmt) ? o->kproj : 0;
-    kv->kblock = o->kblock > 0 && o->kblock < ctx ? o->kblock : ctx;
-    kv->blocks = (ctx + kv->kblock - 1) / kv->kblock;
-    kv->sink = lossy ? (o->sink < ctx ? o->sink : ctx) : 0;
-    kv->window = lossy ? o->window : 0;
-    kv->slots = kv->sink + (kv->window < ctx - kv->sink ? kv->window : ctx - kv->sink);
-    size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = (size_t)c->head_dim, R = (size_t)kv->kproj;
-    size_t dirs = heads * kv->blocks * R * hd, R8 = o->kblock > 0 ? R : 0, R16 = R - R8;   /* int8 betas with blocks */
-    double bytes = 0;
-    kv->key = (uint8_t *)take_zeroed(heads * ctx, kv->kc.bytes, "the key cache", alloc, &bytes);
-    kv->value = (uint8_t *)take_zeroed(heads * ctx, kv->vc.bytes, "the value cache", alloc, &bytes);
-    kv->kdir = R ? (float *)take_zeroed(dirs, sizeof(float), "key directions", alloc, &bytes) : NULL;
-    kv->kdir_rot = R ? (float *)take_zeroed(dirs, sizeof(float), "key directions", alloc, &bytes) : NULL;
-    kv->kbeta = R16 ? (uint16_t *)take_zeroed(heads * ctx * R, sizeof(uint16_t), "key projections", alloc, &bytes) : NULL;
-    kv->kbeta8 = R8 ? (int8_t *)take_zeroed(heads * ctx * R, 1, "key projections", alloc, &bytes) : NULL;
-    kv->kscale = R8 ? (float *)take_zeroed(heads * kv->blocks * R, sizeof(float), "key projections", alloc, &bytes) : NULL;
-    kv->exact_k = (uint16_t *)take_zeroed(heads * kv->slots * hd, sizeof(uint16_t), "exact keys", alloc, &bytes);
-    kv->exact_v = (uint16_t *)take_zeroed(heads * kv->slots * hd, sizeof(uint16_t), "exact values", alloc, &bytes);
-    return bytes;
-}
-
-static void free_cache(KVCache *kv) {
-    free(kv->key); free(kv->value); free(kv->kdir); free(kv->kdir_rot); free(kv->kbeta); free(kv->kbeta8); free(kv->kscale); free(kv->exact_k); free(kv->exact_v);
-    tq_free(&kv->kc); tq_free(&kv->vc);
-}
-
-TQ_HD static uint8_t *cache_row(const KVCache *kv, uint8_t *base, size_t bytes, const Config *c, int l, int g, int pos) {
-    return base + (((size_t)l * c->n_kv_heads + g) * kv->ctx + pos) * bytes;
-}
-
-#ifdef RUN_CUDA   /* the GPU kernels' view of the exact store (the CPU's: cache_head) */
-/* Row of position pos in the exact store: the sinks first, then the ring. */
-TQ_HD static size_t exact_row(const KVCache *kv, const Config *c, int l, int g, int pos) {
-    return (((size_t)l * c->n_kv_heads + g) * kv->slots + tq_exact_slot(pos, kv->sink, kv->slots)) * c->head_dim;
-}
-#endif
-
-/* What the cache holds for n positions, as the memory line and kv_bits count it: the codes;
- * every key's R projections beta (fp16, or int8 codes); a fixed cost, the fp16 exact rows in
- * use and, per head and block in use, the R directions and int8 steps (kept as fp16 numbers:
- * tq_key_dirs; the directions' rotated copies are derived, not stored information). */
-typedef struct { size_t codes, projections, fixed; } CacheBytes;
-
-static CacheBytes cache_bytes(const KVCache *kv, const Config *c, int n) {
-    size_t heads = (size_t)c->n_layers * c->n_kv_heads, hd = (size_t)c->head_dim, R = (size_t)kv->kproj;
-    size_t sink = (size_t)(n < kv->sink ? n : kv->sink), rest = (size_t)n - sink;
-    size_t exact = sink + (rest < (size_t)kv->window ? rest : (size_t)kv->window);   /* fp16 rows in use */
-    size_t blocks = n > 0 ? ((size_t)n + kv->kblock - 1) / kv->kblock : 1;
-    size_t beta = kv->kbeta8 ? 1 : 2, steps = kv->kbeta8 ? blocks * R * 2 : 0;
-    CacheBytes b = {heads * n * (kv->kc.bytes + kv->vc.bytes), heads * n * R * beta,
-                    heads * (exact * hd * 2 * 2 + blocks * R * hd * 2 + steps)};
-    return b;
-}
-
-static size_t cache_total(CacheBytes b) { return b.codes + b.projections + b.fixed; }
-
-/* KV head g of layer l as tq.c keeps and reads it (tq_head): its rows of the cache. */
-static tq_head cache_head(const KVCache *kv, const Config *c, int l, int g) {
-    size_t head = (size_t)l * c->n_kv_heads + g, hd = (size_t)c->head_dim, R = (size_t)kv->kproj, dirs = kv->blocks * R * hd;
-    tq_head h = {&kv->kc, &kv->vc, kv->ctx, cache_row(kv, kv->key, kv->kc.bytes, c, l, g, 0),
-                 cache_row(kv, kv->value, kv->vc.bytes, c, l, g, 0), kv->kproj, kv->kblock,
-                 R ? kv->kdir + head * dirs : NULL, R ? kv->kdir_rot + head * dirs : NULL,
-                 kv->kbeta ? kv->kbeta + head * kv->ctx * R : NULL, kv->kbeta8 ? kv->kbeta8 + head * kv->ctx * R : NULL,
-                 kv->kscale ? kv->kscale + head * kv->blocks * R : NULL, kv->sink, kv->window, kv->slots,
-                 kv->exact_k + head * kv->slots * hd, kv->exact_v + head * kv->slots * hd};
-    return h;
-}
-
-#define KBLOCK_MIN 16   /* a block's own tokens needed in its first batch to measure its directions on */
-
-/* The key directions of the blocks that start in layer l's batch of n tokens at pos (tq.h, "Key
- * projection"), q (n, qd) and k (n, kvd) after RoPE: measured on the block's own tokens of the
- * batch (the first block on whatever the first batch holds), or, with fewer than KBLOCK_MIN
- * of them, the previous block's. Host code in both builds (run_cuda.cu copies them back). */
-static void measure_stats(KVCache *kv, const Config *c, int l, const float *q, const float *k, int n, int pos) {
-    int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, B = kv->kblock;
-    size_t qd = (size_t)c->n_heads * hd, kvd = (size_t)c->n_kv_heads * hd;
-    for (int p = (pos + B - 1) / B * B; p < pos + n && kv->kproj; p += B) {
-        int m = pos + n - p < B ? pos + n - p : B, g, oom = 0;
-#pragma omp parallel for schedule(dynamic) reduction(| : oom)
-        for (g = 0; g < c->n_kv_heads; g++) {
-            tq_head h = cache_head(kv, c, l, g);
-            if (p > 0 && m < KBLOCK_MIN) tq_key_dirs_inherit(&h, p);
-            else oom |= tq_key_dirs(&h, p, group, q + (size_t)(p - pos) * qd + (size_t)g * group * hd, qd,
-                                    k + (size_t)(p - pos) * kvd + (size_t)g * hd, kvd, m) != 0;
-        }
-        if (oom) die("out of memory: key directions");
-    }
-}
-
-/* CPU attention runs in work items (attention() below): a KV head's queries of up to ATT_TILE
- * batch tokens against its coded positions, or, when the batch has a single tile (decode), against
- * ATT_SPLIT of them at a time so that every thread has work with only a few KV heads. */
-#define ATT_TILE 16     /* batch tokens whose queries share one pass over the codes */
-#define ATT_SPLIT 256   /* coded positions per work item when the batch has one tile, at least */
-#define ATT_MAX_SPLITS 32 /* and at most this many items per KV head (longer splits beyond) */
-
-/* States that a pass over `batch` tokens can use at most: a tile's queries per work item. */
-static size_t att_states(const Config *c, int batch) {
-    size_t tiles = ((size_t)batch + ATT_TILE - 1) / ATT_TILE;
-    return (size_t)c->n_heads * ATT_TILE * (tiles > ATT_MAX_SPLITS ? tiles : ATT_MAX_SPLITS);
-}
-
-/* Scratch floats of one thread: tq_attend_codes' for a tile's queries. */
-static size_t att_floats(const Config *c, const KVCache *kv) { return tq_attend_scratch(&kv->kc, ATT_TILE * (c->n_heads / c->n_kv_heads)); }
 
 /* the longest input row of a matrix product: dim, q_dim (wo) or hidden_dim (w2) */
 static size_t wide_n(const Config *c) {
@@ -482,7 +318,7 @@ static size_t wide_n(const Config *c) {
 }
 
 /* Allocates (alloc 1) or counts the activations of `batch` tokens; returns their bytes. */
-static double build_state(RunState *s, const Config *c, const KVCache *kv, int batch, int all_logits, int alloc) {
+static double build_state(RunState *s, const Config *c, const tq_cache *kv, int batch, int all_logits, int alloc) {
     size_t B = (size_t)batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     size_t wide = qd > (size_t)c->dim ? qd : (size_t)c->dim, F = sizeof(float);
     double bytes = 0;
@@ -497,10 +333,7 @@ static double build_state(RunState *s, const Config *c, const KVCache *kv, int b
     s->q = TAKE(B * qd, "activations");
     s->k = TAKE(B * kvd, "activations");
     s->v = TAKE(B * kvd, "activations");
-    s->kperp = TAKE(B * kvd, "activations");
-    s->att = TAKE((size_t)n_threads() * att_floats(c, kv), "attention scores");
-    s->rq = TAKE(B * qd, "queries");
-    s->part = TAKE(att_states(c, batch) * tq_state_floats(&kv->vc), "attention states");
+    s->work = TAKE(tq_cache_work_floats(kv, c->n_heads / c->n_kv_heads, batch), "attention");
     s->logits = TAKE((all_logits ? B : 1) * c->vocab_size, "logits");
     if (c->weight_type == WEIGHTS_INT8) {
         size_t wn = wide_n(c), tiled = B / QTOKS * QTOKS;
@@ -514,21 +347,17 @@ static double build_state(RunState *s, const Config *c, const KVCache *kv, int b
 }
 
 static void free_state(RunState *s) {
-    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->kperp, s->att, s->rq,
-                  s->part, s->logits, s->xqs, s->xqt, s->xqts};
+    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->work, s->logits, s->xqs, s->xqt, s->xqts};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
     free(s->xq);
 }
 
 /* qinput: for int8 weights, quantize the input of each product too; simd: the attention
  * kernels' instruction set (RunState) */
-static void build_transformer(Transformer *t, const char *path, const CacheOpts *o, int ctx, int batch, int all_logits,
+static void build_transformer(Transformer *t, const char *path, const tq_cache_opts *o, int ctx, int batch, int all_logits,
                               int qinput, tq_simd simd) {
     load_model(t, path);
     const Config *c = &t->config;
-#ifdef RUN_CUDA
-    if (c->weight_type != WEIGHTS_FP32) die("int8 weights are not supported by the GPU build yet; export with --weights fp32");
-#endif
     int asked = ctx > 0;
     if (!asked) ctx = c->seq_len;
     if (ctx > c->seq_len) die("-c %d exceeds the model's context of %d tokens", ctx, c->seq_len);
@@ -544,14 +373,17 @@ static void build_transformer(Transformer *t, const char *path, const CacheOpts 
     /* Linux overcommits, so calloc would succeed and the process die later: count what the cache
      * and the activations take and compare with the physical memory first (the weights are
      * mmap'd and not counted) */
-    double need = build_cache(&t->cache, c, o, ctx, 0) + build_state(&t->state, c, &t->cache, batch, all_logits, 0);
-    free_cache(&t->cache);
+    double cache = tq_cache_build(&t->cache, o, c->n_layers, c->n_kv_heads, c->head_dim, ctx, 0);
+    if (cache < 0) die("out of memory setting up the formats %s:%s", tq_fmt_name(o->key_fmt), tq_fmt_name(o->value_fmt));
+    double need = cache + build_state(&t->state, c, &t->cache, batch, all_logits, 0);
+    tq_cache_free(&t->cache);
     double phys = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (phys > 0 && need > phys)
         die("%s%d tokens need %.0f bytes (%.1f GiB) of KV cache and activations, more than the %.1f GiB "
             "of memory here: give a smaller -c", asked ? "-c " : "the model's context of ", ctx,
             need, need / 1073741824.0, phys / 1073741824.0);
-    build_cache(&t->cache, c, o, ctx, 1);
+    if (tq_cache_build(&t->cache, o, c->n_layers, c->n_kv_heads, c->head_dim, ctx, 1) < 0)
+        die("out of memory: the KV cache needs %.1f MiB", cache / 1048576.0);
     build_state(&t->state, c, &t->cache, batch, all_logits, 1);
     t->state.qinput = qinput;
     t->state.simd = simd;
@@ -565,7 +397,7 @@ static void free_transformer(Transformer *t) {
     gpu_free(t);
 #endif
     free_state(&t->state);
-    free_cache(&t->cache);
+    tq_cache_free(&t->cache);
     munmap(t->data, t->file_size);
 }
 
@@ -933,54 +765,6 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-#ifndef RUN_CUDA   /* run_cuda.cu's attention_kernel and merge_kernel */
-/* Layer l's attention (tq.h, "Attention") for the n batch tokens at pos.. (keys and values
- * already in the cache; the queries in s->q, RoPE applied), into s->xb, in one parallel
- * region: the queries are prepared; work items (KV head, tile of ATT_TILE tokens, split of the
- * coded positions) run: a batch of one tile (decode) splits its coded positions so that every
- * thread has work, longer batches do not; then each query merges its splits, adds its exact
- * positions and finishes. The item layout depends on n and pos only, never on the thread
- * count, so results do not either. */
-static void attention(const KVCache *kv, const Config *c, RunState *s, int l, int n, int pos) {
-    int group = c->n_heads / c->n_kv_heads, hd = c->head_dim, qd = c->n_heads * hd;
-    int tiles = (n + ATT_TILE - 1) / ATT_TILE, end = tq_coded_end(pos + n, kv->sink, kv->window);
-    int split = end > ATT_SPLIT * ATT_MAX_SPLITS ? ((end + ATT_MAX_SPLITS - 1) / ATT_MAX_SPLITS + 15) / 16 * 16 : ATT_SPLIT;
-    int splits = tiles == 1 && end > split ? (end + split - 1) / split : 1, items = c->n_kv_heads * tiles * splits;
-    int per_item = (n < ATT_TILE ? n : ATT_TILE) * group;   /* states of an item's queries */
-    size_t sf = tq_state_floats(&kv->vc);
-#pragma omp parallel
-    {
-    int i;
-#pragma omp for schedule(static)
-    for (i = 0; i < n * c->n_heads; i++) {          /* s->rq: a KV head's queries together */
-        int b = i / c->n_heads, h = i % c->n_heads, g = h / group;
-        size_t qi = ((size_t)g * s->batch + b) * group + h % group;
-        tq_rotate(&kv->kc, s->q + (size_t)b * qd + (size_t)h * hd, s->rq + qi * hd);
-    }
-#pragma omp for schedule(dynamic)
-    for (i = 0; i < items; i++) {                   /* KV head g's queries of tokens [b0, b1) over [k0, k1) */
-        int g = i / (tiles * splits), tile = i / splits % tiles, sp = i % splits;
-        int b0 = tile * ATT_TILE, b1 = b0 + ATT_TILE < n ? b0 + ATT_TILE : n;
-        int k0 = sp == 0 ? kv->sink : sp * split;   /* splits start at multiples of split (of 16 rows) */
-        int k1 = splits == 1 ? tq_coded_end(pos + b1, kv->sink, kv->window) : sp + 1 < splits ? (sp + 1) * split : end;
-        tq_head head = cache_head(kv, c, l, g);
-        size_t first = ((size_t)g * s->batch + b0) * group;
-        tq_attend_codes(&head, s->simd, (b1 - b0) * group, group, pos + b0, s->rq + first * hd, k0, k1 > k0 ? k1 : k0,
-                        s->part + (size_t)i * per_item * sf, s->att + (size_t)thread_id() * att_floats(c, kv));
-    }
-#pragma omp for schedule(static)
-    for (i = 0; i < n * c->n_heads; i++) {
-        int b = i / c->n_heads, h = i % c->n_heads, g = h / group, tile = b / ATT_TILE;
-        tq_head head = cache_head(kv, c, l, g);
-        tq_batch batch = {pos, s->k + (size_t)g * hd, s->v + (size_t)g * hd, (size_t)c->n_kv_heads * hd};
-        float *st = s->part + (((size_t)g * tiles + tile) * splits * per_item + (size_t)(b % ATT_TILE) * group + h % group) * sf;
-        tq_attend_finish(&head, s->q + (size_t)b * qd + (size_t)h * hd, &batch, pos + b + 1, st, splits,
-                         (size_t)per_item * sf, s->xb + (size_t)b * qd + (size_t)h * hd);
-    }
-    }
-}
-#endif
-
 /* Runs n tokens (n <= batch) at positions pos..pos+n-1, storing their keys and
  * values in the cache. Returns the logits: of the last token (vocab_size), or
  * of all n tokens (n, vocab_size) when all_logits is set. (run_cuda.cu has its own.) */
@@ -990,7 +774,6 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     Config *c = &t->config;
     TransformerWeights *w = &t->weights;
     RunState *s = &t->state;
-    KVCache *kv = &t->cache;
     int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim;
     int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
 
@@ -1006,18 +789,9 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         int i;
 #pragma omp parallel for schedule(static)
         for (i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
-        measure_stats(kv, c, l, s->q, s->k, n, pos);     /* the blocks of directions this batch starts */
-#pragma omp parallel for schedule(static)
-        for (i = 0; i < n * c->n_kv_heads; i++) {   /* encode k, v into the cache; i = b * n_kv_heads + g */
-            tq_head head = cache_head(kv, c, l, i % c->n_kv_heads);
-            size_t at = (size_t)i * hd;
-            tq_store(&head, pos + i / c->n_kv_heads, s->k + at, s->v + at, s->kperp + at);
-        }
-        attention(kv, c, s, l, n, pos);             /* token b attends to positions 0..pos+b */
-        for (i = 0; i < n * c->n_kv_heads; i++) {
-            tq_head head = cache_head(kv, c, l, i % c->n_kv_heads);
-            tq_store_exact(&head, pos, i / c->n_kv_heads, n, s->k + (size_t)i * hd, s->v + (size_t)i * hd);
-        }
+        /* the cache: k and v are encoded into it, then token b attends to positions 0..pos+b */
+        tq_cache_batch batch = {l, n, pos, c->n_heads / c->n_kv_heads, s->q, s->k, s->v, s->xb, s->work};
+        if (tq_cache_attention(&t->cache, s->simd, &batch)) die("out of memory: key directions");
         linear(s, s->xb, n, qd, &(Product){s->xb2, w->wo, &w->q_wo, (size_t)l * dim * qd, dim}, 1);
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
 
@@ -1617,19 +1391,14 @@ static void report_weights(const Config *c, double kv_mib) {
         fprintf(stderr, "weights: fp32, %.2f MiB; with the KV cache %.2f MiB\n", mib, mib + kv_mib);
 }
 
-/* every byte the cache holds for n positions, per cached number */
-static double kv_bits(const KVCache *kv, const Config *c, int n) {
-    return 8.0 * cache_total(cache_bytes(kv, c, n)) / ((double)n * c->n_layers * c->n_kv_heads * c->head_dim * 2);
-}
-
 /* The memory / speed line on stderr, e.g.
  * kv: tq3/tq3 3.25 bits/elem, 4.6 MiB for 1024 tokens (fp16 22.5 MiB, 4.9x smaller; fp32 45.0 MiB) */
 static void report(const Transformer *t, int n_pos, const Stats *speed) {
     const Config *c = &t->config;
-    const KVCache *kv = &t->cache;
+    const tq_cache *kv = &t->cache;
     double bits = 0.5 * (tq_bits_per_elem(kv->kc.fmt, c->head_dim) + tq_bits_per_elem(kv->vc.fmt, c->head_dim));
-    CacheBytes b = cache_bytes(kv, c, n_pos);
-    double MiB = 1048576.0, mib = cache_total(b) / MiB;
+    tq_cache_bytes b = tq_cache_size(kv, n_pos);
+    double MiB = 1048576.0, mib = b.all / MiB;
     double fp16 = (double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2 * 2 / MiB;
     double ratio = mib > 0 ? fp16 / mib : 1.0;
     fprintf(stderr, "kv: %s/%s %.2f bits/elem, %.2f MiB for %d tokens (fp16 %.2f MiB, %.1fx %s; fp32 %.2f MiB)\n",
@@ -1640,7 +1409,7 @@ static void report(const Transformer *t, int n_pos, const Stats *speed) {
                 "(%d sink + %d recent positions in fp16%s): %.2f bits/elem in all\n",
                 b.codes / MiB, b.projections / MiB, kv->kproj, kv->kbeta8 ? "int8" : "fp16", b.fixed / MiB, kv->sink,
                 kv->window, kv->kproj ? (kv->kbeta8 ? ", projection directions per block" : ", projection directions") : "",
-                kv_bits(kv, c, n_pos));
+                tq_cache_bits(kv, n_pos));
     report_weights(c, mib);
     if (speed)
         fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens), attention %s\n",
@@ -1811,20 +1580,10 @@ static void write_floats(const char *path, const float *x, size_t n) {
  * them again, so that a statistic on an fp16 rounding boundary cannot differ between the
  * two (tests/test_forward.py). */
 static void dump_stats(const Transformer *t, int n, const char *path) {
-    const Config *c = &t->config;
-    const KVCache *kv = &t->cache;
-    size_t hd = (size_t)c->head_dim, R = (size_t)kv->kproj, used = ((size_t)n + kv->kblock - 1) / kv->kblock;
-    size_t per_layer = c->n_kv_heads * used * R * hd + (size_t)c->n_kv_heads * n * R;
-    float *x = (float *)xcalloc(c->n_layers * per_layer, sizeof(float), "statistics"), *p = x;
-    for (int l = 0; l < c->n_layers; l++) {
-        for (int g = 0; g < c->n_kv_heads && R; g++, p += used * R * hd)
-            memcpy(p, kv->kdir + (((size_t)l * c->n_kv_heads + g) * kv->blocks) * R * hd, used * R * hd * sizeof(float));
-        for (int g = 0; g < c->n_kv_heads; g++)
-            for (size_t j = 0, head = (size_t)l * c->n_kv_heads + g; j < (size_t)n * R; j++)
-                *p++ = kv->kbeta8 ? kv->kbeta8[head * kv->ctx * R + j] * kv->kscale[(head * kv->blocks + j / R / kv->kblock) * R + j % R]
-                                  : tq_f16_to_f32(kv->kbeta[head * kv->ctx * R + j]);
-    }
-    write_floats(path, x, c->n_layers * per_layer);
+    size_t per_layer = tq_cache_stats(&t->cache, 0, n, NULL);
+    float *x = (float *)xcalloc(t->config.n_layers * per_layer, sizeof(float), "statistics");
+    for (int l = 0; l < t->config.n_layers; l++) tq_cache_stats(&t->cache, l, n, x + l * per_layer);
+    write_floats(path, x, t->config.n_layers * per_layer);
     free(x);
 }
 
@@ -1904,7 +1663,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
     if (max_chunks > 0 && chunks > max_chunks) chunks = max_chunks;
     if (chunks == 0) die("the text is %d tokens, fewer than one chunk of %d", n, ctx);
     fprintf(stderr, "%d chunks of %d tokens, scoring the second half of each\n", chunks, ctx);
-    report_weights(c, cache_total(cache_bytes(&t->cache, c, ctx)) / 1048576.0);
+    report_weights(c, tq_cache_size(&t->cache, ctx).all / 1048576.0);
     double *lp = (double *)xcalloc(vocab, sizeof(double), "eval"), *lq = (double *)xcalloc(vocab, sizeof(double), "eval");
     EvalSums e;
     memset(&e, 0, sizeof e);
@@ -1938,7 +1697,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
         fprintf(stderr, "eval: dPPL %+.2f %%, 95 %% interval from the spread over the %d chunks: %+.2f .. %+.2f %%\n",
                 100.0 * (ppl / ppl_ref - 1.0), chunks, 100.0 * expm1(mean - 2 * se), 100.0 * expm1(mean + 2 * se));
     }
-    double bits = kv_bits(&t->cache, c, ctx);   /* a full chunk's */
+    double bits = tq_cache_bits(&t->cache, ctx);   /* a full chunk's */
     printf("eval fmt=%s/%s ctx=%d chunks=%d tokens=%ld ppl=%.4f ppl_fp32=%.4f dppl_pct=%.3f kld=%.6f top1=%.4f kv_bits=%.3f\n",
            tq_fmt_name(t->cache.kc.fmt), tq_fmt_name(t->cache.vc.fmt), ctx, chunks, e.n, ppl, ppl_ref,
            100.0 * (ppl / ppl_ref - 1.0), e.kld / e.n, (double)e.top1 / e.n, bits);
@@ -2010,7 +1769,7 @@ int main(int argc, char **argv) {
     unsigned long long seed = 0;
     char kv[2][32];
     int steps = 256, ctx = 0, chunks = 0, batch = 256, qinput = 1;
-    CacheOpts co = {.key_fmt = TQ_TQ3, .value_fmt = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
+    tq_cache_opts co = {.key_fmt = TQ_TQ3, .value_fmt = TQ_TQ3, .kscale = TQ_SCALE_EDEN, .vscale = TQ_SCALE_EDEN,
                     .kproj = 2, .kblock = KBLOCK_DEFAULT, .sink = 1, .window = 8};   /* chosen by bench/quality */
     /* the options with one value, in [lo, hi] where it is a number (type: s string, i int, f float, u the seed) */
     struct { const char *flag; char type; void *value; double lo, hi; } opts[] = {
@@ -2114,7 +1873,7 @@ int main(int argc, char **argv) {
         chat(&t, &tok, &sampler, prompt, system, steps);
     } else if (m == EVAL) {
         int same = co.key_fmt == TQ_FP32 && co.value_fmt == TQ_FP32;  /* the reference would be identical */
-        CacheOpts fp32 = co;   /* projections, exact positions: none apply to fp32 */
+        tq_cache_opts fp32 = co;   /* projections, exact positions: none apply to fp32 */
         fp32.key_fmt = fp32.value_fmt = TQ_FP32;
         Transformer ref;
         if (!same) build_transformer(&ref, model_path, &fp32, ctx, batch, 1, qinput, simd);

@@ -43,9 +43,9 @@
  *   - One-time work (CUDA's loading of kernels on first launch, cuBLAS's
  *     set-up, the decode graph's capture) happens at load, in gpu_warm_up.
  *   - The key directions per block of --kblock positions (tq.h, "Key
- *     projection"; the cache in build_cache's layout: per-block kdir and
+ *     projection"; the cache in tq_cache_build's layout: per-block kdir and
  *     kdir_rot, int8 betas with per-block steps, fp16 betas at --kblock 0)
- *     are measured on the GPU the way run.c's measure_stats does: on a
+ *     are measured on the GPU the way tq.c's tq_cache_key_dirs does: on a
  *     block's own tokens of the batch that starts it (stats_kernel, a thread
  *     block per KV head and block), or inherited from the previous block when
  *     that batch holds fewer than KBLOCK_MIN of them (inherit_kernel; a
@@ -69,6 +69,18 @@
 
 #include "tq.c"
 #include "run.c"
+
+/* run.c's KV cache (tq.h's tq_cache) by the kernels' names: the rows of (layer l, KV head g) */
+typedef tq_cache KVCache;
+#define KBLOCK_MIN TQ_KBLOCK_MIN
+TQ_HD static uint8_t *cache_row(const KVCache *kv, uint8_t *base, size_t bytes, const Config *c, int l, int g, int pos) {
+    (void)c;
+    return base + tq_cache_row(kv, l, g, pos) * bytes;
+}
+TQ_HD static size_t exact_row(const KVCache *kv, const Config *c, int l, int g, int pos) {   /* in the exact store */
+    (void)c;
+    return tq_exact_row(kv, l, g, pos);
+}
 
 #define CUDA(call) do { cudaError_t e_ = (call); \
     if (e_ != cudaSuccess) die("CUDA: %s (%s line %d)", cudaGetErrorString(e_), __FILE__, __LINE__); } while (0)
@@ -584,7 +596,7 @@ __device__ void encode_team(const tq_codec *c, const float *x, uint8_t *code, En
  * plus S Pi q for tq*p: the attention readies them per block of directions); EXACT also puts
  * the token in the exact store right away (one token: the ring row it takes is no longer read
  * by this step's attention); INHERIT (a decoded token, inside the replayed graph): a token that
- * starts a block of directions first gives it the previous block's (run.c's measure_stats:
+ * starts a block of directions first gives it the previous block's (tq_cache_key_dirs:
  * one token is too few to measure on). A decoded token with a window of exact positions is
  * QUERY | EXACT without STORE: its codes are read only once it has left the
  * window, so the key and value go to AttArgs.knew and merge_kernel stores them,
@@ -712,7 +724,7 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
         for (int i = tid; i < hd; i += nt) cs[i] = a.rope[(size_t)p * hd + i];
     pdl_wait_then_release();
     /* the directions of p's block; a decoded token that starts a block (one token: too few to
-     * measure on, run.c's measure_stats) first gives it the previous block's, read from there */
+     * measure on, tq_cache_key_dirs) first gives it the previous block's, read from there */
     int blk = p / kv.kblock, src = blk;
     if ((mode & MODE_INHERIT) && R && blk > 0 && p % kv.kblock == 0) {
         inherit_dirs(kv, a, head, blk, hd);
@@ -1916,7 +1928,7 @@ static void gpu_warm_up(Transformer *t, int all_logits);
 
 /* Copies the model into GPU memory (fp16) and allocates the cache and
  * activations there (called by build_transformer once the host side is built). */
-static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
+static void gpu_build(Transformer *t, const tq_cache_opts *o, int all_logits) {
     const Config *c = &t->config;
     KVCache *kv = &t->cache;
     gpu_check(c, kv);
@@ -1983,7 +1995,7 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
      * more, the last tile past the end) */
     g->kv.key = (uint8_t *)gpu_alloc(g, NULL, (heads * kv->ctx + 2 * MMA_KEYS) * kv->kc.bytes);
     g->kv.value = (uint8_t *)gpu_alloc(g, NULL, (heads * kv->ctx + 2 * MMA_KEYS) * kv->vc.bytes);
-    /* the key directions in build_cache's layout (the host's copies stay: TQ_CUDA_HOST_STATS
+    /* the key directions in tq_cache_build's layout (the host's copies stay: TQ_CUDA_HOST_STATS
      * measures into them), the betas fp16 (--kblock 0) or int8 with their steps */
     g->kv.kdir = (float *)gpu_alloc(g, NULL, dirs * f);
     g->kv.kdir_rot = (float *)gpu_alloc(g, NULL, dirs * f);
@@ -1993,7 +2005,7 @@ static void gpu_build(Transformer *t, const CacheOpts *o, int all_logits) {
     g->kv.exact_k = (uint16_t *)gpu_alloc(g, NULL, heads * kv->slots * hd * 2);
     g->kv.exact_v = (uint16_t *)gpu_alloc(g, NULL, heads * kv->slots * hd * 2);
     free(kv->key); free(kv->value); free(kv->kbeta);   /* the host copies are never used (kbeta8: its being */
-    kv->key = kv->value = NULL;                        /* there tells tq_key_dirs and cache_bytes the betas are int8) */
+    kv->key = kv->value = NULL;                        /* there tells tq_key_dirs and tq_cache_size the betas are int8) */
     kv->kbeta = NULL;
 
     g->x = (float *)gpu_alloc(g, NULL, B * dim * f);
@@ -2118,7 +2130,7 @@ static void gemm(Gpu *g, float *out, int ldo, const float *x, int ldx, const __h
 
 /* The blocks of key directions that start in layer l's batch of n tokens at pos, the host's way
  * (TQ_CUDA_HOST_STATS): the batch's q, k and the block before those (which a block with too few
- * tokens inherits) go to the host, run.c's measure_stats fills the host cache's blocks, and they
+ * tokens inherits) go to the host, tq_cache_key_dirs fills the host cache's blocks, and they
  * come back (for tq*p keys sketch_kernel adds S Pi u_j). stats_kernel does the same on the GPU. */
 static void gpu_stats(Transformer *t, int l, int n, int pos) {
     const Config *c = &t->config;
@@ -2142,7 +2154,8 @@ static void gpu_stats(Transformer *t, int l, int n, int pos) {
     };
     if (blk0 > 0) copy(blk0 - 1, 1, cudaMemcpyDeviceToHost);
     CUDA(cudaStreamSynchronize(g->stream));
-    measure_stats(kv, c, l, hs->q, hs->k, n, pos);
+    tq_cache_batch b = {l, n, pos, c->n_heads / c->n_kv_heads, hs->q, hs->k, NULL, NULL, NULL};
+    if (tq_cache_key_dirs(kv, &b)) die("out of memory: key directions");
     copy(blk0, nblk, cudaMemcpyHostToDevice);
     if (g->att.kdir_qjl) launch(g, sketch_kernel, dim3(nkv, nblk), dim3(128), 0, g->kv, *c, l, g->att, blk0);
     CUDA(cudaStreamSynchronize(g->stream));   /* the host arrays may change before the copies ran otherwise */

@@ -1999,3 +1999,213 @@ void tq_attend_finish(const tq_head *h, const float *q, const tq_batch *batch, i
     float inv = 1.0f / st[1];
     for (int i = 0; i < h->kc->d; i++) out[i] = (out[i] + ex[i]) * inv;
 }
+
+/* ---- the whole cache: layout, sizes, and a layer's attention over it (tq.h) --------------------- */
+
+#ifdef _OPENMP
+#include <omp.h>
+static int n_threads(void) { return omp_get_max_threads(); }   /* threads of the parallel loops */
+static int thread_id(void) { return omp_get_thread_num(); }    /* and the one running this      */
+#else
+static int n_threads(void) { return 1; }
+static int thread_id(void) { return 0; }
+#endif
+
+/* n zeroed items of `size` bytes, counted into *bytes; allocated only with alloc set (*oom when
+ * that fails) */
+static void *cache_array(size_t n, size_t size, int alloc, double *bytes, int *oom) {
+    *bytes += (double)n * (double)size;
+    if (!alloc) return NULL;
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    *oom |= p == NULL;
+    return p;
+}
+
+double tq_cache_build(tq_cache *kv, const tq_cache_opts *o, int layers, int kv_heads, int head_dim, int ctx, int alloc) {
+    memset(kv, 0, sizeof *kv);
+    if (tq_init(&kv->kc, o->key_fmt, head_dim, o->kscale, TQ_DEFAULT_SEED) != 0 ||
+        tq_init(&kv->vc, o->value_fmt, head_dim, o->vscale, TQ_DEFAULT_SEED) != 0) {
+        tq_cache_free(kv);
+        return -1;
+    }
+    int lossy = tq_is_lossy(o->key_fmt) || tq_is_lossy(o->value_fmt), oom = 0;
+    kv->layers = layers;
+    kv->kv_heads = kv_heads;
+    kv->ctx = ctx;
+    kv->kproj = tq_is_lossy(o->key_fmt) ? o->kproj : 0;
+    kv->kblock = o->kblock > 0 && o->kblock < ctx ? o->kblock : ctx;
+    kv->blocks = (ctx + kv->kblock - 1) / kv->kblock;
+    kv->sink = lossy ? (o->sink < ctx ? o->sink : ctx) : 0;
+    kv->window = lossy ? o->window : 0;
+    kv->slots = kv->sink + (kv->window < ctx - kv->sink ? kv->window : ctx - kv->sink);
+    size_t heads = (size_t)layers * kv_heads, hd = (size_t)head_dim, R = (size_t)kv->kproj;
+    size_t dirs = heads * kv->blocks * R * hd, R8 = o->kblock > 0 ? R : 0, R16 = R - R8;   /* int8 betas with blocks */
+    double bytes = 0;
+    kv->key = (uint8_t *)cache_array(heads * ctx, kv->kc.bytes, alloc, &bytes, &oom);
+    kv->value = (uint8_t *)cache_array(heads * ctx, kv->vc.bytes, alloc, &bytes, &oom);
+    kv->kdir = R ? (float *)cache_array(dirs, sizeof(float), alloc, &bytes, &oom) : NULL;
+    kv->kdir_rot = R ? (float *)cache_array(dirs, sizeof(float), alloc, &bytes, &oom) : NULL;
+    kv->kbeta = R16 ? (uint16_t *)cache_array(heads * ctx * R, sizeof(uint16_t), alloc, &bytes, &oom) : NULL;
+    kv->kbeta8 = R8 ? (int8_t *)cache_array(heads * ctx * R, 1, alloc, &bytes, &oom) : NULL;
+    kv->kscale = R8 ? (float *)cache_array(heads * kv->blocks * R, sizeof(float), alloc, &bytes, &oom) : NULL;
+    kv->exact_k = (uint16_t *)cache_array(heads * kv->slots * hd, sizeof(uint16_t), alloc, &bytes, &oom);
+    kv->exact_v = (uint16_t *)cache_array(heads * kv->slots * hd, sizeof(uint16_t), alloc, &bytes, &oom);
+    if (oom) {
+        tq_cache_free(kv);
+        return -1;
+    }
+    return bytes;
+}
+
+void tq_cache_free(tq_cache *kv) {
+    void *arrays[] = {kv->key, kv->value, kv->kdir, kv->kdir_rot, kv->kbeta, kv->kbeta8, kv->kscale, kv->exact_k, kv->exact_v};
+    for (size_t i = 0; i < sizeof arrays / sizeof *arrays; i++) free(arrays[i]);
+    tq_free(&kv->kc);
+    tq_free(&kv->vc);
+}
+
+tq_head tq_cache_head(const tq_cache *kv, int l, int g) {
+    size_t head = (size_t)l * kv->kv_heads + g, row = tq_cache_row(kv, l, g, 0), hd = (size_t)kv->kc.d, R = (size_t)kv->kproj;
+    size_t dirs = kv->blocks * R * hd;
+    tq_head h = {&kv->kc, &kv->vc, kv->ctx, kv->key + row * kv->kc.bytes, kv->value + row * kv->vc.bytes, kv->kproj, kv->kblock,
+                 R ? kv->kdir + head * dirs : NULL, R ? kv->kdir_rot + head * dirs : NULL,
+                 kv->kbeta ? kv->kbeta + row * R : NULL, kv->kbeta8 ? kv->kbeta8 + row * R : NULL,
+                 kv->kscale ? kv->kscale + head * kv->blocks * R : NULL, kv->sink, kv->window, kv->slots,
+                 kv->exact_k + head * kv->slots * hd, kv->exact_v + head * kv->slots * hd};
+    return h;
+}
+
+tq_cache_bytes tq_cache_size(const tq_cache *kv, int n) {
+    size_t heads = (size_t)kv->layers * kv->kv_heads, hd = (size_t)kv->kc.d, R = (size_t)kv->kproj;
+    size_t sink = (size_t)(n < kv->sink ? n : kv->sink), rest = (size_t)n - sink;
+    size_t exact = sink + (rest < (size_t)kv->window ? rest : (size_t)kv->window);   /* fp16 rows in use */
+    size_t blocks = n > 0 ? ((size_t)n + kv->kblock - 1) / kv->kblock : 1;
+    size_t beta = kv->kbeta8 ? 1 : 2, steps = kv->kbeta8 ? blocks * R * 2 : 0;
+    tq_cache_bytes b = {heads * n * (kv->kc.bytes + kv->vc.bytes), heads * n * R * beta,
+                        heads * (exact * hd * 2 * 2 + blocks * R * hd * 2 + steps), 0};
+    b.all = b.codes + b.projections + b.fixed;
+    return b;
+}
+
+double tq_cache_bits(const tq_cache *kv, int n) {
+    return 8.0 * tq_cache_size(kv, n).all / ((double)n * kv->layers * kv->kv_heads * kv->kc.d * 2);
+}
+
+int tq_cache_key_dirs(const tq_cache *kv, const tq_cache_batch *b) {
+    int hd = kv->kc.d, group = b->group, B = kv->kblock, pos = b->pos, n = b->n;
+    size_t qd = (size_t)kv->kv_heads * group * hd, kvd = (size_t)kv->kv_heads * hd;
+    for (int p = (pos + B - 1) / B * B; p < pos + n && kv->kproj; p += B) {
+        int m = pos + n - p < B ? pos + n - p : B, g, oom = 0;
+#pragma omp parallel for schedule(dynamic) reduction(| : oom)
+        for (g = 0; g < kv->kv_heads; g++) {
+            tq_head h = tq_cache_head(kv, b->layer, g);
+            if (p > 0 && m < TQ_KBLOCK_MIN) tq_key_dirs_inherit(&h, p);
+            else oom |= tq_key_dirs(&h, p, group, b->q + (size_t)(p - pos) * qd + (size_t)g * group * hd, qd,
+                                    b->k + (size_t)(p - pos) * kvd + (size_t)g * hd, kvd, m) != 0;
+        }
+        if (oom) return -1;
+    }
+    return 0;
+}
+
+/* The CPU's attention runs in work items: a KV head's queries of up to ATT_TILE batch tokens
+ * against its coded positions, or, when the batch has a single tile (decode), against
+ * ATT_SPLIT of them at a time so that every thread has work with only a few KV heads. */
+#define ATT_TILE 16     /* batch tokens whose queries share one pass over the codes */
+#define ATT_SPLIT 256   /* coded positions per work item when the batch has one tile, at least */
+#define ATT_MAX_SPLITS 32 /* and at most this many items per KV head (longer splits beyond) */
+
+/* States that a batch of n tokens can use at most (q_heads query heads): a tile's queries per work item. */
+static size_t att_states(int q_heads, int n) {
+    size_t tiles = ((size_t)n + ATT_TILE - 1) / ATT_TILE;
+    return (size_t)q_heads * ATT_TILE * (tiles > ATT_MAX_SPLITS ? tiles : ATT_MAX_SPLITS);
+}
+
+/* scratch floats of one thread: tq_attend_codes' for a tile's queries */
+static size_t att_scratch(const tq_cache *kv, int group) { return tq_attend_scratch(&kv->kc, ATT_TILE * group); }
+
+/* The work of a batch of n tokens, as offsets in floats: at[0] every thread's scratch, at[1]
+ * the rotated queries (kv_heads, n, group, d), at[2] the work items' states, at[3] the keys less
+ * their parts along the key directions (n, kv_heads, d), as tq_store encodes them; at[4] the end. */
+static void att_layout(const tq_cache *kv, int group, int n, size_t at[5]) {
+    size_t kvd = (size_t)kv->kv_heads * kv->kc.d;
+    at[0] = 0;
+    at[1] = (size_t)n_threads() * att_scratch(kv, group);
+    at[2] = at[1] + (size_t)n * group * kvd;
+    at[3] = at[2] + att_states(kv->kv_heads * group, n) * tq_state_floats(&kv->vc);
+    at[4] = at[3] + (size_t)n * kvd;
+}
+
+size_t tq_cache_work_floats(const tq_cache *kv, int group, int batch) {
+    size_t at[5];
+    att_layout(kv, group, batch, at);
+    return at[4];
+}
+
+int tq_cache_attention(const tq_cache *kv, tq_simd simd, const tq_cache_batch *b) {
+    int n = b->n, pos = b->pos, l = b->layer, group = b->group, hd = kv->kc.d, nkv = kv->kv_heads, q_heads = nkv * group;
+    size_t qd = (size_t)q_heads * hd, sf = tq_state_floats(&kv->vc), at[5];
+    att_layout(kv, group, n, at);
+    float *rq = b->work + at[1], *part = b->work + at[2], *kperp = b->work + at[3];
+    if (tq_cache_key_dirs(kv, b)) return -1;      /* the blocks of directions this batch starts */
+    int i;
+#pragma omp parallel for schedule(static)
+    for (i = 0; i < n * nkv; i++) {               /* encode k, v into the cache; i = token * nkv + g */
+        tq_head head = tq_cache_head(kv, l, i % nkv);
+        size_t x = (size_t)i * hd;
+        tq_store(&head, pos + i / nkv, b->k + x, b->v + x, kperp + x);
+    }
+    /* the work items (KV head, tile of ATT_TILE tokens, split of the coded positions): a batch of
+     * one tile (decode) splits its coded positions so that every thread has work, longer batches
+     * do not; then each query merges its splits, adds its exact positions and finishes */
+    int tiles = (n + ATT_TILE - 1) / ATT_TILE, end = tq_coded_end(pos + n, kv->sink, kv->window);
+    int split = end > ATT_SPLIT * ATT_MAX_SPLITS ? ((end + ATT_MAX_SPLITS - 1) / ATT_MAX_SPLITS + 15) / 16 * 16 : ATT_SPLIT;
+    int splits = tiles == 1 && end > split ? (end + split - 1) / split : 1, items = nkv * tiles * splits;
+    int per_item = (n < ATT_TILE ? n : ATT_TILE) * group;   /* states of an item's queries */
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+    for (i = 0; i < n * q_heads; i++) {           /* rq: a KV head's queries together */
+        int t = i / q_heads, h = i % q_heads, g = h / group;
+        size_t qi = ((size_t)g * n + t) * group + h % group;
+        tq_rotate(&kv->kc, b->q + (size_t)t * qd + (size_t)h * hd, rq + qi * hd);
+    }
+#pragma omp for schedule(dynamic)
+    for (i = 0; i < items; i++) {                 /* KV head g's queries of tokens [t0, t1) over [k0, k1) */
+        int g = i / (tiles * splits), tile = i / splits % tiles, sp = i % splits;
+        int t0 = tile * ATT_TILE, t1 = t0 + ATT_TILE < n ? t0 + ATT_TILE : n;
+        int k0 = sp == 0 ? kv->sink : sp * split;   /* splits start at multiples of split (of 16 rows) */
+        int k1 = splits == 1 ? tq_coded_end(pos + t1, kv->sink, kv->window) : sp + 1 < splits ? (sp + 1) * split : end;
+        tq_head head = tq_cache_head(kv, l, g);
+        size_t first = ((size_t)g * n + t0) * group;
+        tq_attend_codes(&head, simd, (t1 - t0) * group, group, pos + t0, rq + first * hd, k0, k1 > k0 ? k1 : k0,
+                        part + (size_t)i * per_item * sf, b->work + (size_t)thread_id() * att_scratch(kv, group));
+    }
+#pragma omp for schedule(static)
+    for (i = 0; i < n * q_heads; i++) {
+        int t = i / q_heads, h = i % q_heads, g = h / group, tile = t / ATT_TILE;
+        tq_head head = tq_cache_head(kv, l, g);
+        tq_batch batch = {pos, b->k + (size_t)g * hd, b->v + (size_t)g * hd, (size_t)nkv * hd};
+        float *st = part + (((size_t)g * tiles + tile) * splits * per_item + (size_t)(t % ATT_TILE) * group + h % group) * sf;
+        tq_attend_finish(&head, b->q + (size_t)t * qd + (size_t)h * hd, &batch, pos + t + 1, st, splits,
+                         (size_t)per_item * sf, b->out + (size_t)t * qd + (size_t)h * hd);
+    }
+    }
+    for (i = 0; i < n * nkv; i++) {               /* the exact store, once every query has read the batch */
+        tq_head head = tq_cache_head(kv, l, i % nkv);
+        tq_store_exact(&head, pos, i / nkv, n, b->k + (size_t)i * hd, b->v + (size_t)i * hd);
+    }
+    return 0;
+}
+
+size_t tq_cache_stats(const tq_cache *kv, int l, int n, float *out) {
+    size_t hd = (size_t)kv->kc.d, R = (size_t)kv->kproj, used = ((size_t)n + kv->kblock - 1) / kv->kblock;
+    size_t count = kv->kv_heads * used * R * hd + (size_t)kv->kv_heads * n * R;
+    for (int g = 0; out && g < kv->kv_heads && R; g++, out += used * R * hd)
+        memcpy(out, kv->kdir + (((size_t)l * kv->kv_heads + g) * kv->blocks) * R * hd, used * R * hd * sizeof(float));
+    for (int g = 0; out && g < kv->kv_heads; g++)
+        for (size_t j = 0, head = (size_t)l * kv->kv_heads + g; j < (size_t)n * R; j++)
+            *out++ = kv->kbeta8 ? kv->kbeta8[head * kv->ctx * R + j] * kv->kscale[(head * kv->blocks + j / R / kv->kblock) * R + j % R]
+                                : tq_f16_to_f32(kv->kbeta[head * kv->ctx * R + j]);
+    return count;
+}

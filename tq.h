@@ -298,6 +298,92 @@ void tq_attend_codes(const tq_head *h, tq_simd simd, int nq, int group, int pos0
 void tq_attend_finish(const tq_head *h, const float *q, const tq_batch *batch, int T, float *st, int parts,
                       size_t stride, float *out);
 
+/* ---- the whole cache: every layer's KV heads ---------------------------------------------
+ * How it is held (-k and the fixes' flags) and the arrays themselves, head-major so that
+ * attention streams one head's codes from contiguous memory: head h = l * kv_heads + g (layer l,
+ * KV head g) owns rows [h * ctx, (h + 1) * ctx) of key and value, position pos's key at
+ * key + (h * ctx + pos) * kc.bytes; the same for every other per-position array, and per
+ * block (kdir, kdir_rot, kscale) or per exact slot likewise. tq_cache_build is the one place
+ * that lays it out and counts its bytes; tq_cache_head hands out one head's rows as a tq_head. */
+typedef struct {
+    tq_fmt key_fmt, value_fmt; /* -k KEYS:VALUES                                           */
+    tq_scale kscale, vscale;   /* --scale: the tq formats' scale rules                      */
+    int kproj;                 /* key directions kept exactly, 0..TQ_KPROJ_MAX ("Key projection") */
+    int kblock;                /* positions per block of key directions (0: one set per sequence) */
+    int sink, window;          /* the first `sink` and the last `window` positions also kept in fp16 */
+} tq_cache_opts;
+
+typedef struct {
+    tq_codec kc, vc;   /* key and value formats (d = head_dim)                              */
+    int layers, kv_heads; /* heads = layers * kv_heads                                      */
+    int ctx;           /* positions allocated                                               */
+    uint8_t *key;      /* (heads, ctx, kc.bytes)                                            */
+    uint8_t *value;    /* (heads, ctx, vc.bytes)                                            */
+    int kproj;         /* R: keys' components along R directions kept exactly (0: lossless keys) */
+    int kblock, blocks; /* positions per block of directions (ctx: one block), blocks per head */
+    float *kdir;       /* (heads, blocks, R, d) orthonormal directions u_j, or NULL          */
+    float *kdir_rot;   /* (heads, blocks, R, d) the same rotated, Pi u_j, or NULL            */
+    uint16_t *kbeta;   /* (heads, ctx, R) fp16 beta_tj = u_j.k_t of every key (--kblock 0), or NULL */
+    int8_t *kbeta8;    /* (heads, ctx, R) the same as int8 codes (--kblock N), or NULL       */
+    float *kscale;     /* (heads, blocks, R) their steps, fp16-rounded, or NULL              */
+    int sink, window;  /* exact positions: the first `sink` and the last `window` (0 for a lossless cache) */
+    int slots;         /* rows per head of the exact store: sink + a ring of window          */
+    uint16_t *exact_k; /* (heads, slots, d) fp16 keys as encoded                            */
+    uint16_t *exact_v; /* (heads, slots, d) fp16 values as encoded                          */
+} tq_cache;
+
+/* Sets up the codecs and the layout of a cache of ctx positions; allocates it (alloc 1) or only
+ * counts it (alloc 0: the arrays stay NULL). Returns its bytes, or -1 out of memory (then
+ * everything is freed). The fixes apply to lossy formats only: the key projection to lossy
+ * keys, the exact positions to a cache with a lossy side. The formats must hold head_dim
+ * (tq_bytes). */
+double tq_cache_build(tq_cache *kv, const tq_cache_opts *o, int layers, int kv_heads, int head_dim, int ctx, int alloc);
+void tq_cache_free(tq_cache *kv);
+/* the first row of head (l, g) in a per-position array, and the row of position pos in the exact store */
+TQ_HD static inline size_t tq_cache_row(const tq_cache *kv, int l, int g, int pos) {
+    return ((size_t)l * kv->kv_heads + g) * kv->ctx + pos;
+}
+TQ_HD static inline size_t tq_exact_row(const tq_cache *kv, int l, int g, int pos) {
+    return (((size_t)l * kv->kv_heads + g) * kv->slots + tq_exact_slot(pos, kv->sink, kv->slots)) * kv->kc.d;
+}
+tq_head tq_cache_head(const tq_cache *kv, int l, int g);   /* KV head g of layer l as tq.c reads it */
+
+/* What the cache holds for n positions: the codes; every key's R projections beta (fp16, or
+ * int8 codes); a fixed cost: the fp16 exact rows in use and, per head and block in use, the R
+ * directions and int8 steps (kept as fp16 numbers: tq_key_dirs; the directions' rotated
+ * copies are derived, not stored information). */
+typedef struct { size_t codes, projections, fixed, all; } tq_cache_bytes;   /* all: the sum */
+tq_cache_bytes tq_cache_size(const tq_cache *kv, int n);
+double tq_cache_bits(const tq_cache *kv, int n);   /* all of it per cached number (keys and values) */
+
+/* One layer's batch of n tokens at positions pos.., as the forward pass hands it to the cache. */
+typedef struct {
+    int layer, n, pos;
+    int group;         /* query heads per KV head                                           */
+    const float *q;    /* (n, kv_heads, group, d) queries after RoPE                        */
+    float *k, *v;      /* (n, kv_heads, d) keys after RoPE and values; left rounded to fp16 as stored */
+    float *out;        /* (n, kv_heads, group, d) the attention output                      */
+    float *work;       /* (tq_cache_work_floats) scratch                                    */
+} tq_cache_batch;
+
+#define TQ_KBLOCK_MIN 16   /* a block's own tokens needed in its first batch to measure its directions on */
+/* The key directions of the blocks that start in the batch (tq_key_dirs), measured on the
+ * block's own tokens of the batch (the first block on whatever the first batch holds), or, with
+ * fewer than TQ_KBLOCK_MIN of them, the previous block's. Returns 0, or -1 out of memory. */
+int tq_cache_key_dirs(const tq_cache *kv, const tq_cache_batch *b);
+/* The batch's layer of the forward pass, on the cache's side: its key directions, its keys and
+ * values encoded (tq_store), every token b's attention to positions 0..pos+b (tq_attend_codes
+ * over the coded positions, split into work items over KV heads, tiles of queries and ranges of
+ * positions; tq_attend_finish), then the exact store updated. Parallel (OpenMP); the split
+ * depends on n and pos only, never on the thread count, so the output does not either.
+ * Returns 0, or -1 out of memory. */
+int tq_cache_attention(const tq_cache *kv, tq_simd simd, const tq_cache_batch *b);
+size_t tq_cache_work_floats(const tq_cache *kv, int group, int batch);   /* scratch of batches up to `batch` */
+/* --stats: layer l's statistics for n positions as floats: the directions of the blocks in use
+ * (kv_heads, blocks, R, d), then every position's projections beta (kv_heads, n, R). Writes them
+ * to out unless it is NULL; returns their count. */
+size_t tq_cache_stats(const tq_cache *kv, int l, int n, float *out);
+
 float tq_dot_f32(const float *a, const float *b, int n);   /* sum_j a[j] b[j], float */
 
 /* fp16 helpers (round to nearest even), shared with run.c */

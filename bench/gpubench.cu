@@ -146,7 +146,7 @@ int main(int argc, char **argv) {
 
     static Transformer tr[MAX_FMT];
     for (int f = 0; f < nf; f++) {
-        CacheOpts o = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 2, 1, 8};   /* run's defaults */
+        tq_cache_opts o = {TQ_TQ3, TQ_TQ3, TQ_SCALE_EDEN, TQ_SCALE_EDEN, 2, KBLOCK_DEFAULT, 1, 8};   /* run's defaults */
         char *colon = strchr(fnames[f], ':'), *vname = colon ? colon + 1 : fnames[f];   /* KEYS or KEYS:VALUES, as -k */
         if (colon) *colon = 0;
         if (tq_parse_fmt(fnames[f], &o.key_fmt) || tq_parse_fmt(vname, &o.value_fmt)) die("unknown KV format in --formats");
