@@ -131,7 +131,7 @@ typedef struct {
     float *q;      /* (batch, q_dim)   q_dim = n_heads*head_dim               */
     float *k;      /* (batch, kv_dim)  kv_dim = n_kv_heads*head_dim           */
     float *v;      /* (batch, kv_dim)                                         */
-    float *work;   /* (tq_cache_work_floats) the cache's scratch for attention                */
+    float *work;   /* (tq_cache_work_floats) the cache's scratch for attention   */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
     tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
     /* int8 weights only (else NULL): a matrix product's input x (B, n), n <= wide_n =
@@ -361,15 +361,8 @@ static void build_transformer(Transformer *t, const char *path, const tq_cache_o
     int asked = ctx > 0;
     if (!asked) ctx = c->seq_len;
     if (ctx > c->seq_len) die("-c %d exceeds the model's context of %d tokens", ctx, c->seq_len);
-    tq_fmt fmts[2] = {o->key_fmt, o->value_fmt};
-    for (int i = 0; i < 2; i++) {
-        if (tq_bytes(fmts[i], c->head_dim) == 0)
-            die("format %s cannot hold head_dim %d (every format needs a multiple of 8, q4 of 32)",
-                tq_fmt_name(fmts[i]), c->head_dim);
-        if (tq_is_turboquant(fmts[i]) && c->head_dim > 1024)  /* a head_dim^2 rotation or QJL matrix */
-            die("format %s handles head_dim up to 1024, the model's is %d (use fp32, fp16, q8 or q4)",
-                tq_fmt_name(fmts[i]), c->head_dim);
-    }
+    char err[160];
+    if (tq_cache_check(o, c->head_dim, err, sizeof err)) die("%s", err);
     /* Linux overcommits, so calloc would succeed and the process die later: count what the cache
      * and the activations take and compare with the physical memory first (the weights are
      * mmap'd and not counted) */
@@ -1568,6 +1561,14 @@ static int *parse_ids(const char *text, int vocab, int *n_out) {
     return ids;
 }
 
+/* The token ids of -m logits / score: at least `least`, and no more than the context holds. */
+static int *ids_in_context(const Transformer *t, const char *text, int least, const char *mode, int *n) {
+    int *ids = parse_ids(text, t->config.vocab_size, n);
+    if (*n < least) die("-m %s needs at least %d token id%s, got %d", mode, least, least > 1 ? "s" : "", *n);
+    if (*n > t->cache.ctx) die("%d tokens exceed the context of %d (raise -c)", *n, t->cache.ctx);
+    return ids;
+}
+
 static void write_floats(const char *path, const float *x, size_t n) {
     FILE *f = fopen(path, "wb");
     if (!f) die("cannot write %s: %s", path, strerror(errno));
@@ -1590,10 +1591,7 @@ static void dump_stats(const Transformer *t, int n, const char *path) {
 /* -m logits: feeds the given token ids (no bos added) and writes every
  * position's logits as float32 (n, vocab) to out. For the reference tests. */
 static void dump_logits(Transformer *t, const char *ids_text, const char *out, const char *stats) {
-    int n;
-    int *ids = parse_ids(ids_text, t->config.vocab_size, &n);
-    if (n == 0) die("no token ids given");
-    if (n > t->cache.ctx) die("%d tokens exceed the context of %d", n, t->cache.ctx);
+    int n, *ids = ids_in_context(t, ids_text, 1, "logits", &n);
     float *all = (float *)xcalloc((size_t)n * t->config.vocab_size, sizeof(float), "logits");
     prefill(t, ids, n, 0, all);
     write_floats(out, all, (size_t)n * t->config.vocab_size);
@@ -1631,10 +1629,7 @@ static void eval_position(EvalSums *e, const float *logits, const float *ref, in
  * there. A part of a sequence can then be scored alone (bench/quality's copy test scores
  * only a repeated passage), with teacher forcing, which is far steadier than greedy text. */
 static void score_tokens(Transformer *t, const char *ids_text) {
-    int n, vocab = t->config.vocab_size;
-    int *ids = parse_ids(ids_text, vocab, &n);
-    if (n < 2) die("-m score needs at least 2 token ids, got %d", n);
-    if (n > t->cache.ctx) die("%d tokens exceed the context of %d (raise -c)", n, t->cache.ctx);
+    int n, vocab = t->config.vocab_size, *ids = ids_in_context(t, ids_text, 2, "score", &n);
     double *lp = (double *)xcalloc(vocab, sizeof(double), "score");
     for (int i = 0; i < n - 1; i += t->state.batch) {
         int m = n - 1 - i < t->state.batch ? n - 1 - i : t->state.batch;

@@ -38,6 +38,7 @@
 #include "tq.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -2021,6 +2022,25 @@ static void *cache_array(size_t n, size_t size, int alloc, double *bytes, int *o
     return p;
 }
 
+/* the formats that lose precision: what the cache's fixes apply to */
+static int is_lossy(tq_fmt f) { return f != TQ_FP32 && f != TQ_FP16; }
+
+const char *tq_cache_check(const tq_cache_opts *o, int head_dim, char *err, size_t len) {
+    tq_fmt fmts[2] = {o->key_fmt, o->value_fmt};
+    for (int i = 0; i < 2; i++) {
+        if (tq_bytes(fmts[i], head_dim) == 0)
+            snprintf(err, len, "format %s cannot hold head_dim %d (every format needs a multiple of 8, q4 of 32)",
+                     tq_fmt_name(fmts[i]), head_dim);
+        else if (is_tq(fmts[i]) && head_dim > 1024)   /* a head_dim^2 rotation or QJL matrix */
+            snprintf(err, len, "format %s handles head_dim up to 1024, the model's is %d (use fp32, fp16, q8 or q4)",
+                     tq_fmt_name(fmts[i]), head_dim);
+        else
+            continue;
+        return err;
+    }
+    return NULL;
+}
+
 double tq_cache_build(tq_cache *kv, const tq_cache_opts *o, int layers, int kv_heads, int head_dim, int ctx, int alloc) {
     memset(kv, 0, sizeof *kv);
     if (tq_init(&kv->kc, o->key_fmt, head_dim, o->kscale, TQ_DEFAULT_SEED) != 0 ||
@@ -2028,11 +2048,11 @@ double tq_cache_build(tq_cache *kv, const tq_cache_opts *o, int layers, int kv_h
         tq_cache_free(kv);
         return -1;
     }
-    int lossy = tq_is_lossy(o->key_fmt) || tq_is_lossy(o->value_fmt), oom = 0;
+    int lossy = is_lossy(o->key_fmt) || is_lossy(o->value_fmt), oom = 0;
     kv->layers = layers;
     kv->kv_heads = kv_heads;
     kv->ctx = ctx;
-    kv->kproj = tq_is_lossy(o->key_fmt) ? o->kproj : 0;
+    kv->kproj = is_lossy(o->key_fmt) ? o->kproj : 0;
     kv->kblock = o->kblock > 0 && o->kblock < ctx ? o->kblock : ctx;
     kv->blocks = (ctx + kv->kblock - 1) / kv->kblock;
     kv->sink = lossy ? (o->sink < ctx ? o->sink : ctx) : 0;

@@ -64,11 +64,6 @@ typedef enum {
     TQ_NFMT
 } tq_fmt;
 
-/* the formats that lose precision (q8, q4, tq*): what the cache's fixes apply to */
-static inline int tq_is_lossy(tq_fmt f) { return f != TQ_FP32 && f != TQ_FP16; }
-/* the TurboQuant formats: a head_dim^2 rotation (or QJL matrix) and Lloyd-Max codes */
-static inline int tq_is_turboquant(tq_fmt f) { return f >= TQ_TQ2 && f < TQ_NFMT; }
-
 /* How the stored scale s of a tq vector is chosen (see the paper and
  * section 3.1, Algorithm 1). c = c[idx] is the reconstructed unit vector in the
  * rotated domain, y = Pi.u the rotated unit input. */
@@ -334,10 +329,12 @@ typedef struct {
 
 /* Sets up the codecs and the layout of a cache of ctx positions; allocates it (alloc 1) or only
  * counts it (alloc 0: the arrays stay NULL). Returns its bytes, or -1 out of memory (then
- * everything is freed). The fixes apply to lossy formats only: the key projection to lossy
- * keys, the exact positions to a cache with a lossy side. The formats must hold head_dim
- * (tq_bytes). */
+ * everything is freed). The fixes apply to lossy formats only (q8, q4, tq*): the key
+ * projection to lossy keys, the exact positions to a cache with a lossy side. The formats
+ * must hold head_dim (tq_cache_check). */
 double tq_cache_build(tq_cache *kv, const tq_cache_opts *o, int layers, int kv_heads, int head_dim, int ctx, int alloc);
+/* NULL when both formats can hold head_dim, else err holding one line that says why not */
+const char *tq_cache_check(const tq_cache_opts *o, int head_dim, char *err, size_t len);
 void tq_cache_free(tq_cache *kv);
 /* the first row of head (l, g) in a per-position array, and the row of position pos in the exact store */
 TQ_HD static inline size_t tq_cache_row(const tq_cache *kv, int l, int g, int pos) {

@@ -227,8 +227,8 @@ def test_long_decode_matches_cpu(model, run_cuda, run_other_rounding, long_ids_f
 @pytest.mark.parametrize("fmt,blocks", [("tq3", ()), ("q8:tq4p", ()), ("tq4p", SMALL_BLOCKS), ("tq3", ONE_SET)])
 def test_gpu_statistics_match_host(model, run_cuda, run_other_rounding, ids_file, tmp_path, fmt, blocks):
     """The statistics of a sequence (the two key directions of the default --kproj 2, per block,
-    with the int8 betas' steps) measured on the GPU (stats_kernel, inherit_kernel) against run.c's
-    measure_stats on the host (TQ_CUDA_HOST_STATS=1), both in the GPU build: the same logits up to
+    with the int8 betas' steps) measured on the GPU (stats_kernel, inherit_kernel) against tq.c's
+    tq_cache_key_dirs on the host (TQ_CUDA_HOST_STATS=1), both in the GPU build: the same logits up to
     the CPU builds' rounding yardstick."""
     extra = ["--batch", 64, *blocks]
     host = logits_env(run_cuda, model, ids_file, tmp_path / "host.f32", fmt, {"TQ_CUDA_HOST_STATS": "1"}, *extra)
