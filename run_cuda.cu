@@ -70,17 +70,9 @@
 #include "tq.c"
 #include "run.c"
 
-/* run.c's KV cache (tq.h's tq_cache) by the kernels' names: the rows of (layer l, KV head g) */
+/* run.c's KV cache (tq.h's tq_cache) by the kernels' name */
 typedef tq_cache KVCache;
 #define KBLOCK_MIN TQ_KBLOCK_MIN
-TQ_HD static uint8_t *cache_row(const KVCache *kv, uint8_t *base, size_t bytes, const Config *c, int l, int g, int pos) {
-    (void)c;
-    return base + tq_cache_row(kv, l, g, pos) * bytes;
-}
-TQ_HD static size_t exact_row(const KVCache *kv, const Config *c, int l, int g, int pos) {   /* in the exact store */
-    (void)c;
-    return tq_exact_row(kv, l, g, pos);
-}
 
 #define CUDA(call) do { cudaError_t e_ = (call); \
     if (e_ != cudaSuccess) die("CUDA: %s (%s line %d)", cudaGetErrorString(e_), __FILE__, __LINE__); } while (0)
@@ -703,7 +695,7 @@ __device__ __forceinline__ void store_kv_warp(const KVCache &kv, const Config &c
             for (int r = 0; r < R; r++) xp[i] -= bf[r] * u[r * hd + i];
     }
     __syncwarp();
-    encode_team<TEAM_WARP>(cod, xp, cache_row(&kv, which ? kv.value : kv.key, cod->bytes, &c, l, g, p), es);
+    encode_team<TEAM_WARP>(cod, xp, (which ? kv.value : kv.key) + tq_cache_row(&kv, l, g, p) * cod->bytes, es);
 }
 
 __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(const __grid_constant__ KVCache kv,
@@ -763,7 +755,7 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
         } else                     /* for merge_kernel's store */
             for (int i = lane; i < hd; i += 32) a.knew[((size_t)g * 2 + warp) * hd + i] = x[i];
         uint16_t *ex = warp == 0 ? kv.exact_k : kv.exact_v;
-        size_t er = (mode & MODE_EXACT) && (p < kv.sink || kv.window > 0) ? exact_row(&kv, &c, l, g, p) : SIZE_MAX;
+        size_t er = (mode & MODE_EXACT) && (p < kv.sink || kv.window > 0) ? tq_exact_row(&kv, l, g, p) : SIZE_MAX;
         for (int i = lane; i < hd; i += 32) {   /* the vector as the exact store keeps it (store_exact's rule) */
             uint16_t h = tq_f32_to_f16(x[i]);
             out[i] = tq_f16_to_f32(h);
@@ -790,7 +782,7 @@ __global__ void __launch_bounds__(32 * (2 + ENC_QWARPS)) rope_encode_kernel(cons
 
 /* ---------------------------------------------------------------------------
  * The key directions of the blocks that start in a batch (n tokens of layer l at pos, after
- * RoPE), run.c's measure_stats on the GPU: block (g, j) for KV head g and the j-th block of
+ * RoPE), tq.c's tq_cache_key_dirs on the GPU: block (g, j) for KV head g and the j-th block of
  * positions that starts in the batch, measured on its own tokens of the batch (a block with fewer
  * than KBLOCK_MIN of them, past position 0, is inherit_kernel's). Every step is spread over the
  * block's threads, so the sums run in another order than run.c's and the last bits of a double
@@ -1028,7 +1020,7 @@ __global__ void store_exact_kernel(const __grid_constant__ KVCache kv, const __g
     pdl_wait_then_release();
     int b = blockIdx.x / c.n_kv_heads, g = blockIdx.x % c.n_kv_heads, pos = a.step[0];
     if (!(pos + b < kv.sink || (kv.window > 0 && b >= a.n - kv.window))) return;
-    size_t hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd, r = exact_row(&kv, &c, l, g, pos + b);
+    size_t hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd, r = tq_exact_row(&kv, l, g, pos + b);
     const float *k = a.qkv + b * (qd + 2 * kvd) + qd + g * hd;
     for (size_t j = threadIdx.x; j < hd; j += blockDim.x) {
         kv.exact_k[r + j] = tq_f32_to_f16(k[j]);
@@ -1240,8 +1232,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32, 3) attention_kernel(const __gr
                 for (int k = 0; k < 8; k++) q[r][k] -= qu[r][j] * ud[j][k];
         }
     };
-    const uint8_t *kbase = cache_row(&kv, kv.key, kv.kc.bytes, &c, a.layer, g, 0);
-    const uint8_t *vbase = cache_row(&kv, kv.value, kv.vc.bytes, &c, a.layer, g, 0);
+    const uint8_t *kbase = kv.key + tq_cache_row(&kv, a.layer, g, 0) * kv.kc.bytes;
+    const uint8_t *vbase = kv.value + tq_cache_row(&kv, a.layer, g, 0) * kv.vc.bytes;
     const uint16_t *beta = R && kv.kbeta ? kv.kbeta + head * kv.ctx * R : NULL;
     const int8_t *beta8 = R && kv.kbeta8 ? kv.kbeta8 + head * kv.ctx * R : NULL;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -1822,7 +1814,7 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
     for (int e = tid; e < ne; e += nt) {            /* the exact values, needed last */
         int t = e < n1 ? e : e2 + e - n1;
         prefetch_l1(t >= pos ? (const void *)(a.qkv + (size_t)(t - pos) * QKV + qd + kvd + (size_t)g * hd)
-                             : (const void *)(kv.exact_v + exact_row(&kv, &c, l, g, t)));
+                             : (const void *)(kv.exact_v + tq_exact_row(&kv, l, g, t)));
     }
 
     /* run.c's key_score for the exact positions: 8 lanes a position, so that a block's 128
@@ -1836,7 +1828,7 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
                 const float *k = a.qkv + (size_t)(t - pos) * QKV + qd + (size_t)g * hd;
                 for (int i = part8; i < hd; i += 8) s += q[i] * k[i];
             } else {
-                const uint16_t *k = kv.exact_k + exact_row(&kv, &c, l, g, t);
+                const uint16_t *k = kv.exact_k + tq_exact_row(&kv, l, g, t);
                 for (int i = part8; i < hd; i += 8) s += q[i] * tq_f16_to_f32(k[i]);
             }
         }
@@ -1882,7 +1874,7 @@ __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(const __grid_const
             int t = e < n1 ? e : e2 + e - n1;
             float p = es[e] / z;
             o += t >= pos ? p * a.qkv[(size_t)(t - pos) * QKV + qd + kvd + (size_t)g * hd + i]
-                          : p * tq_f16_to_f32(kv.exact_v[exact_row(&kv, &c, l, g, t) + i]);
+                          : p * tq_f16_to_f32(kv.exact_v[tq_exact_row(&kv, l, g, t) + i]);
         }
         out[(size_t)b * qd + (size_t)h * hd + i] = o;
     }
