@@ -958,41 +958,34 @@ AVX2_FN static INLINE void rows_tq_avx2(const uint8_t *p, size_t B, int d, const
         }
 }
 
-/* Rows tile of 8 fp16 / q8 / q4 rows as floats; returns the row scales left out (q8), else 1.
- * q4: byte j of a block holds elements 2j (low nibble) and 2j+1, so each byte goes to two lanes,
- * shifted by 0 and 4; x~ = s (q - 8) = q s - 8 s, the block scale folded in. */
+/* Coordinates i..i+7 of a plain row as floats, read in place (f a constant): as plain16_512
+ * below; a q4 block's 32 elements come from its bytes 8h..8h+7 (h = 0, 1), pair 0 or 1 of them. */
+AVX2_FN static INLINE __m256 plain8_avx2(const uint8_t *row, int i, const int f) {
+    if (f == TQ_FP32) return _mm256_loadu_ps((const float *)row + i);
+    if (f == TQ_FP16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)i)));
+    if (f == TQ_Q8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + i))));
+    const __m256i pair0 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), pair1 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+    const __m256i nib = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    const uint8_t *q = row + 18 * (size_t)(i / 32);
+    __m256 s = _mm256_set1_ps(get_f16(q + 16)), s8 = _mm256_mul_ps(s, _mm256_set1_ps(8.0f));
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * (i % 32 / 16))));
+    __m256i e = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(x, i % 16 ? pair1 : pair0), nib), _mm256_set1_epi32(15));
+    return _mm256_fmsub_ps(_mm256_cvtepi32_ps(e), s, s8);
+}
+
+/* Rows tile of 8 plain rows as floats (for the transposed path of many queries); returns the
+ * row scales left out (q8), else 1. */
 AVX2_FN static __m256 rows_plain_avx2(const tq_codec *c, const uint8_t *p, __m256i offs, float *R /* (8, d) */) {
     const int d = c->d;
     const size_t B = c->bytes;
-    if (c->fmt == TQ_FP16) {
-        for (int k = 0; k < 8; k++)
-            for (int i = 0; i < d; i += 8)
-                _mm256_store_ps(R + (size_t)k * d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + k * B + 2 * (size_t)i))));
-        return _mm256_set1_ps(1.0f);
-    }
-    if (c->fmt == TQ_Q8) {
-        for (int k = 0; k < 8; k++)
-            for (int i = 0; i < d; i += 8)
-                _mm256_store_ps(R + (size_t)k * d + i,
-                                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + k * B + i)))));
-        return row_scales_avx2(p, offs, B);
-    }
-    const __m256i pair0 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), pair1 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
-    const __m256i nib = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4), low4 = _mm256_set1_epi32(15);
     for (int k = 0; k < 8; k++)
-        for (int blk = 0; blk < d / 32; blk++) {
-            const uint8_t *q = p + k * B + 18 * (size_t)blk;
-            __m256 s = _mm256_set1_ps(get_f16(q + 16)), s8 = _mm256_mul_ps(s, _mm256_set1_ps(8.0f));
-            float *out = R + (size_t)k * d + 32 * blk;
-            for (int h = 0; h < 2; h++) {
-                __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * h)));
-                __m256i e0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(x, pair0), nib), low4);
-                __m256i e1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(x, pair1), nib), low4);
-                _mm256_store_ps(out + 16 * h, _mm256_fmsub_ps(_mm256_cvtepi32_ps(e0), s, s8));
-                _mm256_store_ps(out + 16 * h + 8, _mm256_fmsub_ps(_mm256_cvtepi32_ps(e1), s, s8));
-            }
+        for (int i = 0; i < d; i += 8) {
+            const uint8_t *row = p + k * B;
+            __m256 v = c->fmt == TQ_FP16 ? plain8_avx2(row, i, TQ_FP16) : c->fmt == TQ_Q8 ? plain8_avx2(row, i, TQ_Q8)
+                                                                        : plain8_avx2(row, i, TQ_Q4);
+            _mm256_store_ps(R + (size_t)k * d + i, v);
         }
-    return _mm256_set1_ps(1.0f);
+    return c->fmt == TQ_Q8 ? row_scales_avx2(p, offs, B) : _mm256_set1_ps(1.0f);
 }
 
 /* The 8 sums of a[0..7] as one vector, lane k = sum of a[k]: halves, then pairs, then the
@@ -1062,24 +1055,49 @@ AVX2_FN static void scores_cols_avx2(const float *T, int d, int nq, const float 
     }
 }
 
-/* Each query against a rows tile: 8 running dot products, one per row, summed across at the end. */
-AVX2_FN static void scores_rows_avx2(const float *R, int d, int nq, const float *qp, size_t ldq, __m256 sc, float *s, size_t lds) {
-    for (int r = 0; r < nq; r++) {
-        const float *q = qp + r * ldq;
-        __m256 a[8];
-        for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
-        for (int i = 0; i < d; i += 8) {
-            __m256 qv = _mm256_loadu_ps(q + i);
-            for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(R + (size_t)k * d + i), qv, a[k]);
+/* NR queries against 8 plain rows read in place: as few_plain_512 below, with hsum8x8_avx2's
+ * tree taken a quad of rows at a time. */
+AVX2_FN static INLINE void few_plain_avx2(const uint8_t *p, size_t B, int d, const int f, const float *q, size_t ldq,
+                                          __m256 sc, float *s, size_t lds, const int NR) {
+    __m256 c[4][2];                                      /* [query][quad]: rows 4j..4j+3 summed in pairs */
+    for (int j = 0; j < 2; j++) {
+        __m256 a[4][4];                                  /* [query][row of the quad] */
+        for (int k = 0; k < 4; k++) {
+            const uint8_t *row = p + (size_t)(4 * j + k) * B;
+            for (int r = 0; r < NR; r++) a[r][k] = _mm256_setzero_ps();
+            for (int i = 0; i < d; i += 8) {
+                __m256 x = plain8_avx2(row, i, f);
+                for (int r = 0; r < NR; r++) a[r][k] = _mm256_fmadd_ps(x, _mm256_loadu_ps(q + r * ldq + i), a[r][k]);
+            }
         }
-        _mm256_storeu_ps(s + r * lds, _mm256_mul_ps(hsum8x8_avx2(a), sc));
+        for (int r = 0; r < NR; r++) {
+            __m256 b0 = _mm256_add_ps(_mm256_permute2f128_ps(a[r][0], a[r][1], 0x20), _mm256_permute2f128_ps(a[r][0], a[r][1], 0x31));
+            __m256 b1 = _mm256_add_ps(_mm256_permute2f128_ps(a[r][2], a[r][3], 0x20), _mm256_permute2f128_ps(a[r][2], a[r][3], 0x31));
+            c[r][j] = _mm256_add_ps(_mm256_shuffle_ps(b0, b1, 0x44), _mm256_shuffle_ps(b0, b1, 0xEE));
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        __m256 e = _mm256_add_ps(_mm256_shuffle_ps(c[r][0], c[r][1], 0x88), _mm256_shuffle_ps(c[r][0], c[r][1], 0xDD));
+        e = _mm256_permutevar8x32_ps(e, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_ps(s + r * lds, _mm256_mul_ps(e, sc));
     }
 }
 
-/* NR accumulators += a rows tile weighted by ws (NR x 8, the row scales folded in), for the CH
- * 8-coordinate chunks at i0: NR x CH independent sums, so that the FMAs need not wait. */
-AVX2_FN static INLINE void mk_values_avx2(const float *R, int d, const float *ws, float *acc, size_t lda, int i0,
-                                          const int NR, const int CH) {
+AVX2_FN static INLINE void few_plain_scores_avx2(const uint8_t *p, size_t B, int d, const int f, int nq, const float *q,
+                                                 size_t ldq, __m256 sc, float *s, size_t lds) {
+    switch (nq) {
+    case 1: few_plain_avx2(p, B, d, f, q, ldq, sc, s, lds, 1); break;
+    case 2: few_plain_avx2(p, B, d, f, q, ldq, sc, s, lds, 2); break;
+    case 3: few_plain_avx2(p, B, d, f, q, ldq, sc, s, lds, 3); break;
+    default: few_plain_avx2(p, B, d, f, q, ldq, sc, s, lds, 4); break;
+    }
+}
+
+/* NR accumulators += 8 rows (B bytes apart at p, format f, read in place) weighted by ws (NR x 8,
+ * the row scales folded in), for the CH 8-coordinate chunks at i0: NR x CH independent sums, so
+ * that the FMAs need not wait. */
+AVX2_FN static INLINE void mk_values_avx2(const uint8_t *p, size_t B, const int f, const float *ws, float *acc, size_t lda,
+                                          int i0, const int NR, const int CH) {
     __m256 a[8];
     for (int r = 0; r < NR; r++)
         for (int c = 0; c < CH; c++) a[r * CH + c] = _mm256_loadu_ps(acc + r * lda + i0 + 8 * c);
@@ -1087,7 +1105,7 @@ AVX2_FN static INLINE void mk_values_avx2(const float *R, int d, const float *ws
         __m256 wk[4];
         for (int r = 0; r < NR; r++) wk[r] = _mm256_broadcast_ss(ws + 8 * r + k);
         for (int c = 0; c < CH; c++) {
-            __m256 v = _mm256_loadu_ps(R + (size_t)k * d + i0 + 8 * c);     /* one load for the NR rows */
+            __m256 v = plain8_avx2(p + k * B, i0 + 8 * c, f);    /* one conversion for the NR rows */
             for (int r = 0; r < NR; r++) a[r * CH + c] = _mm256_fmadd_ps(v, wk[r], a[r * CH + c]);
         }
     }
@@ -1095,23 +1113,26 @@ AVX2_FN static INLINE void mk_values_avx2(const float *R, int d, const float *ws
         for (int c = 0; c < CH; c++) _mm256_storeu_ps(acc + r * lda + i0 + 8 * c, a[r * CH + c]);
 }
 
-AVX2_FN static INLINE void values_group_avx2(const float *R, int d, const float *ws, float *acc, size_t lda, const int NR) {
+AVX2_FN static INLINE void values_group_avx2(const uint8_t *p, size_t B, int d, const int f, const float *ws, float *acc,
+                                             size_t lda, const int NR) {
     int i0 = 0;
-    for (; i0 + 16 <= d; i0 += 16) mk_values_avx2(R, d, ws, acc, lda, i0, NR, 2);
-    if (i0 < d) mk_values_avx2(R, d, ws, acc, lda, i0, NR, 1);
+    for (; i0 + 16 <= d; i0 += 16) mk_values_avx2(p, B, f, ws, acc, lda, i0, NR, 2);
+    if (i0 < d) mk_values_avx2(p, B, f, ws, acc, lda, i0, NR, 1);
 }
 
-AVX2_FN static void values_rows_avx2(const float *R, int d, int nq, const float *w, size_t ldw, __m256 sc, float *acc, size_t lda) {
+/* nq weight rows (w, ldw) times 8 rows (B bytes apart at p, format f) into nq accumulators. */
+AVX2_FN static INLINE void values_rows_avx2(const uint8_t *p, size_t B, int d, const int f, int nq, const float *w, size_t ldw,
+                                            __m256 sc, float *acc, size_t lda) {
     float ws[4 * 8];
     for (int r = 0; r < nq; r += 4) {
         int nr = nq - r < 4 ? nq - r : 4;
         for (int j = 0; j < nr; j++) _mm256_storeu_ps(ws + 8 * j, _mm256_mul_ps(_mm256_loadu_ps(w + (r + j) * ldw), sc));
         float *a = acc + r * lda;
         switch (nr) {
-        case 1: values_group_avx2(R, d, ws, a, lda, 1); break;
-        case 2: values_group_avx2(R, d, ws, a, lda, 2); break;
-        case 3: values_group_avx2(R, d, ws, a, lda, 3); break;
-        default: values_group_avx2(R, d, ws, a, lda, 4); break;
+        case 1: values_group_avx2(p, B, d, f, ws, a, lda, 1); break;
+        case 2: values_group_avx2(p, B, d, f, ws, a, lda, 2); break;
+        case 3: values_group_avx2(p, B, d, f, ws, a, lda, 3); break;
+        default: values_group_avx2(p, B, d, f, ws, a, lda, 4); break;
         }
     }
 }
@@ -1210,16 +1231,20 @@ AVX2_FN static void scores_avx2(const tq_codec *c, int nq, const float *qp, size
             else if (b == 3) cols_tq_avx2(p, offs, d, 3, lo, hi, tile);
             else cols_tq_avx2(p, offs, d, 4, lo, hi, tile);
             scores_cols_avx2(tile, d, nq, qp, ldq, row_scales_avx2(p, offs, B), s + t, lds);
-        } else {                                         /* plain rows: fp32 in place */
+        } else if (nq <= 4) {                            /* plain rows, few queries: read in place */
+            __m256 sc = c->fmt == TQ_Q8 ? row_scales_avx2(p, offs, B) : one;
+            switch (c->fmt) {
+            case TQ_FP32: few_plain_scores_avx2(p, B, d, TQ_FP32, nq, qp, ldq, sc, s + t, lds); break;
+            case TQ_FP16: few_plain_scores_avx2(p, B, d, TQ_FP16, nq, qp, ldq, sc, s + t, lds); break;
+            case TQ_Q8: few_plain_scores_avx2(p, B, d, TQ_Q8, nq, qp, ldq, sc, s + t, lds); break;
+            default: few_plain_scores_avx2(p, B, d, TQ_Q4, nq, qp, ldq, sc, s + t, lds); break;
+            }
+        } else {                                         /* many queries: transposed, fp32 from place */
             const float *R = (const float *)p;
             __m256 sc = one;
             if (c->fmt != TQ_FP32) { sc = rows_plain_avx2(c, p, offs, tile); R = tile; }
-            if (nq <= 4) {
-                scores_rows_avx2(R, d, nq, qp, ldq, sc, s + t, lds);
-            } else {
-                for (int i = 0; i < d; i += 8) transpose8_avx2(R + i, (size_t)d, cols + (size_t)i * 8);
-                scores_cols_avx2(cols, d, nq, qp, ldq, sc, s + t, lds);
-            }
+            for (int i = 0; i < d; i += 8) transpose8_avx2(R + i, (size_t)d, cols + (size_t)i * 8);
+            scores_cols_avx2(cols, d, nq, qp, ldq, sc, s + t, lds);
         }
     }
     if (t < n) scores_portable(c, nq, qp, ldq, rows + (size_t)t * B, n - t, s + t, lds);
@@ -1249,16 +1274,21 @@ AVX2_FN static void values_avx2(const tq_codec *c, int nq, const float *w, size_
     for (; !few && t + 8 <= n; t += 8) {
         const uint8_t *p = rows + (size_t)t * B;
         prefetch_tile(p, 8 * B);
+        const uint8_t *T = (const uint8_t *)tile;        /* a tile of fp32 rows, 4d bytes each */
         if (b) {
             if (b == 2) rows_tq_avx2(p, B, d, 2, lo, hi, tile);
             else if (b == 3) rows_tq_avx2(p, B, d, 3, lo, hi, tile);
             else rows_tq_avx2(p, B, d, 4, lo, hi, tile);
-            values_rows_avx2(tile, d, nq, w + t, ldw, row_scales_avx2(p, offs, B), acc, lda);
-        } else if (c->fmt == TQ_FP32) {
-            values_rows_avx2((const float *)p, d, nq, w + t, ldw, _mm256_set1_ps(1.0f), acc, lda);
-        } else {
-            __m256 sc = rows_plain_avx2(c, p, offs, tile);
-            values_rows_avx2(tile, d, nq, w + t, ldw, sc, acc, lda);
+            values_rows_avx2(T, 4 * (size_t)d, d, TQ_FP32, nq, w + t, ldw, row_scales_avx2(p, offs, B), acc, lda);
+        } else if (c->fmt == TQ_FP32 || nq > 4) {        /* fp32 in place; many queries: converted once */
+            __m256 sc = c->fmt == TQ_FP32 ? _mm256_set1_ps(1.0f) : rows_plain_avx2(c, p, offs, tile);
+            if (c->fmt == TQ_FP32) T = p;
+            values_rows_avx2(T, c->fmt == TQ_FP32 ? B : 4 * (size_t)d, d, TQ_FP32, nq, w + t, ldw, sc, acc, lda);
+        } else {                                         /* few queries: converted as they are read */
+            __m256 sc = c->fmt == TQ_Q8 ? row_scales_avx2(p, offs, B) : _mm256_set1_ps(1.0f);
+            if (c->fmt == TQ_FP16) values_rows_avx2(p, B, d, TQ_FP16, nq, w + t, ldw, sc, acc, lda);
+            else if (c->fmt == TQ_Q8) values_rows_avx2(p, B, d, TQ_Q8, nq, w + t, ldw, sc, acc, lda);
+            else values_rows_avx2(p, B, d, TQ_Q4, nq, w + t, ldw, sc, acc, lda);
         }
     }
     if (t < n) values_portable(c, nq, w + t, ldw, rows + (size_t)t * B, n - t, acc, lda);
@@ -1334,36 +1364,37 @@ AVX512_FN static INLINE void rows_tq_512(const uint8_t *p, size_t B, int d, cons
         }
 }
 
+/* Coordinates i..i+15 of a plain row as floats, read in place (f a constant, so each use compiles
+ * to one format): fp32 as stored, fp16 through F16C, q8's integers (the row scale stays out),
+ * q4's block of 32 decoded: byte j holds elements 2j (low nibble) and 2j+1, so each byte goes to
+ * two lanes, shifted by 0 and 4; x~ = s (q - 8) = q s - 8 s, the block scale folded in. */
+AVX512_FN static INLINE __m512 plain16_512(const uint8_t *row, int i, const int f) {
+    if (f == TQ_FP32) return _mm512_loadu_ps((const float *)row + i);
+    if (f == TQ_FP16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i)));
+    if (f == TQ_Q8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + i))));
+    const __m512i pair0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i pair1 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    const __m512i nib = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    const uint8_t *q = row + 18 * (size_t)(i / 32);
+    __m512 s = _mm512_set1_ps(get_f16(q + 16)), s8 = _mm512_mul_ps(s, _mm512_set1_ps(8.0f));
+    __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    __m512i e = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(i % 32 ? pair1 : pair0, x), nib), _mm512_set1_epi32(15));
+    return _mm512_fmsub_ps(_mm512_cvtepi32_ps(e), s, s8);
+}
+
+/* Rows tile of 16 plain rows as floats (for the transposed path of many queries); returns the
+ * row scales left out (q8), else 1. */
 AVX512_FN static __m512 rows_plain_512(const tq_codec *c, const uint8_t *p, __m512i offs, float *R /* (16, d) */) {
     const int d = c->d;
     const size_t B = c->bytes;
-    if (c->fmt == TQ_FP16) {
-        for (int k = 0; k < 16; k++)
-            for (int i = 0; i < d; i += 16)
-                _mm512_store_ps(R + (size_t)k * d + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + k * B + 2 * (size_t)i))));
-        return _mm512_set1_ps(1.0f);
-    }
-    if (c->fmt == TQ_Q8) {
-        for (int k = 0; k < 16; k++)
-            for (int i = 0; i < d; i += 16)
-                _mm512_store_ps(R + (size_t)k * d + i,
-                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + k * B + i)))));
-        return row_scales_512(p, offs, B);
-    }
-    const __m512i pair0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    const __m512i pair1 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-    const __m512i nib = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4), low4 = _mm512_set1_epi32(15);
     for (int k = 0; k < 16; k++)
-        for (int blk = 0; blk < d / 32; blk++) {
-            const uint8_t *q = p + k * B + 18 * (size_t)blk;
-            __m512 s = _mm512_set1_ps(get_f16(q + 16)), s8 = _mm512_mul_ps(s, _mm512_set1_ps(8.0f));
-            __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
-            __m512i e0 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(pair0, x), nib), low4);
-            __m512i e1 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(pair1, x), nib), low4);
-            _mm512_store_ps(R + (size_t)k * d + 32 * blk, _mm512_fmsub_ps(_mm512_cvtepi32_ps(e0), s, s8));
-            _mm512_store_ps(R + (size_t)k * d + 32 * blk + 16, _mm512_fmsub_ps(_mm512_cvtepi32_ps(e1), s, s8));
+        for (int i = 0; i < d; i += 16) {
+            const uint8_t *row = p + k * B;
+            __m512 v = c->fmt == TQ_FP16 ? plain16_512(row, i, TQ_FP16) : c->fmt == TQ_Q8 ? plain16_512(row, i, TQ_Q8)
+                                                                         : plain16_512(row, i, TQ_Q4);
+            _mm512_store_ps(R + (size_t)k * d + i, v);
         }
-    return _mm512_set1_ps(1.0f);
+    return c->fmt == TQ_Q8 ? row_scales_512(p, offs, B) : _mm512_set1_ps(1.0f);
 }
 
 /* The 16 sums of a[0..15] as one vector: 256-bit halves, 128-bit quarters, pairs, last pair
@@ -1441,21 +1472,52 @@ AVX512_FN static void scores_cols_512(const float *T, int d, int nq, const float
     }
 }
 
-AVX512_FN static void scores_rows_512(const float *R, int d, int nq, const float *qp, size_t ldq, __m512 sc, float *s, size_t lds) {
-    for (int r = 0; r < nq; r++) {
-        const float *q = qp + r * ldq;
-        __m512 a[16];
-        for (int k = 0; k < 16; k++) a[k] = _mm512_setzero_ps();
-        for (int i = 0; i < d; i += 16) {
-            __m512 qv = _mm512_loadu_ps(q + i);
-            for (int k = 0; k < 16; k++) a[k] = _mm512_fmadd_ps(_mm512_loadu_ps(R + (size_t)k * d + i), qv, a[k]);
+/* NR queries against 16 plain rows read in place (rows of B bytes at p, format f): each row's
+ * coordinates are converted once and serve every query. Lane k of query r's score is the dot
+ * product of row k with q_r, summed across its lanes by hsum16x16_512's tree taken a quad of rows
+ * at a time (the same sums in the same order, with 4 rows' partial sums live instead of 16). */
+AVX512_FN static INLINE void few_plain_512(const uint8_t *p, size_t B, int d, const int f, const float *q, size_t ldq,
+                                           __m512 sc, float *s, size_t lds, const int NR) {
+    __m512 c[4][4];                                      /* [query][quad]: rows 4j..4j+3 summed in pairs */
+    for (int j = 0; j < 4; j++) {
+        __m512 a[4][4];                                  /* [query][row of the quad] */
+        for (int k = 0; k < 4; k++) {
+            const uint8_t *row = p + (size_t)(4 * j + k) * B;
+            for (int r = 0; r < NR; r++) a[r][k] = _mm512_setzero_ps();
+            for (int i = 0; i < d; i += 16) {
+                __m512 x = plain16_512(row, i, f);
+                for (int r = 0; r < NR; r++) a[r][k] = _mm512_fmadd_ps(x, _mm512_loadu_ps(q + r * ldq + i), a[r][k]);
+            }
         }
-        _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(hsum16x16_512(a), sc));
+        for (int r = 0; r < NR; r++) {
+            __m512 b0 = _mm512_add_ps(_mm512_shuffle_f32x4(a[r][0], a[r][1], 0x44), _mm512_shuffle_f32x4(a[r][0], a[r][1], 0xEE));
+            __m512 b1 = _mm512_add_ps(_mm512_shuffle_f32x4(a[r][2], a[r][3], 0x44), _mm512_shuffle_f32x4(a[r][2], a[r][3], 0xEE));
+            c[r][j] = _mm512_add_ps(_mm512_shuffle_f32x4(b0, b1, 0x88), _mm512_shuffle_f32x4(b0, b1, 0xDD));
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        __m512 e0 = _mm512_add_ps(_mm512_shuffle_ps(c[r][0], c[r][1], 0x44), _mm512_shuffle_ps(c[r][0], c[r][1], 0xEE));
+        __m512 e1 = _mm512_add_ps(_mm512_shuffle_ps(c[r][2], c[r][3], 0x44), _mm512_shuffle_ps(c[r][2], c[r][3], 0xEE));
+        __m512 g = _mm512_add_ps(_mm512_shuffle_ps(e0, e1, 0x88), _mm512_shuffle_ps(e0, e1, 0xDD));
+        g = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), g);
+        _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(g, sc));
     }
 }
 
-AVX512_FN static INLINE void mk_values_512(const float *R, int d, const float *ws, float *acc, size_t lda, int i0,
-                                           const int NR, const int CH) {
+AVX512_FN static INLINE void few_plain_scores_512(const uint8_t *p, size_t B, int d, const int f, int nq, const float *q,
+                                                  size_t ldq, __m512 sc, float *s, size_t lds) {
+    switch (nq) {
+    case 1: few_plain_512(p, B, d, f, q, ldq, sc, s, lds, 1); break;
+    case 2: few_plain_512(p, B, d, f, q, ldq, sc, s, lds, 2); break;
+    case 3: few_plain_512(p, B, d, f, q, ldq, sc, s, lds, 3); break;
+    default: few_plain_512(p, B, d, f, q, ldq, sc, s, lds, 4); break;
+    }
+}
+
+/* NR accumulators += 16 rows (B bytes apart at p, format f, read in place) weighted by ws (NR x 16,
+ * the row scales folded in), for the CH 16-coordinate chunks at i0. */
+AVX512_FN static INLINE void mk_values_512(const uint8_t *p, size_t B, const int f, const float *ws, float *acc, size_t lda,
+                                           int i0, const int NR, const int CH) {
     __m512 a[16];
     for (int r = 0; r < NR; r++)
         for (int c = 0; c < CH; c++) a[r * CH + c] = _mm512_loadu_ps(acc + r * lda + i0 + 16 * c);
@@ -1463,7 +1525,7 @@ AVX512_FN static INLINE void mk_values_512(const float *R, int d, const float *w
         __m512 wk[4];
         for (int r = 0; r < NR; r++) wk[r] = _mm512_set1_ps(ws[16 * r + k]);
         for (int c = 0; c < CH; c++) {
-            __m512 v = _mm512_loadu_ps(R + (size_t)k * d + i0 + 16 * c);   /* one load for the NR rows */
+            __m512 v = plain16_512(p + k * B, i0 + 16 * c, f);   /* one conversion for the NR rows */
             for (int r = 0; r < NR; r++) a[r * CH + c] = _mm512_fmadd_ps(v, wk[r], a[r * CH + c]);
         }
     }
@@ -1471,28 +1533,31 @@ AVX512_FN static INLINE void mk_values_512(const float *R, int d, const float *w
         for (int c = 0; c < CH; c++) _mm512_storeu_ps(acc + r * lda + i0 + 16 * c, a[r * CH + c]);
 }
 
-AVX512_FN static INLINE void values_group_512(const float *R, int d, const float *ws, float *acc, size_t lda, const int NR) {
+AVX512_FN static INLINE void values_group_512(const uint8_t *p, size_t B, int d, const int f, const float *ws, float *acc,
+                                              size_t lda, const int NR) {
     int i0 = 0;
-    for (; i0 + 64 <= d; i0 += 64) mk_values_512(R, d, ws, acc, lda, i0, NR, 4);
+    for (; i0 + 64 <= d; i0 += 64) mk_values_512(p, B, f, ws, acc, lda, i0, NR, 4);
     switch ((d - i0) / 16) {
-    case 3: mk_values_512(R, d, ws, acc, lda, i0, NR, 3); break;
-    case 2: mk_values_512(R, d, ws, acc, lda, i0, NR, 2); break;
-    case 1: mk_values_512(R, d, ws, acc, lda, i0, NR, 1); break;
+    case 3: mk_values_512(p, B, f, ws, acc, lda, i0, NR, 3); break;
+    case 2: mk_values_512(p, B, f, ws, acc, lda, i0, NR, 2); break;
+    case 1: mk_values_512(p, B, f, ws, acc, lda, i0, NR, 1); break;
     default: break;
     }
 }
 
-AVX512_FN static void values_rows_512(const float *R, int d, int nq, const float *w, size_t ldw, __m512 sc, float *acc, size_t lda) {
+/* nq weight rows (w, ldw) times 16 rows (B bytes apart at p, format f) into nq accumulators. */
+AVX512_FN static INLINE void values_rows_512(const uint8_t *p, size_t B, int d, const int f, int nq, const float *w, size_t ldw,
+                                             __m512 sc, float *acc, size_t lda) {
     float ws[4 * 16];
     for (int r = 0; r < nq; r += 4) {
         int nr = nq - r < 4 ? nq - r : 4;
         for (int j = 0; j < nr; j++) _mm512_storeu_ps(ws + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(w + (r + j) * ldw), sc));
         float *a = acc + r * lda;
         switch (nr) {
-        case 1: values_group_512(R, d, ws, a, lda, 1); break;
-        case 2: values_group_512(R, d, ws, a, lda, 2); break;
-        case 3: values_group_512(R, d, ws, a, lda, 3); break;
-        default: values_group_512(R, d, ws, a, lda, 4); break;
+        case 1: values_group_512(p, B, d, f, ws, a, lda, 1); break;
+        case 2: values_group_512(p, B, d, f, ws, a, lda, 2); break;
+        case 3: values_group_512(p, B, d, f, ws, a, lda, 3); break;
+        default: values_group_512(p, B, d, f, ws, a, lda, 4); break;
         }
     }
 }
@@ -1598,16 +1663,20 @@ AVX512_FN static void scores_512(const tq_codec *c, int nq, const float *qp, siz
             else if (b == 3) cols_tq_512(p, offs, d, 3, tb, tile);
             else cols_tq_512(p, offs, d, 4, tb, tile);
             scores_cols_512(tile, d, nq, qp, ldq, row_scales_512(p, offs, B), s + t, lds);
-        } else {                                         /* plain rows: fp32 in place */
+        } else if (nq <= 4) {                            /* plain rows, few queries: read in place */
+            __m512 sc = c->fmt == TQ_Q8 ? row_scales_512(p, offs, B) : one;
+            switch (c->fmt) {
+            case TQ_FP32: few_plain_scores_512(p, B, d, TQ_FP32, nq, qp, ldq, sc, s + t, lds); break;
+            case TQ_FP16: few_plain_scores_512(p, B, d, TQ_FP16, nq, qp, ldq, sc, s + t, lds); break;
+            case TQ_Q8: few_plain_scores_512(p, B, d, TQ_Q8, nq, qp, ldq, sc, s + t, lds); break;
+            default: few_plain_scores_512(p, B, d, TQ_Q4, nq, qp, ldq, sc, s + t, lds); break;
+            }
+        } else {                                         /* many queries: transposed, fp32 from place */
             const float *R = (const float *)p;
             __m512 sc = one;
             if (c->fmt != TQ_FP32) { sc = rows_plain_512(c, p, offs, tile); R = tile; }
-            if (nq <= 4) {
-                scores_rows_512(R, d, nq, qp, ldq, sc, s + t, lds);
-            } else {
-                for (int i = 0; i < d; i += 16) transpose16_512(R + i, (size_t)d, cols + (size_t)i * 16);
-                scores_cols_512(cols, d, nq, qp, ldq, sc, s + t, lds);
-            }
+            for (int i = 0; i < d; i += 16) transpose16_512(R + i, (size_t)d, cols + (size_t)i * 16);
+            scores_cols_512(cols, d, nq, qp, ldq, sc, s + t, lds);
         }
     }
     if (t < n) scores_portable(c, nq, qp, ldq, rows + (size_t)t * B, n - t, s + t, lds);
@@ -1637,16 +1706,21 @@ AVX512_FN static void values_512(const tq_codec *c, int nq, const float *w, size
     for (; !few && t + 16 <= n; t += 16) {
         const uint8_t *p = rows + (size_t)t * B;
         prefetch_tile(p, 16 * B);
+        const uint8_t *T = (const uint8_t *)tile;        /* a tile of fp32 rows, 4d bytes each */
         if (b) {
             if (b == 2) rows_tq_512(p, B, d, 2, tb, tile);
             else if (b == 3) rows_tq_512(p, B, d, 3, tb, tile);
             else rows_tq_512(p, B, d, 4, tb, tile);
-            values_rows_512(tile, d, nq, w + t, ldw, row_scales_512(p, offs, B), acc, lda);
-        } else if (c->fmt == TQ_FP32) {
-            values_rows_512((const float *)p, d, nq, w + t, ldw, _mm512_set1_ps(1.0f), acc, lda);
-        } else {
-            __m512 sc = rows_plain_512(c, p, offs, tile);
-            values_rows_512(tile, d, nq, w + t, ldw, sc, acc, lda);
+            values_rows_512(T, 4 * (size_t)d, d, TQ_FP32, nq, w + t, ldw, row_scales_512(p, offs, B), acc, lda);
+        } else if (c->fmt == TQ_FP32 || nq > 4) {        /* fp32 in place; many queries: converted once */
+            __m512 sc = c->fmt == TQ_FP32 ? _mm512_set1_ps(1.0f) : rows_plain_512(c, p, offs, tile);
+            if (c->fmt == TQ_FP32) T = p;
+            values_rows_512(T, c->fmt == TQ_FP32 ? B : 4 * (size_t)d, d, TQ_FP32, nq, w + t, ldw, sc, acc, lda);
+        } else {                                         /* few queries: converted as they are read */
+            __m512 sc = c->fmt == TQ_Q8 ? row_scales_512(p, offs, B) : _mm512_set1_ps(1.0f);
+            if (c->fmt == TQ_FP16) values_rows_512(p, B, d, TQ_FP16, nq, w + t, ldw, sc, acc, lda);
+            else if (c->fmt == TQ_Q8) values_rows_512(p, B, d, TQ_Q8, nq, w + t, ldw, sc, acc, lda);
+            else values_rows_512(p, B, d, TQ_Q4, nq, w + t, ldw, sc, acc, lda);
         }
     }
     if (t < n) values_portable(c, nq, w + t, ldw, rows + (size_t)t * B, n - t, acc, lda);
