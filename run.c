@@ -22,9 +22,6 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#if defined(__AVX2__)
-#include <immintrin.h>   /* the int8 product's one-token kernel (dot_q8_rows) */
-#endif
 
 #include "tq.h"
 
@@ -58,12 +55,11 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 
 /* Weight types (header offset 112). int8 follows llama2.c's runq.c: every matrix row is cut
  * into groups of QGROUP numbers, each with one fp32 scale s = max|w| / 127 and codes
- * q = round(w / s) in [-127, 127]; the RMSNorm weights stay fp32. */
+ * q = round(w / s) in [-127, 127]; the RMSNorm weights stay fp32. The products are tq.c's
+ * (tq_q8_rows). */
 #define WEIGHTS_FP32 0
 #define WEIGHTS_INT8 1
-#define QGROUP 64
-#define QROWS 4    /* an int8 product's tile: QROWS rows of the matrix ...           */
-#define QTOKS 16   /* ... times QTOKS tokens, one token per lane of a 16-float vector */
+#define QGROUP TQ_QGROUP
 
 typedef struct {
     int dim;               /* transformer width                               */
@@ -134,13 +130,7 @@ typedef struct {
     float *work;   /* (tq_cache_work_floats) the cache's scratch for attention   */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
     tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
-    /* int8 weights only (else NULL): a matrix product's input x (B, n), n <= wide_n =
-     * max(dim, q_dim, hidden_dim), quantized like the weights (qinput) or as it is */
-    int qinput;    /* int8 weights: 1 quantize each product's input to int8 (W8A8), 0 keep it fp32 (W8A32) */
-    int16_t *xq;   /* (batch, wide_n) codes, token by token (int16: the one-token kernel widens only the weights) */
-    float *xqs;    /* (batch, wide_n / QGROUP) their scales                   */
-    float *xqt;    /* (batch / QTOKS, wide_n, QTOKS) codes as floats (W8A32: x itself), QTOKS tokens side by side */
-    float *xqts;   /* (batch / QTOKS, wide_n / QGROUP, QTOKS) their scales, the same way (W8A32: 1) */
+    tq_q8_input q8; /* int8 weights: a product's input (batch, n <= wide_n) quantized (--qinput 1) or tiled */
 } RunState;
 
 typedef struct {
@@ -335,21 +325,19 @@ static double build_state(RunState *s, const Config *c, const tq_cache *kv, int 
     s->v = TAKE(B * kvd, "activations");
     s->work = TAKE(tq_cache_work_floats(kv, c->n_heads / c->n_kv_heads, batch), "attention");
     s->logits = TAKE((all_logits ? B : 1) * c->vocab_size, "logits");
-    if (c->weight_type == WEIGHTS_INT8) {
-        size_t wn = wide_n(c), tiled = B / QTOKS * QTOKS;
-        s->xq = (int16_t *)take_zeroed(B * wn, sizeof(int16_t), "quantized activations", alloc, &bytes);
-        s->xqs = TAKE(B * (wn / QGROUP), "quantized activations");
-        s->xqt = TAKE(tiled * wn, "quantized activations");
-        s->xqts = TAKE(tiled * (wn / QGROUP), "quantized activations");
-    }
 #undef TAKE
+    if (c->weight_type == WEIGHTS_INT8) {
+        double q8 = tq_q8_input_build(&s->q8, batch, (int)wide_n(c), alloc);
+        if (q8 < 0) die("out of memory: the quantized activations");
+        bytes += q8;
+    }
     return bytes;
 }
 
 static void free_state(RunState *s) {
-    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->work, s->logits, s->xqs, s->xqt, s->xqts};
+    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->work, s->logits};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
-    free(s->xq);
+    tq_q8_input_free(&s->q8);
 }
 
 /* qinput: for int8 weights, quantize the input of each product too; simd: the attention
@@ -378,7 +366,7 @@ static void build_transformer(Transformer *t, const char *path, const tq_cache_o
     if (tq_cache_build(&t->cache, o, c->n_layers, c->n_kv_heads, c->head_dim, ctx, 1) < 0)
         die("out of memory: the KV cache needs %.1f MiB", cache / 1048576.0);
     build_state(&t->state, c, &t->cache, batch, all_logits, 1);
-    t->state.qinput = qinput;
+    t->state.q8.qinput = qinput;
     t->state.simd = simd;
 #ifdef RUN_CUDA
     gpu_build(t, o, all_logits);
@@ -479,217 +467,6 @@ static void matmul_rows(float *out, const float *x, const float *w, int B, int n
         for (int t = b; t < B; t++) out[(size_t)t * d + r] = tq_dot_f32(w + (size_t)r * n, x + (size_t)t * n, n);
 }
 
-/* ---- int8 weights (weight type 1) ----
- * W8A8, llama2.c runq.c's products (--qinput 1): the input x is quantized the way the
- * weights are, per group of QGROUP numbers: xs = max|x| / 127, xq = x / xs rounded to the
- * nearest integer (ties to even: rintf in the default rounding mode). Then for row i of W
- * and token t
- *     out[t][i] = sum_g (sum_k wq[i][g,k] * xq[t][g,k]) * (ws[i][g] * xs[t][g]),
- * the inner sum an exact integer (|.| <= 64 * 127 * 127 < 2^24) and the outer one a chain of
- * fmaf in group order. Exact integers and one correctly rounded fma per group make the
- * result the same bits on every CPU and for every SIMD path GCC picks, and the same in the
- * one-token and the tiled kernel below.
- * W8A32 (--qinput 0): x stays fp32 and out[t][i] = sum_j wq[i][j] * ws[i][j / QGROUP] * x[t][j],
- * summed in float as the fp32 product is (the rounding depends on the order of the sums).
- * It reads the same bytes of weights and skips the rounding of x, which costs more than
- * the weights' own: README, "int8 weights". */
-
-/* An int8 product's input x (B, n): W8A8 quantizes it into s->xq / s->xqs; then the full
- * tiles of QTOKS tokens are laid side by side in s->xqt / s->xqts for matmul_q8_tile (W8A8:
- * the codes as floats and their scales; W8A32: x itself and scales 1). */
-static void prepare_input(RunState *s, const float *x, int B, int n) {
-    int G = n / QGROUP, tiles = B / QTOKS, b;
-    if (s->qinput) {
-#pragma omp parallel for schedule(static) if (B > 1)
-        for (b = 0; b < B; b++)
-            for (int g = 0; g < G; g++) {
-                const float *xg = x + (size_t)b * n + (size_t)g * QGROUP;
-                int16_t *q = s->xq + (size_t)b * n + (size_t)g * QGROUP;
-                float amax = 0.0f;
-                for (int k = 0; k < QGROUP; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;   /* not fmaxf: libm */
-                float scale = amax / 127.0f, div = scale > 0 ? scale : 1.0f;   /* all zeros: codes 0 */
-                for (int k = 0; k < QGROUP; k++) q[k] = (int16_t)rintf(xg[k] / div);
-                s->xqs[(size_t)b * G + g] = scale;
-            }
-    }
-#pragma omp parallel for schedule(static) if (tiles > 1)
-    for (b = 0; b < tiles; b++) {   /* transpose: xqt[b][j][t] = xq[b*QTOKS + t][j] (W8A32: x) */
-        float *xt = s->xqt + (size_t)b * n * QTOKS, *st = s->xqts + (size_t)b * G * QTOKS;
-        for (int t = 0; t < QTOKS; t++) {
-            size_t row = (size_t)b * QTOKS + t;
-            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = s->qinput ? s->xq[row * n + j] : x[row * n + j];
-            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = s->qinput ? s->xqs[row * G + g] : 1.0f;
-        }
-    }
-}
-
-/* W8A8: one row w (n codes, scales ws) against one quantized token x (n codes, scales xs). */
-static float dot_q8(const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
-    float acc = 0.0f;
-    for (int g = 0; g < n / QGROUP; g++) {
-        int32_t isum = 0;
-        for (int k = 0; k < QGROUP; k++) isum += (int32_t)w[g * QGROUP + k] * x[g * QGROUP + k];
-        acc = fmaf((float)isum, ws[g] * xs[g], acc);
-    }
-    return acc;
-}
-
-/* W8A8, one token against QLANES rows of W at once (rows w (QLANES, n), their scales ws
- * (QLANES, n/QGROUP)): lane r of the accumulator holds row r and runs dot_q8's chain of
- * fmaf over the groups, so out (QLANES) gets dot_q8's bits on any path. Per group each row's
- * 64 products are summed in int16 pairs to int32 lanes (vpmaddwd), and sum_lanes gathers
- * the QLANES rows' sums into one vector by a tree of integer additions, exact in any order. */
-#if defined(__AVX512BW__) && defined(__AVX512F__)
-#define QLANES 16
-static __m512i sum_lanes(__m512i v[16]) {   /* lane r of the result = the sum of v[r]'s lanes */
-    for (int r = 0; r < 8; r++)   /* each 128-bit lane: rows 2r, 2r+1, 2r, 2r+1 */
-        v[r] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * r], v[2 * r + 1]), _mm512_unpackhi_epi32(v[2 * r], v[2 * r + 1]));
-    for (int r = 0; r < 4; r++)   /* each 128-bit lane: rows 4r .. 4r+3 */
-        v[r] = _mm512_add_epi32(_mm512_unpacklo_epi64(v[2 * r], v[2 * r + 1]), _mm512_unpackhi_epi64(v[2 * r], v[2 * r + 1]));
-    for (int r = 0; r < 2; r++)   /* 128-bit lanes added in pairs, then the last pairs */
-        v[r] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * r], v[2 * r + 1], 0x88), _mm512_shuffle_i32x4(v[2 * r], v[2 * r + 1], 0xdd));
-    return _mm512_add_epi32(_mm512_shuffle_i32x4(v[0], v[1], 0x88), _mm512_shuffle_i32x4(v[0], v[1], 0xdd));
-}
-
-static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
-    int G = n / QGROUP;
-    __m512i row = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                     _mm512_set1_epi32(G));   /* offset of row r's scales in ws */
-    __m512 acc = _mm512_setzero_ps();
-    for (int g = 0; g < G; g++) {
-        __m512i x0 = _mm512_loadu_si512(x + g * QGROUP), x1 = _mm512_loadu_si512(x + g * QGROUP + 32), v[QLANES];
-        for (int r = 0; r < QLANES; r++) {
-            const int8_t *wr = w + (size_t)r * n + (size_t)g * QGROUP;
-            _mm_prefetch((const char *)(wr + (size_t)QLANES * n), _MM_HINT_T0);   /* the next block: the hardware prefetcher misses 16 rows read side by side */
-            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)wr));
-            __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + 32)));
-            v[r] = _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1));
-        }
-        __m512 scale = _mm512_mul_ps(_mm512_i32gather_ps(row, ws + g, 4), _mm512_set1_ps(xs[g]));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_lanes(v)), scale, acc);
-    }
-    _mm512_storeu_ps(out, acc);
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-#define QLANES 8
-static __m256i sum_lanes(__m256i v[8]) {    /* lane r of the result = the sum of v[r]'s lanes */
-    for (int r = 0; r < 4; r++)   /* each 128-bit lane: rows 2r, 2r+1, 2r, 2r+1 */
-        v[r] = _mm256_add_epi32(_mm256_unpacklo_epi32(v[2 * r], v[2 * r + 1]), _mm256_unpackhi_epi32(v[2 * r], v[2 * r + 1]));
-    for (int r = 0; r < 2; r++)   /* each 128-bit lane: rows 4r .. 4r+3 */
-        v[r] = _mm256_add_epi32(_mm256_unpacklo_epi64(v[2 * r], v[2 * r + 1]), _mm256_unpackhi_epi64(v[2 * r], v[2 * r + 1]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(v[0], v[1], 0x20), _mm256_permute2x128_si256(v[0], v[1], 0x31));
-}
-
-static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
-    int G = n / QGROUP;
-    __m256i row = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(G));
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < G; g++) {
-        __m256i xv[4], v[QLANES];
-        for (int k = 0; k < 4; k++) xv[k] = _mm256_loadu_si256((const __m256i *)(x + g * QGROUP + 16 * k));
-        for (int r = 0; r < QLANES; r++) {
-            const int8_t *wr = w + (size_t)r * n + (size_t)g * QGROUP;
-            _mm_prefetch((const char *)(wr + (size_t)QLANES * n), _MM_HINT_T0);
-            __m256i s = _mm256_setzero_si256();
-            for (int k = 0; k < 4; k++)
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wr + 16 * k))), xv[k]));
-            v[r] = s;
-        }
-        __m256 scale = _mm256_mul_ps(_mm256_i32gather_ps(ws + g, row, 4), _mm256_set1_ps(xs[g]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes(v)), scale, acc);
-    }
-    _mm256_storeu_ps(out, acc);
-}
-#else
-#define QLANES 1   /* portable: dot_q8 row by row */
-static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
-    *out = dot_q8(w, ws, x, xs, n);
-}
-#endif
-
-typedef float v16f __attribute__((vector_size(64)));   /* GCC/Clang's vector extension */
-
-/* W8A32: one row w (n codes, scales ws) against one fp32 token x (n): 4 x 16 lanes (one
- * vector per quarter of a group, so that 4 multiply-adds are in flight) accumulate
- * w * x * s over the whole row and are summed once at the end (a sum per group would cost a
- * horizontal reduction per 64 numbers). A group's codes become floats in a plain loop,
- * which GCC vectorizes (its __builtin_convertvector from int8 does not). */
-static float dot_w8(const int8_t *w, const float *ws, const float *x, int n) {
-    v16f acc[QGROUP / 16] = {{0}}, wv, xv;
-    for (int g = 0; g < n / QGROUP; g++) {
-        float wf[QGROUP];
-        for (int k = 0; k < QGROUP; k++) wf[k] = w[g * QGROUP + k];
-        for (int k = 0; k < QGROUP / 16; k++) {
-            memcpy(&wv, wf + 16 * k, sizeof wv);
-            memcpy(&xv, x + g * QGROUP + 16 * k, sizeof xv);
-            acc[k] += wv * xv * ws[g];
-        }
-    }
-    v16f all = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    float sum = 0.0f;
-    for (int t = 0; t < 16; t++) sum += all[t];
-    return sum;
-}
-
-/* Rows i..i+QROWS-1 of W (d, n) against the QTOKS tokens b.. of tile xt (n, QTOKS) with
- * scales xts (n/QGROUP, QTOKS): a token per vector lane, so each weight, loaded once as a
- * float, is multiplied into 16 tokens, and a group's sums need no horizontal reduction.
- * W8A8: the integer sums are taken in float, where every product and partial sum is an
- * integer below 2^24, which float holds exactly in any order, fused or not. */
-
-static void matmul_q8_tile(float *out, const float *xt, const float *xts, const int8_t *w, const float *ws,
-                           int b, int i, int n, int d) {
-    int G = n / QGROUP;
-    v16f o[QROWS] = {{0}};
-    for (int g = 0; g < G; g++) {
-        float wf[QROWS][QGROUP];
-        for (int r = 0; r < QROWS; r++)
-            for (int k = 0; k < QGROUP; k++) wf[r][k] = w[(size_t)(i + r) * n + (size_t)g * QGROUP + k];
-        v16f acc[QROWS] = {{0}}, xv, xs;
-        for (int k = 0; k < QGROUP; k++) {
-            memcpy(&xv, xt + ((size_t)g * QGROUP + k) * QTOKS, sizeof xv);
-            for (int r = 0; r < QROWS; r++) acc[r] += xv * wf[r][k];
-        }
-        memcpy(&xs, xts + (size_t)g * QTOKS, sizeof xs);
-        for (int r = 0; r < QROWS; r++) {
-            float sw = ws[(size_t)(i + r) * G + g];
-            for (int t = 0; t < QTOKS; t++) o[r][t] = fmaf(acc[r][t], sw * xs[t], o[r][t]);
-        }
-    }
-    for (int r = 0; r < QROWS; r++)
-        for (int t = 0; t < QTOKS; t++) out[(size_t)(b + t) * d + i + r] = o[r][t];
-}
-
-/* Row r of W (codes w, scales ws) against token t of the product's input: W8A8 or W8A32. */
-static float dot_int8_row(const RunState *s, const int8_t *w, const float *ws, const float *x, int t, int r, int n) {
-    int G = n / QGROUP;
-    if (s->qinput) return dot_q8(w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n, s->xqs + (size_t)t * G, n);
-    return dot_w8(w + (size_t)r * n, ws + (size_t)r * G, x + (size_t)t * n, n);
-}
-
-/* Rows [i, i + QBLOCK) of out (B, d) = x (B, n) . W^T for int8 W (d, n) with scales ws, x
- * already quantized (or tiled) into s by linear(): tiles of QROWS rows x QTOKS tokens where they
- * fit; the other tokens (a decoded token is all other: it is bound by reading the weights)
- * QLANES rows at a time with W8A8, else one dot at a time. */
-#define QBLOCK (QLANES > QROWS ? QLANES : QROWS)
-static void matmul_q8_rows(RunState *s, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d,
-                           int i) {
-    int G = n / QGROUP, tiled = B / QTOKS * QTOKS, end = i + QBLOCK < d ? i + QBLOCK : d, r = i;
-    for (; r + QROWS <= end; r += QROWS)
-        for (int b = 0; b < tiled; b += QTOKS)
-            matmul_q8_tile(out, s->xqt + (size_t)b * n, s->xqts + (size_t)b * G, w, ws, b, r, n, d);
-    for (; r < end; r++)
-        for (int t = 0; t < tiled; t++) out[(size_t)t * d + r] = dot_int8_row(s, w, ws, x, t, r, n);
-    for (int t = tiled; t < B; t++) {
-        r = i;
-        if (s->qinput)
-            for (; r + QLANES <= end; r += QLANES)
-                dot_q8_rows(out + (size_t)t * d + r, w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n,
-                            s->xqs + (size_t)t * G, n);
-        for (; r < end; r++) out[(size_t)t * d + r] = dot_int8_row(s, w, ws, x, t, r, n);
-    }
-}
-
 /* One matrix of a product: out (B, d) = x . W^T, W the (d, n) matrix `at` numbers into a
  * weight group held as fp32 (f) or, in an int8 file, as q. */
 typedef struct {
@@ -704,8 +481,8 @@ typedef struct {
  * parallel loop over all their blocks of rows: the threads stream the weights of every
  * matrix without a barrier between them. */
 static void linear(RunState *s, const float *x, int B, int n, const Product *p, int np) {
-    int step = p[0].f ? TILE_ROWS : QBLOCK, first[4] = {0}, j;   /* first[k]: product k's first block */
-    if (!p[0].f) prepare_input(s, x, B, n);
+    int step = p[0].f ? TILE_ROWS : TQ_Q8_BLOCK, first[4] = {0}, j;   /* first[k]: product k's first block */
+    if (!p[0].f) tq_q8_prepare(&s->q8, x, B, n);
     for (int k = 0; k < np; k++) first[k + 1] = first[k] + (p[k].d + step - 1) / step;
 #pragma omp parallel for schedule(static)
     for (j = 0; j < first[np]; j++) {
@@ -714,7 +491,7 @@ static void linear(RunState *s, const float *x, int B, int n, const Product *p, 
         const Product *m = &p[k];
         int i = (j - first[k]) * step;
         if (m->f) matmul_rows(m->out, x, m->f + m->at, B, n, m->d, i);
-        else matmul_q8_rows(s, m->out, x, m->q->q + m->at, m->q->s + m->at / QGROUP, B, n, m->d, i);
+        else tq_q8_rows(&s->q8, m->out, x, m->q->q + m->at, m->q->s + m->at / QGROUP, B, n, m->d, i);
     }
 }
 

@@ -402,4 +402,33 @@ TQ_HD static inline float tq_half(uint16_t h) {
     return f;
 }
 
+/* ---- int8 weight products (run.c's weight type 1; tq.c's last section) ----------------------
+ * W (d, n) int8, n a multiple of TQ_QGROUP: number j of row i is w[i*n + j] * ws[(i*n + j) / TQ_QGROUP]
+ * (llama2.c's runq.c: per group of TQ_QGROUP numbers one scale max|w| / 127 and codes in
+ * [-127, 127]). out (B, d) = x (B, n) . W^T, out[t][i] = sum_j W[i][j] x[t][j], in one of two ways:
+ * W8A8 (qinput 1): x quantized per group the same way (codes rounded to nearest-even); the
+ *   group sums are exact integers, summed as a chain of fmaf(sum, w_scale * x_scale, acc) in
+ *   group order, so every kernel and every CPU gives the same bits (tests/test_q8.c).
+ * W8A32 (qinput 0): x kept in fp32, summed in float like an fp32 product. */
+#define TQ_QGROUP 64     /* numbers per scale */
+#define TQ_Q8_BLOCK 16   /* rows of W per tq_q8_rows call */
+
+typedef struct {   /* a product's input x (batch, n), prepared by tq_q8_prepare */
+    int qinput;    /* 1: W8A8, quantize x to int8; 0: W8A32, keep it fp32 */
+    int16_t *xq;   /* (batch, n) W8A8 codes, token by token (int16: the one-token kernel widens only the weights) */
+    float *xqs;    /* (batch, n / TQ_QGROUP) their scales */
+    float *xqt;    /* (batch / 16, n, 16) whole tiles of 16 tokens side by side: the codes as floats (W8A32: x) */
+    float *xqts;   /* (batch / 16, n / TQ_QGROUP, 16) their scales, the same way (W8A32: 1) */
+} tq_q8_input;
+
+/* Allocates (alloc 1; qinput 0) or only counts (alloc 0: NULL) the buffers for inputs of up to
+ * batch tokens of n numbers; returns their bytes, -1 out of memory (then nothing is held). */
+double tq_q8_input_build(tq_q8_input *in, int batch, int n, int alloc);
+void tq_q8_input_free(tq_q8_input *in);
+void tq_q8_prepare(tq_q8_input *in, const float *x, int B, int n);   /* x (B, n): once per input */
+/* rows [i, i + TQ_Q8_BLOCK) of out (B, d) (fewer at the end of W), x (B, n) prepared in `in`;
+ * the calls for the blocks of rows are independent (run.c's linear runs them in parallel) */
+void tq_q8_rows(const tq_q8_input *in, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d,
+                int i);
+
 #endif

@@ -1,7 +1,7 @@
-/* tests/test_q8.c - run.c's products with int8 weights (matmul_q8) against a plain scalar
- * statement of the same arithmetic, bit for bit.
+/* tests/test_q8.c - the products with int8 weights (tq.c's tq_q8_prepare / tq_q8_rows, called
+ * through run.c's linear()) against a plain scalar statement of the same arithmetic, bit for bit.
  *
- * The claim under test (run.c, "int8 weights"): the input is quantized per group of QGROUP
+ * The claim under test (tq.h / tq.c, "int8 weight products"): the input is quantized per group of QGROUP
  * (scale max|x| / 127, codes rounded to nearest-even), each group's dot product of codes is
  * an exact integer, and the groups are summed as a chain of fmaf(sum, w_scale * x_scale, acc)
  * in group order. So the one-token kernels (a row at a time, or 8 / 16 rows in the lanes of
@@ -84,7 +84,7 @@ static void product(RunState *s, float *out, const float *x, int8_t *w, float *w
 int main(int argc, char **argv) {
     int hash_only = argc > 1 && !strcmp(argv[1], "--hash");
     /* (B tokens, n inputs, d outputs): one token; tiles with and without leftover tokens;
-     * row counts that are not a multiple of QROWS; leftover tokens over whole blocks of 8
+     * row counts that are not a multiple of 4 (the tile's rows); leftover tokens over whole blocks of 8
      * and 16 rows (the AVX2 and AVX-512 one-token kernels) and the rows after them */
     const int cases[][3] = {{1, 64, 8}, {1, 192, 7}, {3, 128, 5}, {16, 64, 4}, {17, 128, 9},
                             {33, 192, 12}, {48, 64, 3}, {40, 320, 11}, {1, 128, 16}, {2, 64, 35},
@@ -107,12 +107,8 @@ int main(int argc, char **argv) {
         cfg.dim = n; cfg.hidden_dim = n; cfg.n_heads = 1; cfg.head_dim = n; cfg.weight_type = WEIGHTS_INT8;
         RunState s;
         memset(&s, 0, sizeof s);
-        size_t wn = wide_n(&cfg), tiled = (size_t)B / QTOKS * QTOKS;
-        s.xq = (int16_t *)xcalloc((size_t)B * wn, sizeof(int16_t), "xq");
-        s.xqs = (float *)xcalloc((size_t)B * (wn / QGROUP), sizeof(float), "xqs");
-        s.xqt = (float *)xcalloc(tiled * wn, sizeof(float), "xqt");
-        s.xqts = (float *)xcalloc(tiled * (wn / QGROUP), sizeof(float), "xqts");
-        s.qinput = 1;
+        if (tq_q8_input_build(&s.q8, B, (int)wide_n(&cfg), 1) < 0) die("out of memory");
+        s.q8.qinput = 1;
         for (int parts = 1; parts <= 3; parts += 2) {   /* one product, then the rows as three */
             if (parts == 3 && d < 3) break;
             product(&s, out, x, w, ws, B, n, d, parts);
@@ -132,7 +128,7 @@ int main(int argc, char **argv) {
         }
         h = fnv(h, out, (size_t)B * d * sizeof(float));
 
-        s.qinput = 0;                                   /* W8A32: within rounding of the float64 sum */
+        s.q8.qinput = 0;                                   /* W8A32: within rounding of the float64 sum */
         product(&s, out, x, w, ws, B, n, d, 1);
         double worst = 0;
         for (int t = 0; t < B; t++)
@@ -149,7 +145,7 @@ int main(int argc, char **argv) {
         if (worst > 1e-5) failed++;
         if (!hash_only) printf("test_q8: B %2d n %3d d %2d W8A32: worst error %.2g of the sum of |terms|%s\n", B, n, d,
                                worst, worst > 1e-5 ? " MISMATCH" : "");
-        free(x); free(wf); free(w); free(ws); free(out); free(s.xq); free(s.xqs); free(s.xqt); free(s.xqts);
+        free(x); free(wf); free(w); free(ws); free(out); tq_q8_input_free(&s.q8);
     }
     if (hash_only) printf("%016llx\n", (unsigned long long)h);
     else printf("test_q8: %s\n", failed ? "FAILED" : "W8A8 bit-identical to its definition, W8A32 within 1e-5");
