@@ -394,79 +394,6 @@ static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) 
 }
 
 #ifndef RUN_CUDA   /* run_cuda.cu multiplies with cuBLAS */
-/* A 2-row x 6-token tile of the product, 8 floats at a time: 12 accumulators
- * and 2 weight vectors fit the 16 AVX registers, so every weight load serves
- * 6 tokens and every activation load 2 rows, where one dot at a time would load both
- * for one product each (bench/README.md, Research options, has the figure). v8f is
- * GCC/Clang's portable vector extension. */
-typedef float v8f __attribute__((vector_size(32)));
-#define TILE_ROWS 2
-#define TILE_TOKS 6
-
-static void matmul_tile(float *out, const float *x, const float *w, int b, int i, int n, int d) {
-    v8f acc[TILE_ROWS][TILE_TOKS] = {{{0}}};
-    for (int j = 0; j < n; j += 8) {
-        v8f wv[TILE_ROWS], xv;
-        for (int r = 0; r < TILE_ROWS; r++) memcpy(&wv[r], w + (size_t)(i + r) * n + j, sizeof(v8f));
-        for (int t = 0; t < TILE_TOKS; t++) {
-            memcpy(&xv, x + (size_t)(b + t) * n + j, sizeof(v8f));
-            for (int r = 0; r < TILE_ROWS; r++) acc[r][t] += wv[r] * xv;
-        }
-    }
-    for (int r = 0; r < TILE_ROWS; r++)
-        for (int t = 0; t < TILE_TOKS; t++) {
-            float s = 0.0f;
-            for (int k = 0; k < 8; k++) s += acc[r][t][k];
-            out[(size_t)(b + t) * d + i + r] = s;
-        }
-}
-
-/* One token x (n, a multiple of 16) against the TILE_ROWS rows w (TILE_ROWS, n) into out
- * (TILE_ROWS): two chains of 8 lanes a row (the FMA latency), and the rows PF_ROWS ahead asked
- * for, as one token reads every weight once and the hardware prefetcher alone falls behind. */
-#define PF_ROWS 8
-static void dot_rows(float *out, const float *w, const float *x, int n) {
-    v8f acc[TILE_ROWS][2] = {{{0}}};
-    for (int j = 0; j < n; j += 16) {
-        v8f x0, x1, w0, w1;
-        memcpy(&x0, x + j, sizeof x0);
-        memcpy(&x1, x + j + 8, sizeof x1);
-        for (int r = 0; r < TILE_ROWS; r++) {
-            const float *wr = w + (size_t)r * n + j;
-            __builtin_prefetch(wr + (size_t)PF_ROWS * n);
-            memcpy(&w0, wr, sizeof w0);
-            memcpy(&w1, wr + 8, sizeof w1);
-            acc[r][0] += w0 * x0;
-            acc[r][1] += w1 * x1;
-        }
-    }
-    for (int r = 0; r < TILE_ROWS; r++) {
-        v8f a = acc[r][0] + acc[r][1];
-        float s = 0.0f;
-        for (int k = 0; k < 8; k++) s += a[k];
-        out[r] = s;
-    }
-}
-
-/* Rows [i, i + TILE_ROWS) of out (B, d) = x (B, n) . W^T with W (d, n): tiles of 6 tokens
- * where they fit, then the other tokens (a single decoded token is all other: it is bound by
- * reading the weights) a pair of rows at a time, else one dot at a time. */
-static void matmul_rows(float *out, const float *x, const float *w, int B, int n, int d, int i) {
-    int b = 0, whole = n % 16 == 0 && i + TILE_ROWS <= d;
-    if (n % 8 == 0 && i + TILE_ROWS <= d)
-        for (; b + TILE_TOKS <= B; b += TILE_TOKS) matmul_tile(out, x, w, b, i, n, d);
-    if (whole) {
-        float o[TILE_ROWS];
-        for (int t = b; t < B; t++) {
-            dot_rows(o, w + (size_t)i * n, x + (size_t)t * n, n);
-            for (int r = 0; r < TILE_ROWS; r++) out[(size_t)t * d + i + r] = o[r];
-        }
-        return;
-    }
-    for (int r = i; r < i + TILE_ROWS && r < d; r++)
-        for (int t = b; t < B; t++) out[(size_t)t * d + r] = tq_dot_f32(w + (size_t)r * n, x + (size_t)t * n, n);
-}
-
 /* One matrix of a product: out (B, d) = x . W^T, W the (d, n) matrix `at` numbers into a
  * weight group held as fp32 (f) or, in an int8 file, as q. */
 typedef struct {
@@ -481,7 +408,7 @@ typedef struct {
  * parallel loop over all their blocks of rows: the threads stream the weights of every
  * matrix without a barrier between them. */
 static void linear(RunState *s, const float *x, int B, int n, const Product *p, int np) {
-    int step = p[0].f ? TILE_ROWS : TQ_Q8_BLOCK, first[4] = {0}, j;   /* first[k]: product k's first block */
+    int step = p[0].f ? TQ_F32_BLOCK : TQ_Q8_BLOCK, first[4] = {0}, j;   /* first[k]: product k's first block */
     if (!p[0].f) tq_q8_prepare(&s->q8, x, B, n);
     for (int k = 0; k < np; k++) first[k + 1] = first[k] + (p[k].d + step - 1) / step;
 #pragma omp parallel for schedule(static)
@@ -490,7 +417,7 @@ static void linear(RunState *s, const float *x, int B, int n, const Product *p, 
         while (j >= first[k + 1]) k++;
         const Product *m = &p[k];
         int i = (j - first[k]) * step;
-        if (m->f) matmul_rows(m->out, x, m->f + m->at, B, n, m->d, i);
+        if (m->f) tq_f32_rows(m->out, x, m->f + m->at, B, n, m->d, i);
         else tq_q8_rows(&s->q8, m->out, x, m->q->q + m->at, m->q->s + m->at / QGROUP, B, n, m->d, i);
     }
 }
@@ -1525,12 +1452,11 @@ static int parse_int(const char *flag, const char *s, long lo, long hi) {
 
 /* -k and --scale: "A" or "A:B" (keys:values) -> kv[0] = A, kv[1] = B (or A), 32 bytes each */
 static void split_kv(const char *flag, const char *arg, char kv[2][32]) {
-    const char *colon = strchr(arg, ':');
-    size_t kl = colon ? (size_t)(colon - arg) : strlen(arg);
-    if (kl == 0 || kl >= 32 || (colon && (!colon[1] || strlen(colon + 1) >= 32 || strchr(colon + 1, ':'))))
-        die("bad %s \"%s\": give X or KEYS:VALUES (run -h)", flag, arg);
+    const char *colon = strchr(arg, ':'), *vals = colon ? colon + 1 : arg;
+    size_t kl = colon ? (size_t)(colon - arg) : strlen(arg), vl = strlen(vals);
+    if (kl == 0 || kl >= 32 || vl == 0 || vl >= 32 || strchr(vals, ':')) die("bad %s \"%s\": give X or KEYS:VALUES (run -h)", flag, arg);
     memcpy(kv[0], arg, kl); kv[0][kl] = 0;
-    snprintf(kv[1], 32, "%s", colon ? colon + 1 : kv[0]);
+    memcpy(kv[1], vals, vl + 1);
 }
 
 #ifndef RUN_NO_MAIN
@@ -1548,7 +1474,7 @@ int main(int argc, char **argv) {
         {"-t", 'f', &temperature, 0, 1e6}, {"-p", 'f', &topp, 0, 1}, {"-s", 'u', &seed, 0, 1.8e19},
         {"-n", 'i', &steps, 0, 1 << 30}, {"-c", 'i', &ctx, 1, 1 << 24}, {"--chunks", 'i', &chunks, 1, 1 << 30},
         {"--batch", 'i', &batch, 1, 4096}, {"--qinput", 'i', &qinput, 0, 1}, {"--kproj", 'i', &co.kproj, 0, KPROJ_MAX},
-        {"--sink", 'i', &co.sink, 0, 1 << 20}, {"--window", 'i', &co.window, 0, 1 << 20},
+        {"--sink", 'i', &co.sink, 0, 1 << 20}, {"--window", 'i', &co.window, 0, 1 << 20}, {"--kblock", 'i', &co.kblock, 0, 1 << 24},
         {"-i", 's', &prompt, 0, 0}, {"-f", 's', &prompt_file, 0, 0}, {"-z", 's', &tok_path, 0, 0},
         {"-m", 's', &mode, 0, 0}, {"-y", 's', &system, 0, 0},
         {"-o", 's', &out, 0, 0}, {"--stats", 's', &stats, 0, 0}, {NULL, 0, NULL, 0, 0}};
@@ -1578,23 +1504,18 @@ int main(int argc, char **argv) {
         else if (type == 'i') *(int *)opts[o].value = parse_int(a, v, (long)lo, (long)hi);
         else if (type == 'f') *(float *)opts[o].value = (float)parse_num(a, v, lo, hi);
         else if (type == 'u') *(unsigned long long *)opts[o].value = (unsigned long long)parse_num(a, v, lo, hi);
-        else if (!strcmp(a, "-k")) {
+        else if (!strcmp(a, "-k") || !strcmp(a, "--scale")) {   /* keys and values: tq_cache_opts */
+            int fmt = a[1] == 'k';
             split_kv(a, v, kv);
             for (int j = 0; j < 2; j++)
-                if (tq_parse_fmt(kv[j], j ? &co.value_fmt : &co.key_fmt)) die("unknown KV format \"%s\" (run -h lists the formats)", kv[j]);
-        }
-        else if (!strcmp(a, "--kblock")) {
-            co.kblock = parse_int(a, v, 0, 1 << 24);
-            if (co.kblock % 16) die("--kblock %s: positions per block of key directions must be a multiple of 16 (0: one set)", v);
-        }
-        else if (!strcmp(a, "--scale")) {
-            split_kv(a, v, kv);
-            for (int j = 0; j < 2; j++)
-                if (tq_parse_scale(kv[j], j ? &co.vscale : &co.kscale)) die("unknown --scale \"%s\" (norm, nc or eden)", kv[j]);
+                if (fmt ? tq_parse_fmt(kv[j], j ? &co.value_fmt : &co.key_fmt) : tq_parse_scale(kv[j], j ? &co.vscale : &co.kscale))
+                    die(fmt ? "unknown KV format \"%s\" (run -h lists the formats)" : "unknown --scale \"%s\" (norm, nc or eden)", kv[j]);
         }
         else die("unknown option %s (run -h)", a);
         if (!strcmp(a, "-t") && temperature > 0 && temperature < 1e-3f)
             die("-t %s is too small: 0 (greedy) or at least 0.001", v);   /* logits / t must stay finite */
+        if (!strcmp(a, "--kblock") && co.kblock % 16)
+            die("--kblock %s: positions per block of key directions must be a multiple of 16 (0: one set)", v);
     }
     enum { GENERATE, CHAT, EVAL, LOGITS, SCORE, TOKENIZE, DETOKENIZE, NMODES };
     const char *modes[NMODES] = {"generate", "chat", "eval", "logits", "score", "tokenize", "detokenize"};

@@ -2230,7 +2230,85 @@ size_t tq_cache_stats(const tq_cache *kv, int l, int n, float *out) {
     return count;
 }
 
-/* ---- int8 weight products (tq.h): run.c's weight type 1 -----------------------------------------
+/* ---- weight products (tq.h): run.c's out (B, d) = x (B, n) . W^T, fp32 then int8 W ----------------
+ * Kernels for the compiler's own target (-march), not chosen at run time as the attention
+ * kernels are; run_cuda.cu multiplies with cuBLAS and compiles only the int8 buffers' functions. */
+
+#ifndef __CUDACC__
+/* fp32 W. A 2-row x 6-token tile of the product, 8 floats at a time: 12 accumulators
+ * and 2 weight vectors fit the 16 AVX registers, so every weight load serves
+ * 6 tokens and every activation load 2 rows, where one dot at a time would load both
+ * for one product each (bench/README.md, Research options, has the figure). v8f is
+ * GCC/Clang's portable vector extension. */
+typedef float v8f __attribute__((vector_size(32)));
+#define TILE_ROWS TQ_F32_BLOCK
+#define TILE_TOKS 6
+
+static void matmul_tile(float *out, const float *x, const float *w, int b, int i, int n, int d) {
+    v8f acc[TILE_ROWS][TILE_TOKS] = {{{0}}};
+    for (int j = 0; j < n; j += 8) {
+        v8f wv[TILE_ROWS], xv;
+        for (int r = 0; r < TILE_ROWS; r++) memcpy(&wv[r], w + (size_t)(i + r) * n + j, sizeof(v8f));
+        for (int t = 0; t < TILE_TOKS; t++) {
+            memcpy(&xv, x + (size_t)(b + t) * n + j, sizeof(v8f));
+            for (int r = 0; r < TILE_ROWS; r++) acc[r][t] += wv[r] * xv;
+        }
+    }
+    for (int r = 0; r < TILE_ROWS; r++)
+        for (int t = 0; t < TILE_TOKS; t++) {
+            float s = 0.0f;
+            for (int k = 0; k < 8; k++) s += acc[r][t][k];
+            out[(size_t)(b + t) * d + i + r] = s;
+        }
+}
+
+/* One token x (n, a multiple of 16) against the TILE_ROWS rows w (TILE_ROWS, n) into out
+ * (TILE_ROWS): two chains of 8 lanes a row (the FMA latency), and the rows PF_ROWS ahead asked
+ * for, as one token reads every weight once and the hardware prefetcher alone falls behind. */
+#define PF_ROWS 8
+static void dot_rows(float *out, const float *w, const float *x, int n) {
+    v8f acc[TILE_ROWS][2] = {{{0}}};
+    for (int j = 0; j < n; j += 16) {
+        v8f x0, x1, w0, w1;
+        memcpy(&x0, x + j, sizeof x0);
+        memcpy(&x1, x + j + 8, sizeof x1);
+        for (int r = 0; r < TILE_ROWS; r++) {
+            const float *wr = w + (size_t)r * n + j;
+            __builtin_prefetch(wr + (size_t)PF_ROWS * n);
+            memcpy(&w0, wr, sizeof w0);
+            memcpy(&w1, wr + 8, sizeof w1);
+            acc[r][0] += w0 * x0;
+            acc[r][1] += w1 * x1;
+        }
+    }
+    for (int r = 0; r < TILE_ROWS; r++) {
+        v8f a = acc[r][0] + acc[r][1];
+        float s = 0.0f;
+        for (int k = 0; k < 8; k++) s += a[k];
+        out[r] = s;
+    }
+}
+
+/* Tiles of 6 tokens where they fit, then the other tokens (a single decoded token is all
+ * other: it is bound by reading the weights) a pair of rows at a time, else one dot at a time. */
+void tq_f32_rows(float *out, const float *x, const float *w, int B, int n, int d, int i) {
+    int b = 0, whole = n % 16 == 0 && i + TILE_ROWS <= d;
+    if (n % 8 == 0 && i + TILE_ROWS <= d)
+        for (; b + TILE_TOKS <= B; b += TILE_TOKS) matmul_tile(out, x, w, b, i, n, d);
+    if (whole) {
+        float o[TILE_ROWS];
+        for (int t = b; t < B; t++) {
+            dot_rows(o, w + (size_t)i * n, x + (size_t)t * n, n);
+            for (int r = 0; r < TILE_ROWS; r++) out[(size_t)t * d + i + r] = o[r];
+        }
+        return;
+    }
+    for (int r = i; r < i + TILE_ROWS && r < d; r++)
+        for (int t = b; t < B; t++) out[(size_t)t * d + r] = tq_dot_f32(w + (size_t)r * n, x + (size_t)t * n, n);
+}
+#endif
+
+/* ---- int8 weights: run.c's weight type 1 ----
  * W8A8, llama2.c runq.c's products (qinput 1): the input x is quantized the way the weights
  * are, per group of TQ_QGROUP numbers: xs = max|x| / 127, xq = x / xs rounded to the nearest
  * integer (ties to even: rintf in the default rounding mode). Then for row i of W and token t
@@ -2242,9 +2320,7 @@ size_t tq_cache_stats(const tq_cache *kv, int l, int n, float *out) {
  * W8A32 (qinput 0): x stays fp32 and out[t][i] = sum_j wq[i][j] * ws[i][j / TQ_QGROUP] * x[t][j],
  * summed in float as the fp32 product is (the rounding depends on the order of the sums).
  * It reads the same bytes of weights and skips the rounding of x, which costs more than
- * the weights' own: README, "int8 weights".
- * Unlike the attention kernels these are chosen when compiling (-march), not at run time;
- * run_cuda.cu multiplies with cuBLAS and compiles only the buffers' functions. */
+ * the weights' own: README, "int8 weights". */
 #define QGROUP TQ_QGROUP
 #define QROWS 4    /* the tiled kernel: QROWS rows of the matrix ...           */
 #define QTOKS 16   /* ... times QTOKS tokens, one token per lane of a 16-float vector */

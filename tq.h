@@ -402,8 +402,15 @@ TQ_HD static inline float tq_half(uint16_t h) {
     return f;
 }
 
-/* ---- int8 weight products (run.c's weight type 1; tq.c's last section) ----------------------
- * W (d, n) int8, n a multiple of TQ_QGROUP: number j of row i is w[i*n + j] * ws[(i*n + j) / TQ_QGROUP]
+/* ---- weight products (tq.c's last section): out (B, d) = x (B, n) . W^T for run.c -------------
+ * W row-major, x (B, n) and out row by row. The calls for blocks of rows are independent
+ * (run.c's linear runs them in parallel).
+ * fp32 W (d, n): tq_f32_rows computes rows [i, i + TQ_F32_BLOCK) of out (fewer at W's end). */
+#define TQ_F32_BLOCK 2
+void tq_f32_rows(float *out, const float *x, const float *w, int B, int n, int d, int i);
+
+/* int8 (run.c's weight type 1):
+ * W (d, n), n a multiple of TQ_QGROUP: number j of row i is w[i*n + j] * ws[(i*n + j) / TQ_QGROUP]
  * (llama2.c's runq.c: per group of TQ_QGROUP numbers one scale max|w| / 127 and codes in
  * [-127, 127]). out (B, d) = x (B, n) . W^T, out[t][i] = sum_j W[i][j] x[t][j], in one of two ways:
  * W8A8 (qinput 1): x quantized per group the same way (codes rounded to nearest-even); the
@@ -426,8 +433,7 @@ typedef struct {   /* a product's input x (batch, n), prepared by tq_q8_prepare 
 double tq_q8_input_build(tq_q8_input *in, int batch, int n, int alloc);
 void tq_q8_input_free(tq_q8_input *in);
 void tq_q8_prepare(tq_q8_input *in, const float *x, int B, int n);   /* x (B, n): once per input */
-/* rows [i, i + TQ_Q8_BLOCK) of out (B, d) (fewer at the end of W), x (B, n) prepared in `in`;
- * the calls for the blocks of rows are independent (run.c's linear runs them in parallel) */
+/* rows [i, i + TQ_Q8_BLOCK) of out (B, d) (fewer at the end of W), x (B, n) prepared in `in` */
 void tq_q8_rows(const tq_q8_input *in, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d,
                 int i);
 
