@@ -111,8 +111,6 @@ typedef struct {
 
 #define KPROJ_MAX TQ_KPROJ_MAX  /* --kproj: the mean query direction, then the keys' main one */
 #define KBLOCK_DEFAULT 256      /* --kblock: key directions per 256 positions (bench/README.md) */
-#define STR_(x) #x
-#define STR(x) STR_(x)
 
 /* Activations for up to `batch` tokens processed together (prompts are run in
  * batches so that every weight row read from memory serves many tokens; the
@@ -130,7 +128,7 @@ typedef struct {
     float *work;   /* (tq_cache_work_floats) the cache's scratch for attention   */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
     tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
-    tq_q8_input q8; /* int8 weights: a product's input (batch, n <= wide_n) quantized (--qinput 1) or tiled */
+    tq_q8_input q8; /* int8 weights: a product's input (batch, n <= max(dim, q_dim, hidden_dim)), quantized or tiled */
 } RunState;
 
 typedef struct {
@@ -209,20 +207,15 @@ static const char *read_config(Config *c, const uint8_t *h, size_t file_size, ch
     if (memcmp(h, MODEL_MAGIC, 4) != 0) BAD("not a model.bin (magic is not " MODEL_MAGIC "); convert it with export.py");
     int version = rd_i32(h + 4);
     if (version != MODEL_VERSION) BAD("format version %d, this run reads version %d", version, MODEL_VERSION);
-    int *f[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->head_dim,
-                &c->vocab_size, &c->seq_len, &c->shared_classifier, &c->tokenizer_kind, &c->bos_id,
-                &c->eos_id, &c->chat_start_id, &c->chat_end_id};
-    for (int i = 0; i < 14; i++) *f[i] = rd_i32(h + 8 + 4 * i);
+    /* the header (README.md): int32 fields from offset 8 (the first 14) and 104, floats at 64, sizes at 72 */
+    int *f[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->head_dim, &c->vocab_size,
+                &c->seq_len, &c->shared_classifier, &c->tokenizer_kind, &c->bos_id, &c->eos_id, &c->chat_start_id,
+                &c->chat_end_id, &c->add_bos, &c->pretok, &c->weight_type, &c->group_size};
+    size_t *sizes[] = {&c->tokenizer_offset, &c->tokenizer_bytes, &c->weights_offset, &c->weights_bytes};
+    for (int i = 0; i < 18; i++) *f[i] = rd_i32(h + (i < 14 ? 8 + 4 * i : 104 + 4 * (i - 14)));
+    for (int i = 0; i < 4; i++) *sizes[i] = rd_u64(h + 72 + 8 * i);
     c->rope_theta = rd_f32(h + 64);
     c->norm_eps = rd_f32(h + 68);
-    c->tokenizer_offset = rd_u64(h + 72);
-    c->tokenizer_bytes = rd_u64(h + 80);
-    c->weights_offset = rd_u64(h + 88);
-    c->weights_bytes = rd_u64(h + 96);
-    c->add_bos = rd_i32(h + 104);
-    c->pretok = rd_i32(h + 108);
-    c->weight_type = rd_i32(h + 112);
-    c->group_size = rd_i32(h + 116);
 
     const char *names[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "seq_len"};
     for (int i = 0; i < 8; i++)
@@ -294,25 +287,13 @@ static void load_model(Transformer *t, const char *path) {
  * batch to tq_cache_attention, which encodes its keys and values and attends over the cache.
  */
 
-/* n zeroed items of `size` bytes, added to *bytes; with alloc 0 only counted (NULL), so that
- * build_transformer can count the activations (and the cache) before allocating anything. */
-static void *take_zeroed(size_t n, size_t size, const char *what, int alloc, double *bytes) {
-    *bytes += (double)n * (double)size;
-    return alloc ? xcalloc(n, size, what) : NULL;
-}
-
-/* the longest input row of a matrix product: dim, q_dim (wo) or hidden_dim (w2) */
-static size_t wide_n(const Config *c) {
-    size_t qd = (size_t)c->n_heads * c->head_dim, n = (size_t)c->dim > qd ? (size_t)c->dim : qd;
-    return (size_t)c->hidden_dim > n ? (size_t)c->hidden_dim : n;
-}
-
-/* Allocates (alloc 1) or counts the activations of `batch` tokens; returns their bytes. */
+/* Allocates (alloc 1) or only counts (alloc 0: NULL) the activations of `batch` tokens, zeroed;
+ * returns their bytes, so that build_transformer can count them before allocating anything. */
 static double build_state(RunState *s, const Config *c, const tq_cache *kv, int batch, int all_logits, int alloc) {
     size_t B = (size_t)batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     size_t wide = qd > (size_t)c->dim ? qd : (size_t)c->dim, F = sizeof(float);
     double bytes = 0;
-#define TAKE(n, what) (float *)take_zeroed((n), F, what, alloc, &bytes)
+#define TAKE(n, what) (bytes += (double)(n) * F, alloc ? (float *)xcalloc((n), F, what) : NULL)
     memset(s, 0, sizeof *s);
     s->batch = batch;
     s->x = TAKE(B * c->dim, "activations");
@@ -326,8 +307,8 @@ static double build_state(RunState *s, const Config *c, const tq_cache *kv, int 
     s->work = TAKE(tq_cache_work_floats(kv, c->n_heads / c->n_kv_heads, batch), "attention");
     s->logits = TAKE((all_logits ? B : 1) * c->vocab_size, "logits");
 #undef TAKE
-    if (c->weight_type == WEIGHTS_INT8) {
-        double q8 = tq_q8_input_build(&s->q8, batch, (int)wide_n(c), alloc);
+    if (c->weight_type == WEIGHTS_INT8) {   /* the longest input of a product: dim, q_dim (wo) or hidden_dim (w2) */
+        double q8 = tq_q8_input_build(&s->q8, batch, (int)(wide > (size_t)c->hidden_dim ? wide : (size_t)c->hidden_dim), alloc);
         if (q8 < 0) die("out of memory: the quantized activations");
         bytes += q8;
     }
@@ -425,11 +406,8 @@ static void linear(RunState *s, const float *x, int B, int n, const Product *p, 
 /* x (dim) = the embedding of token; int8 files dequantize its row */
 static void embed(float *x, const TransformerWeights *w, int token, int dim) {
     size_t at = (size_t)token * dim;
-    if (w->token_embedding) {
-        memcpy(x, w->token_embedding + at, dim * sizeof(float));
-        return;
-    }
-    for (int j = 0; j < dim; j++) x[j] = w->q_embedding.q[at + j] * w->q_embedding.s[(at + j) / QGROUP];
+    for (int j = 0; j < dim; j++)
+        x[j] = w->token_embedding ? w->token_embedding[at + j] : w->q_embedding.q[at + j] * w->q_embedding.s[(at + j) / QGROUP];
 }
 #endif
 
@@ -660,6 +638,8 @@ void free_tokenizer(Tokenizer *t) {
     memset(t, 0, sizeof(*t));
 }
 
+/* Reads the tokenizer section (data, size bytes) of a file whose header read_config accepted
+ * (vocab_size, kind and pretok from it). Returns 0, or -1 with err holding one line (never exits). */
 int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
                     int kind, int pretok, char *err, size_t errlen) {
     memset(t, 0, sizeof(*t));
@@ -667,8 +647,6 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
     int n, n_merges, n_ranges, file_max_len; /* our own max_token_len is measured below */
     unsigned char *cat = NULL;
     #define TOK_FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); free(cat); free_tokenizer(t); return -1; } while (0)
-    if (kind != 1 && kind != 2) TOK_FAIL("unknown tokenizer kind %d", kind);
-    if (pretok < 0 || pretok > 2) TOK_FAIL("unknown pre-tokenizer %d", pretok);
     if (cur_read(&c, &n) || cur_read(&c, &file_max_len)) TOK_FAIL("tokenizer section truncated in its header");
     if (n <= 0 || n != vocab_size || n > (1 << 28))
         TOK_FAIL("tokenizer has %d tokens, the header says vocab_size %d", n, vocab_size);
@@ -1067,13 +1045,6 @@ typedef struct {                 /* what the trade-off line reports          */
     double prefill_s, decode_s;
 } Stats;
 
-/* Where attention runs: the codec's SIMD path (CPU), or the GPU. */
-#ifdef RUN_CUDA
-static const char *attention_path(const Transformer *t) { (void)t; return "cuda"; }
-#else
-static const char *attention_path(const Transformer *t) { return tq_simd_name(t->state.simd); }
-#endif
-
 /* The weights' line on stderr: their type and bytes (mmap'd from the file), e.g.
  * weights: int8 g64, 137.66 MiB (fp32 514.39 MiB); with the KV cache 138.05 MiB */
 static void report_weights(const Config *c, double kv_mib) {
@@ -1108,10 +1079,15 @@ static void report(const Transformer *t, int n_pos, const Stats *speed) {
                 kv->window, kv->kproj ? (kv->kbeta8 ? ", projection directions per block" : ", projection directions") : "",
                 tq_cache_bits(kv, n_pos));
     report_weights(c, mib);
+#ifdef RUN_CUDA
+    const char *where = "cuda";   /* where attention runs: the GPU, or the codec's SIMD path */
+#else
+    const char *where = tq_simd_name(t->state.simd);
+#endif
     if (speed)
         fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens), attention %s\n",
                 speed->prefill_s > 0 ? speed->prefill_tokens / speed->prefill_s : 0.0, speed->prefill_tokens,
-                speed->decode_s > 0 ? speed->decode_tokens / speed->decode_s : 0.0, speed->decode_tokens, attention_path(t));
+                speed->decode_s > 0 ? speed->decode_tokens / speed->decode_s : 0.0, speed->decode_tokens, where);
 }
 
 /* Prints a token's bytes; ASCII control bytes other than whitespace are not
@@ -1187,9 +1163,9 @@ static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, con
 static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const char *user0, const char *system, int steps) {
     const Config *c = &t->config;
     static char line[8192];           /* one typed line; -i / -f messages may be any length */
-    int pos = 0, first = 1, n, nl;
+    int pos = 0, n;
     Stats st = {0, 0, 0, 0};
-    for (;; first = 0) {
+    for (int first = 1;; first = 0) {
         const char *user = first && user0 ? user0 : line, *sys = first ? system : NULL;
         if (user == line) {
             printf("User: ");
@@ -1202,10 +1178,8 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
         if (c->chat_start_id >= 0)
             snprintf(turn, cap, "%s%s%s<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys ? "<|im_start|>system\n" : "",
                      sys ? sys : "", sys ? "<|im_end|>\n" : "", user);
-        else if (sys)
-            snprintf(turn, cap, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);
-        else
-            snprintf(turn, cap, "[INST] %s [/INST]", user);
+        else   /* Llama 2: the system prompt inside the first [INST] */
+            snprintf(turn, cap, sys ? "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]" : "[INST] %s%s [/INST]", sys ? sys : "", user);
         int *tokens = encode_or_die(tok, turn, strlen(turn), (first && c->add_bos) ? c->bos_id : -1, &n);
         free(turn);
         if (pos + n >= t->cache.ctx) {
@@ -1220,10 +1194,10 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
         free(tokens);
         printf("\n");
         if (c->chat_start_id >= 0 && pos < t->cache.ctx) {   /* ChatML's newline after <|im_end|> */
-            int *t2 = encode_or_die(tok, "\n", 1, -1, &nl);
-            prefill(t, t2, nl, pos, NULL);
-            pos += nl;
-            free(t2);
+            tokens = encode_or_die(tok, "\n", 1, -1, &n);
+            prefill(t, tokens, n, pos, NULL);
+            pos += n;
+            free(tokens);
         }
         if (pos >= t->cache.ctx) { fprintf(stderr, "[stopped: reached the end of the context, %d tokens]\n", t->cache.ctx); break; }
     }
@@ -1249,8 +1223,7 @@ static char *read_file(const char *path, size_t *len) {
 /* Parses whitespace-separated token ids; every id must be in the vocabulary. */
 static int *parse_ids(const char *text, int vocab, int *n_out) {
     int n = 0, *ids = (int *)xcalloc(strlen(text) / 2 + 1, sizeof(int), "token ids");   /* an id and a blank: 2 bytes */
-    const char *p = text;
-    for (;;) {
+    for (const char *p = text;;) {
         while (isspace((unsigned char)*p)) p++;
         if (!*p) break;
         char *end;
@@ -1279,27 +1252,24 @@ static void write_floats(const char *path, const float *x, size_t n) {
     if (fwrite(x, sizeof(float), n, f) != n || fclose(f) != 0) die("error writing %s", path);
 }
 
-/* --stats: the cache statistics this sequence measured and stored, as float32, layer by
- * layer: the key directions of the blocks in use (n_kv_heads, blocks, R, head_dim), then every
- * position's projections beta (n_kv_heads, n, R). A reference model of the cache can take these instead of computing
- * them again, so that a statistic on an fp16 rounding boundary cannot differ between the
- * two (tests/test_forward.py). */
-static void dump_stats(const Transformer *t, int n, const char *path) {
-    size_t per_layer = tq_cache_stats(&t->cache, 0, n, NULL);
-    float *x = (float *)xcalloc(t->config.n_layers * per_layer, sizeof(float), "statistics");
-    for (int l = 0; l < t->config.n_layers; l++) tq_cache_stats(&t->cache, l, n, x + l * per_layer);
-    write_floats(path, x, t->config.n_layers * per_layer);
-    free(x);
-}
-
-/* -m logits: feeds the given token ids (no bos added) and writes every
- * position's logits as float32 (n, vocab) to out. For the reference tests. */
+/* -m logits: feeds the given token ids (no bos added) and writes every position's logits as
+ * float32 (n, vocab) to out, for the reference tests. --stats: the cache statistics this
+ * sequence measured and stored, as float32, layer by layer (tq_cache_stats: the key directions
+ * of the blocks in use, then every position's projections beta), which a reference model of the
+ * cache can take instead of computing them again, so that a statistic on an fp16 rounding
+ * boundary cannot differ between the two (tests/test_forward.py). */
 static void dump_logits(Transformer *t, const char *ids_text, const char *out, const char *stats) {
-    int n, *ids = ids_in_context(t, ids_text, 1, "logits", &n);
-    float *all = (float *)xcalloc((size_t)n * t->config.vocab_size, sizeof(float), "logits");
+    int n, layers = t->config.n_layers, *ids = ids_in_context(t, ids_text, 1, "logits", &n);
+    size_t vocab = (size_t)t->config.vocab_size, per_layer = stats ? tq_cache_stats(&t->cache, 0, n, NULL) : 0;
+    float *all = (float *)xcalloc((size_t)n * vocab, sizeof(float), "logits");
     prefill(t, ids, n, 0, all);
-    write_floats(out, all, (size_t)n * t->config.vocab_size);
-    if (stats) dump_stats(t, n, stats);
+    write_floats(out, all, (size_t)n * vocab);
+    if (stats) {
+        float *x = (float *)xcalloc(layers * per_layer, sizeof(float), "statistics");
+        for (int l = 0; l < layers; l++) tq_cache_stats(&t->cache, l, n, x + l * per_layer);
+        write_floats(stats, x, layers * per_layer);
+        free(x);
+    }
     report(t, n, NULL);
     free(all); free(ids);
 }
@@ -1364,8 +1334,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
     fprintf(stderr, "%d chunks of %d tokens, scoring the second half of each\n", chunks, ctx);
     report_weights(c, tq_cache_size(&t->cache, ctx).all / 1048576.0);
     double *lp = (double *)xcalloc(vocab, sizeof(double), "eval"), *lq = (double *)xcalloc(vocab, sizeof(double), "eval");
-    EvalSums e;
-    memset(&e, 0, sizeof e);
+    EvalSums e = {0, 0, 0, 0, 0};
     t0 = now_s();
     double dsum = 0, dsq = 0;  /* per-chunk mean NLL difference d_c: its sum and sum of squares */
     for (int ch = 0; ch < chunks; ch++) {
@@ -1377,11 +1346,9 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
             int m = ctx - i < t->state.batch ? ctx - i : t->state.batch;
             float *lg = forward(t, tk + i, m, i, 1);
             float *lr = ref ? forward(ref, tk + i, m, i, 1) : lg;
-            for (int b = 0; b < m; b++) {
-                int j = i + b;          /* logits at j predict token j+1 */
+            for (int j = i; j < i + m; j++)   /* logits at j predict token j+1 */
                 if (j + 1 >= ctx / 2 && j + 1 < ctx)
-                    eval_position(&e, lg + (size_t)b * vocab, lr + (size_t)b * vocab, vocab, tk[j + 1], lp, lq);
-            }
+                    eval_position(&e, lg + (size_t)(j - i) * vocab, lr + (size_t)(j - i) * vocab, vocab, tk[j + 1], lp, lq);
         }
         double d = (e.nll - e.nll_ref - nll0) / (double)(e.n - n0);
         dsum += d; dsq += d * d;
@@ -1427,8 +1394,8 @@ static void usage(int status) {
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
         "  --paper     the paper's plain TurboQuant, without the fixes: --scale norm --kproj 0 --kblock 0 --sink 0 --window 0\n"
         "Research options, defaults shown (bench/README.md, \"Research options\"): --scale eden --kproj 2 "
-        "--kblock " STR(KBLOCK_DEFAULT) " --sink 1 --window 8 --batch 256 --qinput 1 --stats <file> -z <file>\n"
-        "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n");
+        "--kblock %d --sink 1 --window 8 --batch 256 --qinput 1 --stats <file> -z <file>\n"
+        "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n", KBLOCK_DEFAULT);
     for (int f = 0; f < TQ_NFMT; f++)
         fprintf(out, "  %-5s %6.3f / %6.3f  %s\n", tq_fmt_name((tq_fmt)f), tq_bits_per_elem((tq_fmt)f, 64),
                 tq_bits_per_elem((tq_fmt)f, 128), tq_fmt_about((tq_fmt)f));
@@ -1539,19 +1506,17 @@ int main(int argc, char **argv) {
     build_transformer(&t, model_path, &co, ctx, batch, all_logits, qinput, simd);
     Config *c = &t.config;
 
-    /* the tokenizer: from model.bin, or from another exported file with -z */
-    Transformer tt;
-    const Config *tc = c;
-    const uint8_t *tdata = t.data;
+    Transformer tt, *from = &t;   /* the tokenizer: from model.bin, or from another exported file with -z */
     if (tok_path) {
         load_model(&tt, tok_path);
-        tc = &tt.config; tdata = tt.data;
-        if (tc->vocab_size != c->vocab_size) die("-z %s has a vocabulary of %d, the model %d", tok_path, tc->vocab_size, c->vocab_size);
+        from = &tt;
+        if (tt.config.vocab_size != c->vocab_size) die("-z %s has a vocabulary of %d, the model %d", tok_path, tt.config.vocab_size, c->vocab_size);
     }
+    const Config *tc = &from->config;
     Tokenizer tok;
     char err[256];
-    if (build_tokenizer(&tok, tdata + tc->tokenizer_offset, tc->tokenizer_bytes, tc->vocab_size,
-                        tc->tokenizer_kind, tc->pretok, err, sizeof err) != 0)
+    if (build_tokenizer(&tok, from->data + tc->tokenizer_offset, tc->tokenizer_bytes, tc->vocab_size, tc->tokenizer_kind, tc->pretok,
+                        err, sizeof err))
         die("%s: bad tokenizer section: %s", tok_path ? tok_path : model_path, err);
 
     Sampler sampler = {c->vocab_size, (ProbIndex *)xcalloc(c->vocab_size, sizeof(ProbIndex), "sampler"), temperature, topp, seed};
@@ -1580,14 +1545,12 @@ int main(int argc, char **argv) {
     } else if (m == SCORE) {
         score_tokens(&t, prompt);
     } else if (m == TOKENIZE) {
-        int n;
-        int *ids = encode_or_die(&tok, prompt, file_text ? file_len : strlen(prompt), -1, &n);
+        int n, *ids = encode_or_die(&tok, prompt, file_text ? file_len : strlen(prompt), -1, &n);
         for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
         printf("\n");
         free(ids);
-    } else {
-        int n;
-        int *ids = parse_ids(prompt, c->vocab_size, &n);
+    } else {   /* detokenize */
+        int n, *ids = parse_ids(prompt, c->vocab_size, &n);
         for (int i = 0; i < n; i++) {
             size_t len;
             const char *p = decode_piece(&tok, i ? ids[i - 1] : -1, c->bos_id, ids[i], &len);

@@ -102,12 +102,9 @@ int main(int argc, char **argv) {
         for (int k = 0; k < QGROUP; k++) x[k] = 0.0f;              /* an all-zero input group */
         for (size_t j = 0; j < (size_t)d * n; j++) wf[j] = (float)(uniform() - 0.5) * 0.2f;
         for (int i = 0; i < d; i++) quantize_row(wf + (size_t)i * n, n, w + (size_t)i * n, ws + (size_t)i * (n / QGROUP), 1);
-        Config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.dim = n; cfg.hidden_dim = n; cfg.n_heads = 1; cfg.head_dim = n; cfg.weight_type = WEIGHTS_INT8;
         RunState s;
         memset(&s, 0, sizeof s);
-        if (tq_q8_input_build(&s.q8, B, (int)wide_n(&cfg), 1) < 0) die("out of memory");
+        if (tq_q8_input_build(&s.q8, B, n, 1) < 0) die("out of memory");
         s.q8.qinput = 1;
         for (int parts = 1; parts <= 3; parts += 2) {   /* one product, then the rows as three */
             if (parts == 3 && d < 3) break;
