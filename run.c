@@ -236,17 +236,14 @@ static const char *read_config(Config *c, const uint8_t *h, size_t file_size, ch
     if (c->add_bos && c->bos_id < 0) BAD("add_bos is set but there is no bos token (bos_id = -1)");
     if (!(c->rope_theta > 0 && isfinite(c->rope_theta))) BAD("rope_theta = %g is not a positive number", c->rope_theta);
     if (!(c->norm_eps > 0 && c->norm_eps < 1)) BAD("norm_eps = %g is not in (0, 1)", c->norm_eps);
-    if (c->weight_type == WEIGHTS_FP32) {
-        if (c->group_size != 0) BAD("fp32 weights with a group size of %d (must be 0)", c->group_size);
-    } else if (c->weight_type == WEIGHTS_INT8) {
-        if (c->group_size != QGROUP) BAD("int8 weights in groups of %d; this run reads groups of %d", c->group_size, QGROUP);
-        const char *rows[] = {"dim", "n_heads x head_dim", "hidden_dim"};
-        long long len[] = {c->dim, (long long)c->n_heads * c->head_dim, c->hidden_dim};
-        for (int i = 0; i < 3; i++)
-            if (len[i] % QGROUP) BAD("int8 weights: %s = %lld is not a multiple of the group size %d", rows[i], len[i], QGROUP);
-    } else {
-        BAD("unknown weight type %d (0 fp32, 1 int8)", c->weight_type);
-    }
+    int int8 = c->weight_type == WEIGHTS_INT8;
+    if (!int8 && c->weight_type != WEIGHTS_FP32) BAD("unknown weight type %d (0 fp32, 1 int8)", c->weight_type);
+    if (!int8 && c->group_size != 0) BAD("fp32 weights with a group size of %d (must be 0)", c->group_size);
+    if (int8 && c->group_size != QGROUP) BAD("int8 weights in groups of %d; this run reads groups of %d", c->group_size, QGROUP);
+    const char *rows[] = {"dim", "n_heads x head_dim", "hidden_dim"};   /* the rows an int8 group must not straddle */
+    long long len[] = {c->dim, (long long)c->n_heads * c->head_dim, c->hidden_dim};
+    for (int i = 0; int8 && i < 3; i++)
+        if (len[i] % QGROUP) BAD("int8 weights: %s = %lld is not a multiple of the group size %d", rows[i], len[i], QGROUP);
     if (c->tokenizer_offset != HEADER_BYTES) BAD("tokenizer offset %zu is not %d", c->tokenizer_offset, HEADER_BYTES);
     if (c->tokenizer_bytes > file_size || c->weights_offset > file_size || c->weights_offset % 64 ||
         c->tokenizer_offset + c->tokenizer_bytes > c->weights_offset)
@@ -411,24 +408,20 @@ static void embed(float *x, const TransformerWeights *w, int token, int dim) {
 }
 #endif
 
-/* RoPE (interleaved pairs, the layout of model.bin): (v[2i], v[2i+1]) is rotated by the
- * angle pos * theta^(-2i/head_dim). */
-static void rotate_pair(float *v, float c, float s) {
-    float a = v[0], b = v[1];
-    v[0] = a * c - b * s;
-    v[1] = a * s + b * c;
-}
-
-/* RoPE on token b's key head g and the query heads of its group, at position pos + b
- * (they share every angle): q (batch, n_heads*head_dim), k (batch, n_kv_heads*head_dim). */
+/* RoPE (interleaved pairs, the layout of model.bin): (v[2i], v[2i+1]) is rotated by the angle
+ * pos * theta^(-2i/head_dim). Here on token b's key head g and the query heads of its group, at
+ * position pos + b (they share every angle): q (batch, n_heads*head_dim), k (batch, n_kv_heads*head_dim). */
 static void rope_group(const Config *c, float *q, float *k, int b, int g, int pos) {
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
     float *kh = k + ((size_t)b * c->n_kv_heads + g) * hd, *qh = q + ((size_t)b * c->n_heads + (size_t)g * group) * hd;
     for (int i = 0; i < hd; i += 2) {
         double ang = (pos + b) * pow(c->rope_theta, -(double)i / hd);
         float cs = (float)cos(ang), sn = (float)sin(ang);
-        rotate_pair(kh + i, cs, sn);
-        for (int h = 0; h < group; h++) rotate_pair(qh + (size_t)h * hd + i, cs, sn);
+        for (int h = -1; h < group; h++) {   /* the key head, then the query heads */
+            float *v = (h < 0 ? kh : qh + (size_t)h * hd) + i, x = v[0], y = v[1];
+            v[0] = x * cs - y * sn;
+            v[1] = x * sn + y * cs;
+        }
     }
 }
 
@@ -491,19 +484,6 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     return s->logits;
 }
 #endif
-
-/* Feeds n tokens at positions pos.. in batches; returns the last token's logits.
- * With all (n, vocab) != NULL, every position's logits are copied there. */
-static float *prefill(Transformer *t, const int *tokens, int n, int pos, float *all) {
-    float *logits = NULL;
-    for (int i = 0; i < n; i += t->state.batch) {
-        int m = n - i < t->state.batch ? n - i : t->state.batch;
-        logits = forward(t, tokens + i, m, pos + i, all != NULL);
-        if (all) memcpy(all + (size_t)i * t->config.vocab_size, logits, (size_t)m * t->config.vocab_size * sizeof(float));
-        if (all) logits += (size_t)(m - 1) * t->config.vocab_size;
-    }
-    return logits;
-}
 
 /* ---------------------------------------------------------------------------
  * The Tokenizer: text <-> token ids, read from the tokenizer section of model.bin.
@@ -1111,11 +1091,18 @@ static int *encode_or_die(const Tokenizer *tok, const char *text, size_t len, in
     return tokens;
 }
 
-/* Runs the n tokens at pos (prefill), timed into st; returns the last one's logits. */
-static float *feed(Transformer *t, const int *tokens, int n, int pos, Stats *st) {
+/* Feeds n tokens at positions pos.. in batches; returns the last token's logits. With all
+ * (n, vocab) != NULL, every position's logits are copied there; with st, the time is added to it. */
+static float *prefill(Transformer *t, const int *tokens, int n, int pos, float *all, Stats *st) {
+    float *logits = NULL;
     double t0 = now_s();
-    float *logits = prefill(t, tokens, n, pos, NULL);
-    st->prefill_tokens += n; st->prefill_s += now_s() - t0;
+    for (int i = 0; i < n; i += t->state.batch) {
+        int m = n - i < t->state.batch ? n - i : t->state.batch;
+        logits = forward(t, tokens + i, m, pos + i, all != NULL);
+        if (all) memcpy(all + (size_t)i * t->config.vocab_size, logits, (size_t)m * t->config.vocab_size * sizeof(float));
+        if (all) logits += (size_t)(m - 1) * t->config.vocab_size;
+    }
+    if (st) { st->prefill_tokens += n; st->prefill_s += now_s() - t0; }
     return logits;
 }
 
@@ -1150,7 +1137,7 @@ static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, con
     if (n >= t->cache.ctx) die("the prompt is %d tokens; the context is %d (raise it with -c, up to %d)", n, t->cache.ctx, c->seq_len);
     Stats st = {0, 0, 0, 0};
     for (int i = 0; i < n; i++) if (i > 0 || tokens[0] != c->bos_id) print_piece(tok, i ? tokens[i - 1] : -1, c->bos_id, tokens[i]);
-    int pos = reply(t, tok, sampler, feed(t, tokens, n, 0, &st), n, tokens[n - 1], steps, 0, &st);
+    int pos = reply(t, tok, sampler, prefill(t, tokens, n, 0, NULL, &st), n, tokens[n - 1], steps, 0, &st);
     printf("\n");
     fflush(stdout);   /* the text before the report, also where stdout is a pipe */
     report(t, pos, &st);
@@ -1188,14 +1175,14 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
             fprintf(stderr, "[stopped: the conversation reached the end of the context, %d tokens]\n", t->cache.ctx);
             break;
         }
-        float *logits = feed(t, tokens, n, pos, &st);
+        float *logits = prefill(t, tokens, n, pos, NULL, &st);
         printf("Assistant: ");
         pos = reply(t, tok, sampler, logits, pos + n, tokens[n - 1], steps, 1, &st);
         free(tokens);
         printf("\n");
         if (c->chat_start_id >= 0 && pos < t->cache.ctx) {   /* ChatML's newline after <|im_end|> */
             tokens = encode_or_die(tok, "\n", 1, -1, &n);
-            prefill(t, tokens, n, pos, NULL);
+            prefill(t, tokens, n, pos, NULL, NULL);
             pos += n;
             free(tokens);
         }
@@ -1262,7 +1249,7 @@ static void dump_logits(Transformer *t, const char *ids_text, const char *out, c
     int n, layers = t->config.n_layers, *ids = ids_in_context(t, ids_text, 1, "logits", &n);
     size_t vocab = (size_t)t->config.vocab_size, per_layer = stats ? tq_cache_stats(&t->cache, 0, n, NULL) : 0;
     float *all = (float *)xcalloc((size_t)n * vocab, sizeof(float), "logits");
-    prefill(t, ids, n, 0, all);
+    prefill(t, ids, n, 0, all, NULL);
     write_floats(out, all, (size_t)n * vocab);
     if (stats) {
         float *x = (float *)xcalloc(layers * per_layer, sizeof(float), "statistics");
@@ -1525,11 +1512,10 @@ int main(int argc, char **argv) {
         "-m tokenize needs text (-i or -f)", "-m detokenize needs token ids (-i or -f)"};
     if ((!prompt && needs_prompt[m]) || (m == LOGITS && !out)) die("%s", needs_prompt[m]);
 
-    if (m == GENERATE) {
-        generate(&t, &tok, &sampler, prompt, steps);
-    } else if (m == CHAT) {
-        chat(&t, &tok, &sampler, prompt, system, steps);
-    } else if (m == EVAL) {
+    if (m == GENERATE) generate(&t, &tok, &sampler, prompt, steps);
+    else if (m == CHAT) chat(&t, &tok, &sampler, prompt, system, steps);
+    else if (m == SCORE) score_tokens(&t, prompt);
+    else if (m == EVAL) {
         int same = co.key_fmt == TQ_FP32 && co.value_fmt == TQ_FP32;  /* the reference would be identical */
         tq_cache_opts fp32 = co;   /* projections, exact positions: none apply to fp32 */
         fp32.key_fmt = fp32.value_fmt = TQ_FP32;
@@ -1542,8 +1528,6 @@ int main(int argc, char **argv) {
         if (stats) die("--stats: the GPU build keeps the key projections on the GPU; use ./run");
 #endif
         dump_logits(&t, prompt, out, stats);
-    } else if (m == SCORE) {
-        score_tokens(&t, prompt);
     } else if (m == TOKENIZE) {
         int n, *ids = encode_or_die(&tok, prompt, file_text ? file_len : strlen(prompt), -1, &n);
         for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
