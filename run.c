@@ -53,10 +53,9 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 #define MODEL_VERSION 1
 #define HEADER_BYTES 256
 
-/* Weight types (header offset 112). int8 follows llama2.c's runq.c: every matrix row is cut
- * into groups of QGROUP numbers, each with one fp32 scale s = max|w| / 127 and codes
- * q = round(w / s) in [-127, 127]; the RMSNorm weights stay fp32. The products are tq.c's
- * (tq_q8_rows). */
+/* Weight types (header offset 112). int8 follows llama2.c's runq.c: every matrix row is cut into
+ * groups of QGROUP numbers, each with one fp32 scale s = max|w| / 127 and codes q = round(w / s)
+ * in [-127, 127]; the RMSNorm weights stay fp32. tq.c multiplies them (tq_q8_rows). */
 #define WEIGHTS_FP32 0
 #define WEIGHTS_INT8 1
 #define QGROUP TQ_QGROUP
@@ -171,10 +170,9 @@ static void take_matrix(uint8_t *base, size_t *at, size_t n, int int8, float **f
     q->s = take_f32(base, at, n / QGROUP);
 }
 
-/* The weights' layout (README.md), each group holding all layers' matrices; the RMSNorm
- * weights stay fp32 in an int8 file (read_config checked that every part starts 4-aligned).
- * Points w into base (NULL: only counts) and returns the section's bytes, SIZE_MAX when the
- * header's sizes overflow. */
+/* The weights' layout (README.md), each group holding all layers' matrices (read_config checked
+ * that every part starts 4-aligned). Points w into base (NULL: only counts) and returns the
+ * section's bytes, SIZE_MAX when the header's sizes overflow. */
 static size_t map_weights(TransformerWeights *w, const Config *c, uint8_t *base) {
     size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim, at = 0;
     size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
@@ -197,10 +195,9 @@ static size_t map_weights(TransformerWeights *w, const Config *c, uint8_t *base)
     return at;
 }
 
-/* Reads the header of a model file (data: all file_size bytes of it) into c and refuses
- * anything absurd before a single weight is touched. Returns NULL when the file is usable,
- * else err holding one line that names the problem. It never exits, so that
- * tests/fuzz_load.c can call it on arbitrary bytes. */
+/* Reads the header of a model file (h: all file_size bytes of it) into c and refuses anything
+ * absurd before a single weight is touched. Returns NULL when the file is usable, else err holding
+ * one line that names the problem; it never exits, so that tests/fuzz_load.c can call it on any bytes. */
 static const char *read_config(Config *c, const uint8_t *h, size_t file_size, char *err, size_t errlen) {
 #define BAD(...) do { snprintf(err, errlen, __VA_ARGS__); return err; } while (0)
     if (file_size < HEADER_BYTES) BAD("%zu bytes: too short for a model header (%d bytes)", file_size, HEADER_BYTES);
@@ -281,8 +278,7 @@ static void load_model(Transformer *t, const char *path) {
 /* ---------------------------------------------------------------------------
  * The cache and the activations. The KV cache is tq.h's tq_cache: tq_cache_build lays it out
  * (head-major: one head's codes contiguous) and counts it; the forward pass hands each layer's
- * batch to tq_cache_attention, which encodes its keys and values and attends over the cache.
- */
+ * batch to tq_cache_attention, which encodes its keys and values and attends over the cache. */
 
 /* Allocates (alloc 1) or only counts (alloc 0: NULL) the activations of `batch` tokens, zeroed;
  * returns their bytes, so that build_transformer can count them before allocating anything. */
@@ -318,8 +314,7 @@ static void free_state(RunState *s) {
     tq_q8_input_free(&s->q8);
 }
 
-/* qinput: for int8 weights, quantize the input of each product too; simd: the attention
- * kernels' instruction set (RunState) */
+/* qinput and simd: RunState's (int8 weights: quantize each product's input; the attention kernels) */
 static void build_transformer(Transformer *t, const char *path, const tq_cache_opts *o, int ctx, int batch, int all_logits,
                               int qinput, tq_simd simd) {
     load_model(t, path);
@@ -490,8 +485,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
  * Two kinds: SentencePiece (llama2.c's algorithm: per-character lookup, then greedy merges
  * by the score of the merged token) and GPT-2 byte-level BPE (special tokens split out,
  * a hand-coded pre-tokenizer regex, then merges by rank inside each piece).
- * The token bytes are not copied: they point into the mmap'd file.
- */
+ * The token bytes are not copied: they point into the mmap'd file. */
 
 typedef struct { int left, right, result, rank; } MergeSlot; /* a merge rule (left = -1: empty slot) */
 typedef struct { uint32_t lo, hi; int cls; } CodeRange; /* code points lo..hi have class cls */
@@ -517,6 +511,7 @@ typedef struct {
     int n_special;
     int byte_id[256];              /* GPT-2: the single-byte token of each byte; SentencePiece: <0xXX>, or -1 */
     unsigned char byte_pieces[256]; /* byte_pieces[b] == b: what decode returns for <0xXX> */
+    unsigned char *cat;            /* (2 * max_token_len + 1) concat_lookup's scratch (so encode is not reentrant) */
 } Tokenizer;
 
 /* Reads the section's next 4 bytes into *v (an int, uint32 or float: little-endian, the
@@ -554,11 +549,11 @@ static int vocab_lookup(const Tokenizer *t, const unsigned char *s, size_t n) {
     return t->vocab_hash[vocab_slot(t, s, n)] - 1;
 }
 
-/* the token whose bytes are a's then b's, or -1 (cat: 2 * max_token_len + 1 bytes of scratch) */
-static int concat_lookup(const Tokenizer *t, unsigned char *cat, int a, int b) {
-    memcpy(cat, t->vocab[a], (size_t)t->vocab_len[a]);
-    memcpy(cat + t->vocab_len[a], t->vocab[b], (size_t)t->vocab_len[b]);
-    return vocab_lookup(t, cat, (size_t)t->vocab_len[a] + (size_t)t->vocab_len[b]);
+/* the token whose bytes are a's then b's, or -1 */
+static int concat_lookup(const Tokenizer *t, int a, int b) {
+    memcpy(t->cat, t->vocab[a], (size_t)t->vocab_len[a]);
+    memcpy(t->cat + t->vocab_len[a], t->vocab[b], (size_t)t->vocab_len[b]);
+    return vocab_lookup(t, t->cat, (size_t)t->vocab_len[a] + (size_t)t->vocab_len[b]);
 }
 
 /* the slot of t->merges that holds the rule (a, b), else the empty slot where it would go;
@@ -614,7 +609,7 @@ static int hex_val(unsigned char ch) {
 
 void free_tokenizer(Tokenizer *t) {
     free(t->vocab); free(t->vocab_len); free(t->scores); free(t->byte_val); free(t->vocab_hash);
-    free(t->merges); free(t->ranges); free(t->special);
+    free(t->merges); free(t->ranges); free(t->special); free(t->cat);
     memset(t, 0, sizeof(*t));
 }
 
@@ -625,8 +620,7 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
     memset(t, 0, sizeof(*t));
     Cursor c = { data, size };
     int n, n_merges, n_ranges, file_max_len; /* our own max_token_len is measured below */
-    unsigned char *cat = NULL;
-    #define TOK_FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); free(cat); free_tokenizer(t); return -1; } while (0)
+    #define TOK_FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); free_tokenizer(t); return -1; } while (0)
     if (cur_read(&c, &n) || cur_read(&c, &file_max_len)) TOK_FAIL("tokenizer section truncated in its header");
     if (n <= 0 || n != vocab_size || n > (1 << 28))
         TOK_FAIL("tokenizer has %d tokens, the header says vocab_size %d", n, vocab_size);
@@ -677,8 +671,8 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
         TOK_FAIL("tokenizer section: bad or truncated merges list");
     t->merge_size = n_merges > 0 ? pow2_at_least(2 * n_merges) : 0;
     t->merges = (MergeSlot *)malloc((size_t)t->merge_size * sizeof(MergeSlot) + 1);
-    cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1);
-    if (!t->merges || !cat) TOK_FAIL("out of memory for the merges");
+    t->cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1);
+    if (!t->merges || !t->cat) TOK_FAIL("out of memory for the merges");
     for (int s = 0; s < t->merge_size; s++) t->merges[s].left = -1;
     for (int r = 0; r < n_merges; r++) {
         int a = -1, b = -1;
@@ -686,11 +680,9 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
         if (a < 0 || a >= n || b < 0 || b >= n) TOK_FAIL("merge %d refers to a token out of range", r);
         /* a merge into a token that is not in the vocabulary never applies; a repeated rule
          * keeps its first (lowest) rank */
-        int res = concat_lookup(t, cat, a, b), h = merge_slot(t, a, b);
+        int res = concat_lookup(t, a, b), h = merge_slot(t, a, b);
         if (res >= 0 && t->merges[h].left < 0) t->merges[h] = (MergeSlot){ a, b, res, r };
     }
-    free(cat);
-    cat = NULL;
 
     /* Unicode classes: { uint32 lo; uint32 hi; int32 cls }, sorted, not overlapping */
     if (cur_read(&c, &n_ranges) || n_ranges < 0 || (size_t)n_ranges > c.left / 12)
@@ -721,7 +713,6 @@ typedef struct {
     int *tok, *prev, *next;        /* (text bytes + 2) per symbol: token id (-1: merged away), list links */
     HeapItem *heap;                /* (3 * (text bytes + 2)) pairs: n-1 at first, at most 2 more per merge */
     int n_heap;
-    unsigned char *cat;            /* (2*max_token_len+1) SentencePiece: left's + right's bytes */
     int *out; int n_out, max_out;  /* the caller's token array */
     int full;                      /* set once max_out would be exceeded */
 } Encoder;
@@ -755,14 +746,14 @@ static HeapItem heap_pop(Encoder *e) {
 }
 
 /* can tokens a and b merge? Returns 1 with the merged token and its priority */
-static int pair_merge(const Tokenizer *t, Encoder *e, int a, int b, int *res, float *key) {
+static int pair_merge(const Tokenizer *t, int a, int b, int *res, float *key) {
     if (t->kind == 2) {
         int s = merge_slot(t, a, b);
         if (s < 0 || t->merges[s].left < 0) return 0;
         *res = t->merges[s].result; *key = (float)t->merges[s].rank;
         return 1;
     }
-    int id = concat_lookup(t, e->cat, a, b);
+    int id = concat_lookup(t, a, b);
     if (id < 0) return 0;
     *res = id; *key = -t->scores[id];
     return 1;
@@ -770,7 +761,7 @@ static int pair_merge(const Tokenizer *t, Encoder *e, int a, int b, int *res, fl
 
 static void push_pair(const Tokenizer *t, Encoder *e, int i) {
     int res; float key;
-    if (i >= 0 && e->next[i] >= 0 && pair_merge(t, e, e->tok[i], e->tok[e->next[i]], &res, &key))
+    if (i >= 0 && e->next[i] >= 0 && pair_merge(t, e->tok[i], e->tok[e->next[i]], &res, &key))
         heap_push(e, key, i);
 }
 
@@ -783,7 +774,7 @@ static void bpe_merge(const Tokenizer *t, Encoder *e, int n) {
         HeapItem it = heap_pop(e);
         int i = it.pos, j = e->next[i], res; float key;
         /* stale entry: i was merged away, or i's pair changed since it was pushed */
-        if (e->tok[i] < 0 || j < 0 || !pair_merge(t, e, e->tok[i], e->tok[j], &res, &key) || key != it.key) continue;
+        if (e->tok[i] < 0 || j < 0 || !pair_merge(t, e->tok[i], e->tok[j], &res, &key) || key != it.key) continue;
         e->tok[i] = res; e->tok[j] = -1;
         e->next[i] = e->next[j];
         if (e->next[j] >= 0) e->prev[e->next[j]] = i;
@@ -916,8 +907,7 @@ int encode(const Tokenizer *t, const char *text, size_t len, int bos_id, int *to
     e.out = tokens; e.max_out = max_tokens < 0 ? 0 : max_tokens;
     e.tok = (int *)malloc(cap * sizeof(int)); e.prev = (int *)malloc(cap * sizeof(int));
     e.next = (int *)malloc(cap * sizeof(int)); e.heap = (HeapItem *)malloc(3 * cap * sizeof(HeapItem));
-    e.cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1);
-    int ok = e.tok && e.prev && e.next && e.heap && e.cat;
+    int ok = e.tok && e.prev && e.next && e.heap;
     if (ok && bos_id >= 0) emit(&e, bos_id);
     /* split out special tokens (leftmost, then longest); the stretches between are plain text */
     size_t seg = 0;
@@ -931,7 +921,7 @@ int encode(const Tokenizer *t, const char *text, size_t len, int bos_id, int *to
         i += (size_t)t->vocab_len[sp];
         seg = i;
     }
-    free(e.tok); free(e.prev); free(e.next); free(e.heap); free(e.cat);
+    free(e.tok); free(e.prev); free(e.next); free(e.heap);
     return !ok ? -3 : e.full ? -2 : e.n_out;
 }
 
@@ -1106,10 +1096,10 @@ static float *prefill(Transformer *t, const int *tokens, int n, int pos, float *
     return logits;
 }
 
-/* Samples up to steps tokens after logits (position pos - 1, token prev), printing each and
- * feeding it to the cache, until a stop token or the end of the context; returns the next
- * position. In chat the stop token (the end of the turn) goes into the cache too, and no token
- * is sampled that the context could not take. */
+/* Samples up to steps tokens after logits (position pos - 1, token prev), printing each and feeding
+ * it to the cache, until a stop token or the end of the context; returns the next position. In chat
+ * the stop token (the end of the turn) goes into the cache too, and no token is sampled that the
+ * context could not take. */
 static int reply(Transformer *t, const Tokenizer *tok, Sampler *sampler, float *logits, int pos, int prev, int steps,
                  int chat, Stats *st) {
     double t0 = now_s();
@@ -1131,8 +1121,7 @@ static int reply(Transformer *t, const Tokenizer *tok, Sampler *sampler, float *
 /* Runs the prompt, then samples up to steps new tokens (stops at eos or at the end of the context). */
 static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, const char *prompt, int steps) {
     const Config *c = &t->config;
-    int n;
-    int *tokens = encode_or_die(tok, prompt, strlen(prompt), c->add_bos ? c->bos_id : -1, &n);
+    int n, *tokens = encode_or_die(tok, prompt, strlen(prompt), c->add_bos ? c->bos_id : -1, &n);
     if (n == 0) die("empty prompt: give one with -i or -f");
     if (n >= t->cache.ctx) die("the prompt is %d tokens; the context is %d (raise it with -c, up to %d)", n, t->cache.ctx, c->seq_len);
     Stats st = {0, 0, 0, 0};
@@ -1389,19 +1378,15 @@ static void usage(int status) {
     exit(status);
 }
 
-static double parse_num(const char *flag, const char *s, double lo, double hi) {
+/* an option's number in [lo, hi]; integer: it must be a whole number too */
+static double parse_num(const char *flag, const char *s, double lo, double hi, int integer) {
     char *end;
     errno = 0;
     double v = strtod(s, &end);
     if (end == s || *end || errno || !isfinite(v)) die("%s wants a number, got \"%s\"", flag, s);
     if (v < lo || v > hi) die("%s %s is out of range [%g, %g]", flag, s, lo, hi);
+    if (integer && v != floor(v)) die("%s wants an integer, got \"%s\"", flag, s);
     return v;
-}
-
-static int parse_int(const char *flag, const char *s, long lo, long hi) {
-    double v = parse_num(flag, s, (double)lo, (double)hi);
-    if (v != floor(v)) die("%s wants an integer, got \"%s\"", flag, s);
-    return (int)v;
 }
 
 /* -k and --scale: "A" or "A:B" (keys:values) -> kv[0] = A, kv[1] = B (or A), 32 bytes each */
@@ -1415,7 +1400,7 @@ static void split_kv(const char *flag, const char *arg, char kv[2][32]) {
 
 #ifndef RUN_NO_MAIN
 int main(int argc, char **argv) {
-    const char *model_path = NULL, *prompt = NULL, *prompt_file = NULL, *tok_path = NULL;
+    const char *model_path = argv[1], *prompt = NULL, *prompt_file = NULL, *tok_path = NULL;   /* argv[argc] is NULL */
     const char *mode = "generate", *system = NULL, *out = NULL, *stats = NULL;
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
@@ -1429,16 +1414,14 @@ int main(int argc, char **argv) {
         {"-n", 'i', &steps, 0, 1 << 30}, {"-c", 'i', &ctx, 1, 1 << 24}, {"--chunks", 'i', &chunks, 1, 1 << 30},
         {"--batch", 'i', &batch, 1, 4096}, {"--qinput", 'i', &qinput, 0, 1}, {"--kproj", 'i', &co.kproj, 0, KPROJ_MAX},
         {"--sink", 'i', &co.sink, 0, 1 << 20}, {"--window", 'i', &co.window, 0, 1 << 20}, {"--kblock", 'i', &co.kblock, 0, 1 << 24},
-        {"-i", 's', &prompt, 0, 0}, {"-f", 's', &prompt_file, 0, 0}, {"-z", 's', &tok_path, 0, 0},
-        {"-m", 's', &mode, 0, 0}, {"-y", 's', &system, 0, 0},
-        {"-o", 's', &out, 0, 0}, {"--stats", 's', &stats, 0, 0}, {NULL, 0, NULL, 0, 0}};
+        {"-i", 's', &prompt, 0, 0}, {"-f", 's', &prompt_file, 0, 0}, {"-z", 's', &tok_path, 0, 0}, {"-m", 's', &mode, 0, 0},
+        {"-y", 's', &system, 0, 0}, {"-o", 's', &out, 0, 0}, {"--stats", 's', &stats, 0, 0}, {NULL, 0, NULL, 0, 0}};
 
     if (argc < 2) usage(1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
     tq_simd simd;                     /* TQ_SIMD, else the best this CPU runs: checked before anything is read */
     const char *simd_err = tq_simd_from_env(&simd);
     if (simd_err) die("%s", simd_err);
-    model_path = argv[1];
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) usage(0);
@@ -1455,9 +1438,9 @@ int main(int argc, char **argv) {
         char type = opts[o].type;   /* 0: not in the table */
         double lo = opts[o].lo, hi = opts[o].hi;
         if (type == 's') *(const char **)opts[o].value = v;
-        else if (type == 'i') *(int *)opts[o].value = parse_int(a, v, (long)lo, (long)hi);
-        else if (type == 'f') *(float *)opts[o].value = (float)parse_num(a, v, lo, hi);
-        else if (type == 'u') *(unsigned long long *)opts[o].value = (unsigned long long)parse_num(a, v, lo, hi);
+        else if (type == 'i') *(int *)opts[o].value = (int)parse_num(a, v, lo, hi, 1);
+        else if (type == 'f') *(float *)opts[o].value = (float)parse_num(a, v, lo, hi, 0);
+        else if (type == 'u') *(unsigned long long *)opts[o].value = (unsigned long long)parse_num(a, v, lo, hi, 0);
         else if (!strcmp(a, "-k") || !strcmp(a, "--scale")) {   /* keys and values: tq_cache_opts */
             int fmt = a[1] == 'k';
             split_kv(a, v, kv);
@@ -1472,10 +1455,13 @@ int main(int argc, char **argv) {
             die("--kblock %s: positions per block of key directions must be a multiple of 16 (0: one set)", v);
     }
     enum { GENERATE, CHAT, EVAL, LOGITS, SCORE, TOKENIZE, DETOKENIZE, NMODES };
-    const char *modes[NMODES] = {"generate", "chat", "eval", "logits", "score", "tokenize", "detokenize"};
-    int m = -1;
-    for (int i = 0; i < NMODES; i++) if (!strcmp(mode, modes[i])) m = i;
-    if (m < 0) die("unknown mode \"%s\" (generate, chat, eval, logits, score, tokenize, detokenize)", mode);
+    static const struct { const char *name, *needs; } modes[NMODES] = {   /* needs: the error without -i or -f */
+        {"generate", "no prompt: give one with -i or -f"}, {"chat", NULL}, {"eval", "-m eval needs a text: -f FILE"},
+        {"logits", "-m logits needs token ids (-i or -f) and an output file (-o)"}, {"score", "-m score needs token ids (-i or -f)"},
+        {"tokenize", "-m tokenize needs text (-i or -f)"}, {"detokenize", "-m detokenize needs token ids (-i or -f)"}};
+    int m = 0;
+    while (m < NMODES && strcmp(mode, modes[m].name)) m++;
+    if (m == NMODES) die("unknown mode \"%s\" (generate, chat, eval, logits, score, tokenize, detokenize)", mode);
     if (prompt && prompt_file) die("give the prompt with -i or -f, not both");
     if (stats && m != LOGITS) die("--stats goes with -m logits");
     if (m == EVAL && ctx == 1) die("-c 1 is too short for -m eval: it scores the second half of each chunk");
@@ -1507,10 +1493,7 @@ int main(int argc, char **argv) {
         die("%s: bad tokenizer section: %s", tok_path ? tok_path : model_path, err);
 
     Sampler sampler = {c->vocab_size, (ProbIndex *)xcalloc(c->vocab_size, sizeof(ProbIndex), "sampler"), temperature, topp, seed};
-    static const char *needs_prompt[NMODES] = {"no prompt: give one with -i or -f", NULL, "-m eval needs a text: -f FILE",
-        "-m logits needs token ids (-i or -f) and an output file (-o)", "-m score needs token ids (-i or -f)",
-        "-m tokenize needs text (-i or -f)", "-m detokenize needs token ids (-i or -f)"};
-    if ((!prompt && needs_prompt[m]) || (m == LOGITS && !out)) die("%s", needs_prompt[m]);
+    if ((!prompt && modes[m].needs) || (m == LOGITS && !out)) die("%s", modes[m].needs);
 
     if (m == GENERATE) generate(&t, &tok, &sampler, prompt, steps);
     else if (m == CHAT) chat(&t, &tok, &sampler, prompt, system, steps);
