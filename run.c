@@ -269,10 +269,9 @@ static void load_model(Transformer *t, const char *path) {
     t->data = (uint8_t *)mmap(NULL, t->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (t->data == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
-    Config *c = &t->config;
     char err[256];
-    if (read_config(c, t->data, t->file_size, err, sizeof err)) die("%s: %s", path, err);
-    map_weights(&t->weights, c, t->data + c->weights_offset);
+    if (read_config(&t->config, t->data, t->file_size, err, sizeof err)) die("%s: %s", path, err);
+    map_weights(&t->weights, &t->config, t->data + t->config.weights_offset);
 }
 
 /* ---------------------------------------------------------------------------
@@ -358,12 +357,14 @@ static void free_transformer(Transformer *t) {
 /* ---------------------------------------------------------------------------
  * The forward pass */
 
-/* RMSNorm: o = w * x / sqrt(mean(x^2) + eps) */
-static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
-    double ss = 0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    float r = (float)(1.0 / sqrt(ss / n + eps));
-    for (int i = 0; i < n; i++) o[i] = w[i] * (r * x[i]);
+/* RMSNorm of each of the B rows of x (B, n) into o (B, n): o = w * x / sqrt(mean(x^2) + eps) */
+static void rmsnorm(float *o, const float *x, const float *w, int B, int n, float eps) {
+    for (int b = 0; b < B; b++, o += n, x += n) {
+        double ss = 0;
+        for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+        float r = (float)(1.0 / sqrt(ss / n + eps));
+        for (int i = 0; i < n; i++) o[i] = w[i] * (r * x[i]);
+    }
 }
 
 #ifndef RUN_CUDA   /* run_cuda.cu multiplies with cuBLAS */
@@ -444,8 +445,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
 
     for (int l = 0; l < c->n_layers; l++) {
         /* attention block: x += Wo . attn(RoPE(Wq xn), RoPE(Wk xn), Wv xn) */
-        for (int b = 0; b < n; b++)
-            rmsnorm(s->xb + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_att + (size_t)l * dim, dim, c->norm_eps);
+        rmsnorm(s->xb, s->x, w->rms_att + (size_t)l * dim, n, dim, c->norm_eps);
         Product qkv[] = {{s->q, w->wq, &w->q_wq, (size_t)l * qd * dim, qd}, {s->k, w->wk, &w->q_wk, (size_t)l * kvd * dim, kvd},
                          {s->v, w->wv, &w->q_wv, (size_t)l * kvd * dim, kvd}};
         linear(s, s->xb, n, dim, qkv, 3);
@@ -459,22 +459,17 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
 
         /* feed-forward block: x += W2 . (silu(W1 xn) * W3 xn)   (SwiGLU) */
-        for (int b = 0; b < n; b++)
-            rmsnorm(s->xb + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
+        rmsnorm(s->xb, s->x, w->rms_ffn + (size_t)l * dim, n, dim, c->norm_eps);
         Product up[] = {{s->hb, w->w1, &w->q_w1, (size_t)l * hid * dim, hid}, {s->hb2, w->w3, &w->q_w3, (size_t)l * hid * dim, hid}};
         linear(s, s->xb, n, dim, up, 2);
-        for (size_t j = 0; j < (size_t)n * hid; j++) {
-            float g = s->hb[j];
-            s->hb[j] = g / (1.0f + expf(-g)) * s->hb2[j];
-        }
+        for (size_t j = 0; j < (size_t)n * hid; j++) s->hb[j] = s->hb[j] / (1.0f + expf(-s->hb[j])) * s->hb2[j];
         linear(s, s->hb, n, hid, &(Product){s->xb2, w->w2, &w->q_w2, (size_t)l * dim * hid, dim}, 1);
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
     }
 
     /* final norm and classifier, for the tokens whose logits are wanted */
     int first = all_logits ? 0 : n - 1;
-    for (int b = first; b < n; b++)
-        rmsnorm(s->x + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_final, dim, c->norm_eps);
+    rmsnorm(s->x + (size_t)first * dim, s->x + (size_t)first * dim, w->rms_final, n - first, dim, c->norm_eps);
     linear(s, s->x + (size_t)first * dim, n - first, dim, &(Product){s->logits, w->wcls, &w->q_wcls, 0, c->vocab_size}, 1);
     return s->logits;
 }
@@ -514,14 +509,12 @@ typedef struct {
     unsigned char *cat;            /* (2 * max_token_len + 1) concat_lookup's scratch (so encode is not reentrant) */
 } Tokenizer;
 
-/* Reads the section's next 4 bytes into *v (an int, uint32 or float: little-endian, the
- * host's order, as the mmap'd weights assume); -1 at the end of the section. */
+/* The unread part of the tokenizer section; cur_read takes its next 4 bytes into *v (an int, uint32
+ * or float: little-endian, the host's order, as the mmap'd weights assume), -1 at its end. */
 typedef struct { const unsigned char *p; size_t left; } Cursor;
-
 static int cur_read(Cursor *c, void *v) {
     if (c->left < 4) return -1;
-    memcpy(v, c->p, 4);
-    c->p += 4; c->left -= 4;
+    memcpy(v, c->p, 4); c->p += 4; c->left -= 4;
     return 0;
 }
 
@@ -902,11 +895,9 @@ int encode(const Tokenizer *t, const char *text, size_t len, int bos_id, int *to
     if (t->kind == 2 && !is_utf8(s, len)) return -1;
     if (len > (size_t)INT32_MAX / 3 - 2) return -3;
     size_t cap = len + 2;   /* symbols of a piece at most: its bytes, and SentencePiece's dummy " " */
-    Encoder e;
-    memset(&e, 0, sizeof e);
-    e.out = tokens; e.max_out = max_tokens < 0 ? 0 : max_tokens;
-    e.tok = (int *)malloc(cap * sizeof(int)); e.prev = (int *)malloc(cap * sizeof(int));
-    e.next = (int *)malloc(cap * sizeof(int)); e.heap = (HeapItem *)malloc(3 * cap * sizeof(HeapItem));
+    Encoder e = {.tok = (int *)malloc(cap * sizeof(int)), .prev = (int *)malloc(cap * sizeof(int)),
+                 .next = (int *)malloc(cap * sizeof(int)), .heap = (HeapItem *)malloc(3 * cap * sizeof(HeapItem)),
+                 .out = tokens, .max_out = max_tokens < 0 ? 0 : max_tokens};
     int ok = e.tok && e.prev && e.next && e.heap;
     if (ok && bos_id >= 0) emit(&e, bos_id);
     /* split out special tokens (leftmost, then longest); the stretches between are plain text */
@@ -1010,10 +1001,7 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-typedef struct {                 /* what the trade-off line reports          */
-    int prefill_tokens, decode_tokens;
-    double prefill_s, decode_s;
-} Stats;
+typedef struct { int prefill_tokens, decode_tokens; double prefill_s, decode_s; } Stats;   /* for the speed line */
 
 /* The weights' line on stderr: their type and bytes (mmap'd from the file), e.g.
  * weights: int8 g64, 137.66 MiB (fp32 514.39 MiB); with the KV cache 138.05 MiB */
@@ -1036,8 +1024,7 @@ static void report(const Transformer *t, int n_pos, const Stats *speed) {
     const tq_cache *kv = &t->cache;
     double bits = 0.5 * (tq_bits_per_elem(kv->kc.fmt, c->head_dim) + tq_bits_per_elem(kv->vc.fmt, c->head_dim));
     tq_cache_bytes b = tq_cache_size(kv, n_pos);
-    double MiB = 1048576.0, mib = b.all / MiB;
-    double fp16 = (double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2 * 2 / MiB;
+    double MiB = 1048576.0, mib = b.all / MiB, fp16 = (double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2 * 2 / MiB;
     double ratio = mib > 0 ? fp16 / mib : 1.0;
     fprintf(stderr, "kv: %s/%s %.2f bits/elem, %.2f MiB for %d tokens (fp16 %.2f MiB, %.1fx %s; fp32 %.2f MiB)\n",
             tq_fmt_name(kv->kc.fmt), tq_fmt_name(kv->vc.fmt), bits, mib, n_pos, fp16,
@@ -1060,15 +1047,15 @@ static void report(const Transformer *t, int n_pos, const Stats *speed) {
                 speed->decode_s > 0 ? speed->decode_tokens / speed->decode_s : 0.0, speed->decode_tokens, where);
 }
 
-/* Prints a token's bytes; ASCII control bytes other than whitespace are not
- * printed raw (bytes >= 0x80 are parts of UTF-8 characters and are kept). */
-static void print_piece(const Tokenizer *tok, int prev, int bos, int token) {
+/* Prints a token's bytes. Unless raw (-m detokenize), ASCII control bytes other than whitespace
+ * are left out (bytes >= 0x80 are parts of UTF-8 characters and are kept) and stdout is flushed. */
+static void print_piece(const Tokenizer *tok, int prev, int bos, int token, int raw) {
     size_t n;
     const char *p = decode_piece(tok, prev, bos, token, &n);
     unsigned char b = (unsigned char)p[0];
-    if (n == 1 && b < 0x80 && !isprint(b) && !isspace(b)) return;
+    if (!raw && n == 1 && b < 0x80 && !isprint(b) && !isspace(b)) return;
     fwrite(p, 1, n, stdout);
-    fflush(stdout);
+    if (!raw) fflush(stdout);
 }
 
 static int *encode_or_die(const Tokenizer *tok, const char *text, size_t len, int bos, int *n_out) {
@@ -1109,7 +1096,7 @@ static int reply(Transformer *t, const Tokenizer *tok, Sampler *sampler, float *
             if (chat) forward(t, &next, 1, pos++, 0);
             break;
         }
-        print_piece(tok, prev, t->config.bos_id, next);
+        print_piece(tok, prev, t->config.bos_id, next, 0);
         if (pos >= t->cache.ctx) { fprintf(stderr, "\n[stopped: reached the end of the context, %d tokens]", t->cache.ctx); break; }
         logits = forward(t, &next, 1, pos++, 0);
         prev = next; st->decode_tokens++;
@@ -1125,7 +1112,7 @@ static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, con
     if (n == 0) die("empty prompt: give one with -i or -f");
     if (n >= t->cache.ctx) die("the prompt is %d tokens; the context is %d (raise it with -c, up to %d)", n, t->cache.ctx, c->seq_len);
     Stats st = {0, 0, 0, 0};
-    for (int i = 0; i < n; i++) if (i > 0 || tokens[0] != c->bos_id) print_piece(tok, i ? tokens[i - 1] : -1, c->bos_id, tokens[i]);
+    for (int i = 0; i < n; i++) if (i > 0 || tokens[0] != c->bos_id) print_piece(tok, i ? tokens[i - 1] : -1, c->bos_id, tokens[i], 0);
     int pos = reply(t, tok, sampler, prefill(t, tokens, n, 0, NULL, &st), n, tokens[n - 1], steps, 0, &st);
     printf("\n");
     fflush(stdout);   /* the text before the report, also where stdout is a pipe */
@@ -1311,8 +1298,7 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
     report_weights(c, tq_cache_size(&t->cache, ctx).all / 1048576.0);
     double *lp = (double *)xcalloc(vocab, sizeof(double), "eval"), *lq = (double *)xcalloc(vocab, sizeof(double), "eval");
     EvalSums e = {0, 0, 0, 0, 0};
-    t0 = now_s();
-    double dsum = 0, dsq = 0;  /* per-chunk mean NLL difference d_c: its sum and sum of squares */
+    double dsum = 0, dsq = 0, t1 = now_s();  /* per-chunk mean NLL difference d_c: its sum and sum of squares */
     for (int ch = 0; ch < chunks; ch++) {
         double nll0 = e.nll - e.nll_ref;
         long n0 = e.n;
@@ -1328,21 +1314,19 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
         }
         double d = (e.nll - e.nll_ref - nll0) / (double)(e.n - n0);
         dsum += d; dsq += d * d;
-        double el = now_s() - t0;
+        double el = now_s() - t1;
         fprintf(stderr, "[chunk %d/%d] ppl %.4f (fp32 %.4f) kld %.5f top1 %.4f  %.0f s, %.0f s left\n", ch + 1, chunks,
                 exp(e.nll / e.n), exp(e.nll_ref / e.n), e.kld / e.n, (double)e.top1 / e.n, el, el / (ch + 1) * (chunks - ch - 1));
     }
     double ppl = exp(e.nll / e.n), ppl_ref = exp(e.nll_ref / e.n);
     if (chunks > 1) {   /* chunks are equally long, so dPPL = exp(mean d_c) - 1; its spread gives the noise */
-        double mean = dsum / chunks, var = (dsq - chunks * mean * mean) / (chunks - 1);
-        double se = sqrt(var > 0 ? var / chunks : 0);
+        double mean = dsum / chunks, var = (dsq - chunks * mean * mean) / (chunks - 1), se = sqrt(var > 0 ? var / chunks : 0);
         fprintf(stderr, "eval: dPPL %+.2f %%, 95 %% interval from the spread over the %d chunks: %+.2f .. %+.2f %%\n",
                 100.0 * (ppl / ppl_ref - 1.0), chunks, 100.0 * expm1(mean - 2 * se), 100.0 * expm1(mean + 2 * se));
     }
-    double bits = tq_cache_bits(&t->cache, ctx);   /* a full chunk's */
     printf("eval fmt=%s/%s ctx=%d chunks=%d tokens=%ld ppl=%.4f ppl_fp32=%.4f dppl_pct=%.3f kld=%.6f top1=%.4f kv_bits=%.3f\n",
            tq_fmt_name(t->cache.kc.fmt), tq_fmt_name(t->cache.vc.fmt), ctx, chunks, e.n, ppl, ppl_ref,
-           100.0 * (ppl / ppl_ref - 1.0), e.kld / e.n, (double)e.top1 / e.n, bits);
+           100.0 * (ppl / ppl_ref - 1.0), e.kld / e.n, (double)e.top1 / e.n, tq_cache_bits(&t->cache, ctx));   /* a full chunk's bits */
     free(lp); free(lq); free(tokens);
 }
 
@@ -1418,13 +1402,10 @@ int main(int argc, char **argv) {
         {"-y", 's', &system, 0, 0}, {"-o", 's', &out, 0, 0}, {"--stats", 's', &stats, 0, 0}, {NULL, 0, NULL, 0, 0}};
 
     if (argc < 2) usage(1);
-    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
-    tq_simd simd;                     /* TQ_SIMD, else the best this CPU runs: checked before anything is read */
-    const char *simd_err = tq_simd_from_env(&simd);
-    if (simd_err) die("%s", simd_err);
-    for (int i = 2; i < argc; i++) {
+    for (int i = 1; i < argc; i++) {   /* argv[1]: the model, or -h */
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) usage(0);
+        if (i == 1) continue;
         if (a[0] != '-' || !a[1]) die("expected an option, got \"%s\" (run -h)", a);
         if (!strcmp(a, "--paper")) {    /* the paper's TurboQuant as written: none of the fixes */
             co.kscale = co.vscale = TQ_SCALE_NORM;
@@ -1454,6 +1435,9 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "--kblock") && co.kblock % 16)
             die("--kblock %s: positions per block of key directions must be a multiple of 16 (0: one set)", v);
     }
+    tq_simd simd;                     /* TQ_SIMD, else the best this CPU runs: checked before anything is read */
+    const char *simd_err = tq_simd_from_env(&simd);
+    if (simd_err) die("%s", simd_err);
     enum { GENERATE, CHAT, EVAL, LOGITS, SCORE, TOKENIZE, DETOKENIZE, NMODES };
     static const struct { const char *name, *needs; } modes[NMODES] = {   /* needs: the error without -i or -f */
         {"generate", "no prompt: give one with -i or -f"}, {"chat", NULL}, {"eval", "-m eval needs a text: -f FILE"},
@@ -1518,11 +1502,7 @@ int main(int argc, char **argv) {
         free(ids);
     } else {   /* detokenize */
         int n, *ids = parse_ids(prompt, c->vocab_size, &n);
-        for (int i = 0; i < n; i++) {
-            size_t len;
-            const char *p = decode_piece(&tok, i ? ids[i - 1] : -1, c->bos_id, ids[i], &len);
-            fwrite(p, 1, len, stdout);
-        }
+        for (int i = 0; i < n; i++) print_piece(&tok, i ? ids[i - 1] : -1, c->bos_id, ids[i], 1);
         free(ids);
     }
     free(sampler.probindex);
