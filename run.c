@@ -1,13 +1,11 @@
-/* run.c - inference of a Llama-architecture model whose whole KV cache lives in
- * TurboQuant form (or another format chosen with -k), in one C file.
+/* run.c - inference of a Llama-architecture model whose whole KV cache lives in TurboQuant form
+ * (or another format chosen with -k), in one C file. Build: make run    Usage: ./run model.bin -h
  *
- * Structure follows karpathy/llama2.c, in sections: config and weights, the cache,
- * the forward pass, the tokenizer, the sampler, the modes (generate, chat,
- * logits, score, eval), main. What is new is the KV cache (tq.h, tq_cache): keys and
- * values are encoded by tq.c as they are produced, and attention scores keys and
- * accumulates values straight from their codes (tq_cache_attention, tq_attend_codes).
- *
- * Build: make run    Usage: ./run model.bin -h
+ * Structure follows karpathy/llama2.c, in sections: config and weights, the cache, the forward
+ * pass, the tokenizer, the sampler, the modes (generate, chat, logits, score, eval), main. What is
+ * new is the KV cache (tq.h, tq_cache): keys and values are encoded by tq.c as they are produced,
+ * and attention scores keys and accumulates values straight from their codes (tq_cache_attention,
+ * tq_attend_codes). tq.c also holds the SIMD kernels of the weight products (tq_f32_rows, tq_q8_rows).
  */
 #include <ctype.h>
 #include <errno.h>
@@ -54,11 +52,10 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 #define HEADER_BYTES 256
 
 /* Weight types (header offset 112). int8 follows llama2.c's runq.c: every matrix row is cut into
- * groups of QGROUP numbers, each with one fp32 scale s = max|w| / 127 and codes q = round(w / s)
+ * groups of TQ_QGROUP numbers, each with one fp32 scale s = max|w| / 127 and codes q = round(w / s)
  * in [-127, 127]; the RMSNorm weights stay fp32. tq.c multiplies them (tq_q8_rows). */
 #define WEIGHTS_FP32 0
 #define WEIGHTS_INT8 1
-#define QGROUP TQ_QGROUP
 
 typedef struct {
     int dim;               /* transformer width                               */
@@ -73,21 +70,19 @@ typedef struct {
     int tokenizer_kind;    /* 1 SentencePiece, 2 GPT-2 byte-level BPE         */
     int bos_id, eos_id;    /* -1: none                                        */
     int chat_start_id, chat_end_id; /* <|im_start|>, <|im_end|>; -1: none      */
-    float rope_theta;
-    float norm_eps;
-    size_t tokenizer_offset, tokenizer_bytes;
-    size_t weights_offset, weights_bytes;
+    float rope_theta, norm_eps;
+    size_t tokenizer_offset, tokenizer_bytes, weights_offset, weights_bytes;   /* the file's two sections */
     int add_bos;           /* 1: prompts start with bos                       */
     int pretok;            /* pre-tokenizer: 0 none, 1 smollm, 2 gpt2         */
     int weight_type;       /* WEIGHTS_FP32 or WEIGHTS_INT8                    */
-    int group_size;        /* numbers per scale: QGROUP for int8, 0 for fp32  */
+    int group_size;        /* numbers per scale: TQ_QGROUP for int8, 0 for fp32  */
 } Config;
 
-/* A matrix (rows, cols) of int8 weights, cols a multiple of QGROUP: number j of row i is
- * q[i*cols + j] * s[(i*cols + j) / QGROUP], so an offset into q maps to offset / QGROUP in s. */
+/* A matrix (rows, cols) of int8 weights, cols a multiple of TQ_QGROUP: number j of row i is
+ * q[i*cols + j] * s[(i*cols + j) / TQ_QGROUP], so an offset into q maps to offset / TQ_QGROUP in s. */
 typedef struct {
     int8_t *q;              /* (rows, cols) codes                                 */
-    float *s;               /* (rows, cols / QGROUP) scales                       */
+    float *s;               /* (rows, cols / TQ_QGROUP) scales                       */
 } QMatrix;
 
 /* The matrices of an fp32 file are the float pointers; those of an int8 file are the
@@ -162,12 +157,12 @@ static float *take_f32(uint8_t *base, size_t *at, size_t n) {
 }
 
 /* A group of matrices, n numbers: fp32 (*f), or in an int8 file (*q) its n codes, then one
- * fp32 scale per QGROUP of them. */
+ * fp32 scale per TQ_QGROUP of them. */
 static void take_matrix(uint8_t *base, size_t *at, size_t n, int int8, float **f, QMatrix *q) {
     if (!int8) { *f = take_f32(base, at, n); return; }
     q->q = base ? (int8_t *)(base + *at) : NULL;
     *at = add_sz(*at, n);
-    q->s = take_f32(base, at, n / QGROUP);
+    q->s = take_f32(base, at, n / TQ_QGROUP);
 }
 
 /* The weights' layout (README.md), each group holding all layers' matrices (read_config checked
@@ -236,11 +231,11 @@ static const char *read_config(Config *c, const uint8_t *h, size_t file_size, ch
     int int8 = c->weight_type == WEIGHTS_INT8;
     if (!int8 && c->weight_type != WEIGHTS_FP32) BAD("unknown weight type %d (0 fp32, 1 int8)", c->weight_type);
     if (!int8 && c->group_size != 0) BAD("fp32 weights with a group size of %d (must be 0)", c->group_size);
-    if (int8 && c->group_size != QGROUP) BAD("int8 weights in groups of %d; this run reads groups of %d", c->group_size, QGROUP);
+    if (int8 && c->group_size != TQ_QGROUP) BAD("int8 weights in groups of %d; this run reads groups of %d", c->group_size, TQ_QGROUP);
     const char *rows[] = {"dim", "n_heads x head_dim", "hidden_dim"};   /* the rows an int8 group must not straddle */
     long long len[] = {c->dim, (long long)c->n_heads * c->head_dim, c->hidden_dim};
     for (int i = 0; int8 && i < 3; i++)
-        if (len[i] % QGROUP) BAD("int8 weights: %s = %lld is not a multiple of the group size %d", rows[i], len[i], QGROUP);
+        if (len[i] % TQ_QGROUP) BAD("int8 weights: %s = %lld is not a multiple of the group size %d", rows[i], len[i], TQ_QGROUP);
     if (c->tokenizer_offset != HEADER_BYTES) BAD("tokenizer offset %zu is not %d", c->tokenizer_offset, HEADER_BYTES);
     if (c->tokenizer_bytes > file_size || c->weights_offset > file_size || c->weights_offset % 64 ||
         c->tokenizer_offset + c->tokenizer_bytes > c->weights_offset)
@@ -253,8 +248,7 @@ static const char *read_config(Config *c, const uint8_t *h, size_t file_size, ch
     if (file_size - c->weights_offset < need)
         BAD("truncated: %zu bytes, the weights need %zu from offset %zu", file_size, need, c->weights_offset);
     if (file_size - c->weights_offset > need)
-        BAD("%zu bytes past the end of the weights: the header does not describe this file",
-            file_size - c->weights_offset - need);
+        BAD("%zu bytes past the end of the weights: the header does not describe this file", file_size - c->weights_offset - need);
     return NULL;
 #undef BAD
 }
@@ -307,12 +301,6 @@ static double build_state(RunState *s, const Config *c, const tq_cache *kv, int 
     return bytes;
 }
 
-static void free_state(RunState *s) {
-    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->work, s->logits};
-    for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
-    tq_q8_input_free(&s->q8);
-}
-
 /* qinput and simd: RunState's (int8 weights: quantize each product's input; the attention kernels) */
 static void build_transformer(Transformer *t, const char *path, const tq_cache_opts *o, int ctx, int batch, int all_logits,
                               int qinput, tq_simd simd) {
@@ -349,7 +337,10 @@ static void free_transformer(Transformer *t) {
 #ifdef RUN_CUDA
     gpu_free(t);
 #endif
-    free_state(&t->state);
+    RunState *s = &t->state;
+    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->work, s->logits};
+    for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
+    tq_q8_input_free(&s->q8);
     tq_cache_free(&t->cache);
     munmap(t->data, t->file_size);
 }
@@ -392,7 +383,7 @@ static void linear(RunState *s, const float *x, int B, int n, const Product *p, 
         const Product *m = &p[k];
         int i = (j - first[k]) * step;
         if (m->f) tq_f32_rows(m->out, x, m->f + m->at, B, n, m->d, i);
-        else tq_q8_rows(&s->q8, m->out, x, m->q->q + m->at, m->q->s + m->at / QGROUP, B, n, m->d, i);
+        else tq_q8_rows(&s->q8, m->out, x, m->q->q + m->at, m->q->s + m->at / TQ_QGROUP, B, n, m->d, i);
     }
 }
 
@@ -400,7 +391,7 @@ static void linear(RunState *s, const float *x, int B, int n, const Product *p, 
 static void embed(float *x, const TransformerWeights *w, int token, int dim) {
     size_t at = (size_t)token * dim;
     for (int j = 0; j < dim; j++)
-        x[j] = w->token_embedding ? w->token_embedding[at + j] : w->q_embedding.q[at + j] * w->q_embedding.s[(at + j) / QGROUP];
+        x[j] = w->token_embedding ? w->token_embedding[at + j] : w->q_embedding.q[at + j] * w->q_embedding.s[(at + j) / TQ_QGROUP];
 }
 #endif
 
@@ -438,8 +429,7 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     Config *c = &t->config;
     TransformerWeights *w = &t->weights;
     RunState *s = &t->state;
-    int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim;
-    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
+    int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
 
     for (int b = 0; b < n; b++) embed(s->x + (size_t)b * dim, w, tokens[b], dim);
 
@@ -449,9 +439,8 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         Product qkv[] = {{s->q, w->wq, &w->q_wq, (size_t)l * qd * dim, qd}, {s->k, w->wk, &w->q_wk, (size_t)l * kvd * dim, kvd},
                          {s->v, w->wv, &w->q_wv, (size_t)l * kvd * dim, kvd}};
         linear(s, s->xb, n, dim, qkv, 3);
-        int i;
 #pragma omp parallel for schedule(static)
-        for (i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
+        for (int i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
         /* the cache: k and v are encoded into it, then token b attends to positions 0..pos+b */
         tq_cache_batch batch = {l, n, pos, c->n_heads / c->n_kv_heads, s->q, s->k, s->v, s->xb, s->work};
         if (tq_cache_attention(&t->cache, s->simd, &batch)) die("out of memory: key directions");
@@ -646,9 +635,8 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
             if (t->byte_id[v] < 0) t->byte_id[v] = i;
         }
         if (flags & 1) {
-            /* special tokens are matched in the raw text only; BPE never produces them.
-             * GPT-2 kind: one that is not whole UTF-8 characters could match inside a
-             * character and leave the pre-tokenizer a stray continuation byte */
+            /* special tokens are matched in the raw text only; BPE never produces them. GPT-2 kind: one that
+             * is not whole UTF-8 characters could match inside a character, leaving a stray continuation byte */
             if (kind == 2 && !is_utf8(p, (size_t)len)) TOK_FAIL("special token %d is not valid UTF-8", i);
             if (len > 0) t->special[t->n_special++] = i;
             continue;
@@ -711,8 +699,8 @@ typedef struct {
 } Encoder;
 
 static void emit(Encoder *e, int id) {
-    if (e->n_out >= e->max_out) { e->full = 1; return; }
-    e->out[e->n_out++] = id;
+    if (e->n_out < e->max_out) e->out[e->n_out++] = id;
+    else e->full = 1;
 }
 
 static int heap_less(HeapItem a, HeapItem b) { return a.key < b.key || (a.key == b.key && a.pos < b.pos); }
@@ -727,12 +715,10 @@ static void heap_push(Encoder *e, float key, int pos) {
 static HeapItem heap_pop(Encoder *e) {
     HeapItem top = e->heap[0], last = e->heap[--e->n_heap];
     int i = 0;
-    for (;;) {
-        int k = 2 * i + 1;
-        if (k >= e->n_heap) break;
+    for (int k = 1; k < e->n_heap; i = k, k = 2 * i + 1) {   /* the last item sifted down from the root */
         if (k + 1 < e->n_heap && heap_less(e->heap[k + 1], e->heap[k])) k++;
         if (!heap_less(e->heap[k], last)) break;
-        e->heap[i] = e->heap[k]; i = k;
+        e->heap[i] = e->heap[k];
     }
     if (e->n_heap > 0) e->heap[i] = last;
     return top;
@@ -896,8 +882,8 @@ int encode(const Tokenizer *t, const char *text, size_t len, int bos_id, int *to
     if (len > (size_t)INT32_MAX / 3 - 2) return -3;
     size_t cap = len + 2;   /* symbols of a piece at most: its bytes, and SentencePiece's dummy " " */
     Encoder e = {.tok = (int *)malloc(cap * sizeof(int)), .prev = (int *)malloc(cap * sizeof(int)),
-                 .next = (int *)malloc(cap * sizeof(int)), .heap = (HeapItem *)malloc(3 * cap * sizeof(HeapItem)),
-                 .out = tokens, .max_out = max_tokens < 0 ? 0 : max_tokens};
+                 .next = (int *)malloc(cap * sizeof(int)), .heap = (HeapItem *)malloc(3 * cap * sizeof(HeapItem)), .n_heap = 0,
+                 .out = tokens, .n_out = 0, .max_out = max_tokens < 0 ? 0 : max_tokens, .full = 0};
     int ok = e.tok && e.prev && e.next && e.heap;
     if (ok && bos_id >= 0) emit(&e, bos_id);
     /* split out special tokens (leftmost, then longest); the stretches between are plain text */
@@ -920,10 +906,8 @@ const char *decode_piece(const Tokenizer *t, int prev_token, int bos_id, int tok
     if (token < 0 || token >= t->vocab_size) { *len = 0; return ""; }
     const unsigned char *p = t->vocab[token];
     size_t n = (size_t)t->vocab_len[token];
-    if (t->kind == 1) {
-        /* after bos, SentencePiece drops the dummy prefix space (llama2.c PR #89) */
+    if (t->kind == 1) {   /* SentencePiece: no dummy prefix space after bos (llama2.c PR #89); <0x0A> is that byte */
         if (bos_id >= 0 && prev_token == bos_id && n > 0 && p[0] == ' ') { p++; n--; }
-        /* byte tokens such as <0x0A> stand for that raw byte */
         if (t->byte_val[token] >= 0) { *len = 1; return (const char *)&t->byte_pieces[t->byte_val[token]]; }
     }
     *len = n;
@@ -1151,9 +1135,8 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
             fprintf(stderr, "[stopped: the conversation reached the end of the context, %d tokens]\n", t->cache.ctx);
             break;
         }
-        float *logits = prefill(t, tokens, n, pos, NULL, &st);
         printf("Assistant: ");
-        pos = reply(t, tok, sampler, logits, pos + n, tokens[n - 1], steps, 1, &st);
+        pos = reply(t, tok, sampler, prefill(t, tokens, n, pos, NULL, &st), pos + n, tokens[n - 1], steps, 1, &st);
         free(tokens);
         printf("\n");
         if (c->chat_start_id >= 0 && pos < t->cache.ctx) {   /* ChatML's newline after <|im_end|> */
@@ -1255,8 +1238,7 @@ static void eval_position(EvalSums *e, const float *logits, const float *ref, in
     double kl = 0;
     for (int i = 0; i < vocab; i++) kl += exp(lp[i]) * (lp[i] - lq[i]);  /* KL(p_fp32 || q) */
     e->kld += kl;
-    e->nll -= lq[next];
-    e->nll_ref -= lp[next];
+    e->nll -= lq[next]; e->nll_ref -= lp[next];
     e->top1 += sample_argmax(logits, vocab) == sample_argmax(ref, vocab);
     e->n++;
 }
@@ -1271,10 +1253,9 @@ static void score_tokens(Transformer *t, const char *ids_text) {
     for (int i = 0; i < n - 1; i += t->state.batch) {
         int m = n - 1 - i < t->state.batch ? n - 1 - i : t->state.batch;
         float *lg = forward(t, ids + i, m, i, 1);
-        for (int b = 0; b < m; b++) {
-            int j = i + b + 1;   /* logits at j-1 predict token j */
-            log_softmax(lg + (size_t)b * vocab, vocab, lp);
-            printf("%d %d %.6f %d\n", j, ids[j], lp[ids[j]], sample_argmax(lg + (size_t)b * vocab, vocab));
+        for (int j = i + 1; j <= i + m; j++, lg += vocab) {   /* logits at j-1 predict token j */
+            log_softmax(lg, vocab, lp);
+            printf("%d %d %.6f %d\n", j, ids[j], lp[ids[j]], sample_argmax(lg, vocab));
         }
     }
     report(t, n - 1, NULL);
@@ -1467,7 +1448,8 @@ int main(int argc, char **argv) {
     if (tok_path) {
         load_model(&tt, tok_path);
         from = &tt;
-        if (tt.config.vocab_size != c->vocab_size) die("-z %s has a vocabulary of %d, the model %d", tok_path, tt.config.vocab_size, c->vocab_size);
+        if (tt.config.vocab_size != c->vocab_size)
+            die("-z %s has a vocabulary of %d, the model %d", tok_path, tt.config.vocab_size, c->vocab_size);
     }
     const Config *tc = &from->config;
     Tokenizer tok;

@@ -402,10 +402,11 @@ TQ_HD static inline float tq_half(uint16_t h) {
     return f;
 }
 
-/* ---- weight products (tq.c's last section): out (B, d) = x (B, n) . W^T for run.c -------------
- * W row-major, x (B, n) and out row by row. The calls for blocks of rows are independent
- * (run.c's linear runs them in parallel).
- * fp32 W (d, n): tq_f32_rows computes rows [i, i + TQ_F32_BLOCK) of out (fewer at W's end). */
+/* ---- weight products (tq.c's last section): run.c's out (B, d) = x (B, n) . W^T ------------------
+ * W (d, n), x and out row-major (a token a row). The kernels are compiled for -march's instruction
+ * set, not chosen at run time; calls for different blocks of rows are independent (run.c's linear
+ * runs them in parallel).
+ * fp32 W: tq_f32_rows computes rows [i, i + TQ_F32_BLOCK) of out (fewer at W's end). */
 #define TQ_F32_BLOCK 2
 void tq_f32_rows(float *out, const float *x, const float *w, int B, int n, int d, int i);
 
@@ -418,7 +419,7 @@ void tq_f32_rows(float *out, const float *x, const float *w, int B, int n, int d
  *   group order, so every kernel and every CPU gives the same bits (tests/test_q8.c).
  * W8A32 (qinput 0): x kept in fp32, summed in float like an fp32 product. */
 #define TQ_QGROUP 64     /* numbers per scale */
-#define TQ_Q8_BLOCK 16   /* rows of W per tq_q8_rows call */
+#define TQ_Q8_BLOCK 16   /* rows of W per tq_q8_rows call: a multiple of its kernels' 4-row tiles and 8/16-row lanes */
 
 typedef struct {   /* a product's input x (batch, n), prepared by tq_q8_prepare */
     int qinput;    /* 1: W8A8, quantize x to int8; 0: W8A32, keep it fp32 */
@@ -428,11 +429,12 @@ typedef struct {   /* a product's input x (batch, n), prepared by tq_q8_prepare 
     float *xqts;   /* (batch / 16, n / TQ_QGROUP, 16) their scales, the same way (W8A32: 1) */
 } tq_q8_input;
 
-/* Allocates (alloc 1; qinput 0) or only counts (alloc 0: NULL) the buffers for inputs of up to
- * batch tokens of n numbers; returns their bytes, -1 out of memory (then nothing is held). */
+/* Allocates, zeroed (alloc 1), or only counts (alloc 0: the pointers NULL) the buffers for inputs of up
+ * to batch tokens of n numbers, qinput 0 (set it after); returns their bytes, -1 out of memory (then
+ * nothing is held). */
 double tq_q8_input_build(tq_q8_input *in, int batch, int n, int alloc);
 void tq_q8_input_free(tq_q8_input *in);
-void tq_q8_prepare(tq_q8_input *in, const float *x, int B, int n);   /* x (B, n): once per input */
+void tq_q8_prepare(tq_q8_input *in, const float *x, int B, int n);   /* x (B, n): once, before its tq_q8_rows */
 /* rows [i, i + TQ_Q8_BLOCK) of out (B, d) (fewer at the end of W), x (B, n) prepared in `in` */
 void tq_q8_rows(const tq_q8_input *in, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d,
                 int i);

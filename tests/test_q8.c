@@ -1,7 +1,7 @@
 /* tests/test_q8.c - the products with int8 weights (tq.c's tq_q8_prepare / tq_q8_rows, called
  * through run.c's linear()) against a plain scalar statement of the same arithmetic, bit for bit.
  *
- * The claim under test (tq.h / tq.c, "int8 weight products"): the input is quantized per group of QGROUP
+ * The claim under test (tq.h / tq.c, "int8 weight products"): the input is quantized per group of TQ_QGROUP
  * (scale max|x| / 127, codes rounded to nearest-even), each group's dot product of codes is
  * an exact integer, and the groups are summed as a chain of fmaf(sum, w_scale * x_scale, acc)
  * in group order. So the one-token kernels (a row at a time, or 8 / 16 rows in the lanes of
@@ -29,16 +29,16 @@ static double uniform(void) {                   /* xorshift64*, in [0, 1) */
 /* codes and scales of one row of n numbers: the quotient x / s rounded to nearest-even, taken
  * exactly (in double) for the weights as export.py does, in float for an input as run does */
 static void quantize_row(const float *x, int n, int8_t *q, float *s, int exact) {
-    for (int g = 0; g < n / QGROUP; g++) {
+    for (int g = 0; g < n / TQ_QGROUP; g++) {
         float amax = 0.0f;
-        for (int k = 0; k < QGROUP; k++) {
-            float a = fabsf(x[g * QGROUP + k]);
+        for (int k = 0; k < TQ_QGROUP; k++) {
+            float a = fabsf(x[g * TQ_QGROUP + k]);
             if (a > amax) amax = a;
         }
         s[g] = amax / 127.0f;
-        for (int k = 0; k < QGROUP; k++) {
-            float v = x[g * QGROUP + k];
-            q[g * QGROUP + k] = (int8_t)(s[g] == 0 ? 0 : exact ? rint((double)v / s[g]) : rintf(v / s[g]));
+        for (int k = 0; k < TQ_QGROUP; k++) {
+            float v = x[g * TQ_QGROUP + k];
+            q[g * TQ_QGROUP + k] = (int8_t)(s[g] == 0 ? 0 : exact ? rint((double)v / s[g]) : rintf(v / s[g]));
         }
     }
 }
@@ -49,10 +49,10 @@ static float reference(const int8_t *w, const float *ws, const float *x, int n, 
     float xs[64];
     quantize_row(x + (size_t)t * n, n, xq, xs, 0);
     float acc = 0.0f;
-    for (int g = 0; g < n / QGROUP; g++) {
+    for (int g = 0; g < n / TQ_QGROUP; g++) {
         long long sum = 0;
-        for (int k = 0; k < QGROUP; k++) sum += (long long)w[(size_t)i * n + g * QGROUP + k] * xq[g * QGROUP + k];
-        acc = fmaf((float)sum, ws[(size_t)i * (n / QGROUP) + g] * xs[g], acc);
+        for (int k = 0; k < TQ_QGROUP; k++) sum += (long long)w[(size_t)i * n + g * TQ_QGROUP + k] * xq[g * TQ_QGROUP + k];
+        acc = fmaf((float)sum, ws[(size_t)i * (n / TQ_QGROUP) + g] * xs[g], acc);
     }
     return acc;
 }
@@ -96,12 +96,12 @@ int main(int argc, char **argv) {
         float *x = (float *)xcalloc((size_t)B * n, sizeof(float), "x");
         float *wf = (float *)xcalloc((size_t)d * n, sizeof(float), "w");
         int8_t *w = (int8_t *)xcalloc((size_t)d * n, 1, "w");
-        float *ws = (float *)xcalloc((size_t)d * (n / QGROUP), sizeof(float), "ws");
+        float *ws = (float *)xcalloc((size_t)d * (n / TQ_QGROUP), sizeof(float), "ws");
         float *out = (float *)xcalloc((size_t)B * d, sizeof(float), "out");
         for (size_t j = 0; j < (size_t)B * n; j++) x[j] = (float)(4 * uniform() - 2) * (j % 7 == 0 ? 10 : 1);
-        for (int k = 0; k < QGROUP; k++) x[k] = 0.0f;              /* an all-zero input group */
+        for (int k = 0; k < TQ_QGROUP; k++) x[k] = 0.0f;              /* an all-zero input group */
         for (size_t j = 0; j < (size_t)d * n; j++) wf[j] = (float)(uniform() - 0.5) * 0.2f;
-        for (int i = 0; i < d; i++) quantize_row(wf + (size_t)i * n, n, w + (size_t)i * n, ws + (size_t)i * (n / QGROUP), 1);
+        for (int i = 0; i < d; i++) quantize_row(wf + (size_t)i * n, n, w + (size_t)i * n, ws + (size_t)i * (n / TQ_QGROUP), 1);
         RunState s;
         memset(&s, 0, sizeof s);
         if (tq_q8_input_build(&s.q8, B, n, 1) < 0) die("out of memory");
@@ -132,7 +132,7 @@ int main(int argc, char **argv) {
             for (int i = 0; i < d; i++) {
                 double sum = 0, mag = 0;
                 for (int j = 0; j < n; j++) {
-                    double term = (double)w[(size_t)i * n + j] * ws[((size_t)i * n + j) / QGROUP] * x[(size_t)t * n + j];
+                    double term = (double)w[(size_t)i * n + j] * ws[((size_t)i * n + j) / TQ_QGROUP] * x[(size_t)t * n + j];
                     sum += term;
                     mag += fabs(term);
                 }
