@@ -78,8 +78,8 @@ tests/test_tq: tests/test_tq.c tq.c tq.h
 tests/test_tq_san: tests/test_tq.c tq.c tq.h
 	$(CC) $(SAN) $(OMP) $(WARN) -o $@ tests/test_tq.c tq.c -lm
 
-# run.c's int8-weight products against their definition, bit for bit: optimized, under the
-# sanitizers, and for the baseline x86-64 instruction set, whose output must hash the same
+# the int8-weight products (tq.c, through run.c's linear()) against their definition, bit for bit:
+# optimized, under the sanitizers, and for the baseline x86-64 instruction set, whose output must hash the same
 tests/test_q8: tests/test_q8.c run.c tq.c tq.h
 	$(CC) $(CFLAGS) $(OMP) $(WARN) -o $@ tests/test_q8.c tq.c -lm
 

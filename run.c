@@ -1,13 +1,11 @@
-/* run.c - inference of a Llama-architecture model whose whole KV cache lives in
- * TurboQuant form (or another format chosen with -k), in one C file.
+/* run.c - inference of a Llama-architecture model whose whole KV cache lives in TurboQuant form
+ * (or another format chosen with -k), in one C file. Build: make run    Usage: ./run model.bin -h
  *
- * Structure follows karpathy/llama2.c, in sections: config and weights, the cache,
- * the forward pass, the tokenizer, the sampler, the modes (generate, chat,
- * logits, score, eval), main. What is new is the KV cache (tq.h, tq_cache): keys and
- * values are encoded by tq.c as they are produced, and attention scores keys and
- * accumulates values straight from their codes (tq_cache_attention, tq_attend_codes).
- *
- * Build: make run    Usage: ./run model.bin -h
+ * Structure follows karpathy/llama2.c, in sections: config and weights, the cache, the forward
+ * pass, the tokenizer, the sampler, the modes (generate, chat, logits, score, eval), main. What is
+ * new is the KV cache (tq.h, tq_cache): keys and values are encoded by tq.c as they are produced,
+ * and attention scores keys and accumulates values straight from their codes (tq_cache_attention,
+ * tq_attend_codes). tq.c also holds the SIMD kernels of the weight products (tq_f32_rows, tq_q8_rows).
  */
 #include <ctype.h>
 #include <errno.h>
@@ -22,9 +20,6 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#if defined(__AVX2__)
-#include <immintrin.h>   /* the int8 product's one-token kernel (dot_q8_rows) */
-#endif
 
 #include "tq.h"
 
@@ -56,14 +51,11 @@ static void *xcalloc(size_t n, size_t size, const char *what) {
 #define MODEL_VERSION 1
 #define HEADER_BYTES 256
 
-/* Weight types (header offset 112). int8 follows llama2.c's runq.c: every matrix row is cut
- * into groups of QGROUP numbers, each with one fp32 scale s = max|w| / 127 and codes
- * q = round(w / s) in [-127, 127]; the RMSNorm weights stay fp32. */
+/* Weight types (header offset 112). int8 follows llama2.c's runq.c: every matrix row is cut into
+ * groups of TQ_QGROUP numbers, each with one fp32 scale s = max|w| / 127 and codes q = round(w / s)
+ * in [-127, 127]; the RMSNorm weights stay fp32. tq.c multiplies them (tq_q8_rows). */
 #define WEIGHTS_FP32 0
 #define WEIGHTS_INT8 1
-#define QGROUP 64
-#define QROWS 4    /* an int8 product's tile: QROWS rows of the matrix ...           */
-#define QTOKS 16   /* ... times QTOKS tokens, one token per lane of a 16-float vector */
 
 typedef struct {
     int dim;               /* transformer width                               */
@@ -78,21 +70,19 @@ typedef struct {
     int tokenizer_kind;    /* 1 SentencePiece, 2 GPT-2 byte-level BPE         */
     int bos_id, eos_id;    /* -1: none                                        */
     int chat_start_id, chat_end_id; /* <|im_start|>, <|im_end|>; -1: none      */
-    float rope_theta;
-    float norm_eps;
-    size_t tokenizer_offset, tokenizer_bytes;
-    size_t weights_offset, weights_bytes;
+    float rope_theta, norm_eps;
+    size_t tokenizer_offset, tokenizer_bytes, weights_offset, weights_bytes;   /* the file's two sections */
     int add_bos;           /* 1: prompts start with bos                       */
     int pretok;            /* pre-tokenizer: 0 none, 1 smollm, 2 gpt2         */
     int weight_type;       /* WEIGHTS_FP32 or WEIGHTS_INT8                    */
-    int group_size;        /* numbers per scale: QGROUP for int8, 0 for fp32  */
+    int group_size;        /* numbers per scale: TQ_QGROUP for int8, 0 for fp32  */
 } Config;
 
-/* A matrix (rows, cols) of int8 weights, cols a multiple of QGROUP: number j of row i is
- * q[i*cols + j] * s[(i*cols + j) / QGROUP], so an offset into q maps to offset / QGROUP in s. */
+/* A matrix (rows, cols) of int8 weights, cols a multiple of TQ_QGROUP: number j of row i is
+ * q[i*cols + j] * s[(i*cols + j) / TQ_QGROUP], so an offset into q maps to offset / TQ_QGROUP in s. */
 typedef struct {
     int8_t *q;              /* (rows, cols) codes                                 */
-    float *s;               /* (rows, cols / QGROUP) scales                       */
+    float *s;               /* (rows, cols / TQ_QGROUP) scales                       */
 } QMatrix;
 
 /* The matrices of an fp32 file are the float pointers; those of an int8 file are the
@@ -115,8 +105,6 @@ typedef struct {
 
 #define KPROJ_MAX TQ_KPROJ_MAX  /* --kproj: the mean query direction, then the keys' main one */
 #define KBLOCK_DEFAULT 256      /* --kblock: key directions per 256 positions (bench/README.md) */
-#define STR_(x) #x
-#define STR(x) STR_(x)
 
 /* Activations for up to `batch` tokens processed together (prompts are run in
  * batches so that every weight row read from memory serves many tokens; the
@@ -134,13 +122,7 @@ typedef struct {
     float *work;   /* (tq_cache_work_floats) the cache's scratch for attention   */
     float *logits; /* (batch, vocab_size) in eval / logits mode, else (1, vocab_size) */
     tq_simd simd;  /* the codec's attention kernels: TQ_SIMD, else the best this CPU runs */
-    /* int8 weights only (else NULL): a matrix product's input x (B, n), n <= wide_n =
-     * max(dim, q_dim, hidden_dim), quantized like the weights (qinput) or as it is */
-    int qinput;    /* int8 weights: 1 quantize each product's input to int8 (W8A8), 0 keep it fp32 (W8A32) */
-    int16_t *xq;   /* (batch, wide_n) codes, token by token (int16: the one-token kernel widens only the weights) */
-    float *xqs;    /* (batch, wide_n / QGROUP) their scales                   */
-    float *xqt;    /* (batch / QTOKS, wide_n, QTOKS) codes as floats (W8A32: x itself), QTOKS tokens side by side */
-    float *xqts;   /* (batch / QTOKS, wide_n / QGROUP, QTOKS) their scales, the same way (W8A32: 1) */
+    tq_q8_input q8; /* int8 weights: a product's input (batch, n <= max(dim, q_dim, hidden_dim)), quantized or tiled */
 } RunState;
 
 typedef struct {
@@ -175,18 +157,17 @@ static float *take_f32(uint8_t *base, size_t *at, size_t n) {
 }
 
 /* A group of matrices, n numbers: fp32 (*f), or in an int8 file (*q) its n codes, then one
- * fp32 scale per QGROUP of them. */
+ * fp32 scale per TQ_QGROUP of them. */
 static void take_matrix(uint8_t *base, size_t *at, size_t n, int int8, float **f, QMatrix *q) {
     if (!int8) { *f = take_f32(base, at, n); return; }
     q->q = base ? (int8_t *)(base + *at) : NULL;
     *at = add_sz(*at, n);
-    q->s = take_f32(base, at, n / QGROUP);
+    q->s = take_f32(base, at, n / TQ_QGROUP);
 }
 
-/* The weights' layout (README.md), each group holding all layers' matrices; the RMSNorm
- * weights stay fp32 in an int8 file (read_config checked that every part starts 4-aligned).
- * Points w into base (NULL: only counts) and returns the section's bytes, SIZE_MAX when the
- * header's sizes overflow. */
+/* The weights' layout (README.md), each group holding all layers' matrices (read_config checked
+ * that every part starts 4-aligned). Points w into base (NULL: only counts) and returns the
+ * section's bytes, SIZE_MAX when the header's sizes overflow. */
 static size_t map_weights(TransformerWeights *w, const Config *c, uint8_t *base) {
     size_t L = (size_t)c->n_layers, dim = (size_t)c->dim, hid = (size_t)c->hidden_dim, at = 0;
     size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
@@ -209,30 +190,24 @@ static size_t map_weights(TransformerWeights *w, const Config *c, uint8_t *base)
     return at;
 }
 
-/* Reads the header of a model file (data: all file_size bytes of it) into c and refuses
- * anything absurd before a single weight is touched. Returns NULL when the file is usable,
- * else err holding one line that names the problem. It never exits, so that
- * tests/fuzz_load.c can call it on arbitrary bytes. */
+/* Reads the header of a model file (h: all file_size bytes of it) into c and refuses anything
+ * absurd before a single weight is touched. Returns NULL when the file is usable, else err holding
+ * one line that names the problem; it never exits, so that tests/fuzz_load.c can call it on any bytes. */
 static const char *read_config(Config *c, const uint8_t *h, size_t file_size, char *err, size_t errlen) {
 #define BAD(...) do { snprintf(err, errlen, __VA_ARGS__); return err; } while (0)
     if (file_size < HEADER_BYTES) BAD("%zu bytes: too short for a model header (%d bytes)", file_size, HEADER_BYTES);
     if (memcmp(h, MODEL_MAGIC, 4) != 0) BAD("not a model.bin (magic is not " MODEL_MAGIC "); convert it with export.py");
     int version = rd_i32(h + 4);
     if (version != MODEL_VERSION) BAD("format version %d, this run reads version %d", version, MODEL_VERSION);
-    int *f[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->head_dim,
-                &c->vocab_size, &c->seq_len, &c->shared_classifier, &c->tokenizer_kind, &c->bos_id,
-                &c->eos_id, &c->chat_start_id, &c->chat_end_id};
-    for (int i = 0; i < 14; i++) *f[i] = rd_i32(h + 8 + 4 * i);
+    /* the header (README.md): int32 fields from offset 8 (the first 14) and 104, floats at 64, sizes at 72 */
+    int *f[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->head_dim, &c->vocab_size,
+                &c->seq_len, &c->shared_classifier, &c->tokenizer_kind, &c->bos_id, &c->eos_id, &c->chat_start_id,
+                &c->chat_end_id, &c->add_bos, &c->pretok, &c->weight_type, &c->group_size};
+    size_t *sizes[] = {&c->tokenizer_offset, &c->tokenizer_bytes, &c->weights_offset, &c->weights_bytes};
+    for (int i = 0; i < 18; i++) *f[i] = rd_i32(h + (i < 14 ? 8 + 4 * i : 104 + 4 * (i - 14)));
+    for (int i = 0; i < 4; i++) *sizes[i] = rd_u64(h + 72 + 8 * i);
     c->rope_theta = rd_f32(h + 64);
     c->norm_eps = rd_f32(h + 68);
-    c->tokenizer_offset = rd_u64(h + 72);
-    c->tokenizer_bytes = rd_u64(h + 80);
-    c->weights_offset = rd_u64(h + 88);
-    c->weights_bytes = rd_u64(h + 96);
-    c->add_bos = rd_i32(h + 104);
-    c->pretok = rd_i32(h + 108);
-    c->weight_type = rd_i32(h + 112);
-    c->group_size = rd_i32(h + 116);
 
     const char *names[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "seq_len"};
     for (int i = 0; i < 8; i++)
@@ -253,17 +228,14 @@ static const char *read_config(Config *c, const uint8_t *h, size_t file_size, ch
     if (c->add_bos && c->bos_id < 0) BAD("add_bos is set but there is no bos token (bos_id = -1)");
     if (!(c->rope_theta > 0 && isfinite(c->rope_theta))) BAD("rope_theta = %g is not a positive number", c->rope_theta);
     if (!(c->norm_eps > 0 && c->norm_eps < 1)) BAD("norm_eps = %g is not in (0, 1)", c->norm_eps);
-    if (c->weight_type == WEIGHTS_FP32) {
-        if (c->group_size != 0) BAD("fp32 weights with a group size of %d (must be 0)", c->group_size);
-    } else if (c->weight_type == WEIGHTS_INT8) {
-        if (c->group_size != QGROUP) BAD("int8 weights in groups of %d; this run reads groups of %d", c->group_size, QGROUP);
-        const char *rows[] = {"dim", "n_heads x head_dim", "hidden_dim"};
-        long long len[] = {c->dim, (long long)c->n_heads * c->head_dim, c->hidden_dim};
-        for (int i = 0; i < 3; i++)
-            if (len[i] % QGROUP) BAD("int8 weights: %s = %lld is not a multiple of the group size %d", rows[i], len[i], QGROUP);
-    } else {
-        BAD("unknown weight type %d (0 fp32, 1 int8)", c->weight_type);
-    }
+    int int8 = c->weight_type == WEIGHTS_INT8;
+    if (!int8 && c->weight_type != WEIGHTS_FP32) BAD("unknown weight type %d (0 fp32, 1 int8)", c->weight_type);
+    if (!int8 && c->group_size != 0) BAD("fp32 weights with a group size of %d (must be 0)", c->group_size);
+    if (int8 && c->group_size != TQ_QGROUP) BAD("int8 weights in groups of %d; this run reads groups of %d", c->group_size, TQ_QGROUP);
+    const char *rows[] = {"dim", "n_heads x head_dim", "hidden_dim"};   /* the rows an int8 group must not straddle */
+    long long len[] = {c->dim, (long long)c->n_heads * c->head_dim, c->hidden_dim};
+    for (int i = 0; int8 && i < 3; i++)
+        if (len[i] % TQ_QGROUP) BAD("int8 weights: %s = %lld is not a multiple of the group size %d", rows[i], len[i], TQ_QGROUP);
     if (c->tokenizer_offset != HEADER_BYTES) BAD("tokenizer offset %zu is not %d", c->tokenizer_offset, HEADER_BYTES);
     if (c->tokenizer_bytes > file_size || c->weights_offset > file_size || c->weights_offset % 64 ||
         c->tokenizer_offset + c->tokenizer_bytes > c->weights_offset)
@@ -276,8 +248,7 @@ static const char *read_config(Config *c, const uint8_t *h, size_t file_size, ch
     if (file_size - c->weights_offset < need)
         BAD("truncated: %zu bytes, the weights need %zu from offset %zu", file_size, need, c->weights_offset);
     if (file_size - c->weights_offset > need)
-        BAD("%zu bytes past the end of the weights: the header does not describe this file",
-            file_size - c->weights_offset - need);
+        BAD("%zu bytes past the end of the weights: the header does not describe this file", file_size - c->weights_offset - need);
     return NULL;
 #undef BAD
 }
@@ -292,37 +263,23 @@ static void load_model(Transformer *t, const char *path) {
     t->data = (uint8_t *)mmap(NULL, t->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (t->data == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
-    Config *c = &t->config;
     char err[256];
-    if (read_config(c, t->data, t->file_size, err, sizeof err)) die("%s: %s", path, err);
-    map_weights(&t->weights, c, t->data + c->weights_offset);
+    if (read_config(&t->config, t->data, t->file_size, err, sizeof err)) die("%s: %s", path, err);
+    map_weights(&t->weights, &t->config, t->data + t->config.weights_offset);
 }
 
 /* ---------------------------------------------------------------------------
  * The cache and the activations. The KV cache is tq.h's tq_cache: tq_cache_build lays it out
  * (head-major: one head's codes contiguous) and counts it; the forward pass hands each layer's
- * batch to tq_cache_attention, which encodes its keys and values and attends over the cache.
- */
+ * batch to tq_cache_attention, which encodes its keys and values and attends over the cache. */
 
-/* n zeroed items of `size` bytes, added to *bytes; with alloc 0 only counted (NULL), so that
- * build_transformer can count the activations (and the cache) before allocating anything. */
-static void *take_zeroed(size_t n, size_t size, const char *what, int alloc, double *bytes) {
-    *bytes += (double)n * (double)size;
-    return alloc ? xcalloc(n, size, what) : NULL;
-}
-
-/* the longest input row of a matrix product: dim, q_dim (wo) or hidden_dim (w2) */
-static size_t wide_n(const Config *c) {
-    size_t qd = (size_t)c->n_heads * c->head_dim, n = (size_t)c->dim > qd ? (size_t)c->dim : qd;
-    return (size_t)c->hidden_dim > n ? (size_t)c->hidden_dim : n;
-}
-
-/* Allocates (alloc 1) or counts the activations of `batch` tokens; returns their bytes. */
+/* Allocates (alloc 1) or only counts (alloc 0: NULL) the activations of `batch` tokens, zeroed;
+ * returns their bytes, so that build_transformer can count them before allocating anything. */
 static double build_state(RunState *s, const Config *c, const tq_cache *kv, int batch, int all_logits, int alloc) {
     size_t B = (size_t)batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     size_t wide = qd > (size_t)c->dim ? qd : (size_t)c->dim, F = sizeof(float);
     double bytes = 0;
-#define TAKE(n, what) (float *)take_zeroed((n), F, what, alloc, &bytes)
+#define TAKE(n, what) (bytes += (double)(n) * F, alloc ? (float *)xcalloc((n), F, what) : NULL)
     memset(s, 0, sizeof *s);
     s->batch = batch;
     s->x = TAKE(B * c->dim, "activations");
@@ -335,25 +292,16 @@ static double build_state(RunState *s, const Config *c, const tq_cache *kv, int 
     s->v = TAKE(B * kvd, "activations");
     s->work = TAKE(tq_cache_work_floats(kv, c->n_heads / c->n_kv_heads, batch), "attention");
     s->logits = TAKE((all_logits ? B : 1) * c->vocab_size, "logits");
-    if (c->weight_type == WEIGHTS_INT8) {
-        size_t wn = wide_n(c), tiled = B / QTOKS * QTOKS;
-        s->xq = (int16_t *)take_zeroed(B * wn, sizeof(int16_t), "quantized activations", alloc, &bytes);
-        s->xqs = TAKE(B * (wn / QGROUP), "quantized activations");
-        s->xqt = TAKE(tiled * wn, "quantized activations");
-        s->xqts = TAKE(tiled * (wn / QGROUP), "quantized activations");
-    }
 #undef TAKE
+    if (c->weight_type == WEIGHTS_INT8) {   /* the longest input of a product: dim, q_dim (wo) or hidden_dim (w2) */
+        double q8 = tq_q8_input_build(&s->q8, batch, (int)(wide > (size_t)c->hidden_dim ? wide : (size_t)c->hidden_dim), alloc);
+        if (q8 < 0) die("out of memory: the quantized activations");
+        bytes += q8;
+    }
     return bytes;
 }
 
-static void free_state(RunState *s) {
-    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->work, s->logits, s->xqs, s->xqt, s->xqts};
-    for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
-    free(s->xq);
-}
-
-/* qinput: for int8 weights, quantize the input of each product too; simd: the attention
- * kernels' instruction set (RunState) */
+/* qinput and simd: RunState's (int8 weights: quantize each product's input; the attention kernels) */
 static void build_transformer(Transformer *t, const char *path, const tq_cache_opts *o, int ctx, int batch, int all_logits,
                               int qinput, tq_simd simd) {
     load_model(t, path);
@@ -378,7 +326,7 @@ static void build_transformer(Transformer *t, const char *path, const tq_cache_o
     if (tq_cache_build(&t->cache, o, c->n_layers, c->n_kv_heads, c->head_dim, ctx, 1) < 0)
         die("out of memory: the KV cache needs %.1f MiB", cache / 1048576.0);
     build_state(&t->state, c, &t->cache, batch, all_logits, 1);
-    t->state.qinput = qinput;
+    t->state.q8.qinput = qinput;
     t->state.simd = simd;
 #ifdef RUN_CUDA
     gpu_build(t, o, all_logits);
@@ -389,7 +337,10 @@ static void free_transformer(Transformer *t) {
 #ifdef RUN_CUDA
     gpu_free(t);
 #endif
-    free_state(&t->state);
+    RunState *s = &t->state;
+    float *p[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->work, s->logits};
+    for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
+    tq_q8_input_free(&s->q8);
     tq_cache_free(&t->cache);
     munmap(t->data, t->file_size);
 }
@@ -397,299 +348,17 @@ static void free_transformer(Transformer *t) {
 /* ---------------------------------------------------------------------------
  * The forward pass */
 
-/* RMSNorm: o = w * x / sqrt(mean(x^2) + eps) */
-static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
-    double ss = 0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    float r = (float)(1.0 / sqrt(ss / n + eps));
-    for (int i = 0; i < n; i++) o[i] = w[i] * (r * x[i]);
+/* RMSNorm of each of the B rows of x (B, n) into o (B, n): o = w * x / sqrt(mean(x^2) + eps) */
+static void rmsnorm(float *o, const float *x, const float *w, int B, int n, float eps) {
+    for (int b = 0; b < B; b++, o += n, x += n) {
+        double ss = 0;
+        for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+        float r = (float)(1.0 / sqrt(ss / n + eps));
+        for (int i = 0; i < n; i++) o[i] = w[i] * (r * x[i]);
+    }
 }
 
 #ifndef RUN_CUDA   /* run_cuda.cu multiplies with cuBLAS */
-/* A 2-row x 6-token tile of the product, 8 floats at a time: 12 accumulators
- * and 2 weight vectors fit the 16 AVX registers, so every weight load serves
- * 6 tokens and every activation load 2 rows, where one dot at a time would load both
- * for one product each (bench/README.md, Research options, has the figure). v8f is
- * GCC/Clang's portable vector extension. */
-typedef float v8f __attribute__((vector_size(32)));
-#define TILE_ROWS 2
-#define TILE_TOKS 6
-
-static void matmul_tile(float *out, const float *x, const float *w, int b, int i, int n, int d) {
-    v8f acc[TILE_ROWS][TILE_TOKS] = {{{0}}};
-    for (int j = 0; j < n; j += 8) {
-        v8f wv[TILE_ROWS], xv;
-        for (int r = 0; r < TILE_ROWS; r++) memcpy(&wv[r], w + (size_t)(i + r) * n + j, sizeof(v8f));
-        for (int t = 0; t < TILE_TOKS; t++) {
-            memcpy(&xv, x + (size_t)(b + t) * n + j, sizeof(v8f));
-            for (int r = 0; r < TILE_ROWS; r++) acc[r][t] += wv[r] * xv;
-        }
-    }
-    for (int r = 0; r < TILE_ROWS; r++)
-        for (int t = 0; t < TILE_TOKS; t++) {
-            float s = 0.0f;
-            for (int k = 0; k < 8; k++) s += acc[r][t][k];
-            out[(size_t)(b + t) * d + i + r] = s;
-        }
-}
-
-/* One token x (n, a multiple of 16) against the TILE_ROWS rows w (TILE_ROWS, n) into out
- * (TILE_ROWS): two chains of 8 lanes a row (the FMA latency), and the rows PF_ROWS ahead asked
- * for, as one token reads every weight once and the hardware prefetcher alone falls behind. */
-#define PF_ROWS 8
-static void dot_rows(float *out, const float *w, const float *x, int n) {
-    v8f acc[TILE_ROWS][2] = {{{0}}};
-    for (int j = 0; j < n; j += 16) {
-        v8f x0, x1, w0, w1;
-        memcpy(&x0, x + j, sizeof x0);
-        memcpy(&x1, x + j + 8, sizeof x1);
-        for (int r = 0; r < TILE_ROWS; r++) {
-            const float *wr = w + (size_t)r * n + j;
-            __builtin_prefetch(wr + (size_t)PF_ROWS * n);
-            memcpy(&w0, wr, sizeof w0);
-            memcpy(&w1, wr + 8, sizeof w1);
-            acc[r][0] += w0 * x0;
-            acc[r][1] += w1 * x1;
-        }
-    }
-    for (int r = 0; r < TILE_ROWS; r++) {
-        v8f a = acc[r][0] + acc[r][1];
-        float s = 0.0f;
-        for (int k = 0; k < 8; k++) s += a[k];
-        out[r] = s;
-    }
-}
-
-/* Rows [i, i + TILE_ROWS) of out (B, d) = x (B, n) . W^T with W (d, n): tiles of 6 tokens
- * where they fit, then the other tokens (a single decoded token is all other: it is bound by
- * reading the weights) a pair of rows at a time, else one dot at a time. */
-static void matmul_rows(float *out, const float *x, const float *w, int B, int n, int d, int i) {
-    int b = 0, whole = n % 16 == 0 && i + TILE_ROWS <= d;
-    if (n % 8 == 0 && i + TILE_ROWS <= d)
-        for (; b + TILE_TOKS <= B; b += TILE_TOKS) matmul_tile(out, x, w, b, i, n, d);
-    if (whole) {
-        float o[TILE_ROWS];
-        for (int t = b; t < B; t++) {
-            dot_rows(o, w + (size_t)i * n, x + (size_t)t * n, n);
-            for (int r = 0; r < TILE_ROWS; r++) out[(size_t)t * d + i + r] = o[r];
-        }
-        return;
-    }
-    for (int r = i; r < i + TILE_ROWS && r < d; r++)
-        for (int t = b; t < B; t++) out[(size_t)t * d + r] = tq_dot_f32(w + (size_t)r * n, x + (size_t)t * n, n);
-}
-
-/* ---- int8 weights (weight type 1) ----
- * W8A8, llama2.c runq.c's products (--qinput 1): the input x is quantized the way the
- * weights are, per group of QGROUP numbers: xs = max|x| / 127, xq = x / xs rounded to the
- * nearest integer (ties to even: rintf in the default rounding mode). Then for row i of W
- * and token t
- *     out[t][i] = sum_g (sum_k wq[i][g,k] * xq[t][g,k]) * (ws[i][g] * xs[t][g]),
- * the inner sum an exact integer (|.| <= 64 * 127 * 127 < 2^24) and the outer one a chain of
- * fmaf in group order. Exact integers and one correctly rounded fma per group make the
- * result the same bits on every CPU and for every SIMD path GCC picks, and the same in the
- * one-token and the tiled kernel below.
- * W8A32 (--qinput 0): x stays fp32 and out[t][i] = sum_j wq[i][j] * ws[i][j / QGROUP] * x[t][j],
- * summed in float as the fp32 product is (the rounding depends on the order of the sums).
- * It reads the same bytes of weights and skips the rounding of x, which costs more than
- * the weights' own: README, "int8 weights". */
-
-/* An int8 product's input x (B, n): W8A8 quantizes it into s->xq / s->xqs; then the full
- * tiles of QTOKS tokens are laid side by side in s->xqt / s->xqts for matmul_q8_tile (W8A8:
- * the codes as floats and their scales; W8A32: x itself and scales 1). */
-static void prepare_input(RunState *s, const float *x, int B, int n) {
-    int G = n / QGROUP, tiles = B / QTOKS, b;
-    if (s->qinput) {
-#pragma omp parallel for schedule(static) if (B > 1)
-        for (b = 0; b < B; b++)
-            for (int g = 0; g < G; g++) {
-                const float *xg = x + (size_t)b * n + (size_t)g * QGROUP;
-                int16_t *q = s->xq + (size_t)b * n + (size_t)g * QGROUP;
-                float amax = 0.0f;
-                for (int k = 0; k < QGROUP; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;   /* not fmaxf: libm */
-                float scale = amax / 127.0f, div = scale > 0 ? scale : 1.0f;   /* all zeros: codes 0 */
-                for (int k = 0; k < QGROUP; k++) q[k] = (int16_t)rintf(xg[k] / div);
-                s->xqs[(size_t)b * G + g] = scale;
-            }
-    }
-#pragma omp parallel for schedule(static) if (tiles > 1)
-    for (b = 0; b < tiles; b++) {   /* transpose: xqt[b][j][t] = xq[b*QTOKS + t][j] (W8A32: x) */
-        float *xt = s->xqt + (size_t)b * n * QTOKS, *st = s->xqts + (size_t)b * G * QTOKS;
-        for (int t = 0; t < QTOKS; t++) {
-            size_t row = (size_t)b * QTOKS + t;
-            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = s->qinput ? s->xq[row * n + j] : x[row * n + j];
-            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = s->qinput ? s->xqs[row * G + g] : 1.0f;
-        }
-    }
-}
-
-/* W8A8: one row w (n codes, scales ws) against one quantized token x (n codes, scales xs). */
-static float dot_q8(const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
-    float acc = 0.0f;
-    for (int g = 0; g < n / QGROUP; g++) {
-        int32_t isum = 0;
-        for (int k = 0; k < QGROUP; k++) isum += (int32_t)w[g * QGROUP + k] * x[g * QGROUP + k];
-        acc = fmaf((float)isum, ws[g] * xs[g], acc);
-    }
-    return acc;
-}
-
-/* W8A8, one token against QLANES rows of W at once (rows w (QLANES, n), their scales ws
- * (QLANES, n/QGROUP)): lane r of the accumulator holds row r and runs dot_q8's chain of
- * fmaf over the groups, so out (QLANES) gets dot_q8's bits on any path. Per group each row's
- * 64 products are summed in int16 pairs to int32 lanes (vpmaddwd), and sum_lanes gathers
- * the QLANES rows' sums into one vector by a tree of integer additions, exact in any order. */
-#if defined(__AVX512BW__) && defined(__AVX512F__)
-#define QLANES 16
-static __m512i sum_lanes(__m512i v[16]) {   /* lane r of the result = the sum of v[r]'s lanes */
-    for (int r = 0; r < 8; r++)   /* each 128-bit lane: rows 2r, 2r+1, 2r, 2r+1 */
-        v[r] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * r], v[2 * r + 1]), _mm512_unpackhi_epi32(v[2 * r], v[2 * r + 1]));
-    for (int r = 0; r < 4; r++)   /* each 128-bit lane: rows 4r .. 4r+3 */
-        v[r] = _mm512_add_epi32(_mm512_unpacklo_epi64(v[2 * r], v[2 * r + 1]), _mm512_unpackhi_epi64(v[2 * r], v[2 * r + 1]));
-    for (int r = 0; r < 2; r++)   /* 128-bit lanes added in pairs, then the last pairs */
-        v[r] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * r], v[2 * r + 1], 0x88), _mm512_shuffle_i32x4(v[2 * r], v[2 * r + 1], 0xdd));
-    return _mm512_add_epi32(_mm512_shuffle_i32x4(v[0], v[1], 0x88), _mm512_shuffle_i32x4(v[0], v[1], 0xdd));
-}
-
-static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
-    int G = n / QGROUP;
-    __m512i row = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                     _mm512_set1_epi32(G));   /* offset of row r's scales in ws */
-    __m512 acc = _mm512_setzero_ps();
-    for (int g = 0; g < G; g++) {
-        __m512i x0 = _mm512_loadu_si512(x + g * QGROUP), x1 = _mm512_loadu_si512(x + g * QGROUP + 32), v[QLANES];
-        for (int r = 0; r < QLANES; r++) {
-            const int8_t *wr = w + (size_t)r * n + (size_t)g * QGROUP;
-            _mm_prefetch((const char *)(wr + (size_t)QLANES * n), _MM_HINT_T0);   /* the next block: the hardware prefetcher misses 16 rows read side by side */
-            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)wr));
-            __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + 32)));
-            v[r] = _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1));
-        }
-        __m512 scale = _mm512_mul_ps(_mm512_i32gather_ps(row, ws + g, 4), _mm512_set1_ps(xs[g]));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_lanes(v)), scale, acc);
-    }
-    _mm512_storeu_ps(out, acc);
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-#define QLANES 8
-static __m256i sum_lanes(__m256i v[8]) {    /* lane r of the result = the sum of v[r]'s lanes */
-    for (int r = 0; r < 4; r++)   /* each 128-bit lane: rows 2r, 2r+1, 2r, 2r+1 */
-        v[r] = _mm256_add_epi32(_mm256_unpacklo_epi32(v[2 * r], v[2 * r + 1]), _mm256_unpackhi_epi32(v[2 * r], v[2 * r + 1]));
-    for (int r = 0; r < 2; r++)   /* each 128-bit lane: rows 4r .. 4r+3 */
-        v[r] = _mm256_add_epi32(_mm256_unpacklo_epi64(v[2 * r], v[2 * r + 1]), _mm256_unpackhi_epi64(v[2 * r], v[2 * r + 1]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(v[0], v[1], 0x20), _mm256_permute2x128_si256(v[0], v[1], 0x31));
-}
-
-static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
-    int G = n / QGROUP;
-    __m256i row = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(G));
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < G; g++) {
-        __m256i xv[4], v[QLANES];
-        for (int k = 0; k < 4; k++) xv[k] = _mm256_loadu_si256((const __m256i *)(x + g * QGROUP + 16 * k));
-        for (int r = 0; r < QLANES; r++) {
-            const int8_t *wr = w + (size_t)r * n + (size_t)g * QGROUP;
-            _mm_prefetch((const char *)(wr + (size_t)QLANES * n), _MM_HINT_T0);
-            __m256i s = _mm256_setzero_si256();
-            for (int k = 0; k < 4; k++)
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wr + 16 * k))), xv[k]));
-            v[r] = s;
-        }
-        __m256 scale = _mm256_mul_ps(_mm256_i32gather_ps(ws + g, row, 4), _mm256_set1_ps(xs[g]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes(v)), scale, acc);
-    }
-    _mm256_storeu_ps(out, acc);
-}
-#else
-#define QLANES 1   /* portable: dot_q8 row by row */
-static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
-    *out = dot_q8(w, ws, x, xs, n);
-}
-#endif
-
-typedef float v16f __attribute__((vector_size(64)));   /* GCC/Clang's vector extension */
-
-/* W8A32: one row w (n codes, scales ws) against one fp32 token x (n): 4 x 16 lanes (one
- * vector per quarter of a group, so that 4 multiply-adds are in flight) accumulate
- * w * x * s over the whole row and are summed once at the end (a sum per group would cost a
- * horizontal reduction per 64 numbers). A group's codes become floats in a plain loop,
- * which GCC vectorizes (its __builtin_convertvector from int8 does not). */
-static float dot_w8(const int8_t *w, const float *ws, const float *x, int n) {
-    v16f acc[QGROUP / 16] = {{0}}, wv, xv;
-    for (int g = 0; g < n / QGROUP; g++) {
-        float wf[QGROUP];
-        for (int k = 0; k < QGROUP; k++) wf[k] = w[g * QGROUP + k];
-        for (int k = 0; k < QGROUP / 16; k++) {
-            memcpy(&wv, wf + 16 * k, sizeof wv);
-            memcpy(&xv, x + g * QGROUP + 16 * k, sizeof xv);
-            acc[k] += wv * xv * ws[g];
-        }
-    }
-    v16f all = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    float sum = 0.0f;
-    for (int t = 0; t < 16; t++) sum += all[t];
-    return sum;
-}
-
-/* Rows i..i+QROWS-1 of W (d, n) against the QTOKS tokens b.. of tile xt (n, QTOKS) with
- * scales xts (n/QGROUP, QTOKS): a token per vector lane, so each weight, loaded once as a
- * float, is multiplied into 16 tokens, and a group's sums need no horizontal reduction.
- * W8A8: the integer sums are taken in float, where every product and partial sum is an
- * integer below 2^24, which float holds exactly in any order, fused or not. */
-
-static void matmul_q8_tile(float *out, const float *xt, const float *xts, const int8_t *w, const float *ws,
-                           int b, int i, int n, int d) {
-    int G = n / QGROUP;
-    v16f o[QROWS] = {{0}};
-    for (int g = 0; g < G; g++) {
-        float wf[QROWS][QGROUP];
-        for (int r = 0; r < QROWS; r++)
-            for (int k = 0; k < QGROUP; k++) wf[r][k] = w[(size_t)(i + r) * n + (size_t)g * QGROUP + k];
-        v16f acc[QROWS] = {{0}}, xv, xs;
-        for (int k = 0; k < QGROUP; k++) {
-            memcpy(&xv, xt + ((size_t)g * QGROUP + k) * QTOKS, sizeof xv);
-            for (int r = 0; r < QROWS; r++) acc[r] += xv * wf[r][k];
-        }
-        memcpy(&xs, xts + (size_t)g * QTOKS, sizeof xs);
-        for (int r = 0; r < QROWS; r++) {
-            float sw = ws[(size_t)(i + r) * G + g];
-            for (int t = 0; t < QTOKS; t++) o[r][t] = fmaf(acc[r][t], sw * xs[t], o[r][t]);
-        }
-    }
-    for (int r = 0; r < QROWS; r++)
-        for (int t = 0; t < QTOKS; t++) out[(size_t)(b + t) * d + i + r] = o[r][t];
-}
-
-/* Row r of W (codes w, scales ws) against token t of the product's input: W8A8 or W8A32. */
-static float dot_int8_row(const RunState *s, const int8_t *w, const float *ws, const float *x, int t, int r, int n) {
-    int G = n / QGROUP;
-    if (s->qinput) return dot_q8(w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n, s->xqs + (size_t)t * G, n);
-    return dot_w8(w + (size_t)r * n, ws + (size_t)r * G, x + (size_t)t * n, n);
-}
-
-/* Rows [i, i + QBLOCK) of out (B, d) = x (B, n) . W^T for int8 W (d, n) with scales ws, x
- * already quantized (or tiled) into s by linear(): tiles of QROWS rows x QTOKS tokens where they
- * fit; the other tokens (a decoded token is all other: it is bound by reading the weights)
- * QLANES rows at a time with W8A8, else one dot at a time. */
-#define QBLOCK (QLANES > QROWS ? QLANES : QROWS)
-static void matmul_q8_rows(RunState *s, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d,
-                           int i) {
-    int G = n / QGROUP, tiled = B / QTOKS * QTOKS, end = i + QBLOCK < d ? i + QBLOCK : d, r = i;
-    for (; r + QROWS <= end; r += QROWS)
-        for (int b = 0; b < tiled; b += QTOKS)
-            matmul_q8_tile(out, s->xqt + (size_t)b * n, s->xqts + (size_t)b * G, w, ws, b, r, n, d);
-    for (; r < end; r++)
-        for (int t = 0; t < tiled; t++) out[(size_t)t * d + r] = dot_int8_row(s, w, ws, x, t, r, n);
-    for (int t = tiled; t < B; t++) {
-        r = i;
-        if (s->qinput)
-            for (; r + QLANES <= end; r += QLANES)
-                dot_q8_rows(out + (size_t)t * d + r, w + (size_t)r * n, ws + (size_t)r * G, s->xq + (size_t)t * n,
-                            s->xqs + (size_t)t * G, n);
-        for (; r < end; r++) out[(size_t)t * d + r] = dot_int8_row(s, w, ws, x, t, r, n);
-    }
-}
-
 /* One matrix of a product: out (B, d) = x . W^T, W the (d, n) matrix `at` numbers into a
  * weight group held as fp32 (f) or, in an int8 file, as q. */
 typedef struct {
@@ -704,8 +373,8 @@ typedef struct {
  * parallel loop over all their blocks of rows: the threads stream the weights of every
  * matrix without a barrier between them. */
 static void linear(RunState *s, const float *x, int B, int n, const Product *p, int np) {
-    int step = p[0].f ? TILE_ROWS : QBLOCK, first[4] = {0}, j;   /* first[k]: product k's first block */
-    if (!p[0].f) prepare_input(s, x, B, n);
+    int step = p[0].f ? TQ_F32_BLOCK : TQ_Q8_BLOCK, first[4] = {0}, j;   /* first[k]: product k's first block */
+    if (!p[0].f) tq_q8_prepare(&s->q8, x, B, n);
     for (int k = 0; k < np; k++) first[k + 1] = first[k] + (p[k].d + step - 1) / step;
 #pragma omp parallel for schedule(static)
     for (j = 0; j < first[np]; j++) {
@@ -713,40 +382,33 @@ static void linear(RunState *s, const float *x, int B, int n, const Product *p, 
         while (j >= first[k + 1]) k++;
         const Product *m = &p[k];
         int i = (j - first[k]) * step;
-        if (m->f) matmul_rows(m->out, x, m->f + m->at, B, n, m->d, i);
-        else matmul_q8_rows(s, m->out, x, m->q->q + m->at, m->q->s + m->at / QGROUP, B, n, m->d, i);
+        if (m->f) tq_f32_rows(m->out, x, m->f + m->at, B, n, m->d, i);
+        else tq_q8_rows(&s->q8, m->out, x, m->q->q + m->at, m->q->s + m->at / TQ_QGROUP, B, n, m->d, i);
     }
 }
 
 /* x (dim) = the embedding of token; int8 files dequantize its row */
 static void embed(float *x, const TransformerWeights *w, int token, int dim) {
     size_t at = (size_t)token * dim;
-    if (w->token_embedding) {
-        memcpy(x, w->token_embedding + at, dim * sizeof(float));
-        return;
-    }
-    for (int j = 0; j < dim; j++) x[j] = w->q_embedding.q[at + j] * w->q_embedding.s[(at + j) / QGROUP];
+    for (int j = 0; j < dim; j++)
+        x[j] = w->token_embedding ? w->token_embedding[at + j] : w->q_embedding.q[at + j] * w->q_embedding.s[(at + j) / TQ_QGROUP];
 }
 #endif
 
-/* RoPE (interleaved pairs, the layout of model.bin): (v[2i], v[2i+1]) is rotated by the
- * angle pos * theta^(-2i/head_dim). */
-static void rotate_pair(float *v, float c, float s) {
-    float a = v[0], b = v[1];
-    v[0] = a * c - b * s;
-    v[1] = a * s + b * c;
-}
-
-/* RoPE on token b's key head g and the query heads of its group, at position pos + b
- * (they share every angle): q (batch, n_heads*head_dim), k (batch, n_kv_heads*head_dim). */
+/* RoPE (interleaved pairs, the layout of model.bin): (v[2i], v[2i+1]) is rotated by the angle
+ * pos * theta^(-2i/head_dim). Here on token b's key head g and the query heads of its group, at
+ * position pos + b (they share every angle): q (batch, n_heads*head_dim), k (batch, n_kv_heads*head_dim). */
 static void rope_group(const Config *c, float *q, float *k, int b, int g, int pos) {
     int hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
     float *kh = k + ((size_t)b * c->n_kv_heads + g) * hd, *qh = q + ((size_t)b * c->n_heads + (size_t)g * group) * hd;
     for (int i = 0; i < hd; i += 2) {
         double ang = (pos + b) * pow(c->rope_theta, -(double)i / hd);
         float cs = (float)cos(ang), sn = (float)sin(ang);
-        rotate_pair(kh + i, cs, sn);
-        for (int h = 0; h < group; h++) rotate_pair(qh + (size_t)h * hd + i, cs, sn);
+        for (int h = -1; h < group; h++) {   /* the key head, then the query heads */
+            float *v = (h < 0 ? kh : qh + (size_t)h * hd) + i, x = v[0], y = v[1];
+            v[0] = x * cs - y * sn;
+            v[1] = x * sn + y * cs;
+        }
     }
 }
 
@@ -767,21 +429,18 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
     Config *c = &t->config;
     TransformerWeights *w = &t->weights;
     RunState *s = &t->state;
-    int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim;
-    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
+    int dim = c->dim, hd = c->head_dim, hid = c->hidden_dim, qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
 
     for (int b = 0; b < n; b++) embed(s->x + (size_t)b * dim, w, tokens[b], dim);
 
     for (int l = 0; l < c->n_layers; l++) {
         /* attention block: x += Wo . attn(RoPE(Wq xn), RoPE(Wk xn), Wv xn) */
-        for (int b = 0; b < n; b++)
-            rmsnorm(s->xb + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_att + (size_t)l * dim, dim, c->norm_eps);
+        rmsnorm(s->xb, s->x, w->rms_att + (size_t)l * dim, n, dim, c->norm_eps);
         Product qkv[] = {{s->q, w->wq, &w->q_wq, (size_t)l * qd * dim, qd}, {s->k, w->wk, &w->q_wk, (size_t)l * kvd * dim, kvd},
                          {s->v, w->wv, &w->q_wv, (size_t)l * kvd * dim, kvd}};
         linear(s, s->xb, n, dim, qkv, 3);
-        int i;
 #pragma omp parallel for schedule(static)
-        for (i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
+        for (int i = 0; i < n * c->n_kv_heads; i++) rope_group(c, s->q, s->k, i / c->n_kv_heads, i % c->n_kv_heads, pos);
         /* the cache: k and v are encoded into it, then token b attends to positions 0..pos+b */
         tq_cache_batch batch = {l, n, pos, c->n_heads / c->n_kv_heads, s->q, s->k, s->v, s->xb, s->work};
         if (tq_cache_attention(&t->cache, s->simd, &batch)) die("out of memory: key directions");
@@ -789,47 +448,28 @@ static float *forward(Transformer *t, const int *tokens, int n, int pos, int all
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
 
         /* feed-forward block: x += W2 . (silu(W1 xn) * W3 xn)   (SwiGLU) */
-        for (int b = 0; b < n; b++)
-            rmsnorm(s->xb + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
+        rmsnorm(s->xb, s->x, w->rms_ffn + (size_t)l * dim, n, dim, c->norm_eps);
         Product up[] = {{s->hb, w->w1, &w->q_w1, (size_t)l * hid * dim, hid}, {s->hb2, w->w3, &w->q_w3, (size_t)l * hid * dim, hid}};
         linear(s, s->xb, n, dim, up, 2);
-        for (size_t j = 0; j < (size_t)n * hid; j++) {
-            float g = s->hb[j];
-            s->hb[j] = g / (1.0f + expf(-g)) * s->hb2[j];
-        }
+        for (size_t j = 0; j < (size_t)n * hid; j++) s->hb[j] = s->hb[j] / (1.0f + expf(-s->hb[j])) * s->hb2[j];
         linear(s, s->hb, n, hid, &(Product){s->xb2, w->w2, &w->q_w2, (size_t)l * dim * hid, dim}, 1);
         for (size_t j = 0; j < (size_t)n * dim; j++) s->x[j] += s->xb2[j];
     }
 
     /* final norm and classifier, for the tokens whose logits are wanted */
     int first = all_logits ? 0 : n - 1;
-    for (int b = first; b < n; b++)
-        rmsnorm(s->x + (size_t)b * dim, s->x + (size_t)b * dim, w->rms_final, dim, c->norm_eps);
+    rmsnorm(s->x + (size_t)first * dim, s->x + (size_t)first * dim, w->rms_final, n - first, dim, c->norm_eps);
     linear(s, s->x + (size_t)first * dim, n - first, dim, &(Product){s->logits, w->wcls, &w->q_wcls, 0, c->vocab_size}, 1);
     return s->logits;
 }
 #endif
-
-/* Feeds n tokens at positions pos.. in batches; returns the last token's logits.
- * With all (n, vocab) != NULL, every position's logits are copied there. */
-static float *prefill(Transformer *t, const int *tokens, int n, int pos, float *all) {
-    float *logits = NULL;
-    for (int i = 0; i < n; i += t->state.batch) {
-        int m = n - i < t->state.batch ? n - i : t->state.batch;
-        logits = forward(t, tokens + i, m, pos + i, all != NULL);
-        if (all) memcpy(all + (size_t)i * t->config.vocab_size, logits, (size_t)m * t->config.vocab_size * sizeof(float));
-        if (all) logits += (size_t)(m - 1) * t->config.vocab_size;
-    }
-    return logits;
-}
 
 /* ---------------------------------------------------------------------------
  * The Tokenizer: text <-> token ids, read from the tokenizer section of model.bin.
  * Two kinds: SentencePiece (llama2.c's algorithm: per-character lookup, then greedy merges
  * by the score of the merged token) and GPT-2 byte-level BPE (special tokens split out,
  * a hand-coded pre-tokenizer regex, then merges by rank inside each piece).
- * The token bytes are not copied: they point into the mmap'd file.
- */
+ * The token bytes are not copied: they point into the mmap'd file. */
 
 typedef struct { int left, right, result, rank; } MergeSlot; /* a merge rule (left = -1: empty slot) */
 typedef struct { uint32_t lo, hi; int cls; } CodeRange; /* code points lo..hi have class cls */
@@ -855,16 +495,15 @@ typedef struct {
     int n_special;
     int byte_id[256];              /* GPT-2: the single-byte token of each byte; SentencePiece: <0xXX>, or -1 */
     unsigned char byte_pieces[256]; /* byte_pieces[b] == b: what decode returns for <0xXX> */
+    unsigned char *cat;            /* (2 * max_token_len + 1) concat_lookup's scratch (so encode is not reentrant) */
 } Tokenizer;
 
-/* Reads the section's next 4 bytes into *v (an int, uint32 or float: little-endian, the
- * host's order, as the mmap'd weights assume); -1 at the end of the section. */
+/* The unread part of the tokenizer section; cur_read takes its next 4 bytes into *v (an int, uint32
+ * or float: little-endian, the host's order, as the mmap'd weights assume), -1 at its end. */
 typedef struct { const unsigned char *p; size_t left; } Cursor;
-
 static int cur_read(Cursor *c, void *v) {
     if (c->left < 4) return -1;
-    memcpy(v, c->p, 4);
-    c->p += 4; c->left -= 4;
+    memcpy(v, c->p, 4); c->p += 4; c->left -= 4;
     return 0;
 }
 
@@ -892,11 +531,11 @@ static int vocab_lookup(const Tokenizer *t, const unsigned char *s, size_t n) {
     return t->vocab_hash[vocab_slot(t, s, n)] - 1;
 }
 
-/* the token whose bytes are a's then b's, or -1 (cat: 2 * max_token_len + 1 bytes of scratch) */
-static int concat_lookup(const Tokenizer *t, unsigned char *cat, int a, int b) {
-    memcpy(cat, t->vocab[a], (size_t)t->vocab_len[a]);
-    memcpy(cat + t->vocab_len[a], t->vocab[b], (size_t)t->vocab_len[b]);
-    return vocab_lookup(t, cat, (size_t)t->vocab_len[a] + (size_t)t->vocab_len[b]);
+/* the token whose bytes are a's then b's, or -1 */
+static int concat_lookup(const Tokenizer *t, int a, int b) {
+    memcpy(t->cat, t->vocab[a], (size_t)t->vocab_len[a]);
+    memcpy(t->cat + t->vocab_len[a], t->vocab[b], (size_t)t->vocab_len[b]);
+    return vocab_lookup(t, t->cat, (size_t)t->vocab_len[a] + (size_t)t->vocab_len[b]);
 }
 
 /* the slot of t->merges that holds the rule (a, b), else the empty slot where it would go;
@@ -952,19 +591,18 @@ static int hex_val(unsigned char ch) {
 
 void free_tokenizer(Tokenizer *t) {
     free(t->vocab); free(t->vocab_len); free(t->scores); free(t->byte_val); free(t->vocab_hash);
-    free(t->merges); free(t->ranges); free(t->special);
+    free(t->merges); free(t->ranges); free(t->special); free(t->cat);
     memset(t, 0, sizeof(*t));
 }
 
+/* Reads the tokenizer section (data, size bytes) of a file whose header read_config accepted
+ * (vocab_size, kind and pretok from it). Returns 0, or -1 with err holding one line (never exits). */
 int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
                     int kind, int pretok, char *err, size_t errlen) {
     memset(t, 0, sizeof(*t));
     Cursor c = { data, size };
     int n, n_merges, n_ranges, file_max_len; /* our own max_token_len is measured below */
-    unsigned char *cat = NULL;
-    #define TOK_FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); free(cat); free_tokenizer(t); return -1; } while (0)
-    if (kind != 1 && kind != 2) TOK_FAIL("unknown tokenizer kind %d", kind);
-    if (pretok < 0 || pretok > 2) TOK_FAIL("unknown pre-tokenizer %d", pretok);
+    #define TOK_FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); free_tokenizer(t); return -1; } while (0)
     if (cur_read(&c, &n) || cur_read(&c, &file_max_len)) TOK_FAIL("tokenizer section truncated in its header");
     if (n <= 0 || n != vocab_size || n > (1 << 28))
         TOK_FAIL("tokenizer has %d tokens, the header says vocab_size %d", n, vocab_size);
@@ -997,9 +635,8 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
             if (t->byte_id[v] < 0) t->byte_id[v] = i;
         }
         if (flags & 1) {
-            /* special tokens are matched in the raw text only; BPE never produces them.
-             * GPT-2 kind: one that is not whole UTF-8 characters could match inside a
-             * character and leave the pre-tokenizer a stray continuation byte */
+            /* special tokens are matched in the raw text only; BPE never produces them. GPT-2 kind: one that
+             * is not whole UTF-8 characters could match inside a character, leaving a stray continuation byte */
             if (kind == 2 && !is_utf8(p, (size_t)len)) TOK_FAIL("special token %d is not valid UTF-8", i);
             if (len > 0) t->special[t->n_special++] = i;
             continue;
@@ -1015,8 +652,8 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
         TOK_FAIL("tokenizer section: bad or truncated merges list");
     t->merge_size = n_merges > 0 ? pow2_at_least(2 * n_merges) : 0;
     t->merges = (MergeSlot *)malloc((size_t)t->merge_size * sizeof(MergeSlot) + 1);
-    cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1);
-    if (!t->merges || !cat) TOK_FAIL("out of memory for the merges");
+    t->cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1);
+    if (!t->merges || !t->cat) TOK_FAIL("out of memory for the merges");
     for (int s = 0; s < t->merge_size; s++) t->merges[s].left = -1;
     for (int r = 0; r < n_merges; r++) {
         int a = -1, b = -1;
@@ -1024,11 +661,9 @@ int build_tokenizer(Tokenizer *t, const unsigned char *data, size_t size, int vo
         if (a < 0 || a >= n || b < 0 || b >= n) TOK_FAIL("merge %d refers to a token out of range", r);
         /* a merge into a token that is not in the vocabulary never applies; a repeated rule
          * keeps its first (lowest) rank */
-        int res = concat_lookup(t, cat, a, b), h = merge_slot(t, a, b);
+        int res = concat_lookup(t, a, b), h = merge_slot(t, a, b);
         if (res >= 0 && t->merges[h].left < 0) t->merges[h] = (MergeSlot){ a, b, res, r };
     }
-    free(cat);
-    cat = NULL;
 
     /* Unicode classes: { uint32 lo; uint32 hi; int32 cls }, sorted, not overlapping */
     if (cur_read(&c, &n_ranges) || n_ranges < 0 || (size_t)n_ranges > c.left / 12)
@@ -1059,14 +694,13 @@ typedef struct {
     int *tok, *prev, *next;        /* (text bytes + 2) per symbol: token id (-1: merged away), list links */
     HeapItem *heap;                /* (3 * (text bytes + 2)) pairs: n-1 at first, at most 2 more per merge */
     int n_heap;
-    unsigned char *cat;            /* (2*max_token_len+1) SentencePiece: left's + right's bytes */
     int *out; int n_out, max_out;  /* the caller's token array */
     int full;                      /* set once max_out would be exceeded */
 } Encoder;
 
 static void emit(Encoder *e, int id) {
-    if (e->n_out >= e->max_out) { e->full = 1; return; }
-    e->out[e->n_out++] = id;
+    if (e->n_out < e->max_out) e->out[e->n_out++] = id;
+    else e->full = 1;
 }
 
 static int heap_less(HeapItem a, HeapItem b) { return a.key < b.key || (a.key == b.key && a.pos < b.pos); }
@@ -1081,26 +715,24 @@ static void heap_push(Encoder *e, float key, int pos) {
 static HeapItem heap_pop(Encoder *e) {
     HeapItem top = e->heap[0], last = e->heap[--e->n_heap];
     int i = 0;
-    for (;;) {
-        int k = 2 * i + 1;
-        if (k >= e->n_heap) break;
+    for (int k = 1; k < e->n_heap; i = k, k = 2 * i + 1) {   /* the last item sifted down from the root */
         if (k + 1 < e->n_heap && heap_less(e->heap[k + 1], e->heap[k])) k++;
         if (!heap_less(e->heap[k], last)) break;
-        e->heap[i] = e->heap[k]; i = k;
+        e->heap[i] = e->heap[k];
     }
     if (e->n_heap > 0) e->heap[i] = last;
     return top;
 }
 
 /* can tokens a and b merge? Returns 1 with the merged token and its priority */
-static int pair_merge(const Tokenizer *t, Encoder *e, int a, int b, int *res, float *key) {
+static int pair_merge(const Tokenizer *t, int a, int b, int *res, float *key) {
     if (t->kind == 2) {
         int s = merge_slot(t, a, b);
         if (s < 0 || t->merges[s].left < 0) return 0;
         *res = t->merges[s].result; *key = (float)t->merges[s].rank;
         return 1;
     }
-    int id = concat_lookup(t, e->cat, a, b);
+    int id = concat_lookup(t, a, b);
     if (id < 0) return 0;
     *res = id; *key = -t->scores[id];
     return 1;
@@ -1108,7 +740,7 @@ static int pair_merge(const Tokenizer *t, Encoder *e, int a, int b, int *res, fl
 
 static void push_pair(const Tokenizer *t, Encoder *e, int i) {
     int res; float key;
-    if (i >= 0 && e->next[i] >= 0 && pair_merge(t, e, e->tok[i], e->tok[e->next[i]], &res, &key))
+    if (i >= 0 && e->next[i] >= 0 && pair_merge(t, e->tok[i], e->tok[e->next[i]], &res, &key))
         heap_push(e, key, i);
 }
 
@@ -1121,7 +753,7 @@ static void bpe_merge(const Tokenizer *t, Encoder *e, int n) {
         HeapItem it = heap_pop(e);
         int i = it.pos, j = e->next[i], res; float key;
         /* stale entry: i was merged away, or i's pair changed since it was pushed */
-        if (e->tok[i] < 0 || j < 0 || !pair_merge(t, e, e->tok[i], e->tok[j], &res, &key) || key != it.key) continue;
+        if (e->tok[i] < 0 || j < 0 || !pair_merge(t, e->tok[i], e->tok[j], &res, &key) || key != it.key) continue;
         e->tok[i] = res; e->tok[j] = -1;
         e->next[i] = e->next[j];
         if (e->next[j] >= 0) e->prev[e->next[j]] = i;
@@ -1249,13 +881,10 @@ int encode(const Tokenizer *t, const char *text, size_t len, int bos_id, int *to
     if (t->kind == 2 && !is_utf8(s, len)) return -1;
     if (len > (size_t)INT32_MAX / 3 - 2) return -3;
     size_t cap = len + 2;   /* symbols of a piece at most: its bytes, and SentencePiece's dummy " " */
-    Encoder e;
-    memset(&e, 0, sizeof e);
-    e.out = tokens; e.max_out = max_tokens < 0 ? 0 : max_tokens;
-    e.tok = (int *)malloc(cap * sizeof(int)); e.prev = (int *)malloc(cap * sizeof(int));
-    e.next = (int *)malloc(cap * sizeof(int)); e.heap = (HeapItem *)malloc(3 * cap * sizeof(HeapItem));
-    e.cat = (unsigned char *)malloc(2 * (size_t)t->max_token_len + 1);
-    int ok = e.tok && e.prev && e.next && e.heap && e.cat;
+    Encoder e = {.tok = (int *)malloc(cap * sizeof(int)), .prev = (int *)malloc(cap * sizeof(int)),
+                 .next = (int *)malloc(cap * sizeof(int)), .heap = (HeapItem *)malloc(3 * cap * sizeof(HeapItem)), .n_heap = 0,
+                 .out = tokens, .n_out = 0, .max_out = max_tokens < 0 ? 0 : max_tokens, .full = 0};
+    int ok = e.tok && e.prev && e.next && e.heap;
     if (ok && bos_id >= 0) emit(&e, bos_id);
     /* split out special tokens (leftmost, then longest); the stretches between are plain text */
     size_t seg = 0;
@@ -1269,7 +898,7 @@ int encode(const Tokenizer *t, const char *text, size_t len, int bos_id, int *to
         i += (size_t)t->vocab_len[sp];
         seg = i;
     }
-    free(e.tok); free(e.prev); free(e.next); free(e.heap); free(e.cat);
+    free(e.tok); free(e.prev); free(e.next); free(e.heap);
     return !ok ? -3 : e.full ? -2 : e.n_out;
 }
 
@@ -1277,10 +906,8 @@ const char *decode_piece(const Tokenizer *t, int prev_token, int bos_id, int tok
     if (token < 0 || token >= t->vocab_size) { *len = 0; return ""; }
     const unsigned char *p = t->vocab[token];
     size_t n = (size_t)t->vocab_len[token];
-    if (t->kind == 1) {
-        /* after bos, SentencePiece drops the dummy prefix space (llama2.c PR #89) */
+    if (t->kind == 1) {   /* SentencePiece: no dummy prefix space after bos (llama2.c PR #89); <0x0A> is that byte */
         if (bos_id >= 0 && prev_token == bos_id && n > 0 && p[0] == ' ') { p++; n--; }
-        /* byte tokens such as <0x0A> stand for that raw byte */
         if (t->byte_val[token] >= 0) { *len = 1; return (const char *)&t->byte_pieces[t->byte_val[token]]; }
     }
     *len = n;
@@ -1358,17 +985,7 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-typedef struct {                 /* what the trade-off line reports          */
-    int prefill_tokens, decode_tokens;
-    double prefill_s, decode_s;
-} Stats;
-
-/* Where attention runs: the codec's SIMD path (CPU), or the GPU. */
-#ifdef RUN_CUDA
-static const char *attention_path(const Transformer *t) { (void)t; return "cuda"; }
-#else
-static const char *attention_path(const Transformer *t) { return tq_simd_name(t->state.simd); }
-#endif
+typedef struct { int prefill_tokens, decode_tokens; double prefill_s, decode_s; } Stats;   /* for the speed line */
 
 /* The weights' line on stderr: their type and bytes (mmap'd from the file), e.g.
  * weights: int8 g64, 137.66 MiB (fp32 514.39 MiB); with the KV cache 138.05 MiB */
@@ -1391,8 +1008,7 @@ static void report(const Transformer *t, int n_pos, const Stats *speed) {
     const tq_cache *kv = &t->cache;
     double bits = 0.5 * (tq_bits_per_elem(kv->kc.fmt, c->head_dim) + tq_bits_per_elem(kv->vc.fmt, c->head_dim));
     tq_cache_bytes b = tq_cache_size(kv, n_pos);
-    double MiB = 1048576.0, mib = b.all / MiB;
-    double fp16 = (double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2 * 2 / MiB;
+    double MiB = 1048576.0, mib = b.all / MiB, fp16 = (double)n_pos * c->n_layers * c->n_kv_heads * c->head_dim * 2 * 2 / MiB;
     double ratio = mib > 0 ? fp16 / mib : 1.0;
     fprintf(stderr, "kv: %s/%s %.2f bits/elem, %.2f MiB for %d tokens (fp16 %.2f MiB, %.1fx %s; fp32 %.2f MiB)\n",
             tq_fmt_name(kv->kc.fmt), tq_fmt_name(kv->vc.fmt), bits, mib, n_pos, fp16,
@@ -1404,21 +1020,26 @@ static void report(const Transformer *t, int n_pos, const Stats *speed) {
                 kv->window, kv->kproj ? (kv->kbeta8 ? ", projection directions per block" : ", projection directions") : "",
                 tq_cache_bits(kv, n_pos));
     report_weights(c, mib);
+#ifdef RUN_CUDA
+    const char *where = "cuda";   /* where attention runs: the GPU, or the codec's SIMD path */
+#else
+    const char *where = tq_simd_name(t->state.simd);
+#endif
     if (speed)
         fprintf(stderr, "speed: prefill %.1f tok/s (%d tokens), decode %.1f tok/s (%d tokens), attention %s\n",
                 speed->prefill_s > 0 ? speed->prefill_tokens / speed->prefill_s : 0.0, speed->prefill_tokens,
-                speed->decode_s > 0 ? speed->decode_tokens / speed->decode_s : 0.0, speed->decode_tokens, attention_path(t));
+                speed->decode_s > 0 ? speed->decode_tokens / speed->decode_s : 0.0, speed->decode_tokens, where);
 }
 
-/* Prints a token's bytes; ASCII control bytes other than whitespace are not
- * printed raw (bytes >= 0x80 are parts of UTF-8 characters and are kept). */
-static void print_piece(const Tokenizer *tok, int prev, int bos, int token) {
+/* Prints a token's bytes. Unless raw (-m detokenize), ASCII control bytes other than whitespace
+ * are left out (bytes >= 0x80 are parts of UTF-8 characters and are kept) and stdout is flushed. */
+static void print_piece(const Tokenizer *tok, int prev, int bos, int token, int raw) {
     size_t n;
     const char *p = decode_piece(tok, prev, bos, token, &n);
     unsigned char b = (unsigned char)p[0];
-    if (n == 1 && b < 0x80 && !isprint(b) && !isspace(b)) return;
+    if (!raw && n == 1 && b < 0x80 && !isprint(b) && !isspace(b)) return;
     fwrite(p, 1, n, stdout);
-    fflush(stdout);
+    if (!raw) fflush(stdout);
 }
 
 static int *encode_or_die(const Tokenizer *tok, const char *text, size_t len, int bos, int *n_out) {
@@ -1431,18 +1052,25 @@ static int *encode_or_die(const Tokenizer *tok, const char *text, size_t len, in
     return tokens;
 }
 
-/* Runs the n tokens at pos (prefill), timed into st; returns the last one's logits. */
-static float *feed(Transformer *t, const int *tokens, int n, int pos, Stats *st) {
+/* Feeds n tokens at positions pos.. in batches; returns the last token's logits. With all
+ * (n, vocab) != NULL, every position's logits are copied there; with st, the time is added to it. */
+static float *prefill(Transformer *t, const int *tokens, int n, int pos, float *all, Stats *st) {
+    float *logits = NULL;
     double t0 = now_s();
-    float *logits = prefill(t, tokens, n, pos, NULL);
-    st->prefill_tokens += n; st->prefill_s += now_s() - t0;
+    for (int i = 0; i < n; i += t->state.batch) {
+        int m = n - i < t->state.batch ? n - i : t->state.batch;
+        logits = forward(t, tokens + i, m, pos + i, all != NULL);
+        if (all) memcpy(all + (size_t)i * t->config.vocab_size, logits, (size_t)m * t->config.vocab_size * sizeof(float));
+        if (all) logits += (size_t)(m - 1) * t->config.vocab_size;
+    }
+    if (st) { st->prefill_tokens += n; st->prefill_s += now_s() - t0; }
     return logits;
 }
 
-/* Samples up to steps tokens after logits (position pos - 1, token prev), printing each and
- * feeding it to the cache, until a stop token or the end of the context; returns the next
- * position. In chat the stop token (the end of the turn) goes into the cache too, and no token
- * is sampled that the context could not take. */
+/* Samples up to steps tokens after logits (position pos - 1, token prev), printing each and feeding
+ * it to the cache, until a stop token or the end of the context; returns the next position. In chat
+ * the stop token (the end of the turn) goes into the cache too, and no token is sampled that the
+ * context could not take. */
 static int reply(Transformer *t, const Tokenizer *tok, Sampler *sampler, float *logits, int pos, int prev, int steps,
                  int chat, Stats *st) {
     double t0 = now_s();
@@ -1452,7 +1080,7 @@ static int reply(Transformer *t, const Tokenizer *tok, Sampler *sampler, float *
             if (chat) forward(t, &next, 1, pos++, 0);
             break;
         }
-        print_piece(tok, prev, t->config.bos_id, next);
+        print_piece(tok, prev, t->config.bos_id, next, 0);
         if (pos >= t->cache.ctx) { fprintf(stderr, "\n[stopped: reached the end of the context, %d tokens]", t->cache.ctx); break; }
         logits = forward(t, &next, 1, pos++, 0);
         prev = next; st->decode_tokens++;
@@ -1464,13 +1092,12 @@ static int reply(Transformer *t, const Tokenizer *tok, Sampler *sampler, float *
 /* Runs the prompt, then samples up to steps new tokens (stops at eos or at the end of the context). */
 static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, const char *prompt, int steps) {
     const Config *c = &t->config;
-    int n;
-    int *tokens = encode_or_die(tok, prompt, strlen(prompt), c->add_bos ? c->bos_id : -1, &n);
+    int n, *tokens = encode_or_die(tok, prompt, strlen(prompt), c->add_bos ? c->bos_id : -1, &n);
     if (n == 0) die("empty prompt: give one with -i or -f");
     if (n >= t->cache.ctx) die("the prompt is %d tokens; the context is %d (raise it with -c, up to %d)", n, t->cache.ctx, c->seq_len);
     Stats st = {0, 0, 0, 0};
-    for (int i = 0; i < n; i++) if (i > 0 || tokens[0] != c->bos_id) print_piece(tok, i ? tokens[i - 1] : -1, c->bos_id, tokens[i]);
-    int pos = reply(t, tok, sampler, feed(t, tokens, n, 0, &st), n, tokens[n - 1], steps, 0, &st);
+    for (int i = 0; i < n; i++) if (i > 0 || tokens[0] != c->bos_id) print_piece(tok, i ? tokens[i - 1] : -1, c->bos_id, tokens[i], 0);
+    int pos = reply(t, tok, sampler, prefill(t, tokens, n, 0, NULL, &st), n, tokens[n - 1], steps, 0, &st);
     printf("\n");
     fflush(stdout);   /* the text before the report, also where stdout is a pipe */
     report(t, pos, &st);
@@ -1483,9 +1110,9 @@ static void generate(Transformer *t, const Tokenizer *tok, Sampler *sampler, con
 static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const char *user0, const char *system, int steps) {
     const Config *c = &t->config;
     static char line[8192];           /* one typed line; -i / -f messages may be any length */
-    int pos = 0, first = 1, n, nl;
+    int pos = 0, n;
     Stats st = {0, 0, 0, 0};
-    for (;; first = 0) {
+    for (int first = 1;; first = 0) {
         const char *user = first && user0 ? user0 : line, *sys = first ? system : NULL;
         if (user == line) {
             printf("User: ");
@@ -1498,10 +1125,8 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
         if (c->chat_start_id >= 0)
             snprintf(turn, cap, "%s%s%s<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", sys ? "<|im_start|>system\n" : "",
                      sys ? sys : "", sys ? "<|im_end|>\n" : "", user);
-        else if (sys)
-            snprintf(turn, cap, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", sys, user);
-        else
-            snprintf(turn, cap, "[INST] %s [/INST]", user);
+        else   /* Llama 2: the system prompt inside the first [INST] */
+            snprintf(turn, cap, sys ? "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]" : "[INST] %s%s [/INST]", sys ? sys : "", user);
         int *tokens = encode_or_die(tok, turn, strlen(turn), (first && c->add_bos) ? c->bos_id : -1, &n);
         free(turn);
         if (pos + n >= t->cache.ctx) {
@@ -1510,16 +1135,15 @@ static void chat(Transformer *t, const Tokenizer *tok, Sampler *sampler, const c
             fprintf(stderr, "[stopped: the conversation reached the end of the context, %d tokens]\n", t->cache.ctx);
             break;
         }
-        float *logits = feed(t, tokens, n, pos, &st);
         printf("Assistant: ");
-        pos = reply(t, tok, sampler, logits, pos + n, tokens[n - 1], steps, 1, &st);
+        pos = reply(t, tok, sampler, prefill(t, tokens, n, pos, NULL, &st), pos + n, tokens[n - 1], steps, 1, &st);
         free(tokens);
         printf("\n");
         if (c->chat_start_id >= 0 && pos < t->cache.ctx) {   /* ChatML's newline after <|im_end|> */
-            int *t2 = encode_or_die(tok, "\n", 1, -1, &nl);
-            prefill(t, t2, nl, pos, NULL);
-            pos += nl;
-            free(t2);
+            tokens = encode_or_die(tok, "\n", 1, -1, &n);
+            prefill(t, tokens, n, pos, NULL, NULL);
+            pos += n;
+            free(tokens);
         }
         if (pos >= t->cache.ctx) { fprintf(stderr, "[stopped: reached the end of the context, %d tokens]\n", t->cache.ctx); break; }
     }
@@ -1545,8 +1169,7 @@ static char *read_file(const char *path, size_t *len) {
 /* Parses whitespace-separated token ids; every id must be in the vocabulary. */
 static int *parse_ids(const char *text, int vocab, int *n_out) {
     int n = 0, *ids = (int *)xcalloc(strlen(text) / 2 + 1, sizeof(int), "token ids");   /* an id and a blank: 2 bytes */
-    const char *p = text;
-    for (;;) {
+    for (const char *p = text;;) {
         while (isspace((unsigned char)*p)) p++;
         if (!*p) break;
         char *end;
@@ -1575,27 +1198,24 @@ static void write_floats(const char *path, const float *x, size_t n) {
     if (fwrite(x, sizeof(float), n, f) != n || fclose(f) != 0) die("error writing %s", path);
 }
 
-/* --stats: the cache statistics this sequence measured and stored, as float32, layer by
- * layer: the key directions of the blocks in use (n_kv_heads, blocks, R, head_dim), then every
- * position's projections beta (n_kv_heads, n, R). A reference model of the cache can take these instead of computing
- * them again, so that a statistic on an fp16 rounding boundary cannot differ between the
- * two (tests/test_forward.py). */
-static void dump_stats(const Transformer *t, int n, const char *path) {
-    size_t per_layer = tq_cache_stats(&t->cache, 0, n, NULL);
-    float *x = (float *)xcalloc(t->config.n_layers * per_layer, sizeof(float), "statistics");
-    for (int l = 0; l < t->config.n_layers; l++) tq_cache_stats(&t->cache, l, n, x + l * per_layer);
-    write_floats(path, x, t->config.n_layers * per_layer);
-    free(x);
-}
-
-/* -m logits: feeds the given token ids (no bos added) and writes every
- * position's logits as float32 (n, vocab) to out. For the reference tests. */
+/* -m logits: feeds the given token ids (no bos added) and writes every position's logits as
+ * float32 (n, vocab) to out, for the reference tests. --stats: the cache statistics this
+ * sequence measured and stored, as float32, layer by layer (tq_cache_stats: the key directions
+ * of the blocks in use, then every position's projections beta), which a reference model of the
+ * cache can take instead of computing them again, so that a statistic on an fp16 rounding
+ * boundary cannot differ between the two (tests/test_forward.py). */
 static void dump_logits(Transformer *t, const char *ids_text, const char *out, const char *stats) {
-    int n, *ids = ids_in_context(t, ids_text, 1, "logits", &n);
-    float *all = (float *)xcalloc((size_t)n * t->config.vocab_size, sizeof(float), "logits");
-    prefill(t, ids, n, 0, all);
-    write_floats(out, all, (size_t)n * t->config.vocab_size);
-    if (stats) dump_stats(t, n, stats);
+    int n, layers = t->config.n_layers, *ids = ids_in_context(t, ids_text, 1, "logits", &n);
+    size_t vocab = (size_t)t->config.vocab_size, per_layer = stats ? tq_cache_stats(&t->cache, 0, n, NULL) : 0;
+    float *all = (float *)xcalloc((size_t)n * vocab, sizeof(float), "logits");
+    prefill(t, ids, n, 0, all, NULL);
+    write_floats(out, all, (size_t)n * vocab);
+    if (stats) {
+        float *x = (float *)xcalloc(layers * per_layer, sizeof(float), "statistics");
+        for (int l = 0; l < layers; l++) tq_cache_stats(&t->cache, l, n, x + l * per_layer);
+        write_floats(stats, x, layers * per_layer);
+        free(x);
+    }
     report(t, n, NULL);
     free(all); free(ids);
 }
@@ -1618,8 +1238,7 @@ static void eval_position(EvalSums *e, const float *logits, const float *ref, in
     double kl = 0;
     for (int i = 0; i < vocab; i++) kl += exp(lp[i]) * (lp[i] - lq[i]);  /* KL(p_fp32 || q) */
     e->kld += kl;
-    e->nll -= lq[next];
-    e->nll_ref -= lp[next];
+    e->nll -= lq[next]; e->nll_ref -= lp[next];
     e->top1 += sample_argmax(logits, vocab) == sample_argmax(ref, vocab);
     e->n++;
 }
@@ -1634,10 +1253,9 @@ static void score_tokens(Transformer *t, const char *ids_text) {
     for (int i = 0; i < n - 1; i += t->state.batch) {
         int m = n - 1 - i < t->state.batch ? n - 1 - i : t->state.batch;
         float *lg = forward(t, ids + i, m, i, 1);
-        for (int b = 0; b < m; b++) {
-            int j = i + b + 1;   /* logits at j-1 predict token j */
-            log_softmax(lg + (size_t)b * vocab, vocab, lp);
-            printf("%d %d %.6f %d\n", j, ids[j], lp[ids[j]], sample_argmax(lg + (size_t)b * vocab, vocab));
+        for (int j = i + 1; j <= i + m; j++, lg += vocab) {   /* logits at j-1 predict token j */
+            log_softmax(lg, vocab, lp);
+            printf("%d %d %.6f %d\n", j, ids[j], lp[ids[j]], sample_argmax(lg, vocab));
         }
     }
     report(t, n - 1, NULL);
@@ -1660,10 +1278,8 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
     fprintf(stderr, "%d chunks of %d tokens, scoring the second half of each\n", chunks, ctx);
     report_weights(c, tq_cache_size(&t->cache, ctx).all / 1048576.0);
     double *lp = (double *)xcalloc(vocab, sizeof(double), "eval"), *lq = (double *)xcalloc(vocab, sizeof(double), "eval");
-    EvalSums e;
-    memset(&e, 0, sizeof e);
-    t0 = now_s();
-    double dsum = 0, dsq = 0;  /* per-chunk mean NLL difference d_c: its sum and sum of squares */
+    EvalSums e = {0, 0, 0, 0, 0};
+    double dsum = 0, dsq = 0, t1 = now_s();  /* per-chunk mean NLL difference d_c: its sum and sum of squares */
     for (int ch = 0; ch < chunks; ch++) {
         double nll0 = e.nll - e.nll_ref;
         long n0 = e.n;
@@ -1673,29 +1289,25 @@ static void evaluate(Transformer *t, Transformer *ref, const Tokenizer *tok, con
             int m = ctx - i < t->state.batch ? ctx - i : t->state.batch;
             float *lg = forward(t, tk + i, m, i, 1);
             float *lr = ref ? forward(ref, tk + i, m, i, 1) : lg;
-            for (int b = 0; b < m; b++) {
-                int j = i + b;          /* logits at j predict token j+1 */
+            for (int j = i; j < i + m; j++)   /* logits at j predict token j+1 */
                 if (j + 1 >= ctx / 2 && j + 1 < ctx)
-                    eval_position(&e, lg + (size_t)b * vocab, lr + (size_t)b * vocab, vocab, tk[j + 1], lp, lq);
-            }
+                    eval_position(&e, lg + (size_t)(j - i) * vocab, lr + (size_t)(j - i) * vocab, vocab, tk[j + 1], lp, lq);
         }
         double d = (e.nll - e.nll_ref - nll0) / (double)(e.n - n0);
         dsum += d; dsq += d * d;
-        double el = now_s() - t0;
+        double el = now_s() - t1;
         fprintf(stderr, "[chunk %d/%d] ppl %.4f (fp32 %.4f) kld %.5f top1 %.4f  %.0f s, %.0f s left\n", ch + 1, chunks,
                 exp(e.nll / e.n), exp(e.nll_ref / e.n), e.kld / e.n, (double)e.top1 / e.n, el, el / (ch + 1) * (chunks - ch - 1));
     }
     double ppl = exp(e.nll / e.n), ppl_ref = exp(e.nll_ref / e.n);
     if (chunks > 1) {   /* chunks are equally long, so dPPL = exp(mean d_c) - 1; its spread gives the noise */
-        double mean = dsum / chunks, var = (dsq - chunks * mean * mean) / (chunks - 1);
-        double se = sqrt(var > 0 ? var / chunks : 0);
+        double mean = dsum / chunks, var = (dsq - chunks * mean * mean) / (chunks - 1), se = sqrt(var > 0 ? var / chunks : 0);
         fprintf(stderr, "eval: dPPL %+.2f %%, 95 %% interval from the spread over the %d chunks: %+.2f .. %+.2f %%\n",
                 100.0 * (ppl / ppl_ref - 1.0), chunks, 100.0 * expm1(mean - 2 * se), 100.0 * expm1(mean + 2 * se));
     }
-    double bits = tq_cache_bits(&t->cache, ctx);   /* a full chunk's */
     printf("eval fmt=%s/%s ctx=%d chunks=%d tokens=%ld ppl=%.4f ppl_fp32=%.4f dppl_pct=%.3f kld=%.6f top1=%.4f kv_bits=%.3f\n",
            tq_fmt_name(t->cache.kc.fmt), tq_fmt_name(t->cache.vc.fmt), ctx, chunks, e.n, ppl, ppl_ref,
-           100.0 * (ppl / ppl_ref - 1.0), e.kld / e.n, (double)e.top1 / e.n, bits);
+           100.0 * (ppl / ppl_ref - 1.0), e.kld / e.n, (double)e.top1 / e.n, tq_cache_bits(&t->cache, ctx));   /* a full chunk's bits */
     free(lp); free(lq); free(tokens);
 }
 
@@ -1723,42 +1335,37 @@ static void usage(int status) {
         "  -o <file>   output file of -m logits (float32, n x vocab)\n"
         "  --paper     the paper's plain TurboQuant, without the fixes: --scale norm --kproj 0 --kblock 0 --sink 0 --window 0\n"
         "Research options, defaults shown (bench/README.md, \"Research options\"): --scale eden --kproj 2 "
-        "--kblock " STR(KBLOCK_DEFAULT) " --sink 1 --window 8 --batch 256 --qinput 1 --stats <file> -z <file>\n"
-        "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n");
+        "--kblock %d --sink 1 --window 8 --batch 256 --qinput 1 --stats <file> -z <file>\n"
+        "KV formats (bits per element at head_dim 64 / 128, scale or norm included):\n", KBLOCK_DEFAULT);
     for (int f = 0; f < TQ_NFMT; f++)
         fprintf(out, "  %-5s %6.3f / %6.3f  %s\n", tq_fmt_name((tq_fmt)f), tq_bits_per_elem((tq_fmt)f, 64),
                 tq_bits_per_elem((tq_fmt)f, 128), tq_fmt_about((tq_fmt)f));
     exit(status);
 }
 
-static double parse_num(const char *flag, const char *s, double lo, double hi) {
+/* an option's number in [lo, hi]; integer: it must be a whole number too */
+static double parse_num(const char *flag, const char *s, double lo, double hi, int integer) {
     char *end;
     errno = 0;
     double v = strtod(s, &end);
     if (end == s || *end || errno || !isfinite(v)) die("%s wants a number, got \"%s\"", flag, s);
     if (v < lo || v > hi) die("%s %s is out of range [%g, %g]", flag, s, lo, hi);
+    if (integer && v != floor(v)) die("%s wants an integer, got \"%s\"", flag, s);
     return v;
-}
-
-static int parse_int(const char *flag, const char *s, long lo, long hi) {
-    double v = parse_num(flag, s, (double)lo, (double)hi);
-    if (v != floor(v)) die("%s wants an integer, got \"%s\"", flag, s);
-    return (int)v;
 }
 
 /* -k and --scale: "A" or "A:B" (keys:values) -> kv[0] = A, kv[1] = B (or A), 32 bytes each */
 static void split_kv(const char *flag, const char *arg, char kv[2][32]) {
-    const char *colon = strchr(arg, ':');
-    size_t kl = colon ? (size_t)(colon - arg) : strlen(arg);
-    if (kl == 0 || kl >= 32 || (colon && (!colon[1] || strlen(colon + 1) >= 32 || strchr(colon + 1, ':'))))
-        die("bad %s \"%s\": give X or KEYS:VALUES (run -h)", flag, arg);
+    const char *colon = strchr(arg, ':'), *vals = colon ? colon + 1 : arg;
+    size_t kl = colon ? (size_t)(colon - arg) : strlen(arg), vl = strlen(vals);
+    if (kl == 0 || kl >= 32 || vl == 0 || vl >= 32 || strchr(vals, ':')) die("bad %s \"%s\": give X or KEYS:VALUES (run -h)", flag, arg);
     memcpy(kv[0], arg, kl); kv[0][kl] = 0;
-    snprintf(kv[1], 32, "%s", colon ? colon + 1 : kv[0]);
+    memcpy(kv[1], vals, vl + 1);
 }
 
 #ifndef RUN_NO_MAIN
 int main(int argc, char **argv) {
-    const char *model_path = NULL, *prompt = NULL, *prompt_file = NULL, *tok_path = NULL;
+    const char *model_path = argv[1], *prompt = NULL, *prompt_file = NULL, *tok_path = NULL;   /* argv[argc] is NULL */
     const char *mode = "generate", *system = NULL, *out = NULL, *stats = NULL;
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
@@ -1771,20 +1378,15 @@ int main(int argc, char **argv) {
         {"-t", 'f', &temperature, 0, 1e6}, {"-p", 'f', &topp, 0, 1}, {"-s", 'u', &seed, 0, 1.8e19},
         {"-n", 'i', &steps, 0, 1 << 30}, {"-c", 'i', &ctx, 1, 1 << 24}, {"--chunks", 'i', &chunks, 1, 1 << 30},
         {"--batch", 'i', &batch, 1, 4096}, {"--qinput", 'i', &qinput, 0, 1}, {"--kproj", 'i', &co.kproj, 0, KPROJ_MAX},
-        {"--sink", 'i', &co.sink, 0, 1 << 20}, {"--window", 'i', &co.window, 0, 1 << 20},
-        {"-i", 's', &prompt, 0, 0}, {"-f", 's', &prompt_file, 0, 0}, {"-z", 's', &tok_path, 0, 0},
-        {"-m", 's', &mode, 0, 0}, {"-y", 's', &system, 0, 0},
-        {"-o", 's', &out, 0, 0}, {"--stats", 's', &stats, 0, 0}, {NULL, 0, NULL, 0, 0}};
+        {"--sink", 'i', &co.sink, 0, 1 << 20}, {"--window", 'i', &co.window, 0, 1 << 20}, {"--kblock", 'i', &co.kblock, 0, 1 << 24},
+        {"-i", 's', &prompt, 0, 0}, {"-f", 's', &prompt_file, 0, 0}, {"-z", 's', &tok_path, 0, 0}, {"-m", 's', &mode, 0, 0},
+        {"-y", 's', &system, 0, 0}, {"-o", 's', &out, 0, 0}, {"--stats", 's', &stats, 0, 0}, {NULL, 0, NULL, 0, 0}};
 
     if (argc < 2) usage(1);
-    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) usage(0);
-    tq_simd simd;                     /* TQ_SIMD, else the best this CPU runs: checked before anything is read */
-    const char *simd_err = tq_simd_from_env(&simd);
-    if (simd_err) die("%s", simd_err);
-    model_path = argv[1];
-    for (int i = 2; i < argc; i++) {
+    for (int i = 1; i < argc; i++) {   /* argv[1]: the model, or -h */
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) usage(0);
+        if (i == 1) continue;
         if (a[0] != '-' || !a[1]) die("expected an option, got \"%s\" (run -h)", a);
         if (!strcmp(a, "--paper")) {    /* the paper's TurboQuant as written: none of the fixes */
             co.kscale = co.vscale = TQ_SCALE_NORM;
@@ -1798,32 +1400,33 @@ int main(int argc, char **argv) {
         char type = opts[o].type;   /* 0: not in the table */
         double lo = opts[o].lo, hi = opts[o].hi;
         if (type == 's') *(const char **)opts[o].value = v;
-        else if (type == 'i') *(int *)opts[o].value = parse_int(a, v, (long)lo, (long)hi);
-        else if (type == 'f') *(float *)opts[o].value = (float)parse_num(a, v, lo, hi);
-        else if (type == 'u') *(unsigned long long *)opts[o].value = (unsigned long long)parse_num(a, v, lo, hi);
-        else if (!strcmp(a, "-k")) {
+        else if (type == 'i') *(int *)opts[o].value = (int)parse_num(a, v, lo, hi, 1);
+        else if (type == 'f') *(float *)opts[o].value = (float)parse_num(a, v, lo, hi, 0);
+        else if (type == 'u') *(unsigned long long *)opts[o].value = (unsigned long long)parse_num(a, v, lo, hi, 0);
+        else if (!strcmp(a, "-k") || !strcmp(a, "--scale")) {   /* keys and values: tq_cache_opts */
+            int fmt = a[1] == 'k';
             split_kv(a, v, kv);
             for (int j = 0; j < 2; j++)
-                if (tq_parse_fmt(kv[j], j ? &co.value_fmt : &co.key_fmt)) die("unknown KV format \"%s\" (run -h lists the formats)", kv[j]);
-        }
-        else if (!strcmp(a, "--kblock")) {
-            co.kblock = parse_int(a, v, 0, 1 << 24);
-            if (co.kblock % 16) die("--kblock %s: positions per block of key directions must be a multiple of 16 (0: one set)", v);
-        }
-        else if (!strcmp(a, "--scale")) {
-            split_kv(a, v, kv);
-            for (int j = 0; j < 2; j++)
-                if (tq_parse_scale(kv[j], j ? &co.vscale : &co.kscale)) die("unknown --scale \"%s\" (norm, nc or eden)", kv[j]);
+                if (fmt ? tq_parse_fmt(kv[j], j ? &co.value_fmt : &co.key_fmt) : tq_parse_scale(kv[j], j ? &co.vscale : &co.kscale))
+                    die(fmt ? "unknown KV format \"%s\" (run -h lists the formats)" : "unknown --scale \"%s\" (norm, nc or eden)", kv[j]);
         }
         else die("unknown option %s (run -h)", a);
         if (!strcmp(a, "-t") && temperature > 0 && temperature < 1e-3f)
             die("-t %s is too small: 0 (greedy) or at least 0.001", v);   /* logits / t must stay finite */
+        if (!strcmp(a, "--kblock") && co.kblock % 16)
+            die("--kblock %s: positions per block of key directions must be a multiple of 16 (0: one set)", v);
     }
+    tq_simd simd;                     /* TQ_SIMD, else the best this CPU runs: checked before anything is read */
+    const char *simd_err = tq_simd_from_env(&simd);
+    if (simd_err) die("%s", simd_err);
     enum { GENERATE, CHAT, EVAL, LOGITS, SCORE, TOKENIZE, DETOKENIZE, NMODES };
-    const char *modes[NMODES] = {"generate", "chat", "eval", "logits", "score", "tokenize", "detokenize"};
-    int m = -1;
-    for (int i = 0; i < NMODES; i++) if (!strcmp(mode, modes[i])) m = i;
-    if (m < 0) die("unknown mode \"%s\" (generate, chat, eval, logits, score, tokenize, detokenize)", mode);
+    static const struct { const char *name, *needs; } modes[NMODES] = {   /* needs: the error without -i or -f */
+        {"generate", "no prompt: give one with -i or -f"}, {"chat", NULL}, {"eval", "-m eval needs a text: -f FILE"},
+        {"logits", "-m logits needs token ids (-i or -f) and an output file (-o)"}, {"score", "-m score needs token ids (-i or -f)"},
+        {"tokenize", "-m tokenize needs text (-i or -f)"}, {"detokenize", "-m detokenize needs token ids (-i or -f)"}};
+    int m = 0;
+    while (m < NMODES && strcmp(mode, modes[m].name)) m++;
+    if (m == NMODES) die("unknown mode \"%s\" (generate, chat, eval, logits, score, tokenize, detokenize)", mode);
     if (prompt && prompt_file) die("give the prompt with -i or -f, not both");
     if (stats && m != LOGITS) die("--stats goes with -m logits");
     if (m == EVAL && ctx == 1) die("-c 1 is too short for -m eval: it scores the second half of each chunk");
@@ -1841,32 +1444,27 @@ int main(int argc, char **argv) {
     build_transformer(&t, model_path, &co, ctx, batch, all_logits, qinput, simd);
     Config *c = &t.config;
 
-    /* the tokenizer: from model.bin, or from another exported file with -z */
-    Transformer tt;
-    const Config *tc = c;
-    const uint8_t *tdata = t.data;
+    Transformer tt, *from = &t;   /* the tokenizer: from model.bin, or from another exported file with -z */
     if (tok_path) {
         load_model(&tt, tok_path);
-        tc = &tt.config; tdata = tt.data;
-        if (tc->vocab_size != c->vocab_size) die("-z %s has a vocabulary of %d, the model %d", tok_path, tc->vocab_size, c->vocab_size);
+        from = &tt;
+        if (tt.config.vocab_size != c->vocab_size)
+            die("-z %s has a vocabulary of %d, the model %d", tok_path, tt.config.vocab_size, c->vocab_size);
     }
+    const Config *tc = &from->config;
     Tokenizer tok;
     char err[256];
-    if (build_tokenizer(&tok, tdata + tc->tokenizer_offset, tc->tokenizer_bytes, tc->vocab_size,
-                        tc->tokenizer_kind, tc->pretok, err, sizeof err) != 0)
+    if (build_tokenizer(&tok, from->data + tc->tokenizer_offset, tc->tokenizer_bytes, tc->vocab_size, tc->tokenizer_kind, tc->pretok,
+                        err, sizeof err))
         die("%s: bad tokenizer section: %s", tok_path ? tok_path : model_path, err);
 
     Sampler sampler = {c->vocab_size, (ProbIndex *)xcalloc(c->vocab_size, sizeof(ProbIndex), "sampler"), temperature, topp, seed};
-    static const char *needs_prompt[NMODES] = {"no prompt: give one with -i or -f", NULL, "-m eval needs a text: -f FILE",
-        "-m logits needs token ids (-i or -f) and an output file (-o)", "-m score needs token ids (-i or -f)",
-        "-m tokenize needs text (-i or -f)", "-m detokenize needs token ids (-i or -f)"};
-    if ((!prompt && needs_prompt[m]) || (m == LOGITS && !out)) die("%s", needs_prompt[m]);
+    if ((!prompt && modes[m].needs) || (m == LOGITS && !out)) die("%s", modes[m].needs);
 
-    if (m == GENERATE) {
-        generate(&t, &tok, &sampler, prompt, steps);
-    } else if (m == CHAT) {
-        chat(&t, &tok, &sampler, prompt, system, steps);
-    } else if (m == EVAL) {
+    if (m == GENERATE) generate(&t, &tok, &sampler, prompt, steps);
+    else if (m == CHAT) chat(&t, &tok, &sampler, prompt, system, steps);
+    else if (m == SCORE) score_tokens(&t, prompt);
+    else if (m == EVAL) {
         int same = co.key_fmt == TQ_FP32 && co.value_fmt == TQ_FP32;  /* the reference would be identical */
         tq_cache_opts fp32 = co;   /* projections, exact positions: none apply to fp32 */
         fp32.key_fmt = fp32.value_fmt = TQ_FP32;
@@ -1879,22 +1477,14 @@ int main(int argc, char **argv) {
         if (stats) die("--stats: the GPU build keeps the key projections on the GPU; use ./run");
 #endif
         dump_logits(&t, prompt, out, stats);
-    } else if (m == SCORE) {
-        score_tokens(&t, prompt);
     } else if (m == TOKENIZE) {
-        int n;
-        int *ids = encode_or_die(&tok, prompt, file_text ? file_len : strlen(prompt), -1, &n);
+        int n, *ids = encode_or_die(&tok, prompt, file_text ? file_len : strlen(prompt), -1, &n);
         for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
         printf("\n");
         free(ids);
-    } else {
-        int n;
-        int *ids = parse_ids(prompt, c->vocab_size, &n);
-        for (int i = 0; i < n; i++) {
-            size_t len;
-            const char *p = decode_piece(&tok, i ? ids[i - 1] : -1, c->bos_id, ids[i], &len);
-            fwrite(p, 1, len, stdout);
-        }
+    } else {   /* detokenize */
+        int n, *ids = parse_ids(prompt, c->vocab_size, &n);
+        for (int i = 0; i < n; i++) print_piece(&tok, i ? ids[i - 1] : -1, c->bos_id, ids[i], 1);
         free(ids);
     }
     free(sampler.probindex);

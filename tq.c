@@ -2303,3 +2303,309 @@ size_t tq_cache_stats(const tq_cache *kv, int l, int n, float *out) {
                                 : tq_f16_to_f32(kv->kbeta[head * kv->ctx * R + j]);
     return count;
 }
+
+/* ---- weight products (tq.h): run.c's out (B, d) = x (B, n) . W^T, fp32 then int8 W ----------------
+ * Kernels for the compiler's own target (-march), not chosen at run time as the attention
+ * kernels are; run_cuda.cu multiplies with cuBLAS and compiles only the int8 buffers' functions. */
+
+#ifndef __CUDACC__
+/* fp32 W. A 2-row x 6-token tile of the product, 8 floats at a time: 12 accumulators
+ * and 2 weight vectors fit the 16 AVX registers, so every weight load serves
+ * 6 tokens and every activation load 2 rows, where one dot at a time would load both
+ * for one product each (bench/README.md, Research options, has the figure). v8f is
+ * GCC/Clang's portable vector extension. */
+typedef float v8f __attribute__((vector_size(32)));
+#define TILE_ROWS TQ_F32_BLOCK
+#define TILE_TOKS 6
+
+static void matmul_tile(float *out, const float *x, const float *w, int b, int i, int n, int d) {
+    v8f acc[TILE_ROWS][TILE_TOKS] = {{{0}}};
+    for (int j = 0; j < n; j += 8) {
+        v8f wv[TILE_ROWS], xv;
+        for (int r = 0; r < TILE_ROWS; r++) memcpy(&wv[r], w + (size_t)(i + r) * n + j, sizeof(v8f));
+        for (int t = 0; t < TILE_TOKS; t++) {
+            memcpy(&xv, x + (size_t)(b + t) * n + j, sizeof(v8f));
+            for (int r = 0; r < TILE_ROWS; r++) acc[r][t] += wv[r] * xv;
+        }
+    }
+    for (int r = 0; r < TILE_ROWS; r++)
+        for (int t = 0; t < TILE_TOKS; t++) {
+            float s = 0.0f;
+            for (int k = 0; k < 8; k++) s += acc[r][t][k];
+            out[(size_t)(b + t) * d + i + r] = s;
+        }
+}
+
+/* One token x (n, a multiple of 16) against the TILE_ROWS rows w (TILE_ROWS, n) into out
+ * (TILE_ROWS): two chains of 8 lanes a row (the FMA latency), and the rows PF_ROWS ahead asked
+ * for, as one token reads every weight once and the hardware prefetcher alone falls behind. */
+#define PF_ROWS 8
+static void dot_rows(float *out, const float *w, const float *x, int n) {
+    v8f acc[TILE_ROWS][2] = {{{0}}};
+    for (int j = 0; j < n; j += 16) {
+        v8f x0, x1, w0, w1;
+        memcpy(&x0, x + j, sizeof x0);
+        memcpy(&x1, x + j + 8, sizeof x1);
+        for (int r = 0; r < TILE_ROWS; r++) {
+            const float *wr = w + (size_t)r * n + j;
+            __builtin_prefetch(wr + (size_t)PF_ROWS * n);
+            memcpy(&w0, wr, sizeof w0);
+            memcpy(&w1, wr + 8, sizeof w1);
+            acc[r][0] += w0 * x0;
+            acc[r][1] += w1 * x1;
+        }
+    }
+    for (int r = 0; r < TILE_ROWS; r++) {
+        v8f a = acc[r][0] + acc[r][1];
+        float s = 0.0f;
+        for (int k = 0; k < 8; k++) s += a[k];
+        out[r] = s;
+    }
+}
+
+/* Tiles of 6 tokens where they fit, then the other tokens (a single decoded token is all
+ * other: it is bound by reading the weights) a pair of rows at a time, else one dot at a time. */
+void tq_f32_rows(float *out, const float *x, const float *w, int B, int n, int d, int i) {
+    int b = 0, whole = n % 16 == 0 && i + TILE_ROWS <= d;
+    if (n % 8 == 0 && i + TILE_ROWS <= d)
+        for (; b + TILE_TOKS <= B; b += TILE_TOKS) matmul_tile(out, x, w, b, i, n, d);
+    if (whole) {
+        float o[TILE_ROWS];
+        for (int t = b; t < B; t++) {
+            dot_rows(o, w + (size_t)i * n, x + (size_t)t * n, n);
+            for (int r = 0; r < TILE_ROWS; r++) out[(size_t)t * d + i + r] = o[r];
+        }
+        return;
+    }
+    for (int r = i; r < i + TILE_ROWS && r < d; r++)
+        for (int t = b; t < B; t++) out[(size_t)t * d + r] = tq_dot_f32(w + (size_t)r * n, x + (size_t)t * n, n);
+}
+#endif
+
+/* ---- int8 weights: run.c's weight type 1 ----
+ * W8A8, llama2.c runq.c's products (qinput 1): the input x is quantized the way the weights
+ * are, per group of TQ_QGROUP numbers: xs = max|x| / 127, xq = x / xs rounded to the nearest
+ * integer (ties to even: rintf in the default rounding mode). Then for row i of W and token t
+ *     out[t][i] = sum_g (sum_k wq[i][g,k] * xq[t][g,k]) * (ws[i][g] * xs[t][g]),
+ * the inner sum an exact integer (|.| <= 64 * 127 * 127 < 2^24) and the outer one a chain of
+ * fmaf in group order. Exact integers and one correctly rounded fma per group make the
+ * result the same bits on every CPU and for every SIMD path GCC picks, and the same in the
+ * one-token and the tiled kernel below (tests/test_q8.c checks it).
+ * W8A32 (qinput 0): x stays fp32 and out[t][i] = sum_j wq[i][j] * ws[i][j / TQ_QGROUP] * x[t][j],
+ * summed in float as the fp32 product is (the rounding depends on the order of the sums).
+ * It reads the same bytes of weights and skips the rounding of x, which costs more than
+ * the weights' own: README, "int8 weights". */
+#define QGROUP TQ_QGROUP
+#define QROWS 4    /* the tiled kernel: QROWS rows of the matrix ...           */
+#define QTOKS 16   /* ... times QTOKS tokens, one token per lane of a 16-float vector */
+
+double tq_q8_input_build(tq_q8_input *in, int batch, int n, int alloc) {
+    size_t B = (size_t)batch, tiled = B / QTOKS * QTOKS, G = (size_t)n / QGROUP;
+    size_t sizes[4] = {B * n * sizeof(int16_t), B * G * sizeof(float), tiled * n * sizeof(float), tiled * G * sizeof(float)};
+    void **bufs[4] = {(void **)&in->xq, (void **)&in->xqs, (void **)&in->xqt, (void **)&in->xqts};
+    double bytes = 0;
+    memset(in, 0, sizeof *in);
+    for (int k = 0; k < 4; k++) {
+        bytes += (double)sizes[k];
+        if (alloc && !(*bufs[k] = calloc(sizes[k] ? sizes[k] : 1, 1))) { tq_q8_input_free(in); return -1; }
+    }
+    return bytes;
+}
+
+void tq_q8_input_free(tq_q8_input *in) {
+    free(in->xq); free(in->xqs); free(in->xqt); free(in->xqts);
+    in->xq = NULL; in->xqs = in->xqt = in->xqts = NULL;
+}
+
+#ifndef __CUDACC__
+typedef float v16f __attribute__((vector_size(64)));   /* GCC/Clang's vector extension */
+
+void tq_q8_prepare(tq_q8_input *in, const float *x, int B, int n) {
+    int G = n / QGROUP, tiles = B / QTOKS, b;
+    if (in->qinput) {
+#pragma omp parallel for schedule(static) if (B > 1)
+        for (b = 0; b < B; b++)
+            for (int g = 0; g < G; g++) {
+                const float *xg = x + (size_t)b * n + (size_t)g * QGROUP;
+                int16_t *q = in->xq + (size_t)b * n + (size_t)g * QGROUP;
+                float amax = 0.0f;
+                for (int k = 0; k < QGROUP; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;   /* not fmaxf: libm */
+                float scale = amax / 127.0f, div = scale > 0 ? scale : 1.0f;   /* all zeros: codes 0 */
+                for (int k = 0; k < QGROUP; k++) q[k] = (int16_t)rintf(xg[k] / div);
+                in->xqs[(size_t)b * G + g] = scale;
+            }
+    }
+#pragma omp parallel for schedule(static) if (tiles > 1)
+    for (b = 0; b < tiles; b++) {   /* transpose: xqt[b][j][t] = xq[b*QTOKS + t][j] (W8A32: x) */
+        float *xt = in->xqt + (size_t)b * n * QTOKS, *st = in->xqts + (size_t)b * G * QTOKS;
+        for (int t = 0; t < QTOKS; t++) {
+            size_t row = (size_t)b * QTOKS + t;
+            for (int j = 0; j < n; j++) xt[(size_t)j * QTOKS + t] = in->qinput ? in->xq[row * n + j] : x[row * n + j];
+            for (int g = 0; g < G; g++) st[(size_t)g * QTOKS + t] = in->qinput ? in->xqs[row * G + g] : 1.0f;
+        }
+    }
+}
+
+/* W8A8: one row w (n codes, scales ws) against one quantized token x (n codes, scales xs). */
+static float dot_q8(const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
+    float acc = 0.0f;
+    for (int g = 0; g < n / QGROUP; g++) {
+        int32_t isum = 0;
+        for (int k = 0; k < QGROUP; k++) isum += (int32_t)w[g * QGROUP + k] * x[g * QGROUP + k];
+        acc = fmaf((float)isum, ws[g] * xs[g], acc);
+    }
+    return acc;
+}
+
+/* W8A8, one token against QLANES rows of W at once (rows w (QLANES, n), their scales ws
+ * (QLANES, n/QGROUP)): lane r of the accumulator holds row r and runs dot_q8's chain of
+ * fmaf over the groups, so out (QLANES) gets dot_q8's bits on any path. Per group each row's
+ * 64 products are summed in int16 pairs to int32 lanes (vpmaddwd), and sum_lanes gathers
+ * the QLANES rows' sums into one vector by a tree of integer additions, exact in any order. */
+#if defined(__AVX512BW__) && defined(__AVX512F__)
+#define QLANES 16
+static __m512i sum_lanes(__m512i v[16]) {   /* lane r of the result = the sum of v[r]'s lanes */
+    for (int r = 0; r < 8; r++)   /* each 128-bit lane: rows 2r, 2r+1, 2r, 2r+1 */
+        v[r] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * r], v[2 * r + 1]), _mm512_unpackhi_epi32(v[2 * r], v[2 * r + 1]));
+    for (int r = 0; r < 4; r++)   /* each 128-bit lane: rows 4r .. 4r+3 */
+        v[r] = _mm512_add_epi32(_mm512_unpacklo_epi64(v[2 * r], v[2 * r + 1]), _mm512_unpackhi_epi64(v[2 * r], v[2 * r + 1]));
+    for (int r = 0; r < 2; r++)   /* 128-bit lanes added in pairs, then the last pairs */
+        v[r] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * r], v[2 * r + 1], 0x88), _mm512_shuffle_i32x4(v[2 * r], v[2 * r + 1], 0xdd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(v[0], v[1], 0x88), _mm512_shuffle_i32x4(v[0], v[1], 0xdd));
+}
+
+static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
+    int G = n / QGROUP;
+    __m512i row = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                     _mm512_set1_epi32(G));   /* offset of row r's scales in ws */
+    __m512 acc = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m512i x0 = _mm512_loadu_si512(x + g * QGROUP), x1 = _mm512_loadu_si512(x + g * QGROUP + 32), v[QLANES];
+        for (int r = 0; r < QLANES; r++) {
+            const int8_t *wr = w + (size_t)r * n + (size_t)g * QGROUP;
+            _mm_prefetch((const char *)(wr + (size_t)QLANES * n), _MM_HINT_T0);   /* the next block: the hardware prefetcher misses 16 rows read side by side */
+            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)wr));
+            __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + 32)));
+            v[r] = _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1));
+        }
+        __m512 scale = _mm512_mul_ps(_mm512_i32gather_ps(row, ws + g, 4), _mm512_set1_ps(xs[g]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_lanes(v)), scale, acc);
+    }
+    _mm512_storeu_ps(out, acc);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define QLANES 8
+static __m256i sum_lanes(__m256i v[8]) {    /* lane r of the result = the sum of v[r]'s lanes */
+    for (int r = 0; r < 4; r++)   /* each 128-bit lane: rows 2r, 2r+1, 2r, 2r+1 */
+        v[r] = _mm256_add_epi32(_mm256_unpacklo_epi32(v[2 * r], v[2 * r + 1]), _mm256_unpackhi_epi32(v[2 * r], v[2 * r + 1]));
+    for (int r = 0; r < 2; r++)   /* each 128-bit lane: rows 4r .. 4r+3 */
+        v[r] = _mm256_add_epi32(_mm256_unpacklo_epi64(v[2 * r], v[2 * r + 1]), _mm256_unpackhi_epi64(v[2 * r], v[2 * r + 1]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(v[0], v[1], 0x20), _mm256_permute2x128_si256(v[0], v[1], 0x31));
+}
+
+static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
+    int G = n / QGROUP;
+    __m256i row = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(G));
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m256i xv[4], v[QLANES];
+        for (int k = 0; k < 4; k++) xv[k] = _mm256_loadu_si256((const __m256i *)(x + g * QGROUP + 16 * k));
+        for (int r = 0; r < QLANES; r++) {
+            const int8_t *wr = w + (size_t)r * n + (size_t)g * QGROUP;
+            _mm_prefetch((const char *)(wr + (size_t)QLANES * n), _MM_HINT_T0);
+            __m256i s = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++)
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wr + 16 * k))), xv[k]));
+            v[r] = s;
+        }
+        __m256 scale = _mm256_mul_ps(_mm256_i32gather_ps(ws + g, row, 4), _mm256_set1_ps(xs[g]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes(v)), scale, acc);
+    }
+    _mm256_storeu_ps(out, acc);
+}
+#else
+#define QLANES 1   /* portable: dot_q8 row by row */
+static void dot_q8_rows(float *out, const int8_t *w, const float *ws, const int16_t *x, const float *xs, int n) {
+    *out = dot_q8(w, ws, x, xs, n);
+}
+#endif
+
+/* W8A32: one row w (n codes, scales ws) against one fp32 token x (n): 4 x 16 lanes (one
+ * vector per quarter of a group, so that 4 multiply-adds are in flight) accumulate
+ * w * x * s over the whole row and are summed once at the end (a sum per group would cost a
+ * horizontal reduction per 64 numbers). A group's codes become floats in a plain loop,
+ * which GCC vectorizes (its __builtin_convertvector from int8 does not). */
+static float dot_w8(const int8_t *w, const float *ws, const float *x, int n) {
+    v16f acc[QGROUP / 16] = {{0}}, wv, xv;
+    for (int g = 0; g < n / QGROUP; g++) {
+        float wf[QGROUP];
+        for (int k = 0; k < QGROUP; k++) wf[k] = w[g * QGROUP + k];
+        for (int k = 0; k < QGROUP / 16; k++) {
+            memcpy(&wv, wf + 16 * k, sizeof wv);
+            memcpy(&xv, x + g * QGROUP + 16 * k, sizeof xv);
+            acc[k] += wv * xv * ws[g];
+        }
+    }
+    v16f all = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float sum = 0.0f;
+    for (int t = 0; t < 16; t++) sum += all[t];
+    return sum;
+}
+
+/* Rows i..i+QROWS-1 of W (d, n) against the QTOKS tokens b.. of tile xt (n, QTOKS) with
+ * scales xts (n/QGROUP, QTOKS): a token per vector lane, so each weight, loaded once as a
+ * float, is multiplied into 16 tokens, and a group's sums need no horizontal reduction.
+ * W8A8: the integer sums are taken in float, where every product and partial sum is an
+ * integer below 2^24, which float holds exactly in any order, fused or not. */
+static void matmul_q8_tile(float *out, const float *xt, const float *xts, const int8_t *w, const float *ws,
+                           int b, int i, int n, int d) {
+    int G = n / QGROUP;
+    v16f o[QROWS] = {{0}};
+    for (int g = 0; g < G; g++) {
+        float wf[QROWS][QGROUP];
+        for (int r = 0; r < QROWS; r++)
+            for (int k = 0; k < QGROUP; k++) wf[r][k] = w[(size_t)(i + r) * n + (size_t)g * QGROUP + k];
+        v16f acc[QROWS] = {{0}}, xv, xs;
+        for (int k = 0; k < QGROUP; k++) {
+            memcpy(&xv, xt + ((size_t)g * QGROUP + k) * QTOKS, sizeof xv);
+            for (int r = 0; r < QROWS; r++) acc[r] += xv * wf[r][k];
+        }
+        memcpy(&xs, xts + (size_t)g * QTOKS, sizeof xs);
+        for (int r = 0; r < QROWS; r++) {
+            float sw = ws[(size_t)(i + r) * G + g];
+            for (int t = 0; t < QTOKS; t++) o[r][t] = fmaf(acc[r][t], sw * xs[t], o[r][t]);
+        }
+    }
+    for (int r = 0; r < QROWS; r++)
+        for (int t = 0; t < QTOKS; t++) out[(size_t)(b + t) * d + i + r] = o[r][t];
+}
+
+/* Row r of W (codes w, scales ws) against token t of the product's input: W8A8 or W8A32. */
+static float dot_int8_row(const tq_q8_input *in, const int8_t *w, const float *ws, const float *x, int t, int r, int n) {
+    int G = n / QGROUP;
+    if (in->qinput) return dot_q8(w + (size_t)r * n, ws + (size_t)r * G, in->xq + (size_t)t * n, in->xqs + (size_t)t * G, n);
+    return dot_w8(w + (size_t)r * n, ws + (size_t)r * G, x + (size_t)t * n, n);
+}
+
+/* Tiles of QROWS rows x QTOKS tokens where they fit; the other tokens (a decoded token is all
+ * other: it is bound by reading the weights) QLANES rows at a time with W8A8, else one dot at
+ * a time. TQ_Q8_BLOCK is a multiple of QROWS and QLANES, so which rows go through which
+ * kernel depends on d alone, not on the blocks. */
+void tq_q8_rows(const tq_q8_input *in, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d,
+                int i) {
+    int G = n / QGROUP, tiled = B / QTOKS * QTOKS, end = i + TQ_Q8_BLOCK < d ? i + TQ_Q8_BLOCK : d, r = i;
+    for (; r + QROWS <= end; r += QROWS)
+        for (int b = 0; b < tiled; b += QTOKS)
+            matmul_q8_tile(out, in->xqt + (size_t)b * n, in->xqts + (size_t)b * G, w, ws, b, r, n, d);
+    for (; r < end; r++)
+        for (int t = 0; t < tiled; t++) out[(size_t)t * d + r] = dot_int8_row(in, w, ws, x, t, r, n);
+    for (int t = tiled; t < B; t++) {
+        r = i;
+        if (in->qinput)
+            for (; r + QLANES <= end; r += QLANES)
+                dot_q8_rows(out + (size_t)t * d + r, w + (size_t)r * n, ws + (size_t)r * G, in->xq + (size_t)t * n,
+                            in->xqs + (size_t)t * G, n);
+        for (; r < end; r++) out[(size_t)t * d + r] = dot_int8_row(in, w, ws, x, t, r, n);
+    }
+}
+#endif

@@ -402,4 +402,41 @@ TQ_HD static inline float tq_half(uint16_t h) {
     return f;
 }
 
+/* ---- weight products (tq.c's last section): run.c's out (B, d) = x (B, n) . W^T ------------------
+ * W (d, n), x and out row-major (a token a row). The kernels are compiled for -march's instruction
+ * set, not chosen at run time; calls for different blocks of rows are independent (run.c's linear
+ * runs them in parallel).
+ * fp32 W: tq_f32_rows computes rows [i, i + TQ_F32_BLOCK) of out (fewer at W's end). */
+#define TQ_F32_BLOCK 2
+void tq_f32_rows(float *out, const float *x, const float *w, int B, int n, int d, int i);
+
+/* int8 (run.c's weight type 1):
+ * W (d, n), n a multiple of TQ_QGROUP: number j of row i is w[i*n + j] * ws[(i*n + j) / TQ_QGROUP]
+ * (llama2.c's runq.c: per group of TQ_QGROUP numbers one scale max|w| / 127 and codes in
+ * [-127, 127]). out (B, d) = x (B, n) . W^T, out[t][i] = sum_j W[i][j] x[t][j], in one of two ways:
+ * W8A8 (qinput 1): x quantized per group the same way (codes rounded to nearest-even); the
+ *   group sums are exact integers, summed as a chain of fmaf(sum, w_scale * x_scale, acc) in
+ *   group order, so every kernel and every CPU gives the same bits (tests/test_q8.c).
+ * W8A32 (qinput 0): x kept in fp32, summed in float like an fp32 product. */
+#define TQ_QGROUP 64     /* numbers per scale */
+#define TQ_Q8_BLOCK 16   /* rows of W per tq_q8_rows call: a multiple of its kernels' 4-row tiles and 8/16-row lanes */
+
+typedef struct {   /* a product's input x (batch, n), prepared by tq_q8_prepare */
+    int qinput;    /* 1: W8A8, quantize x to int8; 0: W8A32, keep it fp32 */
+    int16_t *xq;   /* (batch, n) W8A8 codes, token by token (int16: the one-token kernel widens only the weights) */
+    float *xqs;    /* (batch, n / TQ_QGROUP) their scales */
+    float *xqt;    /* (batch / 16, n, 16) whole tiles of 16 tokens side by side: the codes as floats (W8A32: x) */
+    float *xqts;   /* (batch / 16, n / TQ_QGROUP, 16) their scales, the same way (W8A32: 1) */
+} tq_q8_input;
+
+/* Allocates, zeroed (alloc 1), or only counts (alloc 0: the pointers NULL) the buffers for inputs of up
+ * to batch tokens of n numbers, qinput 0 (set it after); returns their bytes, -1 out of memory (then
+ * nothing is held). */
+double tq_q8_input_build(tq_q8_input *in, int batch, int n, int alloc);
+void tq_q8_input_free(tq_q8_input *in);
+void tq_q8_prepare(tq_q8_input *in, const float *x, int B, int n);   /* x (B, n): once, before its tq_q8_rows */
+/* rows [i, i + TQ_Q8_BLOCK) of out (B, d) (fewer at the end of W), x (B, n) prepared in `in` */
+void tq_q8_rows(const tq_q8_input *in, float *out, const float *x, const int8_t *w, const float *ws, int B, int n, int d,
+                int i);
+
 #endif

@@ -188,7 +188,7 @@ int main(int argc, char **argv) {
     for (int r = 0; r < rounds; r++) {
         for (int f = 0; f < nf && npre > 0; f++) {
             double t0 = now_s();
-            prefill(&tr[f], ptoks, npre, 0, NULL);
+            prefill(&tr[f], ptoks, npre, 0, NULL, NULL);
             pre[f].push_back(now_s() - t0);
         }
         for (int ci = 0; ci < nc; ci++)

@@ -27,12 +27,12 @@ static void touch(const void *p, size_t n, const uint8_t *lo, const uint8_t *hi)
     sink = b[0] + b[n - 1];
 }
 
-/* a weight matrix of n numbers: fp32, or int8 codes and one fp32 scale per QGROUP */
+/* a weight matrix of n numbers: fp32, or int8 codes and one fp32 scale per TQ_QGROUP */
 static void touch_matrix(const float *f, const QMatrix *q, size_t n, const uint8_t *lo, const uint8_t *hi) {
     if (f) touch(f, n * sizeof(float), lo, hi);
     else {
         touch(q->q, n, lo, hi);
-        touch(q->s, n / QGROUP * sizeof(float), lo, hi);
+        touch(q->s, n / TQ_QGROUP * sizeof(float), lo, hi);
     }
 }
 

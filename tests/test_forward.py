@@ -703,7 +703,7 @@ def block_dirs(q, k, group, kproj, skip_first):
 
 
 def read_run_stats(path, m, n_tok, kproj, kblock=None):
-    """run's --stats file (run.c, dump_stats): per layer (U or None, beta) with U (KV, blocks,
+    """run's --stats file (run.c's dump_logits, from tq_cache_stats): per layer (U or None, beta) with U (KV, blocks,
     R, hd) the key directions of each block of kblock positions (None: one block) and beta
     (KV, n_tok, R) the fp16 projections every key stored."""
     KV, hd, R, nb = m.n_kv_heads, m.head_dim, kproj, -(-n_tok // (kblock or n_tok))

@@ -1,7 +1,7 @@
-/* tests/test_q8.c - run.c's products with int8 weights (matmul_q8) against a plain scalar
- * statement of the same arithmetic, bit for bit.
+/* tests/test_q8.c - the products with int8 weights (tq.c's tq_q8_prepare / tq_q8_rows, called
+ * through run.c's linear()) against a plain scalar statement of the same arithmetic, bit for bit.
  *
- * The claim under test (run.c, "int8 weights"): the input is quantized per group of QGROUP
+ * The claim under test (tq.h / tq.c, "int8 weight products"): the input is quantized per group of TQ_QGROUP
  * (scale max|x| / 127, codes rounded to nearest-even), each group's dot product of codes is
  * an exact integer, and the groups are summed as a chain of fmaf(sum, w_scale * x_scale, acc)
  * in group order. So the one-token kernels (a row at a time, or 8 / 16 rows in the lanes of
@@ -29,16 +29,16 @@ static double uniform(void) {                   /* xorshift64*, in [0, 1) */
 /* codes and scales of one row of n numbers: the quotient x / s rounded to nearest-even, taken
  * exactly (in double) for the weights as export.py does, in float for an input as run does */
 static void quantize_row(const float *x, int n, int8_t *q, float *s, int exact) {
-    for (int g = 0; g < n / QGROUP; g++) {
+    for (int g = 0; g < n / TQ_QGROUP; g++) {
         float amax = 0.0f;
-        for (int k = 0; k < QGROUP; k++) {
-            float a = fabsf(x[g * QGROUP + k]);
+        for (int k = 0; k < TQ_QGROUP; k++) {
+            float a = fabsf(x[g * TQ_QGROUP + k]);
             if (a > amax) amax = a;
         }
         s[g] = amax / 127.0f;
-        for (int k = 0; k < QGROUP; k++) {
-            float v = x[g * QGROUP + k];
-            q[g * QGROUP + k] = (int8_t)(s[g] == 0 ? 0 : exact ? rint((double)v / s[g]) : rintf(v / s[g]));
+        for (int k = 0; k < TQ_QGROUP; k++) {
+            float v = x[g * TQ_QGROUP + k];
+            q[g * TQ_QGROUP + k] = (int8_t)(s[g] == 0 ? 0 : exact ? rint((double)v / s[g]) : rintf(v / s[g]));
         }
     }
 }
@@ -49,10 +49,10 @@ static float reference(const int8_t *w, const float *ws, const float *x, int n, 
     float xs[64];
     quantize_row(x + (size_t)t * n, n, xq, xs, 0);
     float acc = 0.0f;
-    for (int g = 0; g < n / QGROUP; g++) {
+    for (int g = 0; g < n / TQ_QGROUP; g++) {
         long long sum = 0;
-        for (int k = 0; k < QGROUP; k++) sum += (long long)w[(size_t)i * n + g * QGROUP + k] * xq[g * QGROUP + k];
-        acc = fmaf((float)sum, ws[(size_t)i * (n / QGROUP) + g] * xs[g], acc);
+        for (int k = 0; k < TQ_QGROUP; k++) sum += (long long)w[(size_t)i * n + g * TQ_QGROUP + k] * xq[g * TQ_QGROUP + k];
+        acc = fmaf((float)sum, ws[(size_t)i * (n / TQ_QGROUP) + g] * xs[g], acc);
     }
     return acc;
 }
@@ -84,7 +84,7 @@ static void product(RunState *s, float *out, const float *x, int8_t *w, float *w
 int main(int argc, char **argv) {
     int hash_only = argc > 1 && !strcmp(argv[1], "--hash");
     /* (B tokens, n inputs, d outputs): one token; tiles with and without leftover tokens;
-     * row counts that are not a multiple of QROWS; leftover tokens over whole blocks of 8
+     * row counts that are not a multiple of 4 (the tile's rows); leftover tokens over whole blocks of 8
      * and 16 rows (the AVX2 and AVX-512 one-token kernels) and the rows after them */
     const int cases[][3] = {{1, 64, 8}, {1, 192, 7}, {3, 128, 5}, {16, 64, 4}, {17, 128, 9},
                             {33, 192, 12}, {48, 64, 3}, {40, 320, 11}, {1, 128, 16}, {2, 64, 35},
@@ -96,23 +96,16 @@ int main(int argc, char **argv) {
         float *x = (float *)xcalloc((size_t)B * n, sizeof(float), "x");
         float *wf = (float *)xcalloc((size_t)d * n, sizeof(float), "w");
         int8_t *w = (int8_t *)xcalloc((size_t)d * n, 1, "w");
-        float *ws = (float *)xcalloc((size_t)d * (n / QGROUP), sizeof(float), "ws");
+        float *ws = (float *)xcalloc((size_t)d * (n / TQ_QGROUP), sizeof(float), "ws");
         float *out = (float *)xcalloc((size_t)B * d, sizeof(float), "out");
         for (size_t j = 0; j < (size_t)B * n; j++) x[j] = (float)(4 * uniform() - 2) * (j % 7 == 0 ? 10 : 1);
-        for (int k = 0; k < QGROUP; k++) x[k] = 0.0f;              /* an all-zero input group */
+        for (int k = 0; k < TQ_QGROUP; k++) x[k] = 0.0f;              /* an all-zero input group */
         for (size_t j = 0; j < (size_t)d * n; j++) wf[j] = (float)(uniform() - 0.5) * 0.2f;
-        for (int i = 0; i < d; i++) quantize_row(wf + (size_t)i * n, n, w + (size_t)i * n, ws + (size_t)i * (n / QGROUP), 1);
-        Config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.dim = n; cfg.hidden_dim = n; cfg.n_heads = 1; cfg.head_dim = n; cfg.weight_type = WEIGHTS_INT8;
+        for (int i = 0; i < d; i++) quantize_row(wf + (size_t)i * n, n, w + (size_t)i * n, ws + (size_t)i * (n / TQ_QGROUP), 1);
         RunState s;
         memset(&s, 0, sizeof s);
-        size_t wn = wide_n(&cfg), tiled = (size_t)B / QTOKS * QTOKS;
-        s.xq = (int16_t *)xcalloc((size_t)B * wn, sizeof(int16_t), "xq");
-        s.xqs = (float *)xcalloc((size_t)B * (wn / QGROUP), sizeof(float), "xqs");
-        s.xqt = (float *)xcalloc(tiled * wn, sizeof(float), "xqt");
-        s.xqts = (float *)xcalloc(tiled * (wn / QGROUP), sizeof(float), "xqts");
-        s.qinput = 1;
+        if (tq_q8_input_build(&s.q8, B, n, 1) < 0) die("out of memory");
+        s.q8.qinput = 1;
         for (int parts = 1; parts <= 3; parts += 2) {   /* one product, then the rows as three */
             if (parts == 3 && d < 3) break;
             product(&s, out, x, w, ws, B, n, d, parts);
@@ -132,14 +125,14 @@ int main(int argc, char **argv) {
         }
         h = fnv(h, out, (size_t)B * d * sizeof(float));
 
-        s.qinput = 0;                                   /* W8A32: within rounding of the float64 sum */
+        s.q8.qinput = 0;                                   /* W8A32: within rounding of the float64 sum */
         product(&s, out, x, w, ws, B, n, d, 1);
         double worst = 0;
         for (int t = 0; t < B; t++)
             for (int i = 0; i < d; i++) {
                 double sum = 0, mag = 0;
                 for (int j = 0; j < n; j++) {
-                    double term = (double)w[(size_t)i * n + j] * ws[((size_t)i * n + j) / QGROUP] * x[(size_t)t * n + j];
+                    double term = (double)w[(size_t)i * n + j] * ws[((size_t)i * n + j) / TQ_QGROUP] * x[(size_t)t * n + j];
                     sum += term;
                     mag += fabs(term);
                 }
@@ -149,7 +142,7 @@ int main(int argc, char **argv) {
         if (worst > 1e-5) failed++;
         if (!hash_only) printf("test_q8: B %2d n %3d d %2d W8A32: worst error %.2g of the sum of |terms|%s\n", B, n, d,
                                worst, worst > 1e-5 ? " MISMATCH" : "");
-        free(x); free(wf); free(w); free(ws); free(out); free(s.xq); free(s.xqs); free(s.xqt); free(s.xqts);
+        free(x); free(wf); free(w); free(ws); free(out); tq_q8_input_free(&s.q8);
     }
     if (hash_only) printf("%016llx\n", (unsigned long long)h);
     else printf("test_q8: %s\n", failed ? "FAILED" : "W8A8 bit-identical to its definition, W8A32 within 1e-5");
