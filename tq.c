@@ -988,15 +988,17 @@ AVX2_FN static __m256 rows_plain_avx2(const tq_codec *c, const uint8_t *p, __m25
     return c->fmt == TQ_Q8 ? row_scales_avx2(p, offs, B) : _mm256_set1_ps(1.0f);
 }
 
-/* The 8 sums of a[0..7] as one vector, lane k = sum of a[k]: halves, then pairs, then the
- * last pair, then a permute that undoes the order the shuffles leave ([0 2 4 6 | 1 3 5 7]). */
-AVX2_FN static INLINE __m256 hsum8x8_avx2(const __m256 *a) {
-    __m256 b[4], c[2];
-    for (int k = 0; k < 4; k++)
-        b[k] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * k], a[2 * k + 1], 0x20), _mm256_permute2f128_ps(a[2 * k], a[2 * k + 1], 0x31));
-    for (int k = 0; k < 2; k++)
-        c[k] = _mm256_add_ps(_mm256_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm256_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
-    __m256 e = _mm256_add_ps(_mm256_shuffle_ps(c[0], c[1], 0x88), _mm256_shuffle_ps(c[0], c[1], 0xDD));
+/* The 8 sums of eight vectors a[0..7] as one vector (lane k = sum of a[k]), in two stages so that
+ * only a quad of rows is live: sum4_avx2 folds a[4j..4j+3] (halves, then pairs), sum8_avx2 folds
+ * the two quads (the last pair) and permutes back the order the shuffles leave ([0 2 4 6 | 1 3 5 7]). */
+AVX2_FN static INLINE __m256 sum4_avx2(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 b0 = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31));
+    __m256 b1 = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31));
+    return _mm256_add_ps(_mm256_shuffle_ps(b0, b1, 0x44), _mm256_shuffle_ps(b0, b1, 0xEE));
+}
+
+AVX2_FN static INLINE __m256 sum8_avx2(__m256 c0, __m256 c1) {
+    __m256 e = _mm256_add_ps(_mm256_shuffle_ps(c0, c1, 0x88), _mm256_shuffle_ps(c0, c1, 0xDD));
     return _mm256_permutevar8x32_ps(e, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
@@ -1055,11 +1057,10 @@ AVX2_FN static void scores_cols_avx2(const float *T, int d, int nq, const float 
     }
 }
 
-/* NR queries against 8 plain rows read in place: as few_plain_512 below, with hsum8x8_avx2's
- * tree taken a quad of rows at a time. */
+/* NR queries against 8 plain rows read in place: as few_plain_512 below. */
 AVX2_FN static INLINE void few_plain_avx2(const uint8_t *p, size_t B, int d, const int f, const float *q, size_t ldq,
                                           __m256 sc, float *s, size_t lds, const int NR) {
-    __m256 c[4][2];                                      /* [query][quad]: rows 4j..4j+3 summed in pairs */
+    __m256 c[4][2];                                      /* [query][quad]: rows 4j..4j+3 folded */
     for (int j = 0; j < 2; j++) {
         __m256 a[4][4];                                  /* [query][row of the quad] */
         for (int k = 0; k < 4; k++) {
@@ -1070,17 +1071,9 @@ AVX2_FN static INLINE void few_plain_avx2(const uint8_t *p, size_t B, int d, con
                 for (int r = 0; r < NR; r++) a[r][k] = _mm256_fmadd_ps(x, _mm256_loadu_ps(q + r * ldq + i), a[r][k]);
             }
         }
-        for (int r = 0; r < NR; r++) {
-            __m256 b0 = _mm256_add_ps(_mm256_permute2f128_ps(a[r][0], a[r][1], 0x20), _mm256_permute2f128_ps(a[r][0], a[r][1], 0x31));
-            __m256 b1 = _mm256_add_ps(_mm256_permute2f128_ps(a[r][2], a[r][3], 0x20), _mm256_permute2f128_ps(a[r][2], a[r][3], 0x31));
-            c[r][j] = _mm256_add_ps(_mm256_shuffle_ps(b0, b1, 0x44), _mm256_shuffle_ps(b0, b1, 0xEE));
-        }
+        for (int r = 0; r < NR; r++) c[r][j] = sum4_avx2(a[r][0], a[r][1], a[r][2], a[r][3]);
     }
-    for (int r = 0; r < NR; r++) {
-        __m256 e = _mm256_add_ps(_mm256_shuffle_ps(c[r][0], c[r][1], 0x88), _mm256_shuffle_ps(c[r][0], c[r][1], 0xDD));
-        e = _mm256_permutevar8x32_ps(e, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_ps(s + r * lds, _mm256_mul_ps(e, sc));
-    }
+    for (int r = 0; r < NR; r++) _mm256_storeu_ps(s + r * lds, _mm256_mul_ps(sum8_avx2(c[r][0], c[r][1]), sc));
 }
 
 AVX2_FN static INLINE void few_plain_scores_avx2(const uint8_t *p, size_t B, int d, const int f, int nq, const float *q,
@@ -1274,16 +1267,17 @@ AVX2_FN static void values_avx2(const tq_codec *c, int nq, const float *w, size_
     for (; !few && t + 8 <= n; t += 8) {
         const uint8_t *p = rows + (size_t)t * B;
         prefetch_tile(p, 8 * B);
-        const uint8_t *T = (const uint8_t *)tile;        /* a tile of fp32 rows, 4d bytes each */
+        const uint8_t *T = (const uint8_t *)tile;        /* the tile: fp32 rows of 4d bytes */
         if (b) {
             if (b == 2) rows_tq_avx2(p, B, d, 2, lo, hi, tile);
             else if (b == 3) rows_tq_avx2(p, B, d, 3, lo, hi, tile);
             else rows_tq_avx2(p, B, d, 4, lo, hi, tile);
             values_rows_avx2(T, 4 * (size_t)d, d, TQ_FP32, nq, w + t, ldw, row_scales_avx2(p, offs, B), acc, lda);
-        } else if (c->fmt == TQ_FP32 || nq > 4) {        /* fp32 in place; many queries: converted once */
-            __m256 sc = c->fmt == TQ_FP32 ? _mm256_set1_ps(1.0f) : rows_plain_avx2(c, p, offs, tile);
-            if (c->fmt == TQ_FP32) T = p;
-            values_rows_avx2(T, c->fmt == TQ_FP32 ? B : 4 * (size_t)d, d, TQ_FP32, nq, w + t, ldw, sc, acc, lda);
+        } else if (c->fmt == TQ_FP32) {
+            values_rows_avx2(p, B, d, TQ_FP32, nq, w + t, ldw, _mm256_set1_ps(1.0f), acc, lda);
+        } else if (nq > 4) {                             /* many queries: each row converted once, to the tile */
+            __m256 sc = rows_plain_avx2(c, p, offs, tile);
+            values_rows_avx2(T, 4 * (size_t)d, d, TQ_FP32, nq, w + t, ldw, sc, acc, lda);
         } else {                                         /* few queries: converted as they are read */
             __m256 sc = c->fmt == TQ_Q8 ? row_scales_avx2(p, offs, B) : _mm256_set1_ps(1.0f);
             if (c->fmt == TQ_FP16) values_rows_avx2(p, B, d, TQ_FP16, nq, w + t, ldw, sc, acc, lda);
@@ -1397,19 +1391,21 @@ AVX512_FN static __m512 rows_plain_512(const tq_codec *c, const uint8_t *p, __m5
     return c->fmt == TQ_Q8 ? row_scales_512(p, offs, B) : _mm512_set1_ps(1.0f);
 }
 
-/* The 16 sums of a[0..15] as one vector: 256-bit halves, 128-bit quarters, pairs, last pair
- * (8 + 4 + 2 + 1 shuffle pairs), then a permute that undoes the order they leave (lane 4j+m
- * holds row 4m+j). */
-AVX512_FN static INLINE __m512 hsum16x16_512(const __m512 *a) {
-    __m512 b[8], c[4], e[2];
-    for (int k = 0; k < 8; k++)
-        b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44), _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
-    for (int k = 0; k < 4; k++)
-        c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0x88), _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0xDD));
-    for (int k = 0; k < 2; k++)
-        e[k] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0x44), _mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0xEE));
-    __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
+/* The 16 sums of sixteen vectors a[0..15] as one vector (lane k = sum of a[k]), in two stages so
+ * that only a quad of rows is live: sum4_512 folds a[4j..4j+3] (256-bit halves, then 128-bit
+ * quarters), sum16_512 folds the four quads (pairs, the last pair) and permutes back the order the
+ * shuffles leave (lane 4j+m holds row 4m+j). */
+AVX512_FN static INLINE __m512 sum4_512(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    __m512 b0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    __m512 b1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(b0, b1, 0x88), _mm512_shuffle_f32x4(b0, b1, 0xDD));
+}
+
+AVX512_FN static INLINE __m512 sum16_512(__m512 c0, __m512 c1, __m512 c2, __m512 c3) {
+    __m512 e0 = _mm512_add_ps(_mm512_shuffle_ps(c0, c1, 0x44), _mm512_shuffle_ps(c0, c1, 0xEE));
+    __m512 e1 = _mm512_add_ps(_mm512_shuffle_ps(c2, c3, 0x44), _mm512_shuffle_ps(c2, c3, 0xEE));
+    __m512 g = _mm512_add_ps(_mm512_shuffle_ps(e0, e1, 0x88), _mm512_shuffle_ps(e0, e1, 0xDD));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), g);
 }
 
 /* T[i*16 + k] = R[k*ldr + i] for i, k < 16: a 16 x 16 transpose in registers (pairs, quads,
@@ -1474,11 +1470,11 @@ AVX512_FN static void scores_cols_512(const float *T, int d, int nq, const float
 
 /* NR queries against 16 plain rows read in place (rows of B bytes at p, format f): each row's
  * coordinates are converted once and serve every query. Lane k of query r's score is the dot
- * product of row k with q_r, summed across its lanes by hsum16x16_512's tree taken a quad of rows
- * at a time (the same sums in the same order, with 4 rows' partial sums live instead of 16). */
+ * product of row k with q_r: d/16 FMAs into one vector per (query, row), then summed across its
+ * lanes by sum4_512 per quad of rows and sum16_512 at the end. */
 AVX512_FN static INLINE void few_plain_512(const uint8_t *p, size_t B, int d, const int f, const float *q, size_t ldq,
                                            __m512 sc, float *s, size_t lds, const int NR) {
-    __m512 c[4][4];                                      /* [query][quad]: rows 4j..4j+3 summed in pairs */
+    __m512 c[4][4];                                      /* [query][quad]: rows 4j..4j+3 folded */
     for (int j = 0; j < 4; j++) {
         __m512 a[4][4];                                  /* [query][row of the quad] */
         for (int k = 0; k < 4; k++) {
@@ -1489,19 +1485,9 @@ AVX512_FN static INLINE void few_plain_512(const uint8_t *p, size_t B, int d, co
                 for (int r = 0; r < NR; r++) a[r][k] = _mm512_fmadd_ps(x, _mm512_loadu_ps(q + r * ldq + i), a[r][k]);
             }
         }
-        for (int r = 0; r < NR; r++) {
-            __m512 b0 = _mm512_add_ps(_mm512_shuffle_f32x4(a[r][0], a[r][1], 0x44), _mm512_shuffle_f32x4(a[r][0], a[r][1], 0xEE));
-            __m512 b1 = _mm512_add_ps(_mm512_shuffle_f32x4(a[r][2], a[r][3], 0x44), _mm512_shuffle_f32x4(a[r][2], a[r][3], 0xEE));
-            c[r][j] = _mm512_add_ps(_mm512_shuffle_f32x4(b0, b1, 0x88), _mm512_shuffle_f32x4(b0, b1, 0xDD));
-        }
+        for (int r = 0; r < NR; r++) c[r][j] = sum4_512(a[r][0], a[r][1], a[r][2], a[r][3]);
     }
-    for (int r = 0; r < NR; r++) {
-        __m512 e0 = _mm512_add_ps(_mm512_shuffle_ps(c[r][0], c[r][1], 0x44), _mm512_shuffle_ps(c[r][0], c[r][1], 0xEE));
-        __m512 e1 = _mm512_add_ps(_mm512_shuffle_ps(c[r][2], c[r][3], 0x44), _mm512_shuffle_ps(c[r][2], c[r][3], 0xEE));
-        __m512 g = _mm512_add_ps(_mm512_shuffle_ps(e0, e1, 0x88), _mm512_shuffle_ps(e0, e1, 0xDD));
-        g = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), g);
-        _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(g, sc));
-    }
+    for (int r = 0; r < NR; r++) _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(sum16_512(c[r][0], c[r][1], c[r][2], c[r][3]), sc));
 }
 
 AVX512_FN static INLINE void few_plain_scores_512(const uint8_t *p, size_t B, int d, const int f, int nq, const float *q,
@@ -1706,16 +1692,17 @@ AVX512_FN static void values_512(const tq_codec *c, int nq, const float *w, size
     for (; !few && t + 16 <= n; t += 16) {
         const uint8_t *p = rows + (size_t)t * B;
         prefetch_tile(p, 16 * B);
-        const uint8_t *T = (const uint8_t *)tile;        /* a tile of fp32 rows, 4d bytes each */
+        const uint8_t *T = (const uint8_t *)tile;        /* the tile: fp32 rows of 4d bytes */
         if (b) {
             if (b == 2) rows_tq_512(p, B, d, 2, tb, tile);
             else if (b == 3) rows_tq_512(p, B, d, 3, tb, tile);
             else rows_tq_512(p, B, d, 4, tb, tile);
             values_rows_512(T, 4 * (size_t)d, d, TQ_FP32, nq, w + t, ldw, row_scales_512(p, offs, B), acc, lda);
-        } else if (c->fmt == TQ_FP32 || nq > 4) {        /* fp32 in place; many queries: converted once */
-            __m512 sc = c->fmt == TQ_FP32 ? _mm512_set1_ps(1.0f) : rows_plain_512(c, p, offs, tile);
-            if (c->fmt == TQ_FP32) T = p;
-            values_rows_512(T, c->fmt == TQ_FP32 ? B : 4 * (size_t)d, d, TQ_FP32, nq, w + t, ldw, sc, acc, lda);
+        } else if (c->fmt == TQ_FP32) {
+            values_rows_512(p, B, d, TQ_FP32, nq, w + t, ldw, _mm512_set1_ps(1.0f), acc, lda);
+        } else if (nq > 4) {                             /* many queries: each row converted once, to the tile */
+            __m512 sc = rows_plain_512(c, p, offs, tile);
+            values_rows_512(T, 4 * (size_t)d, d, TQ_FP32, nq, w + t, ldw, sc, acc, lda);
         } else {                                         /* few queries: converted as they are read */
             __m512 sc = c->fmt == TQ_Q8 ? row_scales_512(p, offs, B) : _mm512_set1_ps(1.0f);
             if (c->fmt == TQ_FP16) values_rows_512(p, B, d, TQ_FP16, nq, w + t, ldw, sc, acc, lda);
